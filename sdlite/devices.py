@@ -1,0 +1,74 @@
+"""The one place that chooses device, dtype and autocast.
+
+Policy (measured, see benchmarks/RESULTS.md):
+- CUDA: weights fp16 and ``torch.autocast("cuda", float16)`` by default (``bf16`` on request).
+- CPU: fp32 by default; ``bf16`` on request puts the *weights* in bf16 (no autocast: CPU
+  autocast re-casts every weight on every call and is slower than plain bf16 weights).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+
+import torch
+
+from .errors import ArgumentError
+
+_DTYPES = {
+    "fp32": torch.float32, "float32": torch.float32, "full": torch.float32,
+    "fp16": torch.float16, "float16": torch.float16, "half": torch.float16,
+    "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
+}
+
+
+def parse_dtype(dtype: str | torch.dtype | None) -> torch.dtype | None:
+    """``"fp16"``/``"bf16"``/``"fp32"`` (or the torch dtype, or None) → torch dtype or None."""
+    if dtype is None or isinstance(dtype, torch.dtype):
+        return dtype
+    try:
+        return _DTYPES[str(dtype).lower()]
+    except KeyError:
+        raise ArgumentError(f"unknown precision {dtype!r}; use one of fp32, fp16, bf16") from None
+
+
+def parse_device(device: str | torch.device | None) -> torch.device:
+    """None → CUDA when available, else CPU."""
+    if device is None or device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ArgumentError("device 'cuda' was requested but torch.cuda.is_available() is False; use --device cpu")
+    return device
+
+
+@dataclass(frozen=True)
+class Precision:
+    """Where and how the networks run: device, weight dtype, and the autocast dtype (or None)."""
+
+    device: torch.device
+    weight_dtype: torch.dtype
+    autocast_dtype: torch.dtype | None = None
+
+    def autocast(self) -> contextlib.AbstractContextManager:
+        if self.autocast_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=self.autocast_dtype)
+
+    @property
+    def compute_dtype(self) -> torch.dtype:
+        return self.autocast_dtype or self.weight_dtype
+
+
+def choose(device: str | torch.device | None = None, dtype: str | torch.dtype | None = None) -> Precision:
+    """The policy above. ``dtype`` is the user's precision request (None = the default for the device)."""
+    dev = parse_device(device)
+    want = parse_dtype(dtype)
+    if dev.type == "cuda":
+        if want == torch.float32:
+            return Precision(dev, torch.float32, None)
+        half = want or torch.float16
+        return Precision(dev, half, half)
+    if dev.type == "mps":
+        return Precision(dev, want or torch.float16, None)
+    return Precision(dev, want or torch.float32, None)
