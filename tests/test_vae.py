@@ -1,0 +1,190 @@
+"""Tests for sdlite.vae: shapes on a tiny config, the checkpoint layout at full size, and numerical
+parity with diffusers' AutoencoderKL (an independent implementation) at full size in fp32."""
+
+from __future__ import annotations
+
+import gc
+from pathlib import Path
+
+import pytest
+import torch
+
+from sdlite.config import VAEConfig
+from sdlite.vae import AutoencoderKL, DiagonalGaussian
+
+DATA = Path(__file__).parent / "data"
+PREFIX = "first_stage_model."
+TINY = VAEConfig(ch=32, ch_mult=(1, 2), num_res_blocks=1)
+
+
+def checkpoint_shapes(name: str, prefix: str) -> dict[str, tuple[int, ...]]:
+    """``key -> shape`` of the rows of ``tests/data/<name>`` under ``prefix`` (prefix stripped)."""
+    shapes = {}
+    for line in (DATA / name).read_text().splitlines():
+        key, shape, _dtype = line.split("\t")
+        if key.startswith(prefix):
+            shapes[key[len(prefix):]] = tuple(int(s) for s in shape.split(",")) if shape else ()
+    return shapes
+
+
+def randomize_(model: torch.nn.Module, seed: int) -> None:
+    """Seeded, non-degenerate weights: convs ~ N(0, 1/fan_in), biases ~ N(0, 0.1^2),
+    norm scales ~ 1 + N(0, 0.1^2), so that every parameter (norms and biases too) matters."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            noise = torch.randn(p.shape, generator=g)
+            if p.ndim > 1:
+                p.copy_(noise / (p[0].numel() ** 0.5))
+            elif "norm" in name and name.endswith("weight"):
+                p.copy_(1.0 + 0.1 * noise)
+            else:
+                p.copy_(0.1 * noise)
+
+
+@pytest.fixture(scope="module")
+def tiny() -> AutoencoderKL:
+    torch.manual_seed(0)
+    model = AutoencoderKL(TINY).eval()
+    randomize_(model, seed=1)
+    return model
+
+
+# --- tiny config -------------------------------------------------------------------------------
+
+
+def test_tiny_encode_32px_gives_16px_latent_and_decode_restores_image_shape(tiny: AutoencoderKL) -> None:
+    image = torch.rand(2, 3, 32, 32) * 2 - 1
+    with torch.no_grad():
+        posterior = tiny.encode(image)
+        assert isinstance(posterior, DiagonalGaussian)
+        for t in (posterior.mean, posterior.logvar, posterior.std, posterior.var, posterior.mode()):
+            assert t.shape == (2, 4, 16, 16)
+        assert torch.equal(posterior.mode(), posterior.mean)
+        out = tiny.decode(posterior.sample(torch.Generator().manual_seed(0)))
+    assert out.shape == (2, 3, 32, 32)
+    assert torch.isfinite(out).all()
+
+
+def test_tiny_encode_does_not_modify_input(tiny: AutoencoderKL) -> None:
+    image = torch.rand(1, 3, 32, 32) * 2 - 1
+    before = image.clone()
+    with torch.no_grad():
+        tiny.decode(tiny.encode(image).mean)
+    assert torch.equal(image, before)
+
+
+def test_sample_is_deterministic_under_a_seeded_generator_and_differs_across_seeds(tiny: AutoencoderKL) -> None:
+    with torch.no_grad():
+        posterior = tiny.encode(torch.rand(1, 3, 32, 32) * 2 - 1)
+    a = posterior.sample(torch.Generator().manual_seed(42))
+    b = posterior.sample(torch.Generator().manual_seed(42))
+    c = posterior.sample(torch.Generator().manual_seed(43))
+    assert torch.equal(a, b)
+    assert not torch.equal(a, c)
+    # The noise is exactly mean + std * randn(generator), drawn in fp32 on the generator's device.
+    eps = torch.randn(posterior.mean.shape, generator=torch.Generator().manual_seed(42))
+    torch.testing.assert_close(a, posterior.mean + posterior.std * eps, rtol=0, atol=0)
+
+
+def test_logvar_is_clamped_to_minus30_plus20_and_std_var_follow_it() -> None:
+    mean = torch.zeros(1, 4, 2, 2)
+    logvar = torch.tensor([-100.0, -30.0, 0.0, 50.0]).view(1, 4, 1, 1).expand(1, 4, 2, 2)
+    posterior = DiagonalGaussian(torch.cat([mean, logvar], dim=1))
+    expected = torch.tensor([-30.0, -30.0, 0.0, 20.0]).view(1, 4, 1, 1).expand(1, 4, 2, 2)
+    assert torch.equal(posterior.logvar, expected)
+    torch.testing.assert_close(posterior.std, torch.exp(0.5 * expected))
+    torch.testing.assert_close(posterior.var, torch.exp(expected))
+    assert torch.isfinite(posterior.sample(torch.Generator().manual_seed(0))).all()
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_tiny_runs_in_half_precision_and_stays_close_to_fp32(tiny: AutoencoderKL, dtype: torch.dtype) -> None:
+    image = torch.rand(1, 3, 32, 32) * 2 - 1
+    half = AutoencoderKL(TINY).eval()
+    half.load_state_dict(tiny.state_dict())
+    half.to(dtype)
+    with torch.no_grad():
+        ref = tiny.decode(tiny.encode(image).mean)
+        out = half.decode(half.encode(image.to(dtype)).mean)
+    assert out.dtype == dtype
+    assert torch.isfinite(out).all()
+    # Loose: only checks that nothing is broken in reduced precision, not fp32 parity.
+    assert (out.float() - ref).abs().max() <= 0.1 * ref.abs().max()
+
+
+# --- full size (SD) layout ----------------------------------------------------------------------
+
+
+def test_full_size_is_built_on_meta_with_exactly_the_sd1_and_sd2_first_stage_keys_and_shapes() -> None:
+    with torch.device("meta"):
+        model = AutoencoderKL(VAEConfig())
+    ours = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    assert ours == checkpoint_shapes("sd1.tsv", PREFIX)
+    assert ours == checkpoint_shapes("sd2.tsv", PREFIX)
+    assert list(model.buffers()) == []
+
+
+def test_model_built_on_meta_loads_a_state_dict_with_strict_assign() -> None:
+    with torch.device("meta"):
+        model = AutoencoderKL(TINY)
+    sd = {k: torch.zeros(s) for k, s in ((k, v.shape) for k, v in AutoencoderKL(TINY).state_dict().items())}
+    model.load_state_dict(sd, strict=True, assign=True)
+    assert all(p.device.type == "cpu" for p in model.parameters())
+
+
+# --- numerical parity with diffusers (full size, fp32) ------------------------------------------
+
+
+def diffusers_sd_vae(ours: AutoencoderKL):
+    """diffusers.AutoencoderKL with the SD config, loaded with OUR weights through diffusers' own
+    single-file converter (the path diffusers uses for original ``.ckpt`` files)."""
+    diffusers = pytest.importorskip("diffusers")
+    from diffusers.loaders.single_file_utils import convert_ldm_vae_checkpoint
+
+    ref = diffusers.AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("DownEncoderBlock2D",) * 4,
+        up_block_types=("UpDecoderBlock2D",) * 4,
+        block_out_channels=(128, 256, 512, 512),
+        layers_per_block=2,
+        latent_channels=4,
+        norm_num_groups=32,
+    ).eval()
+    checkpoint = {PREFIX + k: v for k, v in ours.state_dict().items()}
+    converted = convert_ldm_vae_checkpoint(checkpoint, dict(ref.config))
+    ref.load_state_dict(converted, strict=True)
+    return ref
+
+
+def max_rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
+    return ((out - ref).abs().max() / ref.abs().max()).item()
+
+
+def test_full_size_fp32_matches_diffusers_decode_and_encode_within_1e4_of_max_abs() -> None:
+    """decode(z) of a [1,4,16,16] latent vs diffusers ``decode(z).sample`` (both include
+    post_quant_conv), and encode of a [1,3,64,64] image: mean and logvar vs diffusers
+    ``latent_dist.mean/.logvar`` (both include quant_conv). Tolerance: max abs diff <= 1e-4 * max |ref|."""
+    torch.manual_seed(0)
+    ours = AutoencoderKL(VAEConfig()).eval()
+    randomize_(ours, seed=1234)
+    ref = diffusers_sd_vae(ours)
+
+    g = torch.Generator().manual_seed(0)
+    z = torch.randn(1, 4, 16, 16, generator=g)
+    image = torch.rand(1, 3, 64, 64, generator=g) * 2 - 1
+    with torch.no_grad():
+        dec_ours, dec_ref = ours.decode(z), ref.decode(z).sample
+        post_ours, post_ref = ours.encode(image), ref.encode(image).latent_dist
+    del ours, ref
+    gc.collect()
+
+    assert dec_ours.shape == dec_ref.shape == (1, 3, 128, 128)
+    assert post_ours.mean.shape == post_ref.mean.shape == (1, 4, 8, 8)
+    # Non-degenerate: the outputs vary, so agreement is not trivial.
+    for t in (dec_ref, post_ref.mean, post_ref.logvar):
+        assert t.std() > 1e-3 * t.abs().max()
+    assert max_rel_err(dec_ours, dec_ref) <= 1e-4
+    assert max_rel_err(post_ours.mean, post_ref.mean) <= 1e-4
+    assert max_rel_err(post_ours.logvar, post_ref.logvar) <= 1e-4
