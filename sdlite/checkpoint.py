@@ -1,0 +1,440 @@
+"""Read and write Stable Diffusion checkpoints in the original CompVis/Stability layout.
+
+The networks are named exactly like the original modules, so loading is:
+
+1. read the file safely (``.safetensors``, or a pickle ``.ckpt`` through a restricted unpickler);
+2. unwrap ``{"state_dict": ...}`` (possibly nested) and apply a few named fix-ups
+   (EMA copies, ``position_ids``, the old CLIP layout without ``text_model.``, DDPM buffers);
+3. detect the configuration from tensor *shapes* (never from the file name);
+4. split the keys by the prefix table below and ``load_state_dict(strict=True, assign=True)``
+   into modules built on the meta device, so the weights are never copied twice.
+
+Any problem raises :class:`sdlite.CheckpointError` naming the file and what is wrong.
+"""
+
+from __future__ import annotations
+
+import json
+import pickle
+import re
+import zipfile
+from pathlib import Path
+from typing import Any, Iterable, Mapping
+
+import torch
+from torch import nn
+
+from .config import SD1, SD2, ModelConfig, UNetConfig
+from .errors import CheckpointError
+
+# Checkpoint prefix → attribute of the Pipeline. SD1 stores the HF CLIPTextModel under
+# `cond_stage_model.transformer.`, SD2 the OpenCLIP tower under `cond_stage_model.model.`.
+PREFIXES: dict[str, str] = {
+    "model.diffusion_model.": "unet",
+    "first_stage_model.": "vae",
+    "cond_stage_model.transformer.": "text_encoder",
+    "cond_stage_model.model.": "text_encoder",
+}
+
+# The DDPM buffers `register_schedule` stores in every original file. sdlite recomputes the
+# schedule in float64 from the config (fp16 files round these), so they are read and dropped.
+DDPM_BUFFERS = (
+    "betas", "alphas_cumprod", "alphas_cumprod_prev", "sqrt_alphas_cumprod",
+    "sqrt_one_minus_alphas_cumprod", "log_one_minus_alphas_cumprod", "sqrt_recip_alphas_cumprod",
+    "sqrt_recipm1_alphas_cumprod", "posterior_variance", "posterior_log_variance_clipped",
+    "posterior_mean_coef1", "posterior_mean_coef2",
+)
+# Keys the original code keeps that are not weights of any network.
+IGNORED_KEYS = frozenset(DDPM_BUFFERS) | {"model_ema.decay", "model_ema.num_updates", "logvar", "lvlb_weights"}
+
+SD1_POSITION_IDS = "cond_stage_model.transformer.text_model.embeddings.position_ids"
+UNET_IN = "model.diffusion_model.input_blocks.0.0.weight"
+UNET_CONTEXT = "model.diffusion_model.input_blocks.1.1.transformer_blocks.0.attn2.to_k.weight"
+METADATA_KEY = "sdlite_config"
+
+SUFFIXES_PICKLE = (".ckpt", ".pt", ".pth", ".bin")
+SUFFIXES_SAFETENSORS = (".safetensors",)
+
+
+# ---------------------------------------------------------------------------------------------
+# 1. Reading files safely
+# ---------------------------------------------------------------------------------------------
+
+class _Inert:
+    """Stand-in for classes of training frameworks (PyTorch Lightning callbacks, OmegaConf
+    hyper-parameters) that full training checkpoints pickle. Constructing or restoring it does
+    nothing, so no framework code is imported or run."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        pass
+
+    def __setstate__(self, state: Any) -> None:
+        pass
+
+
+# Modules whose classes are replaced by `_Inert` instead of being imported.
+_INERT_MODULE_PREFIXES = ("pytorch_lightning.", "lightning.", "lightning_fabric.", "omegaconf.")
+
+# Everything a weights checkpoint legitimately needs, as in the A1111 web UI's modules/safe.py.
+_ALLOWED_GLOBALS: dict[str, set[str]] = {
+    "collections": {"OrderedDict", "defaultdict"},
+    "torch._utils": {"_rebuild_tensor", "_rebuild_tensor_v2", "_rebuild_tensor_v3", "_rebuild_parameter",
+                     "_rebuild_parameter_with_state", "_rebuild_device_tensor_from_numpy"},
+    "torch._tensor": {"_rebuild_from_type_v2"},
+    "torch": {"Size", "Tensor", "float32", "float16", "bfloat16", "float64", "int64", "int32", "int16", "int8",
+              "uint8", "bool", "device"},
+    "torch.nn.parameter": {"Parameter"},
+    "numpy.core.multiarray": {"scalar", "_reconstruct"},
+    "numpy._core.multiarray": {"scalar", "_reconstruct"},
+    "numpy": {"dtype", "ndarray"},
+    "numpy.dtypes": {"Float64DType", "Float32DType", "Int64DType", "Int32DType", "UInt8DType", "BoolDType"},
+    "_codecs": {"encode"},
+    "builtins": {"set", "frozenset", "slice", "complex", "bytearray"},
+    "__builtin__": {"set"},
+}
+
+
+class _RestrictedUnpickler(pickle.Unpickler):
+    def find_class(self, module: str, name: str) -> Any:
+        if name in _ALLOWED_GLOBALS.get(module, ()):
+            return super().find_class(module, name)
+        if module.startswith(_INERT_MODULE_PREFIXES) or module in ("pytorch_lightning", "lightning", "omegaconf"):
+            return _Inert
+        raise pickle.UnpicklingError(f"global '{module}.{name}' is forbidden (it could run code)")
+
+
+class _RestrictedPickleModule:
+    """What `torch.load(pickle_module=...)` needs: an Unpickler class and `load`."""
+
+    Unpickler = _RestrictedUnpickler
+    UnpicklingError = pickle.UnpicklingError
+    __name__ = "sdlite_restricted_pickle"
+
+    @staticmethod
+    def load(file: Any, **kwargs: Any) -> Any:
+        return _RestrictedUnpickler(file, **kwargs).load()
+
+
+def _read_pickle(path: Path) -> Any:
+    # weights_only=False is required to pass our own pickle_module; the restricted unpickler
+    # is what keeps it safe (torch's weights_only mode alone rejects the Lightning callback
+    # class that real full checkpoints such as sd-v1-4.ckpt carry).
+    kwargs: dict[str, Any] = dict(map_location="cpu", pickle_module=_RestrictedPickleModule, weights_only=False)
+    try:
+        if zipfile.is_zipfile(path):
+            return torch.load(path, mmap=True, **kwargs)
+        return torch.load(path, **kwargs)
+    except pickle.UnpicklingError as e:
+        raise CheckpointError(f"{path}: refused to load: {e}. This file may try to run code; "
+                              "only load checkpoints you trust, or a .safetensors version of it.") from None
+    except Exception as e:  # truncated zip, bad magic number, EOF, ...
+        raise CheckpointError(f"{path}: cannot read this file as a PyTorch checkpoint "
+                              f"(truncated or corrupt?): {type(e).__name__}: {e}") from None
+
+
+def _read_safetensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt", device="cpu") as f:
+            metadata = f.metadata() or {}
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
+    except Exception as e:
+        raise CheckpointError(f"{path}: cannot read this file as safetensors "
+                              f"(truncated or corrupt?): {type(e).__name__}: {e}") from None
+    return tensors, metadata
+
+
+def read_checkpoint(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """Read a checkpoint file into a flat ``{key: tensor}`` dict and its metadata.
+
+    Unwraps ``{"state_dict": ...}`` as often as it is nested (Lightning checkpoints; some
+    ControlNet files nest it twice). Nothing in the file is executed.
+
+    >>> sd, meta = read_checkpoint("v1-5-pruned-emaonly.safetensors")  # doctest: +SKIP
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"{path}: no such checkpoint file")
+    metadata: dict[str, str] = {}
+    if path.suffix.lower() in SUFFIXES_SAFETENSORS:
+        obj, metadata = _read_safetensors(path)
+    elif path.suffix.lower() in SUFFIXES_PICKLE:
+        obj = _read_pickle(path)
+    else:
+        raise CheckpointError(f"{path}: unknown checkpoint extension {path.suffix!r}; "
+                              f"expected one of {', '.join(SUFFIXES_SAFETENSORS + SUFFIXES_PICKLE)}")
+    while isinstance(obj, Mapping) and "state_dict" in obj and isinstance(obj["state_dict"], Mapping):
+        obj = obj["state_dict"]
+    if not isinstance(obj, Mapping):
+        raise CheckpointError(f"{path}: holds a {type(obj).__name__}, not a state dict")
+    tensors = {k: v for k, v in obj.items() if isinstance(k, str) and isinstance(v, torch.Tensor)}
+    if not tensors:
+        raise CheckpointError(f"{path}: holds no tensors; is it a Stable Diffusion checkpoint?")
+    return tensors, metadata
+
+
+# ---------------------------------------------------------------------------------------------
+# 2. Named fix-ups
+# ---------------------------------------------------------------------------------------------
+
+def ema_key(unet_key: str) -> str:
+    """The name LitEma gives the EMA copy of a UNet weight: ``model.`` dropped, dots removed.
+
+    ``model.diffusion_model.input_blocks.0.0.weight`` → ``model_ema.diffusion_modelinput_blocks00weight``.
+    """
+    return "model_ema." + unet_key[len("model."):].replace(".", "")
+
+
+def apply_fixups(sd: dict[str, torch.Tensor], *, use_ema: bool, path: Path | str = "") -> dict[str, torch.Tensor]:
+    """Return a new dict with the variants seen in the wild normalised to the layout of sd1.tsv/sd2.tsv."""
+    out = dict(sd)
+    # EMA: by default the plain weights (original inference config `use_ema: False`, as A1111).
+    ema_keys = [k for k in out if k.startswith("model_ema.")]
+    if use_ema:
+        unet_keys = [k for k in out if k.startswith("model.diffusion_model.")]
+        missing = [k for k in unet_keys if ema_key(k) not in out]
+        if not ema_keys or missing:
+            raise CheckpointError(f"{path}: use_ema=True but the file has no EMA copy of "
+                                  f"{len(missing) or len(unet_keys)} UNet weights (e.g. {ema_key((missing or unet_keys)[0])}); "
+                                  "load it with use_ema=False")
+        for k in unet_keys:
+            out[k] = out[ema_key(k)]
+    for k in ema_keys:
+        del out[k]
+    # position_ids: int64, absent, or float (merges). It is always arange(77); the model computes it.
+    for k in [k for k in out if k.endswith("embeddings.position_ids")]:
+        del out[k]
+    # Old CLIP layout (transformers < 4.?) and transformers 5.x state dicts lack `text_model.`.
+    old = "cond_stage_model.transformer."
+    for k in [k for k in out if k.startswith(old) and not k.startswith(old + "text_model.")]:
+        out[old + "text_model." + k[len(old):]] = out.pop(k)
+    for k in IGNORED_KEYS:
+        out.pop(k, None)
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# 3. Configuration from shapes
+# ---------------------------------------------------------------------------------------------
+
+def detect_config(sd: Mapping[str, torch.Tensor], metadata: Mapping[str, str], path: Path | str = "") -> ModelConfig:
+    """Which model this is, from tensor shapes (or from sdlite's own metadata).
+
+    - sdlite files carry their full config as JSON under the ``sdlite_config`` metadata key;
+    - the UNet's input channels come from ``input_blocks.0.0.weight`` (4 txt2img, 5 SD2 depth,
+      8 InstructPix2Pix, 9 inpainting);
+    - SD2 has the OpenCLIP tower (``cond_stage_model.model.*``) and 1024-wide cross-attention.
+    """
+    if METADATA_KEY in metadata:
+        try:
+            return ModelConfig.from_json(metadata[METADATA_KEY])
+        except Exception as e:
+            raise CheckpointError(f"{path}: unreadable '{METADATA_KEY}' metadata: {e}") from None
+    if UNET_IN not in sd:
+        some = ", ".join(list(sd)[:3])
+        raise CheckpointError(f"{path}: not a Stable Diffusion checkpoint in the original layout: no '{UNET_IN}' "
+                              f"(first keys: {some}). Diffusers-format folders and LoRA/embedding files are not "
+                              "full checkpoints.")
+    in_channels = sd[UNET_IN].shape[1]
+    context = sd[UNET_CONTEXT].shape[1] if UNET_CONTEXT in sd else None
+    if any(k.startswith("cond_stage_model.model.") for k in sd) or context == 1024:
+        base = SD2
+    elif any(k.startswith("cond_stage_model.transformer.") for k in sd) or context == 768:
+        base = SD1
+    else:
+        raise CheckpointError(f"{path}: cannot tell SD1 from SD2: no text encoder weights and no cross-attention "
+                              "of width 768 or 1024")
+    return base.with_(unet=_replace(base.unet, in_channels=in_channels))
+
+
+def _replace(obj: Any, **changes: Any) -> Any:
+    from dataclasses import replace
+
+    return replace(obj, **changes)
+
+
+def read_prediction_yaml(path: Path) -> str | None:
+    """``parameterization: "v"`` in a ``.yaml`` beside the checkpoint (the CompVis/A1111 convention)."""
+    yaml = path.with_suffix(".yaml")
+    if not yaml.is_file():
+        return None
+    m = re.search(r"^\s*parameterization:\s*[\"']?(\w+)", yaml.read_text(errors="replace"), re.MULTILINE)
+    if m is None:
+        return "eps"
+    if m.group(1) not in ("eps", "v"):
+        raise CheckpointError(f"{yaml}: parameterization {m.group(1)!r} is neither 'eps' nor 'v'")
+    return m.group(1)
+
+
+@torch.no_grad()
+def guess_v_prediction(unet: nn.Module, cfg: "UNetConfig") -> bool:
+    """The test A1111 uses for SD2 files without a yaml (`is_using_v_parameterization_for_sd2`).
+
+    At t=999 the latent is almost pure noise. An eps model then predicts roughly its input
+    (eps ≈ x_t), while a v model predicts v = sqrt(ᾱ)·eps − sqrt(1−ᾱ)·x0 ≈ −x0, far below the
+    input. With x = 0.5 everywhere, mean(out − x) < −1 means v-prediction.
+    """
+    p = next(unet.parameters())
+    x = torch.full((1, cfg.in_channels, 8, 8), 0.5, device=p.device, dtype=p.dtype)
+    ctx = torch.full((1, 77, cfg.context_dim), 0.5, device=p.device, dtype=p.dtype)
+    out = unet(x, torch.tensor([999.0], device=p.device), ctx)
+    return (out.float() - x.float()).mean().item() < -1
+
+
+# ---------------------------------------------------------------------------------------------
+# 4. Strict load into modules built on the meta device
+# ---------------------------------------------------------------------------------------------
+
+def split_by_prefix(sd: Mapping[str, torch.Tensor], path: Path | str = "") -> dict[str, dict[str, torch.Tensor]]:
+    """``{"unet": {...}, "vae": {...}, "text_encoder": {...}}`` by the prefix table; stray keys are an error."""
+    parts: dict[str, dict[str, torch.Tensor]] = {"unet": {}, "vae": {}, "text_encoder": {}}
+    stray = []
+    for key, value in sd.items():
+        for prefix, part in PREFIXES.items():
+            if key.startswith(prefix):
+                parts[part][key[len(prefix):]] = value
+                break
+        else:
+            stray.append(key)
+    if stray:
+        raise CheckpointError(f"{path}: {len(stray)} unexpected key(s) outside the known prefixes "
+                              f"({', '.join(PREFIXES)}): {', '.join(stray[:5])}")
+    return parts
+
+
+def load_into(module: nn.Module, weights: Mapping[str, torch.Tensor], *, prefix: str, path: Path | str,
+              device: torch.device, dtype: torch.dtype) -> nn.Module:
+    """Check names and shapes against ``module`` (on meta), then assign the tensors into it."""
+    expected = module.state_dict()
+    missing = [k for k in expected if k not in weights]
+    unexpected = [k for k in weights if k not in expected]
+    wrong = [(k, tuple(expected[k].shape), tuple(weights[k].shape))
+             for k in expected if k in weights and expected[k].shape != weights[k].shape]
+    if missing or unexpected or wrong:
+        lines = [f"{path}: the weights do not fit the network ({prefix}*):"]
+        if missing:
+            lines.append(f"  {len(missing)} missing: " + ", ".join(prefix + k for k in missing[:5]))
+        if unexpected:
+            lines.append(f"  {len(unexpected)} unexpected: " + ", ".join(prefix + k for k in unexpected[:5]))
+        for k, exp, got in wrong[:5]:
+            lines.append(f"  wrong shape: {prefix}{k}: expected {list(exp)}, found {list(got)}")
+        if len(wrong) > 5:
+            lines.append(f"  ... and {len(wrong) - 5} more wrong shapes")
+        raise CheckpointError("\n".join(lines))
+    converted = {}
+    for k, v in weights.items():
+        target = dtype if v.is_floating_point() else v.dtype
+        converted[k] = v.to(device=device, dtype=target)
+    module.load_state_dict(converted, strict=True, assign=True)
+    return module.eval().requires_grad_(False)
+
+
+def _prefix_of(part: str, cfg: ModelConfig) -> str:
+    if part == "text_encoder":
+        return "cond_stage_model.model." if cfg.text.kind == "openclip" else "cond_stage_model.transformer."
+    return {"unet": "model.diffusion_model.", "vae": "first_stage_model."}[part]
+
+
+def build_networks(cfg: ModelConfig) -> dict[str, nn.Module]:
+    """The three networks for ``cfg``, on the meta device (no memory allocated)."""
+    from .clip import build_text_encoder
+    from .unet import UNetModel
+    from .vae import AutoencoderKL
+
+    with torch.device("meta"):
+        return {"unet": UNetModel(cfg.unet), "vae": AutoencoderKL(cfg.vae), "text_encoder": build_text_encoder(cfg.text)}
+
+
+def state_dict_of(networks: Mapping[str, nn.Module], cfg: ModelConfig) -> dict[str, torch.Tensor]:
+    """The networks' weights under the original checkpoint key names."""
+    out: dict[str, torch.Tensor] = {}
+    for part in ("unet", "vae", "text_encoder"):
+        prefix = _prefix_of(part, cfg)
+        for k, v in networks[part].state_dict().items():
+            out[prefix + k] = v
+    return out
+
+
+def save_checkpoint(networks: Mapping[str, nn.Module], cfg: ModelConfig, path: str | Path,
+                    dtype: torch.dtype | None = None, overwrite: bool = False) -> Path:
+    """Write the networks as one ``.safetensors`` in the original layout, config in the metadata."""
+    from safetensors.torch import save_file
+
+    path = Path(path)
+    if path.suffix.lower() != ".safetensors":
+        raise CheckpointError(f"{path}: sdlite saves .safetensors only (no pickle)")
+    if path.exists() and not overwrite:
+        raise CheckpointError(f"{path}: exists; refusing to overwrite (pass overwrite=True)")
+    tensors = {}
+    for k, v in state_dict_of(networks, cfg).items():
+        if dtype is not None and v.is_floating_point():
+            v = v.to(dtype)
+        tensors[k] = v.detach().to("cpu").contiguous()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".partial")
+    save_file(tensors, str(tmp), metadata={METADATA_KEY: cfg.to_json(), "format": "pt"})
+    tmp.replace(path)
+    return path
+
+
+def load_networks(path: str | Path, *, device: torch.device, dtype: torch.dtype, prediction: str | None = None,
+                  use_ema: bool = False, config: ModelConfig | None = None) -> tuple[ModelConfig, dict[str, nn.Module]]:
+    """Read, fix up, detect, and load a checkpoint. Returns the config and the three networks.
+
+    ``config`` overrides the detection (for non-standard models stored without sdlite metadata)."""
+    path = Path(path)
+    raw, metadata = read_checkpoint(path)
+    return networks_from_state_dict(raw, metadata, path=path, device=device, dtype=dtype, prediction=prediction,
+                                    use_ema=use_ema, config=config)
+
+
+def networks_from_state_dict(raw: dict[str, torch.Tensor], metadata: Mapping[str, str], *, path: Path | str,
+                             device: torch.device | str, dtype: torch.dtype, prediction: str | None = None,
+                             use_ema: bool = False, config: ModelConfig | None = None,
+                             ) -> tuple[ModelConfig, dict[str, nn.Module]]:
+    """Steps 2–4 of the module docstring on an already-read state dict (``raw`` is not modified)."""
+    path = Path(path)
+    device = torch.device(device)
+    sd = apply_fixups(raw, use_ema=use_ema, path=path)
+    cfg = config or detect_config(sd, metadata, path)
+    parts = split_by_prefix(sd, path)
+    del sd
+    networks = build_networks(cfg)
+    for part, module in networks.items():
+        load_into(module, parts.pop(part), prefix=_prefix_of(part, cfg), path=path, device=device, dtype=dtype)
+    if device.type == "meta":  # shape/key checks only
+        return cfg, networks
+
+    prediction = resolve_prediction(prediction, path, metadata, cfg, networks["unet"])
+    if cfg.version == "sd2":  # native size: 768 for the v models (768-v-ema), 512 for the eps ones (512-base)
+        cfg = cfg.with_(prediction=prediction, image_size=768 if prediction == "v" else 512)
+    else:
+        cfg = cfg.with_(prediction=prediction)
+    return cfg, networks
+
+
+def resolve_prediction(requested: str | None, path: Path, metadata: Mapping[str, str], cfg: ModelConfig,
+                       unet: nn.Module) -> str:
+    """eps or v, in this order: the caller's argument; a same-stem ``.yaml`` beside the file;
+    sdlite's own metadata; for SD2 the weight test of :func:`guess_v_prediction`; else eps (SD1)."""
+    if requested is not None:
+        if requested not in ("eps", "v"):
+            raise CheckpointError(f"prediction must be 'eps' or 'v', not {requested!r}")
+        return requested
+    if (from_yaml := read_prediction_yaml(path)) is not None:
+        return from_yaml
+    if METADATA_KEY in metadata:
+        return cfg.prediction
+    if cfg.version == "sd2":
+        return "v" if guess_v_prediction(unet, cfg.unet) else "eps"
+    return "eps"
+
+
+def iter_keys(lines: Iterable[str]) -> Iterable[tuple[str, tuple[int, ...], str]]:
+    """Parse the ``key<TAB>shape<TAB>dtype`` lines of the sd-keys lists (used by tests and tools)."""
+    for line in lines:
+        if not line.strip():
+            continue
+        key, shape, dtype = line.rstrip("\n").split("\t")
+        yield key, tuple(int(s) for s in shape.split(",") if s), dtype

@@ -1,0 +1,430 @@
+"""The Pipeline: prompt → conditioning → the one sampling loop → VAE decode → images.
+
+    >>> import sdlite
+    >>> pipe = sdlite.load()                      # the bundled model  # doctest: +SKIP
+    >>> images = pipe.txt2img("a red circle on the left", seed=1)   # doctest: +SKIP
+    >>> images[0].save("out.png")                 # doctest: +SKIP
+
+Data flow (see docs/how-it-works.md):
+``tokenizer → text_encoder → context``; ``seed → noise``; ``sampler(denoiser(unet)) → latent``;
+``vae.decode(latent / scale_factor) → image``.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import logging
+import random
+import warnings
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import numpy as np
+import torch
+from PIL import Image
+from torch import nn
+
+from . import devices
+from .config import ModelConfig
+from .errors import ArgumentError, CheckpointError, GenerationError
+from .progress import ProgressBar
+
+log = logging.getLogger("sdlite")
+
+BUNDLED_MODEL = Path(__file__).parent / "assets" / "sdlite-shapes.safetensors"
+VERSION = "sdlite 0.1.0"
+
+StepCallback = Callable[[int, float, torch.Tensor], Any]
+
+
+class Images(list):
+    """A list of PIL images, plus the seeds and A1111 infotexts that made them.
+
+    Each image also carries its infotext in ``image.info["parameters"]`` (written into PNGs by
+    :func:`sdlite.infotext.save_png`).
+    """
+
+    seeds: list[int]
+    infotexts: list[str]
+
+
+class Pipeline:
+    """Holds ``tokenizer``, ``text_encoder``, ``unet``, ``vae``, ``scale_factor`` and ``config``.
+
+    Build it with :func:`sdlite.load`. All generation goes through :meth:`txt2img` and
+    :meth:`img2img`, which share one sampling loop (:meth:`sample`).
+    """
+
+    def __init__(self, tokenizer: Any, text_encoder: nn.Module, unet: nn.Module, vae: nn.Module,
+                 config: ModelConfig, precision: devices.Precision, name: str = "model",
+                 path: Path | None = None):
+        self.tokenizer = tokenizer
+        self.text_encoder = text_encoder
+        self.unet = unet
+        self.vae = vae
+        self.config = config
+        self.precision = precision
+        self.name = name
+        self.path = path
+        self.scale_factor = config.scale_factor
+        self._hash: str | None = None
+
+    @functools.cached_property
+    def schedule(self) -> "DiscreteSchedule":
+        """The noise schedule of the forward process, computed in float64 from the config (not from
+        the file's buffers, which fp16 files round). Sampling and training both use this object."""
+        from .schedulers import DiscreteSchedule
+
+        return DiscreteSchedule.from_config(self.config)
+
+    # -- small facts ---------------------------------------------------------------------------
+
+    @property
+    def device(self) -> torch.device:
+        return self.precision.device
+
+    @property
+    def latent_channels(self) -> int:
+        return self.config.vae.embed_dim
+
+    @property
+    def vae_factor(self) -> int:
+        return self.config.vae.downsample_factor
+
+    @property
+    def model_hash(self) -> str:
+        """A1111's short hash (first 10 hex digits of the file's sha256), computed once."""
+        if self._hash is None:
+            if self.path is None or not Path(self.path).is_file():
+                self._hash = "0" * 10
+            else:
+                h = hashlib.sha256()
+                with open(self.path, "rb") as f:
+                    for block in iter(lambda: f.read(1 << 20), b""):
+                        h.update(block)
+                self._hash = h.hexdigest()[:10]
+        return self._hash
+
+    def __repr__(self) -> str:
+        c = self.config
+        return (f"Pipeline({self.name!r}, version={c.version}, prediction={c.prediction}, "
+                f"in_channels={c.in_channels}, size={c.image_size}, device={self.device}, "
+                f"dtype={self.precision.weight_dtype})")
+
+    # -- text ----------------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def encode_prompt(self, prompts: Sequence[str], clip_skip: int = 1) -> torch.Tensor:
+        """Conditioning ``[B, 77·k, C]`` for a list of prompts, with A1111 prompt syntax.
+
+        ``(word:1.3)``, ``[word]``, ``BREAK`` and prompts over 75 tokens (split into 77-token chunks
+        encoded separately and concatenated) are handled by :mod:`sdlite.prompt`. A plain prompt of
+        ≤ 75 tokens gives exactly ``text_encoder(tokenizer([prompt]))``.
+        """
+        from .prompt import apply_weights, tokenize_prompt
+
+        tok = self.tokenizer
+        per_prompt = [tokenize_prompt(p, tok.encode, bos=tok.bos_id, eos=tok.eos_id, pad=tok.pad_id)
+                      for p in prompts]
+        n_chunks = max(len(chunks) for chunks in per_prompt)
+        outs = []
+        for chunks in per_prompt:
+            # Pad shorter prompts with empty chunks so a batch stacks; A1111 pads with the empty prompt too.
+            while len(chunks) < n_chunks:
+                chunks = chunks + tokenize_prompt("", tok.encode, bos=tok.bos_id, eos=tok.eos_id, pad=tok.pad_id)
+            ids = torch.tensor([c.ids for c in chunks], dtype=torch.long, device=self.device)
+            weights = torch.tensor([c.weights for c in chunks], dtype=torch.float32, device=self.device)
+            with self.precision.autocast():
+                z = self.text_encoder(ids, skip_last_layers=self.config.text.skip_last_layers + clip_skip - 1)
+            z = z.float()
+            z = apply_weights(z.reshape(1, -1, z.shape[-1]), weights.reshape(1, -1))
+            outs.append(z)
+        return torch.cat(outs)
+
+    # -- the reverse process -------------------------------------------------------------------
+
+    def _model_fn(self, cond: torch.Tensor, uncond: torch.Tensor | None,
+                  guidance_scale: float) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+        """``f(x_in, t) -> raw UNet output`` with classifier-free guidance folded in (Ho & Salimans 2022):
+        ``out = out_uncond + s · (out_cond − out_uncond)``; cond and uncond run as one batch when they
+        have the same length."""
+        unet, dtype = self.unet, self.precision.weight_dtype
+
+        def run(x: torch.Tensor, t: torch.Tensor, ctx: torch.Tensor) -> torch.Tensor:
+            with self.precision.autocast():
+                return unet(x.to(dtype), t.to(x.device), ctx.to(dtype)).float()
+
+        def f(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+            t = torch.as_tensor(t, device=x.device, dtype=torch.float32).reshape(-1).expand(x.shape[0])
+            if uncond is None or guidance_scale == 1.0:
+                return run(x, t, cond)
+            if uncond.shape[1] == cond.shape[1]:
+                out_u, out_c = run(torch.cat([x, x]), torch.cat([t, t]), torch.cat([uncond, cond])).chunk(2)
+            else:
+                out_u, out_c = run(x, t, uncond), run(x, t, cond)
+            return out_u + guidance_scale * (out_c - out_u)
+
+        return f
+
+    @torch.no_grad()
+    def sample(self, noise: torch.Tensor, cond: torch.Tensor, uncond: torch.Tensor | None, *,
+               steps: int, guidance_scale: float, sampler: str, schedule: str | None, eta: float | None,
+               seeds: Sequence[int], init: torch.Tensor | None = None, strength: float = 1.0,
+               callback: StepCallback | None = None, progress: bool = False,
+               step_hook: Callable[[int, float, torch.Tensor, torch.Tensor], Any] | None = None) -> torch.Tensor:
+        """THE sampling loop shared by txt2img and img2img: noise (unit variance) → latent."""
+        from .schedulers import Denoiser, get_sampler
+
+        spec = get_sampler(sampler)
+        denoiser = Denoiser(self._model_fn(cond, uncond, guidance_scale), self.schedule, self.config.prediction)
+        levels = spec.levels(self.schedule, steps, schedule, strength=strength)
+        generator = torch.Generator("cpu").manual_seed(int(seeds[0]) + 0x5D11)  # ancestral noise, CPU, seeded
+        n_steps = len(levels) - 1 if spec.family == "k" else len(levels)
+
+        bar = ProgressBar(n_steps, "sampling", enabled=progress)
+
+        def on_step(i: int, level: Any, x: torch.Tensor, denoised: torch.Tensor) -> Any:
+            bar.update(1)
+            t = float(self.schedule.sigma_to_t(torch.as_tensor(level)).item()) if spec.family == "k" else float(level)
+            if step_hook is not None:
+                step_hook(i, t, x, denoised)
+            if callback is not None and callback(i, t, x) is False:
+                return False
+            return None
+
+        with bar:
+            out = spec.sample(denoiser, noise.to(self.device, torch.float32), levels,
+                              init=None if init is None else init.to(self.device, torch.float32),
+                              generator=generator, callback=on_step, eta=eta)
+        return out
+
+    # -- latents ↔ images ----------------------------------------------------------------------
+
+    def initial_noise(self, seeds: Sequence[int], height: int, width: int) -> torch.Tensor:
+        """Unit-variance noise ``[B, 4, H/8, W/8]``: image i from a CPU generator seeded with ``seeds[i]``,
+        as the A1111 web UI does with its CPU RNG, so a seed gives the same picture on every device."""
+        shape = (self.latent_channels, height // self.vae_factor, width // self.vae_factor)
+        return torch.stack([torch.randn(shape, generator=torch.Generator("cpu").manual_seed(int(s))) for s in seeds])
+
+    @torch.no_grad()
+    def decode_latents(self, latents: torch.Tensor) -> torch.Tensor:
+        """``vae.decode(latent / scale_factor)`` → float images in [0, 1], ``[B, 3, H, W]``.
+
+        In half precision the SD VAE can overflow to NaN/inf; then the decode is retried in fp32
+        with a warning. NaN that survives is an error, never a silent black image."""
+        z = latents / self.scale_factor
+        dtype = next(self.vae.parameters()).dtype
+        with self.precision.autocast():
+            x = self.vae.decode(z.to(self.device, dtype)).float()
+        if not torch.isfinite(x).all() and (dtype != torch.float32 or self.precision.autocast_dtype is not None):
+            warnings.warn("the VAE decode gave NaN/inf in half precision; retrying in fp32", RuntimeWarning, stacklevel=2)
+            self.vae.float()
+            try:
+                x = self.vae.decode(z.to(self.device, torch.float32)).float()
+            finally:
+                self.vae.to(dtype)
+        if not torch.isfinite(x).all():
+            raise GenerationError("the decoded image contains NaN/inf even in fp32; the latent is broken "
+                                  "(check the checkpoint, the guidance scale and the sampler)")
+        return ((x + 1) / 2).clamp(0, 1)
+
+    @torch.no_grad()
+    def encode_image(self, images: torch.Tensor) -> torch.Tensor:
+        """Images in [0, 1] ``[B, 3, H, W]`` → scaled latents (the posterior mean × ``scale_factor``)."""
+        dtype = next(self.vae.parameters()).dtype
+        with self.precision.autocast():
+            posterior = self.vae.encode((images * 2 - 1).to(self.device, dtype))
+        return posterior.mean.float() * self.scale_factor
+
+    # -- the public generation API -------------------------------------------------------------
+
+    def txt2img(self, prompt: str | Sequence[str], negative_prompt: str | Sequence[str] = "", steps: int = 20,
+                guidance_scale: float = 7.5, width: int | None = None, height: int | None = None,
+                seed: int | None = None, sampler: str = "euler_a", schedule: str | None = None,
+                batch_size: int = 1, eta: float | None = None, latents: torch.Tensor | None = None,
+                callback: StepCallback | None = None, output_type: str = "pil", progress: bool = False,
+                clip_skip: int = 1) -> Any:
+        """Generate images from text.
+
+        ``seed=None`` or ``-1`` picks a random seed; image i of the batch uses ``seed + i``.
+        ``latents`` replaces the seeded starting noise (unit variance, ``[B, 4, H/8, W/8]``).
+        ``callback(step, t, latents)`` runs after each step; returning ``False`` stops early.
+        ``output_type``: ``"pil"`` (an :class:`Images` list), ``"np"`` (float array [B,H,W,3] in [0,1])
+        or ``"latent"`` (the scaled latent tensor).
+
+        >>> images = pipe.txt2img("a blue square at the top", seed=42, steps=20)  # doctest: +SKIP
+        """
+        return self._generate(prompt, negative_prompt, steps=steps, guidance_scale=guidance_scale, width=width,
+                              height=height, seed=seed, sampler=sampler, schedule=schedule, batch_size=batch_size,
+                              eta=eta, latents=latents, callback=callback, output_type=output_type,
+                              progress=progress, clip_skip=clip_skip)
+
+    def img2img(self, image: Image.Image | str | Path | torch.Tensor, prompt: str | Sequence[str],
+                strength: float = 0.75, negative_prompt: str | Sequence[str] = "", steps: int = 20,
+                guidance_scale: float = 7.5, width: int | None = None, height: int | None = None,
+                seed: int | None = None, sampler: str = "euler_a", schedule: str | None = None,
+                batch_size: int = 1, eta: float | None = None, latents: torch.Tensor | None = None,
+                callback: StepCallback | None = None, output_type: str = "pil", progress: bool = False,
+                clip_skip: int = 1) -> Any:
+        """Redraw ``image`` under ``prompt``: encode it, noise it to ``strength`` of the way, denoise.
+
+        ``strength`` in (0, 1]: 1 ignores the image, small values keep it. Runs ``int(strength·steps)``
+        steps, as A1111 does. Width/height default to the image's size rounded down to a multiple of 8.
+        """
+        if not 0.0 < float(strength) <= 1.0:
+            raise ArgumentError(f"strength must be in (0, 1], got {strength}")
+        pil = _open_image(image)
+        width = width or (pil.width // 8) * 8
+        height = height or (pil.height // 8) * 8
+        _check_size(width, height, self.vae_factor)
+        pil = pil.convert("RGB").resize((width, height), Image.LANCZOS)
+        x = torch.from_numpy(np.asarray(pil, dtype=np.float32) / 255.0).permute(2, 0, 1)[None]
+        init = self.encode_image(x)
+        return self._generate(prompt, negative_prompt, steps=steps, guidance_scale=guidance_scale, width=width,
+                              height=height, seed=seed, sampler=sampler, schedule=schedule, batch_size=batch_size,
+                              eta=eta, latents=latents, callback=callback, output_type=output_type,
+                              progress=progress, clip_skip=clip_skip, init=init, strength=float(strength))
+
+    def _generate(self, prompt: str | Sequence[str], negative_prompt: str | Sequence[str], *, steps: int,
+                  guidance_scale: float, width: int | None, height: int | None, seed: int | None, sampler: str,
+                  schedule: str | None, batch_size: int, eta: float | None, latents: torch.Tensor | None,
+                  callback: StepCallback | None, output_type: str, progress: bool, clip_skip: int,
+                  init: torch.Tensor | None = None, strength: float = 1.0,
+                  step_hook: Callable | None = None) -> Any:
+        from .infotext import format_infotext, generation_params
+        from .schedulers import get_sampler, parse_sampler_and_schedule
+
+        if self.config.in_channels != self.latent_channels:
+            raise ArgumentError(f"this model's UNet takes {self.config.in_channels} input channels (an inpainting, "
+                                "depth or InstructPix2Pix model); sdlite loads it but generates only with "
+                                "text-to-image models (4 channels)")
+        width = int(width or self.config.image_size)
+        height = int(height or self.config.image_size)
+        _check_size(width, height, self.vae_factor)
+        if int(steps) < 1:
+            raise ArgumentError(f"steps must be ≥ 1, got {steps}")
+        if output_type not in ("pil", "np", "latent"):
+            raise ArgumentError(f"output_type must be 'pil', 'np' or 'latent', not {output_type!r}")
+        spec, schedule_id = parse_sampler_and_schedule(sampler, schedule)
+        prompts = [prompt] * batch_size if isinstance(prompt, str) else list(prompt)
+        negatives = [negative_prompt] * len(prompts) if isinstance(negative_prompt, str) else list(negative_prompt)
+        if len(negatives) != len(prompts):
+            raise ArgumentError(f"{len(prompts)} prompts but {len(negatives)} negative prompts")
+        if seed is None or int(seed) == -1:
+            seed = random.randrange(2**32)
+            log.info("seed: %d", seed)
+        seeds = [int(seed) + i for i in range(len(prompts))]
+
+        cond = self.encode_prompt(prompts, clip_skip)
+        uncond = self.encode_prompt(negatives, clip_skip) if guidance_scale != 1.0 else None
+        if latents is not None:
+            noise = latents.float().reshape(-1, *latents.shape[-3:])
+            expected = (self.latent_channels, height // self.vae_factor, width // self.vae_factor)
+            if tuple(noise.shape[1:]) != expected or noise.shape[0] != len(prompts):
+                raise ArgumentError(f"latents must have shape {[len(prompts), *expected]}, got {list(latents.shape)}")
+        else:
+            noise = self.initial_noise(seeds, height, width)
+        if init is not None:
+            init = init.expand(len(prompts), *init.shape[1:])
+
+        out = self.sample(noise, cond, uncond, steps=int(steps), guidance_scale=float(guidance_scale),
+                          sampler=spec.id, schedule=schedule_id, eta=eta, seeds=seeds, init=init,
+                          strength=strength, callback=callback, progress=progress, step_hook=step_hook)
+        if output_type == "latent":
+            return out
+        images = self.decode_latents(out).permute(0, 2, 3, 1).cpu().numpy()
+        if output_type == "np":
+            return images
+        result = Images()
+        result.seeds, result.infotexts = seeds, []
+        for i, arr in enumerate(images):
+            params = generation_params(
+                steps=int(steps), sampler=spec.label, schedule=_schedule_label(schedule_id, spec),
+                cfg_scale=guidance_scale, seed=seeds[i], width=width, height=height,
+                model_hash=self.model_hash, model_name=self.name,
+                denoising_strength=strength if init is not None else None,
+                eta=eta if (eta is not None and spec.family == "timestep" and eta != 0.0) else None,
+                clip_skip=clip_skip if clip_skip > 1 else None, version=VERSION,
+            )
+            text = format_infotext(prompts[i], negatives[i], params)
+            img = Image.fromarray(np.round(arr * 255).astype(np.uint8))
+            img.info["parameters"] = text
+            result.append(img)
+            result.infotexts.append(text)
+        return result
+
+
+def _schedule_label(schedule_id: str | None, spec: Any) -> str | None:
+    """A1111 writes ``Schedule type`` only when it is not the sampler's automatic choice."""
+    from .schedulers import schedule_label
+
+    if schedule_id is None or schedule_id == "automatic":
+        return None
+    return schedule_label(schedule_id)
+
+
+def _check_size(width: int, height: int, factor: int) -> None:
+    if width <= 0 or height <= 0 or width % 8 or height % 8 or width % factor or height % factor:
+        raise ArgumentError(f"width and height must be positive multiples of 8, got {width}x{height}")
+
+
+def _open_image(image: Image.Image | str | Path | torch.Tensor) -> Image.Image:
+    if isinstance(image, Image.Image):
+        return image
+    if isinstance(image, torch.Tensor):
+        arr = image.detach().float().cpu()
+        if arr.ndim == 4:
+            arr = arr[0]
+        return Image.fromarray((arr.permute(1, 2, 0).clamp(0, 1).numpy() * 255).round().astype(np.uint8))
+    path = Path(image)
+    if not path.is_file():
+        raise ArgumentError(f"init image {path} does not exist")
+    try:
+        return Image.open(path)
+    except Exception as e:
+        raise ArgumentError(f"cannot read init image {path}: {e}") from None
+
+
+# -- loading and saving --------------------------------------------------------------------------
+
+def load(path: str | Path | None = None, device: str | torch.device | None = None,
+         dtype: str | torch.dtype | None = None, prediction: str | None = None, use_ema: bool = False,
+         config: ModelConfig | None = None) -> Pipeline:
+    """Load a Stable Diffusion checkpoint in the original layout (or the bundled model when ``path`` is None).
+
+    - ``device``: ``"cuda"``, ``"cpu"``... (default: CUDA when available);
+    - ``dtype``: ``"fp32"``, ``"fp16"``, ``"bf16"`` (default: fp16 + autocast on CUDA, fp32 on CPU);
+    - ``prediction``: ``"eps"`` or ``"v"``; default from a same-stem ``.yaml`` beside the file, else
+      detected (see :func:`sdlite.checkpoint.resolve_prediction`);
+    - ``use_ema``: take the ``model_ema.*`` copies of the UNet instead of the plain weights;
+    - ``config``: skip the detection and use this :class:`ModelConfig` (non-standard models).
+
+    >>> pipe = sdlite.load("v1-5-pruned-emaonly.safetensors")  # doctest: +SKIP
+    """
+    from .checkpoint import load_networks
+    from .clip import tokenizer_for
+
+    if path is None:
+        if not BUNDLED_MODEL.is_file():
+            raise CheckpointError(f"{BUNDLED_MODEL}: the bundled model is missing from this install; "
+                                  "pass the path of a checkpoint")
+        path = BUNDLED_MODEL
+    path = Path(path)
+    precision = devices.choose(device, dtype)
+    cfg, nets = load_networks(path, device=precision.device, dtype=precision.weight_dtype,
+                              prediction=prediction, use_ema=use_ema, config=config)
+    return Pipeline(tokenizer_for(cfg.text), nets["text_encoder"], nets["unet"], nets["vae"], cfg, precision,
+                    name=path.stem, path=path)
+
+
+def save(pipeline: Pipeline, path: str | Path, dtype: str | torch.dtype | None = None,
+         overwrite: bool = False) -> Path:
+    """Write ``pipeline`` as a ``.safetensors`` in the original layout, its config in the metadata.
+
+    Load → save → load gives identical tensors. Refuses to overwrite unless ``overwrite=True``.
+    """
+    from .checkpoint import save_checkpoint
+
+    nets = {"unet": pipeline.unet, "vae": pipeline.vae, "text_encoder": pipeline.text_encoder}
+    return save_checkpoint(nets, pipeline.config, path, dtype=devices.parse_dtype(dtype), overwrite=overwrite)

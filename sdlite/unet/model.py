@@ -1,0 +1,355 @@
+"""The Stable Diffusion UNet: CompVis ``ldm.modules.diffusionmodules.openaimodel.UNetModel``.
+
+Module and parameter names are those of the original checkpoints (under the prefix
+``model.diffusion_model.``), so a CompVis/Stability state dict loads with ``strict=True`` and no
+key table. One :class:`~sdlite.config.UNetConfig` drives SD1 and SD2; they differ in the context
+width, in the head layout (8 heads vs. 64-wide heads) and in ``proj_in``/``proj_out`` being
+1x1 convs (SD1) or Linear layers (SD2).
+
+Layout for SD1/SD2 (``channel_mult=(1, 2, 4, 4)``, ``num_res_blocks=2``), ``ds`` = downsampling factor::
+
+    input_blocks.0            conv_in 4 -> 320                                 ds 1
+    input_blocks.1, .2        ResBlock (.0) + SpatialTransformer (.1)          ds 1
+    input_blocks.3            Downsample (.0.op)                               ds 1 -> 2
+    ...                       (same for 640, 1280 channels at ds 2, 4)
+    input_blocks.10, .11      ResBlock only (ds 8 is not an attention resolution)
+    middle_block              ResBlock, SpatialTransformer, ResBlock
+    output_blocks.0 .. .11    ResBlock on [h, skip] (+ SpatialTransformer) (+ Upsample .conv)
+    out                       GroupNorm, SiLU, conv 320 -> 4
+
+Every input block's output is kept as a skip connection and concatenated (in reverse order) to
+the input of one output block, which is why there are ``num_res_blocks + 1`` output blocks per level.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from sdlite.config import UNetConfig
+
+
+def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10000.0) -> torch.Tensor:
+    """Sinusoidal embedding of (possibly fractional) timesteps, as in "Attention is all you need".
+
+    ``t``: [B] -> [B, dim] in fp32, laid out ``[cos(t * f_i), sin(t * f_i)]`` with
+    ``f_i = exp(-ln(max_period) * i / half)``, ``i = 0 .. half - 1`` (the CompVis order; diffusers
+    calls this ``flip_sin_to_cos=True``, ``freq_shift=0``). Fractional ``t`` is not rounded:
+    sigma-based samplers evaluate the model between the integer training timesteps.
+    """
+    half = dim // 2
+    # Computed here rather than stored as a buffer so the module works on the meta device.
+    freqs = torch.exp(-math.log(max_period) * torch.arange(half, dtype=torch.float32, device=t.device) / half)
+    args = t.float()[:, None] * freqs[None, :]
+    embedding = torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
+    if dim % 2:
+        embedding = torch.cat([embedding, torch.zeros_like(embedding[:, :1])], dim=-1)
+    return embedding
+
+
+class GroupNorm32(nn.GroupNorm):
+    """GroupNorm (32 groups, eps 1e-5) computed in fp32 and cast back to the input dtype.
+
+    The original ``GroupNorm32`` upcasts because fp16 statistics over large feature maps are
+    inaccurate; we upcast the affine parameters too so bf16/fp16 weights work on every backend.
+    """
+
+    def __init__(self, channels: int, eps: float = 1e-5) -> None:
+        super().__init__(32, channels, eps=eps)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        weight = self.weight.float() if self.weight is not None else None
+        bias = self.bias.float() if self.bias is not None else None
+        return F.group_norm(x.float(), self.num_groups, weight, bias, self.eps).to(x.dtype)
+
+
+# ----------------------------------------------------------------------------------------------
+# Convolutional blocks
+# ----------------------------------------------------------------------------------------------
+
+
+class ResBlock(nn.Module):
+    """``x + F(x, emb)``: two 3x3 convs with the time embedding added in between.
+
+    ``x``: [B, channels, H, W], ``emb``: [B, time_embed_dim] -> [B, out_channels, H, W].
+    ``skip_connection`` is a 1x1 conv when the channel count changes, else a parameter-free identity.
+    """
+
+    def __init__(self, channels: int, time_embed_dim: int, out_channels: int, dropout: float = 0.0) -> None:
+        super().__init__()
+        self.in_layers = nn.Sequential(
+            GroupNorm32(channels), nn.SiLU(), nn.Conv2d(channels, out_channels, 3, padding=1)
+        )
+        self.emb_layers = nn.Sequential(nn.SiLU(), nn.Linear(time_embed_dim, out_channels))
+        self.out_layers = nn.Sequential(
+            GroupNorm32(out_channels),
+            nn.SiLU(),
+            nn.Dropout(dropout),
+            nn.Conv2d(out_channels, out_channels, 3, padding=1),
+        )
+        self.skip_connection = (
+            nn.Identity() if out_channels == channels else nn.Conv2d(channels, out_channels, 1)
+        )
+
+    def forward(self, x: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
+        h = self.in_layers(x)
+        h = h + self.emb_layers(emb).to(h.dtype)[:, :, None, None]
+        h = self.out_layers(h)
+        return self.skip_connection(x) + h
+
+
+class Downsample(nn.Module):
+    """Halve H and W with a strided 3x3 conv: [B, C, H, W] -> [B, C, H/2, W/2]."""
+
+    def __init__(self, channels: int) -> None:
+        super().__init__()
+        self.op = nn.Conv2d(channels, channels, 3, stride=2, padding=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.op(x)
+
+
+class Upsample(nn.Module):
+    """Double H and W (nearest neighbour), then a 3x3 conv: [B, C, H, W] -> [B, C, 2H, 2W]."""
+
+    def __init__(self, channels: int) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(channels, channels, 3, padding=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
+
+
+# ----------------------------------------------------------------------------------------------
+# Transformer blocks
+# ----------------------------------------------------------------------------------------------
+
+
+class CrossAttention(nn.Module):
+    """Multi-head attention of ``x`` to ``context`` (to itself when ``context`` is None).
+
+    ``x``: [B, L, query_dim], ``context``: [B, N, context_dim] -> [B, L, query_dim].
+    q, k, v have no bias; the output projection does (``to_out.0``; ``to_out.1`` is Dropout).
+    """
+
+    def __init__(self, query_dim: int, context_dim: int, heads: int, dim_head: int, dropout: float = 0.0) -> None:
+        super().__init__()
+        inner_dim = heads * dim_head
+        self.heads = heads
+        self.to_q = nn.Linear(query_dim, inner_dim, bias=False)
+        self.to_k = nn.Linear(context_dim, inner_dim, bias=False)
+        self.to_v = nn.Linear(context_dim, inner_dim, bias=False)
+        self.to_out = nn.Sequential(nn.Linear(inner_dim, query_dim), nn.Dropout(dropout))
+
+    def forward(self, x: torch.Tensor, context: torch.Tensor | None = None) -> torch.Tensor:
+        context = x if context is None else context
+        q, k, v = self.to_q(x), self.to_k(context), self.to_v(context)
+        b = x.shape[0]
+        # [B, L, heads * dim_head] -> [B, heads, L, dim_head]
+        q, k, v = (y.reshape(b, -1, self.heads, y.shape[-1] // self.heads).transpose(1, 2) for y in (q, k, v))
+        out = F.scaled_dot_product_attention(q, k, v)  # softmax(q k^T / sqrt(dim_head)) v
+        out = out.transpose(1, 2).reshape(b, -1, out.shape[1] * out.shape[3])
+        return self.to_out(out)
+
+
+class GEGLU(nn.Module):
+    """GELU-gated linear unit (Shazeer 2020): ``a * gelu(g)`` where ``[a, g] = proj(x)``."""
+
+    def __init__(self, dim_in: int, dim_out: int) -> None:
+        super().__init__()
+        self.proj = nn.Linear(dim_in, dim_out * 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        a, gate = self.proj(x).chunk(2, dim=-1)
+        return a * F.gelu(gate)
+
+
+class FeedForward(nn.Module):
+    """``net = Sequential(GEGLU(dim, 4 dim), Dropout, Linear(4 dim, dim))``."""
+
+    def __init__(self, dim: int, mult: int = 4, dropout: float = 0.0) -> None:
+        super().__init__()
+        self.net = nn.Sequential(GEGLU(dim, dim * mult), nn.Dropout(dropout), nn.Linear(dim * mult, dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)
+
+
+class BasicTransformerBlock(nn.Module):
+    """Pre-norm transformer layer: self-attention, cross-attention to the text, feed-forward.
+
+    ``x``: [B, L, dim], ``context``: [B, N, context_dim] -> [B, L, dim].
+    """
+
+    def __init__(self, dim: int, heads: int, dim_head: int, context_dim: int) -> None:
+        super().__init__()
+        self.attn1 = CrossAttention(dim, dim, heads, dim_head)  # self-attention
+        self.ff = FeedForward(dim)
+        self.attn2 = CrossAttention(dim, context_dim, heads, dim_head)  # attends to the prompt
+        self.norm1 = nn.LayerNorm(dim)
+        self.norm2 = nn.LayerNorm(dim)
+        self.norm3 = nn.LayerNorm(dim)
+
+    def forward(self, x: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
+        x = x + self.attn1(self.norm1(x))
+        x = x + self.attn2(self.norm2(x), context)
+        x = x + self.ff(self.norm3(x))
+        return x
+
+
+class SpatialTransformer(nn.Module):
+    """Transformer over the H*W pixels of a feature map, conditioned on ``context``.
+
+    ``x``: [B, C, H, W], ``context``: [B, N, context_dim] -> [B, C, H, W] (residual).
+    SD1 projects with 1x1 convs before flattening to [B, HW, C]; SD2 (``use_linear``) flattens
+    first and projects with Linear layers. Both are the same map; only the weight shapes differ.
+    """
+
+    def __init__(
+        self, channels: int, heads: int, dim_head: int, depth: int, context_dim: int, use_linear: bool
+    ) -> None:
+        super().__init__()
+        inner_dim = heads * dim_head
+        self.use_linear = use_linear
+        self.norm = nn.GroupNorm(32, channels, eps=1e-6)
+        if use_linear:
+            self.proj_in = nn.Linear(channels, inner_dim)
+        else:
+            self.proj_in = nn.Conv2d(channels, inner_dim, 1)
+        self.transformer_blocks = nn.ModuleList(
+            BasicTransformerBlock(inner_dim, heads, dim_head, context_dim) for _ in range(depth)
+        )
+        if use_linear:
+            self.proj_out = nn.Linear(inner_dim, channels)
+        else:
+            self.proj_out = nn.Conv2d(inner_dim, channels, 1)
+
+    def forward(self, x: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
+        b, c, h, w = x.shape
+        x_in = x
+        x = self.norm(x)
+        if not self.use_linear:
+            x = self.proj_in(x)
+        x = x.flatten(2).transpose(1, 2)  # [B, C, H, W] -> [B, HW, C]
+        if self.use_linear:
+            x = self.proj_in(x)
+        for block in self.transformer_blocks:
+            x = block(x, context)
+        if self.use_linear:
+            x = self.proj_out(x)
+        x = x.transpose(1, 2).reshape(b, -1, h, w)  # [B, HW, C] -> [B, C, H, W]
+        if not self.use_linear:
+            x = self.proj_out(x)
+        return x + x_in
+
+
+class TimestepEmbedSequential(nn.Sequential):
+    """A Sequential whose ResBlocks also get the time embedding and transformers the context."""
+
+    def forward(  # type: ignore[override]
+        self, x: torch.Tensor, emb: torch.Tensor, context: torch.Tensor
+    ) -> torch.Tensor:
+        for layer in self:
+            if isinstance(layer, ResBlock):
+                x = layer(x, emb)
+            elif isinstance(layer, SpatialTransformer):
+                x = layer(x, context)
+            else:
+                x = layer(x)
+        return x
+
+
+# ----------------------------------------------------------------------------------------------
+# The UNet
+# ----------------------------------------------------------------------------------------------
+
+
+class UNetModel(nn.Module):
+    """Noise-prediction UNet ``eps = unet(x, t, context)`` (or v for v-prediction checkpoints).
+
+    Example::
+
+        unet = UNetModel(SD1_UNET)
+        eps = unet(torch.randn(1, 4, 64, 64), torch.tensor(999), context)  # context [1, 77, 768]
+    """
+
+    def __init__(self, cfg: UNetConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+        mc = cfg.model_channels
+        time_embed_dim = mc * 4
+
+        def transformer(ch: int) -> SpatialTransformer:
+            heads, dim_head = cfg.heads_and_dim(ch)
+            return SpatialTransformer(
+                ch, heads, dim_head, cfg.transformer_depth, cfg.context_dim, cfg.use_linear_in_transformer
+            )
+
+        self.time_embed = nn.Sequential(
+            nn.Linear(mc, time_embed_dim), nn.SiLU(), nn.Linear(time_embed_dim, time_embed_dim)
+        )
+
+        # Encoder. skip_channels records each input block's output width for the decoder's concat.
+        self.input_blocks = nn.ModuleList([TimestepEmbedSequential(nn.Conv2d(cfg.in_channels, mc, 3, padding=1))])
+        skip_channels = [mc]
+        ch, ds = mc, 1
+        for level, mult in enumerate(cfg.channel_mult):
+            for _ in range(cfg.num_res_blocks):
+                layers: list[nn.Module] = [ResBlock(ch, time_embed_dim, mult * mc)]
+                ch = mult * mc
+                if ds in cfg.attention_resolutions:
+                    layers.append(transformer(ch))
+                self.input_blocks.append(TimestepEmbedSequential(*layers))
+                skip_channels.append(ch)
+            if level != len(cfg.channel_mult) - 1:
+                self.input_blocks.append(TimestepEmbedSequential(Downsample(ch)))
+                skip_channels.append(ch)
+                ds *= 2
+
+        self.middle_block = TimestepEmbedSequential(
+            ResBlock(ch, time_embed_dim, ch), transformer(ch), ResBlock(ch, time_embed_dim, ch)
+        )
+
+        # Decoder: one extra block per level consumes the skip of the Downsample (or conv_in).
+        self.output_blocks = nn.ModuleList()
+        for level, mult in reversed(list(enumerate(cfg.channel_mult))):
+            for i in range(cfg.num_res_blocks + 1):
+                layers = [ResBlock(ch + skip_channels.pop(), time_embed_dim, mc * mult)]
+                ch = mc * mult
+                if ds in cfg.attention_resolutions:
+                    layers.append(transformer(ch))
+                if level and i == cfg.num_res_blocks:
+                    layers.append(Upsample(ch))
+                    ds //= 2
+                self.output_blocks.append(TimestepEmbedSequential(*layers))
+
+        self.out = nn.Sequential(GroupNorm32(ch), nn.SiLU(), nn.Conv2d(mc, cfg.out_channels, 3, padding=1))
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor | float, context: torch.Tensor) -> torch.Tensor:
+        """Predict the noise (or v) in ``x`` at timestep ``t``.
+
+        ``x``: [B, in_channels, H, W] with H, W divisible by ``2 ** (len(channel_mult) - 1)``;
+        ``t``: python number, 0-d tensor or [B], integer or fractional (never rounded);
+        ``context``: [B, N, context_dim], N any length (a multiple of 77 for chunked long prompts).
+        Returns [B, out_channels, H, W] in the dtype of the weights; inputs are cast to it.
+        """
+        dtype = self.time_embed[0].weight.dtype
+        t = torch.as_tensor(t, device=x.device)
+        if t.numel() == 1:
+            t = t.reshape(1).expand(x.shape[0])
+        # The sinusoids are computed in fp32 (timesteps up to 999 need the mantissa), then cast.
+        emb = self.time_embed(timestep_embedding(t, self.cfg.model_channels).to(dtype))
+        context = context.to(dtype)
+
+        h = x.to(dtype)
+        skips = []
+        for block in self.input_blocks:
+            h = block(h, emb, context)
+            skips.append(h)
+        h = self.middle_block(h, emb, context)
+        for block in self.output_blocks:
+            h = block(torch.cat([h, skips.pop()], dim=1), emb, context)
+        return self.out(h)

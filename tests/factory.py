@@ -1,0 +1,89 @@
+"""Random checkpoints in the exact original layout, made by the tests themselves (no downloads).
+
+- ``tsv_state_dict``: every key and shape of a real SD1/SD2 file (tests/data/sd*.tsv), as meta
+  tensors (no memory) or real random tensors.
+- ``tiny_state_dict``: a small model with the same key *structure*, written with our networks and
+  extended with what the original files also carry (DDPM buffers, position_ids, EMA copies).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from sdlite.checkpoint import DDPM_BUFFERS, SD1_POSITION_IDS, build_networks, ema_key, iter_keys, state_dict_of
+from sdlite.config import ModelConfig, TextConfig, UNetConfig, VAEConfig
+
+DATA = Path(__file__).parent / "data"
+
+_DTYPES = {"float32": torch.float32, "int64": torch.int64, "int32": torch.int32}
+
+
+def tsv_rows(version: str) -> list[tuple[str, tuple[int, ...], str]]:
+    return list(iter_keys((DATA / f"{version}.tsv").read_text().splitlines()))
+
+
+def tsv_state_dict(version: str, device: str = "meta", dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
+    """Every key of the real file, with its shape; float tensors in ``dtype`` (default: as listed)."""
+    out = {}
+    for key, shape, dt in tsv_rows(version):
+        t_dtype = _DTYPES[dt] if (dtype is None or dt != "float32") else dtype
+        out[key] = torch.empty(shape, dtype=t_dtype, device=device)
+    return out
+
+
+TINY_UNET = UNetConfig(model_channels=32, channel_mult=(1, 2), attention_resolutions=(1, 2), num_heads=2,
+                       context_dim=32)
+TINY_TEXT_SD1 = TextConfig(width=32, layers=2, heads=2)
+TINY_TEXT_SD2 = TextConfig(kind="openclip", width=32, layers=3, heads=2, act="gelu", skip_last_layers=1, pad_id=0,
+                           projection_dim=32)
+TINY_VAE = VAEConfig(ch=32, ch_mult=(1, 2), num_res_blocks=1)
+TINY_SD1 = ModelConfig(version="sd1", unet=TINY_UNET, vae=TINY_VAE, text=TINY_TEXT_SD1, image_size=32)
+TINY_SD2 = ModelConfig(version="sd2", unet=UNetConfig(model_channels=32, channel_mult=(1, 2),
+                                                       attention_resolutions=(1, 2), num_heads=-1,
+                                                       num_head_channels=16, context_dim=32,
+                                                       use_linear_in_transformer=True),
+                       vae=TINY_VAE, text=TINY_TEXT_SD2, image_size=32)
+
+
+def random_networks(cfg: ModelConfig, seed: int = 0, std: float = 0.05) -> dict[str, torch.nn.Module]:
+    """The three networks of ``cfg`` with seeded random weights (every tensor, not the default init,
+    so zero-initialised layers are non-zero and a wrong load shows up in the outputs)."""
+    nets = build_networks(cfg)
+    g = torch.Generator().manual_seed(seed)
+    for name in ("unet", "vae", "text_encoder"):
+        sd = {}
+        for k, v in nets[name].state_dict().items():
+            if k.endswith(("norm.weight", "norm1.weight", "norm2.weight", "norm3.weight", "ln_1.weight",
+                           "ln_2.weight", "ln_final.weight", "layer_norm1.weight", "layer_norm2.weight",
+                           "final_layer_norm.weight", "norm_out.weight")) or ".norm." in k and k.endswith("weight"):
+                sd[k] = 1 + std * torch.randn(v.shape, generator=g)
+            else:
+                sd[k] = std * torch.randn(v.shape, generator=g)
+        nets[name].load_state_dict(sd, strict=True, assign=True)
+        nets[name].eval().requires_grad_(False)
+    return nets
+
+
+def original_state_dict(cfg: ModelConfig, seed: int = 0, *, dtype: torch.dtype = torch.float32,
+                        buffers: bool = True, position_ids: str | None = "int", ema: bool = False,
+                        old_clip: bool = False) -> dict[str, torch.Tensor]:
+    """A state dict as the original code writes it for ``cfg``: networks + DDPM buffers + extras."""
+    nets = random_networks(cfg, seed)
+    sd = {k: v.to(dtype) if v.is_floating_point() else v for k, v in state_dict_of(nets, cfg).items()}
+    if buffers:
+        for name in DDPM_BUFFERS:
+            sd[name] = torch.rand(cfg.timesteps).to(dtype)
+    if cfg.text.kind == "clip" and position_ids is not None:
+        ids = torch.arange(cfg.text.max_length)[None]
+        sd[SD1_POSITION_IDS] = ids if position_ids == "int" else ids.float() + 1e-3
+    if ema:
+        for k in [k for k in sd if k.startswith("model.diffusion_model.")]:
+            sd[ema_key(k)] = sd[k] + 1.0  # distinguishable from the plain weights
+        sd["model_ema.decay"] = torch.tensor(0.9999)
+        sd["model_ema.num_updates"] = torch.tensor(1234, dtype=torch.int32)
+    if old_clip:
+        pre = "cond_stage_model.transformer.text_model."
+        sd = {("cond_stage_model.transformer." + k[len(pre):] if k.startswith(pre) else k): v for k, v in sd.items()}
+    return sd

@@ -1,0 +1,280 @@
+"""Tests of sdlite.unet: shapes on a tiny config, checkpoint layout, and full-size parity with diffusers."""
+
+from __future__ import annotations
+
+import gc
+from pathlib import Path
+
+import pytest
+import torch
+
+from sdlite.config import SD1_UNET, SD2_UNET, UNetConfig
+from sdlite.unet import UNetModel
+from sdlite.unet.model import ResBlock, timestep_embedding
+
+DATA = Path(__file__).parent / "data"
+PREFIX = "model.diffusion_model."
+
+TINY = UNetConfig(
+    model_channels=32,
+    channel_mult=(1, 2),
+    num_res_blocks=1,
+    attention_resolutions=(1, 2),
+    num_heads=2,
+    context_dim=32,
+)
+TINY_LINEAR = UNetConfig(
+    model_channels=32,
+    channel_mult=(1, 2),
+    num_res_blocks=1,
+    attention_resolutions=(2,),
+    num_heads=-1,
+    num_head_channels=16,
+    context_dim=32,
+    use_linear_in_transformer=True,
+)
+
+
+def random_state_dict(model: torch.nn.Module, seed: int = 0) -> dict[str, torch.Tensor]:
+    """A seeded random state dict for ``model`` (which may live on meta) whose outputs are not degenerate.
+
+    Weights ~ N(0, 1/fan_in) so activations stay O(1) through the whole net, including the
+    convs the original zero-initialises (``out.2``, ``out_layers.3``, ``proj_out``); norm scales
+    ~ 1 + N(0, 0.1^2) and biases ~ N(0, 0.02^2) so that a swapped or missing parameter shows.
+    """
+    gen = torch.Generator().manual_seed(seed)
+    sd = {}
+    for name, p in model.state_dict().items():
+        is_norm = any(s in name for s in ("norm", "in_layers.0.", "out_layers.0.", "out.0."))
+        if p.ndim == 1 and is_norm and name.endswith("weight"):
+            value = 1.0 + 0.1 * torch.randn(p.shape, generator=gen)
+        elif p.ndim == 1:
+            value = 0.02 * torch.randn(p.shape, generator=gen)
+        else:
+            fan_in = p[0].numel()
+            value = torch.randn(p.shape, generator=gen) * fan_in**-0.5
+        sd[name] = value
+    return sd
+
+
+def tiny(cfg: UNetConfig = TINY, dtype: torch.dtype = torch.float32) -> UNetModel:
+    with torch.device("meta"):
+        model = UNetModel(cfg)
+    model.load_state_dict(random_state_dict(model), strict=True, assign=True)
+    return model.to(dtype).eval()
+
+
+# ---------------------------------------------------------------------------------------------
+# Tiny config: shapes, timestep handling, dtypes
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("cfg", [TINY, TINY_LINEAR], ids=["conv_proj", "linear_proj"])
+@pytest.mark.parametrize("in_channels", [4, 5, 8, 9])
+def test_unet_maps_any_input_channel_count_to_out_channels(cfg: UNetConfig, in_channels: int) -> None:
+    cfg = UNetConfig(**{**cfg.__dict__, "in_channels": in_channels})
+    model = tiny(cfg)
+    assert model.input_blocks[0][0].weight.shape == (32, in_channels, 3, 3)
+    x = torch.randn(2, in_channels, 8, 16)
+    with torch.no_grad():
+        out = model(x, torch.tensor([10, 500]), torch.randn(2, 77, 32))
+    assert out.shape == (2, 4, 8, 16)
+    assert out.dtype == torch.float32
+    assert torch.isfinite(out).all()
+
+
+def test_unet_state_dict_differs_only_in_conv_in_across_input_channel_counts() -> None:
+    shapes = {}
+    for n in (4, 9):
+        with torch.device("meta"):
+            model = UNetModel(UNetConfig(**{**TINY.__dict__, "in_channels": n}))
+        shapes[n] = {k: v.shape for k, v in model.state_dict().items()}
+    assert shapes[4].keys() == shapes[9].keys()
+    assert [k for k in shapes[4] if shapes[4][k] != shapes[9][k]] == ["input_blocks.0.0.weight"]
+
+
+def test_unet_scalar_t_in_any_form_equals_t_broadcast_to_batch() -> None:
+    model = tiny()
+    x, context = torch.randn(3, 4, 8, 8), torch.randn(3, 77, 32)
+    with torch.no_grad():
+        ref = model(x, torch.full((3,), 250), context)
+        for t in (250, 250.0, torch.tensor(250), torch.tensor(250.0), torch.tensor([250])):
+            torch.testing.assert_close(model(x, t, context), ref, rtol=0, atol=0)
+
+
+def test_unet_batched_t_gives_each_sample_its_own_timestep() -> None:
+    model = tiny()
+    x, context = torch.randn(2, 4, 8, 8), torch.randn(2, 77, 32)
+    with torch.no_grad():
+        both = model(x, torch.tensor([10.0, 900.0]), context)
+        first = model(x[:1], 10.0, context[:1])
+        second = model(x[1:], 900.0, context[1:])
+    torch.testing.assert_close(both, torch.cat([first, second]), rtol=1e-5, atol=1e-5)
+
+
+def test_unet_fractional_t_is_not_rounded() -> None:
+    model = tiny()
+    x, context = torch.randn(1, 4, 8, 8), torch.randn(1, 77, 32)
+    with torch.no_grad():
+        outs = [model(x, t, context) for t in (321.0, 321.5, 322.0)]
+    assert not torch.equal(outs[1], outs[0])
+    assert not torch.equal(outs[1], outs[2])
+
+
+def test_timestep_embedding_is_cos_then_sin_of_t_times_exponential_frequencies() -> None:
+    t = torch.tensor([0.0, 1.0, 321.5])
+    emb = timestep_embedding(t, 8)
+    freqs = torch.tensor([10000.0 ** (-i / 4) for i in range(4)])
+    expected = torch.cat([torch.cos(t[:, None] * freqs), torch.sin(t[:, None] * freqs)], dim=-1)
+    torch.testing.assert_close(emb, expected)
+    assert emb.dtype == torch.float32
+
+
+@pytest.mark.parametrize("tokens", [77, 154, 231])
+def test_unet_accepts_context_of_several_77_token_chunks(tokens: int) -> None:
+    model = tiny()
+    with torch.no_grad():
+        out = model(torch.randn(2, 4, 8, 8), 500, torch.randn(2, tokens, 32))
+    assert out.shape == (2, 4, 8, 8)
+
+
+def test_unet_output_depends_on_context() -> None:
+    model = tiny()
+    x = torch.randn(1, 4, 8, 8)
+    with torch.no_grad():
+        a = model(x, 500, torch.randn(1, 77, 32))
+        b = model(x, 500, torch.randn(1, 77, 32))
+    assert (a - b).abs().max() > 1e-3
+
+
+@pytest.mark.parametrize("cfg", [TINY, TINY_LINEAR], ids=["conv_proj", "linear_proj"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_unet_runs_in_half_precision_close_to_fp32(cfg: UNetConfig, dtype: torch.dtype) -> None:
+    ref_model, model = tiny(cfg), tiny(cfg, dtype)
+    x, context = torch.randn(2, 4, 8, 8), torch.randn(2, 77, 32)
+    with torch.no_grad():
+        ref = ref_model(x, torch.tensor([999, 321.5]), context)
+        # fp32 inputs are cast to the weights' dtype, fractional t included.
+        out = model(x, torch.tensor([999, 321.5]), context)
+    assert out.dtype == dtype
+    assert torch.isfinite(out).all()
+    assert (out.float() - ref).abs().max() <= 0.1 * ref.abs().max()
+
+
+def test_unet_has_no_buffers_and_loads_onto_meta_with_assign() -> None:
+    with torch.device("meta"):
+        model = UNetModel(TINY)
+    assert list(model.buffers()) == []
+    assert all(p.is_meta for p in model.parameters())
+    sd = random_state_dict(model)
+    model.load_state_dict(sd, strict=True, assign=True)
+    assert not any(p.is_meta for p in model.parameters())
+    assert model.input_blocks[0][0].weight.data_ptr() == sd["input_blocks.0.0.weight"].data_ptr()
+
+
+def test_unet_forward_does_not_modify_its_inputs() -> None:
+    model = tiny()
+    x, t, context = torch.randn(2, 4, 8, 8), torch.tensor([1.5, 2.0]), torch.randn(2, 77, 32)
+    copies = [x.clone(), t.clone(), context.clone()]
+    with torch.no_grad():
+        model(x, t, context)
+    for a, b in zip((x, t, context), copies):
+        assert torch.equal(a, b)
+
+
+def test_resblock_skip_connection_is_parameter_free_identity_when_channels_match() -> None:
+    same, change = ResBlock(64, 128, 64), ResBlock(64, 128, 32)
+    assert isinstance(same.skip_connection, torch.nn.Identity)
+    assert list(same.skip_connection.parameters()) == []
+    assert change.skip_connection.weight.shape == (32, 64, 1, 1)
+
+
+# ---------------------------------------------------------------------------------------------
+# Full size: checkpoint layout and numerical parity with diffusers
+# ---------------------------------------------------------------------------------------------
+
+
+def reference_shapes(tsv: str) -> dict[str, tuple[int, ...]]:
+    shapes = {}
+    for line in (DATA / tsv).read_text().splitlines():
+        key, shape, _dtype = line.split("\t")
+        if key.startswith(PREFIX):
+            shapes[key[len(PREFIX):]] = tuple(int(s) for s in shape.split(",")) if shape else ()
+    return shapes
+
+
+@pytest.mark.parametrize("cfg, tsv", [(SD1_UNET, "sd1.tsv"), (SD2_UNET, "sd2.tsv")], ids=["sd1", "sd2"])
+def test_unet_state_dict_keys_and_shapes_equal_the_original_checkpoint(cfg: UNetConfig, tsv: str) -> None:
+    with torch.device("meta"):
+        model = UNetModel(cfg)
+    ours = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    ref = reference_shapes(tsv)
+    assert sorted(ours) == sorted(ref)
+    assert ours == ref
+
+
+def diffusers_unet(cfg: UNetConfig, state_dict: dict[str, torch.Tensor]) -> torch.nn.Module:
+    """diffusers' UNet2DConditionModel configured like ``cfg``, holding our weights converted by
+    diffusers' own LDM converter (no copy: the tensors are shared with ``state_dict``)."""
+    from diffusers import UNet2DConditionModel
+    from diffusers.loaders.single_file_utils import convert_ldm_unet_checkpoint
+
+    block_out_channels = [cfg.model_channels * m for m in cfg.channel_mult]
+    down, up, ds = [], [], 1
+    for level in range(len(block_out_channels)):
+        down.append("CrossAttnDownBlock2D" if ds in cfg.attention_resolutions else "DownBlock2D")
+        ds *= 2 if level < len(block_out_channels) - 1 else 1
+    for _ in range(len(block_out_channels)):
+        up.append("CrossAttnUpBlock2D" if ds in cfg.attention_resolutions else "UpBlock2D")
+        ds //= 2
+    # diffusers' "attention_head_dim" is really the number of heads per block.
+    heads = [cfg.heads_and_dim(c)[0] for c in block_out_channels]
+    config = dict(
+        sample_size=8,
+        in_channels=cfg.in_channels,
+        out_channels=cfg.out_channels,
+        down_block_types=tuple(down),
+        up_block_types=tuple(up),
+        block_out_channels=tuple(block_out_channels),
+        layers_per_block=cfg.num_res_blocks,
+        cross_attention_dim=cfg.context_dim,
+        attention_head_dim=heads if cfg.use_linear_in_transformer else heads[0],
+        use_linear_projection=cfg.use_linear_in_transformer,
+        transformer_layers_per_block=cfg.transformer_depth,
+    )
+    converted = convert_ldm_unet_checkpoint({PREFIX + k: v for k, v in state_dict.items()}, config)
+    with torch.device("meta"):
+        ref = UNet2DConditionModel(**config)
+    ref.load_state_dict(converted, strict=True, assign=True)
+    return ref.eval()
+
+
+@pytest.mark.parametrize("cfg", [SD1_UNET, SD2_UNET], ids=["sd1", "sd2"])
+def test_unet_full_size_matches_diffusers_within_1e_4_of_max_abs(cfg: UNetConfig) -> None:
+    """Tolerance: max |ours - diffusers| <= 1e-4 * max |diffusers|, fp32, random weights, 8x8 latent."""
+    with torch.device("meta"):
+        model = UNetModel(cfg)
+    state_dict = random_state_dict(model, seed=1)
+    model.load_state_dict(state_dict, strict=True, assign=True)
+    model.eval()
+
+    gen = torch.Generator().manual_seed(2)
+    x = torch.randn(2, 4, 8, 8, generator=gen)
+    context = torch.randn(2, 77, cfg.context_dim, generator=gen)
+    timesteps = [torch.tensor(999), torch.tensor([321.5, 7.0])]  # diffusers does not round fractional t either
+    with torch.no_grad():
+        ours = [model(x, t, context) for t in timesteps]
+    del model
+    gc.collect()
+
+    ref_model = diffusers_unet(cfg, state_dict)
+    with torch.no_grad():
+        refs = [ref_model(x, t, encoder_hidden_states=context).sample for t in timesteps]
+    del ref_model, state_dict
+    gc.collect()
+
+    # The comparison is meaningful only if the outputs are O(1) and depend on t.
+    assert (refs[0] - refs[1]).abs().max() > 1e-2 * refs[0].abs().max()
+    for out, ref in zip(ours, refs):
+        assert ref.abs().max() > 1e-2
+        assert (out - ref).abs().max() <= 1e-4 * ref.abs().max()
