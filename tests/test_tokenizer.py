@@ -7,6 +7,7 @@ BOS/EOS and are neither padded nor truncated.
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import sys
 import time
@@ -88,15 +89,18 @@ def test_batch_of_two_prompts_tokenizes_in_under_5_ms(tok: CLIPTokenizer) -> Non
 
 
 def test_clean_text_agrees_with_ftfy_on_quotes_width_entities_and_spaces() -> None:
-    # ftfy is only a test dependency; its import needs wcwidth only for display helpers.
-    if "wcwidth" not in sys.modules:
-        try:
-            import wcwidth  # noqa: F401
-        except ImportError:
-            stub = types.ModuleType("wcwidth")
-            stub.wcwidth, stub.wcswidth = (lambda c: 1), (lambda s: len(s))
-            sys.modules["wcwidth"] = stub
-    ftfy = pytest.importorskip("ftfy")
+    # ftfy is only a test dependency; it imports wcwidth, which it needs only for terminal
+    # display, so a throwaway stub stands in where wcwidth is not installed.
+    stub_wcwidth = importlib.util.find_spec("wcwidth") is None
+    if stub_wcwidth:
+        stub = types.ModuleType("wcwidth")
+        stub.wcwidth, stub.wcswidth = (lambda c: 1), (lambda s: len(s))
+        sys.modules["wcwidth"] = stub
+    try:
+        ftfy = pytest.importorskip("ftfy")
+    finally:
+        if stub_wcwidth:
+            sys.modules.pop("wcwidth", None)
     import html
 
     samples = [

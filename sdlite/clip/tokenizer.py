@@ -67,8 +67,11 @@ def bytes_to_unicode() -> dict[int, str]:
     return mapping
 
 
-# ftfy.fix_text steps that OpenAI's basic_clean relies on and that are not a plain Unicode
-# normalization, as str.translate tables. ftfy itself is not a runtime dependency.
+_BYTE_OF_CHAR = {c: b for b, c in bytes_to_unicode().items()}
+
+
+# The ftfy.fix_text steps that OpenAI's basic_clean relies on for everyday prompts, as
+# str.translate tables (ftfy itself is not a runtime dependency).
 _UNCURL_QUOTES = {
     **{cp: "'" for cp in (0x02BC, 0x2018, 0x2019, 0x201A, 0x201B)},  # ʼ ‘ ’ ‚ ‛
     **{cp: '"' for cp in (0x201C, 0x201D, 0x201E, 0x201F)},  # “ ” „ ‟
@@ -97,7 +100,8 @@ def clean_text(text: str) -> str:
 @functools.lru_cache(maxsize=None)
 def build_tokenizer(bpe_path: str = str(BPE_PATH)) -> Tokenizer:
     """Build the Rust tokenizer from the merge list (once per process: ~0.2 s)."""
-    lines = gzip.open(bpe_path).read().decode("utf-8").split("\n")
+    with gzip.open(bpe_path) as f:
+        lines = f.read().decode("utf-8").split("\n")
     merges = [tuple(line.split()) for line in lines[1 : NUM_MERGES + 1]]  # line 0 is a header
 
     byte_chars = list(bytes_to_unicode().values())
@@ -139,14 +143,13 @@ class CLIPTokenizer:
 
     def decode(self, ids: list[int]) -> str:
         """Ids back to the cleaned text, one space after each piece; special ids are dropped."""
-        byte_of = {c: b for b, c in bytes_to_unicode().items()}
         out = bytearray()
         for i in ids:
             if i in (self.bos_id, self.eos_id):
                 continue
             token = self._tok.id_to_token(i)
             word_end = token.endswith(END_OF_WORD)
-            out += bytes(byte_of[c] for c in token.removesuffix(END_OF_WORD))
+            out += bytes(_BYTE_OF_CHAR[c] for c in token.removesuffix(END_OF_WORD))
             out += b" " if word_end else b""
         return out.decode("utf-8", errors="replace").strip()
 

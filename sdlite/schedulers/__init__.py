@@ -1,0 +1,50 @@
+"""Noise schedule, denoiser and samplers. They know nothing of networks: they get a function.
+
+    >>> import torch
+    >>> from sdlite.schedulers import DiscreteSchedule, Denoiser, get_sampler
+    >>> schedule = DiscreteSchedule()                                 # SD's DDPM schedule, T = 1000
+    >>> denoiser = Denoiser(lambda x, t: 0.1 * x, schedule, "eps")    # model_fn(x_in, t) -> eps
+    >>> sampler = get_sampler("DPM++ 2M Karras")
+    >>> levels = sampler.levels(schedule, 10)                         # 11 sigmas, Karras, ending in 0
+    >>> sampler.sample(denoiser, torch.randn(1, 4, 8, 8), levels).shape
+    torch.Size([1, 4, 8, 8])
+
+- :mod:`.schedule`: :class:`DiscreteSchedule` (the forward process ``add_noise``, sigma ↔ t, the step
+  schedules ``get_sigmas`` and ``ddim_timesteps``) and the A1111 schedule names;
+- :mod:`.denoiser`: :class:`Denoiser`, eps/v output → x0 (sigma space) or eps (VP space);
+- :mod:`.k_samplers`: Euler, Euler a, Heun, LMS, DPM2, DPM2 a, DPM++ 2M / 2M SDE / 3M SDE / 2S a / SDE;
+- :mod:`.ddim`, :mod:`.ddpm`: DDIM, PLMS, DDPM in the VP space with integer timesteps;
+- :mod:`.registry`: :class:`Sampler`, :data:`SAMPLERS`, :func:`get_sampler`, :func:`parse_sampler_and_schedule`.
+"""
+
+from .ddim import sample_ddim, sample_plms
+from .ddpm import sample_ddpm
+from .denoiser import Denoiser
+from .k_samplers import (
+    get_ancestral_step,
+    lms_coefficient,
+    sample_dpm_2,
+    sample_dpm_2_ancestral,
+    sample_dpmpp_2m,
+    sample_dpmpp_2m_sde,
+    sample_dpmpp_2m_sde_heun,
+    sample_dpmpp_2s_ancestral,
+    sample_dpmpp_3m_sde,
+    sample_dpmpp_sde,
+    sample_euler,
+    sample_euler_ancestral,
+    sample_heun,
+    sample_lms,
+)
+from .registry import SAMPLERS, Sampler, get_sampler, parse_sampler_and_schedule
+from .schedule import SCHEDULE_LABELS, SCHEDULES, DiscreteSchedule, ScheduleType, get_schedule_name, schedule_label
+
+__all__ = [
+    "DiscreteSchedule", "ScheduleType", "SCHEDULES", "SCHEDULE_LABELS", "get_schedule_name", "schedule_label",
+    "Denoiser",
+    "Sampler", "SAMPLERS", "get_sampler", "parse_sampler_and_schedule",
+    "sample_euler", "sample_euler_ancestral", "sample_heun", "sample_lms", "sample_dpm_2", "sample_dpm_2_ancestral",
+    "sample_dpmpp_2m", "sample_dpmpp_2m_sde", "sample_dpmpp_2m_sde_heun", "sample_dpmpp_3m_sde",
+    "sample_dpmpp_2s_ancestral", "sample_dpmpp_sde", "sample_ddim", "sample_plms", "sample_ddpm",
+    "get_ancestral_step", "lms_coefficient",
+]

@@ -1,0 +1,100 @@
+"""The denoiser: a network's raw eps or v output turned into what the samplers need.
+
+The samplers never see the network. They get a :class:`Denoiser`, which wraps
+``model_fn(x_in, t) -> raw output`` (the pipeline puts classifier-free guidance and the text
+conditioning inside ``model_fn``) together with the :class:`DiscreteSchedule` the model was trained
+with and its prediction type:
+
+- sigma space (k-samplers): ``denoiser(x, sigma) -> x0``, the preconditioning of Karras et al. 2022
+  (Table 1, VP column; k-diffusion ``CompVisDenoiser`` / ``CompVisVDenoiser``) with sigma_data = 1::
+
+      c_in = 1 / sqrt(sigma^2 + 1)          t = sigma_to_t(sigma)  (fractional, never rounded)
+      eps model:  x0 = x - sigma * eps(c_in x, t)
+      v model:    x0 = c_skip x + c_out v(c_in x, t),  c_skip = 1 / (sigma^2 + 1),  c_out = -sigma / sqrt(sigma^2 + 1)
+
+- VP space (DDIM, PLMS, DDPM): ``denoiser.eps(x_t, t)`` with integer t; a v model's output is turned
+  into eps with eps = sqrt(alphabar) v + sqrt(1 - alphabar) x_t (Salimans & Ho 2022, section 4), and
+  ``pred_x0`` inverts DDPM eq. 4.
+
+``model_fn`` always gets ``x_in`` in float32 (or float64 if x is) and ``t`` as a float32 ``[B]``
+tensor; it may compute in half precision — its output is upcast before any update.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Literal
+
+import torch
+
+from ..errors import ArgumentError
+from .schedule import DiscreteSchedule
+
+ModelFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+class Denoiser:
+    """``model_fn`` + schedule + prediction type.
+
+    >>> s = DiscreteSchedule()
+    >>> d = Denoiser(lambda x, t: torch.zeros_like(x), s, "eps")      # a model that predicts no noise
+    >>> x = torch.ones(1, 4, 2, 2)
+    >>> torch.equal(d(x, torch.tensor(3.0)), x)                        # then x0 = x
+    True
+    """
+
+    def __init__(self, model_fn: ModelFn, schedule: DiscreteSchedule, prediction: Literal["eps", "v"] = "eps") -> None:
+        if prediction not in ("eps", "v"):
+            raise ArgumentError(f"prediction must be 'eps' or 'v', not {prediction!r}")
+        self.model_fn, self.schedule, self.prediction = model_fn, schedule, prediction
+
+    def __repr__(self) -> str:
+        return f"Denoiser(prediction={self.prediction!r}, schedule={self.schedule!r})"
+
+    # -- sigma space --------------------------------------------------------------------------------
+
+    def __call__(self, x: torch.Tensor, sigma: torch.Tensor | float) -> torch.Tensor:
+        """The denoised estimate x0 of ``x = x0 + sigma * eps`` (``[B, C, H, W]``, sigma a float, 0-d or ``[B]``)."""
+        dtype = torch.promote_types(x.dtype, torch.float32)
+        x = x.to(dtype)
+        sigma = torch.as_tensor(sigma, dtype=torch.float64).detach().cpu()
+        sigma = sigma.expand(x.shape[0]) if sigma.ndim == 0 else sigma.reshape(x.shape[0])
+        t = self.schedule.sigma_to_t(sigma).to(x.device, torch.float32)
+
+        def per_sample(v: torch.Tensor) -> torch.Tensor:  # float64 [B] -> [B, 1, 1, 1] in x's dtype/device
+            return v.reshape(-1, *([1] * (x.ndim - 1))).to(x.device, dtype)
+
+        c_in = per_sample(1.0 / (sigma**2 + 1.0).sqrt())
+        out = self.model_fn(x * c_in, t).to(dtype)
+        if self.prediction == "eps":
+            return x - per_sample(sigma) * out
+        c_skip = per_sample(1.0 / (sigma**2 + 1.0))
+        c_out = per_sample(-sigma / (sigma**2 + 1.0).sqrt())
+        return c_skip * x + c_out * out
+
+    # -- VP space -----------------------------------------------------------------------------------
+
+    def eps(self, x_t: torch.Tensor, t: int | torch.Tensor) -> torch.Tensor:
+        """The predicted noise of ``x_t = sqrt(a) x0 + sqrt(1 - a) eps`` at integer timestep(s) ``t``."""
+        dtype = torch.promote_types(x_t.dtype, torch.float32)
+        x_t = x_t.to(dtype)
+        t = self._timesteps(t, x_t.shape[0])
+        out = self.model_fn(x_t, t.to(x_t.device, torch.float32)).to(dtype)
+        if self.prediction == "eps":
+            return out
+        a = self.schedule.alphas_cumprod[t]  # float64; square roots taken before the cast
+        return self._per_sample(a.sqrt(), x_t) * out + self._per_sample((1.0 - a).sqrt(), x_t) * x_t
+
+    def pred_x0(self, x_t: torch.Tensor, t: int | torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
+        """x0 = (x_t - sqrt(1 - a_t) eps) / sqrt(a_t), DDPM eq. 4 solved for x0 (DDIM eq. 12's "predicted x0")."""
+        t = self._timesteps(t, x_t.shape[0])
+        a = self.schedule.alphas_cumprod[t]
+        return (x_t - self._per_sample((1.0 - a).sqrt(), x_t) * eps) / self._per_sample(a.sqrt(), x_t)
+
+    @staticmethod
+    def _timesteps(t: int | torch.Tensor, batch: int) -> torch.Tensor:
+        t = torch.as_tensor(t).detach().cpu().round().long()
+        return t.expand(batch) if t.ndim == 0 else t.reshape(batch)
+
+    @staticmethod
+    def _per_sample(v: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        return v.reshape(-1, *([1] * (x.ndim - 1))).to(x.device, torch.promote_types(x.dtype, torch.float32))

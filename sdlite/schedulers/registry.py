@@ -1,0 +1,198 @@
+"""The sampler registry: names (ids, AUTOMATIC1111 labels, aliases) → :class:`Sampler`.
+
+A :class:`Sampler` bundles a sampling loop with what the web UI knows about it (its default schedule,
+whether it drops the penultimate sigma, its default eta) and the two operations a pipeline needs:
+``levels`` (the sigmas or timesteps of a run, img2img included) and ``sample`` (unit noise → latent).
+
+    >>> s = get_sampler("DPM++ 2M")
+    >>> s.id, s.family, s.default_schedule
+    ('dpmpp_2m', 'k', 'karras')
+    >>> sampler, schedule = parse_sampler_and_schedule("Euler a Karras")     # an A1111 < 1.9 name
+    >>> sampler.label, schedule
+    ('Euler a', 'karras')
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Callable, Literal
+
+import torch
+
+from ..errors import ArgumentError, SamplerError
+from . import ddim, ddpm, k_samplers as k
+from .denoiser import Denoiser
+from .schedule import SCHEDULES, DiscreteSchedule, get_schedule_name
+
+SamplerFn = Callable[..., torch.Tensor]
+
+
+@dataclass(frozen=True)
+class Sampler:
+    """One sampler. ``fn(denoiser, x, levels, *, generator, callback, eta) -> x``.
+
+    ``family``: ``"k"`` works on sigmas (``levels`` = ``[n + 1]`` decreasing sigmas ending in 0);
+    ``"timestep"`` on integer timesteps in the VP space (``levels`` = ``[n]`` decreasing timesteps).
+    ``default_schedule`` is what A1111's "Automatic" schedule means for this sampler."""
+
+    id: str
+    label: str
+    fn: SamplerFn = field(repr=False, compare=False)
+    family: Literal["k", "timestep"] = "k"
+    aliases: tuple[str, ...] = ()
+    default_schedule: str = "automatic"
+    default_eta: float = 1.0
+    stochastic: bool = False           # draws noise from the generator while sampling
+    second_order: bool = False         # two network calls per step
+    discard_penultimate: bool = False  # A1111 "discard_next_to_last_sigma": steps + 1 sigmas, the second last dropped
+    a1111_options: tuple[tuple[str, Any], ...] = ()  # the "options" of A1111's /sdapi/v1/samplers
+
+    @property
+    def names(self) -> tuple[str, ...]:
+        """Every name this sampler answers to: id, label, aliases."""
+        return (self.id, self.label, *self.aliases)
+
+    def levels(self, schedule: DiscreteSchedule, steps: int, schedule_name: str | None = None,
+               strength: float = 1.0) -> torch.Tensor:
+        """The sigmas (k family, ``[n + 1]`` float32) or timesteps (timestep family, ``[n]`` int64) a run visits.
+
+        ``schedule_name`` None or "automatic" uses :attr:`default_schedule`; timestep samplers always use the
+        DDIM spacing (A1111 ignores the schedule type for them too; an unknown name still raises).
+        ``strength`` < 1 (img2img) keeps only the last part, as A1111 does with
+        ``t_enc = int(min(strength, 0.999) * steps)``: k samplers ``sigmas[steps - t_enc - 1:]`` (t_enc + 1
+        steps), timestep samplers the last ``max(t_enc, 1)`` timesteps.
+
+        >>> get_sampler("Euler").levels(DiscreteSchedule(), 20, strength=0.5).shape
+        torch.Size([12])
+        """
+        if int(steps) < 1:
+            raise ArgumentError(f"steps must be >= 1, got {steps}")
+        if not 0.0 <= float(strength) <= 1.0:
+            raise ArgumentError(f"the denoising strength must lie in [0, 1], got {strength}")
+        steps, strength = int(steps), float(strength)
+        name = get_schedule_name(schedule_name)
+        t_enc = int(min(strength, 0.999) * steps)
+        if self.family == "timestep":
+            ts = schedule.ddim_timesteps(steps)
+            return ts if strength >= 1.0 else ts[-max(t_enc, 1):]
+        if name == "automatic":
+            name = self.default_schedule
+        n = steps + 1 if self.discard_penultimate else steps
+        sigmas = schedule.get_sigmas(n, name)
+        if self.discard_penultimate:
+            sigmas = torch.cat([sigmas[:-2], sigmas[-1:]])
+        return sigmas if strength >= 1.0 else sigmas[steps - t_enc - 1:]
+
+    def sample(self, denoiser: Denoiser, noise: torch.Tensor, levels: torch.Tensor, *, init: torch.Tensor | None = None,
+               generator: torch.Generator | None = None, callback: k.Callback | None = None,
+               eta: float | None = None) -> torch.Tensor:
+        """Run the sampler from unit-variance ``noise`` (``[B, C, H, W]``) and return the final latent.
+
+        k family: x = init + noise * sigmas[0] (init = 0 for txt2img). Timestep family: x = noise, or
+        ``add_noise(init, noise, levels[0])`` for img2img (CompVis/A1111 noise the init one stride higher,
+        at the timestep *above* the first visited one; here the init is noised at the level the run starts
+        from, consistently with the k samplers). ``eta`` None = :attr:`default_eta`."""
+        eta = self.default_eta if eta is None else float(eta)
+        noise = noise.to(torch.promote_types(noise.dtype, torch.float32))
+        if self.family == "k":
+            x = noise * float(levels[0])
+            if init is not None:
+                x = init.to(x.device, x.dtype) + x
+        else:
+            x = noise if init is None else denoiser.schedule.add_noise(init.to(noise.device, noise.dtype), noise,
+                                                                       int(levels[0]))
+        return self.fn(denoiser, x, levels, generator=generator, callback=callback, eta=eta)
+
+
+# In the order of the A1111 sampler list (modules/sd_samplers_kdiffusion.py, then the timestep samplers).
+SAMPLERS: tuple[Sampler, ...] = (
+    Sampler("dpmpp_2m", "DPM++ 2M", k.sample_dpmpp_2m, aliases=("k_dpmpp_2m",), default_schedule="karras",
+            a1111_options=(("scheduler", "karras"),)),
+    Sampler("dpmpp_sde", "DPM++ SDE", k.sample_dpmpp_sde, aliases=("k_dpmpp_sde",), default_schedule="karras",
+            stochastic=True, second_order=True,
+            a1111_options=(("scheduler", "karras"), ("second_order", True), ("brownian_noise", True))),
+    Sampler("dpmpp_2m_sde", "DPM++ 2M SDE", k.sample_dpmpp_2m_sde, aliases=("k_dpmpp_2m_sde",),
+            default_schedule="exponential", stochastic=True,
+            a1111_options=(("scheduler", "exponential"), ("brownian_noise", True))),
+    Sampler("dpmpp_2m_sde_heun", "DPM++ 2M SDE Heun", k.sample_dpmpp_2m_sde_heun, aliases=("k_dpmpp_2m_sde_heun",),
+            default_schedule="exponential", stochastic=True,
+            a1111_options=(("scheduler", "exponential"), ("brownian_noise", True), ("solver_type", "heun"))),
+    Sampler("dpmpp_2s_a", "DPM++ 2S a", k.sample_dpmpp_2s_ancestral, aliases=("k_dpmpp_2s_a", "dpmpp_2s_ancestral"),
+            default_schedule="karras", stochastic=True, second_order=True,
+            a1111_options=(("scheduler", "karras"), ("uses_ensd", True), ("second_order", True))),
+    Sampler("dpmpp_3m_sde", "DPM++ 3M SDE", k.sample_dpmpp_3m_sde, aliases=("k_dpmpp_3m_sde",),
+            default_schedule="exponential", stochastic=True, discard_penultimate=True,
+            a1111_options=(("scheduler", "exponential"), ("discard_next_to_last_sigma", True),
+                           ("brownian_noise", True))),
+    Sampler("euler_a", "Euler a", k.sample_euler_ancestral, aliases=("k_euler_a", "k_euler_ancestral", "euler_ancestral"),
+            stochastic=True, a1111_options=(("uses_ensd", True),)),
+    Sampler("euler", "Euler", k.sample_euler, aliases=("k_euler",)),
+    Sampler("lms", "LMS", k.sample_lms, aliases=("k_lms",)),
+    Sampler("heun", "Heun", k.sample_heun, aliases=("k_heun",), second_order=True,
+            a1111_options=(("second_order", True),)),
+    Sampler("dpm2", "DPM2", k.sample_dpm_2, aliases=("k_dpm_2", "dpm_2"), default_schedule="karras",
+            second_order=True, discard_penultimate=True,
+            a1111_options=(("scheduler", "karras"), ("discard_next_to_last_sigma", True), ("second_order", True))),
+    Sampler("dpm2_a", "DPM2 a", k.sample_dpm_2_ancestral, aliases=("k_dpm_2_a", "dpm_2_ancestral"),
+            default_schedule="karras", stochastic=True, second_order=True, discard_penultimate=True,
+            a1111_options=(("scheduler", "karras"), ("discard_next_to_last_sigma", True), ("uses_ensd", True))),
+    Sampler("ddim", "DDIM", ddim.sample_ddim, family="timestep", default_eta=0.0),
+    Sampler("plms", "PLMS", ddim.sample_plms, family="timestep", default_eta=0.0),
+    # Not in A1111; the original ancestral sampler of the DDPM paper, on DDIM's strided timesteps.
+    Sampler("ddpm", "DDPM", ddpm.sample_ddpm, family="timestep", stochastic=True),
+)
+
+
+def _sampler_index() -> dict[str, Sampler]:
+    index: dict[str, Sampler] = {}
+    for s in SAMPLERS:
+        for name in s.names:
+            key = name.lower()
+            if key in index and index[key] is not s:  # pragma: no cover - guarded by a test
+                raise RuntimeError(f"sampler name {name!r} is used twice")
+            index[key] = s
+    return index
+
+
+_SAMPLER_INDEX = _sampler_index()
+
+
+def _unknown(name: object) -> SamplerError:
+    valid = ", ".join(f"{s.label!r} ({s.id})" for s in SAMPLERS)
+    return SamplerError(f"unknown sampler {name!r}; valid samplers: {valid}. "
+                        "A schedule may be appended as in A1111 < 1.9, e.g. 'DPM++ 2M Karras'.")
+
+
+def get_sampler(name: str) -> Sampler:
+    """The sampler for an id, A1111 label, alias (case-insensitive) or legacy "<label> <schedule>" name.
+
+    >>> get_sampler("k_euler_a").label, get_sampler("DPM++ 2M Karras").id
+    ('Euler a', 'dpmpp_2m')
+    """
+    return parse_sampler_and_schedule(name)[0]
+
+
+def parse_sampler_and_schedule(name: str, schedule: str | None = None) -> tuple[Sampler, str]:
+    """(sampler, schedule id) for a sampler name and an optional schedule name.
+
+    Like A1111's ``get_sampler_and_scheduler``: a schedule label or id at the end of the sampler name
+    ("DPM++ 2M Karras", "DPM++ 2M SDE Exponential") is split off and wins over ``schedule``. Without any
+    schedule the result is "automatic" (the sampler's :attr:`Sampler.default_schedule`). Unknown names raise
+    :class:`~sdlite.errors.SamplerError` listing the valid ones.
+
+    >>> parse_sampler_and_schedule("DPM++ 2M SDE Exponential")[1]
+    'exponential'
+    >>> parse_sampler_and_schedule("euler", "Karras")[1]
+    'karras'
+    """
+    if not isinstance(name, str) or not name.strip():
+        raise _unknown(name)
+    key = name.strip().lower()
+    if key in _SAMPLER_INDEX:
+        return _SAMPLER_INDEX[key], get_schedule_name(schedule)
+    for sched in SCHEDULES:
+        for option in (sched.label, sched.id, *sched.aliases):
+            suffix = " " + option.lower()
+            if key.endswith(suffix) and key[: -len(suffix)].strip() in _SAMPLER_INDEX:
+                return _SAMPLER_INDEX[key[: -len(suffix)].strip()], sched.id
+    raise _unknown(name)
