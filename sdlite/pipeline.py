@@ -269,8 +269,9 @@ class Pipeline:
                 clip_skip: int = 1) -> Any:
         """Redraw ``image`` under ``prompt``: encode it, noise it to ``strength`` of the way, denoise.
 
-        ``strength`` in (0, 1]: 1 ignores the image, small values keep it. Runs ``int(strength·steps)``
-        steps, as A1111 does. Width/height default to the image's size rounded down to a multiple of 8.
+        ``strength`` in (0, 1]: 1 ignores the image, small values keep it. As in A1111, with
+        ``t_enc = int(strength·steps)`` the k-samplers run the last ``t_enc + 1`` steps of the
+        ``steps``-step schedule, DDIM/PLMS the last ``t_enc``. Width/height default to the image's size rounded down to a multiple of 8.
         """
         if not 0.0 < float(strength) <= 1.0:
             raise ArgumentError(f"strength must be in (0, 1], got {strength}")
@@ -299,8 +300,8 @@ class Pipeline:
             raise ArgumentError(f"this model's UNet takes {self.config.in_channels} input channels (an inpainting, "
                                 "depth or InstructPix2Pix model); sdlite loads it but generates only with "
                                 "text-to-image models (4 channels)")
-        width = int(width or self.config.image_size)
-        height = int(height or self.config.image_size)
+        width = int(self.config.image_size if width is None else width)
+        height = int(self.config.image_size if height is None else height)
         _check_size(width, height, self.vae_factor)
         if int(steps) < 1:
             raise ArgumentError(f"steps must be ≥ 1, got {steps}")

@@ -220,7 +220,7 @@ def test_read_infotext_returns_none_without_parameters(tmp_path):
 
 
 def test_sd_parsers_reads_back_a_png_written_by_save_png(tmp_path):
-    sd_parsers = pytest.importorskip("sd_parsers")
+    import sd_parsers  # test-only dependency: a missing package must fail, not skip
     params = example_params(cfg_scale=7.5, seed=1234, width=640, height=448, schedule="Karras")
     path = tmp_path / "a1111.png"
     save_png(Image.new("RGB", (640, 448)), path, format_infotext("a red fox, forest", "blurry, lowres", params))

@@ -139,7 +139,7 @@ def test_model_built_on_meta_loads_a_state_dict_with_strict_assign() -> None:
 def diffusers_sd_vae(ours: AutoencoderKL):
     """diffusers.AutoencoderKL with the SD config, loaded with OUR weights through diffusers' own
     single-file converter (the path diffusers uses for original ``.ckpt`` files)."""
-    diffusers = pytest.importorskip("diffusers")
+    import diffusers
     from diffusers.loaders.single_file_utils import convert_ldm_vae_checkpoint
 
     ref = diffusers.AutoencoderKL(

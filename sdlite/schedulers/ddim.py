@@ -18,7 +18,6 @@ import math
 
 import torch
 
-from ..errors import ArgumentError
 from .denoiser import Denoiser
 from .k_samplers import Callback, _stopped, randn_like
 
@@ -34,8 +33,9 @@ def _alphas(denoiser: Denoiser, timesteps: torch.Tensor | list[int]) -> tuple[li
 
 
 @torch.no_grad()
-def sample_ddim(denoiser: Denoiser, x: torch.Tensor, timesteps: torch.Tensor, *, generator: torch.Generator | None = None,
-                callback: Callback | None = None, eta: float = 0.0) -> torch.Tensor:
+def sample_ddim(denoiser: Denoiser, x: torch.Tensor, timesteps: torch.Tensor, *,
+                generator: torch.Generator | None = None, callback: Callback | None = None,
+                eta: float = 0.0) -> torch.Tensor:
     """DDIM (Song, Meng & Ermon 2021, "Denoising Diffusion Implicit Models"), eq. 12::
 
         pred_x0 = (x_t - sqrt(1 - a_t) eps) / sqrt(a_t)                       ("predicted x0")
@@ -60,8 +60,9 @@ def sample_ddim(denoiser: Denoiser, x: torch.Tensor, timesteps: torch.Tensor, *,
 
 
 @torch.no_grad()
-def sample_plms(denoiser: Denoiser, x: torch.Tensor, timesteps: torch.Tensor, *, generator: torch.Generator | None = None,
-                callback: Callback | None = None, eta: float = 0.0) -> torch.Tensor:
+def sample_plms(denoiser: Denoiser, x: torch.Tensor, timesteps: torch.Tensor, *,
+                generator: torch.Generator | None = None, callback: Callback | None = None,
+                eta: float = 0.0) -> torch.Tensor:
     """PLMS, the pseudo linear multistep method of Liu et al. 2022 ("Pseudo Numerical Methods for Diffusion
     Models on Manifolds", PNDM): the DDIM (eta = 0) transfer x_t → x_prev applied with a combined eps', eq. 12:
 
@@ -71,9 +72,8 @@ def sample_plms(denoiser: Denoiser, x: torch.Tensor, timesteps: torch.Tensor, *,
         then:    eps' = (55 e_t - 59 e_{t-1} + 37 e_{t-2} - 9 e_{t-3}) / 24   (AB4)
 
     exactly as CompVis' ``PLMSSampler``: the history keeps each step's first eps e_t (not eps'), and the first
-    step evaluates the network twice (n + 1 calls for n steps). Requires eta = 0."""
-    if eta:
-        raise ArgumentError(f"PLMS is deterministic: eta must be 0, got {eta}")
+    step evaluates the network twice (n + 1 calls for n steps). PLMS is deterministic: ``eta`` and
+    ``generator`` are ignored, as in A1111 (CompVis raised for eta != 0; A1111 API clients send eta = 1)."""
     x = x.to(torch.promote_types(x.dtype, torch.float32))
     ts, a_t, a_prev = _alphas(denoiser, timesteps)
     old_eps: list[torch.Tensor] = []

@@ -17,8 +17,9 @@ from .k_samplers import Callback, _stopped, randn_like
 
 
 @torch.no_grad()
-def sample_ddpm(denoiser: Denoiser, x: torch.Tensor, timesteps: torch.Tensor, *, generator: torch.Generator | None = None,
-                callback: Callback | None = None, eta: float = 1.0) -> torch.Tensor:
+def sample_ddpm(denoiser: Denoiser, x: torch.Tensor, timesteps: torch.Tensor, *,
+                generator: torch.Generator | None = None, callback: Callback | None = None,
+                eta: float = 1.0) -> torch.Tensor:
     """Ancestral sampling from the posterior q(x_prev | x_t, x0 = pred_x0), DDPM eqs. 6–7, on the visited
     timesteps t > t_prev. Over a stride the forward process has beta = 1 - a_t / a_prev, so::
 

@@ -2,7 +2,7 @@
 
 The state is ``x = x0 + sigma * eps`` (Karras et al. 2022, "Elucidating the Design Space of
 Diffusion-Based Generative Models", the VE form); the denoiser ``D(x, sigma)`` estimates x0 and the ODE
-is ``dx/dsigma = (x - D(x, sigma)) / sigma`` (Karras eq. 3 with their sigma(t) = t). Every sampler here
+is ``dx/dsigma = (x - D(x, sigma)) / sigma`` (Karras eqs. 1 and 3 with sigma(t) = t). Every sampler here
 follows Katherine Crowson's k-diffusion (``k_diffusion/sampling.py``), which the AUTOMATIC1111 web UI
 uses, step for step, with the same first/last-step special cases.
 
@@ -58,7 +58,7 @@ def _stopped(callback: Callback | None, i: int, level: float, x: torch.Tensor, d
 
 
 def to_d(x: torch.Tensor, sigma: float, denoised: torch.Tensor) -> torch.Tensor:
-    """The ODE derivative dx/dsigma = (x - D(x, sigma)) / sigma (Karras et al. 2022, eq. 3)."""
+    """The ODE derivative dx/dsigma = (x - D(x, sigma)) / sigma (Karras et al. 2022, eqs. 1 and 3)."""
     return (x - denoised) / sigma
 
 
@@ -233,8 +233,9 @@ def sample_lms(denoiser: Denoiser, x: torch.Tensor, sigmas: torch.Tensor, *, gen
 # where D is x0 predicted at (or extrapolated to) the step.
 
 @torch.no_grad()
-def sample_dpmpp_2m(denoiser: Denoiser, x: torch.Tensor, sigmas: torch.Tensor, *, generator: torch.Generator | None = None,
-                    callback: Callback | None = None, eta: float = 1.0) -> torch.Tensor:
+def sample_dpmpp_2m(denoiser: Denoiser, x: torch.Tensor, sigmas: torch.Tensor, *,
+                    generator: torch.Generator | None = None, callback: Callback | None = None,
+                    eta: float = 1.0) -> torch.Tensor:
     """DPM-Solver++(2M) (Lu et al. 2022b, Algorithm 2): multistep, D = (1 + 1/(2r)) x0_i - 1/(2r) x0_{i-1}
     with r = h_{i-1} / h_i. First-order (DPM-Solver++(1) = DDIM) on the first and the last step."""
     x, s = _start(x, sigmas)
@@ -263,9 +264,11 @@ def sample_dpmpp_2m_sde(denoiser: Denoiser, x: torch.Tensor, sigmas: torch.Tenso
                         eta: float = 1.0, solver_type: str = "midpoint") -> torch.Tensor:
     """DPM-Solver++(2M) SDE (Lu et al. 2022b, section 5 / appendix: SDE-DPM-Solver++(2M)), k-diffusion
     ``sample_dpmpp_2m_sde``. With eta_h = eta h:
-        x = (sigma_{i+1}/sigma_i) e^(-eta_h) x + (1 - e^(-h - eta_h)) x0_i + correction + sigma_{i+1} sqrt(1 - e^(-2 eta_h)) z
-    with the second-order correction ``midpoint``: 0.5 (1 - e^(-h-eta_h)) (x0_i - x0_{i-1}) / r, or ``heun``:
-    ((1 - e^(-h-eta_h)) / (h + eta_h) ... ) as in k-diffusion. eta = 0 is exactly DPM++ 2M. The step to 0 returns x0."""
+        x = (sigma_{i+1}/sigma_i) e^(-eta_h) x + (1 - e^(-h - eta_h)) x0_i + correction
+            + sigma_{i+1} sqrt(1 - e^(-2 eta_h)) z
+    with r = h_{i-1} / h and the second-order correction (x0_i - x0_{i-1}) / r times, for ``midpoint``,
+    0.5 (1 - e^(-h - eta_h)), for ``heun``, 1 - (1 - e^(-h - eta_h)) / (h + eta_h). eta = 0 is exactly DPM++ 2M.
+    The step to sigma = 0 returns x0."""
     if solver_type not in ("midpoint", "heun"):
         raise ValueError(f"solver_type must be 'midpoint' or 'heun', not {solver_type!r}")
     x, s = _start(x, sigmas)

@@ -1,0 +1,271 @@
+"""The pipeline and the CLI on tiny random models: seeds, determinism, guidance, callbacks, errors,
+files that never overwrite and that other tools read back."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import warnings
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+import sdlite
+from sdlite import devices
+from sdlite.clip import tokenizer_for
+from sdlite.infotext import parse_infotext, read_infotext
+from sdlite.pipeline import Pipeline
+
+from factory import TINY_SD1, TINY_SD2, random_networks
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def make_pipe(cfg=TINY_SD1, dtype=torch.float32, seed=0) -> Pipeline:
+    nets = random_networks(cfg, seed)
+    for m in nets.values():
+        m.to(dtype)
+    return Pipeline(tokenizer_for(cfg.text), nets["text_encoder"], nets["unet"], nets["vae"], cfg,
+                    devices.Precision(torch.device("cpu"), dtype), name="tiny")
+
+
+@pytest.fixture(scope="module")
+def pipe() -> Pipeline:
+    return make_pipe()
+
+
+@pytest.fixture(scope="module")
+def tiny_ckpt(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("ckpt") / "tiny-sd1.safetensors"
+    return sdlite.save(make_pipe(), path)
+
+
+# -- conditioning --------------------------------------------------------------------------
+
+def test_plain_prompt_conditioning_equals_the_text_encoder_on_the_tokenizer_ids(pipe):
+    prompts = ["a photo of a cat", "astronaut riding a horse on mars"]
+    ours = pipe.encode_prompt(prompts)
+    direct = pipe.text_encoder(pipe.tokenizer(prompts))
+    assert torch.equal(ours, direct)
+
+
+def test_long_prompt_is_encoded_in_77_token_chunks(pipe):
+    long = ", ".join(["a red circle on the left"] * 20)
+    assert pipe.encode_prompt([long]).shape == (1, 77 * 2, TINY_SD1.text.width)
+    # a short and a long prompt in one batch: the short one is padded with an empty chunk
+    assert pipe.encode_prompt(["a cat", long]).shape == (2, 154, TINY_SD1.text.width)
+
+
+def test_emphasis_changes_the_conditioning(pipe):
+    assert not torch.equal(pipe.encode_prompt(["a (cat:1.5)"]), pipe.encode_prompt(["a cat"]))
+
+
+# -- seeds and determinism -----------------------------------------------------------------
+
+def test_same_seed_same_image_and_different_seed_different_image(pipe):
+    a = pipe.txt2img("a cat", seed=7, steps=3, output_type="np")
+    b = pipe.txt2img("a cat", seed=7, steps=3, output_type="np")
+    c = pipe.txt2img("a cat", seed=8, steps=3, output_type="np")
+    assert np.array_equal(a, b)
+    assert not np.allclose(a, c)
+
+
+def test_initial_noise_is_drawn_on_cpu_from_seed_plus_i(pipe):
+    noise = pipe.initial_noise([5, 6], 32, 32)
+    assert noise.shape == (2, 4, 16, 16)  # the tiny VAE downsamples by 2
+    assert torch.equal(noise[1], torch.randn(4, 16, 16, generator=torch.Generator().manual_seed(6)))
+
+
+@pytest.mark.parametrize("sampler", ["euler", "ddim", "dpmpp_2m"])
+def test_image_i_of_a_batch_equals_a_single_image_with_seed_plus_i(pipe, sampler):
+    batch = pipe.txt2img("a cat", seed=10, steps=3, sampler=sampler, batch_size=2, output_type="latent")
+    single = pipe.txt2img("a cat", seed=11, steps=3, sampler=sampler, output_type="latent")
+    torch.testing.assert_close(batch[1:], single, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("sampler", ["euler_a", "euler", "ddim", "plms", "heun", "lms", "dpmpp_2m", "ddpm"])
+def test_latents_argument_equals_the_seeded_noise(pipe, sampler):
+    seeded = pipe.txt2img("a cat", seed=3, steps=3, sampler=sampler, output_type="latent")
+    noise = pipe.initial_noise([3], 32, 32)
+    given = pipe.txt2img("a cat", seed=3, steps=3, sampler=sampler, latents=noise, output_type="latent")
+    assert torch.equal(seeded, given)
+
+
+def test_random_seed_is_reported(pipe):
+    images = pipe.txt2img("a cat", seed=-1, steps=1)
+    assert 0 <= images.seeds[0] < 2**32
+    assert f"Seed: {images.seeds[0]}" in images.infotexts[0]
+
+
+# -- guidance, callbacks, outputs ------------------------------------------------------------
+
+def test_guidance_scale_one_ignores_the_negative_prompt(pipe):
+    a = pipe.txt2img("a cat", negative_prompt="", guidance_scale=1.0, seed=1, steps=2, output_type="latent")
+    b = pipe.txt2img("a cat", negative_prompt="a dog", guidance_scale=1.0, seed=1, steps=2, output_type="latent")
+    c = pipe.txt2img("a cat", negative_prompt="a dog", guidance_scale=7.5, seed=1, steps=2, output_type="latent")
+    assert torch.equal(a, b) and not torch.equal(b, c)
+
+
+def test_callback_sees_every_step_and_can_stop_the_run(pipe):
+    seen = []
+    pipe.txt2img("a cat", seed=1, steps=4, sampler="euler", callback=lambda i, t, x: seen.append((i, t, x.shape)))
+    assert [s[0] for s in seen] == [0, 1, 2, 3]
+    assert seen[0][1] == pytest.approx(999, abs=1e-3) and seen[0][2] == (1, 4, 16, 16)
+    stopped = []
+    pipe.txt2img("a cat", seed=1, steps=4, sampler="euler", callback=lambda i, t, x: stopped.append(i) or i < 1)
+    assert stopped == [0, 1]
+
+
+def test_output_types(pipe):
+    pil = pipe.txt2img("a cat", seed=1, steps=1)
+    assert pil[0].size == (32, 32) and pil[0].mode == "RGB" and "parameters" in pil[0].info
+    arr = pipe.txt2img("a cat", seed=1, steps=1, output_type="np")
+    assert arr.shape == (1, 32, 32, 3) and arr.min() >= 0 and arr.max() <= 1
+    lat = pipe.txt2img("a cat", seed=1, steps=1, output_type="latent", width=48, height=64)
+    assert lat.shape == (1, 4, 32, 24)
+
+
+def test_img2img_runs_the_last_part_of_the_schedule_as_a1111_does(pipe):
+    """A1111: t_enc = int(strength·steps), sigmas[steps − t_enc − 1:] → t_enc + 1 k-sampler steps."""
+    image = pipe.txt2img("a cat", seed=1, steps=2)[0]
+    steps = []
+    out = pipe.img2img(image, "a cat", strength=0.5, steps=10, seed=2, sampler="euler",
+                       callback=lambda i, t, x: steps.append(i))
+    assert len(steps) == 6
+    assert out[0].size == image.size
+    assert "Denoising strength: 0.5" in out.infotexts[0]
+
+
+def test_sd2_v_prediction_pipeline_runs(tmp_path):
+    pipe = make_pipe(TINY_SD2)
+    pipe.config = pipe.config.with_(prediction="v")
+    out = pipe.txt2img("a cat", seed=1, steps=2, sampler="euler", output_type="latent")
+    assert torch.isfinite(out).all()
+
+
+# -- precision -----------------------------------------------------------------------------
+
+def test_bf16_weights_run_on_cpu():
+    pipe = make_pipe(dtype=torch.bfloat16)
+    out = pipe.txt2img("a cat", seed=1, steps=2, output_type="np")
+    assert np.isfinite(out).all()
+
+
+def test_half_precision_vae_nan_is_retried_in_fp32_with_a_warning(monkeypatch):
+    pipe = make_pipe(dtype=torch.bfloat16)
+    real_decode = type(pipe.vae).decode
+
+    def flaky(self, z):  # overflows like the SD VAE in fp16, but only in half precision
+        out = real_decode(self, z)
+        return out * float("nan") if z.dtype != torch.float32 else out
+
+    monkeypatch.setattr(type(pipe.vae), "decode", flaky)
+    with pytest.warns(RuntimeWarning, match="retrying in fp32"):
+        out = pipe.txt2img("a cat", seed=1, steps=1, output_type="np")
+    assert np.isfinite(out).all()
+    assert next(pipe.vae.parameters()).dtype == torch.bfloat16  # back to its precision
+
+
+def test_nan_that_survives_fp32_is_an_error_not_an_image(monkeypatch):
+    pipe = make_pipe()
+    monkeypatch.setattr(type(pipe.vae), "decode", lambda self, z: torch.full((1, 3, 32, 32), float("nan")))
+    with pytest.raises(sdlite.GenerationError, match="NaN"):
+        pipe.txt2img("a cat", seed=1, steps=1)
+
+
+# -- bad input -----------------------------------------------------------------------------
+
+@pytest.mark.parametrize("kwargs, match", [
+    (dict(width=30), "multiples of 8"),
+    (dict(height=0), "multiples of 8"),
+    (dict(steps=0), "steps must be"),
+    (dict(output_type="jpeg"), "output_type"),
+])
+def test_bad_arguments_raise_argument_error(pipe, kwargs, match):
+    with pytest.raises(sdlite.ArgumentError, match=match):
+        pipe.txt2img("a cat", **kwargs)
+
+
+def test_unknown_sampler_lists_the_valid_ones(pipe):
+    with pytest.raises(sdlite.SamplerError, match="euler_a"):
+        pipe.txt2img("a cat", sampler="warp drive")
+
+
+@pytest.mark.parametrize("strength", [0.0, 1.5, -0.1])
+def test_img2img_strength_outside_0_1_is_rejected(pipe, strength):
+    with pytest.raises(sdlite.ArgumentError, match="strength"):
+        pipe.img2img(torch.zeros(1, 3, 32, 32), "a cat", strength=strength)
+
+
+def test_img2img_missing_init_image_is_rejected(pipe, tmp_path):
+    with pytest.raises(sdlite.ArgumentError, match="does not exist"):
+        pipe.img2img(tmp_path / "nope.png", "a cat")
+
+
+# -- the CLI -------------------------------------------------------------------------------
+
+def _cli(script, *args, cwd):
+    return subprocess.run([sys.executable, str(ROOT / "scripts" / script), *map(str, args)], cwd=cwd,
+                          capture_output=True, text=True, timeout=300)
+
+
+def test_cli_writes_numbered_pngs_never_overwrites_and_is_deterministic(tiny_ckpt, tmp_path):
+    args = ["--ckpt", tiny_ckpt, "--prompt", "a red circle, on the left", "--negative-prompt", "blurry",
+            "--seed", 42, "--steps", 3, "--sampler", "DPM++ 2M", "--schedule", "karras", "--quiet"]
+    first = _cli("txt2img.py", *args, cwd=tmp_path)
+    assert first.returncode == 0, first.stderr
+    second = _cli("txt2img.py", *args, cwd=tmp_path)
+    assert second.returncode == 0, second.stderr
+    out = tmp_path / "outputs" / "txt2img-samples"
+    assert sorted(p.name for p in out.iterdir()) == ["00000.png", "00001.png"]
+    assert (out / "00000.png").read_bytes() == (out / "00001.png").read_bytes()  # same seed → same bytes
+    third = _cli("txt2img.py", *args[:-7], "--seed", 43, "--steps", 3, "--quiet", cwd=tmp_path)
+    assert third.returncode == 0, third.stderr
+    assert (out / "00002.png").read_bytes() != (out / "00000.png").read_bytes()
+
+    params = parse_infotext(read_infotext(out / "00000.png"))
+    assert params["Prompt"] == "a red circle, on the left" and params["Negative prompt"] == "blurry"
+    assert params["Seed"] == "42" and params["Steps"] == "3" and params["Sampler"] == "DPM++ 2M"
+    assert params["Schedule type"] == "Karras" and params["Size-1"] == "32" and params["Model"] == "tiny-sd1"
+
+
+def test_sd_parsers_reads_our_png_back(tiny_ckpt, tmp_path):
+    import sd_parsers
+
+    res = _cli("txt2img.py", "--ckpt", tiny_ckpt, "--prompt", "a blue square at the top", "--seed", 5,
+               "--steps", 2, "--n_samples", 2, "--quiet", cwd=tmp_path)
+    assert res.returncode == 0, res.stderr
+    info = sd_parsers.ParserManager().parse(str(tmp_path / "outputs/txt2img-samples/00001.png"))
+    assert info is not None and info.generator.name == "AUTOMATIC1111"
+    assert [p.value for p in info.prompts] == ["a blue square at the top"]
+    (sampler,) = info.samplers
+    assert sampler.name == "Euler a"
+    assert sampler.parameters["seed"] == "6"  # image 1 of the batch: seed + 1
+    assert sampler.parameters["steps"] == "2"
+    assert sampler.parameters["cfg_scale"] == "7.5"
+    assert info.metadata["Size"] == "32x32"
+    assert sampler.model.name == "tiny-sd1"
+
+
+@pytest.mark.parametrize("args, match", [
+    (["--sampler", "nope"], "unknown sampler"),
+    (["--H", "30"], "multiple of 8"),
+    (["--steps", "0"], "steps"),
+    (["--ckpt", "missing.ckpt"], "no such checkpoint"),
+])
+def test_cli_rejects_bad_input_with_a_clear_message_and_writes_nothing(tmp_path, args, match):
+    res = _cli("txt2img.py", "--prompt", "a cat", *args, cwd=tmp_path)
+    assert res.returncode == 2
+    assert match in res.stderr.lower() or match in res.stderr
+    assert not (tmp_path / "outputs").exists()
+
+
+def test_img2img_cli_rejects_missing_image_and_bad_strength(tiny_ckpt, tmp_path):
+    res = _cli("img2img.py", "--ckpt", tiny_ckpt, "--prompt", "a cat", "--init-img", "nope.png", cwd=tmp_path)
+    assert res.returncode == 2 and "does not exist" in res.stderr
+    (tmp_path / "in.png").write_bytes(b"")
+    res = _cli("img2img.py", "--ckpt", tiny_ckpt, "--prompt", "a cat", "--init-img", "in.png", "--strength", "0",
+               cwd=tmp_path)
+    assert res.returncode == 2 and "strength" in res.stderr
