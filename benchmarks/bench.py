@@ -1,0 +1,925 @@
+#!/usr/bin/env python
+"""sdlite and diffusers side by side on the CPU, with the same weights, in one run.
+
+Both libraries get the SAME tensors: an SD1.5-size model (``--size sd15``) with seeded random
+weights in the original CompVis layout, loaded into sdlite's networks and, through diffusers' own
+converters of that layout (``convert_ldm_unet_checkpoint``, ``convert_ldm_vae_checkpoint``,
+``convert_ldm_clip_checkpoint``), into ``UNet2DConditionModel`` / ``AutoencoderKL`` /
+transformers ``CLIPTextModel``. Every row alternates between the two libraries (ABBA order) after a
+warm-up, and reports the median and the minimum of each side and the ratio of the medians
+(sdlite / diffusers: below 1 means sdlite is faster, or smaller for memory rows).
+
+Rows (``--rows``):
+
+- ``text``     text encoder, batch 2 x 77 tokens;
+- ``unet64``   one UNet call at batch 2 (cond + uncond of classifier-free guidance), 64x64 latents;
+- ``unet32``   the same at 32x32 latents;
+- ``vae64``    VAE decode of one 64x64 latent (a 512x512 image);
+- ``txt2img``  a whole 256x256 generation, 10 Euler steps, CFG 7.5: sdlite ``Pipeline.txt2img`` vs
+               diffusers ``StableDiffusionPipeline`` + ``EulerDiscreteScheduler``, same prompt and
+               same starting latents;
+- ``load``     a ~2 GB fp16 ``.safetensors`` in the original layout, each load in a fresh process
+               (time, and peak RSS: ``VmHWM``, i.e. ``ru_maxrss`` of that process alone): ``sdlite.load`` vs
+               ``StableDiffusionPipeline.from_single_file`` with a local config directory (offline);
+- ``mem512``   peak RSS of a process that loads that file and draws one 512x512 image
+               (``--mem-steps`` steps).
+
+Precisions (``--precisions``): ``fp32``; ``bf16`` (bf16 weights); ``autocast`` (fp32 weights under
+``torch.autocast("cpu", bfloat16)``). The run starts by measuring the machine's matmul peak
+(``torch.mm`` of large fp32 and bf16 matrices); each network row is also given as a fraction of that
+peak, with FLOPs counted by ``torch.utils.flop_counter.FlopCounterMode`` on the meta device. On a CPU
+without native bf16 (no AVX512-BF16/AMX) bf16 matmuls are ~100x slower than fp32, so the bf16
+precisions are skipped there unless ``--force-bf16`` is given.
+
+Usage (from the repository root; see benchmarks/README.md)::
+
+    python benchmarks/bench.py                       # everything, SD1.5 size, fp32 (+ bf16 where native)
+    python benchmarks/bench.py --quick --size tiny   # smoke run: 1 repeat, narrow model, seconds
+    python benchmarks/bench.py --rows unet32,text --precisions fp32 --threads 2
+
+Not a test: nothing here asserts; the numbers go to ``--out`` (default benchmarks/RESULTS.md).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import datetime as _dt
+import gc
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))  # sdlite (when not installed) and tests/ (the parity tests' converters)
+
+from sdlite.checkpoint import DDPM_BUFFERS, SD1_POSITION_IDS, build_networks, state_dict_of  # noqa: E402
+from sdlite.config import SD1, ModelConfig, TextConfig, UNetConfig, VAEConfig  # noqa: E402
+
+ROWS = ("text", "unet64", "unet32", "vae64", "txt2img", "load", "mem512")
+QUICK_ROWS = ("text", "unet32", "txt2img", "load")
+PRECISIONS = ("fp32", "bf16", "autocast")
+PROMPT = "a photograph of an astronaut riding a horse"
+SIDES = ("sdlite", "diffusers")
+
+# --size: "sd15" is the real thing; "tiny" keeps every block of SD1.5 (same levels, attention
+# resolutions, heads, layer counts) at a tenth of the width, so a smoke run goes through every code
+# path in seconds. Its numbers say nothing about SD1.5 speed.
+SIZES: dict[str, ModelConfig] = {
+    "sd15": SD1,
+    "tiny": SD1.with_(
+        unet=UNetConfig(model_channels=32, context_dim=64),
+        vae=VAEConfig(ch=32),
+        text=TextConfig(width=64, layers=2, heads=4),
+    ),
+}
+
+
+# ---------------------------------------------------------------------------------------------
+# Machine facts
+# ---------------------------------------------------------------------------------------------
+
+def cpu_facts() -> dict[str, Any]:
+    info: dict[str, Any] = {"model": platform.processor() or "unknown", "logical_cpus": os.cpu_count(), "flags": []}
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+        for line in text.splitlines():
+            key, _, value = line.partition(":")
+            key = key.strip()
+            if key == "model name":
+                info["model"] = value.strip()
+            elif key == "cpu cores":
+                info["cores_per_socket"] = int(value)
+            elif key == "flags":
+                flags = set(value.split())
+                info["flags"] = [f for f in ("avx2", "fma", "avx512f", "avx512_bf16", "avx512_fp16", "amx_bf16",
+                                             "amx_tile", "avx_vnni") if f in flags]
+        mem = Path("/proc/meminfo").read_text().splitlines()[0].split()
+        info["mem_gib"] = round(int(mem[1]) / 2**20, 1)
+    except OSError:
+        pass
+    return info
+
+
+def load_average() -> str:
+    try:
+        return " ".join(Path("/proc/loadavg").read_text().split()[:3])
+    except OSError:
+        return "n/a"
+
+
+def git_commit() -> str:
+    try:
+        head = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"], capture_output=True,
+                              text=True, timeout=10).stdout.strip()
+        dirty = subprocess.run(["git", "-C", str(ROOT), "status", "--porcelain", "--untracked-files=no"],
+                               capture_output=True, text=True, timeout=10).stdout.strip()
+        return head + (" (+ uncommitted changes)" if dirty else "") if head else "n/a"
+    except (OSError, subprocess.SubprocessError):
+        return "n/a"
+
+
+def matmul_peak(dtype: torch.dtype, max_n: int) -> tuple[float, int]:
+    """Best GFLOP/s of ``torch.mm`` on square ``dtype`` matrices, growing n up to ``max_n`` while one
+    product takes under ~0.5 s (so a slow emulated dtype does not stall the run)."""
+    best, best_n, n = 0.0, 0, 512
+    while n <= max_n:
+        a, b = torch.randn(n, n).to(dtype), torch.randn(n, n).to(dtype)
+        torch.mm(a, b)  # first call: kernel selection, page faults
+        times = []
+        for _ in range(3):
+            t0 = time.perf_counter()
+            torch.mm(a, b)
+            times.append(time.perf_counter() - t0)
+        gflops = 2 * n**3 / min(times) / 1e9
+        if gflops > best:
+            best, best_n = gflops, n
+        if min(times) > 0.5:
+            break
+        n *= 2
+    return best, best_n
+
+
+# ---------------------------------------------------------------------------------------------
+# The same random weights in both libraries
+# ---------------------------------------------------------------------------------------------
+
+def random_original_weights(cfg: ModelConfig, seed: int = 0) -> dict[str, dict[str, torch.Tensor]]:
+    """Per network, a seeded random fp32 state dict with sdlite's (= the original checkpoint's) names.
+
+    Values come from the UNet parity test's ``random_state_dict`` (N(0, 1/fan_in) weights, norm
+    scales near 1), which keeps activations O(1) through the whole net, so no denormals or
+    overflows distort the timings; each tensor is cloned into its own memory as after a real load.
+    """
+    from tests.test_unet import random_state_dict
+
+    out = {}
+    for i, (name, module) in enumerate(build_networks(cfg).items()):
+        out[name] = {k: v.clone() for k, v in random_state_dict(module, seed + i).items()}
+    return out
+
+
+def sdlite_networks(cfg: ModelConfig, weights: dict[str, dict[str, torch.Tensor]],
+                    dtype: torch.dtype) -> dict[str, torch.nn.Module]:
+    nets = build_networks(cfg)
+    for name, module in nets.items():
+        sd = {k: v.to(dtype) for k, v in weights[name].items()}  # no copy when dtype is already right
+        module.load_state_dict(sd, strict=True, assign=True)
+        module.eval().requires_grad_(False)
+    return nets
+
+
+def diffusers_networks(cfg: ModelConfig, nets: dict[str, torch.nn.Module]) -> dict[str, torch.nn.Module]:
+    """diffusers / transformers modules holding sdlite's tensors, converted by diffusers' own code."""
+    import transformers
+    from diffusers import AutoencoderKL
+    from diffusers.loaders.single_file_utils import convert_ldm_clip_checkpoint, convert_ldm_vae_checkpoint
+
+    from tests.test_unet import diffusers_unet
+
+    unet = diffusers_unet(cfg.unet, nets["unet"].state_dict())
+
+    levels = len(cfg.vae.ch_mult)
+    vae_config = dict(
+        in_channels=cfg.vae.in_channels, out_channels=cfg.vae.out_ch,
+        down_block_types=("DownEncoderBlock2D",) * levels, up_block_types=("UpDecoderBlock2D",) * levels,
+        block_out_channels=tuple(cfg.vae.ch * m for m in cfg.vae.ch_mult), layers_per_block=cfg.vae.num_res_blocks,
+        latent_channels=cfg.vae.z_channels, norm_num_groups=32, sample_size=cfg.image_size,
+        scaling_factor=cfg.scale_factor,
+    )
+    with torch.device("meta"):
+        vae = AutoencoderKL(**vae_config)
+    ldm_vae = {"first_stage_model." + k: v for k, v in nets["vae"].state_dict().items()}
+    vae.load_state_dict(convert_ldm_vae_checkpoint(ldm_vae, dict(vae.config)), strict=True, assign=True)
+
+    t = cfg.text
+    hf_config = transformers.CLIPTextConfig(
+        vocab_size=t.vocab_size, hidden_size=t.width, intermediate_size=t.mlp_ratio * t.width,
+        num_hidden_layers=t.layers, num_attention_heads=t.heads, max_position_embeddings=t.max_length,
+        hidden_act=t.act, layer_norm_eps=1e-5, pad_token_id=1, bos_token_id=49406, eos_token_id=49407,
+        projection_dim=t.width,
+    )
+    text = transformers.CLIPTextModel(hf_config)  # built on the CPU: transformers keeps a position_ids buffer
+    ldm_text = {"cond_stage_model.transformer." + k: v for k, v in nets["text_encoder"].state_dict().items()}
+    converted = convert_ldm_clip_checkpoint(ldm_text)
+    if not hasattr(text, "text_model"):  # transformers >= 5.6 flattened CLIPTextModel
+        converted = {k.removeprefix("text_model."): v for k, v in converted.items()}
+    missing, unexpected = text.load_state_dict(converted, strict=False, assign=True)
+    missing = [k for k in missing if not k.endswith("position_ids")]
+    if missing or unexpected:
+        raise RuntimeError(f"text encoder conversion: missing {missing[:5]}, unexpected {unexpected[:5]}")
+    for m in (unet, vae, text):
+        m.eval().requires_grad_(False)
+    return {"unet": unet, "vae": vae, "text_encoder": text}
+
+
+def write_clip_tokenizer(folder: Path) -> Any:
+    """A transformers ``CLIPTokenizer`` for diffusers, built from sdlite's shipped CLIP BPE merges (the
+    vocabulary is the byte alphabet, the same with ``</w>``, one token per merge, then the two special
+    tokens, as OpenAI builds it) and saved to ``folder``. Nothing is downloaded."""
+    import gzip
+
+    import transformers
+
+    from sdlite.clip.tokenizer import BPE_PATH, NUM_MERGES, bytes_to_unicode
+
+    with gzip.open(BPE_PATH) as f:
+        merges = [tuple(m.split()) for m in f.read().decode("utf-8").split("\n")[1 : NUM_MERGES + 1]]
+    chars = list(bytes_to_unicode().values())
+    tokens = chars + [c + "</w>" for c in chars] + ["".join(m) for m in merges]
+    tokens += ["<|startoftext|>", "<|endoftext|>"]
+    tok = transformers.CLIPTokenizer(vocab={t: i for i, t in enumerate(tokens)}, merges=merges, model_max_length=77)
+    tok.save_pretrained(str(folder))
+    return tok
+
+
+def euler_scheduler(cfg: ModelConfig) -> Any:
+    from diffusers import EulerDiscreteScheduler
+
+    return EulerDiscreteScheduler(num_train_timesteps=cfg.timesteps, beta_start=cfg.linear_start,
+                                  beta_end=cfg.linear_end, beta_schedule="scaled_linear", steps_offset=1,
+                                  timestep_spacing="linspace", prediction_type="epsilon")
+
+
+def diffusers_pipeline(cfg: ModelConfig, dnets: dict[str, torch.nn.Module], tokenizer: Any) -> Any:
+    from diffusers import StableDiffusionPipeline
+
+    pipe = StableDiffusionPipeline(vae=dnets["vae"], text_encoder=dnets["text_encoder"], tokenizer=tokenizer,
+                                   unet=dnets["unet"], scheduler=euler_scheduler(cfg), safety_checker=None,
+                                   feature_extractor=None, requires_safety_checker=False)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def sdlite_pipeline(cfg: ModelConfig, nets: dict[str, torch.nn.Module], precision: str) -> Any:
+    from sdlite.clip import tokenizer_for
+    from sdlite.devices import Precision
+    from sdlite.pipeline import Pipeline
+
+    weight = torch.bfloat16 if precision == "bf16" else torch.float32
+    autocast = torch.bfloat16 if precision == "autocast" else None
+    return Pipeline(tokenizer_for(cfg.text), nets["text_encoder"], nets["unet"], nets["vae"], cfg,
+                    Precision(torch.device("cpu"), weight, autocast), name="bench")
+
+
+def write_checkpoint(cfg: ModelConfig, weights: dict[str, dict[str, torch.Tensor]], path: Path) -> int:
+    """An fp16 ``.safetensors`` in the original layout, as ``v1-5-pruned-emaonly.safetensors`` is:
+    the three networks under their prefixes, the DDPM buffers, CLIP ``position_ids``; no sdlite metadata."""
+    from safetensors.torch import save_file
+
+    nets = sdlite_networks(cfg, weights, torch.float32)
+    tensors = {k: v.to(torch.float16).contiguous() for k, v in state_dict_of(nets, cfg).items()}
+    del nets
+    for name in DDPM_BUFFERS:
+        tensors[name] = torch.linspace(0.0, 1.0, cfg.timesteps).to(torch.float16)
+    tensors[SD1_POSITION_IDS] = torch.arange(cfg.text.max_length)[None]
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_file(tensors, str(path))
+    del tensors
+    gc.collect()
+    return path.stat().st_size
+
+
+def write_config_dir(cfg: ModelConfig, dnets: dict[str, torch.nn.Module], folder: Path) -> Any:
+    """A diffusers-format folder with configs only (no weights), for ``from_single_file(config=...)``."""
+    tokenizer = write_clip_tokenizer(folder / "tokenizer")
+    pipe = diffusers_pipeline(cfg, dnets, tokenizer)
+    pipe.save_config(str(folder))  # model_index.json
+    dnets["unet"].save_config(str(folder / "unet"))
+    dnets["vae"].save_config(str(folder / "vae"))
+    dnets["text_encoder"].config.save_pretrained(str(folder / "text_encoder"))
+    pipe.scheduler.save_config(str(folder / "scheduler"))
+    unet_json = folder / "unet" / "config.json"
+    unet_config = json.loads(unet_json.read_text())
+    unet_config["sample_size"] = cfg.image_size // cfg.vae.downsample_factor
+    unet_json.write_text(json.dumps(unet_config, indent=2))
+    return tokenizer
+
+
+# ---------------------------------------------------------------------------------------------
+# Timing
+# ---------------------------------------------------------------------------------------------
+
+@dataclass
+class Row:
+    name: str
+    unit: str
+    values: dict[str, list[float]] = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)
+    skipped: str = ""
+
+    def stat(self, side: str, fn: Callable[[list[float]], float]) -> float | None:
+        v = self.values.get(side)
+        return fn(v) if v else None
+
+
+def alternate(fns: dict[str, Callable[[], Any]], warmup: int, repeats: int) -> tuple[dict[str, list[float]], dict[str, Any]]:
+    """Run the sides alternately (ABBA...), ``warmup`` untimed rounds first. Returns the seconds of each
+    timed call per side, and each side's last result."""
+    sides = list(fns)
+    last: dict[str, Any] = {}
+    times: dict[str, list[float]] = {s: [] for s in sides}
+    for r in range(warmup + repeats):
+        for side in (sides if r % 2 == 0 else sides[::-1]):
+            gc.collect()
+            t0 = time.perf_counter()
+            last[side] = fns[side]()
+            dt = time.perf_counter() - t0
+            if r >= warmup:
+                times[side].append(dt)
+    return times, last
+
+
+def rel_diff(a: Any, b: Any) -> float:
+    a, b = torch.as_tensor(a).float(), torch.as_tensor(b).float()
+    return float((a - b).abs().max() / b.abs().max().clamp_min(1e-12))
+
+
+def count_flops(fn: Callable[[], Any]) -> float:
+    from torch.utils.flop_counter import FlopCounterMode
+
+    counter = FlopCounterMode(display=False)
+    with counter, torch.no_grad():
+        fn()
+    return float(counter.get_total_flops())
+
+
+def network_flops(cfg: ModelConfig) -> dict[str, float]:
+    """FLOPs of each in-process row, counted on meta copies (nothing is computed)."""
+    nets = build_networks(cfg)
+    c = cfg.unet.context_dim
+    with torch.device("meta"):
+        ids = torch.zeros(2, cfg.text.max_length, dtype=torch.long)
+        out = {"text": count_flops(lambda: nets["text_encoder"](ids))}
+        for name, hw in (("unet64", 64), ("unet32", 32)):
+            x, ctx = torch.zeros(2, cfg.unet.in_channels, hw, hw), torch.zeros(2, cfg.text.max_length, c)
+            out[name] = count_flops(lambda: nets["unet"](x, torch.tensor([500.0, 500.0]), ctx))
+        out["vae64"] = count_flops(lambda: nets["vae"].decode(torch.zeros(1, cfg.vae.embed_dim, 64, 64)))
+        out["vae32"] = count_flops(lambda: nets["vae"].decode(torch.zeros(1, cfg.vae.embed_dim, 32, 32)))
+    out["txt2img"] = 10 * out["unet32"] + out["vae32"] + out["text"]
+    return out
+
+
+def autocast_ctx(precision: str) -> contextlib.AbstractContextManager:
+    if precision == "autocast":
+        return torch.autocast("cpu", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def run_inprocess_rows(cfg: ModelConfig, precision: str, nets: dict, dnets: dict, tokenizer: Any, rows: list[str],
+                       args: argparse.Namespace, flops: dict[str, float], peak: float) -> list[Row]:
+    wdtype = torch.bfloat16 if precision == "bf16" else torch.float32
+    gen = torch.Generator().manual_seed(0)
+    out: list[Row] = []
+    w, r = args.warmup, args.repeats
+
+    def with_flops(row: Row, key: str) -> None:
+        fl = flops.get(key)
+        med = row.stat("sdlite", statistics.median)
+        dmed = row.stat("diffusers", statistics.median)
+        if fl and med and dmed and peak:
+            row.notes.append(f"{fl / 1e9:.3g} GFLOP; {fl / med / 1e9:.1f} / {fl / dmed / 1e9:.1f} GFLOP/s "
+                             f"= {100 * fl / med / 1e9 / peak:.0f}% / {100 * fl / dmed / 1e9 / peak:.0f}% of peak")
+
+    if "text" in rows:
+        from sdlite.clip import tokenizer_for
+
+        ids = tokenizer_for(cfg.text)([PROMPT, ""])
+        if tokenizer is not None:
+            hf_ids = tokenizer([PROMPT, ""], padding="max_length", max_length=77, truncation=True,
+                               return_tensors="pt").input_ids
+            same = torch.equal(hf_ids, ids)
+        te, dte = nets["text_encoder"], dnets["text_encoder"]
+
+        def ours() -> torch.Tensor:
+            with torch.no_grad(), autocast_ctx(precision):
+                return te(ids)
+
+        def theirs() -> torch.Tensor:
+            with torch.no_grad(), autocast_ctx(precision):
+                return dte(input_ids=ids).last_hidden_state
+
+        times, last = alternate({"sdlite": ours, "diffusers": theirs}, w, max(r, 3 * r))
+        row = Row("text encoder, batch 2 x 77", "s", times)
+        row.notes.append(f"max |Δ| / max |ref| = {rel_diff(last['sdlite'], last['diffusers']):.1e}")
+        if tokenizer is not None:
+            row.notes.append("token ids equal" if same else "TOKEN IDS DIFFER")
+        with_flops(row, "text")
+        out.append(row)
+
+    for key, hw in (("unet64", 64), ("unet32", 32)):
+        if key not in rows:
+            continue
+        x = torch.randn(2, cfg.unet.in_channels, hw, hw, generator=gen).to(wdtype)
+        ctx = torch.randn(2, cfg.text.max_length, cfg.unet.context_dim, generator=gen).to(wdtype)
+        t = torch.tensor([500.0, 500.0])
+        unet, dunet = nets["unet"], dnets["unet"]
+
+        def ours() -> torch.Tensor:
+            with torch.no_grad(), autocast_ctx(precision):
+                return unet(x, t, ctx)
+
+        def theirs() -> torch.Tensor:
+            with torch.no_grad(), autocast_ctx(precision):
+                return dunet(x, t, encoder_hidden_states=ctx).sample
+
+        times, last = alternate({"sdlite": ours, "diffusers": theirs}, w, r)
+        row = Row(f"UNet step, batch 2, {hw}x{hw} latent", "s", times)
+        row.notes.append(f"max |Δ| / max |ref| = {rel_diff(last['sdlite'], last['diffusers']):.1e}")
+        with_flops(row, key)
+        out.append(row)
+
+    if "vae64" in rows:
+        z = torch.randn(1, cfg.vae.embed_dim, 64, 64, generator=gen).to(wdtype)
+        vae, dvae = nets["vae"], dnets["vae"]
+
+        def ours() -> torch.Tensor:
+            with torch.no_grad(), autocast_ctx(precision):
+                return vae.decode(z)
+
+        def theirs() -> torch.Tensor:
+            with torch.no_grad(), autocast_ctx(precision):
+                return dvae.decode(z).sample
+
+        times, last = alternate({"sdlite": ours, "diffusers": theirs}, w, r)
+        row = Row("VAE decode, 64x64 latent -> 512x512", "s", times)
+        row.notes.append(f"max |Δ| / max |ref| = {rel_diff(last['sdlite'], last['diffusers']):.1e}")
+        with_flops(row, "vae64")
+        out.append(row)
+
+    if "txt2img" in rows:
+        pipe = sdlite_pipeline(cfg, nets, precision)
+        dpipe = diffusers_pipeline(cfg, dnets, tokenizer)
+        size = 256
+        latents = torch.randn(1, cfg.vae.embed_dim, size // 8, size // 8, generator=gen)
+        caught: list[str] = []
+
+        def ours() -> Any:
+            with warnings.catch_warnings(record=True) as wlist:
+                warnings.simplefilter("always")
+                img = pipe.txt2img(PROMPT, negative_prompt="", steps=10, guidance_scale=7.5, width=size,
+                                   height=size, sampler="euler", latents=latents, output_type="np")
+            caught.extend(str(x.message) for x in wlist)
+            return img
+
+        def theirs() -> Any:
+            with autocast_ctx(precision):
+                return dpipe(PROMPT, negative_prompt="", num_inference_steps=10, guidance_scale=7.5, width=size,
+                             height=size, latents=latents.to(wdtype), output_type="np").images
+
+        times, last = alternate({"sdlite": ours, "diffusers": theirs}, w, max(1, min(r, 3)))
+        row = Row("txt2img 256x256, 10 Euler steps, CFG 7.5", "s", times)
+        diff = (torch.as_tensor(last["sdlite"]) - torch.as_tensor(last["diffusers"])).abs()
+        row.notes.append(f"images in [0, 1]: mean |Δ| = {diff.mean():.1e}, max |Δ| = {diff.max():.1e}")
+        if caught:
+            row.notes.append("sdlite warned: " + "; ".join(sorted(set(caught)))[:200])
+        with_flops(row, "txt2img")
+        out.append(row)
+        del pipe, dpipe
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# Fresh-process rows: checkpoint load and peak memory
+# ---------------------------------------------------------------------------------------------
+
+def _status_mib(field_name: str) -> float:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field_name + ":"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def _rss_mib() -> float:
+    return _status_mib("VmRSS")
+
+
+def _peak_mib() -> float:
+    """Peak RSS of this process: ``VmHWM``, the kernel's high-water mark behind ``ru_maxrss``.
+
+    ``getrusage(RUSAGE_SELF).ru_maxrss`` is not used directly because Linux carries it across
+    fork + exec: a child started by a parent holding 800 MB reports at least 800 MB. ``VmHWM``
+    belongs to the process's own address space, which exec replaces."""
+    return _status_mib("VmHWM")
+
+
+def child_main(spec: dict[str, Any]) -> None:
+    """One load (and optionally one generation) in this fresh process; prints one JSON line."""
+    torch.set_num_threads(spec["threads"])
+    precision, side = spec["precision"], spec["side"]
+    wdtype = torch.bfloat16 if precision == "bf16" else torch.float32
+    cfg = ModelConfig.from_json(spec["config"]) if spec.get("config") else None
+    if side == "sdlite":
+        import sdlite
+        from sdlite.devices import Precision
+    else:
+        import diffusers  # noqa: F401
+        import transformers  # noqa: F401
+    res: dict[str, Any] = {"rss_imports": _rss_mib()}
+    t0 = time.perf_counter()
+    if side == "sdlite":
+        pipe = sdlite.load(spec["ckpt"], device="cpu", dtype="bf16" if precision == "bf16" else "fp32", config=cfg)
+        if precision == "autocast":
+            pipe.precision = Precision(torch.device("cpu"), torch.float32, torch.bfloat16)
+        res["method"] = "sdlite.load"
+        res["unet_dtype"] = str(next(pipe.unet.parameters()).dtype)
+    elif spec["method"] == "from_single_file":
+        from diffusers import StableDiffusionPipeline
+
+        pipe = StableDiffusionPipeline.from_single_file(spec["ckpt"], config=spec["config_dir"], local_files_only=True,
+                                                        torch_dtype=wdtype)
+        res["method"] = "StableDiffusionPipeline.from_single_file(config=local dir, local_files_only=True)"
+    else:
+        pipe = _diffusers_manual_load(spec, wdtype)
+        res["method"] = "safetensors.load_file + diffusers convert_ldm_* + load_state_dict (manual)"
+    res["load_s"] = time.perf_counter() - t0
+    res["rss_loaded"] = _rss_mib()
+    res["peak_load"] = _peak_mib()
+    if side == "diffusers":
+        pipe.set_progress_bar_config(disable=True)
+        res["unet_dtype"] = str(pipe.unet.dtype)
+    if spec.get("generate"):
+        size, steps = spec["generate"], spec["steps"]
+        t0 = time.perf_counter()
+        with torch.no_grad():
+            if side == "sdlite":
+                pipe.txt2img(PROMPT, steps=steps, guidance_scale=7.5, width=size, height=size, sampler="euler",
+                             seed=1, output_type="np")
+            else:
+                with autocast_ctx(precision):
+                    pipe(PROMPT, num_inference_steps=steps, guidance_scale=7.5, width=size, height=size,
+                         generator=torch.Generator().manual_seed(1), output_type="np")
+        res["gen_s"] = time.perf_counter() - t0
+    res["peak"] = _peak_mib()
+    print("BENCH_RESULT " + json.dumps(res), flush=True)
+
+
+def _diffusers_manual_load(spec: dict[str, Any], dtype: torch.dtype) -> Any:
+    """The fallback when ``from_single_file`` cannot run offline: diffusers' converters by hand."""
+    import transformers
+    from diffusers import AutoencoderKL, StableDiffusionPipeline, UNet2DConditionModel
+    from diffusers.loaders.single_file_utils import (convert_ldm_clip_checkpoint, convert_ldm_unet_checkpoint,
+                                                     convert_ldm_vae_checkpoint)
+    from safetensors.torch import load_file
+
+    folder = Path(spec["config_dir"])
+    sd = load_file(spec["ckpt"])
+    unet_config = UNet2DConditionModel.load_config(str(folder / "unet"))
+    unet = UNet2DConditionModel.from_config(unet_config)
+    unet.load_state_dict(convert_ldm_unet_checkpoint(sd, dict(unet.config)))
+    vae = AutoencoderKL.from_config(AutoencoderKL.load_config(str(folder / "vae")))
+    vae.load_state_dict(convert_ldm_vae_checkpoint(sd, dict(vae.config)))
+    text = transformers.CLIPTextModel(transformers.CLIPTextConfig.from_pretrained(str(folder / "text_encoder")))
+    converted = convert_ldm_clip_checkpoint(sd)
+    if not hasattr(text, "text_model"):
+        converted = {k.removeprefix("text_model."): v for k, v in converted.items()}
+    text.load_state_dict(converted, strict=False)
+    del sd
+    tokenizer = transformers.CLIPTokenizer.from_pretrained(str(folder / "tokenizer"))
+    from diffusers import EulerDiscreteScheduler
+
+    scheduler = EulerDiscreteScheduler.from_pretrained(str(folder / "scheduler"))
+    pipe = StableDiffusionPipeline(vae=vae, text_encoder=text, tokenizer=tokenizer, unet=unet, scheduler=scheduler,
+                                   safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+    return pipe.to(dtype=dtype)
+
+
+def run_child(spec: dict[str, Any], timeout: float = 3600) -> dict[str, Any]:
+    env = dict(os.environ, OMP_NUM_THREADS=str(spec["threads"]), HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1",
+               HF_HUB_DISABLE_TELEMETRY="1", PYTHONWARNINGS="ignore")
+    proc = subprocess.run([sys.executable, str(Path(__file__).resolve()), "--child", json.dumps(spec)],
+                          capture_output=True, text=True, env=env, timeout=timeout, cwd=str(ROOT))
+    for line in proc.stdout.splitlines():
+        if line.startswith("BENCH_RESULT "):
+            return json.loads(line[len("BENCH_RESULT "):])
+    tail = (proc.stderr or proc.stdout).strip().splitlines()[-3:]
+    return {"error": " | ".join(tail)[-400:] or f"exit code {proc.returncode}"}
+
+
+def run_process_rows(cfg: ModelConfig, size: str, precisions: list[str], rows: list[str], ckpt: Path,
+                     config_dir: Path, args: argparse.Namespace) -> dict[str, list[Row]]:
+    base = {"ckpt": str(ckpt), "config_dir": str(config_dir), "threads": args.threads,
+            "config": None if size == "sd15" else cfg.to_json()}
+    method = {"sdlite": "sdlite", "diffusers": "from_single_file"}
+    fallback_note: list[str] = []
+
+    def one(side: str, precision: str, **extra: Any) -> dict[str, Any]:
+        res = run_child({**base, **extra, "side": side, "precision": precision, "method": method[side]})
+        if "error" in res and side == "diffusers" and method[side] == "from_single_file":
+            fallback_note.append(f"diffusers from_single_file failed offline ({res['error'][:300]}); "
+                                 "timed the manual path instead")
+            method[side] = "manual"
+            res = run_child({**base, **extra, "side": side, "precision": precision, "method": "manual"})
+        return res
+
+    out: dict[str, list[Row]] = {p: [] for p in precisions}
+    for precision in precisions:
+        if "load" in rows and precision != "autocast":  # autocast loads fp32 weights: the fp32 row
+            for _ in range(args.warmup):  # warm the page cache, and check the path works, untimed
+                for side in SIDES:
+                    one(side, precision)
+            results: dict[str, list[dict]] = {s: [] for s in SIDES}
+            n = max(1, min(args.repeats, 3))
+            for r in range(n):
+                for side in (SIDES if r % 2 == 0 else SIDES[::-1]):
+                    results[side].append(one(side, precision))
+            errors = {s: v[-1]["error"] for s, v in results.items() if v and "error" in v[-1]}
+            t_row = Row(f"load {ckpt.stat().st_size / 2**30:.2f} GiB fp16 .safetensors (fresh process)", "s")
+            m_row = Row("  peak RSS of that load", "MiB")
+            for side in SIDES:
+                ok = [x for x in results[side] if "error" not in x]
+                t_row.values[side] = [x["load_s"] for x in ok]
+                m_row.values[side] = [x["peak_load"] for x in ok]
+                if ok:
+                    x = ok[-1]
+                    t_row.notes.append(f"{side}: {x['method']} -> unet {x['unet_dtype']}")
+                    m_row.notes.append(f"{side}: RSS after imports {x['rss_imports']:.0f}, after load "
+                                       f"{x['rss_loaded']:.0f} MiB")
+            for side, err in errors.items():
+                t_row.notes.append(f"{side} FAILED: {err}")
+            out[precision] += [t_row, m_row]
+        if "mem512" in rows:
+            results = {s: [] for s in SIDES}
+            for side in SIDES:
+                results[side].append(one(side, precision, generate=512, steps=args.mem_steps))
+            row = Row(f"peak RSS: load + 512x512 txt2img ({args.mem_steps} Euler step(s), CFG)", "MiB")
+            for side in SIDES:
+                ok = [x for x in results[side] if "error" not in x]
+                row.values[side] = [x["peak"] for x in ok]
+                if ok:
+                    x = ok[-1]
+                    row.notes.append(f"{side}: peak after load {x['peak_load']:.0f} MiB, generation {x['gen_s']:.1f} s")
+                else:
+                    row.notes.append(f"{side} FAILED: {results[side][-1]['error']}")
+            out[precision].append(row)
+    if fallback_note:
+        for rows_ in out.values():
+            if rows_:
+                rows_[0].notes.append(fallback_note[0])
+                break
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# Profile (--profile): where one UNet step spends its time, per side
+# ---------------------------------------------------------------------------------------------
+
+def profile_unet(cfg: ModelConfig, nets: dict, dnets: dict, hw: int = 32) -> str:
+    from torch.profiler import ProfilerActivity, profile
+
+    gen = torch.Generator().manual_seed(1)
+    x = torch.randn(2, cfg.unet.in_channels, hw, hw, generator=gen)
+    ctx = torch.randn(2, cfg.text.max_length, cfg.unet.context_dim, generator=gen)
+    t = torch.tensor([500.0, 500.0])
+    calls = {"sdlite": lambda: nets["unet"](x, t, ctx),
+             "diffusers": lambda: dnets["unet"](x, t, encoder_hidden_states=ctx).sample}
+    parts = []
+    for side, fn in calls.items():
+        with torch.no_grad():
+            fn()
+            with profile(activities=[ProfilerActivity.CPU]) as prof:
+                fn()
+        table = prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=14, max_name_column_width=40)
+        parts.append(f"### {side}: one UNet call, batch 2, {hw}x{hw}, fp32 (top ops by self CPU time)\n\n```\n"
+                     f"{table.strip()}\n```\n")
+    return "\n".join(parts)
+
+
+# ---------------------------------------------------------------------------------------------
+# Report
+# ---------------------------------------------------------------------------------------------
+
+def fmt(v: float | None, unit: str) -> str:
+    if v is None:
+        return "—"
+    if unit == "MiB":
+        return f"{v:,.0f}"
+    return f"{v:.3f}" if v < 10 else f"{v:.1f}"
+
+
+def table(rows: list[Row]) -> str:
+    lines = ["| row | unit | sdlite median | sdlite min | diffusers median | diffusers min | sdlite / diffusers | notes |",
+             "|---|---|---:|---:|---:|---:|---:|---|"]
+    for row in rows:
+        s_med, s_min = row.stat("sdlite", statistics.median), row.stat("sdlite", min)
+        d_med, d_min = row.stat("diffusers", statistics.median), row.stat("diffusers", min)
+        ratio = f"{s_med / d_med:.2f}" if s_med and d_med else "—"
+        n = max(len(row.values.get(s, [])) for s in SIDES) if row.values else 0
+        notes = "; ".join(row.notes + ([f"n={n}"] if n else []))
+        lines.append(f"| {row.name} | {row.unit} | {fmt(s_med, row.unit)} | {fmt(s_min, row.unit)} | "
+                     f"{fmt(d_med, row.unit)} | {fmt(d_min, row.unit)} | {ratio} | {notes} |")
+    return "\n".join(lines)
+
+
+def write_report(path: Path, ctx: dict[str, Any], sections: dict[str, list[Row]], skipped: dict[str, str],
+                 notes: list[str], profile_text: str) -> None:
+    import diffusers
+    import transformers
+
+    import sdlite
+
+    cpu = ctx["cpu"]
+    out = ["# sdlite vs diffusers: CPU benchmark", ""]
+    if ctx["banner"]:
+        out += [f"> **{ctx['banner']}**", ""]
+    out += [
+        f"- Date: {ctx['date']} (run took {ctx['elapsed'] / 60:.1f} min)",
+        f"- Command: `{ctx['command']}`",
+        f"- Machine: {cpu['model']}, {cpu['logical_cpus']} logical CPUs"
+        + (f" ({cpu['cores_per_socket']} cores per socket)" if "cores_per_socket" in cpu else "")
+        + f", {cpu.get('mem_gib', '?')} GiB RAM; ISA: {', '.join(cpu['flags']) or 'n/a'}; "
+          f"mkldnn bf16: {ctx['mkldnn_bf16']}",
+        f"- Threads: torch.get_num_threads() = {torch.get_num_threads()}; load average at start {ctx['load_start']},"
+        f" at end {load_average()}",
+        f"- Versions: Python {platform.python_version()}, torch {torch.__version__}, diffusers {diffusers.__version__}, "
+        f"transformers {transformers.__version__}, sdlite {sdlite.__version__} (commit {ctx['commit']})",
+        f"- Model: `--size {ctx['size']}` — {ctx['size_desc']}; seeded random weights in the original layout, "
+        "the same tensors in both libraries (diffusers' own converters of the original layout).",
+        f"- Method: each row alternates sdlite and diffusers (ABBA), {ctx['warmup']} warm-up round(s), then "
+        f"{ctx['repeats']} timed repeat(s) (text encoder: 3x as many; txt2img and load: at most 3; "
+        "peak memory: 1 process per side). Times are wall-clock seconds; *sdlite / diffusers* is the ratio "
+        "of the medians (below 1: sdlite faster or smaller).",
+        "",
+        "## Matmul peak (measured in this run)",
+        "",
+        "| dtype | n | GFLOP/s |",
+        "|---|---:|---:|",
+    ]
+    for name, (gf, n) in ctx["peaks"].items():
+        out.append(f"| {name} | {n} | {gf:.1f} |")
+    out.append("")
+    for precision in ctx["precisions"]:
+        title = {"fp32": "fp32", "bf16": "bf16 weights", "autocast": "fp32 weights + bf16 autocast"}[precision]
+        out += [f"## {title}", ""]
+        if precision in skipped:
+            out += [f"Skipped: {skipped[precision]}", ""]
+            continue
+        out += [table(sections.get(precision, [])), ""]
+    if notes:
+        out += ["## Notes", ""] + [f"- {n}" for n in notes] + [""]
+    if profile_text:
+        out += ["## Profile", "", profile_text]
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("\n".join(out).rstrip() + "\n")
+
+
+# ---------------------------------------------------------------------------------------------
+# Main
+# ---------------------------------------------------------------------------------------------
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--quick", action="store_true", help=f"smoke run: 1 repeat, no warm-up, rows {','.join(QUICK_ROWS)} "
+                   "unless --rows is given, 1 generation step for mem512")
+    p.add_argument("--rows", default=None, help=f"comma-separated subset of {','.join(ROWS)} (default: all)")
+    p.add_argument("--precisions", default="fp32,bf16,autocast", help="comma-separated subset of fp32,bf16,autocast")
+    p.add_argument("--force-bf16", action="store_true", help="run bf16/autocast even where the CPU has no native bf16")
+    p.add_argument("--size", choices=sorted(SIZES), default="sd15", help="sd15 (default) or tiny (smoke runs only)")
+    p.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="torch threads (default: all CPUs)")
+    p.add_argument("--warmup", type=int, default=None, help="untimed rounds per row (default 1; --quick 0)")
+    p.add_argument("--repeats", type=int, default=None, help="timed repeats per row (default 5; --quick 1)")
+    p.add_argument("--mem-steps", type=int, default=None, help="sampling steps of the 512x512 memory row (default 2)")
+    p.add_argument("--profile", action="store_true", help="add a torch.profiler table of one 32x32 UNet call per side")
+    p.add_argument("--workdir", default=None, help="where the checkpoint and config folder go (default: a temp dir)")
+    p.add_argument("--note", default="", help="a line printed in bold at the top of the report")
+    p.add_argument("--out", default=str(ROOT / "benchmarks" / "RESULTS.md"), help="report path")
+    p.add_argument("--child", default=None, help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    if args.warmup is None:
+        args.warmup = 0 if args.quick else 1
+    if args.repeats is None:
+        args.repeats = 1 if args.quick else 5
+    if args.mem_steps is None:
+        args.mem_steps = 1 if args.quick else 2
+    return args
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    if args.child is not None:
+        child_main(json.loads(args.child))
+        return
+    started = time.time()
+    torch.set_num_threads(args.threads)
+    rows = [r.strip() for r in args.rows.split(",")] if args.rows else list(QUICK_ROWS if args.quick else ROWS)
+    precisions = [p.strip() for p in args.precisions.split(",")]
+    for name, allowed in ((rows, ROWS), (precisions, PRECISIONS)):
+        bad = [x for x in name if x not in allowed]
+        if bad:
+            sys.exit(f"unknown {bad}; choose from {', '.join(allowed)}")
+    cfg = SIZES[args.size]
+    log = lambda msg: print(f"[{time.time() - started:7.1f}s] {msg}", flush=True)  # noqa: E731
+
+    ctx: dict[str, Any] = {
+        "date": _dt.datetime.now().astimezone().strftime("%Y-%m-%d %H:%M %Z"),
+        "command": " ".join(["python", "benchmarks/bench.py", *(argv if argv is not None else sys.argv[1:])]),
+        "cpu": cpu_facts(), "load_start": load_average(), "commit": git_commit(), "size": args.size,
+        "warmup": args.warmup, "repeats": args.repeats, "precisions": precisions,
+        "mkldnn_bf16": bool(torch.ops.mkldnn._is_mkldnn_bf16_supported()),
+    }
+    banner = []
+    if args.quick:
+        banner.append("Smoke run (--quick): 1 repeat, no warm-up — proves the script runs, do not quote")
+    if args.size != "sd15":
+        banner.append(f"--size {args.size}: not SD1.5 dimensions")
+    if args.note:
+        banner.append(args.note)
+    ctx["banner"] = ". ".join(banner)
+    n_params = {k: sum(v.numel() for v in m.parameters()) for k, m in build_networks(cfg).items()}
+    ctx["size_desc"] = ", ".join(f"{k} {v / 1e6:.0f}M params" for k, v in n_params.items())
+
+    log("matmul peak")
+    max_n = 1024 if args.quick else 4096
+    peaks = {"fp32": matmul_peak(torch.float32, max_n), "bf16": matmul_peak(torch.bfloat16, max_n)}
+    ctx["peaks"] = peaks
+    notes: list[str] = []
+    skipped: dict[str, str] = {}
+    flops = network_flops(cfg)
+    slow_bf16 = peaks["bf16"][0] < 0.25 * peaks["fp32"][0]
+    if slow_bf16:
+        est = flops["unet64"] / (peaks["bf16"][0] * 1e9) / 60
+        msg = (f"this CPU has no native bf16 matmul (mkldnn bf16 supported: {ctx['mkldnn_bf16']}; ISA without "
+               f"avx512_bf16/amx_bf16): torch.mm reaches {peaks['bf16'][0]:.1f} GFLOP/s in bf16 against "
+               f"{peaks['fp32'][0]:.1f} in fp32, so one 64x64 UNet call would take ~{est:.0f} min at that speed")
+        notes.append("bf16 on this CPU: " + msg + ".")
+        if not args.force_bf16:
+            for p in ("bf16", "autocast"):
+                if p in precisions:
+                    skipped[p] = msg + "; pass --force-bf16 to run it anyway."
+    run_precisions = [p for p in precisions if p not in skipped]
+
+    workdir = Path(args.workdir) if args.workdir else Path(tempfile.mkdtemp(prefix="sdlite-bench-"))
+    ckpt, config_dir = workdir / f"{args.size}-original-fp16.safetensors", workdir / f"{args.size}-diffusers-config"
+    # diffusers' tokenizer (text, txt2img) and from_single_file (load, mem512) need the config folder.
+    need_config = any(r in rows for r in ("text", "txt2img", "load", "mem512"))
+
+    log(f"random weights ({ctx['size_desc']})")
+    weights = random_original_weights(cfg)
+    if any(r in rows for r in ("load", "mem512")):
+        log(f"writing {ckpt}")
+        write_checkpoint(cfg, weights, ckpt)
+
+    sections: dict[str, list[Row]] = {p: [] for p in precisions}
+    tokenizer = None
+    profile_text = ""
+    inproc = [r for r in rows if r not in ("load", "mem512")]
+    for precision in run_precisions if (inproc or args.profile or need_config) else []:
+        wdtype = torch.bfloat16 if precision == "bf16" else torch.float32
+        log(f"{precision}: building both libraries' networks")
+        nets = sdlite_networks(cfg, weights, wdtype)
+        dnets = diffusers_networks(cfg, nets)
+        if tokenizer is None and need_config:
+            tokenizer = write_config_dir(cfg, dnets, config_dir)
+        peak = peaks["fp32" if precision == "fp32" else "bf16"][0]
+        if inproc:
+            log(f"{precision}: rows {','.join(inproc)}")
+            sections[precision] += run_inprocess_rows(cfg, precision, nets, dnets, tokenizer, inproc, args, flops, peak)
+        if args.profile and precision == "fp32":
+            log("profile")
+            profile_text = profile_unet(cfg, nets, dnets)
+        del nets, dnets
+        gc.collect()
+        if not inproc and not args.profile:
+            break  # only the config folder was needed
+    del weights
+    gc.collect()
+
+    proc_rows = [r for r in rows if r in ("load", "mem512")]
+    if proc_rows:
+        log(f"fresh-process rows {','.join(proc_rows)}")
+        for precision, rs in run_process_rows(cfg, args.size, run_precisions, proc_rows, ckpt, config_dir, args).items():
+            sections[precision] += rs
+
+    import importlib.util
+
+    if importlib.util.find_spec("accelerate") is None and any(r in rows for r in ("load", "mem512")):
+        notes.append("`accelerate` is not installed, so diffusers' from_single_file builds each network with a "
+                     "random initialisation before loading (its documented slow path); with accelerate it builds on "
+                     "the meta device like sdlite.")
+    notes.append("txt2img: both libraries tokenize the same prompt themselves and start from the same unit-variance "
+                 "latents; diffusers' EulerDiscreteScheduler uses timestep_spacing='linspace'; the VAE decode, the "
+                 "text encoder (prompt + empty negative) and image post-processing are included.")
+    notes.append("% of peak: the row's FLOPs (FlopCounterMode on the meta device, identical for both libraries) "
+                 "divided by the median time and by the matmul peak of the row's compute dtype.")
+    if args.workdir is None:
+        import shutil
+
+        shutil.rmtree(workdir, ignore_errors=True)
+    ctx["elapsed"] = time.time() - started
+    write_report(Path(args.out), ctx, sections, skipped, notes, profile_text)
+    log(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,821 @@
+"""The web UI and an AUTOMATIC1111-compatible HTTP API, served by one process.
+
+    python -m sdlite.webui                                   # http://127.0.0.1:7860
+    python -m sdlite.webui --listen --port 7861 --api-auth me:secret --ckpt-dir ~/sd/models/Stable-diffusion
+
+Clients written for the A1111 web UI (the ``webuiapi`` package, scripts posting to ``/sdapi/v1/txt2img``)
+work unchanged: the routes, request fields and response shapes are A1111's (``modules/api/api.py``,
+``modules/api/models.py``), the images are base64 PNGs carrying the A1111 infotext in their ``parameters``
+chunk, and ``info`` is the JSON string of A1111's ``Processed.js()``.
+
+How it is built:
+
+- :class:`CheckpointList` lists ``--ckpt-dir`` (and the bundled model) the way A1111 lists
+  ``models/Stable-diffusion``, answers to every name A1111 accepts for a model, and keeps **one** pipeline
+  loaded (loaded lazily, on the first request that needs it).
+- :class:`State` is A1111's ``shared.state`` for the running job: what ``GET /sdapi/v1/progress`` reports,
+  and the interrupt/skip flags the pipeline callback reads (returning ``False`` stops sampling).
+- :class:`Engine` turns a request into ``Pipeline.txt2img``/``img2img`` calls (``n_iter`` batches, seeds
+  ``seed + i`` across all of them as A1111 does). Every job runs on **one worker thread**, in arrival
+  order, which is A1111's ``queue_lock``: concurrent requests queue, none is lost, and a failing or
+  interrupted job leaves the server serving.
+- :func:`create_app` is the FastAPI application: the API under ``/sdapi/v1/`` and the page (``static/``).
+
+Not supported (refused with a 400 rather than silently ignored): hires fix (``enable_hr``) and
+inpainting (``mask``). Fields this server does not know are ignored, as A1111 ignores them too.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import base64
+import binascii
+import concurrent.futures
+import contextlib
+import gc
+import io
+import json
+import logging
+import math
+import os
+import random
+import secrets
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+from PIL import Image
+
+from .. import infotext
+from ..errors import ArgumentError, CheckpointError, SdliteError
+from ..pipeline import BUNDLED_MODEL, VERSION, Pipeline, load
+from ..schedulers import SAMPLERS, SCHEDULES, Sampler, parse_sampler_and_schedule
+
+try:
+    from fastapi import Depends, FastAPI, HTTPException, Request
+    from fastapi.responses import FileResponse, JSONResponse
+    from fastapi.security import HTTPBasic, HTTPBasicCredentials
+    from fastapi.staticfiles import StaticFiles
+    from pydantic import BaseModel, ConfigDict, Field
+except ImportError as e:  # pragma: no cover - depends on the install
+    raise ImportError("the web UI needs FastAPI and uvicorn: pip install 'sdlite[webui]'") from e
+
+log = logging.getLogger("sdlite.webui")
+
+STATIC = Path(__file__).parent / "static"
+DEFAULT_CKPT_DIR = Path("models") / "Stable-diffusion"
+CHECKPOINT_SUFFIXES = (".ckpt", ".safetensors")  # what A1111 lists in models/Stable-diffusion
+
+
+# =============================================================================================
+# Errors: A1111's JSON error body {"error", "detail", "body", "errors"} with an HTTP status
+# =============================================================================================
+
+
+class ApiError(Exception):
+    """A request the server refuses; ``status`` is the HTTP status (4xx: the client's fault)."""
+
+    def __init__(self, status: int, message: str):
+        super().__init__(message)
+        self.status = status
+
+
+def error_response(status: int, exc: BaseException, detail: Any = None) -> JSONResponse:
+    """A1111's error body (``modules/api/api.py`` ``handle_exception``)."""
+    message = str(exc)
+    return JSONResponse(status_code=status, content={
+        "error": type(exc).__name__, "detail": message if detail is None else detail, "body": "", "errors": message,
+    })
+
+
+def _status_of(exc: BaseException) -> int:
+    if isinstance(exc, ApiError):
+        return exc.status
+    if isinstance(exc, CheckpointError):
+        return 500  # the server's file is unusable; the request itself was fine
+    if isinstance(exc, SdliteError):
+        return 400  # ArgumentError, SamplerError: a bad value in the request
+    return 500
+
+
+# =============================================================================================
+# Checkpoints
+# =============================================================================================
+
+
+@dataclass
+class Checkpoint:
+    """One model file, named as A1111 names it (``modules/sd_models.py`` ``CheckpointInfo``).
+
+    ``name`` is the path relative to the checkpoint folder (the bare file name for the bundled model
+    and ``--ckpt``); ``title`` is ``"name [shorthash]"`` once the file has been hashed (at its first load,
+    as in A1111), else just ``name``."""
+
+    path: Path
+    name: str
+    shorthash: str | None = None
+
+    @property
+    def model_name(self) -> str:
+        return os.path.splitext(self.name.replace("/", "_").replace("\\", "_"))[0]
+
+    @property
+    def title(self) -> str:
+        return self.name if self.shorthash is None else f"{self.name} [{self.shorthash}]"
+
+    def ids(self) -> set[str]:
+        """Every string that selects this model: name, title, model name, short hash (A1111's aliases)."""
+        ids = {self.name, self.title, self.model_name}
+        if self.shorthash:
+            ids.add(self.shorthash)
+        return ids
+
+    def api(self) -> dict[str, Any]:
+        """An item of ``GET /sdapi/v1/sd-models``."""
+        return {"title": self.title, "model_name": self.model_name, "hash": self.shorthash, "sha256": None,
+                "filename": str(self.path), "config": None}
+
+
+class CheckpointList:
+    """The models the server offers, and the one loaded pipeline.
+
+    The folder is rescanned on every listing (cheap: names only). The bundled model, when installed, and
+    an explicit ``--ckpt`` file are always listed first."""
+
+    def __init__(self, ckpt_dir: Path | None, extra: Sequence[Path] = (), device: str | None = None,
+                 dtype: str | None = None):
+        self.ckpt_dir = Path(ckpt_dir) if ckpt_dir is not None else None
+        self.extra = [Path(p).resolve() for p in extra]
+        self.device, self.dtype = device, dtype
+        self._hashes: dict[Path, str] = {}
+        self._lock = threading.Lock()
+        self._pipe: Pipeline | None = None
+        self._pipe_path: Path | None = None
+
+    def list(self) -> list[Checkpoint]:
+        found: list[Checkpoint] = []
+        fixed = [*self.extra, *([BUNDLED_MODEL] if BUNDLED_MODEL.is_file() else [])]
+        for path in fixed:
+            if path.is_file() and all(c.path != path for c in found):
+                found.append(Checkpoint(path, path.name))
+        if self.ckpt_dir is not None and self.ckpt_dir.is_dir():
+            files = sorted(p for p in self.ckpt_dir.rglob("*") if p.suffix.lower() in CHECKPOINT_SUFFIXES and p.is_file())
+            for path in files:
+                path = path.resolve()
+                if all(c.path != path for c in found):
+                    found.append(Checkpoint(path, path.relative_to(self.ckpt_dir.resolve()).as_posix()))
+        with self._lock:
+            for c in found:
+                c.shorthash = self._hashes.get(c.path)
+        return found
+
+    def find(self, name: str) -> Checkpoint:
+        """The checkpoint a name (title, name, model name or short hash) refers to; :class:`ApiError` 400 if none."""
+        for c in self.list():
+            if name in c.ids():
+                return c
+        raise ApiError(400, f"model {name!r} not found")
+
+    def default(self) -> Checkpoint | None:
+        models = self.list()
+        return models[0] if models else None
+
+    def pipeline(self, checkpoint: Checkpoint) -> Pipeline:
+        """The loaded pipeline of ``checkpoint``; loads it (dropping the previous one first) when needed.
+
+        Only the worker thread calls this, so loads never overlap."""
+        if self._pipe is None or self._pipe_path != checkpoint.path:
+            self._pipe, self._pipe_path = None, None
+            gc.collect()  # free the old model before the new one takes its memory
+            log.info("loading %s", checkpoint.path)
+            pipe = load(checkpoint.path, device=self.device, dtype=self.dtype)  # pipe.name = the file's stem,
+            # which is what A1111 writes as "Model:" and returns as sd_model_name
+            with self._lock:
+                self._hashes[checkpoint.path] = pipe.model_hash  # A1111 hashes a model when it loads it
+            self._pipe, self._pipe_path = pipe, checkpoint.path
+        checkpoint.shorthash = self._hashes.get(checkpoint.path)
+        return self._pipe
+
+
+# =============================================================================================
+# Progress and the latent preview
+# =============================================================================================
+
+# A fixed linear map from SD's 4 latent channels (scaled latents) to RGB in [-1, 1]: the "cheap
+# approximation" of the VAE decoder found by Keturn ("Decoding latents to RGB without upscaling",
+# discuss.huggingface.co, 2022), which the A1111 web UI uses for its "Approx cheap" live preview.
+LATENT_RGB = torch.tensor([
+    #   R       G       B
+    [0.298, 0.207, 0.208],
+    [0.187, 0.286, 0.173],
+    [-0.158, 0.189, 0.264],
+    [-0.184, -0.271, -0.473],
+])
+
+
+def latent_preview(latent: torch.Tensor, scale: int = 8) -> Image.Image:
+    """A cheap preview of one latent ``[C, h, w]``: :data:`LATENT_RGB` (no VAE), upscaled ``scale``× (nearest).
+
+    A latent with other than 4 channels shows its first three channels."""
+    z = latent.detach().float().cpu()
+    if z.shape[0] == LATENT_RGB.shape[0]:
+        rgb = torch.einsum("chw,cr->rhw", z, LATENT_RGB)
+    else:
+        rgb = z[:3] if z.shape[0] >= 3 else z[:1].expand(3, -1, -1)
+    arr = ((rgb.clamp(-1, 1) + 1) * 127.5).round().byte().permute(1, 2, 0).numpy()
+    image = Image.fromarray(arr)
+    return image.resize((image.width * scale, image.height * scale), Image.NEAREST)
+
+
+class State:
+    """A1111's ``shared.state`` for the running job (``modules/shared_state.py``): counters for
+    ``GET /sdapi/v1/progress`` and the interrupt/skip flags the sampling callback reads."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self.job, self.job_count, self.job_no, self.job_timestamp = "", 0, 0, "0"
+        self.sampling_step = self.sampling_steps = 0
+        self.interrupted = self.skipped = self.stopping_generation = False
+        self.time_start = 0.0
+        self.textinfo: str | None = None
+        self._latent: torch.Tensor | None = None
+        self._latent_step = -1
+        self._preview: str | None = None
+        self._preview_step = -1
+        self.preview_scale = 8
+
+    # -- the worker side --------------------------------------------------------------------
+
+    def begin(self, job: str, job_count: int) -> None:
+        with self._lock:
+            self.job, self.job_count, self.job_no = job, job_count, 0
+            self.job_timestamp = time.strftime("%Y%m%d%H%M%S")
+            self.sampling_step = self.sampling_steps = 0
+            self.interrupted = self.skipped = self.stopping_generation = False
+            self.time_start = time.time()
+            self.textinfo = None
+            self._latent, self._latent_step, self._preview, self._preview_step = None, -1, None, -1
+
+    def next_job(self, job_no: int, sampling_steps: int) -> None:
+        with self._lock:
+            self.job_no, self.sampling_step, self.sampling_steps = job_no, 0, sampling_steps
+            self.skipped = False
+
+    def step(self, step: int, latent: torch.Tensor) -> None:
+        with self._lock:
+            self.sampling_step = step
+            self._latent, self._latent_step = latent, self._latent_step + 1
+
+    def end(self) -> None:
+        with self._lock:
+            self.job, self.job_count, self.job_no = "", 0, 0
+            self.sampling_step = self.sampling_steps = 0
+            self.textinfo = None
+            self._latent = None
+
+    # -- the API side ----------------------------------------------------------------------
+
+    def interrupt(self) -> None:
+        with self._lock:
+            self.interrupted = True
+
+    def skip(self) -> None:
+        with self._lock:
+            self.skipped = True
+
+    def dict(self) -> dict[str, Any]:
+        return {"skipped": self.skipped, "interrupted": self.interrupted,
+                "stopping_generation": self.stopping_generation, "job": self.job, "job_count": self.job_count,
+                "job_timestamp": self.job_timestamp, "job_no": self.job_no, "sampling_step": self.sampling_step,
+                "sampling_steps": self.sampling_steps}
+
+    def progress(self, skip_current_image: bool = False) -> dict[str, Any]:
+        """The body of ``GET /sdapi/v1/progress`` (A1111's ``progressapi``, same formula)."""
+        with self._lock:
+            state = self.dict()
+            if self.job_count == 0:
+                return {"progress": 0.0, "eta_relative": 0.0, "state": state, "current_image": None,
+                        "textinfo": self.textinfo}
+            progress = 0.01 + self.job_no / self.job_count
+            if self.sampling_steps > 0:
+                progress += self.sampling_step / self.sampling_steps / self.job_count
+            elapsed = time.time() - self.time_start
+            eta_relative = elapsed / progress - elapsed
+            latent, latent_step = self._latent, self._latent_step
+            textinfo = self.textinfo
+        current_image = None
+        if not skip_current_image and latent is not None:
+            if latent_step != self._preview_step:
+                buf = io.BytesIO()
+                latent_preview(latent, self.preview_scale).save(buf, format="PNG")
+                self._preview, self._preview_step = base64.b64encode(buf.getvalue()).decode(), latent_step
+            current_image = self._preview
+        return {"progress": min(progress, 1.0), "eta_relative": eta_relative, "state": state,
+                "current_image": current_image, "textinfo": textinfo}
+
+
+# =============================================================================================
+# Requests (A1111's StableDiffusionTxt2ImgProcessingAPI / Img2ImgProcessingAPI, the fields sdlite uses)
+# =============================================================================================
+
+
+class Txt2ImgRequest(BaseModel):
+    """``POST /sdapi/v1/txt2img``. Unknown fields are ignored; a wrong type gives 422 naming the field.
+
+    ``width``/``height`` default to the model's native size (A1111: 512)."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    prompt: str = ""
+    negative_prompt: str = ""
+    styles: list[str] | None = None
+    seed: int = -1
+    subseed: int = -1
+    subseed_strength: float = 0.0
+    sampler_name: str | None = None
+    sampler_index: str = "Euler"
+    scheduler: str | None = None
+    batch_size: int = Field(1, ge=1)
+    n_iter: int = Field(1, ge=1)
+    steps: int = Field(50, ge=1)
+    cfg_scale: float = 7.0
+    width: int | None = Field(None, ge=8)
+    height: int | None = Field(None, ge=8)
+    eta: float | None = None
+    denoising_strength: float | None = None
+    enable_hr: bool = False
+    override_settings: dict[str, Any] | None = None
+    override_settings_restore_afterwards: bool = True
+    send_images: bool = True
+    save_images: bool = False
+
+
+class Img2ImgRequest(Txt2ImgRequest):
+    """``POST /sdapi/v1/img2img``: adds ``init_images`` (base64, optionally ``data:image/...;base64,``).
+
+    The first init image is used for the whole batch, resized to ``width``×``height`` (A1111's resize mode 0,
+    "just resize"; default size: the image's, rounded down to a multiple of 8)."""
+
+    init_images: list[str] | None = None
+    mask: str | None = None
+    denoising_strength: float = 0.75
+    resize_mode: int = 0
+    include_init_images: bool = False
+
+
+class PngInfoRequest(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    image: str = ""
+
+
+def decode_image(data: str, field: str = "image") -> Image.Image:
+    """A base64 image, with or without a ``data:image/...;base64,`` prefix; :class:`ApiError` 400 if unreadable."""
+    if data.startswith("data:"):
+        data = data.split(",", 1)[-1]
+    try:
+        image = Image.open(io.BytesIO(base64.b64decode(data, validate=False)))
+        image.load()
+        return image
+    except (binascii.Error, ValueError, OSError) as e:
+        raise ApiError(400, f"{field}: not a base64-encoded image ({e})") from None
+
+
+def encode_png(image: Image.Image) -> str:
+    """Base64 PNG (no ``data:`` prefix, as A1111 returns it) with the image's infotext in ``parameters``."""
+    buf = io.BytesIO()
+    text = image.info.get("parameters")
+    if text:
+        infotext.save_png(image, buf, text)
+    else:
+        image.save(buf, format="PNG")
+    return base64.b64encode(buf.getvalue()).decode()
+
+
+# =============================================================================================
+# The engine: requests → pipeline calls, on one worker thread
+# =============================================================================================
+
+
+@dataclass
+class Job:
+    """A validated generation request."""
+
+    kind: str  # "txt2img" or "img2img"
+    request: Txt2ImgRequest
+    sampler: Sampler
+    schedule: str
+    checkpoint: Checkpoint
+    clip_skip: int
+    init_image: Image.Image | None = None
+
+
+class Engine:
+    """Options, models, the progress state and the worker thread that runs every job in turn."""
+
+    def __init__(self, checkpoints: CheckpointList):
+        self.checkpoints = checkpoints
+        self.state = State()
+        self._worker = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="sdlite-worker")
+        default = checkpoints.default()
+        # A1111's settings that sdlite honours (GET/POST /sdapi/v1/options); other keys are stored and echoed.
+        self.options: dict[str, Any] = {
+            "sd_model_checkpoint": default.title if default else None,
+            "sd_checkpoint_hash": None,
+            "CLIP_stop_at_last_layers": 1,
+            "samples_format": "png",
+            "enable_pnginfo": True,
+            "live_previews_enable": True,
+        }
+        self._current: Checkpoint | None = default
+
+    async def run(self, fn: Any, *args: Any) -> Any:
+        """Run ``fn(*args)`` on the worker thread after every job queued before it."""
+        return await asyncio.wrap_future(self._worker.submit(fn, *args))
+
+    def shutdown(self) -> None:
+        self.state.interrupt()
+        self._worker.shutdown(wait=False, cancel_futures=True)
+
+    # -- options and models ----------------------------------------------------------------
+
+    def current_checkpoint(self) -> Checkpoint:
+        if self._current is None:
+            self._current = self.checkpoints.default()
+        if self._current is None:
+            where = self.checkpoints.ckpt_dir or "--ckpt-dir"
+            raise CheckpointError(f"no model to generate with: put a .safetensors/.ckpt checkpoint in {where} "
+                                  "or start the server with --ckpt PATH")
+        # refresh the title (the hash is known once loaded)
+        return next((c for c in self.checkpoints.list() if c.path == self._current.path), self._current)
+
+    def get_options(self) -> dict[str, Any]:
+        options = dict(self.options)
+        try:
+            current = self.current_checkpoint()
+            options["sd_model_checkpoint"] = current.title
+        except CheckpointError:
+            options["sd_model_checkpoint"] = None
+        return options
+
+    def set_options(self, values: dict[str, Any]) -> None:
+        """POST options: switching ``sd_model_checkpoint`` loads the model (on the worker, in turn)."""
+        checkpoint = None
+        if values.get("sd_model_checkpoint") is not None:
+            checkpoint = self.checkpoints.find(str(values["sd_model_checkpoint"]))
+        if "CLIP_stop_at_last_layers" in values:
+            _clip_skip(values["CLIP_stop_at_last_layers"])
+        if checkpoint is not None:
+            self.checkpoints.pipeline(checkpoint)
+            self._current = checkpoint
+        self.options.update({k: v for k, v in values.items() if k != "sd_model_checkpoint"})
+
+    # -- generation -------------------------------------------------------------------------
+
+    def prepare(self, kind: str, req: Txt2ImgRequest) -> Job:
+        """Check a request before it queues, so a bad value is refused at once (400 with a message)."""
+        if req.enable_hr:
+            raise ApiError(400, "enable_hr: the hires fix is not supported by sdlite")
+        for name in ("width", "height"):
+            value = getattr(req, name)
+            if value is not None and value % 8:
+                raise ApiError(400, f"{name} must be a multiple of 8, got {value}")
+        sampler, schedule = parse_sampler_and_schedule(req.sampler_name or req.sampler_index, req.scheduler)
+        overrides = req.override_settings or {}
+        if overrides.get("sd_model_checkpoint"):
+            checkpoint = self.checkpoints.find(str(overrides["sd_model_checkpoint"]))
+        else:
+            checkpoint = self.current_checkpoint()
+        clip_skip = _clip_skip(overrides.get("CLIP_stop_at_last_layers", self.options["CLIP_stop_at_last_layers"]))
+        init_image = None
+        if isinstance(req, Img2ImgRequest):
+            if req.mask:
+                raise ApiError(400, "mask: inpainting is not supported by sdlite")
+            if not req.init_images:
+                raise ApiError(400, "init_images: img2img needs at least one init image")
+            if not 0.0 < req.denoising_strength <= 1.0:
+                raise ApiError(400, f"denoising_strength must be in (0, 1], got {req.denoising_strength}")
+            init_image = decode_image(req.init_images[0], "init_images[0]")
+        return Job(kind, req, sampler, schedule, checkpoint, clip_skip, init_image)
+
+    def generate(self, job: Job) -> dict[str, Any]:
+        """Run one job (on the worker thread) and build A1111's response body."""
+        req, state = job.request, self.state
+        state.begin(job.kind, req.n_iter)
+        try:
+            state.textinfo = f"Loading {job.checkpoint.title}"
+            pipe = self.checkpoints.pipeline(job.checkpoint)
+            state.textinfo = None
+            state.preview_scale = pipe.vae_factor
+            seed = random.randrange(4294967294) if req.seed == -1 else int(req.seed)
+            strength = req.denoising_strength if job.kind == "img2img" else 1.0
+            levels = job.sampler.levels(pipe.schedule, req.steps, job.schedule, strength=strength)
+            n_steps = len(levels) - 1 if job.sampler.family == "k" else len(levels)
+
+            def callback(i: int, t: float, x: torch.Tensor) -> bool | None:
+                # The preview shows the latent in the variance-preserving form x_t = sqrt(abar) x0 + sqrt(1-abar) eps:
+                # the k-samplers' x = x0 + sigma eps is divided by sqrt(1 + sigma²).
+                z = x[0].detach()
+                if job.sampler.family == "k":
+                    sigma = float(pipe.schedule.t_to_sigma(torch.tensor(t)))
+                    z = z / math.sqrt(1.0 + sigma * sigma)
+                state.step(i + 1, z.float().cpu().clone())
+                return False if (state.interrupted or state.skipped) else None
+
+            images: list[Image.Image] = []
+            for n in range(req.n_iter):
+                if state.interrupted:
+                    break
+                state.next_job(n, n_steps)
+                kwargs = dict(negative_prompt=req.negative_prompt, steps=req.steps, guidance_scale=req.cfg_scale,
+                              width=req.width, height=req.height, seed=seed + n * req.batch_size,
+                              sampler=job.sampler.id, schedule=job.schedule, batch_size=req.batch_size,
+                              eta=req.eta, callback=callback, clip_skip=job.clip_skip)
+                if job.kind == "img2img":
+                    images += pipe.img2img(job.init_image, req.prompt, strength=strength, **kwargs)
+                else:
+                    images += pipe.txt2img(req.prompt, **kwargs)
+            overrides = req.override_settings or {}
+            if overrides and not req.override_settings_restore_afterwards:
+                self.set_options(overrides)
+            return self._response(job, pipe, images, seed)
+        finally:
+            state.end()
+
+    def _response(self, job: Job, pipe: Pipeline, images: list[Image.Image], seed: int) -> dict[str, Any]:
+        req = job.request
+        n = len(images)
+        seeds = [seed + i for i in range(n)]
+        width, height = images[0].size if images else (req.width, req.height)
+        infotexts = [im.info.get("parameters", "") for im in images]
+        # The schedule type goes where A1111 puts it, in extra_generation_params, exactly when the infotext has it.
+        written = infotext.parse_infotext(infotexts[0], fill_defaults=False) if infotexts else {}
+        extra = {"Schedule type": written["Schedule type"]} if "Schedule type" in written else {}
+        info = {  # A1111's Processed.js(), key for key
+            "prompt": req.prompt, "all_prompts": [req.prompt] * n,
+            "negative_prompt": req.negative_prompt, "all_negative_prompts": [req.negative_prompt] * n,
+            "seed": seed, "all_seeds": seeds, "subseed": req.subseed, "all_subseeds": [req.subseed] * n,
+            "subseed_strength": req.subseed_strength, "width": width, "height": height,
+            "sampler_name": job.sampler.label, "cfg_scale": req.cfg_scale, "steps": req.steps,
+            "batch_size": req.batch_size, "restore_faces": False, "face_restoration_model": None,
+            "sd_model_name": pipe.name, "sd_model_hash": pipe.model_hash, "sd_vae_name": None, "sd_vae_hash": None,
+            "seed_resize_from_w": -1, "seed_resize_from_h": -1,
+            "denoising_strength": req.denoising_strength if job.kind == "img2img" else None,
+            "extra_generation_params": extra, "index_of_first_image": 0,
+            "infotexts": infotexts, "styles": req.styles or [],
+            "job_timestamp": self.state.job_timestamp, "clip_skip": job.clip_skip,
+            "is_using_inpainting_conditioning": False, "version": VERSION,
+        }
+        parameters = req.model_dump()
+        if isinstance(req, Img2ImgRequest) and not req.include_init_images:
+            parameters["init_images"], parameters["mask"] = None, None  # as A1111: not echoed back
+        return {"images": [encode_png(im) for im in images] if req.send_images else [],
+                "parameters": parameters, "info": json.dumps(info, ensure_ascii=False)}
+
+
+def _clip_skip(value: Any) -> int:
+    try:
+        n = int(value)
+    except (TypeError, ValueError):
+        raise ApiError(400, f"CLIP_stop_at_last_layers must be an integer >= 1, got {value!r}") from None
+    if n < 1:
+        raise ApiError(400, f"CLIP_stop_at_last_layers must be an integer >= 1, got {value!r}")
+    return n
+
+
+# =============================================================================================
+# The application
+# =============================================================================================
+
+# A1111's schedulers list: which ones need the model's own sigmas ("need_inner_model").
+_NEEDS_INNER_MODEL = {"sgm_uniform", "simple", "normal", "ddim"}
+
+
+def create_app(ckpt_dir: str | Path | None = DEFAULT_CKPT_DIR, ckpt: str | Path | None = None,
+               api_auth: str | None = None, device: str | None = None, dtype: str | None = None) -> FastAPI:
+    """The FastAPI app: the page at ``/`` and the A1111 API under ``/sdapi/v1/``.
+
+    ``api_auth``: ``"user:pass"`` (several separated by commas) enables HTTP Basic auth on the API and the page.
+
+    >>> app = create_app("models/Stable-diffusion")           # doctest: +SKIP
+    >>> uvicorn.run(app, host="127.0.0.1", port=7860)        # doctest: +SKIP
+    """
+    if ckpt is not None and not Path(ckpt).is_file():
+        raise CheckpointError(f"{ckpt}: no such checkpoint file")
+    engine = Engine(CheckpointList(Path(ckpt_dir) if ckpt_dir else None, [Path(ckpt)] if ckpt else [], device, dtype))
+    credentials = _parse_auth(api_auth)
+    basic = HTTPBasic(auto_error=False)
+
+    def check_auth(cred: HTTPBasicCredentials | None = Depends(basic)) -> None:
+        if credentials is None:
+            return
+        ok = cred is not None and cred.username in credentials and secrets.compare_digest(
+            cred.password.encode(), credentials[cred.username].encode())
+        if not ok:
+            raise HTTPException(401, "Incorrect username or password", headers={"WWW-Authenticate": "Basic"})
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI) -> Any:
+        yield
+        engine.shutdown()
+
+    app = FastAPI(title="sdlite", version=VERSION, dependencies=[Depends(check_auth)], lifespan=lifespan)
+    app.state.engine = engine
+
+    @app.exception_handler(HTTPException)
+    async def _http_error(request: Request, exc: HTTPException) -> JSONResponse:
+        response = error_response(exc.status_code, exc, detail=exc.detail)
+        if exc.headers:
+            response.headers.update(exc.headers)
+        return response
+
+    @app.exception_handler(SdliteError)
+    async def _sdlite_error(request: Request, exc: SdliteError) -> JSONResponse:
+        return error_response(_status_of(exc), exc)
+
+    @app.exception_handler(ApiError)
+    async def _api_error(request: Request, exc: ApiError) -> JSONResponse:
+        return error_response(exc.status, exc)
+
+    async def queued(fn: Any, *args: Any) -> Any:
+        """Run on the worker; an unexpected exception becomes a 500 with A1111's error body, logged."""
+        try:
+            return await engine.run(fn, *args)
+        except (ApiError, SdliteError):
+            raise
+        except Exception as exc:  # noqa: BLE001 - the server must keep serving
+            log.exception("job failed")
+            return error_response(500, exc)
+
+    # -- the page ------------------------------------------------------------------------------
+
+    @app.get("/", include_in_schema=False)
+    def index() -> FileResponse:
+        return FileResponse(STATIC / "index.html")
+
+    app.mount("/static", StaticFiles(directory=STATIC), name="static")
+
+    # -- generation ----------------------------------------------------------------------------
+
+    @app.post("/sdapi/v1/txt2img")
+    async def txt2img(req: Txt2ImgRequest) -> Any:
+        return await queued(engine.generate, engine.prepare("txt2img", req))
+
+    @app.post("/sdapi/v1/img2img")
+    async def img2img(req: Img2ImgRequest) -> Any:
+        return await queued(engine.generate, engine.prepare("img2img", req))
+
+    @app.get("/sdapi/v1/progress")
+    def progress(skip_current_image: bool = False) -> dict[str, Any]:
+        return engine.state.progress(skip_current_image)
+
+    @app.post("/sdapi/v1/interrupt")
+    def interrupt() -> dict[str, Any]:
+        engine.state.interrupt()
+        return {}
+
+    @app.post("/sdapi/v1/skip")
+    def skip() -> dict[str, Any]:
+        engine.state.skip()
+        return {}
+
+    @app.post("/sdapi/v1/png-info")
+    def png_info(req: PngInfoRequest) -> dict[str, Any]:
+        if not req.image.strip():
+            return {"info": "", "items": {}, "parameters": {}}
+        image = decode_image(req.image.strip())
+        text = infotext.read_infotext(image) or ""
+        items = {k: v for k, v in image.info.items() if k != "parameters" and isinstance(v, (str, int, float))}
+        return {"info": text, "items": items, "parameters": infotext.parse_infotext(text) if text else {}}
+
+    # -- models, samplers, options -------------------------------------------------------------
+
+    @app.get("/sdapi/v1/sd-models")
+    def sd_models() -> list[dict[str, Any]]:
+        return [c.api() for c in engine.checkpoints.list()]
+
+    @app.post("/sdapi/v1/refresh-checkpoints")
+    def refresh_checkpoints() -> None:
+        engine.checkpoints.list()
+
+    @app.get("/sdapi/v1/samplers")
+    def samplers() -> list[dict[str, Any]]:
+        return [{"name": s.label, "aliases": [s.id, *s.aliases], "options": {k: str(v) for k, v in s.a1111_options}}
+                for s in SAMPLERS]
+
+    @app.get("/sdapi/v1/schedulers")
+    def schedulers() -> list[dict[str, Any]]:
+        return [{"name": s.id, "label": s.label, "aliases": list(s.aliases) or None,
+                 "default_rho": s.default_rho, "need_inner_model": s.id in _NEEDS_INNER_MODEL} for s in SCHEDULES]
+
+    @app.get("/sdapi/v1/options")
+    def get_options() -> dict[str, Any]:
+        return engine.get_options()
+
+    @app.post("/sdapi/v1/options")
+    async def set_options(values: dict[str, Any]) -> Any:
+        if values.get("sd_model_checkpoint") is not None:
+            engine.checkpoints.find(str(values["sd_model_checkpoint"]))  # unknown → 400 before queueing
+        result = await queued(engine.set_options, values)
+        return result  # None (JSON null), as A1111
+
+    @app.get("/sdapi/v1/scripts")
+    def scripts() -> dict[str, list[str]]:
+        return {"txt2img": [], "img2img": []}
+
+    @app.get("/sdapi/v1/script-info")
+    def script_info() -> list[Any]:
+        return []
+
+    return app
+
+
+def _parse_auth(api_auth: str | None) -> dict[str, str] | None:
+    if not api_auth:
+        return None
+    creds = {}
+    for item in api_auth.split(","):
+        user, sep, password = item.strip().partition(":")
+        if not sep or not user:
+            raise ArgumentError(f"--api-auth takes user:password (several separated by commas), got {item!r}")
+        creds[user] = password
+    return creds
+
+
+# =============================================================================================
+# Running it
+# =============================================================================================
+
+
+class ServerThread:
+    """Serve an app with uvicorn on a background thread (tests, notebooks).
+
+    >>> with ServerThread(create_app(), port=7861) as server:   # doctest: +SKIP
+    ...     print(server.url)
+    """
+
+    def __init__(self, app: FastAPI, host: str = "127.0.0.1", port: int = 7860):
+        import uvicorn
+
+        self.host, self.port = host, port
+        self.server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level="warning"))
+        self.thread = threading.Thread(target=self.server.run, name="sdlite-webui", daemon=True)
+
+    @property
+    def url(self) -> str:
+        return f"http://{self.host}:{self.port}"
+
+    def start(self, timeout: float = 30.0) -> "ServerThread":
+        self.thread.start()
+        deadline = time.monotonic() + timeout
+        while not self.server.started:
+            if not self.thread.is_alive() or time.monotonic() > deadline:
+                raise RuntimeError(f"the web UI did not start on {self.url}")
+            time.sleep(0.02)
+        return self
+
+    def stop(self) -> None:
+        self.server.should_exit = True
+        self.thread.join(timeout=10)
+
+    def __enter__(self) -> "ServerThread":
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``python -m sdlite.webui``: serve the page and the API (the flags of A1111 where they exist)."""
+    p = argparse.ArgumentParser(prog="python -m sdlite.webui", description=(
+        "The sdlite web UI and an AUTOMATIC1111-compatible API (/sdapi/v1/...) on one port."))
+    p.add_argument("--port", type=int, default=7860, help="port (default 7860)")
+    p.add_argument("--listen", action="store_true", help="listen on 0.0.0.0 (all interfaces), not only 127.0.0.1")
+    p.add_argument("--api-auth", dest="api_auth", default=None,
+                   help="user:password (comma-separated for several): HTTP Basic auth on the API and the page")
+    p.add_argument("--ckpt-dir", dest="ckpt_dir", type=Path, default=DEFAULT_CKPT_DIR,
+                   help=f"folder of .safetensors/.ckpt checkpoints (default {DEFAULT_CKPT_DIR})")
+    p.add_argument("--ckpt", type=Path, default=None, help="a checkpoint to list first and start with")
+    p.add_argument("--device", default=None, help="cuda, cpu, ... (default: cuda when available)")
+    p.add_argument("--precision", dest="dtype", default=None, help="fp32, fp16, bf16 (default: per device)")
+    args = p.parse_args(argv)
+
+    import uvicorn
+
+    logging.basicConfig(level=logging.INFO, format="%(name)s: %(message)s")
+    try:
+        app = create_app(args.ckpt_dir, args.ckpt, args.api_auth, args.device, args.dtype)
+    except SdliteError as e:
+        print(f"error: {e}")
+        return 2
+    models = app.state.engine.checkpoints.list()
+    if not models:
+        log.warning("no checkpoint found in %s and no bundled model: the page will list no model", args.ckpt_dir)
+    host = "0.0.0.0" if args.listen else "127.0.0.1"
+    log.info("sdlite web UI on http://%s:%d (%d model(s))", "127.0.0.1" if not args.listen else host, args.port,
+             len(models))
+    uvicorn.run(app, host=host, port=args.port, log_level="warning")
+    return 0

@@ -1,0 +1,294 @@
+// The sdlite page: a thin client of the A1111-compatible API under /sdapi/v1/ (no build step).
+"use strict";
+
+const $ = (id) => document.getElementById(id);
+const PNG = "data:image/png;base64,";
+
+const ui = {
+  mode: "txt2img",       // "txt2img" | "img2img" | "pnginfo"
+  results: [],           // [{b64, infotext, seed}]
+  selected: -1,
+  initImage: null,       // data URL of the img2img init image
+  parsed: null,          // parameters of the last PNG Info read
+  busy: false,
+};
+
+// -- the API ------------------------------------------------------------------------------
+
+async function api(path, body) {
+  const opts = body === undefined ? {} :
+    {method: "POST", headers: {"Content-Type": "application/json"}, body: JSON.stringify(body)};
+  const r = await fetch("/sdapi/v1/" + path, opts);
+  const data = await r.json().catch(() => null);
+  if (!r.ok) throw new Error(errorMessage(r.status, data));
+  return data;
+}
+
+function errorMessage(status, data) {
+  if (data && Array.isArray(data.detail)) {  // 422: pydantic names the field
+    return data.detail.map((d) => `${(d.loc || []).slice(1).join(".")}: ${d.msg}`).join("; ");
+  }
+  return `${status}: ${(data && (data.errors || data.detail)) || "request failed"}`;
+}
+
+function showError(message) {
+  const el = $("error");
+  el.textContent = message || "";
+  el.hidden = !message;
+}
+
+// -- setup --------------------------------------------------------------------------------
+
+async function loadLists() {
+  const [samplers, schedulers] = await Promise.all([api("samplers"), api("schedulers")]);
+  $("sampler").replaceChildren(...samplers.map((s) => new Option(s.name, s.name)));
+  $("sampler").value = "Euler a";
+  $("scheduler").replaceChildren(...schedulers.map((s) => new Option(s.label, s.name)));
+  $("scheduler").value = "automatic";
+  await loadModels();
+}
+
+async function loadModels() {
+  const [models, options] = await Promise.all([api("sd-models"), api("options")]);
+  const select = $("model");
+  select.replaceChildren(...models.map((m) => new Option(m.title, m.title)));
+  if (options.sd_model_checkpoint) select.value = options.sd_model_checkpoint;
+  $("model-status").textContent = models.length ? "" : "no checkpoint found";
+}
+
+async function switchModel() {
+  const select = $("model");
+  select.disabled = true;
+  $("model-status").textContent = "loading…";
+  try {
+    await api("options", {sd_model_checkpoint: select.value});
+    await loadModels();
+  } catch (e) {
+    $("model-status").textContent = e.message;
+    return;
+  } finally {
+    select.disabled = false;
+  }
+  $("model-status").textContent = "";
+}
+
+function setTab(tab) {
+  ui.mode = tab;
+  document.querySelectorAll(".tabs button").forEach((b) => b.classList.toggle("active", b.dataset.tab === tab));
+  $("generate-tab").hidden = tab === "pnginfo";
+  $("pnginfo-tab").hidden = tab !== "pnginfo";
+  $("img2img-panel").hidden = tab !== "img2img";
+}
+
+// -- generation ---------------------------------------------------------------------------
+
+function intOrNull(id) {
+  const v = $(id).value.trim();
+  return v === "" ? null : Number(v);
+}
+
+function payload() {
+  const p = {
+    prompt: $("prompt").value,
+    negative_prompt: $("negative_prompt").value,
+    sampler_name: $("sampler").value,
+    scheduler: $("scheduler").value,
+    steps: intOrNull("steps") ?? 20,
+    cfg_scale: Number($("cfg_scale").value),
+    seed: intOrNull("seed") ?? -1,
+    batch_size: intOrNull("batch_size") ?? 1,
+    n_iter: intOrNull("n_iter") ?? 1,
+  };
+  if (intOrNull("width") !== null) p.width = intOrNull("width");
+  if (intOrNull("height") !== null) p.height = intOrNull("height");
+  if (ui.mode === "img2img") {
+    p.init_images = ui.initImage ? [ui.initImage] : [];
+    p.denoising_strength = Number($("denoising_strength").value);
+  }
+  return p;
+}
+
+async function generate() {
+  if (ui.busy) return;
+  if (ui.mode === "img2img" && !ui.initImage) { showError("img2img: choose an init image first"); return; }
+  showError("");
+  ui.busy = true;
+  $("generate").disabled = true;
+  $("interrupt").disabled = false;
+  $("progress-text").textContent = "Waiting…";
+  $("bar-fill").style.width = "0";
+  const started = performance.now();
+  const poll = startProgress();
+  try {
+    const res = await api(ui.mode, payload());
+    const info = JSON.parse(res.info);
+    ui.results = res.images.map((b64, i) => ({b64, infotext: info.infotexts[i], seed: info.all_seeds[i]}));
+    renderGallery();
+    select(0);
+    const secs = ((performance.now() - started) / 1000).toFixed(1);
+    $("progress-text").textContent = `Done: ${ui.results.length} image(s) in ${secs} s`;
+    $("bar-fill").style.width = "100%";
+  } catch (e) {
+    showError(e.message);
+    $("progress-text").textContent = "Failed";
+  } finally {
+    poll.stop();
+    $("viewer").parentElement.classList.remove("live");
+    ui.busy = false;
+    $("generate").disabled = false;
+    $("interrupt").disabled = true;
+  }
+}
+
+// Poll GET /progress while a request runs: the bar, "Step i/N", the ETA and the latent preview.
+function startProgress() {
+  let running = true;
+  const tick = async () => {
+    if (!running) return;
+    try {
+      const p = await api("progress?skip_current_image=false");
+      if (running && p.state.job_count > 0) {
+        $("bar-fill").style.width = `${Math.round(p.progress * 100)}%`;
+        const s = p.state;
+        let text = s.sampling_steps ? `Step ${s.sampling_step}/${s.sampling_steps}` : (p.textinfo || "Starting…");
+        if (s.job_count > 1) text += ` · batch ${s.job_no + 1}/${s.job_count}`;
+        if (s.sampling_step > 0 && p.eta_relative > 0) text += ` · ETA ${p.eta_relative.toFixed(1)} s`;
+        $("progress-text").textContent = text;
+        if (p.current_image) {
+          $("viewer").src = PNG + p.current_image;
+          $("viewer").parentElement.classList.add("live");
+        }
+      }
+    } catch (e) { /* keep polling; the request itself reports errors */ }
+    if (running) setTimeout(tick, 250);
+  };
+  setTimeout(tick, 100);
+  return {stop: () => { running = false; }};
+}
+
+function renderGallery() {
+  $("gallery").replaceChildren(...ui.results.map((r, i) => {
+    const img = new Image();
+    img.src = PNG + r.b64;
+    img.alt = `image ${i + 1}`;
+    img.addEventListener("click", () => select(i));
+    return img;
+  }));
+}
+
+function select(i) {
+  ui.selected = i;
+  const r = ui.results[i];
+  [...$("gallery").children].forEach((el, j) => el.classList.toggle("selected", j === i));
+  $("viewer").src = r ? PNG + r.b64 : "";
+  $("infotext").textContent = r ? r.infotext : "";
+  $("send-img2img").disabled = $("send-pnginfo").disabled = !r;
+}
+
+// -- images in: init image, PNG Info --------------------------------------------------------
+
+function readFile(file) {
+  return new Promise((resolve, reject) => {
+    const reader = new FileReader();
+    reader.onload = () => resolve(reader.result);
+    reader.onerror = () => reject(reader.error);
+    reader.readAsDataURL(file);
+  });
+}
+
+function dropZone(zoneId, inputId, onImage) {
+  const zone = $(zoneId);
+  zone.addEventListener("dragover", (e) => { e.preventDefault(); zone.classList.add("over"); });
+  zone.addEventListener("dragleave", () => zone.classList.remove("over"));
+  zone.addEventListener("drop", async (e) => {
+    e.preventDefault();
+    zone.classList.remove("over");
+    const file = e.dataTransfer.files[0];
+    if (file) onImage(await readFile(file));
+  });
+  $(inputId).addEventListener("change", async (e) => {
+    const file = e.target.files[0];
+    if (file) onImage(await readFile(file));
+  });
+}
+
+function setInitImage(dataUrl) {
+  ui.initImage = dataUrl;
+  $("init-preview").src = dataUrl;
+}
+
+async function readPngInfo(dataUrl) {
+  $("png-image").src = dataUrl;
+  $("png-text").textContent = "reading…";
+  try {
+    const res = await api("png-info", {image: dataUrl});
+    ui.parsed = res.info ? res.parameters : null;
+    $("png-text").textContent = res.info || "(no parameters in this image)";
+    $("png-params").replaceChildren(...Object.entries(res.parameters || {}).map(([k, v]) => {
+      const tr = document.createElement("tr");
+      tr.append(Object.assign(document.createElement("td"), {textContent: k}),
+                Object.assign(document.createElement("td"), {textContent: v}));
+      return tr;
+    }));
+  } catch (e) {
+    ui.parsed = null;
+    $("png-text").textContent = e.message;
+  }
+  $("png-send-txt2img").disabled = $("png-send-img2img").disabled = !ui.parsed;
+}
+
+// Fill the form from parsed infotext (the keys of A1111's parse_generation_parameters).
+function applyParameters(p, tab) {
+  const set = (id, v) => { if (v !== undefined && v !== null) $(id).value = v; };
+  set("prompt", p["Prompt"]);
+  set("negative_prompt", p["Negative prompt"]);
+  set("steps", p["Steps"]);
+  set("cfg_scale", p["CFG scale"]);
+  set("seed", p["Seed"]);
+  set("width", p["Size-1"]);
+  set("height", p["Size-2"]);
+  if (p["Denoising strength"] !== undefined) {
+    set("denoising_strength", p["Denoising strength"]);
+    $("denoising-out").value = p["Denoising strength"];
+  }
+  const sampler = [...$("sampler").options].find((o) => o.value === p["Sampler"]);
+  if (sampler) $("sampler").value = sampler.value;
+  const sched = [...$("scheduler").options].find((o) => o.text === p["Schedule type"] || o.value === p["Schedule type"]);
+  $("scheduler").value = sched ? sched.value : "automatic";
+  setTab(tab);
+}
+
+// -- wiring -------------------------------------------------------------------------------
+
+function wire() {
+  document.querySelectorAll(".tabs button").forEach((b) => b.addEventListener("click", () => setTab(b.dataset.tab)));
+  $("model").addEventListener("change", switchModel);
+  $("generate").addEventListener("click", generate);
+  $("interrupt").addEventListener("click", () => api("interrupt", {}).catch((e) => showError(e.message)));
+  $("seed-random").addEventListener("click", () => { $("seed").value = -1; });
+  $("seed-reuse").addEventListener("click", () => {
+    const r = ui.results[ui.selected];
+    if (r) $("seed").value = r.seed;
+  });
+  $("denoising_strength").addEventListener("input", (e) => { $("denoising-out").value = e.target.value; });
+  $("prompt").addEventListener("keydown", (e) => { if (e.key === "Enter" && (e.ctrlKey || e.metaKey)) generate(); });
+  $("send-img2img").addEventListener("click", () => {
+    const r = ui.results[ui.selected];
+    if (r) { setInitImage(PNG + r.b64); setTab("img2img"); }
+  });
+  $("send-pnginfo").addEventListener("click", () => {
+    const r = ui.results[ui.selected];
+    if (r) { setTab("pnginfo"); readPngInfo(PNG + r.b64); }
+  });
+  $("png-send-txt2img").addEventListener("click", () => ui.parsed && applyParameters(ui.parsed, "txt2img"));
+  $("png-send-img2img").addEventListener("click", () => {
+    if (!ui.parsed) return;
+    setInitImage($("png-image").src);
+    applyParameters(ui.parsed, "img2img");
+  });
+  dropZone("init-drop", "init-file", setInitImage);
+  dropZone("png-drop", "png-file", readPngInfo);
+}
+
+wire();
+loadLists().then(() => document.body.dataset.ready = "1").catch((e) => showError(e.message));

@@ -1,0 +1,290 @@
+"""The web UI's AUTOMATIC1111-compatible HTTP API, driven by the unchanged PyPI client ``webuiapi``.
+
+The server runs in this process on a free port (uvicorn on a background thread) over a folder holding two
+tiny random checkpoints; every generation uses a few steps at 32×32 pixels.
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+import socket
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+import pytest
+import requests
+import torch
+import webuiapi  # test-only dependency: a missing package must fail, not skip
+from PIL import Image
+
+import sdlite
+from sdlite.infotext import parse_infotext
+from sdlite.webui.server import LATENT_RGB, ServerThread, create_app, latent_preview, main
+
+from test_pipeline import make_pipe
+
+SIZE = dict(width=32, height=32)
+
+# The keys of A1111's Processed.js() (modules/processing.py), which clients read from json.loads(info).
+PROCESSED_KEYS = {
+    "prompt", "all_prompts", "negative_prompt", "all_negative_prompts", "seed", "all_seeds", "subseed",
+    "all_subseeds", "subseed_strength", "width", "height", "sampler_name", "cfg_scale", "steps", "batch_size",
+    "restore_faces", "face_restoration_model", "sd_model_name", "sd_model_hash", "sd_vae_name", "sd_vae_hash",
+    "seed_resize_from_w", "seed_resize_from_h", "denoising_strength", "extra_generation_params",
+    "index_of_first_image", "infotexts", "styles", "job_timestamp", "clip_skip", "is_using_inpainting_conditioning",
+    "version",
+}
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def ckpt_dir(tmp_path_factory) -> Path:
+    folder = tmp_path_factory.mktemp("Stable-diffusion")
+    sdlite.save(make_pipe(seed=0), folder / "tiny-a.safetensors")
+    sdlite.save(make_pipe(seed=1), folder / "tiny-b.safetensors")
+    return folder
+
+
+@pytest.fixture(scope="module")
+def server(ckpt_dir):
+    # --ckpt makes tiny-a the starting model even where the bundled model is installed (it is listed too).
+    with ServerThread(create_app(ckpt_dir, ckpt=ckpt_dir / "tiny-a.safetensors"), port=free_port()) as s:
+        yield s
+
+
+@pytest.fixture
+def api(server) -> webuiapi.WebUIApi:
+    return webuiapi.WebUIApi(host=server.host, port=server.port, sampler="Euler a", steps=2)
+
+
+def pixels(image: Image.Image) -> bytes:
+    return np.asarray(image.convert("RGB")).tobytes()
+
+
+def title_of(api: webuiapi.WebUIApi, stem: str) -> str:
+    return next(m["title"] for m in api.get_sd_models() if m["model_name"] == stem)
+
+
+# -- generation ----------------------------------------------------------------------------------
+
+def test_txt2img_returns_pngs_carrying_the_a1111_infotext_and_processed_info(api):
+    import sd_parsers  # test-only dependency: a missing package must fail, not skip
+
+    r = api.txt2img(prompt="a red circle, (left:1.2)", negative_prompt="blurry", seed=42, steps=2,
+                    sampler_name="DPM++ 2M", scheduler="exponential", cfg_scale=5, batch_size=2, n_iter=2, **SIZE)
+    assert len(r.images) == 4
+    assert PROCESSED_KEYS <= set(r.info)
+    assert r.info["all_seeds"] == [42, 43, 44, 45] and r.info["seed"] == 42
+    assert r.info["sampler_name"] == "DPM++ 2M" and r.info["sd_model_name"] == "tiny-a"
+    assert r.info["extra_generation_params"] == {"Schedule type": "Exponential"}
+    assert r.parameters["prompt"] == "a red circle, (left:1.2)" and r.parameters["n_iter"] == 2
+    for i, image in enumerate(r.images):
+        assert image.format == "PNG" and image.size == (32, 32)
+        text = image.info["parameters"]
+        assert text == r.info["infotexts"][i]
+        p = parse_infotext(text)
+        assert (p["Prompt"], p["Negative prompt"]) == ("a red circle, (left:1.2)", "blurry")
+        assert (p["Steps"], p["Sampler"], p["Schedule type"], p["CFG scale"], p["Seed"]) == \
+               ("2", "DPM++ 2M", "Exponential", "5", str(42 + i))
+        assert (p["Size-1"], p["Size-2"], p["Model"]) == ("32", "32", "tiny-a")
+    # the PNG as it came over the wire → a third-party reader that knows A1111 files
+    info = sd_parsers.ParserManager().parse(Image.open(io.BytesIO(base64.b64decode(r.json["images"][0]))))
+    assert info.generator.name == "AUTOMATIC1111"
+
+
+def test_the_same_seed_gives_the_same_image_and_another_seed_another_image(api):
+    a = api.txt2img(prompt="a cat", seed=7, steps=2, **SIZE)
+    b = api.txt2img(prompt="a cat", seed=8, steps=2, **SIZE)
+    c = api.txt2img(prompt="a cat", seed=7, steps=2, **SIZE)
+    assert pixels(c.images[0]) == pixels(a.images[0])
+    assert pixels(b.images[0]) != pixels(a.images[0])
+
+
+def test_img2img_redraws_the_init_image_with_the_denoising_strength_in_the_infotext(api):
+    init = Image.fromarray((np.indices((32, 32)).sum(0) * 4 % 256).astype(np.uint8)).convert("RGB")
+    r = api.img2img(images=[init], prompt="a green triangle", denoising_strength=0.5, steps=4, seed=3, **SIZE)
+    assert len(r.images) == 1 and r.images[0].size == (32, 32)
+    assert r.info["denoising_strength"] == 0.5
+    assert parse_infotext(r.images[0].info["parameters"])["Denoising strength"] == "0.5"
+    assert r.parameters["init_images"] is None  # as A1111, the init images are not echoed back
+    other = api.img2img(images=[init.transpose(Image.FLIP_LEFT_RIGHT)], prompt="a green triangle",
+                        denoising_strength=0.5, steps=4, seed=3, **SIZE)
+    assert pixels(other.images[0]) != pixels(r.images[0])  # the init image matters
+
+
+def test_png_info_reads_the_parameters_chunk_back(api):
+    image = api.txt2img(prompt="a blue square", seed=11, steps=2, **SIZE).images[0]
+    r = api.png_info(image)
+    assert r.info == image.info["parameters"]
+    assert r.json["parameters"]["Seed"] == "11" and r.json["parameters"]["Prompt"] == "a blue square"
+
+
+# -- lists and options ---------------------------------------------------------------------------
+
+def test_models_samplers_schedulers_and_scripts_have_a1111_shapes(api, ckpt_dir):
+    models = api.get_sd_models()
+    assert {"tiny-a", "tiny-b"} <= {m["model_name"] for m in models}
+    for m in models:
+        assert set(m) == {"title", "model_name", "hash", "sha256", "filename", "config"}
+    assert str(ckpt_dir / "tiny-b.safetensors") in {m["filename"] for m in models}
+    samplers = {s["name"]: s for s in api.get_samplers()}
+    assert {"Euler a", "Euler", "DPM++ 2M", "DDIM", "PLMS"} <= set(samplers)
+    assert samplers["DPM++ 2M"]["options"] == {"scheduler": "karras"}
+    assert "k_euler_a" in samplers["Euler a"]["aliases"]
+    schedulers = {s["name"]: s for s in api.get_schedulers()}
+    assert schedulers["karras"]["label"] == "Karras" and schedulers["karras"]["default_rho"] == 7.0
+    assert api.get_scripts() == {"txt2img": [], "img2img": []}
+
+
+def test_options_switch_the_model_and_an_unknown_model_is_refused(api):
+    a, b = title_of(api, "tiny-a"), title_of(api, "tiny-b")
+    try:
+        api.util_set_model(b, find_closest=False)
+        assert api.util_get_current_model().startswith("tiny-b.safetensors [")  # hashed when loaded
+        rb = api.txt2img(prompt="a cat", seed=5, steps=2, **SIZE)
+        assert rb.info["sd_model_name"] == "tiny-b"
+        assert "Model: tiny-b" in rb.images[0].info["parameters"]
+        r = api.session.post(f"{api.baseurl}/options", json={"sd_model_checkpoint": "no-such-model"})
+        assert r.status_code == 400 and "not found" in r.json()["errors"]
+        assert api.util_get_current_model().startswith("tiny-b")
+    finally:
+        api.util_set_model(a, find_closest=False)
+    ra = api.txt2img(prompt="a cat", seed=5, steps=2, **SIZE)
+    assert ra.info["sd_model_name"] == "tiny-a"
+    assert pixels(ra.images[0]) != pixels(rb.images[0])
+    # a per-request override, restored afterwards
+    rb2 = api.txt2img(prompt="a cat", seed=5, steps=2, override_settings={"sd_model_checkpoint": "tiny-b"}, **SIZE)
+    assert pixels(rb2.images[0]) == pixels(rb.images[0])
+    assert api.util_get_current_model().startswith("tiny-a")
+
+
+# -- progress and interrupt ----------------------------------------------------------------------
+
+def test_progress_reports_steps_and_a_latent_preview_and_interrupt_stops_the_generation(api, server):
+    result: dict = {}
+
+    def run():
+        client = webuiapi.WebUIApi(host=server.host, port=server.port)
+        result["r"] = client.txt2img(prompt="a long one", seed=1, steps=1000, **SIZE)
+
+    worker = threading.Thread(target=run)
+    worker.start()
+    deadline = time.monotonic() + 30
+    while True:
+        p = api.get_progress()
+        if p["state"]["sampling_step"] >= 2 and p["current_image"]:
+            break
+        assert time.monotonic() < deadline, "the generation never reported a step"
+        time.sleep(0.05)
+    assert p["state"]["job_count"] == 1 and p["state"]["sampling_steps"] == 1000
+    assert 0.01 < p["progress"] < 0.5 and p["eta_relative"] > 0
+    preview = Image.open(io.BytesIO(base64.b64decode(p["current_image"])))
+    assert preview.size == (32, 32)  # the 16×16 latent, upscaled by the VAE factor
+
+    t0 = time.monotonic()
+    assert api.interrupt() == {}
+    worker.join(timeout=30)
+    assert not worker.is_alive(), "interrupt did not stop the generation"
+    assert time.monotonic() - t0 < 15  # 1000 steps take minutes; the interrupted job returns at once
+    assert len(result["r"].images) == 1  # A1111 returns what it had when interrupted
+    idle = api.get_progress()
+    assert idle["state"]["job_count"] == 0 and idle["progress"] == 0
+    assert len(api.txt2img(prompt="after", steps=2, **SIZE).images) == 1  # the next job is not interrupted
+
+
+# -- robustness ----------------------------------------------------------------------------------
+
+def test_bad_json_wrong_types_and_bad_values_give_4xx_and_the_server_keeps_serving(api):
+    url = api.baseurl
+    r = requests.post(f"{url}/txt2img", data="{not json", headers={"Content-Type": "application/json"})
+    assert r.status_code == 422
+    r = requests.post(f"{url}/txt2img", json={"prompt": "x", "steps": "many"})
+    assert r.status_code == 422 and r.json()["detail"][0]["loc"] == ["body", "steps"]
+    r = requests.post(f"{url}/txt2img", json={"prompt": ["not", "a", "string"], "steps": 2})
+    assert r.status_code == 422 and r.json()["detail"][0]["loc"] == ["body", "prompt"]
+    r = requests.post(f"{url}/txt2img", json={"prompt": "x", "steps": 2, "width": 36, "height": 32})
+    assert r.status_code == 400 and "multiple of 8" in r.json()["detail"]
+    r = requests.post(f"{url}/txt2img", json={"prompt": "x", "steps": 2, "sampler_name": "Nope"})
+    assert r.status_code == 400 and "unknown sampler" in r.json()["detail"] and "Euler a" in r.json()["detail"]
+    r = requests.post(f"{url}/txt2img", json={"prompt": "x", "steps": 2, "scheduler": "wobbly"})
+    assert r.status_code == 400 and "unknown schedule" in r.json()["detail"]
+    r = requests.post(f"{url}/img2img", json={"prompt": "x", "steps": 2})
+    assert r.status_code == 400 and "init_images" in r.json()["detail"]
+    r = requests.post(f"{url}/img2img", json={"prompt": "x", "steps": 2, "init_images": ["%%%"]})
+    assert r.status_code == 400
+    r = requests.post(f"{url}/png-info", json={"image": "bm90IGFuIGltYWdl"})
+    assert r.status_code == 400
+    # unknown fields are ignored
+    r = requests.post(f"{url}/txt2img", json={"prompt": "x", "steps": 1, "no_such_field": [1, 2], **SIZE})
+    assert r.status_code == 200 and len(r.json()["images"]) == 1
+    assert api.get_progress()["state"]["job_count"] == 0
+
+
+def test_a_broken_checkpoint_fails_its_request_with_500_and_the_server_keeps_serving(api, ckpt_dir):
+    (ckpt_dir / "broken.safetensors").write_bytes(b"not a checkpoint at all")
+    try:
+        r = requests.post(f"{api.baseurl}/txt2img", json={
+            "prompt": "x", "steps": 1, "override_settings": {"sd_model_checkpoint": "broken"}, **SIZE})
+        assert r.status_code == 500
+        assert r.json()["error"] == "CheckpointError" and "broken.safetensors" in r.json()["detail"]
+    finally:
+        (ckpt_dir / "broken.safetensors").unlink()
+    assert api.get_progress()["state"]["job_count"] == 0
+    r = api.txt2img(prompt="still here", seed=2, steps=1, **SIZE)
+    assert r.info["sd_model_name"] == "tiny-a" and len(r.images) == 1
+
+
+def test_twenty_concurrent_requests_all_complete_with_distinct_seeds_and_images(server):
+    def one(i: int):
+        client = webuiapi.WebUIApi(host=server.host, port=server.port)
+        return client.txt2img(prompt=f"request {i}", seed=-1, steps=1, **SIZE)
+
+    with ThreadPoolExecutor(20) as pool:
+        results = list(pool.map(one, range(20)))
+    assert all(len(r.images) == 1 for r in results)
+    assert [r.info["prompt"] for r in results] == [f"request {i}" for i in range(20)]  # nothing lost or swapped
+    seeds = [r.info["seed"] for r in results]
+    assert len(set(seeds)) == 20 and all(0 <= s < 2**32 for s in seeds)
+    assert all(f"Seed: {r.info['seed']}," in r.images[0].info["parameters"] for r in results)
+    assert len({pixels(r.images[0]) for r in results}) == 20
+
+
+def test_basic_auth_rejects_requests_without_the_credentials(ckpt_dir):
+    app = create_app(ckpt_dir, ckpt=ckpt_dir / "tiny-a.safetensors", api_auth="alice:s3cret,bob:pw")
+    with ServerThread(app, port=free_port()) as s:
+        url = f"{s.url}/sdapi/v1"
+        r = requests.get(f"{url}/sd-models")
+        assert r.status_code == 401 and r.headers["WWW-Authenticate"] == "Basic"
+        assert requests.get(f"{url}/sd-models", auth=("alice", "wrong")).status_code == 401
+        assert requests.get(f"{s.url}/", auth=("mallory", "s3cret")).status_code == 401
+        assert requests.post(f"{url}/txt2img", json={"prompt": "x", "steps": 1}).status_code == 401
+        client = webuiapi.WebUIApi(host=s.host, port=s.port, username="bob", password="pw")
+        assert {"tiny-a", "tiny-b"} <= {m["model_name"] for m in client.get_sd_models()}
+        assert requests.get(f"{s.url}/", auth=("alice", "s3cret")).status_code == 200
+
+
+# -- pieces --------------------------------------------------------------------------------------
+
+def test_latent_preview_is_the_fixed_linear_map_of_the_four_channels_upscaled():
+    latent = torch.zeros(4, 2, 3)
+    latent[0, 1, 2] = 1.0
+    image = latent_preview(latent, scale=4)
+    assert image.size == (12, 8)
+    arr = np.asarray(image)
+    assert tuple(arr[0, 0]) == (128, 128, 128)  # a zero latent is mid grey
+    expected = np.round((LATENT_RGB[0].numpy() + 1) * 127.5).astype(np.uint8)
+    assert tuple(arr[4, 8]) == tuple(expected)  # channel 0 alone gives the first row of the map
+
+
+def test_main_refuses_a_malformed_api_auth(tmp_path, capsys):
+    assert main(["--ckpt-dir", str(tmp_path), "--api-auth", "no-colon"]) == 2
+    assert "user:password" in capsys.readouterr().out

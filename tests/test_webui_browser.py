@@ -1,0 +1,122 @@
+"""The web UI page in a real headless Chromium (Playwright driving Debian's ``/usr/bin/chromium``).
+
+A missing Chromium or Playwright FAILS this test (CI installs both); it never skips.
+
+``SDLITE_UPDATE_SCREENSHOT=1`` also writes ``docs/webui.png`` (so ordinary test runs leave the repository
+clean), drawn with ``SDLITE_SCREENSHOT_CKPT`` if set, else the bundled model when it is installed, else the
+tiny random checkpoint.
+"""
+
+from __future__ import annotations
+
+import base64
+import os
+import re
+import socket
+from pathlib import Path
+
+import pytest
+
+import sdlite
+from sdlite.pipeline import BUNDLED_MODEL
+from sdlite.webui.server import ServerThread, create_app
+
+from test_pipeline import make_pipe
+
+ROOT = Path(__file__).resolve().parents[1]
+CHROMIUM = Path("/usr/bin/chromium")
+CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+                 "--disable-component-update", "--disable-sync", "--no-first-run"]
+SCREENSHOT = os.environ.get("SDLITE_UPDATE_SCREENSHOT") == "1"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("Stable-diffusion")
+    tiny = sdlite.save(make_pipe(), folder / "tiny.safetensors")
+    start = tiny
+    if SCREENSHOT:
+        start = Path(os.environ.get("SDLITE_SCREENSHOT_CKPT") or (BUNDLED_MODEL if BUNDLED_MODEL.is_file() else tiny))
+    with ServerThread(create_app(folder, ckpt=start), port=free_port()) as s:
+        s.start_model = start
+        yield s
+
+
+def test_page_generates_with_live_progress_and_reads_the_png_info_back(server, tmp_path):
+    assert CHROMIUM.is_file(), "Chromium is missing: apt-get install -y chromium (the browser test needs it)"
+    from playwright.sync_api import expect, sync_playwright  # test-only dependency: missing must fail
+
+    prompt = "a red circle on the left"
+    batch = 4 if SCREENSHOT else 1
+    with sync_playwright() as pw:
+        browser = pw.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS, headless=True)
+        try:
+            page = browser.new_page(viewport={"width": 1280, "height": 860})
+            errors: list[str] = []
+            page.on("pageerror", lambda e: errors.append(str(e)))
+            page.goto(server.url)
+            page.wait_for_selector("body[data-ready='1']", timeout=15_000)
+            assert "Euler a" in page.locator("#sampler option").all_text_contents()
+            assert page.input_value("#model") == server.start_model.name
+
+            # Generate: the progress line counts steps, the viewer shows the latent preview, then the image.
+            page.fill("#prompt", prompt)
+            page.fill("#negative_prompt", "blurry")
+            page.fill("#steps", "40")
+            page.fill("#seed", "1234")
+            page.fill("#batch_size", str(batch))
+            page.click("#generate")
+            page.wait_for_function("""() => /^Step \\d+\\/40/.test(document.getElementById('progress-text').textContent)
+                && document.querySelector('.viewer.live #viewer').src.startsWith('data:image/png;base64,')""",
+                                   timeout=20_000)  # mid-run: the step count and the latent preview
+            expect(page.locator("#gallery img")).to_have_count(batch, timeout=60_000)
+            expect(page.locator("#progress-text")).to_have_text(re.compile(f"^Done: {batch} image"))
+            infotext = page.text_content("#infotext")
+            assert infotext.startswith(f"{prompt}\nNegative prompt: blurry\nSteps: 40, Sampler: Euler a")
+            assert "Seed: 1234," in infotext
+
+            # Reuse the seed of the shown image.
+            page.click("#seed-random")
+            assert page.input_value("#seed") == "-1"
+            page.click("#seed-reuse")
+            assert page.input_value("#seed") == "1234"
+            if SCREENSHOT:
+                page.screenshot(path=str(ROOT / "docs" / "webui.png"))
+
+            # PNG Info of the generated image, through the API's png-info, then back into the form.
+            page.click("#send-pnginfo")
+            expect(page.locator("#png-text")).to_have_text(infotext)
+            expect(page.locator("#png-params")).to_contain_text("Seed1234")
+            page.click("[data-tab=txt2img]")
+            page.fill("#prompt", "")
+            page.fill("#steps", "3")
+            page.click("[data-tab=pnginfo]")
+            page.click("#png-send-txt2img")
+            assert page.input_value("#prompt") == prompt and page.input_value("#steps") == "40"
+            width, height = re.search(r"Size: (\d+)x(\d+)", infotext).groups()
+            assert (page.input_value("#width"), page.input_value("#height")) == (width, height)
+            assert page.input_value("#sampler") == "Euler a"
+
+            # The drop area's file input reads a PNG from disk the same way.
+            png = tmp_path / "generated.png"
+            png.write_bytes(base64.b64decode(page.get_attribute("#gallery img", "src").split(",", 1)[1]))
+            page.click("[data-tab=pnginfo]")
+            page.set_input_files("#png-file", str(png))
+            expect(page.locator("#png-text")).to_have_text(infotext)
+
+            # img2img: the shown image becomes the init image; the result records the denoising strength.
+            page.click("[data-tab=txt2img]")
+            page.click("#send-img2img")
+            expect(page.locator("#init-preview")).to_have_attribute("src", re.compile("^data:image/png;base64,"))
+            page.fill("#steps", "4")
+            page.click("#generate")
+            expect(page.locator("#infotext")).to_contain_text("Denoising strength: 0.75", timeout=60_000)
+            assert errors == []
+        finally:
+            browser.close()
