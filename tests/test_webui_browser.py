@@ -54,6 +54,7 @@ def test_page_generates_with_live_progress_and_reads_the_png_info_back(server, t
 
     prompt = "a red circle on the left"
     batch = 4 if SCREENSHOT else 1
+    steps = 60  # long enough for several progress polls (every 250 ms) even on a fast machine
     with sync_playwright() as pw:
         browser = pw.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS, headless=True)
         try:
@@ -68,17 +69,17 @@ def test_page_generates_with_live_progress_and_reads_the_png_info_back(server, t
             # Generate: the progress line counts steps, the viewer shows the latent preview, then the image.
             page.fill("#prompt", prompt)
             page.fill("#negative_prompt", "blurry")
-            page.fill("#steps", "40")
+            page.fill("#steps", str(steps))
             page.fill("#seed", "1234")
             page.fill("#batch_size", str(batch))
             page.click("#generate")
-            page.wait_for_function("""() => /^Step \\d+\\/40/.test(document.getElementById('progress-text').textContent)
-                && document.querySelector('.viewer.live #viewer').src.startsWith('data:image/png;base64,')""",
+            page.wait_for_function(f"""() => /^Step \\d+\\/{steps}/.test(document.getElementById('progress-text').textContent)
+                && (document.querySelector('.viewer.live #viewer')?.src || '').startsWith('data:image/png;base64,')""",
                                    timeout=20_000)  # mid-run: the step count and the latent preview
             expect(page.locator("#gallery img")).to_have_count(batch, timeout=60_000)
             expect(page.locator("#progress-text")).to_have_text(re.compile(f"^Done: {batch} image"))
             infotext = page.text_content("#infotext")
-            assert infotext.startswith(f"{prompt}\nNegative prompt: blurry\nSteps: 40, Sampler: Euler a")
+            assert infotext.startswith(f"{prompt}\nNegative prompt: blurry\nSteps: {steps}, Sampler: Euler a")
             assert "Seed: 1234," in infotext
 
             # Reuse the seed of the shown image.
@@ -98,7 +99,7 @@ def test_page_generates_with_live_progress_and_reads_the_png_info_back(server, t
             page.fill("#steps", "3")
             page.click("[data-tab=pnginfo]")
             page.click("#png-send-txt2img")
-            assert page.input_value("#prompt") == prompt and page.input_value("#steps") == "40"
+            assert page.input_value("#prompt") == prompt and page.input_value("#steps") == str(steps)
             width, height = re.search(r"Size: (\d+)x(\d+)", infotext).groups()
             assert (page.input_value("#width"), page.input_value("#height")) == (width, height)
             assert page.input_value("#sampler") == "Euler a"

@@ -56,6 +56,8 @@ class TrainConfig:
     vae_batch: int = 8
     vae_lr: float = 1e-3
     kl_weight: float = 1e-4
+    fg_weight: float = 9.0
+    vae_crop: int = 32  # the autoencoder trains on random crops (convolutions: 4x cheaper, same weights)
     latent_pool: int = 20000  # images encoded once after phase 1 (the VAE is frozen in phase 2)
     steps: int = 8000
     batch: int = 32
@@ -147,14 +149,18 @@ class Trainer:
 
     # -- phase 1: the autoencoder ---------------------------------------------------------------
 
-    def vae_loss(self, x: torch.Tensor) -> tuple[torch.Tensor, dict[str, float]]:
+    def vae_loss(self, x: torch.Tensor, foreground: torch.Tensor) -> tuple[torch.Tensor, dict[str, float]]:
         posterior = self.vae.encode(x)
         rec = self.vae.decode(posterior.sample())
-        l1 = (rec - x).abs().mean()
-        l2 = (rec - x).pow(2).mean()
+        # The object covers ~10% of the pixels; weight them up so the autoencoder learns colour and
+        # outline early instead of only the background.
+        weight = 1.0 + self.cfg.fg_weight * foreground
+        err = rec - x
+        l1 = (weight * err.abs()).mean()
+        l2 = (weight * err.pow(2)).mean()
         kl = 0.5 * (posterior.mean.pow(2) + posterior.var - 1.0 - posterior.logvar).mean()
         loss = l1 + l2 + self.cfg.kl_weight * kl
-        return loss, {"rec": l1.item(), "kl": kl.item()}
+        return loss, {"rec": err.abs().mean().item(), "kl": kl.item()}
 
     def train_vae(self, progress: bool = True) -> None:
         cfg = self.cfg
@@ -164,9 +170,18 @@ class Trainer:
             while self.step < cfg.vae_steps:
                 images, _, _ = shapes.sample_batch(cfg.vae_batch, self.rng, size_px=cfg.model.image_size,
                                                    split="train")
+                # the top-left pixel is always background (objects sit near the middle)
+                fg = (np.abs(images.astype(np.int16) - images[:, :1, :1].astype(np.int16)).max(-1) > 12)
+                if cfg.vae_crop and cfg.vae_crop < cfg.model.image_size:
+                    # crops aligned to the latent grid, so the encoder sees positions as it will later
+                    f = cfg.model.vae.downsample_factor
+                    y, x = (int(v) * f for v in self.rng.integers(0, (cfg.model.image_size - cfg.vae_crop) // f + 1, 2))
+                    images = images[:, y:y + cfg.vae_crop, x:x + cfg.vae_crop]
+                    fg = fg[:, y:y + cfg.vae_crop, x:x + cfg.vae_crop]
                 for g in self.opt_vae.param_groups:
                     g["lr"] = _lr_at(self.step, cfg.vae_lr, 100, cfg.vae_steps)
-                loss, parts = self.vae_loss(_images_to_tensor(images).to(self.device))
+                fg_t = torch.from_numpy(fg).float()[:, None].to(self.device)
+                loss, parts = self.vae_loss(_images_to_tensor(images).to(self.device), fg_t)
                 self.opt_vae.zero_grad(set_to_none=True)
                 loss.backward()
                 self.opt_vae.step()
