@@ -357,12 +357,14 @@ class Pipeline:
 
 
 def _schedule_label(schedule_id: str | None, spec: Any) -> str | None:
-    """A1111 writes ``Schedule type`` only when it is not the sampler's automatic choice."""
+    """A1111 writes ``Schedule type`` with the schedule actually used: the sampler's default when the
+    user chose "Automatic" (DPM++ 2M → Karras), nothing when that default is the model's own."""
     from .schedulers import schedule_label
 
-    if schedule_id is None or schedule_id == "automatic":
+    if spec.family == "timestep":
         return None
-    return schedule_label(schedule_id)
+    effective = spec.default_schedule if schedule_id in (None, "automatic") else schedule_id
+    return None if effective == "automatic" else schedule_label(effective)
 
 
 def _check_size(width: int, height: int, factor: int) -> None:
