@@ -179,7 +179,11 @@ class Pipeline:
         spec = get_sampler(sampler)
         denoiser = Denoiser(self._model_fn(cond, uncond, guidance_scale), self.schedule, self.config.prediction)
         levels = spec.levels(self.schedule, steps, schedule, strength=strength)
-        generator = torch.Generator("cpu").manual_seed(int(seeds[0]) + 0x5D11)  # ancestral noise, CPU, seeded
+        # One CPU random stream per image, as A1111's: the first draw of stream i is image i's starting
+        # noise, later draws are the sampler's (ancestral/SDE) noise, so a batch reproduces single images.
+        generators = [torch.Generator("cpu").manual_seed(int(s)) for s in seeds]
+        for g in generators:
+            torch.randn(noise.shape[1:], generator=g)  # advance past the starting noise (see initial_noise)
         n_steps = len(levels) - 1 if spec.family == "k" else len(levels)
 
         bar = ProgressBar(n_steps, "sampling", enabled=progress)
@@ -196,7 +200,7 @@ class Pipeline:
         with bar:
             out = spec.sample(denoiser, noise.to(self.device, torch.float32), levels,
                               init=None if init is None else init.to(self.device, torch.float32),
-                              generator=generator, callback=on_step, eta=eta)
+                              generator=generators, callback=on_step, eta=eta)
         return out
 
     # -- latents ↔ images ----------------------------------------------------------------------

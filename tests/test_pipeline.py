@@ -78,7 +78,7 @@ def test_initial_noise_is_drawn_on_cpu_from_seed_plus_i(pipe):
     assert torch.equal(noise[1], torch.randn(4, 16, 16, generator=torch.Generator().manual_seed(6)))
 
 
-@pytest.mark.parametrize("sampler", ["euler", "ddim", "dpmpp_2m"])
+@pytest.mark.parametrize("sampler", ["euler", "ddim", "dpmpp_2m", "euler_a", "ddpm", "dpmpp_2m_sde"])
 def test_image_i_of_a_batch_equals_a_single_image_with_seed_plus_i(pipe, sampler):
     batch = pipe.txt2img("a cat", seed=10, steps=3, sampler=sampler, batch_size=2, output_type="latent")
     single = pipe.txt2img("a cat", seed=11, steps=3, sampler=sampler, output_type="latent")

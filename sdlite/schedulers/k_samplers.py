@@ -29,7 +29,7 @@ their increments are built from two independent Gaussians with the Brownian cova
 from __future__ import annotations
 
 import math
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import torch
 
@@ -46,10 +46,19 @@ def _start(x: torch.Tensor, sigmas: torch.Tensor | list[float]) -> tuple[torch.T
     return x.to(torch.promote_types(x.dtype, torch.float32)), s
 
 
-def randn_like(x: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
-    """Standard normal noise shaped like x: from ``generator`` on its own device (CPU → device-independent)."""
+def randn_like(x: torch.Tensor, generator: torch.Generator | Sequence[torch.Generator] | None) -> torch.Tensor:
+    """Standard normal noise shaped like x: from ``generator`` on its own device (CPU → device-independent).
+
+    ``generator`` may also be a list with one generator per image of the batch, as the A1111 web UI keeps
+    one random stream per seed: image i's noise then depends only on its own seed, so image i of a batch
+    equals the single image made with that seed."""
     if generator is None:
         return torch.randn_like(x)
+    if isinstance(generator, (list, tuple)):
+        if len(generator) != x.shape[0]:
+            raise ValueError(f"{len(generator)} generators for a batch of {x.shape[0]}")
+        return torch.stack([torch.randn(x.shape[1:], generator=g, device=g.device, dtype=torch.float32)
+                            for g in generator]).to(x.device, x.dtype)
     return torch.randn(x.shape, generator=generator, device=generator.device, dtype=torch.float32).to(x.device, x.dtype)
 
 
