@@ -170,20 +170,19 @@ class Pipeline:
     @torch.no_grad()
     def sample(self, noise: torch.Tensor, cond: torch.Tensor, uncond: torch.Tensor | None, *,
                steps: int, guidance_scale: float, sampler: str, schedule: str | None, eta: float | None,
-               seeds: Sequence[int], init: torch.Tensor | None = None, strength: float = 1.0,
+               generators: Sequence[torch.Generator] | None = None, init: torch.Tensor | None = None,
+               strength: float = 1.0,
                callback: StepCallback | None = None, progress: bool = False,
                step_hook: Callable[[int, float, torch.Tensor, torch.Tensor], Any] | None = None) -> torch.Tensor:
-        """THE sampling loop shared by txt2img and img2img: noise (unit variance) → latent."""
+        """THE sampling loop shared by txt2img and img2img: noise (unit variance) → latent.
+
+        ``generators``: one CPU generator per image for the samplers' own noise (ancestral/SDE steps),
+        as :func:`random_streams` returns them; None uses torch's global RNG."""
         from .schedulers import Denoiser, get_sampler
 
         spec = get_sampler(sampler)
         denoiser = Denoiser(self._model_fn(cond, uncond, guidance_scale), self.schedule, self.config.prediction)
         levels = spec.levels(self.schedule, steps, schedule, strength=strength)
-        # One CPU random stream per image, as A1111's: the first draw of stream i is image i's starting
-        # noise, later draws are the sampler's (ancestral/SDE) noise, so a batch reproduces single images.
-        generators = [torch.Generator("cpu").manual_seed(int(s)) for s in seeds]
-        for g in generators:
-            torch.randn(noise.shape[1:], generator=g)  # advance past the starting noise (see initial_noise)
         n_steps = len(levels) - 1 if spec.family == "k" else len(levels)
 
         bar = ProgressBar(n_steps, "sampling", enabled=progress)
@@ -200,7 +199,8 @@ class Pipeline:
         with bar:
             out = spec.sample(denoiser, noise.to(self.device, torch.float32), levels,
                               init=None if init is None else init.to(self.device, torch.float32),
-                              generator=generators, callback=on_step, eta=eta)
+                              generator=None if generators is None else list(generators), callback=on_step,
+                              eta=eta)
         return out
 
     # -- latents ↔ images ----------------------------------------------------------------------
@@ -208,8 +208,10 @@ class Pipeline:
     def initial_noise(self, seeds: Sequence[int], height: int, width: int) -> torch.Tensor:
         """Unit-variance noise ``[B, 4, H/8, W/8]``: image i from a CPU generator seeded with ``seeds[i]``,
         as the A1111 web UI does with its CPU RNG, so a seed gives the same picture on every device."""
-        shape = (self.latent_channels, height // self.vae_factor, width // self.vae_factor)
-        return torch.stack([torch.randn(shape, generator=torch.Generator("cpu").manual_seed(int(s))) for s in seeds])
+        return random_streams(seeds, self._latent_shape(height, width))[0]
+
+    def _latent_shape(self, height: int, width: int) -> tuple[int, int, int]:
+        return self.latent_channels, height // self.vae_factor, width // self.vae_factor
 
     @torch.no_grad()
     def decode_latents(self, latents: torch.Tensor) -> torch.Tensor:
@@ -323,18 +325,16 @@ class Pipeline:
 
         cond = self.encode_prompt(prompts, clip_skip)
         uncond = self.encode_prompt(negatives, clip_skip) if guidance_scale != 1.0 else None
-        if latents is not None:
-            noise = latents.float().reshape(-1, *latents.shape[-3:])
-            expected = (self.latent_channels, height // self.vae_factor, width // self.vae_factor)
-            if tuple(noise.shape[1:]) != expected or noise.shape[0] != len(prompts):
-                raise ArgumentError(f"latents must have shape {[len(prompts), *expected]}, got {list(latents.shape)}")
-        else:
-            noise = self.initial_noise(seeds, height, width)
+        noise, generators = random_streams(seeds, self._latent_shape(height, width))
+        if latents is not None:  # replaces the starting noise; the streams still drive the sampler's noise
+            if tuple(latents.shape[-3:]) != tuple(noise.shape[1:]) or latents.numel() != noise.numel():
+                raise ArgumentError(f"latents must have shape {list(noise.shape)}, got {list(latents.shape)}")
+            noise = latents.float().reshape(noise.shape)
         if init is not None:
             init = init.expand(len(prompts), *init.shape[1:])
 
         out = self.sample(noise, cond, uncond, steps=int(steps), guidance_scale=float(guidance_scale),
-                          sampler=spec.id, schedule=schedule_id, eta=eta, seeds=seeds, init=init,
+                          sampler=spec.id, schedule=schedule_id, eta=eta, generators=generators, init=init,
                           strength=strength, callback=callback, progress=progress, step_hook=step_hook)
         if output_type == "latent":
             return out
@@ -358,6 +358,15 @@ class Pipeline:
             result.append(img)
             result.infotexts.append(text)
         return result
+
+
+def random_streams(seeds: Sequence[int], shape: Sequence[int]) -> tuple[torch.Tensor, list[torch.Generator]]:
+    """One CPU random stream per image, as the A1111 web UI keeps them: stream i is seeded with
+    ``seeds[i]``; its first draw is image i's starting noise ``[*shape]``, later draws are the sampler's
+    (ancestral/SDE) noise. Image i of a batch therefore equals the single image made with its seed, on
+    every device. Returns the starting noise ``[B, *shape]`` and the generators, advanced past it."""
+    generators = [torch.Generator("cpu").manual_seed(int(s)) for s in seeds]
+    return torch.stack([torch.randn(tuple(shape), generator=g) for g in generators]), generators
 
 
 def _schedule_label(schedule_id: str | None, spec: Any) -> str | None:

@@ -14,10 +14,11 @@ class ProgressBar:
     Disabled (silent) when ``enabled`` is False.
     """
 
-    def __init__(self, total: int, desc: str = "", enabled: bool = True, stream: TextIO | None = None, width: int = 28):
+    def __init__(self, total: int, desc: str = "", enabled: bool = True, stream: TextIO | None = None, width: int = 28,
+                 initial: int = 0):
         self.total, self.desc, self.enabled, self.width = max(total, 1), desc, enabled, width
         self.stream = stream or sys.stderr
-        self.n = 0
+        self.n = self.initial = initial  # a resumed run starts part-way; the rate counts only new steps
         self.start = time.perf_counter()
         self._last_draw = 0.0
         self.postfix = ""
@@ -45,7 +46,7 @@ class ProgressBar:
         elapsed = now - self.start
         frac = min(self.n / self.total, 1.0)
         filled = int(frac * self.width)
-        rate = self.n / elapsed if elapsed > 0 else 0.0
+        rate = (self.n - self.initial) / elapsed if elapsed > 0 else 0.0
         eta = (self.total - self.n) / rate if rate > 0 else float("nan")
         bar = "█" * filled + "·" * (self.width - filled)
         eta_s = f"{eta:5.1f}s" if eta == eta else "  ?  "

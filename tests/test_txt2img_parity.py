@@ -92,7 +92,7 @@ def run_ours(pipe: Pipeline, noise: torch.Tensor, cond: torch.Tensor, uncond: to
     """Our final latent and the latent after every step."""
     steps: list[torch.Tensor] = []
     out = pipe.sample(noise, cond, uncond, steps=STEPS, guidance_scale=GUIDANCE, sampler=sampler, schedule=None,
-                      eta=0.0, seeds=[0], callback=lambda i, t, x: steps.append(x.clone()))
+                      eta=0.0, callback=lambda i, t, x: steps.append(x.clone()))
     return out, steps
 
 

@@ -58,7 +58,7 @@ class TrainConfig:
     vae_batch: int = 8
     vae_lr: float = 2e-3
     kl_weight: float = 1e-4
-    fg_weight: float = 9.0
+    fg_weight: float = 3.0
     vae_crop: int = 32  # the autoencoder trains on random crops (convolutions: 4x cheaper, same weights)
     latent_pool: int = 20000  # images encoded once after phase 1 (the VAE is frozen in phase 2)
     steps: int = 3500
@@ -169,8 +169,7 @@ class Trainer:
     def train_vae(self, progress: bool = True) -> None:
         cfg = self.cfg
         self.vae.train()
-        with ProgressBar(cfg.vae_steps, "autoencoder", enabled=progress) as bar:
-            bar.n = self.step
+        with ProgressBar(cfg.vae_steps, "autoencoder", enabled=progress, initial=self.step) as bar:
             while self.step < cfg.vae_steps:
                 images, _, _ = shapes.sample_batch(cfg.vae_batch, self.rng, size_px=cfg.model.image_size,
                                                    split="train")
@@ -259,8 +258,7 @@ class Trainer:
             self.encode_pool()
         self.unet.train()
         self.text_encoder.train()
-        with ProgressBar(cfg.steps, "diffusion", enabled=progress) as bar:
-            bar.n = self.step
+        with ProgressBar(cfg.steps, "diffusion", enabled=progress, initial=self.step) as bar:
             while self.step < cfg.steps:
                 x0, captions = self._batch(cfg.batch)
                 for g in self.opt.param_groups:
