@@ -69,7 +69,7 @@ def test_evaluate_script_runs_on_two_prompts(tmp_path):
                           "--split", "both", "--out", str(out)], cwd=tmp_path, capture_output=True, text=True,
                          timeout=300)
     assert res.returncode == 0, res.stderr
-    result = json.loads(out.read_text())
+    result = json.loads(out.read_text())["results"]
     assert "| " in res.stdout  # the markdown table
     assert set(result) >= {"train", "heldout"}
     for split in ("train", "heldout"):
