@@ -696,6 +696,78 @@ def profile_unet(cfg: ModelConfig, nets: dict, dnets: dict, hw: int = 32) -> str
     return "\n".join(parts)
 
 
+def levers_table(repeats: int) -> str:
+    """Micro-benchmarks of backend choices that decide where the UNet/VAE time goes (see the notes).
+
+    Each line times the default call and one alternative on the same tensors, alternately, and gives
+    the speed-up of the alternative (above 1: the alternative is faster)."""
+    import torch.nn.functional as F
+
+    gen = torch.Generator().manual_seed(0)
+    cases: list[tuple[str, Callable[[], Any], Callable[[], Any], str]] = []
+
+    def no_mkldnn(fn: Callable[[], Any]) -> Callable[[], Any]:
+        def run() -> Any:
+            with torch.backends.mkldnn.flags(enabled=False):
+                return fn()
+        return run
+
+    # 3x3 convolutions at the shapes of the UNet (batch 2) and the VAE decoder (batch 1).
+    for b, cin, cout, hw, where in ((2, 1280, 1280, 8, "UNet ds 8 @64 latent"), (2, 2560, 1280, 8, "UNet decoder ds 8"),
+                                    (2, 1280, 1280, 16, "UNet ds 4"), (2, 640, 640, 32, "UNet ds 2"),
+                                    (2, 320, 320, 64, "UNet ds 1"), (1, 512, 512, 128, "VAE up"),
+                                    (1, 256, 256, 256, "VAE up"), (1, 128, 128, 512, "VAE up")):
+        x = torch.randn(b, cin, hw, hw, generator=gen)
+        w = torch.randn(cout, cin, 3, 3, generator=gen) * (cin * 9) ** -0.5
+        bias = torch.zeros(cout)
+        conv = lambda x=x, w=w, bias=bias: F.conv2d(x, w, bias, padding=1)  # noqa: E731
+        cases.append((f"conv3x3 {cin}->{cout} @{hw}x{hw}, batch {b} ({where})", conv, no_mkldnn(conv),
+                      "oneDNN (default) vs im2col + BLAS (torch.backends.mkldnn.flags(enabled=False))"))
+        xl, wl = x.contiguous(memory_format=torch.channels_last), w.contiguous(memory_format=torch.channels_last)
+        cases.append((f"conv3x3 {cin}->{cout} @{hw}x{hw}, batch {b}", conv,
+                      lambda xl=xl, wl=wl, bias=bias: F.conv2d(xl, wl, bias, padding=1), "NCHW vs channels_last"))
+    # Attention with the head dimension contiguous (diffusers' layout: the fused CPU flash kernel)
+    # vs strided by H*W (sdlite's VAE AttnBlock: reshape(b, 1, c, hw).transpose(2, 3), which makes
+    # SDPA fall back to its unfused math path). Independent q, k, v of moderate scale, as with
+    # trained weights: q = k = v gives a peaked softmax whose denormals distort the timing (next case).
+    for b, heads, length, dim, where in ((1, 1, 4096, 512, "VAE mid @64 latent"), (1, 1, 1024, 512, "VAE mid @32"),
+                                         (2, 8, 4096, 40, "UNet ds 1 @64")):
+        q, k, v = (0.5 * torch.randn(b, heads, length, dim, generator=gen) for _ in range(3))
+        qs, ks, vs = (t.transpose(2, 3).contiguous().transpose(2, 3) for t in (q, k, v))  # same values, strided
+        cases.append((f"SDPA {b}x{heads}x{length}x{dim} ({where})",
+                      lambda qs=qs, ks=ks, vs=vs: F.scaled_dot_product_attention(qs, ks, vs),
+                      lambda q=q, k=k, v=v: F.scaled_dot_product_attention(q, k, v),
+                      "head dim strided (sdlite VAE layout: math path) vs contiguous (flash kernel)"))
+    q = torch.randn(1, 1, 1024, 512, generator=gen)
+
+    def flushed(fn: Callable[[], Any]) -> Callable[[], Any]:
+        def run() -> Any:
+            torch.set_flush_denormal(True)
+            try:
+                return fn()
+            finally:
+                torch.set_flush_denormal(False)
+        return run
+
+    sdpa_peaked = lambda q=q: F.scaled_dot_product_attention(q, q, q)  # noqa: E731
+    cases.append(("SDPA 1x1x1024x512, q = k = v (peaked softmax)", sdpa_peaked, flushed(sdpa_peaked),
+                  "default vs torch.set_flush_denormal(True)"))
+    # SD1's proj_in/proj_out: a 1x1 conv on NCHW vs a Linear on [B, HW, C].
+    for b, c, hw in ((2, 320, 64), (2, 1280, 8)):
+        x = torch.randn(b, c, hw, hw, generator=gen)
+        w = torch.randn(c, c, 1, 1, generator=gen) * c**-0.5
+        xt = x.flatten(2).transpose(1, 2).contiguous()
+        cases.append((f"1x1 conv {c}->{c} @{hw}x{hw}, batch {b}", lambda x=x, w=w: F.conv2d(x, w, torch.zeros(c)),
+                      lambda xt=xt, w=w: F.linear(xt, w[:, :, 0, 0], torch.zeros(c)), "Conv2d 1x1 vs Linear on [B, HW, C]"))
+    lines = ["| case | comparison | default ms | alternative ms | speed-up |", "|---|---|---:|---:|---:|"]
+    with torch.no_grad():
+        for name, default, alternative, what in cases:
+            times, _ = alternate({"default": default, "alternative": alternative}, 1, max(1, min(repeats, 3)))
+            a, b_ = statistics.median(times["default"]), statistics.median(times["alternative"])
+            lines.append(f"| {name} | {what} | {a * 1e3:.1f} | {b_ * 1e3:.1f} | {a / b_:.2f} |")
+    return "\n".join(lines)
+
+
 # ---------------------------------------------------------------------------------------------
 # Report
 # ---------------------------------------------------------------------------------------------
@@ -723,7 +795,7 @@ def table(rows: list[Row]) -> str:
 
 
 def write_report(path: Path, ctx: dict[str, Any], sections: dict[str, list[Row]], skipped: dict[str, str],
-                 notes: list[str], profile_text: str) -> None:
+                 notes: list[str], profile_text: str, levers_text: str = "") -> None:
     import diffusers
     import transformers
 
@@ -768,6 +840,8 @@ def write_report(path: Path, ctx: dict[str, Any], sections: dict[str, list[Row]]
         out += [table(sections.get(precision, [])), ""]
     if notes:
         out += ["## Notes", ""] + [f"- {n}" for n in notes] + [""]
+    if levers_text:
+        out += ["## Levers (fp32 micro-benchmarks, same tensors, alternating)", "", levers_text, ""]
     if profile_text:
         out += ["## Profile", "", profile_text]
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -791,6 +865,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--repeats", type=int, default=None, help="timed repeats per row (default 5; --quick 1)")
     p.add_argument("--mem-steps", type=int, default=None, help="sampling steps of the 512x512 memory row (default 2)")
     p.add_argument("--profile", action="store_true", help="add a torch.profiler table of one 32x32 UNet call per side")
+    p.add_argument("--levers", action="store_true", help="add fp32 micro-benchmarks of backend choices "
+                   "(oneDNN vs im2col convs, channels_last, attention layout, 1x1 conv vs linear)")
     p.add_argument("--workdir", default=None, help="where the checkpoint and config folder go (default: a temp dir)")
     p.add_argument("--note", default="", help="a line printed in bold at the top of the report")
     p.add_argument("--out", default=str(ROOT / "benchmarks" / "RESULTS.md"), help="report path")
@@ -901,6 +977,11 @@ def main(argv: list[str] | None = None) -> None:
         for precision, rs in run_process_rows(cfg, args.size, run_precisions, proc_rows, ckpt, config_dir, args).items():
             sections[precision] += rs
 
+    levers_text = ""
+    if args.levers:
+        log("levers")
+        levers_text = levers_table(args.repeats)
+
     import importlib.util
 
     if importlib.util.find_spec("accelerate") is None and any(r in rows for r in ("load", "mem512")):
@@ -917,7 +998,7 @@ def main(argv: list[str] | None = None) -> None:
 
         shutil.rmtree(workdir, ignore_errors=True)
     ctx["elapsed"] = time.time() - started
-    write_report(Path(args.out), ctx, sections, skipped, notes, profile_text)
+    write_report(Path(args.out), ctx, sections, skipped, notes, profile_text, levers_text)
     log(f"wrote {args.out}")
 
 
