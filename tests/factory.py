@@ -24,6 +24,11 @@ def tsv_rows(version: str) -> list[tuple[str, tuple[int, ...], str]]:
     return list(iter_keys((DATA / f"{version}.tsv").read_text().splitlines()))
 
 
+def tsv_shapes(name: str, prefix: str) -> dict[str, tuple[int, ...]]:
+    """``{key without prefix: shape}`` of the rows of ``tests/data/<name>`` (``"sd1.tsv"``) under ``prefix``."""
+    return {k[len(prefix):]: shape for k, shape, _ in tsv_rows(name.removesuffix(".tsv")) if k.startswith(prefix)}
+
+
 def tsv_state_dict(version: str, device: str = "meta", dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
     """Every key of the real file, with its shape; float tensors in ``dtype`` (default: as listed)."""
     out = {}

@@ -15,7 +15,6 @@ import importlib.util
 import math
 import sys
 import types
-from pathlib import Path
 
 import pytest
 import torch
@@ -24,7 +23,8 @@ from torch import nn
 from sdlite.clip import CLIPTextModel, OpenCLIPTextModel, build_text_encoder, tokenizer_for
 from sdlite.config import SD1_TEXT, SD2_TEXT, TextConfig
 
-DATA = Path(__file__).parent / "data"
+from factory import tsv_shapes
+
 PROMPTS = ["a photograph of an astronaut riding a horse", "(masterpiece:1.2), best quality, café “quotes”"]
 TINY_CLIP = TextConfig(vocab_size=64, width=32, layers=3, heads=4, max_length=16)
 TINY_OPENCLIP = TextConfig(
@@ -36,16 +36,6 @@ TINY = [TINY_CLIP, TINY_OPENCLIP]
 
 def _max_rel_diff(ours: torch.Tensor, ref: torch.Tensor) -> float:
     return ((ours - ref).abs().max() / ref.abs().max()).item()
-
-
-def _checkpoint_shapes(tsv: str, prefix: str) -> dict[str, tuple[int, ...]]:
-    """``{key without prefix: shape}`` of the text-encoder entries of an original checkpoint."""
-    shapes = {}
-    for line in (DATA / tsv).read_text().splitlines():
-        key, shape, _dtype = line.split("\t")
-        if key.startswith(prefix):
-            shapes[key[len(prefix):]] = tuple(int(s) for s in shape.split(",")) if shape else ()
-    return shapes
 
 
 def _random_ids(cfg: TextConfig, batch: int, n: int, seed: int = 0) -> torch.Tensor:
@@ -129,7 +119,7 @@ def test_forward_leaves_the_input_ids_unchanged() -> None:
 
 
 def test_sd1_state_dict_equals_checkpoint_keys_and_shapes() -> None:
-    expected = _checkpoint_shapes("sd1.tsv", "cond_stage_model.transformer.")
+    expected = tsv_shapes("sd1.tsv", "cond_stage_model.transformer.")
     # position_ids is a buffer in the HF model; the loader drops it.
     del expected["text_model.embeddings.position_ids"]
     with torch.device("meta"):
@@ -138,7 +128,7 @@ def test_sd1_state_dict_equals_checkpoint_keys_and_shapes() -> None:
 
 
 def test_sd2_state_dict_equals_checkpoint_keys_and_shapes() -> None:
-    expected = _checkpoint_shapes("sd2.tsv", "cond_stage_model.model.")
+    expected = tsv_shapes("sd2.tsv", "cond_stage_model.model.")
     with torch.device("meta"):
         model = build_text_encoder(SD2_TEXT)
     assert {k: tuple(v.shape) for k, v in model.state_dict().items()} == expected

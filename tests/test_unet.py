@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import gc
-from pathlib import Path
 
 import pytest
 import torch
@@ -12,7 +11,8 @@ from sdlite.config import SD1_UNET, SD2_UNET, UNetConfig
 from sdlite.unet import UNetModel
 from sdlite.unet.model import ResBlock, timestep_embedding
 
-DATA = Path(__file__).parent / "data"
+from factory import tsv_shapes
+
 PREFIX = "model.diffusion_model."
 
 TINY = UNetConfig(
@@ -198,21 +198,12 @@ def test_resblock_skip_connection_is_parameter_free_identity_when_channels_match
 # ---------------------------------------------------------------------------------------------
 
 
-def reference_shapes(tsv: str) -> dict[str, tuple[int, ...]]:
-    shapes = {}
-    for line in (DATA / tsv).read_text().splitlines():
-        key, shape, _dtype = line.split("\t")
-        if key.startswith(PREFIX):
-            shapes[key[len(PREFIX):]] = tuple(int(s) for s in shape.split(",")) if shape else ()
-    return shapes
-
-
 @pytest.mark.parametrize("cfg, tsv", [(SD1_UNET, "sd1.tsv"), (SD2_UNET, "sd2.tsv")], ids=["sd1", "sd2"])
 def test_unet_state_dict_keys_and_shapes_equal_the_original_checkpoint(cfg: UNetConfig, tsv: str) -> None:
     with torch.device("meta"):
         model = UNetModel(cfg)
     ours = {k: tuple(v.shape) for k, v in model.state_dict().items()}
-    ref = reference_shapes(tsv)
+    ref = tsv_shapes(tsv, PREFIX)
     assert sorted(ours) == sorted(ref)
     assert ours == ref
 

@@ -4,7 +4,6 @@ parity with diffusers' AutoencoderKL (an independent implementation) at full siz
 from __future__ import annotations
 
 import gc
-from pathlib import Path
 
 import pytest
 import torch
@@ -12,19 +11,10 @@ import torch
 from sdlite.config import VAEConfig
 from sdlite.vae import AutoencoderKL, DiagonalGaussian
 
-DATA = Path(__file__).parent / "data"
+from factory import tsv_shapes
+
 PREFIX = "first_stage_model."
 TINY = VAEConfig(ch=32, ch_mult=(1, 2), num_res_blocks=1)
-
-
-def checkpoint_shapes(name: str, prefix: str) -> dict[str, tuple[int, ...]]:
-    """``key -> shape`` of the rows of ``tests/data/<name>`` under ``prefix`` (prefix stripped)."""
-    shapes = {}
-    for line in (DATA / name).read_text().splitlines():
-        key, shape, _dtype = line.split("\t")
-        if key.startswith(prefix):
-            shapes[key[len(prefix):]] = tuple(int(s) for s in shape.split(",")) if shape else ()
-    return shapes
 
 
 def randomize_(model: torch.nn.Module, seed: int) -> None:
@@ -120,8 +110,8 @@ def test_full_size_is_built_on_meta_with_exactly_the_sd1_and_sd2_first_stage_key
     with torch.device("meta"):
         model = AutoencoderKL(VAEConfig())
     ours = {k: tuple(v.shape) for k, v in model.state_dict().items()}
-    assert ours == checkpoint_shapes("sd1.tsv", PREFIX)
-    assert ours == checkpoint_shapes("sd2.tsv", PREFIX)
+    assert ours == tsv_shapes("sd1.tsv", PREFIX)
+    assert ours == tsv_shapes("sd2.tsv", PREFIX)
     assert list(model.buffers()) == []
 
 
