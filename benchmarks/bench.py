@@ -36,6 +36,7 @@ Usage (from the repository root; see benchmarks/README.md)::
     python benchmarks/bench.py                       # everything, SD1.5 size, fp32 (+ bf16 where native)
     python benchmarks/bench.py --quick --size tiny   # smoke run: 1 repeat, narrow model, seconds
     python benchmarks/bench.py --rows unet32,text --precisions fp32 --threads 2
+    python benchmarks/bench.py --profile --levers    # + a torch.profiler table and backend micro-benchmarks
 
 Not a test: nothing here asserts; the numbers go to ``--out`` (default benchmarks/RESULTS.md).
 """
@@ -49,6 +50,7 @@ import gc
 import json
 import os
 import platform
+import shlex
 import statistics
 import subprocess
 import sys
@@ -62,7 +64,7 @@ from typing import Any, Callable
 import torch
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))  # sdlite (when not installed) and tests/ (the parity tests' converters)
+sys.path.insert(0, str(ROOT))  # sdlite, when it is not installed
 
 from sdlite.checkpoint import DDPM_BUFFERS, SD1_POSITION_IDS, build_networks, state_dict_of  # noqa: E402
 from sdlite.config import SD1, ModelConfig, TextConfig, UNetConfig, VAEConfig  # noqa: E402
@@ -155,15 +157,32 @@ def matmul_peak(dtype: torch.dtype, max_n: int) -> tuple[float, int]:
 # The same random weights in both libraries
 # ---------------------------------------------------------------------------------------------
 
+def random_state_dict(model: torch.nn.Module, seed: int = 0) -> dict[str, torch.Tensor]:
+    """Seeded random weights for ``model`` (which may live on meta), as the UNet parity test draws them.
+
+    Weights ~ N(0, 1/fan_in) so activations stay O(1) through the whole net (no denormals or
+    overflows to distort the timings), norm scales ~ 1 + N(0, 0.1^2), biases ~ N(0, 0.02^2). Each
+    tensor is a window, at a random offset, of one pool of N(0, 1) draws (fast at full size)."""
+    gen = torch.Generator().manual_seed(seed)
+    shapes = {name: p.shape for name, p in model.state_dict().items()}
+    pool = torch.randn(max(s.numel() for s in shapes.values()) + 4096, generator=gen)
+    sd = {}
+    for name, shape in shapes.items():
+        offset = int(torch.randint(0, pool.numel() - shape.numel() + 1, (), generator=gen))
+        noise = pool[offset : offset + shape.numel()].view(shape)
+        is_norm = any(s in name for s in ("norm", "in_layers.0.", "out_layers.0.", "out.0."))
+        if len(shape) == 1 and is_norm and name.endswith("weight"):
+            sd[name] = 1.0 + 0.1 * noise
+        elif len(shape) == 1:
+            sd[name] = 0.02 * noise
+        else:
+            sd[name] = noise * shape[1:].numel() ** -0.5
+    return sd
+
+
 def random_original_weights(cfg: ModelConfig, seed: int = 0) -> dict[str, dict[str, torch.Tensor]]:
-    """Per network, a seeded random fp32 state dict with sdlite's (= the original checkpoint's) names.
-
-    Values come from the UNet parity test's ``random_state_dict`` (N(0, 1/fan_in) weights, norm
-    scales near 1), which keeps activations O(1) through the whole net, so no denormals or
-    overflows distort the timings; each tensor is cloned into its own memory as after a real load.
-    """
-    from tests.test_unet import random_state_dict
-
+    """Per network, a seeded random fp32 state dict with sdlite's (= the original checkpoint's) names;
+    each tensor is cloned into its own memory, as after a real load."""
     out = {}
     for i, (name, module) in enumerate(build_networks(cfg).items()):
         out[name] = {k: v.clone() for k, v in random_state_dict(module, seed + i).items()}
@@ -180,13 +199,40 @@ def sdlite_networks(cfg: ModelConfig, weights: dict[str, dict[str, torch.Tensor]
     return nets
 
 
+def diffusers_unet(cfg: UNetConfig, state_dict: dict[str, torch.Tensor]) -> torch.nn.Module:
+    """diffusers' ``UNet2DConditionModel`` configured like ``cfg`` (as in tests/test_unet.py, whose
+    parity test proves this mapping), holding ``state_dict``'s tensors converted by diffusers' LDM converter."""
+    from diffusers import UNet2DConditionModel
+    from diffusers.loaders.single_file_utils import convert_ldm_unet_checkpoint
+
+    block_out_channels = [cfg.model_channels * m for m in cfg.channel_mult]
+    down, up, ds = [], [], 1
+    for level in range(len(block_out_channels)):
+        down.append("CrossAttnDownBlock2D" if ds in cfg.attention_resolutions else "DownBlock2D")
+        ds *= 2 if level < len(block_out_channels) - 1 else 1
+    for _ in range(len(block_out_channels)):
+        up.append("CrossAttnUpBlock2D" if ds in cfg.attention_resolutions else "UpBlock2D")
+        ds //= 2
+    heads = [cfg.heads_and_dim(c)[0] for c in block_out_channels]  # diffusers' "attention_head_dim" = heads
+    config = dict(
+        sample_size=64, in_channels=cfg.in_channels, out_channels=cfg.out_channels,
+        down_block_types=tuple(down), up_block_types=tuple(up), block_out_channels=tuple(block_out_channels),
+        layers_per_block=cfg.num_res_blocks, cross_attention_dim=cfg.context_dim,
+        attention_head_dim=heads if cfg.use_linear_in_transformer else heads[0],
+        use_linear_projection=cfg.use_linear_in_transformer, transformer_layers_per_block=cfg.transformer_depth,
+    )
+    converted = convert_ldm_unet_checkpoint({"model.diffusion_model." + k: v for k, v in state_dict.items()}, config)
+    with torch.device("meta"):
+        unet = UNet2DConditionModel(**config)
+    unet.load_state_dict(converted, strict=True, assign=True)
+    return unet.eval()
+
+
 def diffusers_networks(cfg: ModelConfig, nets: dict[str, torch.nn.Module]) -> dict[str, torch.nn.Module]:
     """diffusers / transformers modules holding sdlite's tensors, converted by diffusers' own code."""
     import transformers
     from diffusers import AutoencoderKL
     from diffusers.loaders.single_file_utils import convert_ldm_clip_checkpoint, convert_ldm_vae_checkpoint
-
-    from tests.test_unet import diffusers_unet
 
     unet = diffusers_unet(cfg.unet, nets["unet"].state_dict())
 
@@ -757,8 +803,9 @@ def levers_table(repeats: int) -> str:
         x = torch.randn(b, c, hw, hw, generator=gen)
         w = torch.randn(c, c, 1, 1, generator=gen) * c**-0.5
         xt = x.flatten(2).transpose(1, 2).contiguous()
-        cases.append((f"1x1 conv {c}->{c} @{hw}x{hw}, batch {b}", lambda x=x, w=w: F.conv2d(x, w, torch.zeros(c)),
-                      lambda xt=xt, w=w: F.linear(xt, w[:, :, 0, 0], torch.zeros(c)), "Conv2d 1x1 vs Linear on [B, HW, C]"))
+        bias = torch.zeros(c)
+        cases.append((f"1x1 conv {c}->{c} @{hw}x{hw}, batch {b}", lambda x=x, w=w, bias=bias: F.conv2d(x, w, bias),
+                      lambda xt=xt, w=w, bias=bias: F.linear(xt, w[:, :, 0, 0], bias), "Conv2d 1x1 vs Linear on [B, HW, C]"))
     lines = ["| case | comparison | default ms | alternative ms | speed-up |", "|---|---|---:|---:|---:|"]
     with torch.no_grad():
         for name, default, alternative, what in cases:
@@ -899,7 +946,7 @@ def main(argv: list[str] | None = None) -> None:
 
     ctx: dict[str, Any] = {
         "date": _dt.datetime.now().astimezone().strftime("%Y-%m-%d %H:%M %Z"),
-        "command": " ".join(["python", "benchmarks/bench.py", *(argv if argv is not None else sys.argv[1:])]),
+        "command": shlex.join(["python", "benchmarks/bench.py", *(argv if argv is not None else sys.argv[1:])]),
         "cpu": cpu_facts(), "load_start": load_average(), "commit": git_commit(), "size": args.size,
         "warmup": args.warmup, "repeats": args.repeats, "precisions": precisions,
         "mkldnn_bf16": bool(torch.ops.mkldnn._is_mkldnn_bf16_supported()),
@@ -932,7 +979,8 @@ def main(argv: list[str] | None = None) -> None:
         if not args.force_bf16:
             for p in ("bf16", "autocast"):
                 if p in precisions:
-                    skipped[p] = msg + "; pass --force-bf16 to run it anyway."
+                    skipped[p] = ("no native bf16 on this CPU (see the notes: bf16 matmuls run at "
+                                  f"{peaks['bf16'][0]:.1f} GFLOP/s); pass --force-bf16 to run it anyway.")
     run_precisions = [p for p in precisions if p not in skipped]
 
     workdir = Path(args.workdir) if args.workdir else Path(tempfile.mkdtemp(prefix="sdlite-bench-"))
@@ -940,63 +988,65 @@ def main(argv: list[str] | None = None) -> None:
     # diffusers' tokenizer (text, txt2img) and from_single_file (load, mem512) need the config folder.
     need_config = any(r in rows for r in ("text", "txt2img", "load", "mem512"))
 
-    log(f"random weights ({ctx['size_desc']})")
-    weights = random_original_weights(cfg)
-    if any(r in rows for r in ("load", "mem512")):
-        log(f"writing {ckpt}")
-        write_checkpoint(cfg, weights, ckpt)
+    try:
+        log(f"random weights ({ctx['size_desc']})")
+        weights = random_original_weights(cfg)
+        if any(r in rows for r in ("load", "mem512")):
+            log(f"writing {ckpt}")
+            write_checkpoint(cfg, weights, ckpt)
 
-    sections: dict[str, list[Row]] = {p: [] for p in precisions}
-    tokenizer = None
-    profile_text = ""
-    inproc = [r for r in rows if r not in ("load", "mem512")]
-    for precision in run_precisions if (inproc or args.profile or need_config) else []:
-        wdtype = torch.bfloat16 if precision == "bf16" else torch.float32
-        log(f"{precision}: building both libraries' networks")
-        nets = sdlite_networks(cfg, weights, wdtype)
-        dnets = diffusers_networks(cfg, nets)
-        if tokenizer is None and need_config:
-            tokenizer = write_config_dir(cfg, dnets, config_dir)
-        peak = peaks["fp32" if precision == "fp32" else "bf16"][0]
-        if inproc:
-            log(f"{precision}: rows {','.join(inproc)}")
-            sections[precision] += run_inprocess_rows(cfg, precision, nets, dnets, tokenizer, inproc, args, flops, peak)
-        if args.profile and precision == "fp32":
-            log("profile")
-            profile_text = profile_unet(cfg, nets, dnets)
-        del nets, dnets
+        sections: dict[str, list[Row]] = {p: [] for p in precisions}
+        tokenizer = None
+        profile_text = ""
+        inproc = [r for r in rows if r not in ("load", "mem512")]
+        for precision in run_precisions if (inproc or args.profile or need_config) else []:
+            wdtype = torch.bfloat16 if precision == "bf16" else torch.float32
+            log(f"{precision}: building both libraries' networks")
+            nets = sdlite_networks(cfg, weights, wdtype)
+            dnets = diffusers_networks(cfg, nets)
+            if tokenizer is None and need_config:
+                tokenizer = write_config_dir(cfg, dnets, config_dir)
+            peak = peaks["fp32" if precision == "fp32" else "bf16"][0]
+            if inproc:
+                log(f"{precision}: rows {','.join(inproc)}")
+                sections[precision] += run_inprocess_rows(cfg, precision, nets, dnets, tokenizer, inproc, args, flops, peak)
+            if args.profile and precision == "fp32":
+                log("profile")
+                profile_text = profile_unet(cfg, nets, dnets)
+            del nets, dnets
+            gc.collect()
+            if not inproc and not args.profile:
+                break  # only the config folder was needed
+        del weights
         gc.collect()
-        if not inproc and not args.profile:
-            break  # only the config folder was needed
-    del weights
-    gc.collect()
 
-    proc_rows = [r for r in rows if r in ("load", "mem512")]
-    if proc_rows:
-        log(f"fresh-process rows {','.join(proc_rows)}")
-        for precision, rs in run_process_rows(cfg, args.size, run_precisions, proc_rows, ckpt, config_dir, args).items():
-            sections[precision] += rs
+        proc_rows = [r for r in rows if r in ("load", "mem512")]
+        if proc_rows:
+            log(f"fresh-process rows {','.join(proc_rows)}")
+            for precision, rs in run_process_rows(cfg, args.size, run_precisions, proc_rows, ckpt, config_dir, args).items():
+                sections[precision] += rs
 
-    levers_text = ""
-    if args.levers:
-        log("levers")
-        levers_text = levers_table(args.repeats)
+        levers_text = ""
+        if args.levers:
+            log("levers")
+            levers_text = levers_table(args.repeats)
 
-    import importlib.util
+        import importlib.util
 
-    if importlib.util.find_spec("accelerate") is None and any(r in rows for r in ("load", "mem512")):
-        notes.append("`accelerate` is not installed, so diffusers' from_single_file builds each network with a "
-                     "random initialisation before loading (its documented slow path); with accelerate it builds on "
-                     "the meta device like sdlite.")
-    notes.append("txt2img: both libraries tokenize the same prompt themselves and start from the same unit-variance "
-                 "latents; diffusers' EulerDiscreteScheduler uses timestep_spacing='linspace'; the VAE decode, the "
-                 "text encoder (prompt + empty negative) and image post-processing are included.")
-    notes.append("% of peak: the row's FLOPs (FlopCounterMode on the meta device, identical for both libraries) "
-                 "divided by the median time and by the matmul peak of the row's compute dtype.")
-    if args.workdir is None:
-        import shutil
+        if importlib.util.find_spec("accelerate") is None and any(r in rows for r in ("load", "mem512")):
+            notes.append("`accelerate` is not installed, so diffusers' from_single_file builds each network with a "
+                         "random initialisation before loading (its documented slow path); with accelerate it builds on "
+                         "the meta device like sdlite.")
+        notes.append("txt2img: both libraries tokenize the same prompt themselves and start from the same unit-variance "
+                     "latents; diffusers' EulerDiscreteScheduler uses timestep_spacing='linspace'; the VAE decode, the "
+                     "text encoder (prompt + empty negative) and image post-processing are included.")
+        notes.append("% of peak: the row's FLOPs (FlopCounterMode on the meta device, identical for both libraries) "
+                     "divided by the median time and by the matmul peak of the row's compute dtype.")
+    finally:
+        if args.workdir is None:  # the 2 GB checkpoint goes even when the run fails
+            import shutil
 
-        shutil.rmtree(workdir, ignore_errors=True)
+            shutil.rmtree(workdir, ignore_errors=True)
     ctx["elapsed"] = time.time() - started
     write_report(Path(args.out), ctx, sections, skipped, notes, profile_text, levers_text)
     log(f"wrote {args.out}")
