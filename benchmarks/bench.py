@@ -69,7 +69,7 @@ sys.path.insert(0, str(ROOT))  # sdlite, when it is not installed
 from sdlite.checkpoint import DDPM_BUFFERS, SD1_POSITION_IDS, build_networks, state_dict_of  # noqa: E402
 from sdlite.config import SD1, ModelConfig, TextConfig, UNetConfig, VAEConfig  # noqa: E402
 
-ROWS = ("text", "unet64", "unet32", "vae64", "txt2img", "load", "mem512")
+ROWS = ("text", "unet64", "unet32", "vae64", "txt2img", "load", "mem512", "vae2048", "bundled")
 QUICK_ROWS = ("text", "unet32", "txt2img", "load")
 PRECISIONS = ("fp32", "bf16", "autocast")
 PROMPT = "a photograph of an astronaut riding a horse"
@@ -607,6 +607,20 @@ def child_main(spec: dict[str, Any]) -> None:
                     pipe(PROMPT, num_inference_steps=steps, guidance_scale=7.5, width=size, height=size,
                          generator=torch.Generator().manual_seed(1), output_type="np")
         res["gen_s"] = time.perf_counter() - t0
+    if spec.get("decode"):  # a tiled VAE decode of a [1, 4, n, n] latent (n = 256: 2048x2048 pixels)
+        n = spec["decode"]
+        z = torch.randn(1, 4, n, n, generator=torch.Generator().manual_seed(0))
+        t0 = time.perf_counter()
+        with torch.no_grad():
+            if side == "sdlite":
+                res["tile"] = pipe.vae_tile
+                img = pipe.decode_latents(z * pipe.scale_factor)  # tiles automatically above 2x native size
+            else:
+                pipe.vae.enable_tiling()
+                res["tile"] = pipe.vae.tile_latent_min_size
+                img = pipe.vae.decode(z.to(pipe.vae.dtype)).sample
+        res["decode_s"] = time.perf_counter() - t0
+        res["decode_shape"] = list(img.shape)
     res["peak"] = _peak_mib()
     print("BENCH_RESULT " + json.dumps(res), flush=True)
 
@@ -709,12 +723,49 @@ def run_process_rows(cfg: ModelConfig, size: str, precisions: list[str], rows: l
                 else:
                     row.notes.append(f"{side} FAILED: {results[side][-1]['error']}")
             out[precision].append(row)
+        if "vae2048" in rows:
+            results = {s: [] for s in SIDES}
+            for side in SIDES:
+                results[side].append(one(side, precision, decode=256))
+            t_row = Row("VAE decode 2048x2048 (256x256 latent), tiled, fresh process", "s")
+            m_row = Row("  peak RSS: load + that decode", "MiB")
+            for side in SIDES:
+                ok = [x for x in results[side] if "error" not in x]
+                t_row.values[side] = [x["decode_s"] for x in ok]
+                m_row.values[side] = [x["peak"] for x in ok]
+                if ok:
+                    x = ok[-1]
+                    how = "pipe.decode_latents (automatic tiles)" if side == "sdlite" else "vae.enable_tiling()"
+                    t_row.notes.append(f"{side}: {how}, {x['tile']}-latent tiles -> {x['decode_shape']}")
+                    m_row.notes.append(f"{side}: peak after load {x['peak_load']:.0f} MiB")
+                else:
+                    t_row.notes.append(f"{side} FAILED: {results[side][-1]['error']}")
+            out[precision] += [t_row, m_row]
     if fallback_note:
         for rows_ in out.values():
             if rows_:
                 rows_[0].notes.append(fallback_note[0])
                 break
     return out
+
+
+def bundled_rows(args: argparse.Namespace) -> list[Row]:
+    """sdlite's own bundled model at its defaults (64x64, Euler a, 20 steps, CFG 7.5); sdlite only:
+    diffusers has no loader for this config."""
+    import sdlite
+
+    pipe = sdlite.load()
+    rows = []
+    for n in (1, 8):
+        def ours(n: int = n) -> Any:
+            return pipe.txt2img("a red circle on the left", seed=0, batch_size=n, output_type="np")
+
+        times, _ = alternate({"sdlite": ours}, args.warmup, args.repeats)
+        row = Row(f"bundled model: {n} image(s) 64x64, Euler a, 20 steps, CFG 7.5 (text + sampling + decode)", "s",
+                  times)
+        row.notes.append("sdlite only (diffusers has no loader for this config)")
+        rows.append(row)
+    return rows
 
 
 # ---------------------------------------------------------------------------------------------
@@ -815,6 +866,64 @@ def levers_table(repeats: int) -> str:
     return "\n".join(lines)
 
 
+def unet_levers(cfg: ModelConfig, nets: dict, repeats: int, compile_: bool) -> str:
+    """sdlite's own switches, measured on the whole fp32 UNet (batch 2): the conv backend choice of
+    :mod:`sdlite.ops` and ``torch.compile``."""
+    import sdlite.ops as ops
+
+    gen = torch.Generator().manual_seed(1)
+    unet = nets["unet"]
+    ctx = torch.randn(2, cfg.text.max_length, cfg.unet.context_dim, generator=gen)
+    t = torch.tensor([500.0, 500.0])
+    lines = []
+    default_limit = ops.BLAS_CONV_MAX_ROWS
+    for hw in (64, 32):
+        x = torch.randn(2, cfg.unet.in_channels, hw, hw, generator=gen)
+
+        def with_limit(limit: int | None, x: torch.Tensor = x) -> Callable[[], Any]:
+            def run() -> Any:
+                ops.BLAS_CONV_MAX_ROWS = limit
+                try:
+                    with torch.no_grad():
+                        return unet(x, t, ctx)
+                finally:
+                    ops.BLAS_CONV_MAX_ROWS = default_limit
+            return run
+
+        times, last = alternate({"default": with_limit(None), "alternative": with_limit(512)}, 1, repeats)
+        a, b = statistics.median(times["default"]), statistics.median(times["alternative"])
+        d = rel_diff(last["alternative"], last["default"])
+        lines.append(f"| UNet {hw}x{hw}, batch 2 | every conv on oneDNN vs convs with batch*H*W <= 512 and >= "
+                     f"{ops.BLAS_CONV_MIN_CHANNELS} input channels on im2col + BLAS (sdlite.ops; its default here: "
+                     f"{default_limit}); max rel. diff {d:.0e} | {a * 1e3:.0f} | {b * 1e3:.0f} | {a / b:.2f} |")
+    if compile_:
+        import copy
+
+        x = torch.randn(2, cfg.unet.in_channels, 32, 32, generator=gen)
+        compiled = copy.deepcopy(unet)
+        compiled.compile()
+        t0 = time.perf_counter()
+        with torch.no_grad():
+            compiled(x, t, ctx)
+        first = time.perf_counter() - t0
+
+        def eager() -> Any:
+            with torch.no_grad():
+                return unet(x, t, ctx)
+
+        def comp() -> Any:
+            with torch.no_grad():
+                return compiled(x, t, ctx)
+
+        times, last = alternate({"default": eager, "alternative": comp}, 1, repeats)
+        a, b = statistics.median(times["default"]), statistics.median(times["alternative"])
+        lines.append(f"| UNet 32x32, batch 2 | eager vs `pipe.compile()` (torch.compile; first call incl. compiling: "
+                     f"{first:.0f} s, i.e. {first / max(a - b, 1e-9):.0f} calls to break even if positive) | "
+                     f"{a * 1e3:.0f} | {b * 1e3:.0f} | {a / b:.2f} |")
+        del compiled
+    return "\n".join(lines)
+
+
 # ---------------------------------------------------------------------------------------------
 # Report
 # ---------------------------------------------------------------------------------------------
@@ -885,6 +994,8 @@ def write_report(path: Path, ctx: dict[str, Any], sections: dict[str, list[Row]]
             out += [f"Skipped: {skipped[precision]}", ""]
             continue
         out += [table(sections.get(precision, [])), ""]
+    if sections.get("bundled"):
+        out += ["## The bundled model (sdlite only, fp32)", "", table(sections["bundled"]), ""]
     if notes:
         out += ["## Notes", ""] + [f"- {n}" for n in notes] + [""]
     if levers_text:
@@ -912,6 +1023,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--repeats", type=int, default=None, help="timed repeats per row (default 5; --quick 1)")
     p.add_argument("--mem-steps", type=int, default=None, help="sampling steps of the 512x512 memory row (default 2)")
     p.add_argument("--profile", action="store_true", help="add a torch.profiler table of one 32x32 UNet call per side")
+    p.add_argument("--compile", action="store_true", help="with --levers: time torch.compile of the UNet too")
     p.add_argument("--levers", action="store_true", help="add fp32 micro-benchmarks of backend choices "
                    "(oneDNN vs im2col convs, channels_last, attention layout, 1x1 conv vs linear)")
     p.add_argument("--workdir", default=None, help="where the checkpoint and config folder go (default: a temp dir)")
@@ -986,20 +1098,20 @@ def main(argv: list[str] | None = None) -> None:
     workdir = Path(args.workdir) if args.workdir else Path(tempfile.mkdtemp(prefix="sdlite-bench-"))
     ckpt, config_dir = workdir / f"{args.size}-original-fp16.safetensors", workdir / f"{args.size}-diffusers-config"
     # diffusers' tokenizer (text, txt2img) and from_single_file (load, mem512) need the config folder.
-    need_config = any(r in rows for r in ("text", "txt2img", "load", "mem512"))
+    need_config = any(r in rows for r in ("text", "txt2img", "load", "mem512", "vae2048"))
 
     try:
         log(f"random weights ({ctx['size_desc']})")
         weights = random_original_weights(cfg)
-        if any(r in rows for r in ("load", "mem512")):
+        if any(r in rows for r in ("load", "mem512", "vae2048")):
             log(f"writing {ckpt}")
             write_checkpoint(cfg, weights, ckpt)
 
         sections: dict[str, list[Row]] = {p: [] for p in precisions}
         tokenizer = None
-        profile_text = ""
-        inproc = [r for r in rows if r not in ("load", "mem512")]
-        for precision in run_precisions if (inproc or args.profile or need_config) else []:
+        profile_text = unet_lever_text = ""
+        inproc = [r for r in rows if r not in ("load", "mem512", "vae2048", "bundled")]
+        for precision in run_precisions if (inproc or args.profile or args.levers or need_config) else []:
             wdtype = torch.bfloat16 if precision == "bf16" else torch.float32
             log(f"{precision}: building both libraries' networks")
             nets = sdlite_networks(cfg, weights, wdtype)
@@ -1013,23 +1125,32 @@ def main(argv: list[str] | None = None) -> None:
             if args.profile and precision == "fp32":
                 log("profile")
                 profile_text = profile_unet(cfg, nets, dnets)
+            if args.levers and precision == "fp32":
+                log("UNet levers")
+                unet_lever_text = unet_levers(cfg, nets, max(1, min(args.repeats, 3)), args.compile)
             del nets, dnets
             gc.collect()
-            if not inproc and not args.profile:
+            if not inproc and not args.profile and not args.levers:
                 break  # only the config folder was needed
         del weights
         gc.collect()
 
-        proc_rows = [r for r in rows if r in ("load", "mem512")]
+        proc_rows = [r for r in rows if r in ("load", "mem512", "vae2048")]
         if proc_rows:
             log(f"fresh-process rows {','.join(proc_rows)}")
             for precision, rs in run_process_rows(cfg, args.size, run_precisions, proc_rows, ckpt, config_dir, args).items():
                 sections[precision] += rs
 
+        if "bundled" in rows:
+            log("bundled model")
+            sections.setdefault("bundled", []).extend(bundled_rows(args))
+
         levers_text = ""
         if args.levers:
             log("levers")
             levers_text = levers_table(args.repeats)
+            if unet_lever_text:
+                levers_text = levers_text + "\n" + unet_lever_text
 
         import importlib.util
 

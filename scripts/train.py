@@ -31,6 +31,8 @@ def main() -> int:
     p.add_argument("--vae-batch", type=int, default=d.vae_batch)
     p.add_argument("--steps", type=int, default=d.steps, help="diffusion steps")
     p.add_argument("--batch", type=int, default=d.batch)
+    p.add_argument("--decoder-steps", type=int, default=d.decoder_steps,
+                   help="phase 3: decoder-only fine-tune on whole images (0 skips it)")
     p.add_argument("--lr", type=float, default=d.lr)
     p.add_argument("--cfg-dropout", type=float, default=d.cfg_dropout)
     p.add_argument("--latent-pool", type=int, default=d.latent_pool)
@@ -43,7 +45,7 @@ def main() -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     cfg = replace(d, seed=args.seed, vae_steps=args.vae_steps, vae_batch=args.vae_batch, steps=args.steps,
-                  batch=args.batch, lr=args.lr, cfg_dropout=args.cfg_dropout, latent_pool=args.latent_pool)
+                  batch=args.batch, decoder_steps=args.decoder_steps, lr=args.lr, cfg_dropout=args.cfg_dropout, latent_pool=args.latent_pool)
     trainer = Trainer(cfg, args.run_dir, device=args.device)
     if trainer.try_resume():
         print(f"resumed {args.run_dir} at phase={trainer.phase} step={trainer.step}", file=sys.stderr)

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import pickle
 import re
 import zipfile
@@ -324,9 +325,12 @@ def load_into(module: nn.Module, weights: Mapping[str, torch.Tensor], *, prefix:
             lines.append(f"  ... and {len(wrong) - 5} more wrong shapes")
         raise CheckpointError("\n".join(lines))
     converted = {}
-    for k, v in weights.items():
+    weights = dict(weights)  # pop from our own copy: the caller's file tensors are freed one by one
+    for k in list(weights):
+        v = weights.pop(k)
         target = dtype if v.is_floating_point() else v.dtype
         converted[k] = v.to(device=device, dtype=target)
+        del v
     module.load_state_dict(converted, strict=True, assign=True)
     return module.eval().requires_grad_(False)
 
@@ -413,6 +417,9 @@ def save_checkpoint(networks: Mapping[str, nn.Module], cfg: ModelConfig, path: s
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".partial")
     save_file(tensors, str(tmp), metadata={METADATA_KEY: cfg.to_json(), "format": "pt"})
+    umask = os.umask(0)  # safetensors creates the file 0600; give it the permissions of any new file
+    os.umask(umask)
+    tmp.chmod(0o666 & ~umask)
     tmp.replace(path)
     return path
 
@@ -424,21 +431,28 @@ def load_networks(path: str | Path, *, device: torch.device, dtype: torch.dtype,
     ``config`` overrides the detection (for non-standard models stored without sdlite metadata)."""
     path = Path(path)
     raw, metadata = read_checkpoint(path)
+    # consume: each file tensor is released as soon as it is converted, so loading an fp16 file
+    # into fp32 peaks at about the fp32 model, not the fp32 model plus the whole file.
     return networks_from_state_dict(raw, metadata, path=path, device=device, dtype=dtype, prediction=prediction,
-                                    use_ema=use_ema, config=config)
+                                    use_ema=use_ema, config=config, consume=True)
 
 
 def networks_from_state_dict(raw: dict[str, torch.Tensor], metadata: Mapping[str, str], *, path: Path | str,
                              device: torch.device | str, dtype: torch.dtype, prediction: str | None = None,
-                             use_ema: bool = False, config: ModelConfig | None = None,
+                             use_ema: bool = False, config: ModelConfig | None = None, consume: bool = False,
                              ) -> tuple[ModelConfig, dict[str, nn.Module]]:
-    """Steps 2–4 of the module docstring on an already-read state dict (``raw`` is not modified)."""
+    """Steps 2–4 of the module docstring on an already-read state dict.
+
+    ``raw`` is not modified unless ``consume=True``: then it is emptied, so that each tensor can be
+    freed once it has been converted into the network (lower peak memory)."""
     path = Path(path)
     device = torch.device(device)
     sd = apply_fixups(raw, use_ema=use_ema, path=path)
     cfg = config or detect_config(sd, metadata, path)
     parts = split_by_prefix(sd, path)
     del sd
+    if consume:
+        raw.clear()
     networks = build_networks(cfg)
     for part, module in networks.items():
         load_into(module, parts.pop(part), prefix=_prefix_of(part, cfg), path=path, device=device, dtype=dtype)

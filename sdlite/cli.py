@@ -61,6 +61,13 @@ def _parser(img2img: bool) -> argparse.ArgumentParser:
     p.add_argument("--device", default=None, help="cuda, cpu, ... (default: cuda when available)")
     p.add_argument("--prediction", choices=["eps", "v"], default=None, help="override eps/v detection")
     p.add_argument("--clip-skip", dest="clip_skip", type=int, default=1)
+    p.add_argument("--low-memory", dest="low_memory", action="store_true",
+                   help="chunked attention and tiled VAE decoding, for small GPUs (slightly slower)")
+    p.add_argument("--compile", action="store_true",
+                   help="torch.compile the UNet (the first image compiles for minutes; pays off on long runs only)")
+    p.add_argument("--threads", type=int, default=None,
+                   help="CPU threads for torch (default: torch's choice, one per core; 1 can be faster "
+                        "when another program keeps a core busy)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     if img2img:
         p.add_argument("--init-img", "--init_img", dest="init_img", type=Path, required=True, help="the image to redraw")
@@ -100,10 +107,17 @@ def run(argv: Sequence[str] | None, img2img: bool) -> int:
                 raise ArgumentError(f"{name} must be a positive multiple of 8, got {v}")
         if args.steps < 1:
             raise ArgumentError(f"--steps must be ≥ 1, got {args.steps}")
+        if args.threads is not None:
+            if args.threads < 1:
+                raise ArgumentError(f"--threads must be ≥ 1, got {args.threads}")
+            import torch
+
+            torch.set_num_threads(args.threads)
         precision = {"full": "fp32", "autocast": None}.get(args.precision, args.precision)
 
         t0 = time.perf_counter()
-        pipe = sdlite.load(args.ckpt, device=args.device, dtype=precision, prediction=args.prediction)
+        pipe = sdlite.load(args.ckpt, device=args.device, dtype=precision, prediction=args.prediction,
+                           low_memory=args.low_memory, compile=args.compile)
         print(f"loaded {pipe} in {time.perf_counter() - t0:.1f}s", file=sys.stderr)
         seed = args.seed
         if seed is None or seed == -1:

@@ -69,6 +69,8 @@ class Pipeline:
         self.path = path
         self.scale_factor = config.scale_factor
         self._hash: str | None = None
+        self._vae_tile: int | None = None
+        self._attention_chunk: int | None = None
 
     @functools.cached_property
     def schedule(self) -> "DiscreteSchedule":
@@ -122,25 +124,50 @@ class Pipeline:
         encoded separately and concatenated) are handled by :mod:`sdlite.prompt`. A plain prompt of
         ≤ 75 tokens gives exactly ``text_encoder(tokenizer([prompt]))``.
         """
+        return self.encode_prompts([prompts], clip_skip)[0]
+
+    @torch.no_grad()
+    def encode_prompts(self, groups: Sequence[Sequence[str]], clip_skip: int = 1) -> list[torch.Tensor]:
+        """:meth:`encode_prompt` for several lists (e.g. prompts and negative prompts) at once.
+
+        Every distinct prompt is encoded once, and all of their 77-token chunks go through the
+        text encoder as one batch: a batch of 8 with one prompt and one negative prompt costs one
+        text-encoder call of 2 chunks, not 16 calls. Within a list, shorter prompts are padded with
+        the empty prompt's chunk to the longest (A1111 does the same).
+        """
         from .prompt import apply_weights, tokenize_prompt
 
         tok = self.tokenizer
-        per_prompt = [tokenize_prompt(p, tok.encode, bos=tok.bos_id, eos=tok.eos_id, pad=tok.pad_id)
-                      for p in prompts]
-        n_chunks = max(len(chunks) for chunks in per_prompt)
+        groups = [list(g) for g in groups]
+        if any(not g for g in groups):
+            raise ArgumentError("encode_prompts: every list needs at least one prompt")
+        distinct = list(dict.fromkeys(p for g in groups for p in g))
+        chunks = {p: tokenize_prompt(p, tok.encode, bos=tok.bos_id, eos=tok.eos_id, pad=tok.pad_id)
+                  for p in distinct}
+        padded = any(len({len(chunks[p]) for p in g}) > 1 for g in groups)
+        if padded and "" not in chunks:
+            chunks[""] = tokenize_prompt("", tok.encode, bos=tok.bos_id, eos=tok.eos_id, pad=tok.pad_id)
+        order = list(chunks)
+        ids = torch.tensor([c.ids for p in order for c in chunks[p]], dtype=torch.long, device=self.device)
+        with self.precision.autocast():
+            z = self.text_encoder(ids, skip_last_layers=self.config.text.skip_last_layers + clip_skip - 1).float()
+        encoded, i = {}, 0
+        for p in order:
+            encoded[p] = z[i:i + len(chunks[p])]
+            i += len(chunks[p])
+
         outs = []
-        for chunks in per_prompt:
-            # Pad shorter prompts with empty chunks so a batch stacks; A1111 pads with the empty prompt too.
-            while len(chunks) < n_chunks:
-                chunks = chunks + tokenize_prompt("", tok.encode, bos=tok.bos_id, eos=tok.eos_id, pad=tok.pad_id)
-            ids = torch.tensor([c.ids for c in chunks], dtype=torch.long, device=self.device)
-            weights = torch.tensor([c.weights for c in chunks], dtype=torch.float32, device=self.device)
-            with self.precision.autocast():
-                z = self.text_encoder(ids, skip_last_layers=self.config.text.skip_last_layers + clip_skip - 1)
-            z = z.float()
-            z = apply_weights(z.reshape(1, -1, z.shape[-1]), weights.reshape(1, -1))
-            outs.append(z)
-        return torch.cat(outs)
+        for g in groups:
+            n_chunks = max(len(chunks[p]) for p in g)
+            rows = []
+            for p in g:
+                pad = n_chunks - len(chunks[p])
+                zp = torch.cat([encoded[p]] + ([encoded[""]] * pad if pad else []))  # [n_chunks, 77, C]
+                w = torch.tensor([c.weights for c in chunks[p] + chunks.get("", [])[:1] * pad],
+                                 dtype=torch.float32, device=self.device)
+                rows.append(apply_weights(zp.reshape(1, -1, zp.shape[-1]), w.reshape(1, -1)))
+            outs.append(torch.cat(rows))
+        return outs
 
     # -- the reverse process -------------------------------------------------------------------
 
@@ -214,26 +241,107 @@ class Pipeline:
         return self.latent_channels, height // self.vae_factor, width // self.vae_factor
 
     @torch.no_grad()
-    def decode_latents(self, latents: torch.Tensor) -> torch.Tensor:
+    def decode_latents(self, latents: torch.Tensor, tile: int | None = None) -> torch.Tensor:
         """``vae.decode(latent / scale_factor)`` → float images in [0, 1], ``[B, 3, H, W]``.
+
+        Latents larger than ``tile`` (latent pixels; default :attr:`vae_tile`) on either side are
+        decoded in overlapping tiles (:meth:`_decode_tiled`), so a 2048×2048 decode needs the memory
+        of one tile rather than of the whole image. ``tile=0`` never tiles.
 
         In half precision the SD VAE can overflow to NaN/inf; then the decode is retried in fp32
         with a warning. NaN that survives is an error, never a silent black image."""
+        tile = self.vae_tile if tile is None else int(tile)
         z = latents / self.scale_factor
         dtype = next(self.vae.parameters()).dtype
         with self.precision.autocast():
-            x = self.vae.decode(z.to(self.device, dtype)).float()
+            x = self._decode_tiled(z.to(self.device, dtype), tile).float()
         if not torch.isfinite(x).all() and (dtype != torch.float32 or self.precision.autocast_dtype is not None):
             warnings.warn("the VAE decode gave NaN/inf in half precision; retrying in fp32", RuntimeWarning, stacklevel=2)
             self.vae.float()
             try:
-                x = self.vae.decode(z.to(self.device, torch.float32)).float()
+                x = self._decode_tiled(z.to(self.device, torch.float32), tile).float()
             finally:
                 self.vae.to(dtype)
         if not torch.isfinite(x).all():
             raise GenerationError("the decoded image contains NaN/inf even in fp32; the latent is broken "
                                   "(check the checkpoint, the guidance scale and the sampler)")
         return ((x + 1) / 2).clamp(0, 1)
+
+    @property
+    def vae_tile(self) -> int:
+        """Side of a VAE decode tile in latent pixels: twice the model's native latent side (128 for
+        SD1, i.e. 1024-px tiles), so images up to twice the native size decode in one piece."""
+        if self._vae_tile is None:
+            return 2 * self.config.image_size // self.vae_factor
+        return self._vae_tile
+
+    @vae_tile.setter
+    def vae_tile(self, value: int | None) -> None:
+        if value is not None and int(value) != 0 and int(value) < 8:
+            raise ArgumentError(f"vae_tile must be 0 (never tile), None (default) or ≥ 8 latent pixels, got {value}")
+        self._vae_tile = None if value is None else int(value)
+
+    @property
+    def attention_chunk(self) -> int | None:
+        """Queries per attention call in the UNet and the VAE (None: all at once). See :mod:`sdlite.ops`."""
+        return self._attention_chunk
+
+    @attention_chunk.setter
+    def attention_chunk(self, value: int | None) -> None:
+        if value is not None and int(value) < 1:
+            raise ArgumentError(f"attention_chunk must be None or ≥ 1, got {value}")
+        self._attention_chunk = None if value is None else int(value)
+        for m in (*self.unet.modules(), *self.vae.modules()):
+            if hasattr(m, "query_chunk"):
+                m.query_chunk = self._attention_chunk
+
+    def set_low_memory(self, enabled: bool = True, attention_chunk: int = 1024) -> None:
+        """The low-memory option: attention ``attention_chunk`` queries at a time and VAE decodes in
+        tiles of the native latent size (64 latent pixels for SD1). ``enabled=False`` restores the defaults."""
+        self.attention_chunk = attention_chunk if enabled else None
+        self.vae_tile = self.config.image_size // self.vae_factor if enabled else None
+
+    def compile(self, **options: Any) -> None:
+        """``torch.compile`` the UNet in place (``nn.Module.compile``: same module, same state-dict
+        names, so :func:`sdlite.save` still works). The first call at each new shape compiles
+        (minutes on a CPU); ``options`` go to ``torch.compile``. Measured in benchmarks/RESULTS.md."""
+        self.unet.compile(**options)
+
+    def _decode_tiled(self, z: torch.Tensor, tile: int) -> torch.Tensor:
+        """Decode ``z`` in overlapping ``tile``×``tile`` pieces and blend them.
+
+        Neighbouring tiles overlap by a quarter tile. In the overlap each pixel is a weighted mean
+        of the tiles covering it, with weights that ramp linearly from 0 at a tile's inner edge to
+        1, so there is no visible seam even though each tile's GroupNorm sees only its own
+        statistics. Image borders are not ramped. Only one tile's activations are alive at a time.
+        """
+        b, _, h, w = z.shape
+        if tile <= 0 or (h <= tile and w <= tile):
+            return self.vae.decode(z)
+        f = self.vae_factor
+        overlap = tile // 4
+        stride = tile - overlap
+
+        def starts(n: int) -> list[int]:
+            if n <= tile:
+                return [0]
+            s = list(range(0, n - tile, stride)) + [n - tile]
+            return s
+
+        out = weight = None
+        for y in starts(h):
+            for x in starts(w):
+                piece = self.vae.decode(z[:, :, y:y + tile, x:x + tile]).float()
+                th, tw = piece.shape[-2:]
+                ramp_y = _ramp(th, overlap * f, top=y > 0, bottom=y + tile < h, device=piece.device)
+                ramp_x = _ramp(tw, overlap * f, top=x > 0, bottom=x + tile < w, device=piece.device)
+                wgt = ramp_y[:, None] * ramp_x[None, :]
+                if out is None:
+                    out = torch.zeros(b, piece.shape[1], h * f, w * f, device=piece.device)
+                    weight = torch.zeros(h * f, w * f, device=piece.device)
+                out[:, :, y * f:y * f + th, x * f:x * f + tw] += piece * wgt
+                weight[y * f:y * f + th, x * f:x * f + tw] += wgt
+        return out / weight
 
     @torch.no_grad()
     def encode_image(self, images: torch.Tensor) -> torch.Tensor:
@@ -323,8 +431,10 @@ class Pipeline:
             log.info("seed: %d", seed)
         seeds = [int(seed) + i for i in range(len(prompts))]
 
-        cond = self.encode_prompt(prompts, clip_skip)
-        uncond = self.encode_prompt(negatives, clip_skip) if guidance_scale != 1.0 else None
+        if guidance_scale != 1.0:
+            cond, uncond = self.encode_prompts([prompts, negatives], clip_skip)
+        else:
+            cond, uncond = self.encode_prompt(prompts, clip_skip), None
         noise, generators = random_streams(seeds, self._latent_shape(height, width))
         if latents is not None:  # replaces the starting noise; the streams still drive the sampler's noise
             if tuple(latents.shape[-3:]) != tuple(noise.shape[1:]) or latents.numel() != noise.numel():
@@ -380,6 +490,19 @@ def _schedule_label(schedule_id: str | None, spec: Any) -> str | None:
     return None if effective == "automatic" else schedule_label(effective)
 
 
+def _ramp(n: int, width: int, *, top: bool, bottom: bool, device: torch.device) -> torch.Tensor:
+    """Blend weights along one side of a tile: linear from ~0 to 1 over ``width`` pixels at each end
+    that borders another tile (``top``/``bottom``), 1 elsewhere. Never exactly 0, so every pixel is
+    covered with a positive total weight."""
+    r = torch.ones(n, device=device)
+    ramp = (torch.arange(width, device=device, dtype=torch.float32) + 0.5) / width
+    if top:
+        r[:width] = torch.minimum(r[:width], ramp)
+    if bottom:
+        r[n - width:] = torch.minimum(r[n - width:], ramp.flip(0))
+    return r
+
+
 def _check_size(width: int, height: int, factor: int) -> None:
     if width <= 0 or height <= 0 or width % 8 or height % 8 or width % factor or height % factor:
         raise ArgumentError(f"width and height must be positive multiples of 8, got {width}x{height}")
@@ -406,7 +529,7 @@ def _open_image(image: Image.Image | str | Path | torch.Tensor) -> Image.Image:
 
 def load(path: str | Path | None = None, device: str | torch.device | None = None,
          dtype: str | torch.dtype | None = None, prediction: str | None = None, use_ema: bool = False,
-         config: ModelConfig | None = None) -> Pipeline:
+         config: ModelConfig | None = None, low_memory: bool = False, compile: bool = False) -> Pipeline:
     """Load a Stable Diffusion checkpoint in the original layout (or the bundled model when ``path`` is None).
 
     - ``device``: ``"cuda"``, ``"cpu"``... (default: CUDA when available);
@@ -414,7 +537,12 @@ def load(path: str | Path | None = None, device: str | torch.device | None = Non
     - ``prediction``: ``"eps"`` or ``"v"``; default from a same-stem ``.yaml`` beside the file, else
       detected (see :func:`sdlite.checkpoint.resolve_prediction`);
     - ``use_ema``: take the ``model_ema.*`` copies of the UNet instead of the plain weights;
-    - ``config``: skip the detection and use this :class:`ModelConfig` (non-standard models).
+    - ``config``: skip the detection and use this :class:`ModelConfig` (non-standard models);
+    - ``low_memory``: for small GPUs — attention 1024 queries at a time and VAE decodes in tiles of
+      the native size (see :meth:`Pipeline.set_low_memory`); a little slower, same images up to
+      rounding (the tiled decode blends tile borders);
+    - ``compile``: ``torch.compile`` the UNet (see :meth:`Pipeline.compile`). Off by default: the
+      first call then takes minutes on a CPU, which short runs never win back.
 
     >>> pipe = sdlite.load("v1-5-pruned-emaonly.safetensors")  # doctest: +SKIP
     """
@@ -430,8 +558,13 @@ def load(path: str | Path | None = None, device: str | torch.device | None = Non
     precision = devices.choose(device, dtype)
     cfg, nets = load_networks(path, device=precision.device, dtype=precision.weight_dtype,
                               prediction=prediction, use_ema=use_ema, config=config)
-    return Pipeline(tokenizer_for(cfg.text), nets["text_encoder"], nets["unet"], nets["vae"], cfg, precision,
+    pipe = Pipeline(tokenizer_for(cfg.text), nets["text_encoder"], nets["unet"], nets["vae"], cfg, precision,
                     name=path.stem, path=path)
+    if low_memory:
+        pipe.set_low_memory()
+    if compile:
+        pipe.compile()
+    return pipe
 
 
 def save(pipeline: Pipeline, path: str | Path, dtype: str | torch.dtype | None = None,

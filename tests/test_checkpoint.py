@@ -162,6 +162,30 @@ def test_load_save_load_gives_identical_tensors_and_keeps_the_config(tmp_path):
     _assert_loaded_equals(again, sd)
     keys, _ = read_checkpoint(out)
     assert set(keys) == set(k for k in sd if k not in NOT_WEIGHTS)
+    # the file gets a new file's usual permissions (safetensors alone would make it 0600)
+    umask = os.umask(0)
+    os.umask(umask)
+    assert out.stat().st_mode & 0o777 == 0o666 & ~umask
+
+
+def test_loading_with_consume_releases_the_file_tensors(tmp_path):
+    # consume=True (what sdlite.load uses) empties the read dict, and nothing else keeps the fp16
+    # file tensors alive after the fp32 copies exist: peak memory stays near the fp32 model.
+    import gc
+    import weakref
+
+    sd = original_state_dict(TINY_SD1, dtype=torch.float16)
+    kept = dict(sd)
+    networks_from_state_dict(kept, {}, path="x", device="cpu", dtype=torch.float32, config=TINY_SD1)
+    assert kept.keys() == sd.keys()  # the default leaves the caller's dict alone
+    raw = dict(sd)
+    del sd, kept
+    refs = [weakref.ref(v) for v in raw.values()]
+    _, nets = networks_from_state_dict(raw, {}, path="x", device="cpu", dtype=torch.float32, config=TINY_SD1,
+                                       consume=True)
+    gc.collect()
+    assert raw == {} and all(r() is None for r in refs)
+    assert next(nets["unet"].parameters()).dtype == torch.float32
 
 
 def test_save_refuses_to_overwrite(tmp_path):

@@ -58,6 +58,28 @@ def test_long_prompt_is_encoded_in_77_token_chunks(pipe):
     assert pipe.encode_prompt(["a cat", long]).shape == (2, 154, TINY_SD1.text.width)
 
 
+def test_prompt_pairs_are_encoded_in_one_text_encoder_call_equal_to_separate_encodes(pipe):
+    long = ", ".join(["a (red:1.2) circle on the left"] * 20)
+    prompts, negatives = ["a cat", "a cat", long, "a cat"], ["", "blurry", "", ""]
+    calls = []
+    handle = pipe.text_encoder.register_forward_hook(lambda m, args, out: calls.append(args[0].shape[0]))
+    try:
+        cond, uncond = pipe.encode_prompts([prompts, negatives])
+    finally:
+        handle.remove()
+    # one call over the chunks of the distinct prompts: "a cat" 1, long 2, "" 1, "blurry" 1
+    assert calls == [5]
+    # each row equals the prompt encoded on its own (padded with the empty chunk to the list's length)
+    empty = pipe.encode_prompt([""])
+    for i, p in enumerate(prompts):
+        alone = pipe.encode_prompt([p])
+        if alone.shape[1] < cond.shape[1]:
+            alone = torch.cat([alone, empty], dim=1)
+        torch.testing.assert_close(cond[i:i + 1], alone, rtol=0, atol=1e-5)
+    for i, n in enumerate(negatives):
+        torch.testing.assert_close(uncond[i:i + 1], pipe.encode_prompt([n]), rtol=0, atol=1e-5)
+
+
 def test_emphasis_changes_the_conditioning(pipe):
     assert not torch.equal(pipe.encode_prompt(["a (cat:1.5)"]), pipe.encode_prompt(["a cat"]))
 

@@ -22,7 +22,7 @@ TINY = ModelConfig(
     image_size=32,
 )
 CFG = TrainConfig(model=TINY, vae_steps=3, vae_batch=4, vae_crop=16, latent_pool=64, steps=3, batch=8,
-                  warmup=1, save_every=2)
+                  decoder_steps=2, decoder_batch=2, warmup=1, save_every=2)
 
 
 
@@ -66,6 +66,27 @@ def test_one_diffusion_step_lowers_the_eps_loss_on_a_fixed_batch(tmp_path):
         assert loss().item() < before
 
 
+def test_the_decoder_fine_tune_lowers_the_reconstruction_error_and_leaves_the_encoder_alone(tmp_path):
+    trainer = Trainer(replace(CFG, decoder_steps=6, decoder_batch=4, decoder_lr=2e-3), tmp_path)
+    images, _, _ = shapes.sample_batch(4, 0, size_px=32)
+    x = _images_to_tensor(images)
+    encoder = {k: v.clone() for k, v in trainer.vae.encoder.state_dict().items()}
+    quant = {k: v.clone() for k, v in trainer.vae.quant_conv.state_dict().items()}
+    decoder = {k: v.clone() for k, v in trainer.vae.decoder.state_dict().items()}
+
+    def error():
+        with torch.no_grad():
+            return (trainer.vae.decode(trainer.vae.encode(x).mean) - x).abs().mean().item()
+
+    before = error()
+    trainer.train_decoder(progress=False)
+    assert error() < before
+    # the latent space is untouched (the UNet trained on it stays valid); the decoder did change
+    assert all(torch.equal(v, trainer.vae.encoder.state_dict()[k]) for k, v in encoder.items())
+    assert all(torch.equal(v, trainer.vae.quant_conv.state_dict()[k]) for k, v in quant.items())
+    assert any(not torch.equal(v, trainer.vae.decoder.state_dict()[k]) for k, v in decoder.items())
+
+
 def test_the_training_objective_uses_the_samplers_forward_process(tmp_path, monkeypatch):
     trainer = Trainer(CFG, tmp_path)
     calls = []
@@ -94,6 +115,18 @@ def test_a_run_resumes_where_it_stopped_and_exports_a_loadable_model(tmp_path):
     assert pipe.scale_factor == round(first.scale_factor, 5)
     image = pipe.txt2img("a red circle on the left", seed=1, steps=2)[0]
     assert image.size == (32, 32)
+
+
+def test_a_run_saved_before_the_decoder_phase_existed_resumes_into_it(tmp_path):
+    first = Trainer(CFG, tmp_path / "run")
+    first.run(progress=False)
+    state = torch.load(first.state_path, weights_only=False)
+    del state["opt_decoder"]  # what runs saved before phase 3 look like
+    torch.save(state, first.state_path)
+    again = Trainer(CFG, tmp_path / "run")
+    assert again.try_resume() and (again.phase, again.step) == ("decoder", 0)
+    again.run(progress=False)
+    assert again.phase == "done" and again.step == CFG.decoder_steps
 
 
 def test_the_data_pool_never_contains_held_out_combinations(tmp_path):

@@ -63,6 +63,9 @@ class TrainConfig:
     latent_pool: int = 20000  # images encoded once after phase 1 (the VAE is frozen in phase 2)
     steps: int = 3500
     batch: int = 32
+    decoder_steps: int = 800  # phase 3: the decoder alone, on full images (encoder and latents frozen)
+    decoder_batch: int = 16
+    decoder_lr: float = 5e-4
     lr: float = 1e-3
     warmup: int = 100
     cfg_dropout: float = 0.1
@@ -75,6 +78,11 @@ class TrainConfig:
 def _images_to_tensor(images: np.ndarray) -> torch.Tensor:
     """uint8 [N, H, W, 3] → float [N, 3, H, W] in [-1, 1], as the VAE expects."""
     return torch.from_numpy(images).permute(0, 3, 1, 2).float().div(127.5).sub(1.0)
+
+
+def _foreground(images: np.ndarray) -> np.ndarray:
+    """bool [N, H, W]: pixels that differ from the background (the top-left pixel: objects sit near the middle)."""
+    return np.abs(images.astype(np.int16) - images[:, :1, :1].astype(np.int16)).max(-1) > 12
 
 
 def _lr_at(step: int, base: float, warmup: int, total: int) -> float:
@@ -106,6 +114,7 @@ class Trainer:
         self.opt_vae = torch.optim.AdamW(self.vae.parameters(), lr=cfg.vae_lr, weight_decay=0.0)
         self.opt = torch.optim.AdamW(list(self.unet.parameters()) + list(self.text_encoder.parameters()),
                                      lr=cfg.lr, weight_decay=0.01)
+        self.opt_decoder = torch.optim.AdamW(self._decoder_params(), lr=cfg.decoder_lr, weight_decay=0.0)
         self.phase, self.step, self.scale_factor = "vae", 0, None
         self.log: list[dict[str, Any]] = []
         from sdlite.clip import tokenizer_for
@@ -129,6 +138,7 @@ class Trainer:
             "vae": self.vae.state_dict(), "unet": self.unet.state_dict(), "text": self.text_encoder.state_dict(),
             "ema_unet": self.ema_unet, "ema_text": self.ema_text,
             "opt_vae": self.opt_vae.state_dict(), "opt": self.opt.state_dict(),
+            "opt_decoder": self.opt_decoder.state_dict(),
             "rng": self.rng.bit_generator.state, "torch_rng": torch.get_rng_state(), "log": self.log,
         }
         tmp = self.state_path.with_suffix(".tmp")
@@ -140,12 +150,17 @@ class Trainer:
             return False
         s = torch.load(self.state_path, map_location=self.device, weights_only=False)
         self.phase, self.step, self.scale_factor = s["phase"], s["step"], s["scale_factor"]
+        if self.phase == "done" and "opt_decoder" not in s:
+            # a run saved before phase 3 existed: go on with the decoder fine-tune
+            self.phase, self.step = "decoder", 0
         self.vae.load_state_dict(s["vae"])
         self.unet.load_state_dict(s["unet"])
         self.text_encoder.load_state_dict(s["text"])
         self.ema_unet, self.ema_text = s["ema_unet"], s["ema_text"]
         self.opt_vae.load_state_dict(s["opt_vae"])
         self.opt.load_state_dict(s["opt"])
+        if "opt_decoder" in s:
+            self.opt_decoder.load_state_dict(s["opt_decoder"])
         self.rng.bit_generator.state = s["rng"]
         torch.set_rng_state(s["torch_rng"])
         self.log = s["log"]
@@ -153,18 +168,19 @@ class Trainer:
 
     # -- phase 1: the autoencoder ---------------------------------------------------------------
 
-    def vae_loss(self, x: torch.Tensor, foreground: torch.Tensor) -> tuple[torch.Tensor, dict[str, float]]:
-        posterior = self.vae.encode(x)
-        rec = self.vae.decode(posterior.sample())
+    def _reconstruction_loss(self, rec: torch.Tensor, x: torch.Tensor, foreground: torch.Tensor) -> torch.Tensor:
         # The object covers ~10% of the pixels; weight them up so the autoencoder learns colour and
         # outline early instead of only the background.
         weight = 1.0 + self.cfg.fg_weight * foreground
         err = rec - x
-        l1 = (weight * err.abs()).mean()
-        l2 = (weight * err.pow(2)).mean()
+        return (weight * err.abs()).mean() + (weight * err.pow(2)).mean()
+
+    def vae_loss(self, x: torch.Tensor, foreground: torch.Tensor) -> tuple[torch.Tensor, dict[str, float]]:
+        posterior = self.vae.encode(x)
+        rec = self.vae.decode(posterior.sample())
         kl = 0.5 * (posterior.mean.pow(2) + posterior.var - 1.0 - posterior.logvar).mean()
-        loss = l1 + l2 + self.cfg.kl_weight * kl
-        return loss, {"rec": err.abs().mean().item(), "kl": kl.item()}
+        loss = self._reconstruction_loss(rec, x, foreground) + self.cfg.kl_weight * kl
+        return loss, {"rec": (rec - x).abs().mean().item(), "kl": kl.item()}
 
     def train_vae(self, progress: bool = True) -> None:
         cfg = self.cfg
@@ -173,8 +189,7 @@ class Trainer:
             while self.step < cfg.vae_steps:
                 images, _, _ = shapes.sample_batch(cfg.vae_batch, self.rng, size_px=cfg.model.image_size,
                                                    split="train")
-                # the top-left pixel is always background (objects sit near the middle)
-                fg = (np.abs(images.astype(np.int16) - images[:, :1, :1].astype(np.int16)).max(-1) > 12)
+                fg = _foreground(images)
                 if cfg.vae_crop and cfg.vae_crop < cfg.model.image_size:
                     # crops aligned to the latent grid, so the encoder sees positions as it will later
                     f = cfg.model.vae.downsample_factor
@@ -278,6 +293,43 @@ class Trainer:
         self.unet.eval()
         self.text_encoder.eval()
 
+    # -- phase 3: the decoder alone ------------------------------------------------------------
+
+    def _decoder_params(self) -> list[torch.nn.Parameter]:
+        return list(self.vae.post_quant_conv.parameters()) + list(self.vae.decoder.parameters())
+
+    def train_decoder(self, progress: bool = True) -> None:
+        """Fine-tune only the decoder on whole images, as SD's "ft-MSE" VAE did.
+
+        The encoder is frozen, so the latent space (and with it the trained UNet and the scale
+        factor) stays valid: only what latents decode to gets sharper. Phase 1 trains on crops
+        for speed; here the decoder also learns the image borders and the flat backgrounds.
+        """
+        cfg = self.cfg
+        self.vae.eval()  # no dropout/batch statistics in the VAE; eval just documents the frozen encoder
+        with ProgressBar(cfg.decoder_steps, "decoder", enabled=progress, initial=self.step) as bar:
+            while self.step < cfg.decoder_steps:
+                images, _, _ = shapes.sample_batch(cfg.decoder_batch, self.rng, size_px=cfg.model.image_size,
+                                                   split="train")
+                x = _images_to_tensor(images).to(self.device)
+                fg = torch.from_numpy(_foreground(images)).float()[:, None].to(self.device)
+                with torch.no_grad():
+                    z = self.vae.encode(x).sample()
+                for g in self.opt_decoder.param_groups:
+                    g["lr"] = _lr_at(self.step, cfg.decoder_lr, 50, cfg.decoder_steps)
+                rec = self.vae.decode(z)
+                loss = self._reconstruction_loss(rec, x, fg)
+                self.opt_decoder.zero_grad(set_to_none=True)
+                loss.backward()
+                self.opt_decoder.step()
+                self.step += 1
+                rec_err = (rec - x).abs().mean().item()
+                bar.update(1, loss=loss.item(), rec=rec_err)
+                if self.step % 50 == 0:
+                    self.log.append({"phase": "decoder", "step": self.step, "loss": loss.item(), "rec": rec_err})
+                if self.step % cfg.save_every == 0:
+                    self.save_state()
+
     # -- everything -----------------------------------------------------------------------------
 
     def run(self, progress: bool = True) -> None:
@@ -288,6 +340,10 @@ class Trainer:
             self.save_state()
         if self.phase == "diffusion":
             self.train_diffusion(progress)
+            self.phase, self.step = "decoder", 0
+            self.save_state()
+        if self.phase == "decoder":
+            self.train_decoder(progress)
             self.phase = "done"
             self.save_state()
 

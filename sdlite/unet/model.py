@@ -30,6 +30,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from sdlite.config import UNetConfig
+from sdlite.ops import Conv2d, attention
 
 
 def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10000.0) -> torch.Tensor:
@@ -81,17 +82,17 @@ class ResBlock(nn.Module):
     def __init__(self, channels: int, time_embed_dim: int, out_channels: int, dropout: float = 0.0) -> None:
         super().__init__()
         self.in_layers = nn.Sequential(
-            GroupNorm32(channels), nn.SiLU(), nn.Conv2d(channels, out_channels, 3, padding=1)
+            GroupNorm32(channels), nn.SiLU(), Conv2d(channels, out_channels, 3, padding=1)
         )
         self.emb_layers = nn.Sequential(nn.SiLU(), nn.Linear(time_embed_dim, out_channels))
         self.out_layers = nn.Sequential(
             GroupNorm32(out_channels),
             nn.SiLU(),
             nn.Dropout(dropout),
-            nn.Conv2d(out_channels, out_channels, 3, padding=1),
+            Conv2d(out_channels, out_channels, 3, padding=1),
         )
         self.skip_connection = (
-            nn.Identity() if out_channels == channels else nn.Conv2d(channels, out_channels, 1)
+            nn.Identity() if out_channels == channels else Conv2d(channels, out_channels, 1)
         )
 
     def forward(self, x: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
@@ -106,7 +107,7 @@ class Downsample(nn.Module):
 
     def __init__(self, channels: int) -> None:
         super().__init__()
-        self.op = nn.Conv2d(channels, channels, 3, stride=2, padding=1)
+        self.op = Conv2d(channels, channels, 3, stride=2, padding=1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.op(x)
@@ -117,7 +118,7 @@ class Upsample(nn.Module):
 
     def __init__(self, channels: int) -> None:
         super().__init__()
-        self.conv = nn.Conv2d(channels, channels, 3, padding=1)
+        self.conv = Conv2d(channels, channels, 3, padding=1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
@@ -143,6 +144,7 @@ class CrossAttention(nn.Module):
         self.to_k = nn.Linear(context_dim, inner_dim, bias=False)
         self.to_v = nn.Linear(context_dim, inner_dim, bias=False)
         self.to_out = nn.Sequential(nn.Linear(inner_dim, query_dim), nn.Dropout(dropout))
+        self.query_chunk: int | None = None  # the low-memory option (sdlite.ops)
 
     def forward(self, x: torch.Tensor, context: torch.Tensor | None = None) -> torch.Tensor:
         context = x if context is None else context
@@ -150,7 +152,7 @@ class CrossAttention(nn.Module):
         b = x.shape[0]
         # [B, L, heads * dim_head] -> [B, heads, L, dim_head]
         q, k, v = (y.reshape(b, -1, self.heads, y.shape[-1] // self.heads).transpose(1, 2) for y in (q, k, v))
-        out = F.scaled_dot_product_attention(q, k, v)  # softmax(q k^T / sqrt(dim_head)) v
+        out = attention(q, k, v, self.query_chunk)  # softmax(q k^T / sqrt(dim_head)) v
         out = out.transpose(1, 2).reshape(b, -1, out.shape[1] * out.shape[3])
         return self.to_out(out)
 
@@ -218,14 +220,14 @@ class SpatialTransformer(nn.Module):
         if use_linear:
             self.proj_in = nn.Linear(channels, inner_dim)
         else:
-            self.proj_in = nn.Conv2d(channels, inner_dim, 1)
+            self.proj_in = Conv2d(channels, inner_dim, 1)
         self.transformer_blocks = nn.ModuleList(
             BasicTransformerBlock(inner_dim, heads, dim_head, context_dim) for _ in range(depth)
         )
         if use_linear:
             self.proj_out = nn.Linear(inner_dim, channels)
         else:
-            self.proj_out = nn.Conv2d(inner_dim, channels, 1)
+            self.proj_out = Conv2d(inner_dim, channels, 1)
 
     def forward(self, x: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
         b, c, h, w = x.shape
@@ -293,7 +295,7 @@ class UNetModel(nn.Module):
         )
 
         # Encoder. skip_channels records each input block's output width for the decoder's concat.
-        self.input_blocks = nn.ModuleList([TimestepEmbedSequential(nn.Conv2d(cfg.in_channels, mc, 3, padding=1))])
+        self.input_blocks = nn.ModuleList([TimestepEmbedSequential(Conv2d(cfg.in_channels, mc, 3, padding=1))])
         skip_channels = [mc]
         ch, ds = mc, 1
         for level, mult in enumerate(cfg.channel_mult):
@@ -326,7 +328,7 @@ class UNetModel(nn.Module):
                     ds //= 2
                 self.output_blocks.append(TimestepEmbedSequential(*layers))
 
-        self.out = nn.Sequential(GroupNorm32(ch), nn.SiLU(), nn.Conv2d(mc, cfg.out_channels, 3, padding=1))
+        self.out = nn.Sequential(GroupNorm32(ch), nn.SiLU(), Conv2d(mc, cfg.out_channels, 3, padding=1))
 
     def forward(self, x: torch.Tensor, t: torch.Tensor | float, context: torch.Tensor) -> torch.Tensor:
         """Predict the noise (or v) in ``x`` at timestep ``t``.

@@ -33,6 +33,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..config import VAEConfig
+from ..ops import Conv2d, attention
 
 
 def Normalize(channels: int) -> nn.GroupNorm:
@@ -56,11 +57,11 @@ class ResnetBlock(nn.Module):
     def __init__(self, in_channels: int, out_channels: int) -> None:
         super().__init__()
         self.norm1 = Normalize(in_channels)
-        self.conv1 = nn.Conv2d(in_channels, out_channels, kernel_size=3, stride=1, padding=1)
+        self.conv1 = Conv2d(in_channels, out_channels, kernel_size=3, stride=1, padding=1)
         self.norm2 = Normalize(out_channels)
-        self.conv2 = nn.Conv2d(out_channels, out_channels, kernel_size=3, stride=1, padding=1)
+        self.conv2 = Conv2d(out_channels, out_channels, kernel_size=3, stride=1, padding=1)
         if in_channels != out_channels:
-            self.nin_shortcut = nn.Conv2d(in_channels, out_channels, kernel_size=1, stride=1, padding=0)
+            self.nin_shortcut = Conv2d(in_channels, out_channels, kernel_size=1, stride=1, padding=0)
         else:
             self.nin_shortcut = None
 
@@ -83,17 +84,19 @@ class AttnBlock(nn.Module):
     def __init__(self, channels: int) -> None:
         super().__init__()
         self.norm = Normalize(channels)
-        self.q = nn.Conv2d(channels, channels, kernel_size=1)
-        self.k = nn.Conv2d(channels, channels, kernel_size=1)
-        self.v = nn.Conv2d(channels, channels, kernel_size=1)
-        self.proj_out = nn.Conv2d(channels, channels, kernel_size=1)
+        self.q = Conv2d(channels, channels, kernel_size=1)
+        self.k = Conv2d(channels, channels, kernel_size=1)
+        self.v = Conv2d(channels, channels, kernel_size=1)
+        self.proj_out = Conv2d(channels, channels, kernel_size=1)
+        self.query_chunk: int | None = None  # the low-memory option (sdlite.ops)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         b, c, h, w = x.shape
         hn = self.norm(x)
-        # [B, C, H, W] -> [B, 1 head, H*W tokens, C]
-        q, k, v = (t(hn).reshape(b, 1, c, h * w).transpose(2, 3) for t in (self.q, self.k, self.v))
-        out = F.scaled_dot_product_attention(q, k, v)
+        # [B, C, H, W] -> [B, 1 head, H*W tokens, C]. contiguous(): with the channels strided by H*W,
+        # SDPA on the CPU falls back from its fused flash kernel to the slower math path (1.4x at 64x64).
+        q, k, v = (t(hn).reshape(b, 1, c, h * w).transpose(2, 3).contiguous() for t in (self.q, self.k, self.v))
+        out = attention(q, k, v, self.query_chunk)
         # [B, 1, H*W, C] -> [B, C, H, W]
         out = out.transpose(2, 3).reshape(b, c, h, w)
         return x + self.proj_out(out)
@@ -110,7 +113,7 @@ class Downsample(nn.Module):
 
     def __init__(self, channels: int) -> None:
         super().__init__()
-        self.conv = nn.Conv2d(channels, channels, kernel_size=3, stride=2, padding=0)
+        self.conv = Conv2d(channels, channels, kernel_size=3, stride=2, padding=0)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.conv(F.pad(x, (0, 1, 0, 1), mode="constant", value=0.0))
@@ -121,7 +124,7 @@ class Upsample(nn.Module):
 
     def __init__(self, channels: int) -> None:
         super().__init__()
-        self.conv = nn.Conv2d(channels, channels, kernel_size=3, stride=1, padding=1)
+        self.conv = Conv2d(channels, channels, kernel_size=3, stride=1, padding=1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
@@ -149,7 +152,7 @@ class Encoder(nn.Module):
 
     def __init__(self, cfg: VAEConfig) -> None:
         super().__init__()
-        self.conv_in = nn.Conv2d(cfg.in_channels, cfg.ch, kernel_size=3, stride=1, padding=1)
+        self.conv_in = Conv2d(cfg.in_channels, cfg.ch, kernel_size=3, stride=1, padding=1)
 
         self.down = nn.ModuleList()
         block_in = cfg.ch
@@ -166,7 +169,7 @@ class Encoder(nn.Module):
         self.mid = MidBlock(block_in)
         self.norm_out = Normalize(block_in)
         out_channels = 2 * cfg.z_channels if cfg.double_z else cfg.z_channels
-        self.conv_out = nn.Conv2d(block_in, out_channels, kernel_size=3, stride=1, padding=1)
+        self.conv_out = Conv2d(block_in, out_channels, kernel_size=3, stride=1, padding=1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = self.conv_in(x)
@@ -192,7 +195,7 @@ class Decoder(nn.Module):
     def __init__(self, cfg: VAEConfig) -> None:
         super().__init__()
         block_in = cfg.ch * cfg.ch_mult[-1]
-        self.conv_in = nn.Conv2d(cfg.z_channels, block_in, kernel_size=3, stride=1, padding=1)
+        self.conv_in = Conv2d(cfg.z_channels, block_in, kernel_size=3, stride=1, padding=1)
         self.mid = MidBlock(block_in)
 
         levels: list[nn.Module] = []
@@ -208,7 +211,7 @@ class Decoder(nn.Module):
         self.up = nn.ModuleList(levels)
 
         self.norm_out = Normalize(block_in)
-        self.conv_out = nn.Conv2d(block_in, cfg.out_ch, kernel_size=3, stride=1, padding=1)
+        self.conv_out = Conv2d(block_in, cfg.out_ch, kernel_size=3, stride=1, padding=1)
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:
         h = self.mid(self.conv_in(z))
@@ -267,8 +270,8 @@ class AutoencoderKL(nn.Module):
         self.config = cfg
         self.encoder = Encoder(cfg)
         self.decoder = Decoder(cfg)
-        self.quant_conv = nn.Conv2d(2 * cfg.z_channels, 2 * cfg.embed_dim, kernel_size=1)
-        self.post_quant_conv = nn.Conv2d(cfg.embed_dim, cfg.z_channels, kernel_size=1)
+        self.quant_conv = Conv2d(2 * cfg.z_channels, 2 * cfg.embed_dim, kernel_size=1)
+        self.post_quant_conv = Conv2d(cfg.embed_dim, cfg.z_channels, kernel_size=1)
 
     def encode(self, image: torch.Tensor) -> DiagonalGaussian:
         """``image [B, 3, H, W]`` in [-1, 1] -> posterior over ``[B, embed_dim, H/f, W/f]``."""
