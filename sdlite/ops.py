@@ -1,4 +1,4 @@
-"""The two compute kernels the UNet and the VAE share, each with one performance choice.
+"""The compute kernels the UNet and the VAE share, each with one performance or memory choice.
 
 :func:`attention` — scaled dot-product attention, optionally a slice of queries at a time (the
 low-memory option). ``softmax(q kᵀ / √d) v`` is independent for every query row, so computing it
@@ -15,9 +15,19 @@ oneDNN. PyTorch sends every CPU convolution to oneDNN. As a matrix product a 3x3
 1.2–2.3× faster on this project's AVX2 machine, while oneDNN wins with many rows (large maps,
 large batches) or few channels (measured: benchmarks/RESULTS.md, "Levers"). Both paths compute
 the same convolution; results agree to float rounding.
+
+:class:`GroupNorm` — ``nn.GroupNorm`` that can normalise with statistics recorded on another
+input. A tiled VAE decode needs it: a tile that shows only flat background has tiny variances,
+and normalising it by its own statistics blows its noise up into visible blotches. Decoding a
+downscaled copy of the whole latent first and reusing each layer's statistics on every tile keeps
+all tiles on the same scale (the idea of the "Tiled VAE" extension for the A1111 web UI, which
+computes exact statistics layer by layer; ours are an approximation).
 """
 
 from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Iterator
 
 import torch
 import torch.nn.functional as F
@@ -55,3 +65,43 @@ class Conv2d(nn.Conv2d):
             finally:
                 torch._C._set_mkldnn_enabled(previous)
         return super()._conv_forward(input, weight, bias)
+
+
+class GroupNorm(nn.GroupNorm):
+    """``nn.GroupNorm`` plus a ``stats`` mode for tiled decoding: ``None`` (normal), ``"record"``
+    (normalise as usual and keep the per-sample, per-group mean and variance) or ``"reuse"``
+    (normalise with the kept ones). Use it through :func:`shared_statistics`."""
+
+    stats: str | None = None
+    recorded: tuple[torch.Tensor, torch.Tensor] | None = None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.stats is None:
+            return super().forward(x)
+        b, g = x.shape[0], self.num_groups
+        grouped = x.float().reshape(b, g, -1)
+        if self.stats == "record":
+            self.recorded = (grouped.mean(-1, keepdim=True), grouped.var(-1, unbiased=False, keepdim=True))
+        assert self.recorded is not None, "record the statistics first"
+        mean, var = self.recorded
+        y = ((grouped - mean) * torch.rsqrt(var + self.eps)).reshape(x.shape)
+        if self.affine:
+            y = y * self.weight.float()[None, :, None, None] + self.bias.float()[None, :, None, None]
+        return y.to(x.dtype)
+
+
+@contextlib.contextmanager
+def shared_statistics(module: nn.Module) -> Iterator[Callable[[str], None]]:
+    """Inside, ``set_mode("record")`` makes every :class:`GroupNorm` in ``module`` keep its statistics
+    and ``set_mode("reuse")`` normalises with them; on exit everything is back to normal."""
+    norms = [m for m in module.modules() if isinstance(m, GroupNorm)]
+
+    def set_mode(mode: str) -> None:
+        for m in norms:
+            m.stats = mode
+
+    try:
+        yield set_mode
+    finally:
+        for m in norms:
+            m.stats, m.recorded = None, None

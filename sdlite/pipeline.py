@@ -23,6 +23,7 @@ from typing import Any, Callable, Sequence
 import numpy as np
 import torch
 from PIL import Image
+import torch.nn.functional as F
 from torch import nn
 
 from . import devices
@@ -244,9 +245,9 @@ class Pipeline:
     def decode_latents(self, latents: torch.Tensor, tile: int | None = None) -> torch.Tensor:
         """``vae.decode(latent / scale_factor)`` → float images in [0, 1], ``[B, 3, H, W]``.
 
-        Latents larger than ``tile`` (latent pixels; default :attr:`vae_tile`) on either side are
-        decoded in overlapping tiles (:meth:`_decode_tiled`), so a 2048×2048 decode needs the memory
-        of one tile rather than of the whole image. ``tile=0`` never tiles.
+        Latents more than twice ``tile`` (latent pixels; default :attr:`vae_tile`) on a side are
+        decoded in overlapping ``tile``-sized pieces (:meth:`_decode_tiled`), so a 2048×2048 decode
+        needs the memory of one tile rather than of the whole image. ``tile=0`` never tiles.
 
         In half precision the SD VAE can overflow to NaN/inf; then the decode is retried in fp32
         with a warning. NaN that survives is an error, never a silent black image."""
@@ -269,10 +270,14 @@ class Pipeline:
 
     @property
     def vae_tile(self) -> int:
-        """Side of a VAE decode tile in latent pixels: twice the model's native latent side (128 for
-        SD1, i.e. 1024-px tiles), so images up to twice the native size decode in one piece."""
+        """Side of a VAE decode tile in latent pixels (default: the native latent side, 64 for SD1).
+
+        Latents up to twice this side decode in one piece (so with the default, images up to twice
+        the native size, e.g. 1024×1024 for SD1, are never tiled); larger ones in tiles. Smaller
+        tiles need less memory and, because the VAE's attention is quadratic in the tile's area,
+        less time too, at the cost of more tile borders to blend."""
         if self._vae_tile is None:
-            return 2 * self.config.image_size // self.vae_factor
+            return self.config.image_size // self.vae_factor
         return self._vae_tile
 
     @vae_tile.setter
@@ -296,10 +301,11 @@ class Pipeline:
                 m.query_chunk = self._attention_chunk
 
     def set_low_memory(self, enabled: bool = True, attention_chunk: int = 1024) -> None:
-        """The low-memory option: attention ``attention_chunk`` queries at a time and VAE decodes in
-        tiles of the native latent size (64 latent pixels for SD1). ``enabled=False`` restores the defaults."""
+        """The low-memory option: attention ``attention_chunk`` queries at a time and VAE tiles of half
+        the native latent side (so anything larger than the native size is decoded in tiles).
+        ``enabled=False`` restores the defaults."""
         self.attention_chunk = attention_chunk if enabled else None
-        self.vae_tile = self.config.image_size // self.vae_factor if enabled else None
+        self.vae_tile = max(8, self.config.image_size // self.vae_factor // 2) if enabled else None
 
     def compile(self, **options: Any) -> None:
         """``torch.compile`` the UNet in place (``nn.Module.compile``: same module, same state-dict
@@ -312,15 +318,30 @@ class Pipeline:
 
         Neighbouring tiles overlap by a quarter tile. In the overlap each pixel is a weighted mean
         of the tiles covering it, with weights that ramp linearly from 0 at a tile's inner edge to
-        1, so there is no visible seam even though each tile's GroupNorm sees only its own
-        statistics. Image borders are not ramped. Only one tile's activations are alive at a time.
+        1; image borders are not ramped. Each tile sees less context than the whole image, so the
+        blend hides the small differences where tiles meet. Only one tile's activations are alive
+        at a time.
         """
-        b, _, h, w = z.shape
-        if tile <= 0 or (h <= tile and w <= tile):
+        _, _, h, w = z.shape
+        if tile <= 0 or (h <= 2 * tile and w <= 2 * tile):
             return self.vae.decode(z)
+        from .ops import shared_statistics
+
         f = self.vae_factor
         overlap = tile // 4
         stride = tile - overlap
+        with shared_statistics(self.vae.decoder) as set_mode:
+            # Every tile is normalised with statistics of the whole image, measured on a tile-sized
+            # copy of the latent (see sdlite.ops.GroupNorm). An approximation: on the bundled model
+            # nearest-neighbour downscaling gave closer statistics than area or bilinear.
+            set_mode("record")
+            self.vae.decode(F.interpolate(z, size=(min(h, tile), min(w, tile)), mode="nearest"))
+            set_mode("reuse")
+            return self._blend_tiles(z, tile, overlap, stride)
+
+    def _blend_tiles(self, z: torch.Tensor, tile: int, overlap: int, stride: int) -> torch.Tensor:
+        b, _, h, w = z.shape
+        f = self.vae_factor
 
         def starts(n: int) -> list[int]:
             if n <= tile:

@@ -53,27 +53,43 @@ def test_tiled_decode_reassembles_a_local_decoder_exactly(pipe, monkeypatch):
     monkeypatch.setattr(pipe.vae, "decode", local_decode)
     z = torch.randn(2, 4, 37, 29, generator=torch.Generator().manual_seed(1))
     whole = pipe.decode_latents(z, tile=0)
-    for tile in (8, 12, 16, 29):
+    for tile in (8, 12, 16):  # 37 > 2 * tile: tiled
         tiled = pipe.decode_latents(z, tile=tile)
         assert tiled.shape == whole.shape == (2, 3, 37 * f, 29 * f)
         torch.testing.assert_close(tiled, whole, rtol=0, atol=1e-6)
 
 
-def test_tiled_decode_of_the_real_vae_matches_away_from_tile_borders(pipe):
-    # A tile as large as the latent decodes in one piece: bit-identical to no tiling.
+def test_latents_up_to_twice_the_tile_decode_in_one_piece(pipe):
+    # Latents up to twice the tile side decode in one piece: bit-identical to no tiling.
     z = torch.randn(1, 4, 24, 24, generator=torch.Generator().manual_seed(2))
-    assert torch.equal(pipe.decode_latents(z, tile=24), pipe.decode_latents(z, tile=0))
-    # Smaller tiles see less context (and their own GroupNorm statistics), so they differ a little;
-    # the blend keeps the result close to the one-piece decode.
-    diff = (pipe.decode_latents(z, tile=16) - pipe.decode_latents(z, tile=0)).abs()
-    assert diff.mean() < 0.05
+    assert torch.equal(pipe.decode_latents(z, tile=12), pipe.decode_latents(z, tile=0))
+
+
+
+def test_tiles_normalised_with_whole_image_statistics_stay_closer_to_the_one_piece_decode():
+    # On the bundled (trained) model: a 160 px image, 40x40 latents, 16-latent tiles. Tiles that
+    # normalise with their own GroupNorm statistics drift (a background-only tile has tiny
+    # variances); the shared statistics of sdlite.ops.GroupNorm keep them closer to the whole decode.
+    import sdlite
+    from sdlite.training import shapes
+
+    bundled = sdlite.load()
+    image = torch.from_numpy(shapes.render("red", "circle", "left", size_px=160, rng=0)).permute(2, 0, 1)[None] / 255
+    z = bundled.encode_image(image.float())
+    whole = bundled.decode_latents(z, tile=0)
+    shared = bundled.decode_latents(z, tile=16)
+    with torch.no_grad():
+        own = ((bundled._blend_tiles(z / bundled.scale_factor, 16, 4, 12) + 1) / 2).clamp(0, 1)
+    err_shared, err_own = (shared - whole).abs().mean(), (own - whole).abs().mean()
+    assert err_shared < 0.8 * err_own, (err_shared, err_own)
 
 
 def test_low_memory_settings_and_their_validation(pipe):
+    native = TINY_SD1.image_size // pipe.vae_factor
     pipe.set_low_memory()
-    assert pipe.attention_chunk == 1024 and pipe.vae_tile == TINY_SD1.image_size // pipe.vae_factor
+    assert pipe.attention_chunk == 1024 and pipe.vae_tile == max(8, native // 2)
     pipe.set_low_memory(False)
-    assert pipe.attention_chunk is None and pipe.vae_tile == 2 * TINY_SD1.image_size // pipe.vae_factor
+    assert pipe.attention_chunk is None and pipe.vae_tile == native
     with pytest.raises(ArgumentError):
         pipe.vae_tile = 3
     with pytest.raises(ArgumentError):

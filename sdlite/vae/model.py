@@ -33,12 +33,12 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..config import VAEConfig
-from ..ops import Conv2d, attention
+from ..ops import Conv2d, GroupNorm, attention
 
 
-def Normalize(channels: int) -> nn.GroupNorm:
+def Normalize(channels: int) -> GroupNorm:
     """The original's ``Normalize``: 32 groups, eps 1e-6, learned scale and shift."""
-    return nn.GroupNorm(num_groups=32, num_channels=channels, eps=1e-6, affine=True)
+    return GroupNorm(num_groups=32, num_channels=channels, eps=1e-6, affine=True)  # nn.GroupNorm (+ tiling, sdlite.ops)
 
 
 def swish(x: torch.Tensor) -> torch.Tensor:
