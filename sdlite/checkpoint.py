@@ -305,9 +305,12 @@ def split_by_prefix(sd: Mapping[str, torch.Tensor], path: Path | str = "") -> di
     return parts
 
 
-def load_into(module: nn.Module, weights: Mapping[str, torch.Tensor], *, prefix: str, path: Path | str,
+def load_into(module: nn.Module, weights: dict[str, torch.Tensor], *, prefix: str, path: Path | str,
               device: torch.device, dtype: torch.dtype) -> nn.Module:
-    """Check names and shapes against ``module`` (on meta), then assign the tensors into it."""
+    """Check names and shapes against ``module`` (on meta), then assign the tensors into it.
+
+    ``weights`` is emptied as it is converted, so each file tensor can be freed as soon as its
+    converted copy exists (the caller's argument would otherwise keep them all alive until return)."""
     expected = module.state_dict()
     missing = [k for k in expected if k not in weights]
     unexpected = [k for k in weights if k not in expected]
@@ -325,7 +328,6 @@ def load_into(module: nn.Module, weights: Mapping[str, torch.Tensor], *, prefix:
             lines.append(f"  ... and {len(wrong) - 5} more wrong shapes")
         raise CheckpointError("\n".join(lines))
     converted = {}
-    weights = dict(weights)  # pop from our own copy: the caller's file tensors are freed one by one
     for k in list(weights):
         v = weights.pop(k)
         target = dtype if v.is_floating_point() else v.dtype
@@ -431,8 +433,9 @@ def load_networks(path: str | Path, *, device: torch.device, dtype: torch.dtype,
     ``config`` overrides the detection (for non-standard models stored without sdlite metadata)."""
     path = Path(path)
     raw, metadata = read_checkpoint(path)
-    # consume: each file tensor is released as soon as it is converted, so loading an fp16 file
-    # into fp32 peaks at about the fp32 model, not the fp32 model plus the whole file.
+    # consume: drop each file tensor as soon as it is converted. That frees tensors read into
+    # ordinary memory (legacy pickles); memory-mapped ones (safetensors, zip .ckpt) share one
+    # mapping whose touched pages stay resident until the last tensor goes.
     return networks_from_state_dict(raw, metadata, path=path, device=device, dtype=dtype, prediction=prediction,
                                     use_ema=use_ema, config=config, consume=True)
 

@@ -170,7 +170,7 @@ def test_load_save_load_gives_identical_tensors_and_keeps_the_config(tmp_path):
 
 def test_loading_with_consume_releases_the_file_tensors(tmp_path):
     # consume=True (what sdlite.load uses) empties the read dict, and nothing else keeps the fp16
-    # file tensors alive after the fp32 copies exist: peak memory stays near the fp32 model.
+    # file tensors alive once the fp32 copies exist.
     import gc
     import weakref
 
