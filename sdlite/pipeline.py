@@ -559,9 +559,10 @@ def load(path: str | Path | None = None, device: str | torch.device | None = Non
       detected (see :func:`sdlite.checkpoint.resolve_prediction`);
     - ``use_ema``: take the ``model_ema.*`` copies of the UNet instead of the plain weights;
     - ``config``: skip the detection and use this :class:`ModelConfig` (non-standard models);
-    - ``low_memory``: for small GPUs — attention 1024 queries at a time and VAE decodes in tiles of
-      the native size (see :meth:`Pipeline.set_low_memory`); a little slower, same images up to
-      rounding (the tiled decode blends tile borders);
+    - ``low_memory``: for small GPUs — attention 1024 queries at a time, and images larger than the
+      native size decoded in tiles of half the native size (see :meth:`Pipeline.set_low_memory`); a
+      little slower; the attention chunking changes nothing but rounding, the tiled decode is an
+      approximation (see :meth:`Pipeline._decode_tiled`);
     - ``compile``: ``torch.compile`` the UNet (see :meth:`Pipeline.compile`). Off by default: the
       first call then takes minutes on a CPU, which short runs never win back.
 
