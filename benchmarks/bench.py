@@ -866,7 +866,7 @@ def levers_table(repeats: int) -> str:
     return "\n".join(lines)
 
 
-def unet_levers(cfg: ModelConfig, nets: dict, repeats: int, compile_: bool) -> str:
+def unet_levers(cfg: ModelConfig, nets: dict, repeats: int) -> str:
     """sdlite's own switches, measured on the whole fp32 UNet (batch 2): the conv backend choice of
     :mod:`sdlite.ops` and ``torch.compile``."""
     import sdlite.ops as ops
@@ -896,32 +896,41 @@ def unet_levers(cfg: ModelConfig, nets: dict, repeats: int, compile_: bool) -> s
         lines.append(f"| UNet {hw}x{hw}, batch 2 | every conv on oneDNN vs convs with batch*H*W <= 512 and >= "
                      f"{ops.BLAS_CONV_MIN_CHANNELS} input channels on im2col + BLAS (sdlite.ops; its default here: "
                      f"{default_limit}); max rel. diff {d:.0e} | {a * 1e3:.0f} | {b * 1e3:.0f} | {a / b:.2f} |")
-    if compile_:
-        import copy
-
-        x = torch.randn(2, cfg.unet.in_channels, 32, 32, generator=gen)
-        compiled = copy.deepcopy(unet)
-        compiled.compile()
-        t0 = time.perf_counter()
-        with torch.no_grad():
-            compiled(x, t, ctx)
-        first = time.perf_counter() - t0
-
-        def eager() -> Any:
-            with torch.no_grad():
-                return unet(x, t, ctx)
-
-        def comp() -> Any:
-            with torch.no_grad():
-                return compiled(x, t, ctx)
-
-        times, last = alternate({"default": eager, "alternative": comp}, 1, repeats)
-        a, b = statistics.median(times["default"]), statistics.median(times["alternative"])
-        lines.append(f"| UNet 32x32, batch 2 | eager vs `pipe.compile()` (torch.compile; first call incl. compiling: "
-                     f"{first:.0f} s, i.e. {first / max(a - b, 1e-9):.0f} calls to break even if positive) | "
-                     f"{a * 1e3:.0f} | {b * 1e3:.0f} | {a / b:.2f} |")
-        del compiled
     return "\n".join(lines)
+
+
+def compile_lever(cfg: ModelConfig, nets: dict, repeats: int) -> str:
+    """One levers-table line: the fp32 UNet at 32x32, batch 2, eager vs ``nn.Module.compile``
+    (what ``Pipeline.compile`` does), with the first call's compile time."""
+    import copy
+
+    gen = torch.Generator().manual_seed(2)
+    unet = nets["unet"]
+    ctx = torch.randn(2, cfg.text.max_length, cfg.unet.context_dim, generator=gen)
+    t = torch.tensor([500.0, 500.0])
+    x = torch.randn(2, cfg.unet.in_channels, 32, 32, generator=gen)
+    compiled = copy.deepcopy(unet)
+    compiled.compile()
+    t0 = time.perf_counter()
+    with torch.no_grad():
+        compiled(x, t, ctx)
+    first = time.perf_counter() - t0
+
+    def eager() -> Any:
+        with torch.no_grad():
+            return unet(x, t, ctx)
+
+    def comp() -> Any:
+        with torch.no_grad():
+            return compiled(x, t, ctx)
+
+    times, last = alternate({"default": eager, "alternative": comp}, 1, repeats)
+    a, b = statistics.median(times["default"]), statistics.median(times["alternative"])
+    gain = a - b
+    breakeven = f"{first / gain:.0f} calls to win the compile time back" if gain > 0 else "never wins it back"
+    return (f"| UNet 32x32, batch 2 | eager vs `pipe.compile()` (torch.compile; first call incl. compiling "
+            f"{first:.0f} s: {breakeven}); max rel. diff {rel_diff(last['alternative'], last['default']):.0e} | "
+            f"{a * 1e3:.0f} | {b * 1e3:.0f} | {a / b:.2f} |")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -1023,7 +1032,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--repeats", type=int, default=None, help="timed repeats per row (default 5; --quick 1)")
     p.add_argument("--mem-steps", type=int, default=None, help="sampling steps of the 512x512 memory row (default 2)")
     p.add_argument("--profile", action="store_true", help="add a torch.profiler table of one 32x32 UNet call per side")
-    p.add_argument("--compile", action="store_true", help="with --levers: time torch.compile of the UNet too")
+    p.add_argument("--compile", action="store_true", help="time torch.compile of the UNet at 32x32 (a levers-table line)")
     p.add_argument("--levers", action="store_true", help="add fp32 micro-benchmarks of backend choices "
                    "(oneDNN vs im2col convs, channels_last, attention layout, 1x1 conv vs linear)")
     p.add_argument("--workdir", default=None, help="where the checkpoint and config folder go (default: a temp dir)")
@@ -1109,9 +1118,9 @@ def main(argv: list[str] | None = None) -> None:
 
         sections: dict[str, list[Row]] = {p: [] for p in precisions}
         tokenizer = None
-        profile_text = unet_lever_text = ""
+        profile_text = unet_lever_text = compile_text = ""
         inproc = [r for r in rows if r not in ("load", "mem512", "vae2048", "bundled")]
-        for precision in run_precisions if (inproc or args.profile or args.levers or need_config) else []:
+        for precision in run_precisions if (inproc or args.profile or args.levers or args.compile or need_config) else []:
             wdtype = torch.bfloat16 if precision == "bf16" else torch.float32
             log(f"{precision}: building both libraries' networks")
             nets = sdlite_networks(cfg, weights, wdtype)
@@ -1127,10 +1136,13 @@ def main(argv: list[str] | None = None) -> None:
                 profile_text = profile_unet(cfg, nets, dnets)
             if args.levers and precision == "fp32":
                 log("UNet levers")
-                unet_lever_text = unet_levers(cfg, nets, max(1, min(args.repeats, 3)), args.compile)
+                unet_lever_text = unet_levers(cfg, nets, max(1, min(args.repeats, 3)))
+            if args.compile and precision == "fp32":
+                log("torch.compile")
+                compile_text = compile_lever(cfg, nets, max(1, min(args.repeats, 3)))
             del nets, dnets
             gc.collect()
-            if not inproc and not args.profile and not args.levers:
+            if not inproc and not args.profile and not args.levers and not args.compile:
                 break  # only the config folder was needed
         del weights
         gc.collect()
@@ -1151,6 +1163,9 @@ def main(argv: list[str] | None = None) -> None:
             levers_text = levers_table(args.repeats)
             if unet_lever_text:
                 levers_text = levers_text + "\n" + unet_lever_text
+        if compile_text:
+            header = "| case | comparison | default ms | alternative ms | speed-up |\n|---|---|---:|---:|---:|"
+            levers_text = (levers_text or header) + "\n" + compile_text
 
         import importlib.util
 

@@ -53,7 +53,10 @@ class Conv2d(nn.Conv2d):
 
     def _conv_forward(self, input: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         limit = BLAS_CONV_MAX_ROWS
-        if (limit is not None and input.device.type == "cpu" and input.dtype == torch.float32
+        # Under torch.compile the switch would break the graph at every conv (and recompile per
+        # shape); the compiler chooses its own kernels there.
+        if (limit is not None and not torch.compiler.is_compiling()
+                and input.device.type == "cpu" and input.dtype == torch.float32
                 and self.in_channels >= BLAS_CONV_MIN_CHANNELS
                 and input.shape[0] * input.shape[-1] * input.shape[-2] <= limit):
             # The switch behind torch.backends.mkldnn.flags(enabled=...), without that context
