@@ -64,7 +64,8 @@ def _parser(img2img: bool) -> argparse.ArgumentParser:
     p.add_argument("--low-memory", dest="low_memory", action="store_true",
                    help="chunked attention and tiled VAE decoding, for small GPUs (slightly slower)")
     p.add_argument("--compile", action="store_true",
-                   help="torch.compile the UNet (the first image compiles for minutes; pays off on long runs only)")
+                   help="torch.compile the UNet (compiles for minutes on first use; measured slower than eager "
+                        "on a 2-core CPU, see benchmarks/RESULTS-compile.md)")
     p.add_argument("--threads", type=int, default=None,
                    help="CPU threads for torch (default: torch's choice, one per core; 1 can be faster "
                         "when another program keeps a core busy)")
