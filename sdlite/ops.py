@@ -42,8 +42,8 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, query_chunk: in
 
 
 # Convolutions with at most BLAS_CONV_MAX_ROWS rows (batch·H·W) and at least BLAS_CONV_MIN_CHANNELS
-# input channels use im2col + BLAS on AVX2 CPUs (None: never). Measured on AVX2 only; on AVX-512/AMX
-# CPUs oneDNN has its best kernels, so there it keeps every convolution.
+# input channels use im2col + BLAS on AVX2 CPUs (None: never). Measured on an AVX2 CPU only; other
+# CPUs (AVX-512, AMX: where oneDNN has its widest kernels) keep PyTorch's default until measured.
 BLAS_CONV_MAX_ROWS: int | None = 512 if torch.backends.cpu.get_cpu_capability() == "AVX2" else None
 BLAS_CONV_MIN_CHANNELS = 512
 
