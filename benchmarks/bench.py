@@ -65,9 +65,12 @@ import torch
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))  # sdlite, when it is not installed
+sys.path.insert(0, str(ROOT / "tests"))  # factory.py: the seeded random weights the parity tests use too
 
 from sdlite.checkpoint import DDPM_BUFFERS, SD1_POSITION_IDS, build_networks, state_dict_of  # noqa: E402
 from sdlite.config import SD1, ModelConfig, TextConfig, UNetConfig, VAEConfig  # noqa: E402
+
+from factory import random_state_dict  # noqa: E402
 
 ROWS = ("text", "unet64", "unet32", "vae64", "txt2img", "load", "mem512", "vae2048", "bundled")
 QUICK_ROWS = ("text", "unet32", "txt2img", "load")
@@ -156,29 +159,6 @@ def matmul_peak(dtype: torch.dtype, max_n: int) -> tuple[float, int]:
 # ---------------------------------------------------------------------------------------------
 # The same random weights in both libraries
 # ---------------------------------------------------------------------------------------------
-
-def random_state_dict(model: torch.nn.Module, seed: int = 0) -> dict[str, torch.Tensor]:
-    """Seeded random weights for ``model`` (which may live on meta), as the UNet parity test draws them.
-
-    Weights ~ N(0, 1/fan_in) so activations stay O(1) through the whole net (no denormals or
-    overflows to distort the timings), norm scales ~ 1 + N(0, 0.1^2), biases ~ N(0, 0.02^2). Each
-    tensor is a window, at a random offset, of one pool of N(0, 1) draws (fast at full size)."""
-    gen = torch.Generator().manual_seed(seed)
-    shapes = {name: p.shape for name, p in model.state_dict().items()}
-    pool = torch.randn(max(s.numel() for s in shapes.values()) + 4096, generator=gen)
-    sd = {}
-    for name, shape in shapes.items():
-        offset = int(torch.randint(0, pool.numel() - shape.numel() + 1, (), generator=gen))
-        noise = pool[offset : offset + shape.numel()].view(shape)
-        is_norm = any(s in name for s in ("norm", "in_layers.0.", "out_layers.0.", "out.0."))
-        if len(shape) == 1 and is_norm and name.endswith("weight"):
-            sd[name] = 1.0 + 0.1 * noise
-        elif len(shape) == 1:
-            sd[name] = 0.02 * noise
-        else:
-            sd[name] = noise * shape[1:].numel() ** -0.5
-    return sd
-
 
 def random_original_weights(cfg: ModelConfig, seed: int = 0) -> dict[str, dict[str, torch.Tensor]]:
     """Per network, a seeded random fp32 state dict with sdlite's (= the original checkpoint's) names;

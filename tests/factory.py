@@ -92,3 +92,29 @@ def original_state_dict(cfg: ModelConfig, seed: int = 0, *, dtype: torch.dtype =
         pre = "cond_stage_model.transformer.text_model."
         sd = {("cond_stage_model.transformer." + k[len(pre):] if k.startswith(pre) else k): v for k, v in sd.items()}
     return sd
+
+
+def random_state_dict(model: torch.nn.Module, seed: int = 0) -> dict[str, torch.Tensor]:
+    """A seeded random state dict for ``model`` (which may live on meta) whose outputs are not degenerate.
+
+    Weights ~ N(0, 1/fan_in) so activations stay O(1) through the whole net, including the
+    convs the original zero-initialises (``out.2``, ``out_layers.3``, ``proj_out``); norm scales
+    ~ 1 + N(0, 0.1^2) and biases ~ N(0, 0.02^2) so that a swapped or missing parameter shows.
+    Each tensor is a window, at a random offset, of one pool of N(0, 1) draws: drawing ~860M
+    fresh normals for a full-size UNet would cost more than the forward passes under test.
+    """
+    gen = torch.Generator().manual_seed(seed)
+    shapes = {name: p.shape for name, p in model.state_dict().items()}
+    pool = torch.randn(max(s.numel() for s in shapes.values()) + 4096, generator=gen)
+    sd = {}
+    for name, shape in shapes.items():
+        offset = int(torch.randint(0, pool.numel() - shape.numel() + 1, (), generator=gen))
+        noise = pool[offset : offset + shape.numel()].view(shape)
+        is_norm = any(s in name for s in ("norm", "in_layers.0.", "out_layers.0.", "out.0."))
+        if len(shape) == 1 and is_norm and name.endswith("weight"):
+            sd[name] = 1.0 + 0.1 * noise
+        elif len(shape) == 1:
+            sd[name] = 0.02 * noise
+        else:
+            sd[name] = noise * shape[1:].numel() ** -0.5
+    return sd

@@ -23,7 +23,8 @@ from sdlite.pipeline import Pipeline
 from sdlite.unet import UNetModel
 from sdlite.vae import AutoencoderKL
 
-from test_unet import diffusers_unet, random_state_dict
+from factory import random_state_dict
+from test_unet import diffusers_unet
 from test_vae import diffusers_sd_vae
 
 pytest.importorskip("diffusers")
