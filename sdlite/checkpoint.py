@@ -2,7 +2,8 @@
 
 The networks are named exactly like the original modules, so loading is:
 
-1. read the file safely (``.safetensors``, or a pickle ``.ckpt`` through a restricted unpickler);
+1. read the file safely (``.safetensors`` memory-mapped by our own reader, or a pickle ``.ckpt``
+   through a restricted unpickler);
 2. unwrap ``{"state_dict": ...}`` (possibly nested) and apply a few named fix-ups
    (EMA copies, ``position_ids``, the old CLIP layout without ``text_model.``, DDPM buffers);
 3. detect the configuration from tensor *shapes* (never from the file name);
@@ -16,12 +17,14 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
+import mmap
 import os
 import pickle
 import re
 import zipfile
 from pathlib import Path
-from typing import Any, Iterable, Iterator, Mapping
+from typing import Any, Callable, Iterable, Iterator, Mapping
 
 import torch
 from torch import nn
@@ -134,17 +137,90 @@ def _read_pickle(path: Path) -> Any:
                               f"(truncated or corrupt?): {type(e).__name__}: {e}") from None
 
 
-def _read_safetensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    from safetensors import safe_open
+# safetensors dtype names → torch dtypes (https://github.com/huggingface/safetensors, "Format").
+_SAFETENSORS_DTYPES: dict[str, torch.dtype] = {
+    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+    "BOOL": torch.bool, "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2,
+}
+_SAFETENSORS_MAX_HEADER = 100 * 1024 * 1024  # the format's own limit
 
-    try:
-        with safe_open(str(path), framework="pt", device="cpu") as f:
-            metadata = f.metadata() or {}
-            tensors = {k: f.get_tensor(k) for k in f.keys()}
-    except Exception as e:
-        raise CheckpointError(f"{path}: cannot read this file as safetensors "
-                              f"(truncated or corrupt?): {type(e).__name__}: {e}") from None
-    return tensors, metadata
+
+def _no_release(tensor: torch.Tensor) -> None:
+    pass
+
+
+def _read_safetensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str], Callable[[torch.Tensor], None]]:
+    """Memory-map a ``.safetensors`` file; every tensor is a view into the mapping.
+
+    The format is an 8-byte little-endian header length, a JSON header (name → dtype, shape and
+    byte range; ``__metadata__`` → strings), then the raw little-endian data. We read it ourselves
+    rather than through ``safetensors.safe_open`` (which also maps the file) because the loader
+    must know which memory is the file's: the returned ``release(tensor)`` tells the kernel to drop
+    that tensor's pages once its converted copy exists. Without it, every page of a fp16 file read
+    while converting to fp32 stays resident until the end, and the load peaks at file + model
+    instead of about the model alone.
+
+    The mapping is private (copy-on-write): writing to a tensor never changes the file. Pages are
+    only read from disk when touched, so a tensor loaded in the file's own dtype costs nothing
+    until used.
+    """
+    def corrupt(why: str) -> CheckpointError:
+        return CheckpointError(f"{path}: cannot read this file as safetensors (truncated or corrupt?): {why}")
+
+    with open(path, "rb") as f:
+        size = os.fstat(f.fileno()).st_size
+        if size < 8:
+            raise corrupt(f"{size} bytes, shorter than the 8-byte header length")
+        n = int.from_bytes(f.read(8), "little")
+        if n > min(size - 8, _SAFETENSORS_MAX_HEADER):
+            raise corrupt(f"the header says it is {n} bytes long, the file has {size - 8} after the length")
+        try:
+            header = json.loads(f.read(n))
+        except (UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise corrupt(f"header is not JSON ({e})") from None
+        if not isinstance(header, dict):
+            raise corrupt("header is not a JSON object")
+        mapping = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY) if size > 8 + n else None
+    metadata = header.pop("__metadata__", None) or {}
+    if not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
+        raise corrupt("__metadata__ is not a map of strings")
+    start, data_size = 8 + n, size - 8 - n
+    whole = torch.frombuffer(mapping, dtype=torch.uint8) if mapping is not None else torch.empty(0, dtype=torch.uint8)
+    tensors: dict[str, torch.Tensor] = {}
+    for key, info in header.items():
+        try:
+            dtype = _SAFETENSORS_DTYPES[info["dtype"]]
+            shape = [int(d) for d in info["shape"]]
+            begin, end = (int(o) for o in info["data_offsets"])
+        except (KeyError, TypeError, ValueError):
+            raise corrupt(f"tensor {key!r}: unreadable entry {info!r}") from None
+        nbytes = math.prod(shape) * dtype.itemsize
+        if not 0 <= begin <= end <= data_size:
+            raise corrupt(f"tensor {key!r} lies at bytes {begin}..{end} of a {data_size}-byte data section")
+        if end - begin != nbytes or any(d < 0 for d in shape):
+            raise corrupt(f"tensor {key!r}: {end - begin} bytes for shape {shape} of {info['dtype']}")
+        raw = whole[start + begin:start + end]
+        if (start + begin) % dtype.itemsize:  # misaligned (writers other than safetensors' own): copy
+            raw = raw.clone()
+        tensors[key] = raw.view(dtype).view(shape)
+
+    if mapping is None or not hasattr(mapping, "madvise"):  # no data, or no madvise (Windows)
+        return tensors, metadata, _no_release
+    base, page = whole.data_ptr(), mmap.PAGESIZE
+
+    def release(tensor: torch.Tensor) -> None:
+        """Drop ``tensor``'s pages from memory (reading it again re-reads the file); only whole
+        pages inside it, so its neighbours are untouched. Tensors not from this file are ignored."""
+        first = tensor.data_ptr() - base
+        last = first + tensor.numel() * tensor.element_size()
+        if 0 <= first and last <= size:
+            first = -(-first // page) * page
+            last = last // page * page
+            if last > first:
+                mapping.madvise(mmap.MADV_DONTNEED, first, last - first)
+
+    return tensors, metadata, release
 
 
 def read_checkpoint(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
@@ -155,12 +231,18 @@ def read_checkpoint(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str
 
     >>> sd, meta = read_checkpoint("v1-5-pruned-emaonly.safetensors")  # doctest: +SKIP
     """
-    path = Path(path)
+    tensors, metadata, _ = _open_checkpoint(Path(path))
+    return tensors, metadata
+
+
+def _open_checkpoint(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str], Callable[[torch.Tensor], None]]:
+    """:func:`read_checkpoint`, plus the file's ``release(tensor)`` (a no-op for pickles)."""
     if not path.is_file():
         raise CheckpointError(f"{path}: no such checkpoint file")
     metadata: dict[str, str] = {}
+    release = _no_release
     if path.suffix.lower() in SUFFIXES_SAFETENSORS:
-        obj, metadata = _read_safetensors(path)
+        obj, metadata, release = _read_safetensors(path)
     elif path.suffix.lower() in SUFFIXES_PICKLE:
         obj = _read_pickle(path)
     else:
@@ -173,7 +255,7 @@ def read_checkpoint(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str
     tensors = {k: v for k, v in obj.items() if isinstance(k, str) and isinstance(v, torch.Tensor)}
     if not tensors:
         raise CheckpointError(f"{path}: holds no tensors; is it a Stable Diffusion checkpoint?")
-    return tensors, metadata
+    return tensors, metadata, release
 
 
 # ---------------------------------------------------------------------------------------------
@@ -306,11 +388,14 @@ def split_by_prefix(sd: Mapping[str, torch.Tensor], path: Path | str = "") -> di
 
 
 def load_into(module: nn.Module, weights: dict[str, torch.Tensor], *, prefix: str, path: Path | str,
-              device: torch.device, dtype: torch.dtype) -> nn.Module:
+              device: torch.device, dtype: torch.dtype,
+              release: Callable[[torch.Tensor], None] = _no_release) -> nn.Module:
     """Check names and shapes against ``module`` (on meta), then assign the tensors into it.
 
     ``weights`` is emptied as it is converted, so each file tensor can be freed as soon as its
-    converted copy exists (the caller's argument would otherwise keep them all alive until return)."""
+    converted copy exists (the caller's argument would otherwise keep them all alive until return),
+    and ``release`` is called on it then. A tensor already in the wanted dtype and device is
+    assigned as it is, not copied (for a memory-mapped file: the module reads the mapping)."""
     expected = module.state_dict()
     missing = [k for k in expected if k not in weights]
     unexpected = [k for k in weights if k not in expected]
@@ -332,6 +417,8 @@ def load_into(module: nn.Module, weights: dict[str, torch.Tensor], *, prefix: st
         v = weights.pop(k)
         target = dtype if v.is_floating_point() else v.dtype
         converted[k] = v.to(device=device, dtype=target)
+        if converted[k].data_ptr() != v.data_ptr() or converted[k].device != v.device:
+            release(v)
         del v
     module.load_state_dict(converted, strict=True, assign=True)
     return module.eval().requires_grad_(False)
@@ -432,22 +519,25 @@ def load_networks(path: str | Path, *, device: torch.device, dtype: torch.dtype,
 
     ``config`` overrides the detection (for non-standard models stored without sdlite metadata)."""
     path = Path(path)
-    raw, metadata = read_checkpoint(path)
+    raw, metadata, release = _open_checkpoint(path)
     # consume: drop each file tensor as soon as it is converted. That frees tensors read into
-    # ordinary memory (legacy pickles); memory-mapped ones (safetensors, zip .ckpt) share one
-    # mapping whose touched pages stay resident until the last tensor goes.
+    # ordinary memory (legacy pickles); for .safetensors, release() also drops the file pages a
+    # converted tensor was read from, so the load peaks at about the converted model's size.
+    # (Zip .ckpt files are memory-mapped by torch.load; their touched pages stay until the end.)
     return networks_from_state_dict(raw, metadata, path=path, device=device, dtype=dtype, prediction=prediction,
-                                    use_ema=use_ema, config=config, consume=True)
+                                    use_ema=use_ema, config=config, consume=True, release=release)
 
 
 def networks_from_state_dict(raw: dict[str, torch.Tensor], metadata: Mapping[str, str], *, path: Path | str,
                              device: torch.device | str, dtype: torch.dtype, prediction: str | None = None,
                              use_ema: bool = False, config: ModelConfig | None = None, consume: bool = False,
+                             release: Callable[[torch.Tensor], None] = _no_release,
                              ) -> tuple[ModelConfig, dict[str, nn.Module]]:
     """Steps 2–4 of the module docstring on an already-read state dict.
 
     ``raw`` is not modified unless ``consume=True``: then it is emptied, so that each tensor can be
-    freed once it has been converted into the network (lower peak memory)."""
+    freed once it has been converted into the network (lower peak memory). ``release(tensor)`` is
+    called on each file tensor that was converted into a copy (see :func:`load_into`)."""
     path = Path(path)
     device = torch.device(device)
     sd = apply_fixups(raw, use_ema=use_ema, path=path)
@@ -458,7 +548,8 @@ def networks_from_state_dict(raw: dict[str, torch.Tensor], metadata: Mapping[str
         raw.clear()
     networks = build_networks(cfg)
     for part, module in networks.items():
-        load_into(module, parts.pop(part), prefix=_prefix_of(part, cfg), path=path, device=device, dtype=dtype)
+        load_into(module, parts.pop(part), prefix=_prefix_of(part, cfg), path=path, device=device, dtype=dtype,
+                  release=release)
     if device.type == "meta":  # shape/key checks only
         return cfg, networks
 
