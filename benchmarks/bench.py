@@ -71,6 +71,7 @@ from sdlite.checkpoint import DDPM_BUFFERS, SD1_POSITION_IDS, build_networks, st
 from sdlite.config import SD1, ModelConfig, TextConfig, UNetConfig, VAEConfig  # noqa: E402
 
 from factory import random_state_dict  # noqa: E402
+import winograd  # noqa: E402  (benchmarks/winograd.py: a measured experiment, not part of sdlite)
 
 ROWS = ("text", "unet64", "unet32", "vae64", "txt2img", "load", "mem512", "vae2048", "bundled")
 QUICK_ROWS = ("text", "unet32", "txt2img", "load")
@@ -575,6 +576,8 @@ def child_main(spec: dict[str, Any]) -> None:
     if side == "diffusers":
         pipe.set_progress_bar_config(disable=True)
         res["unet_dtype"] = str(pipe.unet.dtype)
+    res["weights_mib"] = sum(t.numel() * t.element_size() for m in (pipe.unet, pipe.vae, pipe.text_encoder)
+                             for t in list(m.parameters()) + list(m.buffers())) / 2**20
     if spec.get("generate"):
         size, steps = spec["generate"], spec["steps"]
         t0 = time.perf_counter()
@@ -685,7 +688,8 @@ def run_process_rows(cfg: ModelConfig, size: str, precisions: list[str], rows: l
                     x = ok[-1]
                     t_row.notes.append(f"{side}: {x['method']} -> unet {x['unet_dtype']}")
                     m_row.notes.append(f"{side}: RSS after imports {x['rss_imports']:.0f}, after load "
-                                       f"{x['rss_loaded']:.0f} MiB")
+                                       f"{x['rss_loaded']:.0f} MiB; peak = {x['peak_load'] / x['weights_mib']:.2f}x "
+                                       f"the loaded weights ({x['weights_mib']:.0f} MiB)")
             for side, err in errors.items():
                 t_row.notes.append(f"{side} FAILED: {err}")
             out[precision] += [t_row, m_row]
@@ -800,6 +804,10 @@ def levers_table(repeats: int) -> str:
         conv = lambda x=x, w=w, bias=bias: F.conv2d(x, w, bias, padding=1)  # noqa: E731
         cases.append((f"conv3x3 {cin}->{cout} @{hw}x{hw}, batch {b} ({where})", conv, no_mkldnn(conv),
                       "oneDNN (default) vs im2col + BLAS (torch.backends.mkldnn.flags(enabled=False))"))
+        if b == 2:  # the UNet's shapes
+            cases.append((f"conv3x3 {cin}->{cout} @{hw}x{hw}, batch {b}", conv,
+                          lambda x=x, w=w, bias=bias: winograd.winograd_conv3x3(x, w, bias),
+                          "oneDNN vs Winograd F(2x2,3x3) in PyTorch ops (benchmarks/winograd.py; not in sdlite)"))
         xl, wl = x.contiguous(memory_format=torch.channels_last), w.contiguous(memory_format=torch.channels_last)
         cases.append((f"conv3x3 {cin}->{cout} @{hw}x{hw}, batch {b}", conv,
                       lambda xl=xl, wl=wl, bias=bias: F.conv2d(xl, wl, bias, padding=1), "NCHW vs channels_last"))
@@ -876,6 +884,19 @@ def unet_levers(cfg: ModelConfig, nets: dict, repeats: int) -> str:
         lines.append(f"| UNet {hw}x{hw}, batch 2 | every conv on oneDNN vs convs with batch*H*W <= 512 and >= "
                      f"{ops.BLAS_CONV_MIN_CHANNELS} input channels on im2col + BLAS (sdlite.ops; its default here: "
                      f"{default_limit}); max rel. diff {d:.0e} | {a * 1e3:.0f} | {b * 1e3:.0f} | {a / b:.2f} |")
+
+        def with_winograd(on: bool, x: torch.Tensor = x) -> Callable[[], Any]:
+            def run() -> Any:
+                with torch.no_grad(), (winograd.winograd_unet_convs() if on else contextlib.nullcontext()):
+                    return unet(x, t, ctx)
+            return run
+
+        times, last = alternate({"default": with_winograd(False), "alternative": with_winograd(True)}, 1, repeats)
+        a, b = statistics.median(times["default"]), statistics.median(times["alternative"])
+        d = rel_diff(last["alternative"], last["default"])
+        lines.append(f"| UNet {hw}x{hw}, batch 2 | sdlite's default vs 3x3 convs with >= 512 rows, >= 320 channels and "
+                     f"in*out <= 640*1280 by Winograd F(2x2,3x3) (benchmarks/winograd.py; not in sdlite); max rel. "
+                     f"diff {d:.0e} | {a * 1e3:.0f} | {b * 1e3:.0f} | {a / b:.2f} |")
     return "\n".join(lines)
 
 
