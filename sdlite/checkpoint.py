@@ -16,6 +16,7 @@ Any problem raises :class:`sdlite.CheckpointError` naming the file and what is w
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import json
 import math
 import mmap
@@ -120,15 +121,17 @@ class _RestrictedPickleModule:
         return _RestrictedUnpickler(file, **kwargs).load()
 
 
-def _read_pickle(path: Path) -> Any:
+def _read_pickle(path: Path) -> tuple[Any, Callable[[torch.Tensor], None]]:
+    """The unpickled object, and ``release`` for its tensors (see :func:`_page_releaser`)."""
     # weights_only=False is required to pass our own pickle_module; the restricted unpickler
     # is what keeps it safe (torch's weights_only mode alone rejects the Lightning callback
     # class that real full checkpoints such as sd-v1-4.ckpt carry).
     kwargs: dict[str, Any] = dict(map_location="cpu", pickle_module=_RestrictedPickleModule, weights_only=False)
     try:
-        if zipfile.is_zipfile(path):
-            return torch.load(path, mmap=True, **kwargs)
-        return torch.load(path, **kwargs)
+        if zipfile.is_zipfile(path):  # the zip format: torch maps the file privately, like ours
+            obj = torch.load(path, mmap=True, **kwargs)
+            return obj, _page_releaser(_mapped_ranges(path), _libc_dontneed())
+        return torch.load(path, **kwargs), _no_release  # legacy pickle: ordinary memory
     except pickle.UnpicklingError as e:
         raise CheckpointError(f"{path}: refused to load: {e}. This file may try to run code; "
                               "only load checkpoints you trust, or a .safetensors version of it.") from None
@@ -207,20 +210,60 @@ def _read_safetensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, st
 
     if mapping is None or not hasattr(mapping, "madvise"):  # no data, or no madvise (Windows)
         return tensors, metadata, _no_release
-    base, page = whole.data_ptr(), mmap.PAGESIZE
+    base = whole.data_ptr()
+    release = _page_releaser([(base, base + size)],
+                             lambda address, length: mapping.madvise(mmap.MADV_DONTNEED, address - base, length))
+    return tensors, metadata, release
+
+
+def _page_releaser(ranges: list[tuple[int, int]], dontneed: Callable[[int, int], None]) -> Callable[[torch.Tensor], None]:
+    """``release(tensor)``: drop the memory pages of a tensor that lies inside one of ``ranges``
+    (address ranges of a private, read-only-used file mapping) with ``dontneed(address, length)``.
+
+    Only whole pages inside the tensor are dropped, so its neighbours are untouched; reading the
+    tensor again re-reads the file. Tensors outside every range are ignored: on ordinary memory
+    ``MADV_DONTNEED`` would destroy data, so the ranges must come from the mapping itself."""
+    if not ranges:
+        return _no_release
+    page = mmap.PAGESIZE
 
     def release(tensor: torch.Tensor) -> None:
-        """Drop ``tensor``'s pages from memory (reading it again re-reads the file); only whole
-        pages inside it, so its neighbours are untouched. Tensors not from this file are ignored."""
-        first = tensor.data_ptr() - base
+        first = tensor.data_ptr()
         last = first + tensor.numel() * tensor.element_size()
-        if 0 <= first and last <= size:
-            first = -(-first // page) * page
-            last = last // page * page
+        if any(lo <= first and last <= hi for lo, hi in ranges):
+            first, last = -(-first // page) * page, last // page * page
             if last > first:
-                mapping.madvise(mmap.MADV_DONTNEED, first, last - first)
+                dontneed(first, last - first)
 
-    return tensors, metadata, release
+    return release
+
+
+def _mapped_ranges(path: Path) -> list[tuple[int, int]]:
+    """Address ranges where this process maps ``path`` privately (from /proc/self/maps; Linux).
+
+    ``torch.load(mmap=True)`` does not say where it mapped the file, so the kernel is asked."""
+    maps = Path("/proc/self/maps")
+    if not maps.exists() or not hasattr(mmap, "MADV_DONTNEED"):
+        return []
+    st = os.stat(path)
+    file_id = (os.major(st.st_dev), os.minor(st.st_dev), st.st_ino)
+    ranges = []
+    for line in maps.read_text().splitlines():  # "lo-hi perms offset major:minor inode path"
+        fields = line.split(maxsplit=5)
+        if len(fields) < 6 or fields[1][3] != "p":  # private mappings only
+            continue
+        major, minor = (int(x, 16) for x in fields[3].split(":"))
+        if (major, minor, int(fields[4])) == file_id:
+            lo, hi = (int(x, 16) for x in fields[0].split("-"))
+            ranges.append((lo, hi))
+    return ranges
+
+
+def _libc_dontneed() -> Callable[[int, int], None]:
+    """``madvise(address, length, MADV_DONTNEED)`` through the C library (for torch's own mapping)."""
+    madvise = ctypes.CDLL(None, use_errno=True).madvise
+    madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+    return lambda address, length: madvise(address, length, mmap.MADV_DONTNEED)
 
 
 def read_checkpoint(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
@@ -244,7 +287,7 @@ def _open_checkpoint(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str
     if path.suffix.lower() in SUFFIXES_SAFETENSORS:
         obj, metadata, release = _read_safetensors(path)
     elif path.suffix.lower() in SUFFIXES_PICKLE:
-        obj = _read_pickle(path)
+        obj, release = _read_pickle(path)
     else:
         raise CheckpointError(f"{path}: unknown checkpoint extension {path.suffix!r}; "
                               f"expected one of {', '.join(SUFFIXES_SAFETENSORS + SUFFIXES_PICKLE)}")
@@ -521,9 +564,9 @@ def load_networks(path: str | Path, *, device: torch.device, dtype: torch.dtype,
     path = Path(path)
     raw, metadata, release = _open_checkpoint(path)
     # consume: drop each file tensor as soon as it is converted. That frees tensors read into
-    # ordinary memory (legacy pickles); for .safetensors, release() also drops the file pages a
-    # converted tensor was read from, so the load peaks at about the converted model's size.
-    # (Zip .ckpt files are memory-mapped by torch.load; their touched pages stay until the end.)
+    # ordinary memory (legacy pickles); for memory-mapped files (.safetensors, zip .ckpt),
+    # release() also drops the file pages a converted tensor was read from, so the load peaks at
+    # about the converted model's size instead of file + model.
     return networks_from_state_dict(raw, metadata, path=path, device=device, dtype=dtype, prediction=prediction,
                                     use_ema=use_ema, config=config, consume=True, release=release)
 

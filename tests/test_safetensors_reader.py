@@ -1,5 +1,6 @@
 """sdlite's own .safetensors reader: the same tensors as the reference library, rejection of corrupt
-files, and the page release that keeps a fp16 -> fp32 load at about the size of the model."""
+files, and the page release (for .safetensors and zip .ckpt files) that keeps a fp16 -> fp32 load
+at about the size of the model."""
 
 from __future__ import annotations
 
@@ -143,3 +144,34 @@ def test_fp16_file_loaded_as_fp32_equals_the_file(tmp_path):
     got = state_dict_of({"unet": pipe.unet, "vae": pipe.vae, "text_encoder": pipe.text_encoder}, pipe.config)
     for k, v in got.items():
         assert v.dtype == torch.float32 and torch.equal(v, sd[k].float()), k
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc/self/smaps (Linux)")
+def test_zip_ckpt_release_drops_pages_of_torch_load_mapping(tmp_path):
+    # torch.load(mmap=True) maps a zip .ckpt privately; the loader finds that mapping in
+    # /proc/self/maps and releases converted tensors there too.
+    from sdlite.checkpoint import _open_checkpoint
+
+    big = torch.randn(8 * 1024 * 1024, generator=torch.Generator().manual_seed(2)).half()  # 16 MiB
+    path = tmp_path / "big.ckpt"
+    torch.save({"state_dict": {"big": big, "small": torch.ones(3)}}, path)
+    tensors, _, release = _open_checkpoint(path)
+    t = tensors["big"]
+    before = _resident_bytes(t.data_ptr())
+    as_fp32 = t.float()
+    assert _resident_bytes(t.data_ptr()) - before >= 15 * 2**20
+    release(t)
+    assert _resident_bytes(t.data_ptr()) <= before + 2 * 4096
+    assert torch.equal(t.float(), as_fp32)
+    heap = torch.ones(1 << 20)
+    release(heap)  # ordinary memory: never touched
+    assert torch.equal(heap, torch.ones(1 << 20))
+
+
+def test_legacy_pickle_has_no_release(tmp_path):
+    from sdlite.checkpoint import _no_release, _open_checkpoint
+
+    path = tmp_path / "old.ckpt"
+    torch.save({"w": torch.ones(4)}, path, _use_new_zipfile_serialization=False)
+    tensors, _, release = _open_checkpoint(path)
+    assert release is _no_release and torch.equal(tensors["w"], torch.ones(4))
