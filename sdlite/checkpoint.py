@@ -129,7 +129,12 @@ def _read_pickle(path: Path) -> tuple[Any, Callable[[torch.Tensor], None]]:
     kwargs: dict[str, Any] = dict(map_location="cpu", pickle_module=_RestrictedPickleModule, weights_only=False)
     try:
         if zipfile.is_zipfile(path):  # the zip format: torch maps the file privately, like ours
-            obj = torch.load(path, mmap=True, **kwargs)
+            try:
+                obj = torch.load(path, mmap=True, **kwargs)
+            except pickle.UnpicklingError:
+                raise
+            except Exception:  # e.g. a file system that cannot map files: read it (errors surface below)
+                return torch.load(path, **kwargs), _no_release
             return obj, _page_releaser(_mapped_ranges(path), _libc_dontneed())
         return torch.load(path, **kwargs), _no_release  # legacy pickle: ordinary memory
     except pickle.UnpicklingError as e:
@@ -184,7 +189,15 @@ def _read_safetensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, st
             raise corrupt(f"header is not JSON ({e})") from None
         if not isinstance(header, dict):
             raise corrupt("header is not a JSON object")
-        mapping = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY) if size > 8 + n else None
+        mapping: Any = None  # the whole file: an mmap, or (where mapping fails) a bytearray
+        if size > 8 + n:
+            try:
+                mapping = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)
+            except (OSError, ValueError):  # a file system that cannot map files: read it instead
+                f.seek(0)
+                mapping = bytearray(f.read())
+                if len(mapping) != size:
+                    raise corrupt(f"read {len(mapping)} of {size} bytes") from None
     metadata = header.pop("__metadata__", None) or {}
     if not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
         raise corrupt("__metadata__ is not a map of strings")
@@ -208,7 +221,7 @@ def _read_safetensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, st
             raw = raw.clone()
         tensors[key] = raw.view(dtype).view(shape)
 
-    if mapping is None or not hasattr(mapping, "madvise"):  # no data, or no madvise (Windows)
+    if not hasattr(mapping, "madvise"):  # not mapped (None, bytearray), or no madvise (Windows)
         return tensors, metadata, _no_release
     base = whole.data_ptr()
     release = _page_releaser([(base, base + size)],

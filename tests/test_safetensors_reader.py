@@ -175,3 +175,38 @@ def test_legacy_pickle_has_no_release(tmp_path):
     torch.save({"w": torch.ones(4)}, path, _use_new_zipfile_serialization=False)
     tensors, _, release = _open_checkpoint(path)
     assert release is _no_release and torch.equal(tensors["w"], torch.ones(4))
+
+
+def test_file_system_without_mmap_falls_back_to_reading(tmp_path, monkeypatch):
+    import mmap
+
+    from sdlite.checkpoint import _no_release
+
+    tensors = {"a": torch.randn(4, 3), "b": torch.arange(5)}
+    path = tmp_path / "m.safetensors"
+    save_file(tensors, str(path))
+
+    def refuse(*args, **kwargs):
+        raise OSError(19, "No such device")  # what mmap raises on file systems that cannot map
+
+    monkeypatch.setattr(mmap, "mmap", refuse)
+    got, _, release = _read_safetensors(path)
+    assert release is _no_release
+    assert all(torch.equal(got[k], v) for k, v in tensors.items())
+
+
+def test_ckpt_that_cannot_be_mapped_is_read_instead(tmp_path, monkeypatch):
+    from sdlite.checkpoint import _no_release, _open_checkpoint
+
+    path = tmp_path / "m.ckpt"
+    torch.save({"state_dict": {"w": torch.arange(6.0)}}, path)
+    load = torch.load
+
+    def no_mmap(*args, mmap=None, **kwargs):
+        if mmap:
+            raise RuntimeError("unable to mmap")
+        return load(*args, **kwargs)
+
+    monkeypatch.setattr(torch, "load", no_mmap)
+    tensors, _, release = _open_checkpoint(path)
+    assert release is _no_release and torch.equal(tensors["w"], torch.arange(6.0))
