@@ -292,7 +292,8 @@ def read_checkpoint(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str
 
 
 def _open_checkpoint(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str], Callable[[torch.Tensor], None]]:
-    """:func:`read_checkpoint`, plus the file's ``release(tensor)`` (a no-op for pickles)."""
+    """:func:`read_checkpoint`, plus the file's ``release(tensor)`` (see :func:`_page_releaser`;
+    a no-op for legacy non-zip pickles, read into ordinary memory)."""
     if not path.is_file():
         raise CheckpointError(f"{path}: no such checkpoint file")
     metadata: dict[str, str] = {}
@@ -473,7 +474,7 @@ def load_into(module: nn.Module, weights: dict[str, torch.Tensor], *, prefix: st
         v = weights.pop(k)
         target = dtype if v.is_floating_point() else v.dtype
         converted[k] = v.to(device=device, dtype=target)
-        if converted[k].data_ptr() != v.data_ptr() or converted[k].device != v.device:
+        if converted[k] is not v:  # .to() returns v itself when nothing had to change
             release(v)
         del v
     module.load_state_dict(converted, strict=True, assign=True)
