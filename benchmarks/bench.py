@@ -970,6 +970,16 @@ def flops_note(row: Row, peaks: dict[str, tuple[float, int]]) -> list[str]:
     return [note]
 
 
+def paired_note(row: Row) -> list[str]:
+    """The spread of the ratio: each timed round ran both sides back to back, so round i's
+    sdlite / diffusers is one paired measurement; a wide range means a noisy machine."""
+    s, d = row.values.get("sdlite", []), row.values.get("diffusers", [])
+    if row.unit != "s" or len(s) < 3 or len(s) != len(d):
+        return []
+    ratios = sorted(a / b for a, b in zip(s, d))
+    return [f"per-round ratios {ratios[0]:.2f}–{ratios[-1]:.2f} (median {statistics.median(ratios):.2f})"]
+
+
 def table(rows: list[Row], peaks: dict[str, tuple[float, int]] | None = None) -> str:
     lines = ["| row | unit | sdlite median | sdlite min | diffusers median | diffusers min | sdlite / diffusers | notes |",
              "|---|---|---:|---:|---:|---:|---:|---|"]
@@ -978,7 +988,7 @@ def table(rows: list[Row], peaks: dict[str, tuple[float, int]] | None = None) ->
         d_med, d_min = row.stat("diffusers", statistics.median), row.stat("diffusers", min)
         ratio = f"{s_med / d_med:.2f}" if s_med and d_med else "—"
         n = max(len(row.values.get(s, [])) for s in SIDES) if row.values else 0
-        notes = "; ".join(row.notes + flops_note(row, peaks or {}) + ([f"n={n}"] if n else []))
+        notes = "; ".join(row.notes + flops_note(row, peaks or {}) + paired_note(row) + ([f"n={n}"] if n else []))
         lines.append(f"| {row.name} | {row.unit} | {fmt(s_med, row.unit)} | {fmt(s_min, row.unit)} | "
                      f"{fmt(d_med, row.unit)} | {fmt(d_min, row.unit)} | {ratio} | {notes} |")
     return "\n".join(lines)
