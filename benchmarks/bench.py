@@ -27,10 +27,11 @@ Rows (``--rows``):
 Precisions (``--precisions``): ``fp32``; ``bf16`` (bf16 weights); ``autocast`` (fp32 weights under
 ``torch.autocast("cpu", bfloat16)``). The run measures the machine's matmul peak
 (``torch.mm`` of large fp32 and bf16 matrices) at its start and at its end; each network row is also
-given as a fraction of the larger of the two, with FLOPs counted by ``torch.utils.flop_counter.FlopCounterMode`` on the meta device. On a CPU
-without native bf16 (no AVX512-BF16/AMX) bf16 convolutions and matmuls are ~100x slower than fp32;
-there the bf16 precisions run only the rows without convolutions (text encoder; the load in bf16)
-unless ``--force-bf16`` is given.
+given as a fraction of the larger of the two, with FLOPs counted by
+``torch.utils.flop_counter.FlopCounterMode`` on the meta device. On a CPU without native bf16
+(no AVX512-BF16/AMX) bf16 convolutions and matmuls are ~100x slower than fp32; there the bf16
+precisions run only the rows without convolutions (text encoder; the load in bf16) unless
+``--force-bf16`` is given.
 
 Usage (from the repository root; see benchmarks/README.md)::
 
@@ -988,7 +989,8 @@ def table(rows: list[Row], peaks: dict[str, tuple[float, int]] | None = None) ->
         d_med, d_min = row.stat("diffusers", statistics.median), row.stat("diffusers", min)
         ratio = f"{s_med / d_med:.2f}" if s_med and d_med else "—"
         n = max(len(row.values.get(s, [])) for s in SIDES) if row.values else 0
-        notes = "; ".join(row.notes + flops_note(row, peaks or {}) + paired_note(row) + ([f"n={n}"] if n else []))
+        extra = flops_note(row, peaks or {}) + paired_note(row) + ([f"n={n}"] if n else [])
+        notes = "; ".join(row.notes + extra)
         lines.append(f"| {row.name} | {row.unit} | {fmt(s_med, row.unit)} | {fmt(s_min, row.unit)} | "
                      f"{fmt(d_med, row.unit)} | {fmt(d_min, row.unit)} | {ratio} | {notes} |")
     return "\n".join(lines)
