@@ -1,0 +1,43 @@
+"""The benchmark's report arithmetic: what benchmarks/RESULTS.md says is computed from the timings.
+
+The benchmark itself is not a test (it takes ~55 minutes at SD1.5 size); these check the pure
+helpers that turn its timings into the report's notes."""
+
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+
+import bench  # noqa: E402
+
+
+def _row(s: list[float], d: list[float], unit: str = "s", flops: float = 0.0, peak_dtype: str = "") -> "bench.Row":
+    return bench.Row("r", unit, values={"sdlite": s, "diffusers": d}, flops=flops, peak_dtype=peak_dtype)
+
+
+def test_paired_note_is_the_range_and_median_of_per_round_ratios():
+    # Rounds: 1/2, 3/3, 4/2 -> ratios 0.5, 1.0, 2.0
+    assert bench.paired_note(_row([1.0, 3.0, 4.0], [2.0, 3.0, 2.0])) == [
+        "per-round ratios 0.50–2.00 (median 1.00)"]
+
+
+@pytest.mark.parametrize("s, d, unit", [([1.0, 2.0], [1.0, 2.0], "s"),  # fewer than 3 rounds
+                                        ([1.0, 2.0, 3.0], [1.0, 2.0], "s"),  # unpaired
+                                        ([1.0, 2.0, 3.0], [1.0, 2.0, 3.0], "MiB")])  # not a time
+def test_paired_note_only_for_three_or_more_paired_timings(s, d, unit):
+    assert bench.paired_note(_row(s, d, unit)) == []
+
+
+def test_flops_note_divides_median_speed_by_the_peak_of_the_rows_dtype():
+    # 100 GFLOP in a median of 1 s (sdlite) and 2 s (diffusers), fp32 peak 200 GFLOP/s.
+    row = _row([0.5, 1.0, 3.0], [2.0, 2.0, 2.0], flops=100e9, peak_dtype="fp32")
+    peaks = {"fp32": (200.0, 2048), "bf16": (1.0, 512)}
+    assert bench.flops_note(row, peaks) == ["100 GFLOP; 100.0 / 50.0 GFLOP/s = 50% / 25% of peak"]
+
+
+def test_flops_note_without_a_peak_gives_speed_only():
+    # Where bf16 is emulated the bf16 rows get no "% of peak" (peak_dtype cleared).
+    row = _row([1.0], [2.0], flops=100e9, peak_dtype="")
+    assert bench.flops_note(row, {"fp32": (200.0, 2048)}) == ["100 GFLOP; 100.0 / 50.0 GFLOP/s"]
