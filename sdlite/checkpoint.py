@@ -135,7 +135,10 @@ def _read_pickle(path: Path) -> tuple[Any, Callable[[torch.Tensor], None]]:
                 raise
             except Exception:  # e.g. a file system that cannot map files: read it (errors surface below)
                 return torch.load(path, **kwargs), _no_release
-            return obj, _page_releaser(_mapped_ranges(path), _libc_dontneed())
+            # The C library is looked up only where the mapping was found: ctypes.CDLL(None)
+            # fails on Windows, where there is no /proc/self/maps either.
+            ranges = _mapped_ranges(path)
+            return obj, (_page_releaser(ranges, _libc_dontneed()) if ranges else _no_release)
         return torch.load(path, **kwargs), _no_release  # legacy pickle: ordinary memory
     except pickle.UnpicklingError as e:
         raise CheckpointError(f"{path}: refused to load: {e}. This file may try to run code; "
@@ -236,8 +239,6 @@ def _page_releaser(ranges: list[tuple[int, int]], dontneed: Callable[[int, int],
     Only whole pages inside the tensor are dropped, so its neighbours are untouched; reading the
     tensor again re-reads the file. Tensors outside every range are ignored: on ordinary memory
     ``MADV_DONTNEED`` would destroy data, so the ranges must come from the mapping itself."""
-    if not ranges:
-        return _no_release
     page = mmap.PAGESIZE
 
     def release(tensor: torch.Tensor) -> None:

@@ -210,3 +210,19 @@ def test_ckpt_that_cannot_be_mapped_is_read_instead(tmp_path, monkeypatch):
     monkeypatch.setattr(torch, "load", no_mmap)
     tensors, _, release = _open_checkpoint(path)
     assert release is _no_release and torch.equal(tensors["w"], torch.arange(6.0))
+
+
+def test_zip_ckpt_loads_where_the_mapping_cannot_be_found(tmp_path, monkeypatch):
+    # Outside Linux there is no /proc/self/maps and (on Windows) no C library for ctypes to open:
+    # the load must still work, without page release.
+    from sdlite import checkpoint
+
+    def no_libc():
+        raise OSError("no C library")
+
+    monkeypatch.setattr(checkpoint, "_mapped_ranges", lambda path: [])
+    monkeypatch.setattr(checkpoint, "_libc_dontneed", no_libc)
+    path = tmp_path / "m.ckpt"
+    torch.save({"state_dict": {"w": torch.arange(6.0)}}, path)
+    tensors, _, release = checkpoint._open_checkpoint(path)
+    assert release is checkpoint._no_release and torch.equal(tensors["w"], torch.arange(6.0))
