@@ -1173,10 +1173,8 @@ def main(argv: list[str] | None = None) -> None:
         sections: dict[str, list[Row]] = {p: [] for p in precisions}
         tokenizer = None
         profile_text = unet_lever_text = compile_text = ""
-        in_process = {p: [r for r in prec_rows[p] if r not in ("load", "mem512", "vae2048", "bundled")]
-                      for p in run_precisions}
         for precision in run_precisions:
-            inproc = in_process[precision]
+            inproc = [r for r in prec_rows[precision] if r not in ("load", "mem512", "vae2048", "bundled")]
             fp32_extras = precision == "fp32" and (args.profile or args.levers or args.compile)
             if not (inproc or fp32_extras or (need_config and tokenizer is None)):
                 continue
