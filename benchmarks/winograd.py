@@ -98,7 +98,7 @@ def winograd_unet_convs(min_rows: int = 512, min_channels: int = 320, max_in_out
 
     def forward(self: ops.Conv2d, input: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         n, _, h, w = input.shape
-        if (self.kernel_size == (3, 3) and self.stride == (1, 1) and self.padding == (1, 1) and self.groups == 1
+        if (weight.shape[-2:] == (3, 3) and self.stride == (1, 1) and self.padding == (1, 1) and self.groups == 1
                 and n * h * w >= min_rows and min(self.in_channels, self.out_channels) >= min_channels
                 and self.in_channels * self.out_channels <= max_in_out and h % 2 == 0 and w % 2 == 0):
             return winograd_conv3x3(input, weight, bias)

@@ -1,4 +1,4 @@
-"""sdlite.ops.Conv2d: the CPU backend choice changes which kernel runs, never the result."""
+"""sdlite.ops: the backend choices change which kernel runs, never the result."""
 
 from __future__ import annotations
 
@@ -42,3 +42,80 @@ def test_conv2d_takes_the_blas_path_only_for_small_products_with_many_channels(m
     with torch.no_grad():
         ops.Conv2d(512, 4, 3, padding=1)(torch.randn(2, 512, 16, 16))
     assert seen == [True]
+
+
+# sdlite.ops.upsample_conv: nearest x2 + 3x3 conv computed as four 2x2 convs on the small map.
+
+def _upsample_then_conv(x: torch.Tensor, conv: torch.nn.Conv2d) -> torch.Tensor:
+    """The original formulation (CompVis ``Upsample``): upsample first, then the 3x3 conv."""
+    return F.conv2d(F.interpolate(x, scale_factor=2.0, mode="nearest"), conv.weight, conv.bias, padding=1)
+
+
+@pytest.mark.parametrize("shape, out_channels", [((2, 8, 5, 7), 11), ((1, 16, 1, 1), 16), ((3, 4, 6, 6), 4),
+                                                 ((1, 32, 16, 16), 32)])
+def test_upsample_conv_equals_upsampling_then_the_3x3_conv(shape, out_channels):
+    g = torch.Generator().manual_seed(0)
+    conv = ops.Conv2d(shape[1], out_channels, 3, padding=1)
+    x = torch.randn(*shape, generator=g)
+    with torch.no_grad():
+        ours = ops.upsample_conv(x, conv)
+        reference = _upsample_then_conv(x, conv)
+    assert ours.shape == (shape[0], out_channels, 2 * shape[2], 2 * shape[3])
+    # Same sums over the same products; the summed kernel taps round differently (fp32 ulps).
+    torch.testing.assert_close(ours, reference, rtol=1e-5, atol=1e-5)
+
+
+def test_upsample_conv_follows_a_change_of_weights():
+    """The summed kernels are cached for inference: loading new weights must not reuse stale ones."""
+    conv = ops.Conv2d(4, 4, 3, padding=1)
+    x = torch.randn(1, 4, 6, 6)
+    with torch.no_grad():
+        before = ops.upsample_conv(x, conv)
+        conv.load_state_dict({"weight": torch.randn(4, 4, 3, 3), "bias": torch.randn(4)})  # in-place copy
+        after = ops.upsample_conv(x, conv)
+        torch.testing.assert_close(after, _upsample_then_conv(x, conv), rtol=1e-5, atol=1e-5)
+        conv.bias.zero_()  # the bias alone, in place
+        torch.testing.assert_close(ops.upsample_conv(x, conv), _upsample_then_conv(x, conv), rtol=1e-5, atol=1e-5)
+        conv.to(torch.float64)  # new parameter tensors
+        torch.testing.assert_close(ops.upsample_conv(x.double(), conv), _upsample_then_conv(x.double(), conv))
+    assert not torch.equal(before, after)
+
+
+def test_upsample_conv_gradients_equal_the_original_formulation():
+    """Training goes through the summed kernels too (uncached): the gradients are those of the original."""
+    g = torch.Generator().manual_seed(1)
+    conv = ops.Conv2d(6, 5, 3, padding=1)
+    x = torch.randn(2, 6, 4, 5, generator=g, requires_grad=True)
+    grads = [torch.autograd.grad(f(x, conv).square().sum(), [x, conv.weight, conv.bias])
+             for f in (ops.upsample_conv, _upsample_then_conv)]
+    for ours, reference in zip(*grads):
+        torch.testing.assert_close(ours, reference, rtol=1e-5, atol=1e-4)
+    assert not hasattr(conv, "_phase_cache")  # nothing cached while gradients flow
+
+
+def test_upsample_conv_switch_off_runs_the_original_formulation(monkeypatch):
+    monkeypatch.setattr(ops, "UPSAMPLE_BY_PHASES", False)
+    seen = []
+    real = torch.nn.Conv2d._conv_forward
+
+    def spy(self, input, weight, bias):
+        seen.append((tuple(input.shape), tuple(weight.shape)))
+        return real(self, input, weight, bias)
+
+    monkeypatch.setattr(torch.nn.Conv2d, "_conv_forward", spy)
+    conv = ops.Conv2d(3, 2, 3, padding=1)
+    with torch.no_grad():
+        ops.upsample_conv(torch.randn(1, 3, 4, 4), conv)
+        monkeypatch.setattr(ops, "UPSAMPLE_BY_PHASES", True)
+        ops.upsample_conv(torch.randn(1, 3, 4, 4), conv)
+    assert seen == [((1, 3, 8, 8), (2, 3, 3, 3)), ((1, 3, 4, 4), (8, 3, 2, 2))]
+
+
+def test_upsample_conv_kernels_cached_under_inference_mode_serve_a_later_call_with_autograd():
+    conv = ops.Conv2d(4, 4, 3, padding=1).requires_grad_(False)  # a frozen network
+    with torch.inference_mode():
+        ops.upsample_conv(torch.randn(1, 4, 3, 3), conv)
+    x = torch.randn(1, 4, 3, 3, requires_grad=True)  # e.g. a gradient with respect to the input
+    (grad,) = torch.autograd.grad(ops.upsample_conv(x, conv).sum(), [x])
+    (reference,) = torch.autograd.grad(_upsample_then_conv(x, conv).sum(), [x])
+    torch.testing.assert_close(grad, reference, rtol=1e-5, atol=1e-5)

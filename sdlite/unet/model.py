@@ -30,7 +30,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from sdlite.config import UNetConfig
-from sdlite.ops import Conv2d, attention
+from sdlite.ops import Conv2d, attention, upsample_conv
 
 
 def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10000.0) -> torch.Tensor:
@@ -121,7 +121,9 @@ class Upsample(nn.Module):
         self.conv = Conv2d(channels, channels, 3, padding=1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
+        # = self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest")), computed on the small map
+        # with 2.25x fewer multiply-adds (sdlite.ops.upsample_conv).
+        return upsample_conv(x, self.conv)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -33,7 +33,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..config import VAEConfig
-from ..ops import Conv2d, GroupNorm, attention
+from ..ops import Conv2d, GroupNorm, attention, upsample_conv
 
 
 def Normalize(channels: int) -> GroupNorm:
@@ -127,7 +127,9 @@ class Upsample(nn.Module):
         self.conv = Conv2d(channels, channels, kernel_size=3, stride=1, padding=1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
+        # = self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest")), computed on the small map
+        # with 2.25x fewer multiply-adds (sdlite.ops.upsample_conv).
+        return upsample_conv(x, self.conv)
 
 
 class MidBlock(nn.Module):
