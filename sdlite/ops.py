@@ -144,7 +144,8 @@ def upsample_conv(x: torch.Tensor, conv: nn.Conv2d) -> torch.Tensor:
     """
     if not UPSAMPLE_BY_PHASES or torch.compiler.is_compiling():
         return conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
-    assert conv.kernel_size == (3, 3) and conv.stride == (1, 1) and conv.padding == (1, 1), conv
+    assert (conv.kernel_size == (3, 3) and conv.stride == (1, 1) and conv.padding == (1, 1)
+            and conv.padding_mode == "zeros" and conv.groups == 1 and conv.dilation == (1, 1)), conv
     b, _, h, w = x.shape
     weight, bias = _phase_kernels(conv)
     y = conv._conv_forward(x, weight, bias)  # [B, 4 * C_out, H + 1, W + 1], parities (a, b) in row-major order
