@@ -909,8 +909,8 @@ def network_levers(cfg: ModelConfig, nets: dict, repeats: int) -> str:
                       "Upsample as written (nearest x2, then 3x3 conv) vs four 2x2 convs on the small map "
                       "(sdlite.ops.upsample_conv, the default)"))
     z = torch.randn(1, cfg.vae.embed_dim, 32, 32, generator=gen)
-    cases.append(("VAE decode 32x32 -> 256x256", lambda: vae.decode(z), lambda: setting(ops, "UPSAMPLE_BY_PHASES", False),
-                  lambda: setting(ops, "UPSAMPLE_BY_PHASES", True),
+    cases.append(("VAE decode 32x32 -> 256x256", lambda: vae.decode(z),
+                  lambda: setting(ops, "UPSAMPLE_BY_PHASES", False), lambda: setting(ops, "UPSAMPLE_BY_PHASES", True),
                   "Upsample as written vs four 2x2 convs on the small map (sdlite.ops.upsample_conv, the default)"))
     lines = []
     for name, call, default, alternative, what in cases:
@@ -1248,8 +1248,9 @@ def main(argv: list[str] | None = None) -> None:
                      "text encoder (prompt + empty negative) and image post-processing are included.")
         notes.append("% of peak: the row's FLOPs (FlopCounterMode on the meta device, identical for both libraries: "
                      "the Upsample convs counted as written, upsampling first, though sdlite's four 2x2 convs do 2.25x "
-                     "fewer multiply-adds there, so its percentage counts that saving as speed) divided by the median time and by the matmul peak of the row's compute dtype (where bf16 is not "
-                     "native, the bf16 rows give GFLOP/s only: torch.mm is not the fastest bf16 path there).")
+                     "fewer multiply-adds there, so its percentage counts that saving as speed) divided by the median "
+                     "time and by the matmul peak of the row's compute dtype (where bf16 is not native, the bf16 rows "
+                     "give GFLOP/s only: torch.mm is not the fastest bf16 path there).")
     finally:
         if args.workdir is None:  # the 2 GB checkpoint goes even when the run fails
             import shutil
