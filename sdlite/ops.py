@@ -120,7 +120,7 @@ def shared_statistics(module: nn.Module) -> Iterator[Callable[[str], None]]:
 UPSAMPLE_BY_PHASES = True
 
 
-def upsample_conv(x: torch.Tensor, conv: nn.Conv2d) -> torch.Tensor:
+def upsample_conv(x: torch.Tensor, conv: nn.Conv2d, cache: bool = True) -> torch.Tensor:
     """``conv(F.interpolate(x, scale_factor=2, mode="nearest"))`` for a 3x3, stride-1, padding-1 conv.
 
     Output row ``2i + a`` (``a`` = 0 or 1) of the upsampled map reads upsampled rows ``2i + a - 1``,
@@ -139,15 +139,16 @@ def upsample_conv(x: torch.Tensor, conv: nn.Conv2d) -> torch.Tensor:
 
     The four parities run as one conv with 4x the output channels and the conv's own ``padding=1``:
     output position ``j`` then covers small rows ``j-1, j``, so parity ``a`` is the output shifted by ``a``.
-    The summed kernels are cached on ``conv`` for inference (recomputed when its weight changes) and
-    recomputed on every call where gradients flow through the weight.
+    The summed kernels are cached on ``conv`` for inference (recomputed when its weight changes;
+    1.8x the conv's weight in memory). They are recomputed on every call where gradients flow through
+    the weight, and with ``cache=False`` (the low-memory option; any cached copy is dropped).
     """
     if not UPSAMPLE_BY_PHASES or torch.compiler.is_compiling():
         return conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
     assert (conv.kernel_size == (3, 3) and conv.stride == (1, 1) and conv.padding == (1, 1)
             and conv.padding_mode == "zeros" and conv.groups == 1 and conv.dilation == (1, 1)), conv
     b, _, h, w = x.shape
-    weight, bias = _phase_kernels(conv)
+    weight, bias = _phase_kernels(conv, cache)
     y = conv._conv_forward(x, weight, bias)  # [B, 4 * C_out, H + 1, W + 1], parities (a, b) in row-major order
     c = y.shape[1] // 4
     y = y.view(b, 2, 2, c, h + 1, w + 1)
@@ -158,10 +159,12 @@ def upsample_conv(x: torch.Tensor, conv: nn.Conv2d) -> torch.Tensor:
     return out.view(b, c, 2 * h, 2 * w)
 
 
-def _phase_kernels(conv: nn.Conv2d) -> tuple[torch.Tensor, torch.Tensor | None]:
+def _phase_kernels(conv: nn.Conv2d, cache: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
     """The four 2x2 kernels of :func:`upsample_conv`, stacked: ``[4 * C_out, C_in, 2, 2]``, and the bias x4."""
     weight, bias = conv.weight, conv.bias
-    if torch.is_grad_enabled() and (weight.requires_grad or (bias is not None and bias.requires_grad)):
+    if not cache or (torch.is_grad_enabled() and (weight.requires_grad or (bias is not None and bias.requires_grad))):
+        if not cache:
+            conv.__dict__.pop("_phase_cache", None)
         return _sum_taps(weight), None if bias is None else bias.repeat(4)
     key = (weight.data_ptr(), weight._version, weight.dtype, weight.device,
            None if bias is None else (bias.data_ptr(), bias._version))

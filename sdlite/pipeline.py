@@ -301,11 +301,15 @@ class Pipeline:
                 m.query_chunk = self._attention_chunk
 
     def set_low_memory(self, enabled: bool = True, attention_chunk: int = 1024) -> None:
-        """The low-memory option: attention ``attention_chunk`` queries at a time and VAE tiles of half
-        the native latent side (so anything larger than the native size is decoded in tiles).
+        """The low-memory option: attention ``attention_chunk`` queries at a time, VAE tiles of half
+        the native latent side (so anything larger than the native size is decoded in tiles), and no
+        cached Upsample kernels (~120 MB for an fp16 SD1 UNet; recomputing them is cheap on a GPU).
         ``enabled=False`` restores the defaults."""
         self.attention_chunk = attention_chunk if enabled else None
         self.vae_tile = max(8, self.config.image_size // self.vae_factor // 2) if enabled else None
+        for m in (*self.unet.modules(), *self.vae.modules()):
+            if hasattr(m, "cache_kernels"):
+                m.cache_kernels = not enabled
 
     def compile(self, **options: Any) -> None:
         """``torch.compile`` the UNet in place (``nn.Module.compile``: same module, same state-dict

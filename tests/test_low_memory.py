@@ -94,3 +94,20 @@ def test_low_memory_settings_and_their_validation(pipe):
         pipe.vae_tile = 3
     with pytest.raises(ArgumentError):
         pipe.attention_chunk = 0
+
+
+def test_low_memory_drops_the_cached_upsample_kernels_and_keeps_the_image(pipe):
+    in_unet, in_vae = ([m for m in net.modules() if hasattr(m, "cache_kernels")] for net in (pipe.unet, pipe.vae))
+    assert in_unet and in_vae
+    upsamplers = in_unet + in_vae
+    ref = pipe.txt2img("a cat", seed=3, steps=2, output_type="np")
+    assert all(hasattr(m.conv, "_phase_cache") for m in upsamplers)  # cached by default
+    pipe.set_low_memory()
+    try:
+        out = pipe.txt2img("a cat", seed=3, steps=2, output_type="np")
+        assert not any(hasattr(m.conv, "_phase_cache") for m in upsamplers)  # dropped, not rebuilt
+    finally:
+        pipe.set_low_memory(False)
+    assert all(m.cache_kernels for m in upsamplers)
+    # The same kernels, computed each call; the tiled decode does not apply at this size.
+    assert abs(out - ref).max() < 1e-5

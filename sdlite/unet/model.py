@@ -119,11 +119,12 @@ class Upsample(nn.Module):
     def __init__(self, channels: int) -> None:
         super().__init__()
         self.conv = Conv2d(channels, channels, 3, padding=1)
+        self.cache_kernels = True  # False: the low-memory option (sdlite.ops.upsample_conv)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # = self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest")), computed on the small map
         # with 2.25x fewer multiply-adds (sdlite.ops.upsample_conv).
-        return upsample_conv(x, self.conv)
+        return upsample_conv(x, self.conv, cache=self.cache_kernels)
 
 
 # ----------------------------------------------------------------------------------------------
