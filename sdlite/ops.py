@@ -132,8 +132,9 @@ def upsample_conv(x: torch.Tensor, conv: nn.Conv2d, cache: bool = True) -> torch
 
     and the same for columns. Each of the four output parities ``(a, b)`` is therefore a 2x2 conv of
     the *small* map with summed kernel taps: 4 taps instead of 9 on a map 4x smaller per parity,
-    2.25x fewer multiply-adds in all (measured 1.4-2.4x faster on the UNet's and VAE's large maps,
-    level on 8x8 maps: benchmarks/RESULTS.md, "Levers"). The zero border of the upsampled map is the
+    2.25x fewer multiply-adds in all (measured on the whole fp32 networks: a VAE decode 1.18x faster,
+    the UNet 1.04x at 32x32 latents and level at 64x64, where these convs are a small share:
+    benchmarks/RESULTS.md, "Levers"). The zero border of the upsampled map is the
     small map's zero border, so the result is the same convolution; only the rounding of the summed
     taps differs (~1e-6 relative in fp32).
 

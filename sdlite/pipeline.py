@@ -18,7 +18,7 @@ import logging
 import random
 import warnings
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Sequence
 
 import numpy as np
 import torch
@@ -30,6 +30,9 @@ from . import devices
 from .config import ModelConfig
 from .errors import ArgumentError, CheckpointError, GenerationError
 from .progress import ProgressBar
+
+if TYPE_CHECKING:  # for the annotation; the methods import the schedulers where they use them
+    from .schedulers import DiscreteSchedule
 
 log = logging.getLogger("sdlite")
 
@@ -331,7 +334,6 @@ class Pipeline:
             return self.vae.decode(z)
         from .ops import shared_statistics
 
-        f = self.vae_factor
         overlap = tile // 4
         stride = tile - overlap
         with shared_statistics(self.vae.decoder) as set_mode:
@@ -433,7 +435,7 @@ class Pipeline:
                   init: torch.Tensor | None = None, strength: float = 1.0,
                   step_hook: Callable | None = None) -> Any:
         from .infotext import format_infotext, generation_params
-        from .schedulers import get_sampler, parse_sampler_and_schedule
+        from .schedulers import parse_sampler_and_schedule
 
         if self.config.in_channels != self.latent_channels:
             raise ArgumentError(f"this model's UNet takes {self.config.in_channels} input channels (an inpainting, "
