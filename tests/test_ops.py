@@ -119,3 +119,12 @@ def test_upsample_conv_kernels_cached_under_inference_mode_serve_a_later_call_wi
     (grad,) = torch.autograd.grad(ops.upsample_conv(x, conv).sum(), [x])
     (reference,) = torch.autograd.grad(_upsample_then_conv(x, conv).sum(), [x])
     torch.testing.assert_close(grad, reference, rtol=1e-5, atol=1e-5)
+
+
+def test_upsample_conv_under_torch_compile_traces_the_original_formulation(monkeypatch):
+    """The compiler gets the plain graph (no cache lookups, which would break it at every Upsample)."""
+    monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
+    conv = ops.Conv2d(3, 2, 3, padding=1)
+    with torch.no_grad():
+        out = ops.upsample_conv(torch.ones(1, 3, 4, 4), conv)
+    assert out.shape == (1, 2, 8, 8) and not hasattr(conv, "_phase_cache")
