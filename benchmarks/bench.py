@@ -61,7 +61,8 @@ import time
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Callable
+from unittest.mock import patch
 
 import torch
 
@@ -406,7 +407,7 @@ def network_flops(cfg: ModelConfig) -> dict[str, float]:
 
     nets = build_networks(cfg)
     c = cfg.unet.context_dim
-    with torch.device("meta"), setting(ops, "UPSAMPLE_BY_PHASES", False):
+    with torch.device("meta"), patch.object(ops, "UPSAMPLE_BY_PHASES", False):
         ids = torch.zeros(2, cfg.text.max_length, dtype=torch.long)
         out = {"text": count_flops(lambda: nets["text_encoder"](ids))}
         for name, hw in (("unet64", 64), ("unet32", 32)):
@@ -870,17 +871,6 @@ def levers_table(repeats: int) -> str:
     return "\n".join(lines)
 
 
-@contextlib.contextmanager
-def setting(module: Any, name: str, value: Any) -> Iterator[None]:
-    """Inside, ``module.name`` is ``value``; restored on exit."""
-    previous = getattr(module, name)
-    setattr(module, name, value)
-    try:
-        yield
-    finally:
-        setattr(module, name, previous)
-
-
 def network_levers(cfg: ModelConfig, nets: dict, repeats: int) -> str:
     """sdlite's own switches, measured on the whole fp32 UNet (batch 2) and VAE decoder: the conv
     backend choice and the upsampling formulation of :mod:`sdlite.ops`, and the Winograd experiment."""
@@ -893,25 +883,24 @@ def network_levers(cfg: ModelConfig, nets: dict, repeats: int) -> str:
     blas_default = ops.BLAS_CONV_MAX_ROWS
     Switch = Callable[[], contextlib.AbstractContextManager]
     cases: list[tuple[str, Callable[[], Any], Switch, Switch, str]] = []
+    upsample_cases = (lambda: patch.object(ops, "UPSAMPLE_BY_PHASES", False),
+                      lambda: patch.object(ops, "UPSAMPLE_BY_PHASES", True),
+                      "Upsample as written (nearest x2, then 3x3 conv) vs four 2x2 convs on the small map "
+                      "(sdlite.ops.upsample_conv, the default)")
     for hw in (64, 32):
         x = torch.randn(2, cfg.unet.in_channels, hw, hw, generator=gen)
         call = lambda x=x: unet(x, t, ctx)  # noqa: E731
         name = f"UNet {hw}x{hw}, batch 2"
-        cases.append((name, call, lambda: setting(ops, "BLAS_CONV_MAX_ROWS", None),
-                      lambda: setting(ops, "BLAS_CONV_MAX_ROWS", 512),
+        cases.append((name, call, lambda: patch.object(ops, "BLAS_CONV_MAX_ROWS", None),
+                      lambda: patch.object(ops, "BLAS_CONV_MAX_ROWS", 512),
                       f"every conv on oneDNN vs convs with batch*H*W <= 512 and >= {ops.BLAS_CONV_MIN_CHANNELS} input "
                       f"channels on im2col + BLAS (sdlite.ops; its default here: {blas_default})"))
         cases.append((name, call, contextlib.nullcontext, winograd.winograd_unet_convs,
                       "sdlite's default vs 3x3 convs with >= 512 rows, >= 320 channels and in*out <= 640*1280 by "
                       "Winograd F(2x2,3x3) (benchmarks/winograd.py; not in sdlite)"))
-        cases.append((name, call, lambda: setting(ops, "UPSAMPLE_BY_PHASES", False),
-                      lambda: setting(ops, "UPSAMPLE_BY_PHASES", True),
-                      "Upsample as written (nearest x2, then 3x3 conv) vs four 2x2 convs on the small map "
-                      "(sdlite.ops.upsample_conv, the default)"))
+        cases.append((name, call, *upsample_cases))
     z = torch.randn(1, cfg.vae.embed_dim, 32, 32, generator=gen)
-    cases.append(("VAE decode 32x32 -> 256x256", lambda: vae.decode(z),
-                  lambda: setting(ops, "UPSAMPLE_BY_PHASES", False), lambda: setting(ops, "UPSAMPLE_BY_PHASES", True),
-                  "Upsample as written vs four 2x2 convs on the small map (sdlite.ops.upsample_conv, the default)"))
+    cases.append(("VAE decode 32x32 -> 256x256", lambda: vae.decode(z), *upsample_cases))
     lines = []
     for name, call, default, alternative, what in cases:
         def under(switch: Switch, call: Callable[[], Any] = call) -> Callable[[], Any]:

@@ -163,9 +163,10 @@ def upsample_conv(x: torch.Tensor, conv: nn.Conv2d, cache: bool = True) -> torch
 def _phase_kernels(conv: nn.Conv2d, cache: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
     """The four 2x2 kernels of :func:`upsample_conv`, stacked: ``[4 * C_out, C_in, 2, 2]``, and the bias x4."""
     weight, bias = conv.weight, conv.bias
-    if not cache or (torch.is_grad_enabled() and (weight.requires_grad or (bias is not None and bias.requires_grad))):
-        if not cache:
-            conv.__dict__.pop("_phase_cache", None)
+    if not cache:
+        conv.__dict__.pop("_phase_cache", None)
+    training = torch.is_grad_enabled() and any(p.requires_grad for p in conv.parameters(recurse=False))
+    if not cache or training:
         return _sum_taps(weight), None if bias is None else bias.repeat(4)
     key = (weight.data_ptr(), weight._version, weight.dtype, weight.device,
            None if bias is None else (bias.data_ptr(), bias._version))

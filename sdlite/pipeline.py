@@ -299,9 +299,13 @@ class Pipeline:
         if value is not None and int(value) < 1:
             raise ArgumentError(f"attention_chunk must be None or ≥ 1, got {value}")
         self._attention_chunk = None if value is None else int(value)
+        self._set_on_modules("query_chunk", self._attention_chunk)
+
+    def _set_on_modules(self, name: str, value: Any) -> None:
+        """Set the switch ``name`` on every UNet and VAE module that has it (attention, Upsample)."""
         for m in (*self.unet.modules(), *self.vae.modules()):
-            if hasattr(m, "query_chunk"):
-                m.query_chunk = self._attention_chunk
+            if hasattr(m, name):
+                setattr(m, name, value)
 
     def set_low_memory(self, enabled: bool = True, attention_chunk: int = 1024) -> None:
         """The low-memory option: attention ``attention_chunk`` queries at a time, VAE tiles of half
@@ -310,9 +314,7 @@ class Pipeline:
         ``enabled=False`` restores the defaults."""
         self.attention_chunk = attention_chunk if enabled else None
         self.vae_tile = max(8, self.config.image_size // self.vae_factor // 2) if enabled else None
-        for m in (*self.unet.modules(), *self.vae.modules()):
-            if hasattr(m, "cache_kernels"):
-                m.cache_kernels = not enabled
+        self._set_on_modules("cache_kernels", not enabled)
 
     def compile(self, **options: Any) -> None:
         """``torch.compile`` the UNet in place (``nn.Module.compile``: same module, same state-dict
