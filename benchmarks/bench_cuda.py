@@ -1,0 +1,564 @@
+#!/usr/bin/env python
+"""sdlite and diffusers side by side on a CUDA GPU, with the same weights, in one run.
+
+The GPU counterpart of ``bench.py`` (which it imports: the same seeded random SD1.5-size weights in
+the original layout, the same conversion into diffusers, the same ABBA alternation, the same report
+table). Every call is followed by ``torch.cuda.synchronize()`` inside the timed region, so the
+times are wall-clock milliseconds of finished GPU work, Python overhead included.
+
+Precisions, each side at its own documented default for that request:
+
+- ``fp16``: sdlite's CUDA default (fp16 weights under ``torch.autocast("cuda", float16)``, what
+  ``sdlite.load(device="cuda")`` gives) vs diffusers' usual ``torch_dtype=torch.float16`` (fp16
+  weights, no autocast);
+- ``bf16``: bf16 weights on both sides (sdlite adds bf16 autocast, its policy);
+- ``autocast``: fp32 weights on both sides, both under ``torch.autocast("cuda", float16)``.
+
+Rows: text encoder (batch 2 x 77); one UNet call at batch 2 for 64x64 and 32x32 latents; VAE decode
+of a 64x64 latent; txt2img 256x256 (10 Euler steps) and 512x512 (20 Euler steps), CFG 7.5, same
+starting latents; peak GPU memory of that 512x512 generation (``torch.cuda.max_memory_allocated``,
+weights included); the load of a ~2 GB fp16 ``.safetensors`` onto the GPU in fresh processes. Then a
+table of levers on sdlite's fp16 64x64 UNet call (autocast, the Upsample formulation, channels-last,
+``torch.compile``), and sdlite's bundled model on the GPU.
+
+Usage (on a machine with CUDA; ``--device cpu --size tiny`` is a smoke run of the code paths)::
+
+    python benchmarks/bench_cuda.py --out benchmarks/RESULTS-cuda.md
+    python benchmarks/bench_cuda.py --device cpu --size tiny --out /tmp/x.md   # smoke run
+
+The report is rewritten after every section, so a run stopped early keeps what it measured.
+Not a test: nothing here asserts.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import datetime as _dt
+import gc
+import json
+import os
+import platform
+import shlex
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import traceback
+from pathlib import Path
+from typing import Any, Callable
+from unittest.mock import patch
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import bench  # noqa: E402  (benchmarks/bench.py; it puts the repository root and tests/ on sys.path)
+from bench import PROMPT, SIZES, Row, alternate, rel_diff, table  # noqa: E402
+
+import sdlite.ops as ops  # noqa: E402
+from sdlite.devices import Precision  # noqa: E402
+
+PRECISIONS = ("fp16", "bf16", "autocast")
+WEIGHT = {"fp16": torch.float16, "bf16": torch.bfloat16, "autocast": torch.float32}
+PEAK_OF = {"fp16": "fp16", "bf16": "bf16", "autocast": "fp16"}
+TITLES = {
+    "fp16": "fp16: sdlite's default (fp16 weights + fp16 autocast) vs diffusers fp16 weights",
+    "bf16": "bf16 weights (sdlite: + bf16 autocast, its policy)",
+    "autocast": "fp32 weights, both under torch.autocast(float16)",
+}
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def timed_ms(fns: dict[str, Callable[[], Any]], device: torch.device, warmup: int,
+             repeats: int) -> tuple[dict[str, list[float]], dict[str, Any]]:
+    """``bench.alternate`` with each call synchronized, in milliseconds."""
+    def synced(fn: Callable[[], Any]) -> Callable[[], Any]:
+        def run() -> Any:
+            out = fn()
+            sync(device)
+            return out
+        return run
+
+    times, last = alternate({k: synced(f) for k, f in fns.items()}, warmup, repeats)
+    return {k: [1e3 * t for t in v] for k, v in times.items()}, last
+
+
+def matmul_peak(device: torch.device, dtype: torch.dtype, n: int) -> float:
+    """TFLOP/s of ``torch.mm`` on two n x n matrices (best of 10 after 3 warm-ups)."""
+    a, b = torch.randn(n, n, device=device).to(dtype), torch.randn(n, n, device=device).to(dtype)
+    best = float("inf")
+    for i in range(13):
+        sync(device)
+        t0 = time.perf_counter()
+        torch.mm(a, b)
+        sync(device)
+        if i >= 3:
+            best = min(best, time.perf_counter() - t0)
+    return 2 * n**3 / best / 1e12
+
+
+def weight_dtype(device: torch.device, precision: str) -> torch.dtype:
+    """The weights' dtype; fp32 on the CPU, where the half-precision convolutions of a smoke run would
+    take many minutes (a CPU run only proves the code paths)."""
+    return WEIGHT[precision] if device.type == "cuda" else torch.float32
+
+
+def autocast_ctx(device: torch.device, precision: str) -> contextlib.AbstractContextManager:
+    if precision == "autocast" and device.type == "cuda":
+        return torch.autocast(device.type, dtype=torch.float16)
+    return contextlib.nullcontext()
+
+
+def sdlite_precision(device: torch.device, precision: str) -> Precision:
+    if device.type != "cuda":
+        return Precision(device, torch.float32, None)
+    if precision == "autocast":
+        return Precision(device, torch.float32, torch.float16)
+    return Precision(device, WEIGHT[precision], WEIGHT[precision])
+
+
+def param_bytes(modules: dict[str, torch.nn.Module]) -> int:
+    return sum(t.numel() * t.element_size() for m in modules.values()
+               for t in list(m.parameters()) + list(m.buffers()))
+
+
+def build_sides(cfg: Any, weights: dict, device: torch.device, precision: str) -> tuple[dict, dict]:
+    """sdlite's and diffusers' networks on ``device`` in ``precision``'s weight dtype, same tensors."""
+    nets = bench.sdlite_networks(cfg, weights, torch.float32)
+    dnets = bench.diffusers_networks(cfg, nets)
+    dtype = weight_dtype(device, precision)
+    dnets = {k: m.to(device=device, dtype=dtype) for k, m in dnets.items()}
+    nets = {k: m.to(device=device, dtype=dtype) for k, m in nets.items()}
+    return nets, dnets
+
+
+def network_rows(cfg: Any, nets: dict, dnets: dict, tokenizer: Any, device: torch.device, precision: str,
+                 flops: dict[str, float], args: argparse.Namespace) -> list[Row]:
+    prec = sdlite_precision(device, precision)
+    wdtype = weight_dtype(device, precision)
+    gen = torch.Generator().manual_seed(0)
+    w, r = args.warmup, args.repeats
+    rows: list[Row] = []
+
+    def add(row: Row, key: str, last: dict) -> None:
+        if last:
+            row.notes.append(f"max |Δ| / max |ref| = {rel_diff(last['sdlite'].float().cpu(), last['diffusers'].float().cpu()):.1e}")
+        row.flops, row.peak_dtype = flops.get(key, 0.0), PEAK_OF[precision]
+        rows.append(row)
+
+    from sdlite.clip import tokenizer_for
+
+    ids = tokenizer_for(cfg.text)([PROMPT, ""]).to(device)
+    te, dte = nets["text_encoder"], dnets["text_encoder"]
+    with torch.no_grad():
+        times, last = timed_ms({
+            "sdlite": lambda: _call(prec, lambda: te(ids)),
+            "diffusers": lambda: _dcall(device, precision, lambda: dte(input_ids=ids).last_hidden_state),
+        }, device, w, r)
+    add(Row("text encoder, batch 2 x 77", "ms", times), "text", last)
+
+    for key, hw in (("unet64", 64), ("unet32", 32)):
+        x = torch.randn(2, cfg.unet.in_channels, hw, hw, generator=gen).to(device, wdtype)
+        ctx = torch.randn(2, cfg.text.max_length, cfg.unet.context_dim, generator=gen).to(device, wdtype)
+        t = torch.tensor([500.0, 500.0], device=device)
+        unet, dunet = nets["unet"], dnets["unet"]
+        with torch.no_grad():
+            times, last = timed_ms({
+                "sdlite": lambda: _call(prec, lambda: unet(x, t, ctx)),
+                "diffusers": lambda: _dcall(device, precision, lambda: dunet(x, t, encoder_hidden_states=ctx).sample),
+            }, device, w, r)
+        add(Row(f"UNet step, batch 2, {hw}x{hw} latent", "ms", times), key, last)
+
+    z = torch.randn(1, cfg.vae.embed_dim, 64, 64, generator=gen).to(device, wdtype)
+    vae, dvae = nets["vae"], dnets["vae"]
+    with torch.no_grad():
+        times, last = timed_ms({
+            "sdlite": lambda: _call(prec, lambda: vae.decode(z)),
+            "diffusers": lambda: _dcall(device, precision, lambda: dvae.decode(z).sample),
+        }, device, w, max(3, r // 2))
+    add(Row("VAE decode, 64x64 latent -> 512x512", "ms", times), "vae64", last)
+    return rows
+
+
+def _call(prec: Precision, fn: Callable[[], Any]) -> Any:
+    with prec.autocast():
+        return fn()
+
+
+def _dcall(device: torch.device, precision: str, fn: Callable[[], Any]) -> Any:
+    with autocast_ctx(device, precision):
+        return fn()
+
+
+def txt2img_rows(cfg: Any, nets: dict, dnets: dict, tokenizer: Any, device: torch.device, precision: str,
+                 flops: dict[str, float], args: argparse.Namespace) -> list[Row]:
+    from sdlite.clip import tokenizer_for
+    from sdlite.pipeline import Pipeline
+
+    pipe = Pipeline(tokenizer_for(cfg.text), nets["text_encoder"], nets["unet"], nets["vae"], cfg,
+                    sdlite_precision(device, precision), name="bench")
+    dpipe = bench.diffusers_pipeline(cfg, dnets, tokenizer)
+    gen = torch.Generator().manual_seed(1)
+    rows: list[Row] = []
+    for size, steps, key in ((256, 10, "txt2img"), (512, 20, "txt2img512")):
+        latents = torch.randn(1, cfg.vae.embed_dim, size // 8, size // 8, generator=gen)
+
+        def ours() -> Any:
+            return pipe.txt2img(PROMPT, negative_prompt="", steps=steps, guidance_scale=7.5, width=size,
+                                height=size, sampler="euler", latents=latents, output_type="np")
+
+        def theirs() -> Any:
+            with autocast_ctx(device, precision):
+                return dpipe(PROMPT, negative_prompt="", num_inference_steps=steps, guidance_scale=7.5, width=size,
+                             height=size, latents=latents.to(device, weight_dtype(device, precision)), output_type="np").images
+
+        times, last = timed_ms({"sdlite": ours, "diffusers": theirs}, device, 1, args.pipe_repeats)
+        row = Row(f"txt2img {size}x{size}, {steps} Euler steps, CFG 7.5", "ms", times)
+        diff = (torch.as_tensor(last["sdlite"]).float() - torch.as_tensor(last["diffusers"]).float()).abs()
+        row.notes.append(f"images in [0, 1]: mean |Δ| = {diff.mean():.1e}, max |Δ| = {diff.max():.1e}")
+        row.flops, row.peak_dtype = flops.get(key, 0.0), PEAK_OF[precision]
+        rows.append(row)
+
+        if size == 512 and device.type == "cuda":
+            # Peak GPU memory of that generation, per side: the other side's weights sit on the GPU
+            # too, so count this side's weights plus what the call added above the baseline.
+            mem = Row(f"  peak GPU memory of that {size}x{size} txt2img (own weights + activations)", "MiB")
+            for side, fn, mods in (("sdlite", ours, nets), ("diffusers", theirs, dnets)):
+                gc.collect()
+                torch.cuda.empty_cache()
+                torch.cuda.reset_peak_memory_stats(device)
+                base = torch.cuda.memory_allocated(device)
+                fn()
+                sync(device)
+                extra = torch.cuda.max_memory_allocated(device) - base
+                mem.values[side] = [(param_bytes(mods) + extra) / 2**20]
+                mem.notes.append(f"{side}: weights {param_bytes(mods) / 2**20:,.0f} + peak activations "
+                                 f"{extra / 2**20:,.0f} MiB")
+            rows.append(mem)
+    return rows
+
+
+def lever_rows(cfg: Any, nets: dict, dnets: dict, device: torch.device, args: argparse.Namespace,
+               deadline: float) -> list[str]:
+    """sdlite's fp16 64x64 UNet call with one setting changed, timed alternately against the default."""
+    prec = sdlite_precision(device, "fp16")
+    gen = torch.Generator().manual_seed(2)
+    dtype = weight_dtype(device, "fp16")
+    x = torch.randn(2, cfg.unet.in_channels, 64, 64, generator=gen).to(device, dtype)
+    ctx = torch.randn(2, cfg.text.max_length, cfg.unet.context_dim, generator=gen).to(device, dtype)
+    t = torch.tensor([500.0, 500.0], device=device)
+    unet, dunet = nets["unet"], dnets["unet"]
+    out = ["| lever (sdlite fp16 UNet, batch 2, 64x64) | default ms | changed ms | changed / default | notes |",
+           "|---|---:|---:|---:|---|"]
+
+    def default() -> Any:
+        with prec.autocast():
+            return unet(x, t, ctx)
+
+    def line(name: str, changed: Callable[[], Any], note: str = "") -> None:
+        with torch.no_grad():
+            times, last = timed_ms({"default": default, "changed": changed}, device, args.warmup, args.repeats)
+        d, c = statistics.median(times["default"]), statistics.median(times["changed"])
+        note = "; ".join(filter(None, [note, f"max |Δ| / max |ref| = {rel_diff(last['changed'].float().cpu(), last['default'].float().cpu()):.1e}"]))
+        out.append(f"| {name} | {d:.2f} | {c:.2f} | {c / d:.2f} | {note} |")
+        print("  " + out[-1], flush=True)
+
+    def no_autocast() -> Any:
+        return unet(x, t, ctx)
+
+    line("no autocast (plain fp16 weights, as diffusers runs)", no_autocast)
+
+    def no_phases() -> Any:
+        with patch.object(ops, "UPSAMPLE_BY_PHASES", False):
+            return default()
+
+    line("Upsample as nearest x2 + 3x3 conv (ops.UPSAMPLE_BY_PHASES = False)", no_phases)
+
+    def diffusers_plain() -> Any:
+        return dunet(x, t, encoder_hidden_states=ctx).sample
+
+    line("diffusers UNet instead (fp16, no autocast) — the reference", diffusers_plain)
+
+    if device.type == "cuda":
+        unet_cl = unet.to(memory_format=torch.channels_last)
+        x_cl = x.contiguous(memory_format=torch.channels_last)
+
+        def channels_last() -> Any:
+            with prec.autocast():
+                return unet_cl(x_cl, t, ctx)
+
+        try:
+            line("channels-last weights and input", channels_last)
+        finally:
+            unet.to(memory_format=torch.contiguous_format)
+
+    if args.compile and time.time() < deadline - 150:
+        t0 = time.perf_counter()
+        compiled = torch.compile(unet)
+        with torch.no_grad(), prec.autocast():
+            compiled(x, t, ctx)
+        sync(device)
+        first = time.perf_counter() - t0
+
+        def comp() -> Any:
+            with prec.autocast():
+                return compiled(x, t, ctx)
+
+        line("torch.compile(unet) (default mode)", comp, f"first call (compile) {first:.1f} s")
+    elif args.compile:
+        out.append("| torch.compile | — | — | — | skipped: not enough of the time budget left |")
+    return out
+
+
+def bundled_rows(device: torch.device, args: argparse.Namespace) -> list[Row]:
+    """sdlite's bundled model on this device at its defaults (64x64, Euler a, 20 steps), one image and a
+    batch of 8; and the largest difference from the same image drawn on the CPU in fp32."""
+    import sdlite
+
+    pipe = sdlite.load(device=device)
+    cpu = sdlite.load(device="cpu")
+    rows = []
+    for n in (1, 8):
+        times, last = timed_ms({"sdlite": lambda: pipe.txt2img("a red circle on the left", seed=1, batch_size=n,
+                                                                output_type="np")}, device, 1, args.pipe_repeats)
+        row = Row(f"bundled model, {n} image(s) 64x64, 20 Euler a steps ({pipe.precision.weight_dtype})", "ms", times)
+        if n == 1:
+            ref = cpu.txt2img("a red circle on the left", seed=1, output_type="np")
+            row.notes.append(f"vs the CPU fp32 image: max |Δ| = {abs(last['sdlite'] - ref).max():.1e} (pixels in [0, 1])")
+        rows.append(row)
+    return rows
+
+
+# ---------------------------------------------------------------------------------------------
+# Checkpoint load onto the GPU, in fresh processes
+# ---------------------------------------------------------------------------------------------
+
+def child_main(spec: dict[str, Any]) -> None:
+    device = torch.device(spec["device"])
+    if spec["side"] == "sdlite":
+        import sdlite
+    else:
+        from diffusers import StableDiffusionPipeline
+    torch.zeros(1, device=device)  # CUDA context: paid by both sides, outside the timed load
+    sync(device)
+    t0 = time.perf_counter()
+    if spec["side"] == "sdlite":
+        pipe = sdlite.load(spec["ckpt"], device=device, dtype="fp16", config=spec.get("config") and
+                           bench.ModelConfig.from_json(spec["config"]))
+        how = "sdlite.load(device=..., dtype='fp16')"
+    else:
+        pipe = StableDiffusionPipeline.from_single_file(spec["ckpt"], config=spec["config_dir"], local_files_only=True,
+                                                        torch_dtype=torch.float16).to(device)
+        how = "StableDiffusionPipeline.from_single_file(torch_dtype=float16, local config).to(device)"
+    sync(device)
+    res = {"load_s": time.perf_counter() - t0, "peak_rss": bench._peak_mib(), "how": how,
+           "gpu_mib": torch.cuda.memory_allocated(device) / 2**20 if device.type == "cuda" else 0.0}
+    del pipe
+    print("BENCH_RESULT " + json.dumps(res), flush=True)
+
+
+def run_child(spec: dict[str, Any]) -> dict[str, Any]:
+    env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", PYTHONWARNINGS="ignore")
+    proc = subprocess.run([sys.executable, str(Path(__file__).resolve()), "--child", json.dumps(spec)],
+                          capture_output=True, text=True, env=env, timeout=600)
+    for line in proc.stdout.splitlines():
+        if line.startswith("BENCH_RESULT "):
+            return json.loads(line[len("BENCH_RESULT "):])
+    return {"error": " | ".join((proc.stderr or proc.stdout).strip().splitlines()[-3:])[-400:]}
+
+
+def load_rows(cfg: Any, weights: dict, device: torch.device, size: str, workdir: Path, repeats: int) -> list[Row]:
+    ckpt, config_dir = workdir / "original-fp16.safetensors", workdir / "diffusers-config"
+    bench.write_checkpoint(cfg, weights, ckpt)
+    nets = bench.sdlite_networks(cfg, weights, torch.float32)
+    bench.write_config_dir(cfg, bench.diffusers_networks(cfg, nets), config_dir)
+    del nets
+    base = {"ckpt": str(ckpt), "config_dir": str(config_dir), "device": str(device),
+            "config": None if size == "sd15" else cfg.to_json()}
+    for side in bench.SIDES:  # warm the page cache; untimed
+        run_child({**base, "side": side})
+    results: dict[str, list[dict]] = {s: [] for s in bench.SIDES}
+    for r in range(repeats):
+        for side in (bench.SIDES if r % 2 == 0 else bench.SIDES[::-1]):
+            results[side].append(run_child({**base, "side": side}))
+    t_row = Row(f"load {ckpt.stat().st_size / 2**30:.2f} GiB fp16 .safetensors onto {device.type} (fresh process)", "s")
+    m_row = Row("  host peak RSS of that load", "MiB")
+    for side in bench.SIDES:
+        ok = [x for x in results[side] if "error" not in x]
+        t_row.values[side] = [x["load_s"] for x in ok]
+        m_row.values[side] = [x["peak_rss"] for x in ok]
+        if ok:
+            t_row.notes.append(f"{side}: {ok[-1]['how']}, {ok[-1]['gpu_mib']:,.0f} MiB on the device")
+        else:
+            t_row.notes.append(f"{side} FAILED: {results[side][-1]['error']}")
+    return [t_row, m_row]
+
+
+# ---------------------------------------------------------------------------------------------
+# Report and main
+# ---------------------------------------------------------------------------------------------
+
+def device_name(device: torch.device) -> str:
+    if device.type != "cuda":
+        return f"CPU ({platform.processor() or 'unknown'}, {os.cpu_count()} logical CPUs) — smoke run only"
+    p = torch.cuda.get_device_properties(device)
+    return (f"{p.name}, {p.total_memory / 2**30:.0f} GiB, {p.multi_processor_count} SMs, "
+            f"CUDA {torch.version.cuda}, cuDNN {torch.backends.cudnn.version()}")
+
+
+def write_report(path: Path, ctx: dict[str, Any], sections: dict[str, list[Row]], extra: list[str]) -> None:
+    import diffusers
+    import transformers
+
+    import sdlite
+
+    out = ["# sdlite vs diffusers: CUDA benchmark", ""]
+    if ctx["banner"]:
+        out += [f"> **{ctx['banner']}**", ""]
+    out += [
+        f"- Date: {ctx['date']} (run took {(time.time() - ctx['started']) / 60:.1f} min so far)",
+        f"- Command: `{ctx['command']}`",
+        f"- Device: {ctx['device_name']}",
+        f"- Versions: Python {platform.python_version()}, torch {torch.__version__}, diffusers {diffusers.__version__}, "
+        f"transformers {transformers.__version__}, sdlite {sdlite.__version__} (commit {ctx['commit']})",
+        f"- Model: `--size {ctx['size']}`; seeded random weights in the original layout, the same tensors in both "
+        "libraries (diffusers' own converters of the original layout).",
+        f"- Method: each row alternates sdlite and diffusers (ABBA), {ctx['warmup']} warm-up round(s), then "
+        f"{ctx['repeats']} timed repeats (txt2img: 1 warm-up, {ctx['pipe_repeats']} repeats; VAE: half). Each call ends "
+        "with torch.cuda.synchronize() inside the timed region. *sdlite / diffusers* is the ratio of the medians "
+        "(below 1: sdlite faster or smaller).",
+        "",
+        "## Matmul peak (measured in this run)",
+        "",
+        "| dtype | TFLOP/s (torch.mm, n = %d) |" % ctx["peak_n"],
+        "|---|---:|",
+    ]
+    # bench.table's "% of peak" expects GFLOP/s
+    peaks_g = {k: (v * 1e3, ctx["peak_n"]) for k, v in ctx["peaks"].items()}
+    out += [f"| {k} | {v:.1f} |" for k, v in ctx["peaks"].items()] + [""]
+    for key, rows in sections.items():
+        if rows:
+            out += [f"## {TITLES.get(key, key)}", "", table(rows, peaks_g), ""]
+    out += extra
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("\n".join(out).rstrip() + "\n")
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--device", default="cuda", help="cuda (default), or cpu for a smoke run of the code paths")
+    p.add_argument("--size", choices=sorted(SIZES), default="sd15")
+    p.add_argument("--precisions", default=",".join(PRECISIONS), help=f"subset of {','.join(PRECISIONS)}")
+    p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--repeats", type=int, default=20, help="timed repeats per network row (txt2img: --pipe-repeats)")
+    p.add_argument("--pipe-repeats", type=int, default=5)
+    p.add_argument("--load-repeats", type=int, default=2, help="fresh-process loads per side (0: no load row)")
+    p.add_argument("--no-compile", dest="compile", action="store_false", help="leave out the torch.compile lever")
+    p.add_argument("--budget-s", type=float, default=420, help="skip the optional sections once this many seconds passed")
+    p.add_argument("--commit", default=None, help="the commit measured (when the tree has no .git)")
+    p.add_argument("--note", default="")
+    p.add_argument("--out", default=str(bench.ROOT / "benchmarks" / "RESULTS-cuda.md"))
+    p.add_argument("--child", default=None, help=argparse.SUPPRESS)
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    if args.child is not None:
+        child_main(json.loads(args.child))
+        return
+    started = time.time()
+    deadline = started + args.budget_s
+    device = torch.device(args.device)
+    cfg = SIZES[args.size]
+    precisions = [p.strip() for p in args.precisions.split(",") if p.strip()]
+    if any(p not in PRECISIONS for p in precisions):
+        sys.exit(f"--precisions: choose from {','.join(PRECISIONS)} (or '' for none)")
+    log = lambda msg: print(f"[{time.time() - started:7.1f}s] {msg}", flush=True)  # noqa: E731
+    banner = [args.note] if args.note else []
+    if device.type != "cuda":
+        banner.append("smoke run on the CPU: these numbers say nothing about a GPU")
+    if args.size != "sd15":
+        banner.append(f"--size {args.size}: not SD1.5 dimensions")
+    ctx: dict[str, Any] = {
+        "date": _dt.datetime.now().astimezone().strftime("%Y-%m-%d %H:%M %Z"), "started": started,
+        "command": shlex.join(["python", "benchmarks/bench_cuda.py", *(argv if argv is not None else sys.argv[1:])]),
+        "commit": args.commit or bench.git_commit(), "size": args.size, "device_name": device_name(device),
+        "warmup": args.warmup, "repeats": args.repeats, "pipe_repeats": args.pipe_repeats, "banner": ". ".join(banner),
+    }
+    out = Path(args.out)
+    sections: dict[str, list[Row]] = {}
+    extra: list[str] = []
+
+    def report() -> None:
+        write_report(out, ctx, sections, extra)
+
+    def guarded(name: str, fn: Callable[[], Any]) -> Any:
+        try:
+            return fn()
+        except Exception:
+            tb = traceback.format_exc()
+            print(tb, flush=True)
+            extra.extend([f"## {name}: FAILED", "", "```", tb.strip()[-1500:], "```", ""])
+            return None
+        finally:
+            report()
+
+    n = 8192 if device.type == "cuda" else 512
+    ctx["peak_n"] = n
+    ctx["peaks"] = {name: matmul_peak(device, dt, n) for name, dt in
+                    (("fp16", torch.float16), ("bf16", torch.bfloat16), ("fp32", torch.float32))}
+    log(f"matmul peak {ctx['peaks']}")
+    flops = bench.network_flops(cfg)
+    flops["txt2img512"] = 20 * flops["unet64"] + flops["vae64"] + flops["text"]
+    log("random weights")
+    weights = bench.random_original_weights(cfg)
+    workdir = Path(tempfile.mkdtemp(prefix="sdlite-bench-cuda-"))
+    tokenizer = bench.write_clip_tokenizer(workdir / "tokenizer")
+
+    for precision in precisions:
+        log(f"{precision}: building both sides")
+        built = guarded(f"{precision}: build", lambda: build_sides(cfg, weights, device, precision))
+        if built is None:
+            continue
+        nets, dnets = built
+        sections[precision] = []
+        log(f"{precision}: networks")
+        rows = guarded(f"{precision}: networks",
+                       lambda: network_rows(cfg, nets, dnets, tokenizer, device, precision, flops, args))
+        sections[precision] += rows or []
+        log(f"{precision}: txt2img")
+        rows = guarded(f"{precision}: txt2img",
+                       lambda: txt2img_rows(cfg, nets, dnets, tokenizer, device, precision, flops, args))
+        sections[precision] += rows or []
+        if precision == "fp16":
+            log("levers")
+            lines = guarded("levers", lambda: lever_rows(cfg, nets, dnets, device, args, deadline))
+            if lines:
+                extra.extend(["## Levers", "", *lines, ""])
+        del nets, dnets, built
+        gc.collect()
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+
+    if time.time() < deadline:
+        log("bundled model")
+        sections["bundled model (sdlite only; its CUDA default, fp16 + autocast)"] = guarded(
+            "bundled", lambda: bundled_rows(device, args)) or []
+    if args.load_repeats and time.time() < deadline - 60:
+        log("load")
+        sections["checkpoint load"] = guarded(
+            "load", lambda: load_rows(cfg, weights, device, args.size, workdir, args.load_repeats)) or []
+    elif args.load_repeats:
+        extra.append("Load rows skipped: the time budget (--budget-s) ran out.")
+    report()
+    log(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    main()
