@@ -541,7 +541,7 @@ def main(argv: list[str] | None = None) -> None:
             lines = guarded("levers", lambda: lever_rows(cfg, nets, dnets, device, args, deadline))
             if lines:
                 extra.extend(["## Levers", "", *lines, ""])
-        del nets, dnets, built
+        nets = dnets = built = None  # free this precision's networks before the next
         gc.collect()
         if device.type == "cuda":
             torch.cuda.empty_cache()
