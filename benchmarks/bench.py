@@ -969,6 +969,8 @@ def flops_note(row: Row, peaks: dict[str, tuple[float, int]]) -> list[str]:
     if not (row.flops and med and dmed):
         return []
     fl = row.flops
+    if row.unit == "ms":
+        med, dmed = med / 1e3, dmed / 1e3
     note = f"{fl / 1e9:.3g} GFLOP; {fl / med / 1e9:.1f} / {fl / dmed / 1e9:.1f} GFLOP/s"
     if peak:
         note += f" = {100 * fl / med / 1e9 / peak:.0f}% / {100 * fl / dmed / 1e9 / peak:.0f}% of peak"

@@ -57,6 +57,7 @@ import bench  # noqa: E402  (benchmarks/bench.py; it puts the repository root an
 from bench import PROMPT, SIZES, Row, alternate, rel_diff, table  # noqa: E402
 
 import sdlite.ops as ops  # noqa: E402
+from sdlite.cuda_graphs import GraphedCall  # noqa: E402
 from sdlite.devices import Precision  # noqa: E402
 
 PRECISIONS = ("fp16", "bf16", "autocast")
@@ -167,12 +168,15 @@ def network_rows(cfg: Any, nets: dict, dnets: dict, tokenizer: Any, device: torc
         ctx = torch.randn(2, cfg.text.max_length, cfg.unet.context_dim, generator=gen).to(device, wdtype)
         t = torch.tensor([500.0, 500.0], device=device)
         unet, dunet = nets["unet"], dnets["unet"]
+        # sdlite as its pipeline runs the UNet: replayed CUDA graphs on CUDA (the eager call is a lever below)
+        ours = GraphedCall(unet, prec) if device.type == "cuda" else (lambda *a: _call(prec, lambda: unet(*a)))
         with torch.no_grad():
             times, last = timed_ms({
-                "sdlite": lambda: _call(prec, lambda: unet(x, t, ctx)),
+                "sdlite": lambda: ours(x, t, ctx),
                 "diffusers": lambda: _dcall(device, precision, lambda: dunet(x, t, encoder_hidden_states=ctx).sample),
             }, device, w, r)
-        add(Row(f"UNet step, batch 2, {hw}x{hw} latent", "ms", times), key, last)
+        how = " (sdlite: CUDA graph replay)" if device.type == "cuda" else ""
+        add(Row(f"UNet step, batch 2, {hw}x{hw} latent{how}", "ms", times), key, last)
 
     z = torch.randn(1, cfg.vae.embed_dim, 64, 64, generator=gen).to(device, wdtype)
     vae, dvae = nets["vae"], dnets["vae"]
@@ -202,6 +206,8 @@ def txt2img_rows(cfg: Any, nets: dict, dnets: dict, tokenizer: Any, device: torc
 
     pipe = Pipeline(tokenizer_for(cfg.text), nets["text_encoder"], nets["unet"], nets["vae"], cfg,
                     sdlite_precision(device, precision), name="bench")
+    if device.type == "cuda":
+        pipe.set_cuda_graphs()  # as sdlite.load sets it up on CUDA
     dpipe = bench.diffusers_pipeline(cfg, dnets, tokenizer)
     gen = torch.Generator().manual_seed(1)
     rows: list[Row] = []
@@ -229,6 +235,8 @@ def txt2img_rows(cfg: Any, nets: dict, dnets: dict, tokenizer: Any, device: torc
             # too, so count this side's weights plus what the call added above the baseline.
             mem = Row(f"  peak GPU memory of that {size}x{size} txt2img (own weights + activations)", "MiB")
             for side, fn, mods in (("sdlite", ours, nets), ("diffusers", theirs, dnets)):
+                if side == "sdlite" and pipe.cuda_graphs:
+                    pipe._unet_graphs.reset()  # so the graph's memory pool is counted: captured in this call
                 gc.collect()
                 torch.cuda.empty_cache()
                 torch.cuda.reset_peak_memory_stats(device)
@@ -260,13 +268,17 @@ def lever_rows(cfg: Any, nets: dict, dnets: dict, device: torch.device, args: ar
         with prec.autocast():
             return unet(x, t, ctx)
 
-    def line(name: str, changed: Callable[[], Any], note: str = "") -> None:
+    def line(name: str, changed: Callable[[], Any], note: str = "", default: Callable[[], Any] = default) -> None:
         with torch.no_grad():
             times, last = timed_ms({"default": default, "changed": changed}, device, args.warmup, args.repeats)
         d, c = statistics.median(times["default"]), statistics.median(times["changed"])
         note = "; ".join(filter(None, [note, f"max |Δ| / max |ref| = {rel_diff(last['changed'].float().cpu(), last['default'].float().cpu()):.1e}"]))
         out.append(f"| {name} | {d:.2f} | {c:.2f} | {c / d:.2f} | {note} |")
         print("  " + out[-1], flush=True)
+
+    if device.type == "cuda":
+        graphed = GraphedCall(unet, prec)
+        line("CUDA graph replay (sdlite's pipeline default on CUDA)", lambda: graphed(x, t, ctx))
 
     def no_autocast() -> Any:
         return unet(x, t, ctx)
@@ -296,6 +308,24 @@ def lever_rows(cfg: Any, nets: dict, dnets: dict, device: torch.device, args: ar
             line("channels-last weights and input", channels_last)
         finally:
             unet.to(memory_format=torch.contiguous_format)
+
+    vae = nets["vae"]
+    z = torch.randn(1, cfg.vae.embed_dim, 64, 64, generator=gen).to(device, dtype)
+    out += ["", "| lever (sdlite fp16 VAE decode, 64x64 latent) | default ms | changed ms | changed / default | notes |",
+            "|---|---:|---:|---:|---|"]
+
+    def vae_default() -> Any:
+        with prec.autocast():
+            return vae.decode(z)
+
+    def vae_no_phases() -> Any:
+        with patch.object(ops, "UPSAMPLE_BY_PHASES", False):
+            return vae_default()
+
+    line("no autocast (plain fp16 weights)", lambda: vae.decode(z), default=vae_default)
+    line("Upsample as nearest x2 + 3x3 conv", vae_no_phases, default=vae_default)
+    line("diffusers VAE instead (fp16, no autocast) — the reference", lambda: dnets["vae"].decode(z).sample,
+         default=vae_default)
 
     if args.compile and time.time() < deadline - 150:
         t0 = time.perf_counter()

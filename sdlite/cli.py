@@ -66,6 +66,9 @@ def _parser(img2img: bool) -> argparse.ArgumentParser:
     p.add_argument("--compile", action="store_true",
                    help="torch.compile the UNet (compiles for minutes on first use; measured slower than eager "
                         "on a 2-core CPU, see benchmarks/RESULTS-compile.md)")
+    p.add_argument("--no-cuda-graphs", dest="cuda_graphs", action="store_false", default=None,
+                   help="run the UNet eagerly on CUDA instead of replaying CUDA graphs (the default there: "
+                        "faster, holds one UNet call's activations; see benchmarks/RESULTS-cuda.md)")
     p.add_argument("--threads", type=int, default=None,
                    help="CPU threads for torch (default: torch's choice, one per core; 1 can be faster "
                         "when another program keeps a core busy)")
@@ -118,7 +121,7 @@ def run(argv: Sequence[str] | None, img2img: bool) -> int:
 
         t0 = time.perf_counter()
         pipe = sdlite.load(args.ckpt, device=args.device, dtype=precision, prediction=args.prediction,
-                           low_memory=args.low_memory, compile=args.compile)
+                           low_memory=args.low_memory, compile=args.compile, cuda_graphs=args.cuda_graphs)
         print(f"loaded {pipe} in {time.perf_counter() - t0:.1f}s", file=sys.stderr)
         seed = args.seed
         if seed is None or seed == -1:

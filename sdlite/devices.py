@@ -50,10 +50,12 @@ class Precision:
     weight_dtype: torch.dtype
     autocast_dtype: torch.dtype | None = None
 
-    def autocast(self) -> contextlib.AbstractContextManager:
+    def autocast(self, cache_enabled: bool = True) -> contextlib.AbstractContextManager:
+        """The autocast context (a no-op without an autocast dtype). ``cache_enabled=False`` while
+        capturing a CUDA graph: autocast's cache of cast weights is freed on exit, under the graph."""
         if self.autocast_dtype is None:
             return contextlib.nullcontext()
-        return torch.autocast(self.device.type, dtype=self.autocast_dtype)
+        return torch.autocast(self.device.type, dtype=self.autocast_dtype, cache_enabled=cache_enabled)
 
     @property
     def compute_dtype(self) -> torch.dtype:

@@ -32,6 +32,7 @@ from .errors import ArgumentError, CheckpointError, GenerationError
 from .progress import ProgressBar
 
 if TYPE_CHECKING:  # for the annotation; the methods import the schedulers where they use them
+    from .cuda_graphs import GraphedCall
     from .schedulers import DiscreteSchedule
 
 log = logging.getLogger("sdlite")
@@ -75,6 +76,7 @@ class Pipeline:
         self._hash: str | None = None
         self._vae_tile: int | None = None
         self._attention_chunk: int | None = None
+        self._unet_graphs: GraphedCall | None = None
 
     @functools.cached_property
     def schedule(self) -> "DiscreteSchedule":
@@ -180,11 +182,14 @@ class Pipeline:
         """``f(x_in, t) -> raw UNet output`` with classifier-free guidance folded in (Ho & Salimans 2022):
         ``out = out_uncond + s · (out_cond − out_uncond)``; cond and uncond run as one batch when they
         have the same length."""
-        unet, dtype = self.unet, self.precision.weight_dtype
+        unet, dtype, graphs = self.unet, self.precision.weight_dtype, self._unet_graphs
 
         def run(x: torch.Tensor, t: torch.Tensor, ctx: torch.Tensor) -> torch.Tensor:
+            x, t, ctx = x.to(dtype), t.to(x.device), ctx.to(dtype)
+            if graphs is not None:
+                return graphs(x, t, ctx).float()
             with self.precision.autocast():
-                return unet(x.to(dtype), t.to(x.device), ctx.to(dtype)).float()
+                return unet(x, t, ctx).float()
 
         def f(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
             t = torch.as_tensor(t, device=x.device, dtype=torch.float32).reshape(-1).expand(x.shape[0])
@@ -306,6 +311,8 @@ class Pipeline:
         for m in (*self.unet.modules(), *self.vae.modules()):
             if hasattr(m, name):
                 setattr(m, name, value)
+        if self._unet_graphs is not None:  # a captured graph would keep the old behaviour
+            self._unet_graphs.reset()
 
     def set_low_memory(self, enabled: bool = True, attention_chunk: int = 1024) -> None:
         """The low-memory option: attention ``attention_chunk`` queries at a time, VAE tiles of half
@@ -315,11 +322,34 @@ class Pipeline:
         self.attention_chunk = attention_chunk if enabled else None
         self.vae_tile = max(8, self.config.image_size // self.vae_factor // 2) if enabled else None
         self._set_on_modules("cache_kernels", not enabled)
+        if enabled:  # a graph holds its activations' memory between steps
+            self.set_cuda_graphs(False)
+
+    @property
+    def cuda_graphs(self) -> bool:
+        """Whether the UNet runs as replayed CUDA graphs (see :mod:`sdlite.cuda_graphs`)."""
+        return self._unet_graphs is not None
+
+    def set_cuda_graphs(self, enabled: bool = True) -> None:
+        """Run the UNet as CUDA graphs: captured at the first step of each new shape, then replayed,
+        one launch per step. On by default on CUDA (:func:`load`); needs a CUDA device. Costs the
+        memory of one UNet call's activations per kept shape. Measured in benchmarks/RESULTS-cuda.md."""
+        if not enabled:
+            self._unet_graphs = None
+            return
+        if self.device.type != "cuda":
+            raise ArgumentError(f"CUDA graphs need a CUDA device; this pipeline is on {self.device}")
+        if self._unet_graphs is None:
+            from .cuda_graphs import GraphedCall
+
+            self._unet_graphs = GraphedCall(self.unet, self.precision)
 
     def compile(self, **options: Any) -> None:
         """``torch.compile`` the UNet in place (``nn.Module.compile``: same module, same state-dict
         names, so :func:`sdlite.save` still works). The first call at each new shape compiles
-        (minutes on a CPU); ``options`` go to ``torch.compile``. Measured in benchmarks/RESULTS.md."""
+        (minutes on a CPU); ``options`` go to ``torch.compile``. Replaces the CUDA graphs (compile's
+        own ``mode="reduce-overhead"`` uses them). Measured in benchmarks/RESULTS.md."""
+        self.set_cuda_graphs(False)
         self.unet.compile(**options)
 
     def _decode_tiled(self, z: torch.Tensor, tile: int) -> torch.Tensor:
@@ -558,7 +588,8 @@ def _open_image(image: Image.Image | str | Path | torch.Tensor) -> Image.Image:
 
 def load(path: str | Path | None = None, device: str | torch.device | None = None,
          dtype: str | torch.dtype | None = None, prediction: str | None = None, use_ema: bool = False,
-         config: ModelConfig | None = None, low_memory: bool = False, compile: bool = False) -> Pipeline:
+         config: ModelConfig | None = None, low_memory: bool = False, compile: bool = False,
+         cuda_graphs: bool | None = None) -> Pipeline:
     """Load a Stable Diffusion checkpoint in the original layout (or the bundled model when ``path`` is None).
 
     - ``device``: ``"cuda"``, ``"cpu"``... (default: CUDA when available);
@@ -573,6 +604,8 @@ def load(path: str | Path | None = None, device: str | torch.device | None = Non
       approximation (see :meth:`Pipeline._decode_tiled`);
     - ``compile``: ``torch.compile`` the UNet (see :meth:`Pipeline.compile`). Off by default: the
       first call then takes minutes on a CPU, which short runs never win back.
+    - ``cuda_graphs``: replay the UNet as CUDA graphs (see :meth:`Pipeline.set_cuda_graphs`);
+      default: on for CUDA unless ``low_memory`` or ``compile``.
 
     >>> pipe = sdlite.load("v1-5-pruned-emaonly.safetensors")  # doctest: +SKIP
     """
@@ -594,6 +627,10 @@ def load(path: str | Path | None = None, device: str | torch.device | None = Non
         pipe.set_low_memory()
     if compile:
         pipe.compile()
+    if cuda_graphs is None:
+        cuda_graphs = pipe.device.type == "cuda" and not (low_memory or compile)
+    if cuda_graphs:
+        pipe.set_cuda_graphs()
     return pipe
 
 
