@@ -174,6 +174,21 @@ def test_bf16_weights_run_on_cpu():
     assert np.isfinite(out).all()
 
 
+@pytest.mark.parametrize("vae_dtype, expected", [(torch.bfloat16, False), (torch.float32, True)])
+def test_the_vae_runs_under_autocast_only_with_fp32_weights(vae_dtype, expected):
+    # Half weights: autocast would only upcast GroupNorm and what follows it (time and memory at full
+    # resolution, measured on CUDA in benchmarks/RESULTS-cuda.md); fp32 weights: autocast is the point.
+    pipe = make_pipe(dtype=torch.float32)
+    pipe.precision = devices.Precision(torch.device("cpu"), torch.float32, torch.bfloat16)
+    pipe.vae.to(vae_dtype)
+    seen = []
+    for net in (pipe.vae.decoder, pipe.vae.encoder):
+        net.register_forward_pre_hook(lambda m, args: seen.append(torch.is_autocast_enabled("cpu")))
+    pipe.decode_latents(torch.randn(1, 4, 8, 8))
+    pipe.encode_image(torch.rand(1, 3, 64, 64))
+    assert seen == [expected, expected]
+
+
 def test_half_precision_vae_nan_is_retried_in_fp32_with_a_warning(monkeypatch):
     pipe = make_pipe(dtype=torch.bfloat16)
     real_decode = type(pipe.vae).decode
