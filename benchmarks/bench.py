@@ -969,9 +969,10 @@ def flops_note(row: Row, peaks: dict[str, tuple[float, int]]) -> list[str]:
     if not (row.flops and med and dmed):
         return []
     fl = row.flops
-    if row.unit == "ms":
+    if row.unit == "ms":  # a GPU row: report TFLOP/s
         med, dmed = med / 1e3, dmed / 1e3
-    note = f"{fl / 1e9:.3g} GFLOP; {fl / med / 1e9:.1f} / {fl / dmed / 1e9:.1f} GFLOP/s"
+    scale, rate = (1e12, "TFLOP/s") if row.unit == "ms" else (1e9, "GFLOP/s")
+    note = f"{fl / 1e9:.3g} GFLOP; {fl / med / scale:.1f} / {fl / dmed / scale:.1f} {rate}"
     if peak:
         note += f" = {100 * fl / med / 1e9 / peak:.0f}% / {100 * fl / dmed / 1e9 / peak:.0f}% of peak"
     return [note]
