@@ -451,7 +451,7 @@ def write_report(path: Path, ctx: dict[str, Any], sections: dict[str, list[Row]]
     if ctx["banner"]:
         out += [f"> **{ctx['banner']}**", ""]
     out += [
-        f"- Date: {ctx['date']} (run took {(time.time() - ctx['started']) / 60:.1f} min so far)",
+        f"- Date: {ctx['date']} ({(time.time() - ctx["started"]) / 60:.1f} min into the run at this report)",
         f"- Command: `{ctx['command']}`",
         f"- Device: {ctx['device_name']}",
         f"- Versions: Python {platform.python_version()}, torch {torch.__version__}, diffusers {diffusers.__version__}, "
