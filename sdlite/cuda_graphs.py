@@ -50,13 +50,22 @@ class _Graph:
 
 
 class GraphedCall:
-    """``module(*args)`` under ``precision``'s autocast, replayed from CUDA graphs (tensor args only)."""
+    """``module(*args)`` under ``precision``'s autocast, replayed from CUDA graphs (tensor args only).
+
+    One call at a time: the input and output buffers are shared (the web UI serialises generation)."""
 
     def __init__(self, module: nn.Module, precision: Precision, max_graphs: int = 2):
         self.module, self.precision, self.max_graphs = module, precision, max_graphs
         self.graphs: OrderedDict[tuple, _Graph] = OrderedDict()
         self._weights: tuple = ()
         self.failed: str | None = None  # why capture failed; then every call runs eagerly
+
+    def follow(self, module: nn.Module, precision: Precision) -> None:
+        """Use ``module`` under ``precision`` from now on (the pipeline's current ones), dropping the
+        graphs if either changed: a graph replays the module and autocast it was captured with."""
+        if module is not self.module or precision != self.precision:
+            self.module, self.precision = module, precision
+            self.reset()
 
     def reset(self) -> None:
         """Drop every graph (and its memory pool)."""

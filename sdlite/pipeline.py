@@ -184,6 +184,8 @@ class Pipeline:
         ``out = out_uncond + s · (out_cond − out_uncond)``; cond and uncond run as one batch when they
         have the same length."""
         unet, dtype, graphs = self.unet, self.precision.weight_dtype, self._unet_graphs
+        if graphs is not None:  # pipe.unet or pipe.precision may have been replaced since the capture
+            graphs.follow(unet, self.precision)
 
         def run(x: torch.Tensor, t: torch.Tensor, ctx: torch.Tensor) -> torch.Tensor:
             x, t, ctx = x.to(dtype), t.to(x.device), ctx.to(dtype)

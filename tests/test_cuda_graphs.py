@@ -126,6 +126,17 @@ def test_the_pipeline_loop_through_graphs_draws_the_same_image(pipe):
     assert abs(out - ref).max() == 0
 
 
+def test_graphs_follow_a_replaced_unet_and_precision(pipe, net):
+    ref = pipe.txt2img("a cat", seed=3, steps=2, output_type="np")
+    pipe._unet_graphs = graphs = StandIn(net, devices.Precision(torch.device("cpu"), torch.bfloat16))
+    try:  # captured for another module and precision: must not be replayed for this pipeline
+        out = pipe.txt2img("a cat", seed=3, steps=2, output_type="np")
+        assert graphs.module is pipe.unet and graphs.precision == pipe.precision and graphs.captures == 1
+    finally:
+        pipe._unet_graphs = None
+    assert abs(out - ref).max() == 0
+
+
 def test_pipeline_switches_drop_the_graphs_and_low_memory_turns_them_off(pipe):
     pipe._unet_graphs = graphs = StandIn(pipe.unet, pipe.precision)
     try:
