@@ -1,4 +1,7 @@
-"""Replay the UNet as a CUDA graph: one launch per sampling step instead of about a thousand.
+"""Replay the UNet as a CUDA graph: one launch per sampling step instead of thousands.
+
+(An SD1.5 UNet call dispatches about 2,350 tensor operations, counted on the meta device; most of
+them launch a kernel.)
 
 Why: on a fast GPU the UNet's kernels finish sooner than Python can issue them. On an H100 an SD1.5
 UNet call at batch 2 took the same ~29 ms at 32x32 and at 64x64 latents, for sdlite and for
