@@ -407,7 +407,7 @@ def network_flops(cfg: ModelConfig) -> dict[str, float]:
 
     nets = build_networks(cfg)
     c = cfg.unet.context_dim
-    with torch.device("meta"), patch.object(ops, "UPSAMPLE_BY_PHASES", False):
+    with torch.device("meta"), patch.object(ops, "UPSAMPLE_BY_PHASES", ()):
         ids = torch.zeros(2, cfg.text.max_length, dtype=torch.long)
         out = {"text": count_flops(lambda: nets["text_encoder"](ids))}
         for name, hw in (("unet64", 64), ("unet32", 32)):
@@ -883,8 +883,8 @@ def network_levers(cfg: ModelConfig, nets: dict, repeats: int) -> str:
     blas_default = ops.BLAS_CONV_MAX_ROWS
     Switch = Callable[[], contextlib.AbstractContextManager]
     cases: list[tuple[str, Callable[[], Any], Switch, Switch, str]] = []
-    upsample_cases = (lambda: patch.object(ops, "UPSAMPLE_BY_PHASES", False),
-                      lambda: patch.object(ops, "UPSAMPLE_BY_PHASES", True),
+    upsample_cases = (lambda: patch.object(ops, "UPSAMPLE_BY_PHASES", ()),
+                      lambda: patch.object(ops, "UPSAMPLE_BY_PHASES", ("cpu",)),
                       "Upsample as written (nearest x2, then 3x3 conv) vs four 2x2 convs on the small map "
                       "(sdlite.ops.upsample_conv, the default)")
     for hw in (64, 32):

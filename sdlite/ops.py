@@ -115,9 +115,12 @@ def shared_statistics(module: nn.Module) -> Iterator[Callable[[str], None]]:
             m.stats, m.recorded = None, None
 
 
-# The x2 upsampling + 3x3 conv of both networks runs as four 2x2 convs on the small map (True) or
-# as written in the original code, on the upsampled map (False: the benchmark's comparison).
-UPSAMPLE_BY_PHASES = True
+# The device types on which the x2 upsampling + 3x3 conv of both networks runs as four 2x2 convs
+# on the small map; elsewhere it runs as written in the original code, on the upsampled map (``()``:
+# everywhere, the benchmark's comparison). CPU only: on an H100 in fp16 it measured no faster (the
+# UNet 0.97-0.99x, the VAE 1.02x with it off, benchmarks/RESULTS-cuda.md "Levers"), and its cached
+# kernels would hold ~137 MB of GPU memory for an fp16 SD1 model.
+UPSAMPLE_BY_PHASES: tuple[str, ...] = ("cpu",)
 
 
 def upsample_conv(x: torch.Tensor, conv: nn.Conv2d, cache: bool = True) -> torch.Tensor:
@@ -144,7 +147,7 @@ def upsample_conv(x: torch.Tensor, conv: nn.Conv2d, cache: bool = True) -> torch
     1.8x the conv's weight in memory). They are recomputed on every call where gradients flow through
     the weight, and with ``cache=False`` (the low-memory option; any cached copy is dropped).
     """
-    if not UPSAMPLE_BY_PHASES or torch.compiler.is_compiling():
+    if x.device.type not in UPSAMPLE_BY_PHASES or torch.compiler.is_compiling():
         return conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
     assert (conv.kernel_size == (3, 3) and conv.stride == (1, 1) and conv.padding == (1, 1)
             and conv.padding_mode == "zeros" and conv.groups == 1 and conv.dilation == (1, 1)), conv

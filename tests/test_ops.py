@@ -93,8 +93,8 @@ def test_upsample_conv_gradients_equal_the_original_formulation():
     assert not hasattr(conv, "_phase_cache")  # nothing cached while gradients flow
 
 
-def test_upsample_conv_switch_off_runs_the_original_formulation(monkeypatch):
-    monkeypatch.setattr(ops, "UPSAMPLE_BY_PHASES", False)
+def test_upsample_conv_runs_the_phases_only_on_the_listed_device_types(monkeypatch):
+    assert ops.UPSAMPLE_BY_PHASES == ("cpu",)  # the default: the CPU only (no gain measured on a GPU)
     seen = []
     real = torch.nn.Conv2d._conv_forward
 
@@ -105,10 +105,11 @@ def test_upsample_conv_switch_off_runs_the_original_formulation(monkeypatch):
     monkeypatch.setattr(torch.nn.Conv2d, "_conv_forward", spy)
     conv = ops.Conv2d(3, 2, 3, padding=1)
     with torch.no_grad():
-        ops.upsample_conv(torch.randn(1, 3, 4, 4), conv)
-        monkeypatch.setattr(ops, "UPSAMPLE_BY_PHASES", True)
-        ops.upsample_conv(torch.randn(1, 3, 4, 4), conv)
-    assert seen == [((1, 3, 8, 8), (2, 3, 3, 3)), ((1, 3, 4, 4), (8, 3, 2, 2))]
+        for setting in ((), ("cuda",), ("cpu",)):  # off; on, but not for this (CPU) tensor; on
+            monkeypatch.setattr(ops, "UPSAMPLE_BY_PHASES", setting)
+            ops.upsample_conv(torch.randn(1, 3, 4, 4), conv)
+    original, phases = ((1, 3, 8, 8), (2, 3, 3, 3)), ((1, 3, 4, 4), (8, 3, 2, 2))
+    assert seen == [original, original, phases]
 
 
 def test_upsample_conv_kernels_cached_under_inference_mode_serve_a_later_call_with_autograd():
