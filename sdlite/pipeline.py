@@ -331,9 +331,10 @@ class Pipeline:
 
     def set_low_memory(self, enabled: bool = True, attention_chunk: int = 1024) -> None:
         """The low-memory option: attention ``attention_chunk`` queries at a time, VAE tiles of half
-        the native latent side (so anything larger than the native size is decoded in tiles), and no
-        cached Upsample kernels (~120 MB for an fp16 SD1 UNet; recomputing them is cheap on a GPU).
-        ``enabled=False`` restores the defaults."""
+        the native latent side (so anything larger than the native size is decoded in tiles), no
+        cached Upsample kernels (on the CPU, where the Upsample runs as four 2x2 convs: ~225 MiB for
+        an fp32 SD1 UNet) and no CUDA graphs (each holds a UNet call's activations).
+        ``enabled=False`` restores the defaults, except the CUDA graphs: :meth:`set_cuda_graphs`."""
         self.attention_chunk = attention_chunk if enabled else None
         self.vae_tile = max(8, self.config.image_size // self.vae_factor // 2) if enabled else None
         self._set_on_modules("cache_kernels", not enabled)
