@@ -1,0 +1,74 @@
+"""On a CUDA GPU: the real CUDA-graph capture, against eager calls. Skipped without one (CI has none).
+
+tests/test_cuda_graphs.py checks the bookkeeping around the capture on any machine; these check the
+capture itself: a replay equals the eager call, a weight change is seen, and the pipeline's image
+is the same with and without graphs. Run them on a GPU machine with ``pytest tests/test_cuda.py``.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from sdlite import devices
+from sdlite.clip import tokenizer_for
+from sdlite.cuda_graphs import GraphedCall
+from sdlite.pipeline import Pipeline
+
+from factory import TINY_SD1, random_networks
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+CUDA_FP16 = devices.Precision(torch.device("cuda"), torch.float16, torch.float16)
+
+
+@pytest.fixture(scope="module")
+def pipe() -> Pipeline:
+    nets = random_networks(TINY_SD1, 0)
+    for m in nets.values():
+        m.to("cuda", torch.float16)
+    return Pipeline(tokenizer_for(TINY_SD1.text), nets["text_encoder"], nets["unet"], nets["vae"], TINY_SD1,
+                    CUDA_FP16, name="tiny")
+
+
+def unet_inputs(hw: int = 16, seed: int = 0) -> tuple[torch.Tensor, ...]:
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(2, 4, hw, hw, generator=g).to("cuda", torch.float16)
+    ctx = torch.randn(2, 77, TINY_SD1.unet.context_dim, generator=g).to("cuda", torch.float16)
+    return x, torch.tensor([500.0, 20.0], device="cuda"), ctx
+
+
+def test_a_replay_equals_the_eager_call_exactly(pipe):
+    graphed = GraphedCall(pipe.unet, pipe.precision)
+    for seed in range(3):  # the first call captures, the others replay with new inputs
+        args = unet_inputs(seed=seed)
+        torch.testing.assert_close(graphed(*args), graphed.eager(*args), rtol=0, atol=0)
+    assert len(graphed.graphs) == 1 and graphed.failed is None
+
+
+def test_a_weight_changed_in_place_is_seen_by_the_next_call(pipe):
+    graphed = GraphedCall(pipe.unet, pipe.precision)
+    args = unet_inputs()
+    before = graphed(*args)
+    conv = pipe.unet.out[-1]
+    with torch.no_grad():
+        conv.bias.add_(1.0)
+    try:
+        after = graphed(*args)
+        torch.testing.assert_close(after, graphed.eager(*args), rtol=0, atol=0)
+        assert not torch.equal(after, before)
+    finally:
+        with torch.no_grad():
+            conv.bias.sub_(1.0)
+
+
+def test_the_pipeline_draws_the_same_image_with_and_without_graphs(pipe):
+    pipe.set_cuda_graphs(False)
+    eager = pipe.txt2img("a cat", seed=3, steps=4, output_type="np")
+    pipe.set_cuda_graphs(True)
+    try:
+        graphed = pipe.txt2img("a cat", seed=3, steps=4, output_type="np")
+        assert pipe._unet_graphs.graphs and pipe._unet_graphs.failed is None
+    finally:
+        pipe.set_cuda_graphs(False)
+    assert abs(graphed - eager).max() == 0
