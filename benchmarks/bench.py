@@ -1003,17 +1003,26 @@ def table(rows: list[Row], peaks: dict[str, tuple[float, int]] | None = None) ->
     return "\n".join(lines)
 
 
-def write_report(path: Path, ctx: dict[str, Any], sections: dict[str, list[Row]], skipped: dict[str, str],
-                 notes: list[str], profile_text: str, levers_text: str = "") -> None:
+def report_head(title: str, banner: str) -> list[str]:
+    """The title and the bold banner line of a report (shared with bench_cuda.py)."""
+    return [f"# {title}", ""] + ([f"> **{banner}**", ""] if banner else [])
+
+
+def versions_line(commit: str) -> str:
     import diffusers
     import transformers
 
     import sdlite
 
+    return (f"- Versions: Python {platform.python_version()}, torch {torch.__version__}, diffusers "
+            f"{diffusers.__version__}, transformers {transformers.__version__}, sdlite {sdlite.__version__} "
+            f"(commit {commit})")
+
+
+def write_report(path: Path, ctx: dict[str, Any], sections: dict[str, list[Row]], skipped: dict[str, str],
+                 notes: list[str], profile_text: str, levers_text: str = "") -> None:
     cpu = ctx["cpu"]
-    out = ["# sdlite vs diffusers: CPU benchmark", ""]
-    if ctx["banner"]:
-        out += [f"> **{ctx['banner']}**", ""]
+    out = report_head("sdlite vs diffusers: CPU benchmark", ctx["banner"])
     out += [
         f"- Date: {ctx['date']} (run took {ctx['elapsed'] / 60:.1f} min)",
         f"- Command: `{ctx['command']}`",
@@ -1023,8 +1032,7 @@ def write_report(path: Path, ctx: dict[str, Any], sections: dict[str, list[Row]]
           f"mkldnn bf16: {ctx['mkldnn_bf16']}",
         f"- Threads: torch.get_num_threads() = {torch.get_num_threads()}; load average at start {ctx['load_start']},"
         f" at end {load_average()}",
-        f"- Versions: Python {platform.python_version()}, torch {torch.__version__}, diffusers {diffusers.__version__}, "
-        f"transformers {transformers.__version__}, sdlite {sdlite.__version__} (commit {ctx['commit']})",
+        versions_line(ctx["commit"]),
         f"- Model: `--size {ctx['size']}` — {ctx['size_desc']}; seeded random weights in the original layout, "
         "the same tensors in both libraries (diffusers' own converters of the original layout).",
         f"- Method: each row alternates sdlite and diffusers (ABBA), {ctx['warmup']} warm-up round(s), then "

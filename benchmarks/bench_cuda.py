@@ -466,20 +466,12 @@ def device_name(device: torch.device) -> str:
 
 
 def write_report(path: Path, ctx: dict[str, Any], sections: dict[str, list[Row]], extra: list[str]) -> None:
-    import diffusers
-    import transformers
-
-    import sdlite
-
-    out = ["# sdlite vs diffusers: CUDA benchmark", ""]
-    if ctx["banner"]:
-        out += [f"> **{ctx['banner']}**", ""]
+    out = bench.report_head("sdlite vs diffusers: CUDA benchmark", ctx["banner"])
     out += [
         f"- Date: {ctx['date']} ({(time.time() - ctx['started']) / 60:.1f} min into the run at this report)",
         f"- Command: `{ctx['command']}`",
         f"- Device: {ctx['device_name']}",
-        f"- Versions: Python {platform.python_version()}, torch {torch.__version__}, diffusers {diffusers.__version__}, "
-        f"transformers {transformers.__version__}, sdlite {sdlite.__version__} (commit {ctx['commit']})",
+        bench.versions_line(ctx["commit"]),
         f"- Model: `--size {ctx['size']}`; seeded random weights in the original layout, the same tensors in both "
         "libraries (diffusers' own converters of the original layout).",
         f"- Method: each row alternates sdlite and diffusers (ABBA), {ctx['warmup']} warm-up round(s), then "
