@@ -58,6 +58,7 @@ from bench import PROMPT, SIZES, Row, rel_diff, table  # noqa: E402
 
 import sdlite.ops as ops  # noqa: E402
 from sdlite.cuda_graphs import GraphedCall  # noqa: E402
+from sdlite import devices  # noqa: E402
 from sdlite.devices import Precision  # noqa: E402
 
 PRECISIONS = ("fp16", "bf16", "autocast")
@@ -125,11 +126,13 @@ def autocast_ctx(device: torch.device, precision: str) -> contextlib.AbstractCon
 
 
 def sdlite_precision(device: torch.device, precision: str) -> Precision:
+    """What sdlite's one policy (``sdlite.devices.choose``) gives for ``fp16``/``bf16``; fp32 weights
+    under fp16 autocast for ``autocast``, which is not one of its choices; fp32 on the CPU."""
     if device.type != "cuda":
-        return Precision(device, torch.float32, None)
+        return devices.choose(device, "fp32")
     if precision == "autocast":
         return Precision(device, torch.float32, torch.float16)
-    return Precision(device, WEIGHT[precision], WEIGHT[precision])
+    return devices.choose(device, precision)
 
 
 def param_bytes(modules: dict[str, torch.nn.Module]) -> int:
@@ -145,6 +148,14 @@ def build_sides(cfg: Any, weights: dict, device: torch.device, precision: str) -
     dnets = {k: m.to(device=device, dtype=dtype) for k, m in dnets.items()}
     nets = {k: m.to(device=device, dtype=dtype) for k, m in nets.items()}
     return nets, dnets
+
+
+def vae_autocast(cfg: Any, nets: dict, prec: Precision) -> Callable[[], contextlib.AbstractContextManager]:
+    """The autocast sdlite's pipeline decodes under (``Pipeline._vae_autocast``: none for half weights)."""
+    from sdlite.clip import tokenizer_for
+    from sdlite.pipeline import Pipeline
+
+    return Pipeline(tokenizer_for(cfg.text), nets["text_encoder"], nets["unet"], nets["vae"], cfg, prec)._vae_autocast
 
 
 def network_rows(cfg: Any, nets: dict, dnets: dict, tokenizer: Any, device: torch.device, precision: str,
@@ -188,10 +199,15 @@ def network_rows(cfg: Any, nets: dict, dnets: dict, tokenizer: Any, device: torc
         add(Row(f"UNet step, batch 2, {hw}x{hw} latent{how}", "ms", times), key, last)
 
     z = torch.randn(1, cfg.vae.embed_dim, 64, 64, generator=gen).to(device, wdtype)
-    vae, dvae = nets["vae"], dnets["vae"]
+    vae, dvae, vae_ctx = nets["vae"], dnets["vae"], vae_autocast(cfg, nets, prec)
+
+    def decode() -> torch.Tensor:
+        with vae_ctx():
+            return vae.decode(z)
+
     with torch.no_grad():
         times, last = timed_ms({
-            "sdlite": lambda: _call(prec, lambda: vae.decode(z)),
+            "sdlite": decode,
             "diffusers": lambda: _dcall(device, precision, lambda: dvae.decode(z).sample),
         }, device, w, max(3, r // 2))
     add(Row("VAE decode, 64x64 latent -> 512x512", "ms", times), "vae64", last)
@@ -324,7 +340,13 @@ def lever_rows(cfg: Any, nets: dict, dnets: dict, device: torch.device, args: ar
     out += ["", "| lever (sdlite fp16 VAE decode, 64x64 latent) | default ms | changed ms | changed / default | notes |",
             "|---|---:|---:|---:|---|"]
 
-    def vae_default() -> Any:
+    vae_ctx = vae_autocast(cfg, nets, prec)
+
+    def vae_default() -> Any:  # as the pipeline decodes: fp16 weights, no autocast
+        with vae_ctx():
+            return vae.decode(z)
+
+    def vae_under_autocast() -> Any:
         with prec.autocast():
             return vae.decode(z)
 
@@ -332,7 +354,8 @@ def lever_rows(cfg: Any, nets: dict, dnets: dict, device: torch.device, args: ar
         with patch.object(ops, "UPSAMPLE_BY_PHASES", ("cpu", "cuda")):
             return vae_default()
 
-    line("no autocast (plain fp16 weights)", lambda: vae.decode(z), default=vae_default)
+    line("under fp16 autocast (sdlite's policy before; the default now runs half weights without)",
+         vae_under_autocast, default=vae_default)
     line("Upsample as four 2x2 convs on the small map", vae_phases, default=vae_default)
     line("diffusers VAE instead (fp16, no autocast) — the reference", lambda: dnets["vae"].decode(z).sample,
          default=vae_default)
