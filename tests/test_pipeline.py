@@ -305,3 +305,20 @@ def test_img2img_cli_rejects_missing_image_and_bad_strength(tiny_ckpt, tmp_path)
     res = _cli("img2img.py", "--ckpt", tiny_ckpt, "--prompt", "a cat", "--init-img", "in.png", "--strength", "0",
                cwd=tmp_path)
     assert res.returncode == 2 and "strength" in res.stderr
+
+
+@pytest.mark.parametrize("flag, expected", [([], None), (["--no-cuda-graphs"], False)])
+def test_cli_passes_the_cuda_graphs_choice_to_load(monkeypatch, tmp_path, flag, expected):
+    from sdlite import cli
+    from sdlite.errors import ArgumentError
+
+    seen = {}
+
+    def fake_load(*args, **kwargs):
+        seen.update(kwargs)
+        raise ArgumentError("stop before generating")
+
+    monkeypatch.setattr(sdlite, "load", fake_load)
+    monkeypatch.chdir(tmp_path)
+    assert cli.run(["--prompt", "a cat", *flag], img2img=False) == 2
+    assert seen["cuda_graphs"] is expected  # None: load's default (on for CUDA)
