@@ -146,6 +146,9 @@ def upsample_conv(x: torch.Tensor, conv: nn.Conv2d, cache: bool = True) -> torch
     The summed kernels are cached on ``conv`` for inference (recomputed when its weight changes;
     1.8x the conv's weight in memory). They are recomputed on every call where gradients flow through
     the weight, and with ``cache=False`` (the low-memory option; any cached copy is dropped).
+
+    Only on the device types in ``UPSAMPLE_BY_PHASES`` (the CPU); elsewhere, and under
+    ``torch.compile``, the original formulation runs.
     """
     if x.device.type not in UPSAMPLE_BY_PHASES or torch.compiler.is_compiling():
         return conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
