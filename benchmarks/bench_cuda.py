@@ -158,7 +158,14 @@ def vae_autocast(cfg: Any, nets: dict, prec: Precision) -> Callable[[], contextl
     return Pipeline(tokenizer_for(cfg.text), nets["text_encoder"], nets["unet"], nets["vae"], cfg, prec)._vae_autocast
 
 
-def network_rows(cfg: Any, nets: dict, dnets: dict, tokenizer: Any, device: torch.device, precision: str,
+def sdlite_unet(unet: torch.nn.Module, prec: Precision, device: torch.device) -> Callable[..., torch.Tensor]:
+    """The UNet call as sdlite's pipeline makes it: replayed CUDA graphs on CUDA, else eager under autocast."""
+    if device.type == "cuda":
+        return GraphedCall(unet, prec)
+    return lambda *args: _call(prec, lambda: unet(*args))
+
+
+def network_rows(cfg: Any, nets: dict, dnets: dict, device: torch.device, precision: str,
                  flops: dict[str, float], args: argparse.Namespace) -> list[Row]:
     prec = sdlite_precision(device, precision)
     wdtype = weight_dtype(device, precision)
@@ -189,7 +196,7 @@ def network_rows(cfg: Any, nets: dict, dnets: dict, tokenizer: Any, device: torc
         t = torch.tensor([500.0, 500.0], device=device)
         unet, dunet = nets["unet"], dnets["unet"]
         # sdlite as its pipeline runs the UNet: replayed CUDA graphs on CUDA (the eager call is a lever below)
-        ours = GraphedCall(unet, prec) if device.type == "cuda" else (lambda *a: _call(prec, lambda: unet(*a)))
+        ours = sdlite_unet(unet, prec, device)
         with torch.no_grad():
             times, last = timed_ms({
                 "sdlite": lambda: ours(x, t, ctx),
@@ -373,7 +380,7 @@ def compile_lever(cfg: Any, weights: dict, device: torch.device, args: argparse.
     x = torch.randn(2, cfg.unet.in_channels, 64, 64, generator=gen).to(device, dtype)
     ctx = torch.randn(2, cfg.text.max_length, cfg.unet.context_dim, generator=gen).to(device, dtype)
     t = torch.tensor([500.0, 500.0], device=device)
-    default = GraphedCall(unet, prec) if device.type == "cuda" else (lambda *a: _call(prec, lambda: unet(*a)))
+    default = sdlite_unet(unet, prec, device)
     t0 = time.perf_counter()
     compiled = torch.compile(unet)
     with torch.no_grad():
@@ -616,7 +623,7 @@ def main(argv: list[str] | None = None) -> None:
         sections[precision] = []
         log(f"{precision}: networks")
         rows = guarded(f"{precision}: networks",
-                       lambda: network_rows(cfg, nets, dnets, tokenizer, device, precision, flops, args))
+                       lambda: network_rows(cfg, nets, dnets, device, precision, flops, args))
         sections[precision] += rows or []
         log(f"{precision}: txt2img")
         rows = guarded(f"{precision}: txt2img",
