@@ -17,7 +17,9 @@ Precisions, each side at its own documented default for that request:
 Rows: text encoder (batch 2 x 77); one UNet call at batch 2 for 64x64 and 32x32 latents; VAE decode
 of a 64x64 latent; txt2img 256x256 (10 Euler steps) and 512x512 (20 Euler steps), CFG 7.5, same
 starting latents; peak GPU memory of that 512x512 generation (``torch.cuda.max_memory_allocated``,
-weights included); the load of a ~2 GB fp16 ``.safetensors`` onto the GPU in fresh processes. Then a
+weights included); the load of a ~2 GB fp16 ``.safetensors`` onto the GPU in fresh processes; the fp16
+64x64 UNet call at larger batches (``--batches``), where the GPU has enough work to show each
+library's share of the matmul peak, with the graph replay with and without autocast. Then a
 table of levers on sdlite's fp16 64x64 UNet call (autocast, the Upsample formulation, channels-last,
 ``torch.compile``), and sdlite's bundled model on the GPU.
 
@@ -370,6 +372,52 @@ def lever_rows(cfg: Any, nets: dict, dnets: dict, device: torch.device, args: ar
     return out
 
 
+def batch_rows(cfg: Any, nets: dict, dnets: dict, device: torch.device, flops: dict[str, float],
+               args: argparse.Namespace) -> tuple[list[Row], list[str]]:
+    """The fp16 64x64 UNet call at larger batches (sdlite's pipeline call against diffusers' eager
+    one): how much of the matmul peak each library reaches once the GPU has enough work. Then the
+    CUDA graph replay with and without autocast, the one setting a graph still pays for."""
+    prec = sdlite_precision(device, "fp16")
+    plain = devices.Precision(prec.device, prec.weight_dtype, None)
+    dtype = weight_dtype(device, "fp16")
+    unet, dunet = nets["unet"], dnets["unet"]
+    gen = torch.Generator().manual_seed(3)
+    rows: list[Row] = []
+    out = ["| lever (sdlite fp16 UNet, 64x64 latents) | default ms | changed ms | changed / default | notes |",
+           "|---|---:|---:|---:|---|"]
+    for batch in args.batches:
+        x = torch.randn(batch, cfg.unet.in_channels, 64, 64, generator=gen).to(device, dtype)
+        ctx = torch.randn(batch, cfg.text.max_length, cfg.unet.context_dim, generator=gen).to(device, dtype)
+        t = torch.full((batch,), 500.0, device=device)
+        ours = sdlite_unet(unet, prec, device)
+        with torch.no_grad():
+            times, last = timed_ms({
+                "sdlite": lambda: ours(x, t, ctx),
+                "diffusers": lambda: _dcall(device, "fp16", lambda: dunet(x, t, encoder_hidden_states=ctx).sample),
+            }, device, args.warmup, args.repeats)
+        how = " (sdlite: CUDA graph replay)" if device.type == "cuda" else ""
+        row = Row(f"UNet step, batch {batch}, 64x64 latent{how}", "ms", times)
+        row.notes.append(f"max |Δ| / max |ref| = {rel_diff(last['sdlite'].float().cpu(), last['diffusers'].float().cpu()):.1e}")
+        row.flops, row.peak_dtype = flops.get("unet64", 0.0) * batch / 2, "fp16"
+        rows.append(row)
+        if device.type == "cuda":
+            bare = GraphedCall(unet, plain)
+            with torch.no_grad():
+                times, last = timed_ms({"default": lambda: ours(x, t, ctx), "changed": lambda: bare(x, t, ctx)},
+                                       device, args.warmup, args.repeats)
+            d, c = statistics.median(times["default"]), statistics.median(times["changed"])
+            diff = rel_diff(last["changed"].float().cpu(), last["default"].float().cpu())
+            out.append(f"| CUDA graph replay without autocast (plain fp16 weights), batch {batch} | {d:.2f} | {c:.2f} | "
+                       f"{c / d:.2f} | max |Δ| / max |ref| = {diff:.1e} |")
+            print("  " + out[-1], flush=True)
+            bare.reset()
+        ours = None
+        gc.collect()
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    return rows, (out if len(out) > 2 else [])
+
+
 def compile_lever(cfg: Any, weights: dict, device: torch.device, args: argparse.Namespace) -> list[str]:
     """``torch.compile`` of sdlite's fp16 UNet (default mode) against sdlite's default (CUDA graph
     replay on CUDA), 64x64 latents, with the compile time. Run last: it compiles for about a minute."""
@@ -534,6 +582,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--repeats", type=int, default=20, help="timed repeats per network row (txt2img: --pipe-repeats)")
     p.add_argument("--pipe-repeats", type=int, default=5)
     p.add_argument("--load-repeats", type=int, default=2, help="fresh-process loads per side (0: no load row)")
+    p.add_argument("--no-levers", dest="levers", action="store_false", help="leave out the fp16 levers table")
+    p.add_argument("--batches", type=lambda v: [int(b) for b in v.split(",") if b.strip()], default=[8, 16],
+                   help="batch sizes for the fp16 UNet-by-batch rows ('' for none)")
     p.add_argument("--no-compile", dest="compile", action="store_false", help="leave out the torch.compile lever")
     p.add_argument("--budget-s", type=float, default=420, help="skip the optional sections once this many seconds passed")
     p.add_argument("--commit", default=None, help="the commit measured (when the tree has no .git)")
@@ -629,7 +680,14 @@ def main(argv: list[str] | None = None) -> None:
         rows = guarded(f"{precision}: txt2img",
                        lambda: txt2img_rows(cfg, nets, dnets, tokenizer, device, precision, flops, args))
         sections[precision] += rows or []
-        if precision == "fp16":
+        if precision == "fp16" and args.batches and time.time() < deadline - 60:
+            log("fp16: UNet by batch size")
+            got = guarded("batches", lambda: batch_rows(cfg, nets, dnets, device, flops, args))
+            if got:
+                sections["fp16: the UNet call at larger batches"] = got[0]
+                if got[1]:
+                    extra.extend(["## Autocast under a CUDA graph", "", *got[1], ""])
+        if precision == "fp16" and args.levers:
             log("levers")
             lines = guarded("levers", lambda: lever_rows(cfg, nets, dnets, device, args))
             if lines:
