@@ -8,10 +8,9 @@ times are wall-clock milliseconds of finished GPU work, Python overhead included
 
 Precisions, each side at its own documented default for that request:
 
-- ``fp16``: sdlite's CUDA default (fp16 weights under ``torch.autocast("cuda", float16)``, what
-  ``sdlite.load(device="cuda")`` gives) vs diffusers' usual ``torch_dtype=torch.float16`` (fp16
-  weights, no autocast);
-- ``bf16``: bf16 weights on both sides (sdlite adds bf16 autocast, its policy);
+- ``fp16``: sdlite's CUDA default (fp16 weights, what ``sdlite.load(device="cuda")`` gives) vs
+  diffusers' usual ``torch_dtype=torch.float16``;
+- ``bf16``: bf16 weights on both sides;
 - ``autocast``: fp32 weights on both sides, both under ``torch.autocast("cuda", float16)``.
 
 Rows: text encoder (batch 2 x 77); one UNet call at batch 2 for 64x64 and 32x32 latents; VAE decode
@@ -20,7 +19,7 @@ starting latents; peak GPU memory of that 512x512 generation (``torch.cuda.max_m
 weights included); the load of a ~2 GB fp16 ``.safetensors`` onto the GPU in fresh processes; the fp16
 64x64 UNet call at larger batches (``--batches``), where the GPU has enough work to show each
 library's share of the matmul peak, with the graph replay with and without autocast. Then a
-table of levers on sdlite's fp16 64x64 UNet call (autocast, the Upsample formulation, channels-last,
+table of levers on sdlite's fp16 64x64 UNet call (graphs, autocast, the Upsample formulation, channels-last,
 ``torch.compile``), and sdlite's bundled model on the GPU.
 
 Usage (on a machine with CUDA; ``--device cpu --size tiny`` is a smoke run of the code paths)::
@@ -67,8 +66,8 @@ PRECISIONS = ("fp16", "bf16", "autocast")
 WEIGHT = {"fp16": torch.float16, "bf16": torch.bfloat16, "autocast": torch.float32}
 PEAK_OF = {"fp16": "fp16", "bf16": "bf16", "autocast": "fp16"}
 TITLES = {
-    "fp16": "fp16: sdlite's default (fp16 weights + fp16 autocast) vs diffusers fp16 weights",
-    "bf16": "bf16 weights (sdlite: + bf16 autocast, its policy)",
+    "fp16": "fp16 weights (sdlite's CUDA default) on both sides",
+    "bf16": "bf16 weights on both sides",
     "autocast": "fp32 weights, both under torch.autocast(float16)",
 }
 
@@ -128,12 +127,10 @@ def autocast_ctx(device: torch.device, precision: str) -> contextlib.AbstractCon
 
 
 def sdlite_precision(device: torch.device, precision: str) -> Precision:
-    """What sdlite's one policy (``sdlite.devices.choose``) gives for ``fp16``/``bf16``; fp32 weights
-    under fp16 autocast for ``autocast``, which is not one of its choices; fp32 on the CPU."""
+    """What sdlite's one policy (``sdlite.devices.choose``) gives for ``fp16``/``bf16``/``autocast``
+    on CUDA; fp32 on the CPU."""
     if device.type != "cuda":
         return devices.choose(device, "fp32")
-    if precision == "autocast":
-        return Precision(device, torch.float32, torch.float16)
     return devices.choose(device, precision)
 
 
@@ -161,7 +158,8 @@ def vae_autocast(cfg: Any, nets: dict, prec: Precision) -> Callable[[], contextl
 
 
 def sdlite_unet(unet: torch.nn.Module, prec: Precision, device: torch.device) -> Callable[..., torch.Tensor]:
-    """The UNet call as sdlite's pipeline makes it: replayed CUDA graphs on CUDA, else eager under autocast."""
+    """The UNet call as sdlite's pipeline makes it: replayed CUDA graphs on CUDA, else eager (under
+    ``prec``'s autocast, if any)."""
     if device.type == "cuda":
         return GraphedCall(unet, prec)
     return lambda *args: _call(prec, lambda: unet(*args))
@@ -315,10 +313,11 @@ def lever_rows(cfg: Any, nets: dict, dnets: dict, device: torch.device, args: ar
         graphed = GraphedCall(unet, prec)
         line("CUDA graph replay (sdlite's pipeline default on CUDA)", lambda: graphed(x, t, ctx))
 
-    def no_autocast() -> Any:
-        return unet(x, t, ctx)
+    def under_autocast() -> Any:
+        with torch.autocast(device.type, dtype=torch.float16):
+            return unet(x, t, ctx)
 
-    line("no autocast (plain fp16 weights, as diffusers runs)", no_autocast)
+    line("under fp16 autocast (sdlite's CUDA policy before)", under_autocast)
 
     def phases() -> Any:
         with patch.object(ops, "UPSAMPLE_BY_PHASES", ("cpu", "cuda")):
@@ -356,7 +355,7 @@ def lever_rows(cfg: Any, nets: dict, dnets: dict, device: torch.device, args: ar
             return vae.decode(z)
 
     def vae_under_autocast() -> Any:
-        with prec.autocast():
+        with torch.autocast(device.type, dtype=torch.float16):
             return vae.decode(z)
 
     def vae_phases() -> Any:
@@ -376,9 +375,10 @@ def batch_rows(cfg: Any, nets: dict, dnets: dict, device: torch.device, flops: d
                args: argparse.Namespace) -> tuple[list[Row], list[str]]:
     """The fp16 64x64 UNet call at larger batches (sdlite's pipeline call against diffusers' eager
     one): how much of the matmul peak each library reaches once the GPU has enough work. Then the
-    CUDA graph replay with and without autocast, the one setting a graph still pays for."""
+    CUDA graph replay with and without fp16 autocast (sdlite's CUDA policy before), the one setting a
+    graph still pays for."""
     prec = sdlite_precision(device, "fp16")
-    plain = devices.Precision(prec.device, prec.weight_dtype, None)
+    under_autocast = devices.Precision(prec.device, prec.weight_dtype, torch.float16)
     dtype = weight_dtype(device, "fp16")
     unet, dunet = nets["unet"], dnets["unet"]
     gen = torch.Generator().manual_seed(3)
@@ -401,13 +401,13 @@ def batch_rows(cfg: Any, nets: dict, dnets: dict, device: torch.device, flops: d
         row.flops, row.peak_dtype = flops.get("unet64", 0.0) * batch / 2, "fp16"
         rows.append(row)
         if device.type == "cuda":
-            bare = GraphedCall(unet, plain)
+            bare = GraphedCall(unet, under_autocast)
             with torch.no_grad():
                 times, last = timed_ms({"default": lambda: ours(x, t, ctx), "changed": lambda: bare(x, t, ctx)},
                                        device, args.warmup, args.repeats)
             d, c = statistics.median(times["default"]), statistics.median(times["changed"])
             diff = rel_diff(last["changed"].float().cpu(), last["default"].float().cpu())
-            out.append(f"| CUDA graph replay without autocast (plain fp16 weights), batch {batch} | {d:.2f} | {c:.2f} | "
+            out.append(f"| CUDA graph replay under fp16 autocast (the policy before), batch {batch} | {d:.2f} | {c:.2f} | "
                        f"{c / d:.2f} | max |Δ| / max |ref| = {diff:.1e} |")
             print("  " + out[-1], flush=True)
             bare.reset()
@@ -651,7 +651,7 @@ def main(argv: list[str] | None = None) -> None:
     def bundled_and_load() -> None:
         if time.time() < deadline:
             log("bundled model")
-            sections["bundled model (sdlite only; its CUDA default, fp16 + autocast)"] = guarded(
+            sections["bundled model (sdlite only; its CUDA default, fp16)"] = guarded(
                 "bundled", lambda: bundled_rows(device, args)) or []
         if args.load_repeats and time.time() < deadline - 60:
             log("load")

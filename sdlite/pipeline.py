@@ -280,7 +280,8 @@ class Pipeline:
         return ((x + 1) / 2).clamp(0, 1)
 
     def _vae_autocast(self) -> contextlib.AbstractContextManager:
-        """Autocast for the VAE only when its weights are fp32 (the "autocast" precision).
+        """Autocast for the VAE only when its weights are fp32 (the "autocast" precision), also when
+        the VAE alone was put in half precision.
 
         With half-precision VAE weights autocast changes no convolution, but it runs every GroupNorm
         and what follows it up to the next conv in fp32, at full image resolution: on an H100 an fp16
@@ -609,7 +610,8 @@ def load(path: str | Path | None = None, device: str | torch.device | None = Non
     """Load a Stable Diffusion checkpoint in the original layout (or the bundled model when ``path`` is None).
 
     - ``device``: ``"cuda"``, ``"cpu"``... (default: CUDA when available);
-    - ``dtype``: ``"fp32"``, ``"fp16"``, ``"bf16"`` (default: fp16 + autocast on CUDA, fp32 on CPU);
+    - ``dtype``: ``"fp32"``, ``"fp16"``, ``"bf16"``, or ``"autocast"`` (fp32 weights under autocast)
+      (default: fp16 on CUDA, fp32 on CPU; see :mod:`sdlite.devices`);
     - ``prediction``: ``"eps"`` or ``"v"``; default from a same-stem ``.yaml`` beside the file, else
       detected (see :func:`sdlite.checkpoint.resolve_prediction`);
     - ``use_ema``: take the ``model_ema.*`` copies of the UNet instead of the plain weights;

@@ -19,7 +19,7 @@ from factory import TINY_SD1, random_networks
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
-CUDA_FP16 = devices.Precision(torch.device("cuda"), torch.float16, torch.float16)
+CUDA_FP16 = devices.Precision(torch.device("cuda"), torch.float16)  # sdlite.load's CUDA default
 
 
 @pytest.fixture(scope="module")

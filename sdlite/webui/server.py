@@ -800,7 +800,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                    help=f"folder of .safetensors/.ckpt checkpoints (default {DEFAULT_CKPT_DIR})")
     p.add_argument("--ckpt", type=Path, default=None, help="a checkpoint to list first and start with")
     p.add_argument("--device", default=None, help="cuda, cpu, ... (default: cuda when available)")
-    p.add_argument("--precision", dest="dtype", default=None, help="fp32, fp16, bf16 (default: per device)")
+    p.add_argument("--precision", dest="dtype", default=None, help="fp32, fp16, bf16, or autocast (fp32 weights under autocast; default: per device)")
     args = p.parse_args(argv)
 
     import uvicorn

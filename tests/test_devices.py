@@ -1,0 +1,70 @@
+"""The one precision policy (sdlite.devices.choose), and the half-precision GroupNorm it relies on."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from sdlite import devices
+from sdlite.errors import ArgumentError
+from sdlite.unet.model import GroupNorm32
+
+
+@pytest.fixture
+def fake_cuda(monkeypatch):
+    """choose() only asks torch.cuda.is_available(); the policy needs no GPU to be checked."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+
+
+@pytest.mark.parametrize("request_, weights, autocast", [
+    (None, torch.float16, None),           # half weights run as they are (no autocast), as diffusers
+    ("fp16", torch.float16, None),
+    ("bf16", torch.bfloat16, None),
+    ("fp32", torch.float32, None),
+    ("autocast", torch.float32, torch.float16),  # fp32 weights under fp16 autocast
+])
+def test_the_cuda_policy(fake_cuda, request_, weights, autocast):
+    p = devices.choose("cuda", request_)
+    assert (p.device.type, p.weight_dtype, p.autocast_dtype) == ("cuda", weights, autocast)
+
+
+@pytest.mark.parametrize("request_, weights, autocast", [
+    (None, torch.float32, None),
+    ("bf16", torch.bfloat16, None),        # bf16 weights, not CPU autocast (it re-casts every call)
+    ("autocast", torch.float32, torch.bfloat16),
+])
+def test_the_cpu_policy(request_, weights, autocast):
+    p = devices.choose("cpu", request_)
+    assert (p.weight_dtype, p.autocast_dtype) == (weights, autocast)
+
+
+def test_an_unknown_precision_is_refused_with_the_choices():
+    with pytest.raises(ArgumentError, match="fp32, fp16, bf16, autocast"):
+        devices.choose("cpu", "int8")
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_group_norm_without_upcast_equals_the_fp32_computation_to_rounding(dtype):
+    # GroupNorm32 calls the kernel directly when input and weights share a half dtype, trusting
+    # PyTorch's fp32 accumulation; the result must be the fp32 computation rounded to that dtype.
+    g = torch.Generator().manual_seed(0)
+    norm = GroupNorm32(64)
+    with torch.no_grad():
+        norm.weight.copy_(torch.randn(64, generator=g))
+        norm.bias.copy_(torch.randn(64, generator=g))
+    x = (torch.randn(2, 64, 32, 32, generator=g) * 30 + 100).to(dtype)  # large mean: where fp16 sums fail
+    ref = F.group_norm(x.float(), 32, norm.weight, norm.bias, norm.eps)
+    out = norm.to(dtype)(x)
+    assert out.dtype == dtype
+    eps = torch.finfo(dtype).eps
+    torch.testing.assert_close(out.float(), ref, rtol=2 * eps, atol=2 * eps * ref.abs().max().item())
+
+
+def test_group_norm_with_fp32_weights_and_a_half_input_upcasts():
+    norm = GroupNorm32(64)
+    x = torch.randn(1, 64, 8, 8).to(torch.bfloat16)
+    out = norm(x)
+    assert out.dtype == torch.bfloat16
+    torch.testing.assert_close(out.float(), F.group_norm(x.float(), 32, norm.weight, norm.bias, norm.eps),
+                               rtol=0, atol=2 ** -7 * 4)
