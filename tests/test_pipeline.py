@@ -307,8 +307,8 @@ def test_img2img_cli_rejects_missing_image_and_bad_strength(tiny_ckpt, tmp_path)
     assert res.returncode == 2 and "strength" in res.stderr
 
 
-@pytest.mark.parametrize("flag, expected", [([], None), (["--no-cuda-graphs"], False)])
-def test_cli_passes_the_cuda_graphs_choice_to_load(monkeypatch, tmp_path, flag, expected):
+def _load_kwargs_of_cli(monkeypatch, tmp_path, argv):
+    """The keyword arguments the CLI gives sdlite.load for ``argv`` (stopped before generating)."""
     from sdlite import cli
     from sdlite.errors import ArgumentError
 
@@ -320,5 +320,19 @@ def test_cli_passes_the_cuda_graphs_choice_to_load(monkeypatch, tmp_path, flag, 
 
     monkeypatch.setattr(sdlite, "load", fake_load)
     monkeypatch.chdir(tmp_path)
-    assert cli.run(["--prompt", "a cat", *flag], img2img=False) == 2
-    assert seen["cuda_graphs"] is expected  # None: load's default (on for CUDA)
+    assert cli.run(["--prompt", "a cat", *argv], img2img=False) == 2
+    return seen
+
+
+@pytest.mark.parametrize("flag, expected", [([], None), (["--no-cuda-graphs"], False)])
+def test_cli_passes_the_cuda_graphs_choice_to_load(monkeypatch, tmp_path, flag, expected):
+    # None: load's default (on for CUDA)
+    assert _load_kwargs_of_cli(monkeypatch, tmp_path, flag)["cuda_graphs"] is expected
+
+
+@pytest.mark.parametrize("flag, expected", [([], None), (["--precision", "full"], "fp32"),
+                                            (["--precision", "autocast"], "autocast"),
+                                            (["--precision", "bf16"], "bf16")])
+def test_cli_passes_the_precision_to_load(monkeypatch, tmp_path, flag, expected):
+    # "autocast" is its own precision (fp32 weights under autocast), not a name for the default.
+    assert _load_kwargs_of_cli(monkeypatch, tmp_path, flag)["dtype"] == expected
