@@ -18,7 +18,8 @@ of a 64x64 latent; txt2img 256x256 (10 Euler steps) and 512x512 (20 Euler steps)
 starting latents; peak GPU memory of that 512x512 generation (``torch.cuda.max_memory_allocated``,
 weights included); the load of a ~2 GB fp16 ``.safetensors`` onto the GPU in fresh processes; the fp16
 64x64 UNet call at larger batches (``--batches``), where the GPU has enough work to show each
-library's share of the matmul peak, with the graph replay with and without autocast. Then a
+library's share of the matmul peak, with the graph replay under autocast and with NCHW UNet weights
+(sdlite's settings before), and the VAE with channels-last weights. Then a
 table of levers on sdlite's fp16 64x64 UNet call (graphs, autocast, the Upsample formulation, channels-last,
 ``torch.compile``), and sdlite's bundled model on the GPU.
 
@@ -147,6 +148,7 @@ def build_sides(cfg: Any, weights: dict, device: torch.device, precision: str) -
     dtype = weight_dtype(device, precision)
     dnets = {k: m.to(device=device, dtype=dtype) for k, m in dnets.items()}
     nets = {k: m.to(device=device, dtype=dtype) for k, m in nets.items()}
+    nets["unet"].to(memory_format=devices.unet_memory_format(device))  # as sdlite.load does
     return nets, dnets
 
 
@@ -332,17 +334,14 @@ def lever_rows(cfg: Any, nets: dict, dnets: dict, device: torch.device, args: ar
     line("diffusers UNet instead (fp16, no autocast) — the reference", diffusers_plain)
 
     if device.type == "cuda":
-        unet_cl = unet.to(memory_format=torch.channels_last)
-        x_cl = x.contiguous(memory_format=torch.channels_last)
+        nchw = copy.deepcopy(unet).to(memory_format=torch.contiguous_format)
 
-        def channels_last() -> Any:
+        def nchw_weights() -> Any:
             with prec.autocast():
-                return unet_cl(x_cl, t, ctx)
+                return nchw(x, t, ctx)
 
-        try:
-            line("channels-last weights and input", channels_last)
-        finally:
-            unet.to(memory_format=torch.contiguous_format)
+        line("NCHW UNet weights (sdlite's CUDA layout before; now channels-last)", nchw_weights)
+        del nchw
 
     vae = nets["vae"]
     z = torch.randn(1, cfg.vae.embed_dim, 64, 64, generator=gen).to(device, dtype)
@@ -376,8 +375,8 @@ def batch_rows(cfg: Any, nets: dict, dnets: dict, device: torch.device, flops: d
                args: argparse.Namespace) -> tuple[list[Row], list[str]]:
     """The fp16 64x64 UNet call at larger batches (sdlite's pipeline call against diffusers' eager
     one): how much of the matmul peak each library reaches once the GPU has enough work. Then the
-    CUDA graph replay with and without fp16 autocast (sdlite's CUDA policy before), the one setting a
-    graph still pays for."""
+    CUDA graph replay against fp16 autocast and NCHW UNet weights (sdlite's CUDA settings before),
+    the settings a graph still pays for; and the VAE with channels-last weights."""
     prec = sdlite_precision(device, "fp16")
     under_autocast = devices.Precision(prec.device, prec.weight_dtype, torch.float16)
     dtype = weight_dtype(device, "fp16")
@@ -386,8 +385,8 @@ def batch_rows(cfg: Any, nets: dict, dnets: dict, device: torch.device, flops: d
     rows: list[Row] = []
     out = ["| lever (sdlite fp16 UNet, 64x64 latents) | default ms | changed ms | changed / default | notes |",
            "|---|---:|---:|---:|---|"]
-    if device.type == "cuda":
-        cl = GraphedCall(copy.deepcopy(unet).to(memory_format=torch.channels_last), prec)
+    if device.type == "cuda":  # the layout before (sdlite's UNet is channels-last on CUDA now)
+        nchw = GraphedCall(copy.deepcopy(unet).to(memory_format=torch.contiguous_format), prec)
     for batch in args.batches:
         x = torch.randn(batch, cfg.unet.in_channels, 64, 64, generator=gen).to(device, dtype)
         ctx = torch.randn(batch, cfg.text.max_length, cfg.unet.context_dim, generator=gen).to(device, dtype)
@@ -414,23 +413,24 @@ def batch_rows(cfg: Any, nets: dict, dnets: dict, device: torch.device, flops: d
                        f"{c / d:.2f} | max |Δ| / max |ref| = {diff:.1e} |")
             print("  " + out[-1], flush=True)
             bare.reset()
-            # Channels-last weights (the input as the pipeline gives it): cuDNN then skips its
-            # NCHW<->NHWC transposes around each conv (9% of a batch-16 call in the profile).
+            # NCHW weights, sdlite's layout before devices.unet_memory_format: with channels-last
+            # weights cuDNN skips its NCHW<->NHWC transposes around each conv (9% of a batch-16
+            # call in the profile).
             with torch.no_grad():
-                times, last = timed_ms({"default": lambda: ours(x, t, ctx), "changed": lambda: cl(x, t, ctx)},
+                times, last = timed_ms({"default": lambda: ours(x, t, ctx), "changed": lambda: nchw(x, t, ctx)},
                                        device, args.warmup, args.repeats)
             d, c = statistics.median(times["default"]), statistics.median(times["changed"])
             diff = rel_diff(last["changed"].float().cpu(), last["default"].float().cpu())
-            out.append(f"| CUDA graph replay with channels-last UNet weights, batch {batch} | {d:.2f} | {c:.2f} | "
-                       f"{c / d:.2f} | max |Δ| / max |ref| = {diff:.1e} |")
+            out.append(f"| CUDA graph replay with NCHW UNet weights (the layout before), batch {batch} | {d:.2f} | "
+                       f"{c:.2f} | {c / d:.2f} | max |Δ| / max |ref| = {diff:.1e} |")
             print("  " + out[-1], flush=True)
-            cl.reset()
+            nchw.reset()
         ours = None
         gc.collect()
         if device.type == "cuda":
             torch.cuda.empty_cache()
     if device.type == "cuda":
-        cl = None
+        nchw = None
         vae, vae_cl = nets["vae"], copy.deepcopy(nets["vae"]).to(memory_format=torch.channels_last)
         z = torch.randn(1, cfg.vae.embed_dim, 64, 64, generator=gen).to(device, dtype)
         with torch.no_grad():
@@ -713,7 +713,7 @@ def main(argv: list[str] | None = None) -> None:
             if got:
                 sections["fp16: the UNet call at larger batches"] = got[0]
                 if got[1]:
-                    extra.extend(["## Autocast and channels-last under a CUDA graph", "", *got[1], ""])
+                    extra.extend(["## Autocast and memory format under a CUDA graph", "", *got[1], ""])
         if precision == "fp16" and args.levers:
             log("levers")
             lines = guarded("levers", lambda: lever_rows(cfg, nets, dnets, device, args))

@@ -11,6 +11,10 @@ Policy (measured, see benchmarks/RESULTS.md and benchmarks/RESULTS-cuda.md):
   bf16 on the CPU): twice the weight memory, for a model that misbehaves with half weights.
 - CPU: fp32 by default; ``bf16`` on request puts the *weights* in bf16 (no autocast: CPU
   autocast re-casts every weight on every call and is slower than plain bf16 weights).
+- Memory format: on CUDA the UNet's weights are channels-last (NHWC), the layout tensor-core
+  convolutions use natively, so cuDNN skips its NCHW<->NHWC transposes around each conv. On an
+  H100 (fp16, CUDA graphs) a batch-2 UNet call took 0.86x the time, a batch-16 call 1.01x. The
+  VAE stays NCHW: its decode took 1.28x with channels-last weights. The CPU stays NCHW too.
 """
 
 from __future__ import annotations
@@ -83,3 +87,8 @@ def choose(device: str | torch.device | None = None, dtype: str | torch.dtype | 
     if dev.type == "mps":
         return Precision(dev, want or torch.float16, None)
     return Precision(dev, want or torch.float32, None)
+
+
+def unet_memory_format(device: torch.device) -> torch.memory_format:
+    """The UNet weights' memory format on ``device`` (the policy above): channels-last on CUDA."""
+    return torch.channels_last if device.type == "cuda" else torch.contiguous_format

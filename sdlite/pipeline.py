@@ -639,6 +639,7 @@ def load(path: str | Path | None = None, device: str | torch.device | None = Non
     precision = devices.choose(device, dtype)
     cfg, nets = load_networks(path, device=precision.device, dtype=precision.weight_dtype,
                               prediction=prediction, use_ema=use_ema, config=config)
+    nets["unet"].to(memory_format=devices.unet_memory_format(precision.device))
     pipe = Pipeline(tokenizer_for(cfg.text), nets["text_encoder"], nets["unet"], nets["vae"], cfg, precision,
                     name=path.stem, path=path)
     if low_memory:

@@ -39,6 +39,22 @@ def test_the_cpu_policy(request_, weights, autocast):
     assert (p.weight_dtype, p.autocast_dtype) == (weights, autocast)
 
 
+def test_the_unet_is_channels_last_on_cuda_only():
+    assert devices.unet_memory_format(torch.device("cuda")) == torch.channels_last
+    assert devices.unet_memory_format(torch.device("cpu")) == torch.contiguous_format
+
+
+def test_load_puts_the_unet_in_the_policy_s_memory_format(monkeypatch):
+    # Checked on the CPU by pretending the policy says channels-last there.
+    import sdlite
+
+    monkeypatch.setattr(devices, "unet_memory_format", lambda device: torch.channels_last)
+    pipe = sdlite.load(device="cpu")
+    conv = pipe.unet.input_blocks[0][0].weight
+    assert conv.is_contiguous(memory_format=torch.channels_last) and not conv.is_contiguous()
+    assert pipe.vae.decoder.conv_in.weight.is_contiguous()  # the VAE stays NCHW
+
+
 def test_an_unknown_precision_is_refused_with_the_choices():
     with pytest.raises(ArgumentError, match="fp32, fp16, bf16, autocast"):
         devices.choose("cpu", "int8")

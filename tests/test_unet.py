@@ -139,6 +139,18 @@ def test_unet_runs_in_half_precision_close_to_fp32(cfg: UNetConfig, dtype: torch
     assert (out.float() - ref).abs().max() <= 0.1 * ref.abs().max()
 
 
+@pytest.mark.parametrize("cfg", [TINY, TINY_LINEAR], ids=["conv_proj", "linear_proj"])
+def test_a_channels_last_unet_gives_the_nchw_result(cfg: UNetConfig) -> None:
+    # sdlite.load makes the UNet's weights channels-last on CUDA (devices.unet_memory_format); the
+    # network must compute the same function in that layout (same sums, other kernels: rounding).
+    ref_model, model = tiny(cfg), tiny(cfg).to(memory_format=torch.channels_last)
+    assert model.input_blocks[0][0].weight.is_contiguous(memory_format=torch.channels_last)
+    x, context = torch.randn(2, 4, 8, 8), torch.randn(2, 77, 32)
+    with torch.no_grad():
+        ref, out = ref_model(x, torch.tensor([999, 321.5]), context), model(x, torch.tensor([999, 321.5]), context)
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5 * ref.abs().max().item())
+
+
 def test_unet_has_no_buffers_and_loads_onto_meta_with_assign() -> None:
     with torch.device("meta"):
         model = UNetModel(TINY)
