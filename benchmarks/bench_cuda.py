@@ -288,6 +288,20 @@ def txt2img_rows(cfg: Any, nets: dict, dnets: dict, tokenizer: Any, device: torc
     return rows
 
 
+def lever_line(name: str, default: Callable[[], Any], changed: Callable[[], Any], device: torch.device,
+               warmup: int, repeats: int, note: str = "") -> str:
+    """One levers-table row: ``default`` and ``changed`` timed alternately, the ratio, and how far
+    ``changed``'s output is from ``default``'s."""
+    with torch.no_grad():
+        times, last = timed_ms({"default": default, "changed": changed}, device, warmup, repeats)
+    d, c = statistics.median(times["default"]), statistics.median(times["changed"])
+    diff = rel_diff(last["changed"].float().cpu(), last["default"].float().cpu())
+    note = "; ".join(filter(None, [note, f"max |Δ| / max |ref| = {diff:.1e}"]))
+    row = f"| {name} | {d:.2f} | {c:.2f} | {c / d:.2f} | {note} |"
+    print("  " + row, flush=True)
+    return row
+
+
 def lever_rows(cfg: Any, nets: dict, dnets: dict, device: torch.device, args: argparse.Namespace) -> list[str]:
     """sdlite's fp16 64x64 UNet call with one setting changed, timed alternately against the default."""
     prec = sdlite_precision(device, "fp16")
@@ -305,12 +319,7 @@ def lever_rows(cfg: Any, nets: dict, dnets: dict, device: torch.device, args: ar
             return unet(x, t, ctx)
 
     def line(name: str, changed: Callable[[], Any], note: str = "", default: Callable[[], Any] = default) -> None:
-        with torch.no_grad():
-            times, last = timed_ms({"default": default, "changed": changed}, device, args.warmup, args.repeats)
-        d, c = statistics.median(times["default"]), statistics.median(times["changed"])
-        note = "; ".join(filter(None, [note, f"max |Δ| / max |ref| = {rel_diff(last['changed'].float().cpu(), last['default'].float().cpu()):.1e}"]))
-        out.append(f"| {name} | {d:.2f} | {c:.2f} | {c / d:.2f} | {note} |")
-        print("  " + out[-1], flush=True)
+        out.append(lever_line(name, default, changed, device, args.warmup, args.repeats, note))
 
     if device.type == "cuda":
         graphed = GraphedCall(unet, prec)
@@ -404,26 +413,14 @@ def batch_rows(cfg: Any, nets: dict, dnets: dict, device: torch.device, flops: d
         rows.append(row)
         if device.type == "cuda":
             bare = GraphedCall(unet, under_autocast)
-            with torch.no_grad():
-                times, last = timed_ms({"default": lambda: ours(x, t, ctx), "changed": lambda: bare(x, t, ctx)},
-                                       device, args.warmup, args.repeats)
-            d, c = statistics.median(times["default"]), statistics.median(times["changed"])
-            diff = rel_diff(last["changed"].float().cpu(), last["default"].float().cpu())
-            out.append(f"| CUDA graph replay under fp16 autocast (the policy before), batch {batch} | {d:.2f} | {c:.2f} | "
-                       f"{c / d:.2f} | max |Δ| / max |ref| = {diff:.1e} |")
-            print("  " + out[-1], flush=True)
+            out.append(lever_line(f"CUDA graph replay under fp16 autocast (the policy before), batch {batch}",
+                                  lambda: ours(x, t, ctx), lambda: bare(x, t, ctx), device, args.warmup, args.repeats))
             bare.reset()
             # NCHW weights, sdlite's layout before devices.unet_memory_format: with channels-last
             # weights cuDNN skips its NCHW<->NHWC transposes around each conv (9% of a batch-16
             # call in the profile).
-            with torch.no_grad():
-                times, last = timed_ms({"default": lambda: ours(x, t, ctx), "changed": lambda: nchw(x, t, ctx)},
-                                       device, args.warmup, args.repeats)
-            d, c = statistics.median(times["default"]), statistics.median(times["changed"])
-            diff = rel_diff(last["changed"].float().cpu(), last["default"].float().cpu())
-            out.append(f"| CUDA graph replay with NCHW UNet weights (the layout before), batch {batch} | {d:.2f} | "
-                       f"{c:.2f} | {c / d:.2f} | max |Δ| / max |ref| = {diff:.1e} |")
-            print("  " + out[-1], flush=True)
+            out.append(lever_line(f"CUDA graph replay with NCHW UNet weights (the layout before), batch {batch}",
+                                  lambda: ours(x, t, ctx), lambda: nchw(x, t, ctx), device, args.warmup, args.repeats))
             nchw.reset()
         ours = None
         gc.collect()
@@ -433,14 +430,8 @@ def batch_rows(cfg: Any, nets: dict, dnets: dict, device: torch.device, flops: d
         nchw = None
         vae, vae_cl = nets["vae"], copy.deepcopy(nets["vae"]).to(memory_format=torch.channels_last)
         z = torch.randn(1, cfg.vae.embed_dim, 64, 64, generator=gen).to(device, dtype)
-        with torch.no_grad():
-            times, last = timed_ms({"default": lambda: vae.decode(z), "changed": lambda: vae_cl.decode(z)},
-                                   device, args.warmup, max(3, args.repeats // 2))
-        d, c = statistics.median(times["default"]), statistics.median(times["changed"])
-        diff = rel_diff(last["changed"].float().cpu(), last["default"].float().cpu())
-        out.append(f"| VAE decode 64x64 -> 512x512 with channels-last weights | {d:.2f} | {c:.2f} | {c / d:.2f} | "
-                   f"max |Δ| / max |ref| = {diff:.1e} |")
-        print("  " + out[-1], flush=True)
+        out.append(lever_line("VAE decode 64x64 -> 512x512 with channels-last weights", lambda: vae.decode(z),
+                              lambda: vae_cl.decode(z), device, args.warmup, max(3, args.repeats // 2)))
         del vae_cl
     return rows, (out if len(out) > 2 else [])
 
