@@ -280,8 +280,8 @@ class Pipeline:
         return ((x + 1) / 2).clamp(0, 1)
 
     def _vae_autocast(self) -> contextlib.AbstractContextManager:
-        """Autocast for the VAE only when its weights are fp32 (the "autocast" precision), also when
-        the VAE alone was put in half precision.
+        """Autocast for the VAE only when its weights are fp32 (the "autocast" precision); none when
+        they are half, also under that precision (a VAE put in half precision on its own).
 
         With half-precision VAE weights autocast changes no convolution, but it runs every GroupNorm
         and what follows it up to the next conv in fp32, at full image resolution: on an H100 an fp16
