@@ -5,7 +5,7 @@ Policy (measured, see benchmarks/RESULTS.md and benchmarks/RESULTS-cuda.md):
   diffusers runs them. With half weights autocast changes no matmul or convolution; it only runs
   each GroupNorm and LayerNorm, and what follows up to the next matmul, in fp32: extra casts and
   twice the bytes. On an H100 the UNet call (CUDA graphs, batch 2 to 16) and the VAE decode took
-  1.16-1.21x the time under autocast. The kernels accumulate the norms' statistics in fp32 for half
+  1.12-1.21x the time under autocast. The kernels accumulate the norms' statistics in fp32 for half
   inputs either way, and attention (SDPA) accumulates in fp32 too.
 - ``"autocast"``: fp32 weights under ``torch.autocast`` to the device's half type (fp16 on CUDA,
   bf16 on the CPU): twice the weight memory, for a model that misbehaves with half weights.
