@@ -10,7 +10,11 @@ Policy (measured, see benchmarks/RESULTS.md and benchmarks/RESULTS-cuda.md):
 - ``"autocast"``: fp32 weights under ``torch.autocast`` to the device's half type (fp16 on CUDA,
   bf16 on the CPU): twice the weight memory, for a model that misbehaves with half weights.
 - CPU: fp32 by default; ``bf16`` on request puts the *weights* in bf16 (no autocast: CPU
-  autocast re-casts every weight on every call and is slower than plain bf16 weights).
+  autocast re-casts every weight on every call and is slower than plain bf16 weights). Where the
+  CPU has no native half-precision kernels (x86 without AVX512-BF16/AMX for bf16, without
+  AVX512-FP16/AMX-FP16 for fp16), PyTorch computes bf16/fp16 matmuls and convolutions in reference
+  loops: 1.3 GFLOP/s on this project's AVX2 machine, against 56-160 for fp32 (a 512x512 image
+  would take hours). Asking for a half precision there warns and says so; it is not refused.
 - Memory format: on CUDA the UNet's weights are channels-last (NHWC), the layout tensor-core
   convolutions use natively, so cuDNN skips its NCHW<->NHWC transposes around each conv. On an
   H100 (fp16, CUDA graphs) a batch-2 UNet call took 0.86x the time, a batch-16 call 1.01x. The
@@ -20,6 +24,8 @@ Policy (measured, see benchmarks/RESULTS.md and benchmarks/RESULTS-cuda.md):
 from __future__ import annotations
 
 import contextlib
+import platform
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -80,13 +86,40 @@ def choose(device: str | torch.device | None = None, dtype: str | torch.dtype | 
     if isinstance(dtype, str) and dtype.lower() == "autocast":
         if dev.type not in ("cuda", "cpu"):
             raise ArgumentError(f"precision 'autocast' runs on cuda or cpu, not {dev.type}; use fp16 or fp32")
+        if dev.type == "cpu":
+            _warn_if_slow_on_this_cpu(torch.bfloat16)
         return Precision(dev, torch.float32, torch.float16 if dev.type == "cuda" else torch.bfloat16)
     want = parse_dtype(dtype)
+    if dev.type == "cpu" and want in (torch.float16, torch.bfloat16):
+        _warn_if_slow_on_this_cpu(want)
     if dev.type == "cuda":
         return Precision(dev, want or torch.float16, None)
     if dev.type == "mps":
         return Precision(dev, want or torch.float16, None)
     return Precision(dev, want or torch.float32, None)
+
+
+def cpu_has_fast(dtype: torch.dtype) -> bool:
+    """Whether PyTorch has native (oneDNN) kernels for ``dtype`` on this CPU. Only x86 is judged;
+    elsewhere (ARM has its own bf16/fp16 paths) the answer is True: nothing measured says otherwise."""
+    if dtype == torch.float32 or platform.machine().lower() not in ("x86_64", "amd64", "i386", "i686"):
+        return True
+    probe = {torch.bfloat16: "_is_mkldnn_bf16_supported", torch.float16: "_is_mkldnn_fp16_supported"}.get(dtype)
+    try:
+        return bool(getattr(torch.ops.mkldnn, probe)())
+    except (AttributeError, RuntimeError, TypeError):
+        return True  # an unknown build: no evidence either way, so no warning
+
+
+def _warn_if_slow_on_this_cpu(dtype: torch.dtype) -> None:
+    if not cpu_has_fast(dtype):
+        name = {torch.bfloat16: "bf16", torch.float16: "fp16"}[dtype]
+        units = "AVX512-BF16 or AMX" if dtype == torch.bfloat16 else "AVX512-FP16 or AMX-FP16"
+        warnings.warn(
+            f"this CPU has no native {name} kernels ({units}), so PyTorch runs {name} matmuls and "
+            f"convolutions in slow reference loops: 50-100x slower than fp32 (a 512x512 image can take "
+            f"hours). Use fp32 (the CPU default: --precision fp32, or dtype='fp32').",
+            RuntimeWarning, stacklevel=3)
 
 
 def unet_memory_format(device: torch.device) -> torch.memory_format:

@@ -109,6 +109,7 @@ def test_full_lightning_checkpoint_loads_without_pytorch_lightning_installed(tmp
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
 @pytest.mark.parametrize("to", [torch.float32, torch.bfloat16])
+@pytest.mark.filterwarnings("ignore:this CPU has no native bf16")  # the slow-CPU advice (test_devices.py)
 def test_fp16_bf16_fp32_files_load_into_the_requested_dtype(tmp_path, dtype, to):
     sd = original_state_dict(TINY_SD1, dtype=dtype)
     path = _save(sd, tmp_path / "model.safetensors")

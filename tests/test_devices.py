@@ -34,9 +34,37 @@ def test_the_cuda_policy(fake_cuda, request_, weights, autocast):
     ("bf16", torch.bfloat16, None),        # bf16 weights, not CPU autocast (it re-casts every call)
     ("autocast", torch.float32, torch.bfloat16),
 ])
-def test_the_cpu_policy(request_, weights, autocast):
+def test_the_cpu_policy(monkeypatch, request_, weights, autocast):
+    monkeypatch.setattr(devices, "cpu_has_fast", lambda dtype: True)  # the policy, not this CPU's warning
     p = devices.choose("cpu", request_)
     assert (p.weight_dtype, p.autocast_dtype) == (weights, autocast)
+
+
+@pytest.mark.parametrize("request_, name", [("bf16", "bf16"), ("fp16", "fp16"), ("autocast", "bf16")])
+def test_a_half_precision_on_a_cpu_without_native_kernels_warns_and_names_the_fix(monkeypatch, request_, name):
+    # On such CPUs (this project's AVX2 machine) bf16/fp16 matmuls run ~100x slower than fp32.
+    monkeypatch.setattr(devices, "cpu_has_fast", lambda dtype: dtype == torch.float32)
+    with pytest.warns(RuntimeWarning, match=rf"no native {name} kernels.*Use fp32"):
+        p = devices.choose("cpu", request_)
+    assert p.compute_dtype == (torch.float16 if name == "fp16" else torch.bfloat16)  # warned, not refused
+
+
+@pytest.mark.parametrize("request_", [None, "fp32", "bf16", "autocast"])
+def test_no_warning_where_the_cpu_has_the_kernels_or_fp32_is_asked(monkeypatch, recwarn, request_):
+    monkeypatch.setattr(devices, "cpu_has_fast", lambda dtype: True)
+    devices.choose("cpu", request_)
+    monkeypatch.setattr(devices, "cpu_has_fast", lambda dtype: dtype == torch.float32)
+    if request_ in (None, "fp32"):
+        devices.choose("cpu", request_)
+    assert not [w for w in recwarn if issubclass(w.category, RuntimeWarning)]
+
+
+def test_the_probe_follows_pytorch_on_x86_and_judges_no_other_cpu(monkeypatch):
+    monkeypatch.setattr(devices.platform, "machine", lambda: "x86_64")
+    assert devices.cpu_has_fast(torch.float32)
+    assert devices.cpu_has_fast(torch.bfloat16) == torch.ops.mkldnn._is_mkldnn_bf16_supported()
+    monkeypatch.setattr(devices.platform, "machine", lambda: "arm64")
+    assert devices.cpu_has_fast(torch.bfloat16) and devices.cpu_has_fast(torch.float16)
 
 
 def test_the_unet_is_channels_last_on_cuda_only():
