@@ -95,6 +95,15 @@ def test_weights_changed_in_place_or_replaced_mean_a_new_capture(net):
     net.load_state_dict({k: v + 1 for k, v in net.state_dict().items()}, assign=True)  # new tensors
     torch.testing.assert_close(g(x), net(x), rtol=0, atol=0)
     assert g.captures == 3 and len(g.graphs) == 1
+    with torch.no_grad():
+        net[2].bias.data = net[2].bias.data + 1  # same Parameter object, new memory (as .to() does)
+    torch.testing.assert_close(g(x), net(x), rtol=0, atol=0)
+    assert g.captures == 4
+    net[2] = nn.Linear(8, 4)  # a replaced submodule (as a LoRA wrapper would do)
+    torch.testing.assert_close(g(x), net(x), rtol=0, atol=0)
+    assert g.captures == 5
+    g(x)
+    assert g.captures == 5  # unchanged weights: the graph is replayed, not captured again
 
 
 def test_a_failed_capture_warns_once_and_runs_eagerly_from_then_on(net):
