@@ -18,8 +18,8 @@ A graph reads the memory the parameters had at capture. So the parameters' addre
 counters are part of the signature (:func:`weights_state`, read before every replay): replacing a
 parameter (``.to()``, ``load_state_dict(..., assign=True)``) or a submodule, or changing a parameter
 in place (which also changes the cached Upsample kernels) makes the next call capture afresh, and
-drops the old graphs. Module switches (attention chunking, kernel
-cache) are set through :class:`~sdlite.pipeline.Pipeline`, which calls :meth:`GraphedCall.reset`.
+drops the old graphs. Module switches (attention chunking, kernel cache) are set through
+:class:`~sdlite.pipeline.Pipeline`, which calls :meth:`GraphedCall.reset`.
 
 The cost: a few eager calls at each new shape, and the memory of the captured call's activations,
 held in the graph's private pool until :meth:`reset` (at most ``max_graphs`` shapes are kept).
