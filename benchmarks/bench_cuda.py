@@ -234,15 +234,21 @@ def _dcall(device: torch.device, precision: str, fn: Callable[[], Any]) -> Any:
         return fn()
 
 
-def txt2img_rows(cfg: Any, nets: dict, dnets: dict, tokenizer: Any, device: torch.device, precision: str,
-                 flops: dict[str, float], args: argparse.Namespace) -> list[Row]:
+def sdlite_pipe(cfg: Any, nets: dict, device: torch.device, precision: str) -> Any:
+    """sdlite's pipeline over ``nets``, set up as ``sdlite.load`` sets it up on ``device``."""
     from sdlite.clip import tokenizer_for
     from sdlite.pipeline import Pipeline
 
     pipe = Pipeline(tokenizer_for(cfg.text), nets["text_encoder"], nets["unet"], nets["vae"], cfg,
                     sdlite_precision(device, precision), name="bench")
     if device.type == "cuda":
-        pipe.set_cuda_graphs()  # as sdlite.load sets it up on CUDA
+        pipe.set_cuda_graphs()
+    return pipe
+
+
+def txt2img_rows(cfg: Any, nets: dict, dnets: dict, tokenizer: Any, device: torch.device, precision: str,
+                 flops: dict[str, float], args: argparse.Namespace) -> list[Row]:
+    pipe = sdlite_pipe(cfg, nets, device, precision)
     dpipe = bench.diffusers_pipeline(cfg, dnets, tokenizer)
     gen = torch.Generator().manual_seed(1)
     rows: list[Row] = []
@@ -351,6 +357,25 @@ def lever_rows(cfg: Any, nets: dict, dnets: dict, device: torch.device, args: ar
 
         line("NCHW UNet weights (sdlite's CUDA layout before; now channels-last)", nchw_weights)
         del nchw
+
+    if device.type == "cuda":
+        # The sampling loop's host-to-device copies (per-step sigmas, timesteps, the noise of CPU
+        # generators) staged in pinned memory and queued (devices.to_device), against plain
+        # blocking copies, each of which waits for the GPU to finish all queued work.
+        pipe = sdlite_pipe(cfg, nets, device, "fp16")
+        lat = torch.randn(1, cfg.vae.embed_dim, 64, 64, generator=gen)
+
+        def txt2img() -> Any:
+            return torch.as_tensor(pipe.txt2img(PROMPT, steps=20, guidance_scale=7.5, width=512, height=512,
+                                                sampler="euler_a", seed=1, latents=lat, output_type="np"))
+
+        def blocking_copies() -> Any:
+            with patch.object(devices, "ASYNC_HOST_COPIES", False):
+                return txt2img()
+
+        out.append(lever_line("txt2img 512x512, 20 Euler a steps: blocking host-to-device copies (before)",
+                              txt2img, blocking_copies, device, 1, max(3, args.pipe_repeats)))
+        pipe = None
 
     vae = nets["vae"]
     z = torch.randn(1, cfg.vae.embed_dim, 64, 64, generator=gen).to(device, dtype)

@@ -122,6 +122,27 @@ def _warn_if_slow_on_this_cpu(dtype: torch.dtype) -> None:
             RuntimeWarning, stacklevel=3)
 
 
+# Whether to_device stages host tensors in pinned memory and copies them without blocking (the
+# default); False restores plain blocking copies (benchmarks/bench_cuda.py measures the difference).
+ASYNC_HOST_COPIES = True
+
+
+def to_device(t: torch.Tensor, device: torch.device, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """``t.to(device, dtype)`` for the small host tensors of a sampling step (timesteps, per-sample
+    sigmas, noise drawn by CPU generators), without making the host wait for the GPU.
+
+    Why: a copy from ordinary (pageable) host memory to a CUDA device first waits until every
+    kernel already queued on the stream has finished. A sampling loop that moved a sigma that way
+    each step could never run ahead of the GPU: the GPU would sit idle while Python prepared each
+    next step. Staged in pinned memory, the copy is queued like a kernel; PyTorch's pinned-memory
+    cache keeps the staging buffer until the copy has run. Elsewhere this is ``t.to(device, dtype)``."""
+    if dtype is not None:
+        t = t.to(dtype)
+    if device.type != "cuda" or t.device.type != "cpu" or not ASYNC_HOST_COPIES:
+        return t.to(device)
+    return t.pin_memory().to(device, non_blocking=True)
+
+
 def unet_memory_format(device: torch.device) -> torch.memory_format:
     """The UNet weights' memory format on ``device`` (the policy above): channels-last on CUDA."""
     return torch.channels_last if device.type == "cuda" else torch.contiguous_format

@@ -98,3 +98,35 @@ def test_load_on_cuda_draws_the_cpu_image_to_fp16_rounding():
     image = gpu.txt2img("a red circle on the left", seed=1, output_type="np")
     ref = sdlite.load(device="cpu").txt2img("a red circle on the left", seed=1, output_type="np")
     assert abs(image - ref).max() < 2e-2  # 3e-3 measured on an H100 (benchmarks/RESULTS-cuda.md)
+
+
+def test_a_sampling_step_never_makes_the_host_wait_for_the_gpu(monkeypatch):
+    # devices.to_device: a blocking copy from pageable memory would wait for all queued GPU work
+    # each step. CUDA's sync debug mode raises on such a wait; the old blocking copies must trip it.
+    from sdlite.schedulers import Denoiser, DiscreteSchedule
+    from sdlite.schedulers.k_samplers import randn_like
+
+    d = Denoiser(lambda x, t: x * t.view(-1, 1, 1, 1) * 1e-3, DiscreteSchedule(), "v")
+    x = torch.randn(2, 4, 8, 8, device="cuda")
+    gens = [torch.Generator().manual_seed(i) for i in range(2)]
+
+    def step() -> list[torch.Tensor]:
+        for g, seed in zip(gens, (1, 2)):
+            g.manual_seed(seed)
+        return [d(x, 3.0), randn_like(x, gens), d.eps(x, 500), d.pred_x0(x, 500, x)]
+
+    step()  # warm-up: lazy initialisation, the pinned-memory cache
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        queued = step()
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+    monkeypatch.setattr(devices, "ASYNC_HOST_COPIES", False)
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        with pytest.raises(RuntimeError):
+            step()
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+    for a, b in zip(queued, step()):  # the same values as blocking copies
+        torch.testing.assert_close(a, b, rtol=0, atol=0)

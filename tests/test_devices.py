@@ -67,6 +67,14 @@ def test_the_probe_follows_pytorch_on_x86_and_judges_no_other_cpu(monkeypatch):
     assert devices.cpu_has_fast(torch.bfloat16) and devices.cpu_has_fast(torch.float16)
 
 
+def test_to_device_on_the_cpu_is_a_plain_cast():
+    # On CUDA it stages in pinned memory and copies without blocking (tests/test_cuda.py).
+    t = torch.tensor([0.1, 2.5], dtype=torch.float64)
+    out = devices.to_device(t, torch.device("cpu"), torch.float32)
+    assert out.dtype == torch.float32 and torch.equal(out, t.float())
+    assert devices.to_device(out, torch.device("cpu")) is out  # nothing to move, nothing copied
+
+
 def test_the_unet_is_channels_last_on_cuda_only():
     assert devices.unet_memory_format(torch.device("cuda")) == torch.channels_last
     assert devices.unet_memory_format(torch.device("cpu")) == torch.contiguous_format

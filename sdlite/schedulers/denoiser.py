@@ -26,6 +26,7 @@ from typing import Callable, Literal
 
 import torch
 
+from ..devices import to_device
 from ..errors import ArgumentError
 from .schedule import DiscreteSchedule
 
@@ -58,10 +59,10 @@ class Denoiser:
         x = x.to(dtype)
         sigma = torch.as_tensor(sigma, dtype=torch.float64).detach().cpu()
         sigma = sigma.expand(x.shape[0]) if sigma.ndim == 0 else sigma.reshape(x.shape[0])
-        t = self.schedule.sigma_to_t(sigma).to(x.device, torch.float32)
+        t = to_device(self.schedule.sigma_to_t(sigma), x.device, torch.float32)
 
         def per_sample(v: torch.Tensor) -> torch.Tensor:  # float64 [B] -> [B, 1, 1, 1] in x's dtype/device
-            return v.reshape(-1, *([1] * (x.ndim - 1))).to(x.device, dtype)
+            return to_device(v.reshape(-1, *([1] * (x.ndim - 1))), x.device, dtype)
 
         c_in = per_sample(1.0 / (sigma**2 + 1.0).sqrt())
         out = self.model_fn(x * c_in, t).to(dtype)
@@ -78,7 +79,7 @@ class Denoiser:
         dtype = torch.promote_types(x_t.dtype, torch.float32)
         x_t = x_t.to(dtype)
         t = self._timesteps(t, x_t.shape[0])
-        out = self.model_fn(x_t, t.to(x_t.device, torch.float32)).to(dtype)
+        out = self.model_fn(x_t, to_device(t, x_t.device, torch.float32)).to(dtype)
         if self.prediction == "eps":
             return out
         a = self.schedule.alphas_cumprod[t]  # float64; square roots taken before the cast
@@ -97,4 +98,4 @@ class Denoiser:
 
     @staticmethod
     def _per_sample(v: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-        return v.reshape(-1, *([1] * (x.ndim - 1))).to(x.device, torch.promote_types(x.dtype, torch.float32))
+        return to_device(v.reshape(-1, *([1] * (x.ndim - 1))), x.device, torch.promote_types(x.dtype, torch.float32))

@@ -18,7 +18,8 @@ step i with the updated x and the step's x0 estimate; returning exactly ``False`
 returns the current x.
 
 Noise: ``torch.randn(shape, generator=generator, device=generator.device, dtype=float32)`` moved to x's
-device, so a CPU generator gives the same result on every device. The SDE samplers of k-diffusion draw
+device (by :func:`sdlite.devices.to_device`, which does not make the host wait for the GPU), so a CPU
+generator gives the same result on every device. The SDE samplers of k-diffusion draw
 their noise as increments of one Brownian path (torchsde's Brownian tree), so that a picture changes little
 with the step count. No Brownian tree is needed for the *distribution*: the 2M/3M SDE steps use disjoint
 intervals, whose increments are independent Gaussians; DPM++ SDE uses two nested intervals per step, and
@@ -33,6 +34,7 @@ from typing import Any, Callable, Sequence
 
 import torch
 
+from ..devices import to_device
 from .denoiser import Denoiser
 
 Callback = Callable[[int, float, torch.Tensor, torch.Tensor], Any]
@@ -57,9 +59,10 @@ def randn_like(x: torch.Tensor, generator: torch.Generator | Sequence[torch.Gene
     if isinstance(generator, (list, tuple)):
         if len(generator) != x.shape[0]:
             raise ValueError(f"{len(generator)} generators for a batch of {x.shape[0]}")
-        return torch.stack([torch.randn(x.shape[1:], generator=g, device=g.device, dtype=torch.float32)
-                            for g in generator]).to(x.device, x.dtype)
-    return torch.randn(x.shape, generator=generator, device=generator.device, dtype=torch.float32).to(x.device, x.dtype)
+        return to_device(torch.stack([torch.randn(x.shape[1:], generator=g, device=g.device, dtype=torch.float32)
+                                      for g in generator]), x.device, x.dtype)
+    return to_device(torch.randn(x.shape, generator=generator, device=generator.device, dtype=torch.float32),
+                     x.device, x.dtype)
 
 
 def _stopped(callback: Callback | None, i: int, level: float, x: torch.Tensor, denoised: torch.Tensor) -> bool:
