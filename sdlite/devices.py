@@ -140,7 +140,11 @@ def to_device(t: torch.Tensor, device: torch.device, dtype: torch.dtype | None =
         t = t.to(dtype)
     if device.type != "cuda" or t.device.type != "cpu" or not ASYNC_HOST_COPIES:
         return t.to(device)
-    return t.pin_memory().to(device, non_blocking=True)
+    try:
+        staged = t.pin_memory()
+    except RuntimeError:  # no pinned memory to be had: a blocking copy still gives the right values
+        return t.to(device)
+    return staged.to(device, non_blocking=True)
 
 
 def unet_memory_format(device: torch.device) -> torch.memory_format:
