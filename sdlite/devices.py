@@ -86,17 +86,13 @@ def choose(device: str | torch.device | None = None, dtype: str | torch.dtype | 
     if isinstance(dtype, str) and dtype.lower() == "autocast":
         if dev.type not in ("cuda", "cpu"):
             raise ArgumentError(f"precision 'autocast' runs on cuda or cpu, not {dev.type}; use fp16 or fp32")
-        if dev.type == "cpu":
-            _warn_if_slow_on_this_cpu(torch.bfloat16)
-        return Precision(dev, torch.float32, torch.float16 if dev.type == "cuda" else torch.bfloat16)
-    want = parse_dtype(dtype)
-    if dev.type == "cpu" and want in (torch.float16, torch.bfloat16):
-        _warn_if_slow_on_this_cpu(want)
-    if dev.type == "cuda":
-        return Precision(dev, want or torch.float16, None)
-    if dev.type == "mps":
-        return Precision(dev, want or torch.float16, None)
-    return Precision(dev, want or torch.float32, None)
+        precision = Precision(dev, torch.float32, torch.float16 if dev.type == "cuda" else torch.bfloat16)
+    else:
+        default = torch.float16 if dev.type in ("cuda", "mps") else torch.float32
+        precision = Precision(dev, parse_dtype(dtype) or default, None)
+    if dev.type == "cpu" and precision.compute_dtype in (torch.float16, torch.bfloat16):
+        _warn_if_slow_on_this_cpu(precision.compute_dtype)
+    return precision
 
 
 def cpu_has_fast(dtype: torch.dtype) -> bool:
