@@ -60,16 +60,14 @@ class Denoiser:
         sigma = torch.as_tensor(sigma, dtype=torch.float64).detach().cpu()
         sigma = sigma.expand(x.shape[0]) if sigma.ndim == 0 else sigma.reshape(x.shape[0])
         t = to_device(self.schedule.sigma_to_t(sigma), x.device, torch.float32)
+        per_sample = self._per_sample  # float64 [B] -> [B, 1, 1, 1] in x's dtype, on x's device
 
-        def per_sample(v: torch.Tensor) -> torch.Tensor:  # float64 [B] -> [B, 1, 1, 1] in x's dtype/device
-            return to_device(v.reshape(-1, *([1] * (x.ndim - 1))), x.device, dtype)
-
-        c_in = per_sample(1.0 / (sigma**2 + 1.0).sqrt())
+        c_in = per_sample(1.0 / (sigma**2 + 1.0).sqrt(), x)
         out = self.model_fn(x * c_in, t).to(dtype)
         if self.prediction == "eps":
-            return x - per_sample(sigma) * out
-        c_skip = per_sample(1.0 / (sigma**2 + 1.0))
-        c_out = per_sample(-sigma / (sigma**2 + 1.0).sqrt())
+            return x - per_sample(sigma, x) * out
+        c_skip = per_sample(1.0 / (sigma**2 + 1.0), x)
+        c_out = per_sample(-sigma / (sigma**2 + 1.0).sqrt(), x)
         return c_skip * x + c_out * out
 
     # -- VP space -----------------------------------------------------------------------------------
