@@ -358,7 +358,6 @@ def lever_rows(cfg: Any, nets: dict, dnets: dict, device: torch.device, args: ar
         line("NCHW UNet weights (sdlite's CUDA layout before; now channels-last)", nchw_weights)
         del nchw
 
-    if device.type == "cuda":
         # The sampling loop's host-to-device copies (per-step sigmas, timesteps, the noise of CPU
         # generators) staged in pinned memory and queued (devices.to_device), against plain
         # blocking copies, each of which waits for the GPU to finish all queued work.
