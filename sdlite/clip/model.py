@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from einops import rearrange
 from torch import nn
 
 from sdlite.config import TextConfig
@@ -49,11 +50,10 @@ class CLIPAttention(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """``[B, N, width] -> [B, N, width]``; token i attends to tokens 0..i."""
-        b, n, width = x.shape
-        # [B, N, width] -> [B, heads, N, head_dim]
-        q, k, v = (proj(x).view(b, n, self.heads, -1).transpose(1, 2) for proj in (self.q_proj, self.k_proj, self.v_proj))
+        q, k, v = (rearrange(proj(x), "b n (heads d) -> b heads n d", heads=self.heads)
+                   for proj in (self.q_proj, self.k_proj, self.v_proj))
         out = F.scaled_dot_product_attention(q, k, v, is_causal=True)  # scale 1/sqrt(head_dim)
-        return self.out_proj(out.transpose(1, 2).reshape(b, n, width))
+        return self.out_proj(rearrange(out, "b heads n d -> b n (heads d)"))
 
 
 class CLIPMLP(nn.Module):

@@ -28,6 +28,7 @@ import math
 
 import torch
 import torch.nn.functional as F
+from einops import rearrange
 from torch import nn
 
 from sdlite.config import TextConfig
@@ -49,12 +50,10 @@ class MultiheadSelfAttention(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """``[B, N, width] -> [B, N, width]``; token i attends to tokens 0..i."""
-        b, n, width = x.shape
-        qkv = F.linear(x, self.in_proj_weight, self.in_proj_bias)
-        # [B, N, 3*width] -> 3 x [B, heads, N, head_dim]
-        q, k, v = qkv.view(b, n, 3, self.heads, -1).permute(2, 0, 3, 1, 4)
+        qkv = F.linear(x, self.in_proj_weight, self.in_proj_bias)  # q, k and v in one matmul
+        q, k, v = rearrange(qkv, "b n (three heads d) -> three b heads n d", three=3, heads=self.heads)
         out = F.scaled_dot_product_attention(q, k, v, is_causal=True)  # scale 1/sqrt(head_dim)
-        return self.out_proj(out.transpose(1, 2).reshape(b, n, width))
+        return self.out_proj(rearrange(out, "b heads n d -> b n (heads d)"))
 
 
 class MLP(nn.Module):

@@ -27,6 +27,7 @@ import math
 
 import torch
 import torch.nn.functional as F
+from einops import rearrange
 from torch import nn
 
 from sdlite.config import UNetConfig
@@ -156,13 +157,10 @@ class CrossAttention(nn.Module):
 
     def forward(self, x: torch.Tensor, context: torch.Tensor | None = None) -> torch.Tensor:
         context = x if context is None else context
-        q, k, v = self.to_q(x), self.to_k(context), self.to_v(context)
-        b = x.shape[0]
-        # [B, L, heads * dim_head] -> [B, heads, L, dim_head]
-        q, k, v = (y.reshape(b, -1, self.heads, y.shape[-1] // self.heads).transpose(1, 2) for y in (q, k, v))
+        q, k, v = (rearrange(y, "b l (heads d) -> b heads l d", heads=self.heads)
+                   for y in (self.to_q(x), self.to_k(context), self.to_v(context)))
         out = attention(q, k, v, self.query_chunk)  # softmax(q k^T / sqrt(dim_head)) v
-        out = out.transpose(1, 2).reshape(b, -1, out.shape[1] * out.shape[3])
-        return self.to_out(out)
+        return self.to_out(rearrange(out, "b heads l d -> b l (heads d)"))
 
 
 class GEGLU(nn.Module):
@@ -238,7 +236,7 @@ class SpatialTransformer(nn.Module):
             self.proj_out = Conv2d(inner_dim, channels, 1)
 
     def forward(self, x: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
-        b, c, h, w = x.shape
+        h, w = x.shape[-2:]
         x_in = x
         x = self.norm(x)
         if not self.use_linear:
@@ -247,14 +245,14 @@ class SpatialTransformer(nn.Module):
         # already contiguous; an NCHW map gives a transposed view, which made every LayerNorm copy
         # and every residual add strided on an H100 (4% of a batch-16 call), but on the CPU a
         # .contiguous() copy here made the whole UNet 1.19x slower at 32x32 latents.
-        x = x.flatten(2).transpose(1, 2)
+        x = rearrange(x, "b c h w -> b (h w) c")
         if self.use_linear:
             x = self.proj_in(x)
         for block in self.transformer_blocks:
             x = block(x, context)
         if self.use_linear:
             x = self.proj_out(x)
-        x = x.transpose(1, 2).reshape(b, -1, h, w)  # [B, HW, C] -> [B, C, H, W]
+        x = rearrange(x, "b (h w) c -> b c h w", h=h, w=w)
         if not self.use_linear:
             x = self.proj_out(x)
         return x + x_in

@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from einops import rearrange
 from torch import nn
 
 from ..config import VAEConfig
@@ -91,15 +92,13 @@ class AttnBlock(nn.Module):
         self.query_chunk: int | None = None  # the low-memory option (sdlite.ops)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        b, c, h, w = x.shape
+        h, w = x.shape[-2:]
         hn = self.norm(x)
-        # [B, C, H, W] -> [B, 1 head, H*W tokens, C]. contiguous(): with the channels strided by H*W,
+        # One head over the H*W pixels as tokens. contiguous(): with the channels strided by H*W,
         # SDPA on the CPU falls back from its fused flash kernel to the slower math path (1.4x at 64x64).
-        q, k, v = (t(hn).reshape(b, 1, c, h * w).transpose(2, 3).contiguous() for t in (self.q, self.k, self.v))
+        q, k, v = (rearrange(t(hn), "b c h w -> b 1 (h w) c").contiguous() for t in (self.q, self.k, self.v))
         out = attention(q, k, v, self.query_chunk)
-        # [B, 1, H*W, C] -> [B, C, H, W]
-        out = out.transpose(2, 3).reshape(b, c, h, w)
-        return x + self.proj_out(out)
+        return x + self.proj_out(rearrange(out, "b 1 (h w) c -> b c h w", h=h, w=w))
 
 
 class Downsample(nn.Module):
