@@ -45,6 +45,13 @@ def test_load_without_a_path_returns_the_bundled_model(pipe):
     assert pipe.config.image_size == 64 and pipe.config.prediction == "eps"
 
 
+def test_any_multiple_of_8_is_a_valid_size_though_the_model_downsamples_16x(pipe):
+    # 72 px -> 18 latent pixels -> 9 -> 5 in the UNet: its upsampled maps are cropped to their skips.
+    for width, height in [(72, 88), (40, 24)]:
+        assert pipe.txt2img("a red circle on the left", seed=1, steps=2, width=width, height=height)[0].size == (
+            width, height)
+
+
 def test_a_seeded_generation_at_native_size_is_reproducible(pipe):
     a = pipe.txt2img("a red circle on the left", seed=5)
     b = pipe.txt2img("a red circle on the left", seed=5)

@@ -162,6 +162,38 @@ def test_unet_has_no_buffers_and_loads_onto_meta_with_assign() -> None:
     assert model.input_blocks[0][0].weight.data_ptr() == sd["input_blocks.0.0.weight"].data_ptr()
 
 
+THREE_LEVELS = UNetConfig(model_channels=32, channel_mult=(1, 2, 2), num_res_blocks=1, attention_resolutions=(2,),
+                          num_heads=2, context_dim=32)
+
+
+def a1111_forward(model: UNetModel, x: torch.Tensor, t: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
+    """The UNet as the A1111 web UI runs sizes its levels do not divide: the original forward, with a
+    ``torch.cat`` that first resizes the upsampled map to its skip's size (nearest) where they differ."""
+    emb = model.time_embed(timestep_embedding(t, model.cfg.model_channels))
+    h, skips = x, []
+    for block in model.input_blocks:
+        h = block(h, emb, context)
+        skips.append(h)
+    h = model.middle_block(h, emb, context)
+    for block in model.output_blocks:
+        skip = skips.pop()
+        if h.shape[-2:] != skip.shape[-2:]:
+            h = torch.nn.functional.interpolate(h, size=skip.shape[-2:], mode="nearest")
+        h = block(torch.cat([h, skip], dim=1), emb, context)
+    return model.out(h)
+
+
+@pytest.mark.parametrize("hw", [(9, 13), (7, 5), (12, 10), (3, 6)])
+def test_unet_takes_sizes_its_levels_do_not_divide_as_a1111_does(hw: tuple[int, int]) -> None:
+    # Images that are multiples of 8 but not of 64 give such latents for SD (e.g. 72 px -> 9).
+    model = tiny(THREE_LEVELS)
+    x, t, context = torch.randn(2, 4, *hw), torch.tensor([10.0, 700.0]), torch.randn(2, 77, 32)
+    with torch.no_grad():
+        out, ref = model(x, t, context), a1111_forward(model, x, t, context)
+    assert out.shape == (2, 4, *hw)
+    torch.testing.assert_close(out, ref, rtol=0, atol=1e-5)
+
+
 def test_unet_forward_does_not_modify_its_inputs() -> None:
     model = tiny()
     x, t, context = torch.randn(2, 4, 8, 8), torch.tensor([1.5, 2.0]), torch.randn(2, 77, 32)

@@ -343,7 +343,8 @@ class UNetModel(nn.Module):
     def forward(self, x: torch.Tensor, t: torch.Tensor | float, context: torch.Tensor) -> torch.Tensor:
         """Predict the noise (or v) in ``x`` at timestep ``t``.
 
-        ``x``: [B, in_channels, H, W] with H, W divisible by ``2 ** (len(channel_mult) - 1)``;
+        ``x``: [B, in_channels, H, W], any H, W: where ``2 ** (len(channel_mult) - 1)`` does not divide
+        them, an upsampled map one row or column larger than its skip is cropped to it (A1111's rule);
         ``t``: python number, 0-d tensor or [B], integer or fractional (never rounded);
         ``context``: [B, N, context_dim], N any length (a multiple of 77 for chunked long prompts).
         Returns [B, out_channels, H, W] in the dtype of the weights; inputs are cast to it.
@@ -363,5 +364,9 @@ class UNetModel(nn.Module):
             skips.append(h)
         h = self.middle_block(h, emb, context)
         for block in self.output_blocks:
-            h = block(torch.cat([h, skips.pop()], dim=1), emb, context)
+            skip = skips.pop()
+            # A map of odd size n was downsampled to ceil(n / 2), so upsampling gives n + 1: drop the
+            # last row/column, as the A1111 web UI does (its torch.cat resizes to the skip's size,
+            # nearest) for sizes that are multiples of 8 but not of 64. A no-op otherwise.
+            h = block(torch.cat([h[..., :skip.shape[-2], :skip.shape[-1]], skip], dim=1), emb, context)
         return self.out(h)
