@@ -28,11 +28,17 @@ def save_numbered(image, outdir: Path, text: str) -> Path:
     while True:
         path = outdir / f"{n:05d}.png"
         try:
-            with open(path, "xb") as f:
-                save_png(image, f, text)
-            return path
+            f = open(path, "xb")
         except FileExistsError:
             n += 1
+            continue
+        try:
+            with f:
+                save_png(image, f, text)
+        except BaseException:  # Ctrl-C or a full disk mid-write: leave no truncated PNG behind
+            path.unlink(missing_ok=True)
+            raise
+        return path
 
 
 def _parser(img2img: bool) -> argparse.ArgumentParser:
@@ -44,7 +50,9 @@ def _parser(img2img: bool) -> argparse.ArgumentParser:
     p.add_argument("--negative-prompt", "--negative_prompt", dest="negative_prompt", default="", help="what to avoid")
     p.add_argument("--from-file", dest="from_file", type=Path, default=None, help="one prompt per line")
     p.add_argument("--ckpt", type=Path, default=None, help="a .ckpt/.safetensors in the original layout")
-    p.add_argument("--outdir", type=Path, default=Path(f"outputs/{kind}-samples"))
+    p.add_argument("--outdir", type=Path, default=Path(f"outputs/{kind}-samples"),
+                   help="where the images go, as NNNNN.png numbered on after the highest number already there; "
+                        "existing files are never overwritten (default: %(default)s)")
     p.add_argument("--steps", "--ddim_steps", dest="steps", type=int, default=20, help="sampling steps")
     p.add_argument("--sampler", default="euler_a", help="euler_a, euler, heun, lms, dpmpp_2m, ddim, plms, ddpm, ... "
                                                          "or A1111 names ('Euler a', 'DPM++ 2M Karras')")
@@ -59,9 +67,11 @@ def _parser(img2img: bool) -> argparse.ArgumentParser:
     p.add_argument("--n_iter", type=int, default=1, help="number of batches")
     p.add_argument("--precision", default=None, help="fp32 (= full), fp16, bf16, or autocast (fp32 weights under autocast; default: fp16 on CUDA, fp32 on the CPU; "
                    "bf16/fp16 on a CPU only pay off with AVX512-BF16/AMX: elsewhere they are 50-100x slower, and sdlite warns)")
-    p.add_argument("--device", default=None, help="cuda, cpu, ... (default: cuda when available)")
+    p.add_argument("--device", default=None, help="cpu, cuda, cuda:1, mps, ... (default: cuda when available)")
     p.add_argument("--prediction", choices=["eps", "v"], default=None, help="override eps/v detection")
-    p.add_argument("--clip-skip", dest="clip_skip", type=int, default=1)
+    p.add_argument("--clip-skip", dest="clip_skip", type=int, default=1,
+                   help="1 = the last CLIP layer (default); 2 = A1111's 'Clip skip 2' (the layer before it, "
+                        "which many anime models were trained with); the model limits the largest value")
     p.add_argument("--low-memory", dest="low_memory", action="store_true",
                    help="chunked attention and tiled VAE decoding, for small GPUs (slightly slower)")
     p.add_argument("--compile", action="store_true",
@@ -76,25 +86,100 @@ def _parser(img2img: bool) -> argparse.ArgumentParser:
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     if img2img:
         p.add_argument("--init-img", "--init_img", dest="init_img", type=Path, required=True, help="the image to redraw")
-        p.add_argument("--strength", type=float, default=0.75, help="0 keeps the image, 1 ignores it")
+        p.add_argument("--strength", type=float, default=0.75,
+                       help="in (0, 1]: near 0 keeps the image, 1 redraws it from noise (default: %(default)s)")
     return p
 
 
+# torch.Generator.manual_seed takes an unsigned 64-bit seed; -1 asks for a random one.
+_MAX_SEED = 2**64 - 1
+
+
 def _prompts(args: argparse.Namespace) -> list[str]:
+    if args.from_file is not None and args.prompt is not None:
+        raise ArgumentError("give --prompt or --from-file, not both")
     if args.from_file is not None:
-        if not args.from_file.is_file():
-            raise ArgumentError(f"--from-file {args.from_file} does not exist")
-        prompts = [line.strip() for line in args.from_file.read_text().splitlines() if line.strip()]
+        path = args.from_file
+        if not path.exists():
+            raise ArgumentError(f"--from-file {path} does not exist")
+        if not path.is_file():
+            raise ArgumentError(f"--from-file {path} is not a file; give a text file with one prompt per line")
+        try:
+            text = path.read_text(encoding="utf-8-sig")  # -sig: Windows editors start UTF-8 files with a BOM
+        except UnicodeDecodeError as e:
+            raise ArgumentError(f"--from-file {path} is not UTF-8 text ({e}); save it as UTF-8") from None
+        prompts = [line.strip() for line in text.splitlines() if line.strip()]
         if not prompts:
-            raise ArgumentError(f"--from-file {args.from_file} has no prompts")
+            raise ArgumentError(f"--from-file {path} has no prompts")
         return prompts
     if args.prompt is None:
         raise ArgumentError("give --prompt or --from-file")
     return [args.prompt]
 
 
+def _first_seed(args: argparse.Namespace, n_images: int) -> int:
+    """The seed of the first image; image i uses ``seed + i``, so the last one must fit too."""
+    if args.seed is None or args.seed == -1:
+        import random
+
+        return random.randrange(2**32)
+    if not 0 <= args.seed <= _MAX_SEED:
+        raise ArgumentError(f"--seed must be -1 (random) or in [0, 2**64 - 1], got {args.seed}")
+    if args.seed + n_images - 1 > _MAX_SEED:
+        raise ArgumentError(f"--seed {args.seed} is too large for {n_images} images: image i uses seed + i, "
+                            f"and the last seed must be ≤ 2**64 - 1; give --seed ≤ {_MAX_SEED - n_images + 1}")
+    return args.seed
+
+
+def _check_outdir(outdir: Path) -> None:
+    # mkdir runs only when the first image is saved, after all the work: find a blocking file now.
+    for p in (outdir, *outdir.parents):
+        if p.exists():
+            if not p.is_dir():
+                raise ArgumentError(f"--outdir {outdir}: {p} exists and is not a directory; "
+                                    "give a directory or a path that does not exist yet")
+            return
+
+
+def _check_init_img(path: Path, width: int | None, height: int | None) -> None:
+    if not path.exists():
+        raise ArgumentError(f"--init-img {path} does not exist")
+    if not path.is_file():
+        raise ArgumentError(f"--init-img {path} is not a file; give an image file (PNG, JPEG, ...)")
+    from PIL import Image
+
+    try:
+        with Image.open(path) as im:
+            size = im.size
+            im.verify()
+    except Exception as e:  # PIL reports unreadable or corrupt data with many exception types
+        raise ArgumentError(f"--init-img {path} is not an image PIL can read ({e})") from None
+    # Without --W/--H the size is the image's, rounded down to a multiple of 8.
+    if (width is None and size[0] < 8) or (height is None and size[1] < 8):
+        raise ArgumentError(f"--init-img {path} is {size[0]}x{size[1]} px; it must be at least 8x8 px "
+                            "(or give --W and --H to resize it)")
+
+
+def _check_device(device: str | None) -> None:
+    if device is None:
+        return
+    import torch
+
+    try:
+        torch.device(device)
+    except RuntimeError:
+        raise ArgumentError(f"--device {device!r} is not a device name; use e.g. cpu, cuda, cuda:1 or mps") from None
+
+
 def run(argv: Sequence[str] | None, img2img: bool) -> int:
+    """Run the txt2img (or img2img) command line; returns the exit code (0, 2 = bad input, 130 = Ctrl-C).
+
+    Every argument is checked before the model is loaded. Each image's path is printed when it is saved.
+
+    >>> run(["--prompt", "a red circle on the left", "--seed", "1"], img2img=False)  # doctest: +SKIP
+    """
     args = _parser(img2img).parse_args(argv)
+    written: list[Path] = []
     try:
         import sdlite
         from .schedulers import parse_sampler_and_schedule
@@ -102,16 +187,20 @@ def run(argv: Sequence[str] | None, img2img: bool) -> int:
         prompts = _prompts(args)
         sampler = "plms" if args.plms else args.sampler
         parse_sampler_and_schedule(sampler, args.schedule)  # fail on a bad name before loading anything
-        if img2img:
-            if not 0.0 < args.strength <= 1.0:
-                raise ArgumentError(f"--strength must be in (0, 1], got {args.strength}")
-            if not args.init_img.is_file():
-                raise ArgumentError(f"--init-img {args.init_img} does not exist")
+        if img2img and not 0.0 < args.strength <= 1.0:
+            raise ArgumentError(f"--strength must be in (0, 1], got {args.strength}")
         for name, v in (("--H", args.H), ("--W", args.W)):
             if v is not None and (v <= 0 or v % 8):
                 raise ArgumentError(f"{name} must be a positive multiple of 8, got {v}")
-        if args.steps < 1:
-            raise ArgumentError(f"--steps must be ≥ 1, got {args.steps}")
+        if img2img:
+            _check_init_img(args.init_img, args.W, args.H)
+        for name, v in (("--steps", args.steps), ("--n_samples", args.n_samples), ("--n_iter", args.n_iter),
+                        ("--clip-skip", args.clip_skip)):
+            if v < 1:
+                raise ArgumentError(f"{name} must be ≥ 1, got {v}")
+        seed = _first_seed(args, args.n_samples * args.n_iter * len(prompts))
+        _check_outdir(args.outdir)
+        _check_device(args.device)
         if args.threads is not None:
             if args.threads < 1:
                 raise ArgumentError(f"--threads must be ≥ 1, got {args.threads}")
@@ -124,14 +213,8 @@ def run(argv: Sequence[str] | None, img2img: bool) -> int:
         pipe = sdlite.load(args.ckpt, device=args.device, dtype=precision, prediction=args.prediction,
                            low_memory=args.low_memory, compile=args.compile, cuda_graphs=args.cuda_graphs)
         print(f"loaded {pipe} in {time.perf_counter() - t0:.1f}s", file=sys.stderr)
-        seed = args.seed
-        if seed is None or seed == -1:
-            import random
-
-            seed = random.randrange(2**32)
-        written = []
         for prompt in prompts:
-            for it in range(args.n_iter):
+            for _ in range(args.n_iter):
                 kwargs = dict(negative_prompt=args.negative_prompt, steps=args.steps, guidance_scale=args.scale,
                               width=args.W, height=args.H, seed=seed, sampler=sampler, schedule=args.schedule,
                               batch_size=args.n_samples, eta=args.eta, progress=not args.quiet,
@@ -142,14 +225,17 @@ def run(argv: Sequence[str] | None, img2img: bool) -> int:
                     images = pipe.txt2img(prompt, **kwargs)
                 for img, text in zip(images, images.infotexts):
                     written.append(save_numbered(img, args.outdir, text))
+                    print(written[-1], flush=True)  # a long run shows its results as they come
                 seed += args.n_samples
-        for path in written:
-            print(path)
         print(f"{len(written)} image(s) in {time.perf_counter() - t0:.1f}s → {args.outdir}", file=sys.stderr)
         return 0
     except SdliteError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        # The saved paths are already on stdout, one per line; 130 = 128 + SIGINT, as shells report Ctrl-C.
+        print(f"interrupted: {len(written)} image(s) saved → {args.outdir}", file=sys.stderr)
+        return 130
 
 
 def txt2img_main(argv: Sequence[str] | None = None) -> int:

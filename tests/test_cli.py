@@ -1,0 +1,223 @@
+"""The command line (sdlite.cli, behind scripts/txt2img.py and scripts/img2img.py), run in-process.
+
+Bad input must fail before the model is loaded: those tests replace ``sdlite.load`` with a function
+that fails the test. The generation tests use a fake pipeline, so no test here needs a model.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+import sdlite
+from sdlite import cli
+from sdlite.pipeline import Images
+
+
+class Loaded(Exception):
+    """Raised by the stand-in ``sdlite.load``: validation passed and loading began."""
+
+
+def _never_load(*args, **kwargs):
+    raise AssertionError("loaded the model before rejecting the input")
+
+
+def _stop_at_load(*args, **kwargs):
+    raise Loaded
+
+
+@pytest.fixture
+def in_tmp(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    return tmp_path
+
+
+def _rejected(monkeypatch, capsys, argv, img2img=False) -> str:
+    """The ``error: ...`` line for ``argv``, asserting exit code 2, no loading and nothing written."""
+    monkeypatch.setattr(sdlite, "load", _never_load)
+    assert cli.run(argv, img2img=img2img) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ")
+    assert not Path("outputs").exists()
+    return err
+
+
+def _reaches_load(monkeypatch, argv, img2img=False) -> None:
+    monkeypatch.setattr(sdlite, "load", _stop_at_load)
+    with pytest.raises(Loaded):
+        cli.run(argv, img2img=img2img)
+
+
+def _png(path, size=(16, 16)):
+    Image.new("RGB", size, (200, 30, 30)).save(path)
+    return str(path)
+
+
+# -- --prompt / --from-file ----------------------------------------------------------------------
+
+def test_from_file_that_is_not_utf8_is_an_argument_error_not_a_decode_traceback(in_tmp, monkeypatch, capsys):
+    (in_tmp / "prompts.txt").write_bytes(b"a caf\xe9 at night\n")  # Latin-1
+    err = _rejected(monkeypatch, capsys, ["--from-file", "prompts.txt"])
+    assert "--from-file prompts.txt is not UTF-8 text (" in err
+
+
+def test_from_file_with_a_utf8_bom_gives_prompts_without_the_bom(in_tmp, monkeypatch):
+    (in_tmp / "prompts.txt").write_bytes("\ufeffa red circle\na blue square\n".encode("utf-8"))
+    seen = []
+
+    class Pipe:
+        def txt2img(self, prompt, **kwargs):
+            seen.append(prompt)
+            return _images(kwargs["batch_size"])
+
+    monkeypatch.setattr(sdlite, "load", lambda *a, **k: Pipe())
+    assert cli.run(["--from-file", "prompts.txt", "--quiet"], img2img=False) == 0
+    assert seen == ["a red circle", "a blue square"]
+
+
+def test_prompt_and_from_file_together_are_rejected_instead_of_ignoring_prompt(in_tmp, monkeypatch, capsys):
+    (in_tmp / "prompts.txt").write_text("a red circle\n")
+    err = _rejected(monkeypatch, capsys, ["--prompt", "a cat", "--from-file", "prompts.txt"])
+    assert "not both" in err
+
+
+def test_from_file_that_is_a_directory_says_it_is_not_a_file(in_tmp, monkeypatch, capsys):
+    (in_tmp / "prompts").mkdir()
+    assert "is not a file" in _rejected(monkeypatch, capsys, ["--from-file", "prompts"])
+
+
+# -- counts, clip skip, seed ---------------------------------------------------------------------
+
+@pytest.mark.parametrize("flag", ["--n_samples", "--n_iter", "--clip-skip"])
+@pytest.mark.parametrize("value", ["0", "-1"])
+def test_counts_below_one_are_rejected_before_loading(in_tmp, monkeypatch, capsys, flag, value):
+    err = _rejected(monkeypatch, capsys, ["--prompt", "a cat", flag, value])
+    assert f"{flag} must be ≥ 1, got {value}" in err
+
+
+@pytest.mark.parametrize("seed", [str(2**64), "-2"])
+def test_seed_outside_minus_one_and_uint64_is_rejected(in_tmp, monkeypatch, capsys, seed):
+    err = _rejected(monkeypatch, capsys, ["--prompt", "a cat", "--seed", seed])
+    assert "--seed must be -1 (random) or in [0, 2**64 - 1]" in err
+
+
+def test_seed_whose_last_image_seed_overflows_is_rejected(in_tmp, monkeypatch, capsys):
+    # 2 prompts x 2 iterations x 2 samples = 8 images: seeds 2**64-8 .. 2**64-1 fit, one more does not.
+    (in_tmp / "prompts.txt").write_text("a\nb\n")
+    argv = ["--from-file", "prompts.txt", "--n_samples", "2", "--n_iter", "2"]
+    err = _rejected(monkeypatch, capsys, [*argv, "--seed", str(2**64 - 7)])
+    assert f"give --seed ≤ {2**64 - 8}" in err
+    _reaches_load(monkeypatch, [*argv, "--seed", str(2**64 - 8)])
+
+
+@pytest.mark.parametrize("seed", ["-1", "0", str(2**64 - 1)])
+def test_seed_at_the_bounds_is_accepted(in_tmp, monkeypatch, seed):
+    _reaches_load(monkeypatch, ["--prompt", "a cat", "--seed", seed])
+
+
+# -- --outdir, --device --------------------------------------------------------------------------
+
+@pytest.mark.parametrize("outdir", ["taken", "taken/sub"])
+def test_outdir_blocked_by_a_file_fails_before_loading(in_tmp, monkeypatch, capsys, outdir):
+    (in_tmp / "taken").write_text("not a directory")
+    err = _rejected(monkeypatch, capsys, ["--prompt", "a cat", "--outdir", outdir])
+    assert "taken exists and is not a directory" in err
+
+
+def test_device_that_torch_does_not_know_is_an_argument_error_naming_valid_ones(in_tmp, monkeypatch, capsys):
+    err = _rejected(monkeypatch, capsys, ["--prompt", "a cat", "--device", "foo"])
+    assert "--device 'foo'" in err and "cpu, cuda, cuda:1 or mps" in err
+
+
+def test_device_names_are_checked_by_syntax_not_by_availability(in_tmp, monkeypatch):
+    # cuda:1 is a valid name on a machine without it; whether it exists is sdlite.load's question.
+    _reaches_load(monkeypatch, ["--prompt", "a cat", "--device", "cuda:1"])
+
+
+# -- --init-img ----------------------------------------------------------------------------------
+
+def test_init_img_that_is_a_directory_says_it_is_not_a_file(in_tmp, monkeypatch, capsys):
+    (in_tmp / "pics").mkdir()
+    err = _rejected(monkeypatch, capsys, ["--prompt", "a cat", "--init-img", "pics"], img2img=True)
+    assert "--init-img pics is not a file" in err
+
+
+def test_init_img_that_pil_cannot_read_is_rejected_before_loading(in_tmp, monkeypatch, capsys):
+    (in_tmp / "in.png").write_text("hello")
+    err = _rejected(monkeypatch, capsys, ["--prompt", "a cat", "--init-img", "in.png"], img2img=True)
+    assert "--init-img in.png is not an image" in err
+
+
+def test_init_img_smaller_than_8px_is_rejected_unless_w_and_h_resize_it(in_tmp, monkeypatch, capsys):
+    _png(in_tmp / "tiny.png", (16, 4))
+    err = _rejected(monkeypatch, capsys, ["--prompt", "a cat", "--init-img", "tiny.png"], img2img=True)
+    assert "16x4 px" in err and "at least 8x8" in err
+    _reaches_load(monkeypatch, ["--prompt", "a cat", "--init-img", "tiny.png", "--H", "8"], img2img=True)
+
+
+def test_init_img_of_8x8_px_is_accepted(in_tmp, monkeypatch):
+    _png(in_tmp / "in.png", (8, 8))
+    _reaches_load(monkeypatch, ["--prompt", "a cat", "--init-img", "in.png"], img2img=True)
+
+
+def test_help_texts_of_strength_clip_skip_and_outdir_say_what_the_values_do():
+    txt2img, img2img = cli._parser(False).format_help(), cli._parser(True).format_help()
+    assert "0 keeps the image, 1 ignores it" not in " ".join(img2img.split())  # 0 is rejected
+    assert "near 0 keeps the image, 1 redraws it from noise" in " ".join(img2img.split())
+    assert "'Clip skip 2'" in " ".join(txt2img.split())
+    assert "never overwritten" in " ".join(txt2img.split())
+
+
+# -- generation: paths as saved, Ctrl-C ----------------------------------------------------------
+
+def _run_expecting_ctrl_c(argv) -> int:
+    try:
+        return cli.run(argv, img2img=False)
+    except KeyboardInterrupt:  # re-raised, it would stop the whole pytest session
+        pytest.fail("Ctrl-C escaped cli.run: the user gets a traceback")
+
+
+def _images(n):
+    out = Images(Image.new("RGB", (8, 8), (i * 40, 0, 0)) for i in range(n))
+    out.seeds, out.infotexts = list(range(n)), [f"a cat\nSteps: 1, Seed: {i}" for i in range(n)]
+    return out
+
+
+def test_each_path_is_printed_when_saved_and_ctrl_c_exits_130_listing_what_was_saved(in_tmp, monkeypatch, capsys):
+    stdout_at_call = []
+
+    class Pipe:
+        def txt2img(self, prompt, **kwargs):
+            stdout_at_call.append(capsys.readouterr().out)
+            if len(stdout_at_call) == 2:
+                raise KeyboardInterrupt
+            return _images(kwargs["batch_size"])
+
+    monkeypatch.setattr(sdlite, "load", lambda *a, **k: Pipe())
+    assert _run_expecting_ctrl_c(["--prompt", "a cat", "--n_samples", "2", "--n_iter", "3", "--quiet"]) == 130
+    out = "outputs/txt2img-samples"
+    # The first batch's paths were on stdout before the second batch began.
+    assert stdout_at_call == ["", f"{out}/00000.png\n{out}/00001.png\n"]
+    err = capsys.readouterr().err
+    assert err.splitlines()[-1] == f"interrupted: 2 image(s) saved → {out}"
+    assert sorted(p.name for p in (in_tmp / out).iterdir()) == ["00000.png", "00001.png"]
+
+
+def test_ctrl_c_while_saving_leaves_no_truncated_png(in_tmp, monkeypatch, capsys):
+    import sdlite.infotext
+
+    def interrupted_save(image, fp, text):
+        fp.write(b"\x89PNG partial")
+        raise KeyboardInterrupt
+
+    class Pipe:
+        def txt2img(self, prompt, **kwargs):
+            return _images(1)
+
+    monkeypatch.setattr(sdlite, "load", lambda *a, **k: Pipe())
+    monkeypatch.setattr(sdlite.infotext, "save_png", interrupted_save)
+    assert _run_expecting_ctrl_c(["--prompt", "a cat", "--quiet"]) == 130
+    assert list((in_tmp / "outputs/txt2img-samples").iterdir()) == []
+    assert capsys.readouterr().out == ""
