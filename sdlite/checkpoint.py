@@ -31,7 +31,7 @@ import torch
 from torch import nn
 
 from .config import SD1, SD2, ModelConfig, UNetConfig
-from .errors import CheckpointError
+from .errors import ArgumentError, CheckpointError
 
 # Checkpoint prefix → attribute of the Pipeline. SD1 stores the HF CLIPTextModel under
 # `cond_stage_model.transformer.`, SD2 the OpenCLIP tower under `cond_stage_model.model.`.
@@ -625,7 +625,7 @@ def resolve_prediction(requested: str | None, path: Path, metadata: Mapping[str,
     sdlite's own metadata; for SD2 the weight test of :func:`guess_v_prediction`; else eps (SD1)."""
     if requested is not None:
         if requested not in ("eps", "v"):
-            raise CheckpointError(f"prediction must be 'eps' or 'v', not {requested!r}")
+            raise ArgumentError(f"prediction must be 'eps' or 'v', not {requested!r}")
         return requested
     if (from_yaml := read_prediction_yaml(path)) is not None:
         return from_yaml

@@ -14,6 +14,7 @@ import time
 from pathlib import Path
 from typing import Sequence
 
+from . import devices
 from .errors import ArgumentError, SdliteError
 
 _NUMBERED = re.compile(r"^(\d{5})")
@@ -91,10 +92,6 @@ def _parser(img2img: bool) -> argparse.ArgumentParser:
     return p
 
 
-# torch.Generator.manual_seed takes an unsigned 64-bit seed; -1 asks for a random one.
-_MAX_SEED = 2**64 - 1
-
-
 def _prompts(args: argparse.Namespace) -> list[str]:
     if args.from_file is not None and args.prompt is not None:
         raise ArgumentError("give --prompt or --from-file, not both")
@@ -119,15 +116,17 @@ def _prompts(args: argparse.Namespace) -> list[str]:
 
 def _first_seed(args: argparse.Namespace, n_images: int) -> int:
     """The seed of the first image; image i uses ``seed + i``, so the last one must fit too."""
+    from .pipeline import SEED_MAX
+
     if args.seed is None or args.seed == -1:
         import random
 
         return random.randrange(2**32)
-    if not 0 <= args.seed <= _MAX_SEED:
+    if not 0 <= args.seed <= SEED_MAX:
         raise ArgumentError(f"--seed must be -1 (random) or in [0, 2**64 - 1], got {args.seed}")
-    if args.seed + n_images - 1 > _MAX_SEED:
+    if args.seed + n_images - 1 > SEED_MAX:
         raise ArgumentError(f"--seed {args.seed} is too large for {n_images} images: image i uses seed + i, "
-                            f"and the last seed must be ≤ 2**64 - 1; give --seed ≤ {_MAX_SEED - n_images + 1}")
+                            f"and the last seed must be ≤ 2**64 - 1; give --seed ≤ {SEED_MAX - n_images + 1}")
     return args.seed
 
 
@@ -139,36 +138,6 @@ def _check_outdir(outdir: Path) -> None:
                 raise ArgumentError(f"--outdir {outdir}: {p} exists and is not a directory; "
                                     "give a directory or a path that does not exist yet")
             return
-
-
-def _check_init_img(path: Path, width: int | None, height: int | None) -> None:
-    if not path.exists():
-        raise ArgumentError(f"--init-img {path} does not exist")
-    if not path.is_file():
-        raise ArgumentError(f"--init-img {path} is not a file; give an image file (PNG, JPEG, ...)")
-    from PIL import Image
-
-    try:
-        with Image.open(path) as im:
-            size = im.size
-            im.verify()
-    except Exception as e:  # PIL reports unreadable or corrupt data with many exception types
-        raise ArgumentError(f"--init-img {path} is not an image PIL can read ({e})") from None
-    # Without --W/--H the size is the image's, rounded down to a multiple of 8.
-    if (width is None and size[0] < 8) or (height is None and size[1] < 8):
-        raise ArgumentError(f"--init-img {path} is {size[0]}x{size[1]} px; it must be at least 8x8 px "
-                            "(or give --W and --H to resize it)")
-
-
-def _check_device(device: str | None) -> None:
-    if device is None:
-        return
-    import torch
-
-    try:
-        torch.device(device)
-    except RuntimeError:
-        raise ArgumentError(f"--device {device!r} is not a device name; use e.g. cpu, cuda, cuda:1 or mps") from None
 
 
 def run(argv: Sequence[str] | None, img2img: bool) -> int:
@@ -193,14 +162,16 @@ def run(argv: Sequence[str] | None, img2img: bool) -> int:
             if v is not None and (v <= 0 or v % 8):
                 raise ArgumentError(f"{name} must be a positive multiple of 8, got {v}")
         if img2img:
-            _check_init_img(args.init_img, args.W, args.H)
+            from .pipeline import _open_image
+
+            _open_image(args.init_img)  # img2img's own checks: a readable image file of at least 8x8 px
         for name, v in (("--steps", args.steps), ("--n_samples", args.n_samples), ("--n_iter", args.n_iter),
                         ("--clip-skip", args.clip_skip)):
             if v < 1:
                 raise ArgumentError(f"{name} must be ≥ 1, got {v}")
         seed = _first_seed(args, args.n_samples * args.n_iter * len(prompts))
         _check_outdir(args.outdir)
-        _check_device(args.device)
+        devices.parse_device(args.device)  # a known device name, and one this machine has
         if args.threads is not None:
             if args.threads < 1:
                 raise ArgumentError(f"--threads must be ≥ 1, got {args.threads}")

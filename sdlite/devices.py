@@ -13,8 +13,8 @@ Policy (measured, see benchmarks/RESULTS.md and benchmarks/RESULTS-cuda.md):
   autocast re-casts every weight on every call and is slower than plain bf16 weights). Where the
   CPU has no native half-precision kernels (x86 without AVX512-BF16/AMX for bf16, without
   AVX512-FP16/AMX-FP16 for fp16), PyTorch computes bf16/fp16 matmuls and convolutions in reference
-  loops: 1.3 GFLOP/s on this project's AVX2 machine, against 56-160 for fp32 (a 512x512 image
-  would take hours). Asking for a half precision there warns and says so; it is not refused.
+  loops: on this project's AVX2 machine 1.2 GFLOP/s for a bf16 matmul and 0.7 for a convolution,
+  against 140-180 for fp32 matmuls (benchmarks/RESULTS.md; a 512x512 image would take hours). Asking for a half precision there warns and says so; it is not refused.
 - Memory format: on CUDA the UNet's weights are channels-last (NHWC), the layout tensor-core
   convolutions use natively, so cuDNN skips its NCHW<->NHWC transposes around each conv. On an
   H100 (fp16, CUDA graphs) a batch-2 UNet call took 0.86x the time, a batch-16 call 1.01x. The
@@ -53,9 +53,15 @@ def parse_device(device: str | torch.device | None) -> torch.device:
     """None → CUDA when available, else CPU."""
     if device is None or device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(device)
+    try:
+        device = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise ArgumentError(f"unknown device {device!r}; use cpu, cuda, cuda:1, mps, ...") from None
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ArgumentError("device 'cuda' was requested but torch.cuda.is_available() is False; use --device cpu")
+    if device.type == "mps" and not torch.backends.mps.is_available():
+        raise ArgumentError("device 'mps' was requested but torch.backends.mps.is_available() is False; "
+                            "use --device cpu")
     return device
 
 

@@ -225,6 +225,7 @@ class Pipeline:
         n_steps = len(levels) - 1 if spec.family == "k" else len(levels)
 
         bar = ProgressBar(n_steps, "sampling", enabled=progress)
+        stopped_at: list[torch.Tensor] = []
 
         def on_step(i: int, level: Any, x: torch.Tensor, denoised: torch.Tensor) -> Any:
             bar.update(1)
@@ -232,6 +233,7 @@ class Pipeline:
             if step_hook is not None:
                 step_hook(i, t, x, denoised)
             if callback is not None and callback(i, t, x) is False:
+                stopped_at.append(denoised)
                 return False
             return None
 
@@ -240,7 +242,9 @@ class Pipeline:
                               init=None if init is None else init.to(self.device, torch.float32),
                               generator=None if generators is None else list(generators), callback=on_step,
                               eta=eta)
-        return out
+        # Stopped early, x still holds the noise of its level; the model's estimate of the clean
+        # latent at that step is the usable picture (what the A1111 web UI returns on Interrupt).
+        return stopped_at[0] if stopped_at else out
 
     # -- latents ↔ images ----------------------------------------------------------------------
 
@@ -439,7 +443,11 @@ class Pipeline:
 
         ``seed=None`` or ``-1`` picks a random seed; image i of the batch uses ``seed + i``.
         ``latents`` replaces the seeded starting noise (unit variance, ``[B, 4, H/8, W/8]``).
-        ``callback(step, t, latents)`` runs after each step; returning ``False`` stops early.
+        ``callback(step, t, latents)`` runs after each step; returning ``False`` stops early, and the
+        result is then the model's estimate of the clean image at that step (the infotext keeps the
+        requested ``steps``, as A1111's does after Interrupt). ``eta``: the noise scale of the
+        ancestral/SDE samplers (default 1) and DDIM (default 0); ``clip_skip``: 1 = the text encoder's
+        last layer, 2 = the one before ("Clip skip 2"), ...
         ``output_type``: ``"pil"`` (an :class:`Images` list), ``"np"`` (float array [B,H,W,3] in [0,1])
         or ``"latent"`` (the scaled latent tensor).
 
@@ -469,19 +477,18 @@ class Pipeline:
         width = width or (pil.width // 8) * 8
         height = height or (pil.height // 8) * 8
         _check_size(width, height, self.vae_factor)
-        pil = pil.convert("RGB").resize((width, height), Image.LANCZOS)
-        x = torch.from_numpy(np.asarray(pil, dtype=np.float32) / 255.0).permute(2, 0, 1)[None]
-        init = self.encode_image(x)
+        pil = pil.resize((width, height), Image.LANCZOS)
+        pixels = torch.from_numpy(np.asarray(pil, dtype=np.float32) / 255.0).permute(2, 0, 1)[None]
         return self._generate(prompt, negative_prompt, steps=steps, guidance_scale=guidance_scale, width=width,
                               height=height, seed=seed, sampler=sampler, schedule=schedule, batch_size=batch_size,
                               eta=eta, latents=latents, callback=callback, output_type=output_type,
-                              progress=progress, clip_skip=clip_skip, init=init, strength=float(strength))
+                              progress=progress, clip_skip=clip_skip, init_pixels=pixels, strength=float(strength))
 
     def _generate(self, prompt: str | Sequence[str], negative_prompt: str | Sequence[str], *, steps: int,
                   guidance_scale: float, width: int | None, height: int | None, seed: int | None, sampler: str,
                   schedule: str | None, batch_size: int, eta: float | None, latents: torch.Tensor | None,
                   callback: StepCallback | None, output_type: str, progress: bool, clip_skip: int,
-                  init: torch.Tensor | None = None, strength: float = 1.0,
+                  init_pixels: torch.Tensor | None = None, strength: float = 1.0,
                   step_hook: Callable | None = None) -> Any:
         from .infotext import format_infotext, generation_params
         from .schedulers import parse_sampler_and_schedule
@@ -498,13 +505,29 @@ class Pipeline:
         if output_type not in ("pil", "np", "latent"):
             raise ArgumentError(f"output_type must be 'pil', 'np' or 'latent', not {output_type!r}")
         spec, schedule_id = parse_sampler_and_schedule(sampler, schedule)
-        prompts = [prompt] * batch_size if isinstance(prompt, str) else list(prompt)
+        if int(batch_size) < 1:
+            raise ArgumentError(f"batch_size must be ≥ 1, got {batch_size}")
+        if not isinstance(prompt, str) and batch_size not in (1, len(prompt)):
+            raise ArgumentError(f"batch_size={batch_size} but {len(prompt)} prompts were given: a list of prompts "
+                                "makes one image per prompt (leave batch_size at 1)")
+        prompts = [prompt] * int(batch_size) if isinstance(prompt, str) else list(prompt)
         negatives = [negative_prompt] * len(prompts) if isinstance(negative_prompt, str) else list(negative_prompt)
+        if not prompts:
+            raise ArgumentError("give at least one prompt")
         if len(negatives) != len(prompts):
             raise ArgumentError(f"{len(prompts)} prompts but {len(negatives)} negative prompts")
+        if eta is not None and not float(eta) >= 0.0:  # also NaN
+            raise ArgumentError(f"eta must be ≥ 0 (0: no added noise), got {eta}")
+        max_skip = self.config.text.layers - self.config.text.skip_last_layers
+        if not 1 <= int(clip_skip) <= max_skip:
+            raise ArgumentError(f"clip_skip must be in [1, {max_skip}] for this model's text encoder "
+                                f"(1 = its last layer), got {clip_skip}")
         if seed is None or int(seed) == -1:
             seed = random.randrange(2**32)
             log.info("seed: %d", seed)
+        if not 0 <= int(seed) <= SEED_MAX - (len(prompts) - 1):
+            raise ArgumentError(f"seed must be -1 (random) or in [0, {SEED_MAX}] for every image of the batch "
+                                f"(image i uses seed + i), got {seed}")
         seeds = [int(seed) + i for i in range(len(prompts))]
 
         if guidance_scale != 1.0:
@@ -516,8 +539,7 @@ class Pipeline:
             if tuple(latents.shape[-3:]) != tuple(noise.shape[1:]) or latents.numel() != noise.numel():
                 raise ArgumentError(f"latents must have shape {list(noise.shape)}, got {list(latents.shape)}")
             noise = latents.float().reshape(noise.shape)
-        if init is not None:
-            init = init.expand(len(prompts), *init.shape[1:])
+        init = None if init_pixels is None else self.encode_image(init_pixels).expand(len(prompts), -1, -1, -1)
 
         out = self.sample(noise, cond, uncond, steps=int(steps), guidance_scale=float(guidance_scale),
                           sampler=spec.id, schedule=schedule_id, eta=eta, generators=generators, init=init,
@@ -535,7 +557,7 @@ class Pipeline:
                 cfg_scale=guidance_scale, seed=seeds[i], width=width, height=height,
                 model_hash=self.model_hash, model_name=self.name,
                 denoising_strength=strength if init is not None else None,
-                eta=eta if (eta is not None and spec.family == "timestep" and eta != 0.0) else None,
+                eta=eta if (eta is not None and spec.uses_eta and float(eta) != spec.default_eta) else None,
                 clip_skip=clip_skip if clip_skip > 1 else None, version=VERSION,
             )
             text = format_infotext(prompts[i], negatives[i], params)
@@ -544,6 +566,10 @@ class Pipeline:
             result.append(img)
             result.infotexts.append(text)
         return result
+
+
+# The largest seed a torch.Generator takes (a 64-bit unsigned integer).
+SEED_MAX = 2**64 - 1
 
 
 def random_streams(seeds: Sequence[int], shape: Sequence[int]) -> tuple[torch.Tensor, list[torch.Generator]]:
@@ -584,21 +610,54 @@ def _check_size(width: int, height: int, factor: int) -> None:
         raise ArgumentError(f"width and height must be positive multiples of 8, got {width}x{height}")
 
 
-def _open_image(image: Image.Image | str | Path | torch.Tensor) -> Image.Image:
-    if isinstance(image, Image.Image):
-        return image
+def _open_image(image: Image.Image | str | Path | np.ndarray | torch.Tensor) -> Image.Image:
+    """The init image as 8-bit RGB, at least 8x8 px: a PIL image, a path, a numpy array ``[H, W]`` or
+    ``[H, W, 3|4]`` (uint8, or float in [0, 1]), or a tensor ``[(1,) 3, H, W]`` in [0, 1]."""
     if isinstance(image, torch.Tensor):
         arr = image.detach().float().cpu()
         if arr.ndim == 4:
             arr = arr[0]
-        return Image.fromarray((arr.permute(1, 2, 0).clamp(0, 1).numpy() * 255).round().astype(np.uint8))
-    path = Path(image)
-    if not path.is_file():
-        raise ArgumentError(f"init image {path} does not exist")
-    try:
-        return Image.open(path)
-    except Exception as e:
-        raise ArgumentError(f"cannot read init image {path}: {e}") from None
+        image = arr.permute(1, 2, 0).numpy()
+    if isinstance(image, np.ndarray):
+        if image.dtype.kind == "f":
+            image = (np.clip(image, 0, 1) * 255).round().astype(np.uint8)
+        if image.dtype != np.uint8 or image.ndim not in (2, 3) or (image.ndim == 3 and image.shape[2] not in (3, 4)):
+            raise ArgumentError(f"an init image array must be [H, W] or [H, W, 3|4], uint8 or float in [0, 1]; "
+                                f"got {list(image.shape)} {image.dtype}")
+        image = Image.fromarray(image)
+    elif isinstance(image, (str, Path)):
+        path = Path(image)
+        if not path.is_file():
+            raise ArgumentError(f"init image {path} does not exist" if not path.exists()
+                                else f"init image {path} is not a file")
+        try:
+            with Image.open(path) as opened:
+                opened.load()
+                image = opened.copy()
+        except Exception as e:
+            raise ArgumentError(f"cannot read init image {path}: {e}") from None
+    elif not isinstance(image, Image.Image):
+        raise ArgumentError("the init image must be a PIL image, a file path, a numpy array or a tensor, "
+                            f"not {type(image).__name__}")
+    if image.width < 8 or image.height < 8:
+        raise ArgumentError(f"the init image is {image.width}x{image.height} px; it must be at least 8x8")
+    return _to_rgb8(image)
+
+
+def _to_rgb8(image: Image.Image) -> Image.Image:
+    """8-bit RGB. PIL's own ``convert("RGB")`` clips 16-bit and float pixels to 0..255 (a 16-bit
+    greyscale PNG turns white), and drops alpha (a transparent background turns black): here
+    high-bit-depth values are scaled down, and transparency is flattened onto white, as A1111 does."""
+    if image.mode in ("I;16", "I;16L", "I;16B", "I;16N", "I", "F"):
+        arr = np.asarray(image, dtype=np.float64)
+        if image.mode.startswith("I;16") or (image.mode == "I" and arr.max(initial=0) > 255):
+            arr = arr / 257.0  # 65535 -> 255
+        elif image.mode == "F" and arr.max(initial=0) <= 1.0:
+            arr = arr * 255.0
+        image = Image.fromarray(np.clip(arr.round(), 0, 255).astype(np.uint8))
+    if image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info):
+        image = Image.alpha_composite(Image.new("RGBA", image.size, (255, 255, 255, 255)), image.convert("RGBA"))
+    return image.convert("RGB")
 
 
 # -- loading and saving --------------------------------------------------------------------------
@@ -636,6 +695,8 @@ def load(path: str | Path | None = None, device: str | torch.device | None = Non
                                   "pass the path of a checkpoint")
         path = BUNDLED_MODEL
     path = Path(path)
+    if prediction not in (None, "eps", "v"):
+        raise ArgumentError(f"prediction must be 'eps', 'v' or None (detect it), not {prediction!r}")
     precision = devices.choose(device, dtype)
     cfg, nets = load_networks(path, device=precision.device, dtype=precision.weight_dtype,
                               prediction=prediction, use_ema=use_ema, config=config)

@@ -10,12 +10,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 import sdlite
 from sdlite import devices
 from sdlite.clip import tokenizer_for
 from sdlite.infotext import parse_infotext, read_infotext
-from sdlite.pipeline import Pipeline
+from sdlite.pipeline import Pipeline, _open_image
+from sdlite.schedulers.registry import SAMPLERS, get_sampler
 
 from factory import TINY_SD1, TINY_SD2, random_networks
 
@@ -139,6 +141,39 @@ def test_callback_sees_every_step_and_can_stop_the_run(pipe):
     assert stopped == [0, 1]
 
 
+def test_a_run_stopped_by_the_callback_returns_the_denoised_estimate_of_that_step(pipe):
+    full = pipe.txt2img("a cat", seed=1, steps=4, sampler="euler", output_type="latent")
+    # Euler's last step goes to sigma 0, where x equals the denoised estimate: stopping there changes nothing.
+    at_last = pipe.txt2img("a cat", seed=1, steps=4, sampler="euler", output_type="latent",
+                           callback=lambda i, t, x: i < 3)
+    torch.testing.assert_close(at_last, full, rtol=0, atol=1e-5)
+    # Stopped after step 1 of 4: the denoised estimate D_1 that Euler's step 1 used. From the unstopped
+    # run's x_1, x_2 and x_2 = x_1 + (x_1 - D_1) / sigma_1 * (sigma_2 - sigma_1), D_1 is known exactly.
+    xs = []
+    pipe.txt2img("a cat", seed=1, steps=4, sampler="euler", output_type="latent",
+                 callback=lambda i, t, x: xs.append(x.clone()))
+    s = get_sampler("euler").levels(pipe.schedule, 4).double()
+    x1, x2 = xs[0].double(), xs[1].double()
+    d1 = x1 - s[1] * (x2 - x1) / (s[2] - s[1])
+    early = pipe.txt2img("a cat", seed=1, steps=4, sampler="euler", output_type="latent",
+                         callback=lambda i, t, x: i < 1)
+    torch.testing.assert_close(early.double(), d1, rtol=1e-4, atol=1e-3)
+    assert (early - xs[1]).abs().max() > 0.1  # not the latent x_2 the callback saw
+
+
+@pytest.mark.parametrize("sampler", sorted(s.id for s in SAMPLERS))
+def test_eta_changes_exactly_the_samplers_that_record_it_in_the_infotext(pipe, sampler):
+    spec = get_sampler(sampler)
+    default = pipe.txt2img("a cat", seed=1, steps=3, sampler=sampler)
+    other = pipe.txt2img("a cat", seed=1, steps=3, sampler=sampler, eta=0.5)
+    changed = not np.array_equal(np.asarray(default[0]), np.asarray(other[0]))
+    assert changed == spec.uses_eta
+    assert "Eta:" not in default.infotexts[0]
+    assert ("Eta: 0.5" in other.infotexts[0]) == spec.uses_eta
+    if spec.uses_eta:
+        assert parse_infotext(other.infotexts[0])["Eta"] == "0.5"
+
+
 def test_output_types(pipe):
     pil = pipe.txt2img("a cat", seed=1, steps=1)
     assert pil[0].size == (32, 32) and pil[0].mode == "RGB" and "parameters" in pil[0].info
@@ -218,10 +253,38 @@ def test_nan_that_survives_fp32_is_an_error_not_an_image(monkeypatch):
     (dict(height=0), "multiples of 8"),
     (dict(steps=0), "steps must be"),
     (dict(output_type="jpeg"), "output_type"),
+    (dict(batch_size=0), "batch_size"),
+    (dict(prompt=["a cat", "a dog"], batch_size=3), "batch_size=3 but 2 prompts"),
+    (dict(prompt=[]), "at least one prompt"),
+    (dict(eta=-1.0), "eta must be"),
+    (dict(eta=float("nan")), "eta must be"),
+    (dict(clip_skip=0), r"clip_skip must be in \[1, 2\]"),
+    (dict(clip_skip=3), r"clip_skip must be in \[1, 2\]"),
+    (dict(seed=-5), "seed must be"),
+    (dict(seed=2**64), "seed must be"),
+    (dict(seed=2**64 - 1, batch_size=2), "seed must be"),
 ])
-def test_bad_arguments_raise_argument_error(pipe, kwargs, match):
+def test_bad_arguments_raise_argument_error_before_any_network_runs(pipe, monkeypatch, kwargs, match):
+    def no_network(*args, **kwargs):
+        raise AssertionError("a network ran before the arguments were checked")
+
+    for net in (pipe.text_encoder, pipe.unet, pipe.vae):
+        monkeypatch.setattr(net, "forward", no_network)
+    kwargs = {"prompt": "a cat", **kwargs}
     with pytest.raises(sdlite.ArgumentError, match=match):
-        pipe.txt2img("a cat", **kwargs)
+        pipe.txt2img(**kwargs)
+
+
+def test_the_largest_seed_a_generator_takes_is_accepted(pipe):
+    images = pipe.txt2img("a cat", seed=2**64 - 2, batch_size=2, steps=1)
+    assert images.seeds == [2**64 - 2, 2**64 - 1]
+
+
+@pytest.mark.parametrize("kwargs", [dict(device="quantum"), dict(prediction="x0")])
+def test_load_rejects_a_bad_device_or_prediction_before_reading_the_file(tmp_path, kwargs):
+    # The file does not exist: an ArgumentError (not a CheckpointError) shows the check came first.
+    with pytest.raises(sdlite.ArgumentError):
+        sdlite.load(tmp_path / "missing.safetensors", **kwargs)
 
 
 def test_unknown_sampler_lists_the_valid_ones(pipe):
@@ -233,6 +296,37 @@ def test_unknown_sampler_lists_the_valid_ones(pipe):
 def test_img2img_strength_outside_0_1_is_rejected(pipe, strength):
     with pytest.raises(sdlite.ArgumentError, match="strength"):
         pipe.img2img(torch.zeros(1, 3, 32, 32), "a cat", strength=strength)
+
+
+def test_init_images_of_every_kind_become_8_bit_rgb_with_their_brightness(tmp_path):
+    grey16 = Image.fromarray(np.full((8, 8), 28000, dtype=np.uint16))  # a 16-bit PNG opens as I;16 / I
+    grey16.save(tmp_path / "g16.png")
+    assert np.asarray(_open_image(tmp_path / "g16.png")).tolist() == np.full((8, 8, 3), 109).tolist()  # 28000/257
+    assert np.asarray(_open_image(Image.fromarray(np.full((8, 8), 0.5, dtype=np.float32)))).max() == 128  # "F"
+    clear = Image.new("RGBA", (8, 8), (0, 0, 0, 0))  # a transparent sketch background is white, as in A1111
+    assert np.asarray(_open_image(clear)).min() == 255
+    assert np.asarray(_open_image(np.zeros((8, 9, 3), dtype=np.uint8))).shape == (8, 9, 3)
+    assert np.asarray(_open_image(np.ones((9, 8), dtype=np.float32))).min() == 255
+    assert np.asarray(_open_image(torch.zeros(1, 3, 8, 8))).max() == 0
+
+
+@pytest.mark.parametrize("image, match", [
+    (Image.new("RGB", (5, 5)), "at least 8x8"),
+    (np.zeros((8, 8, 2), dtype=np.uint8), r"\[H, W, 3\|4\]"),
+    (np.zeros((8, 8), dtype=np.int64), "uint8 or float"),
+    (b"not an image", "PIL image, a file path"),
+])
+def test_unusable_init_images_are_rejected_with_what_is_wrong(image, match):
+    with pytest.raises(sdlite.ArgumentError, match=match):
+        _open_image(image)
+
+
+def test_img2img_init_image_that_is_a_folder_or_not_an_image_is_rejected(tmp_path):
+    with pytest.raises(sdlite.ArgumentError, match="is not a file"):
+        _open_image(tmp_path)
+    (tmp_path / "notes.png").write_text("hello")
+    with pytest.raises(sdlite.ArgumentError, match="cannot read init image"):
+        _open_image(tmp_path / "notes.png")
 
 
 def test_img2img_missing_init_image_is_rejected(pipe, tmp_path):

@@ -43,6 +43,7 @@ class Sampler:
     default_schedule: str = "automatic"
     default_eta: float = 1.0
     stochastic: bool = False           # draws noise from the generator while sampling
+    uses_eta: bool = False             # eta scales the noise its steps add (A1111 records a non-default eta)
     second_order: bool = False         # two network calls per step
     discard_penultimate: bool = False  # A1111 "discard_next_to_last_sigma": steps + 1 sigmas, the second last dropped
     a1111_options: tuple[tuple[str, Any], ...] = ()  # the "options" of A1111's /sdapi/v1/samplers
@@ -109,23 +110,23 @@ SAMPLERS: tuple[Sampler, ...] = (
     Sampler("dpmpp_2m", "DPM++ 2M", k.sample_dpmpp_2m, aliases=("k_dpmpp_2m",), default_schedule="karras",
             a1111_options=(("scheduler", "karras"),)),
     Sampler("dpmpp_sde", "DPM++ SDE", k.sample_dpmpp_sde, aliases=("k_dpmpp_sde",), default_schedule="karras",
-            stochastic=True, second_order=True,
+            stochastic=True, uses_eta=True, second_order=True,
             a1111_options=(("scheduler", "karras"), ("second_order", True), ("brownian_noise", True))),
     Sampler("dpmpp_2m_sde", "DPM++ 2M SDE", k.sample_dpmpp_2m_sde, aliases=("k_dpmpp_2m_sde",),
-            default_schedule="exponential", stochastic=True,
+            default_schedule="exponential", stochastic=True, uses_eta=True,
             a1111_options=(("scheduler", "exponential"), ("brownian_noise", True))),
     Sampler("dpmpp_2m_sde_heun", "DPM++ 2M SDE Heun", k.sample_dpmpp_2m_sde_heun, aliases=("k_dpmpp_2m_sde_heun",),
-            default_schedule="exponential", stochastic=True,
+            default_schedule="exponential", stochastic=True, uses_eta=True,
             a1111_options=(("scheduler", "exponential"), ("brownian_noise", True), ("solver_type", "heun"))),
     Sampler("dpmpp_2s_a", "DPM++ 2S a", k.sample_dpmpp_2s_ancestral, aliases=("k_dpmpp_2s_a", "dpmpp_2s_ancestral"),
-            default_schedule="karras", stochastic=True, second_order=True,
+            default_schedule="karras", stochastic=True, uses_eta=True, second_order=True,
             a1111_options=(("scheduler", "karras"), ("uses_ensd", True), ("second_order", True))),
     Sampler("dpmpp_3m_sde", "DPM++ 3M SDE", k.sample_dpmpp_3m_sde, aliases=("k_dpmpp_3m_sde",),
-            default_schedule="exponential", stochastic=True, discard_penultimate=True,
+            default_schedule="exponential", stochastic=True, uses_eta=True, discard_penultimate=True,
             a1111_options=(("scheduler", "exponential"), ("discard_next_to_last_sigma", True),
                            ("brownian_noise", True))),
     Sampler("euler_a", "Euler a", k.sample_euler_ancestral,
-            aliases=("k_euler_a", "k_euler_ancestral", "euler_ancestral"), stochastic=True,
+            aliases=("k_euler_a", "k_euler_ancestral", "euler_ancestral"), stochastic=True, uses_eta=True,
             a1111_options=(("uses_ensd", True),)),
     Sampler("euler", "Euler", k.sample_euler, aliases=("k_euler",)),
     Sampler("lms", "LMS", k.sample_lms, aliases=("k_lms",)),
@@ -135,9 +136,9 @@ SAMPLERS: tuple[Sampler, ...] = (
             second_order=True, discard_penultimate=True,
             a1111_options=(("scheduler", "karras"), ("discard_next_to_last_sigma", True), ("second_order", True))),
     Sampler("dpm2_a", "DPM2 a", k.sample_dpm_2_ancestral, aliases=("k_dpm_2_a", "dpm_2_ancestral"),
-            default_schedule="karras", stochastic=True, second_order=True, discard_penultimate=True,
+            default_schedule="karras", stochastic=True, uses_eta=True, second_order=True, discard_penultimate=True,
             a1111_options=(("scheduler", "karras"), ("discard_next_to_last_sigma", True), ("uses_ensd", True))),
-    Sampler("ddim", "DDIM", ddim.sample_ddim, family="timestep", default_eta=0.0),
+    Sampler("ddim", "DDIM", ddim.sample_ddim, family="timestep", default_eta=0.0, uses_eta=True),
     Sampler("plms", "PLMS", ddim.sample_plms, family="timestep", default_eta=0.0),
     # Not in A1111; the original ancestral sampler of the DDPM paper, on DDIM's strided timesteps.
     Sampler("ddpm", "DDPM", ddpm.sample_ddpm, family="timestep", stochastic=True),
