@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""Train the bundled model from scratch (autoencoder, then text encoder + UNet), resumably.
+"""Train the bundled model from scratch (autoencoder, text encoder + UNet, decoder fine-tune), resumably.
 
     python scripts/train.py --run-dir runs/shapes --out sdlite/assets/sdlite-shapes.safetensors
 

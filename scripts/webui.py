@@ -4,8 +4,11 @@ The same as ``python -m sdlite.webui``; see ``--help``.
 """
 
 import sys
+from pathlib import Path
 
-from sdlite.webui import main
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
+
+from sdlite.webui import main  # noqa: E402
 
 if __name__ == "__main__":
     sys.exit(main())

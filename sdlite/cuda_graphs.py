@@ -10,14 +10,14 @@ computing. A CUDA graph records the kernels of one call once; each later call is
 
 How (the recipe of the PyTorch CUDA-graphs documentation): for each input signature (shapes,
 dtypes) the inputs get static buffers; two warm-up calls run on a side stream (lazy
-initialisation, cuDNN's algorithm choice, sdlite's cached Upsample kernels); one call is captured.
+initialisation, cuDNN's algorithm choice); one call is captured.
 A later call copies its inputs into the buffers, replays the graph and returns a copy of the static
 output. Autocast runs with its weight-cast cache off, as capture requires.
 
 A graph reads the memory the parameters had at capture. So the parameters' addresses and version
 counters are part of the signature (:func:`weights_state`, read before every replay): replacing a
 parameter (``.to()``, ``load_state_dict(..., assign=True)``) or a submodule, or changing a parameter
-in place (which also changes the cached Upsample kernels) makes the next call capture afresh, and
+in place makes the next call capture afresh, and
 drops the old graphs. Module switches (attention chunking, kernel cache) are set through
 :class:`~sdlite.pipeline.Pipeline`, which calls :meth:`GraphedCall.reset`.
 

@@ -249,8 +249,9 @@ class Pipeline:
     # -- latents ↔ images ----------------------------------------------------------------------
 
     def initial_noise(self, seeds: Sequence[int], height: int, width: int) -> torch.Tensor:
-        """Unit-variance noise ``[B, 4, H/8, W/8]``: image i from a CPU generator seeded with ``seeds[i]``,
-        as the A1111 web UI does with its CPU RNG, so a seed gives the same picture on every device."""
+        """Unit-variance noise ``[B, 4, H/f, W/f]`` (``f = vae_factor``: 8 for SD, 4 for the bundled
+        model): image i from a CPU generator seeded with ``seeds[i]``, as the A1111 web UI does with
+        its CPU RNG, so a seed gives the same picture on every device."""
         return random_streams(seeds, self._latent_shape(height, width))[0]
 
     def _latent_shape(self, height: int, width: int) -> tuple[int, int, int]:
@@ -369,7 +370,7 @@ class Pipeline:
         """``torch.compile`` the UNet in place (``nn.Module.compile``: same module, same state-dict
         names, so :func:`sdlite.save` still works). The first call at each new shape compiles
         (minutes on a CPU); ``options`` go to ``torch.compile``. Replaces the CUDA graphs (compile's
-        own ``mode="reduce-overhead"`` uses them). Measured in benchmarks/RESULTS.md."""
+        own ``mode="reduce-overhead"`` uses them). Measured in benchmarks/RESULTS-compile.md."""
         self.set_cuda_graphs(False)
         self.unet.compile(**options)
 
@@ -442,7 +443,7 @@ class Pipeline:
         """Generate images from text.
 
         ``seed=None`` or ``-1`` picks a random seed; image i of the batch uses ``seed + i``.
-        ``latents`` replaces the seeded starting noise (unit variance, ``[B, 4, H/8, W/8]``).
+        ``latents`` replaces the seeded starting noise (unit variance, ``[B, 4, H/f, W/f]``, ``f = vae_factor``).
         ``callback(step, t, latents)`` runs after each step; returning ``False`` stops early, and the
         result is then the model's estimate of the clean image at that step (the infotext keeps the
         requested ``steps``, as A1111's does after Interrupt). ``eta``: the noise scale of the

@@ -1,7 +1,7 @@
-"""Train the bundled model from scratch: first the KL autoencoder, then text encoder + UNet.
+"""Train the bundled model from scratch: the KL autoencoder, then text encoder + UNet, then the decoder.
 
 The networks are the very classes Stable Diffusion uses in sdlite (same original key layout), in
-a small config (:data:`BUNDLED`). Two phases:
+a small config (:data:`BUNDLED`). Three phases:
 
 1. **Autoencoder** (Rombach et al. 2022, sec. 3): minimise ``|x − D(z)|₁ + |x − D(z)|²`` with
    ``z ~ E(x)`` plus a small KL term ``kl_weight · KL(q(z|x) ‖ N(0, I))`` that keeps the latent
@@ -13,6 +13,9 @@ a small config (:data:`BUNDLED`). Two phases:
    ``‖ε − ε_θ(x_t, t, c)‖²``. The caption is dropped (replaced by ``""``) with probability
    ``cfg_dropout`` so that one network also learns the unconditional prediction that
    classifier-free guidance needs (Ho & Salimans 2022).
+3. **Decoder fine-tune**: the decoder alone (encoder and latent pool frozen, so phase 2's latent
+   space stays valid) for ``decoder_steps`` more steps on whole images, not phase 1's crops (as
+   Stability's "ft-MSE" VAE was fine-tuned): it removes the crop-trained decoder's tints and halos.
 
 Checkpoints are written every ``save_every`` steps and resumed automatically.
 """
