@@ -16,6 +16,7 @@ import contextlib
 import functools
 import hashlib
 import logging
+import math
 import random
 import warnings
 from pathlib import Path
@@ -530,16 +531,17 @@ class Pipeline:
             raise ArgumentError(f"seed must be -1 (random) or in [0, {SEED_MAX}] for every image of the batch "
                                 f"(image i uses seed + i), got {seed}")
         seeds = [int(seed) + i for i in range(len(prompts))]
+        shape = (len(prompts), *self._latent_shape(height, width))
+        if latents is not None and (tuple(latents.shape[-3:]) != shape[1:] or latents.numel() != math.prod(shape)):
+            raise ArgumentError(f"latents must have shape {list(shape)}, got {list(latents.shape)}")
 
         if guidance_scale != 1.0:
             cond, uncond = self.encode_prompts([prompts, negatives], clip_skip)
         else:
             cond, uncond = self.encode_prompt(prompts, clip_skip), None
-        noise, generators = random_streams(seeds, self._latent_shape(height, width))
+        noise, generators = random_streams(seeds, shape[1:])
         if latents is not None:  # replaces the starting noise; the streams still drive the sampler's noise
-            if tuple(latents.shape[-3:]) != tuple(noise.shape[1:]) or latents.numel() != noise.numel():
-                raise ArgumentError(f"latents must have shape {list(noise.shape)}, got {list(latents.shape)}")
-            noise = latents.float().reshape(noise.shape)
+            noise = latents.float().reshape(shape)
         init = None if init_pixels is None else self.encode_image(init_pixels).expand(len(prompts), -1, -1, -1)
 
         out = self.sample(noise, cond, uncond, steps=int(steps), guidance_scale=float(guidance_scale),

@@ -13,6 +13,7 @@ import torch
 from safetensors.torch import save_file
 
 import sdlite
+from sdlite import checkpoint
 from sdlite.checkpoint import (DDPM_BUFFERS, SD1_POSITION_IDS, detect_config, ema_key, guess_v_prediction,
                                networks_from_state_dict, read_checkpoint, state_dict_of)
 from sdlite.config import SD1, SD2
@@ -212,6 +213,31 @@ def test_yaml_without_parameterization_means_eps(tmp_path):
     path = _save(original_state_dict(TINY_SD2), tmp_path / "m.safetensors")
     (tmp_path / "m.yaml").write_text("model:\n  params:\n    linear_start: 0.00085\n")
     assert sdlite.load(path, device="cpu", config=TINY_SD2).config.prediction == "eps"
+
+
+@pytest.mark.parametrize("v_like, prediction, size", [(True, "v", 768), (False, "eps", 512)])
+def test_sd2_without_yaml_takes_prediction_and_native_size_from_the_weight_test(tmp_path, monkeypatch, v_like,
+                                                                                  prediction, size):
+    # As A1111: 768-v-ema answers the weight test as a v model and draws at 768, 512-base at 512.
+    path = _save(original_state_dict(TINY_SD2), tmp_path / "m.safetensors")
+    seen = []
+    monkeypatch.setattr(checkpoint, "guess_v_prediction", lambda unet, cfg: seen.append(cfg) or v_like)
+    pipe = sdlite.load(path, device="cpu", config=TINY_SD2)
+    assert seen == [TINY_SD2.unet]
+    assert (pipe.config.prediction, pipe.config.image_size) == (prediction, size)
+
+
+def test_sd1_without_yaml_is_eps_and_never_runs_the_weight_test(tmp_path, monkeypatch):
+    path = _save(original_state_dict(TINY_SD1), tmp_path / "m.safetensors")
+    monkeypatch.setattr(checkpoint, "guess_v_prediction", lambda unet, cfg: pytest.fail("weight test on SD1"))
+    assert sdlite.load(path, device="cpu", config=TINY_SD1).config.prediction == "eps"
+
+
+def test_yaml_with_an_unknown_parameterization_is_a_checkpoint_error_naming_it(tmp_path):
+    path = _save(original_state_dict(TINY_SD2), tmp_path / "m.safetensors")
+    (tmp_path / "m.yaml").write_text('model:\n  params:\n    parameterization: "x0"\n')
+    with pytest.raises(sdlite.CheckpointError, match="m.yaml: parameterization 'x0'"):
+        sdlite.load(path, device="cpu", config=TINY_SD2)
 
 
 @pytest.mark.parametrize("bias, expected", [(0.0, False), (-3.0, True)])

@@ -226,3 +226,54 @@ def test_ctrl_c_while_saving_leaves_no_truncated_png(in_tmp, monkeypatch, capsys
     assert _run_expecting_ctrl_c(["--prompt", "a cat", "--quiet"]) == 130
     assert list((in_tmp / "outputs/txt2img-samples").iterdir()) == []
     assert capsys.readouterr().out == ""
+
+
+# -- what the flags become ----------------------------------------------------------------------
+
+class RecordingPipe:
+    """Stands in for a loaded pipeline and records each generation call's arguments."""
+
+    def __init__(self):
+        self.calls = []
+
+    def txt2img(self, prompt, **kwargs):
+        self.calls.append(("txt2img", prompt, kwargs))
+        return _images(kwargs["batch_size"])
+
+    def img2img(self, image, prompt, **kwargs):
+        self.calls.append(("img2img", prompt, {"image": image, **kwargs}))
+        return _images(kwargs["batch_size"])
+
+
+def _calls(monkeypatch, argv, img2img=False):
+    pipe = RecordingPipe()
+    monkeypatch.setattr(sdlite, "load", lambda *a, **k: pipe)
+    assert cli.run([*argv, "--quiet"], img2img=img2img) == 0
+    return pipe.calls
+
+
+def test_each_batch_continues_the_seeds_of_the_last_one_across_iterations_and_prompts(in_tmp, monkeypatch):
+    # As the CompVis scripts and A1111's "Batch count": image i of the whole run uses seed + i.
+    (in_tmp / "prompts.txt").write_text("a cat\n\na dog\n")
+    calls = _calls(monkeypatch, ["--from-file", "prompts.txt", "--seed", "100", "--n_samples", "2", "--n_iter", "2"])
+    assert [(c[1], c[2]["seed"], c[2]["batch_size"]) for c in calls] == [
+        ("a cat", 100, 2), ("a cat", 102, 2), ("a dog", 104, 2), ("a dog", 106, 2)]
+    assert len(list((in_tmp / "outputs/txt2img-samples").iterdir())) == 8
+
+
+def test_the_generation_flags_reach_the_pipeline_unchanged(in_tmp, monkeypatch):
+    (kind, prompt, kw), = _calls(monkeypatch, [
+        "--prompt", "a cat", "--negative-prompt", "blurry", "--plms", "--steps", "7", "--scale", "3.5",
+        "--H", "48", "--W", "64", "--clip-skip", "2", "--ddim_eta", "0.0", "--seed", "5"])
+    assert (kind, prompt) == ("txt2img", "a cat")
+    assert {k: kw[k] for k in ("negative_prompt", "sampler", "steps", "guidance_scale", "height", "width",
+                               "clip_skip", "eta", "seed", "batch_size")} == {
+        "negative_prompt": "blurry", "sampler": "plms", "steps": 7, "guidance_scale": 3.5, "height": 48,
+        "width": 64, "clip_skip": 2, "eta": 0.0, "seed": 5, "batch_size": 1}
+
+
+def test_img2img_passes_the_init_image_and_strength(in_tmp, monkeypatch):
+    _png(in_tmp / "in.png", (16, 16))
+    (kind, prompt, kw), = _calls(monkeypatch, ["--prompt", "a cat", "--init-img", "in.png", "--strength", "0.4"],
+                                 img2img=True)
+    assert (kind, prompt, kw["image"], kw["strength"]) == ("img2img", "a cat", Path("in.png"), 0.4)

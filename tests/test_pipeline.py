@@ -59,6 +59,37 @@ def test_long_prompt_is_encoded_in_77_token_chunks(pipe):
     assert pipe.encode_prompt(["a cat", long]).shape == (2, 154, TINY_SD1.text.width)
 
 
+def test_a_long_prompt_is_its_75_token_pieces_in_order_each_encoded_as_a_77_token_chunk(pipe):
+    # No commas: A1111 then cuts every 75 tokens. Each piece gets BOS/EOS and padding, is encoded on
+    # its own, and the chunks are concatenated in order (weights 1: no rescaling).
+    tok = pipe.tokenizer
+    long = " ".join(["red circle", "blue square on the left", "green triangle"] * 25)
+    ids = tok.encode(long)
+    assert 150 < len(ids) <= 225
+    pieces = [ids[i:i + 75] for i in range(0, len(ids), 75)]
+    rows = torch.tensor([[tok.bos_id, *p, tok.eos_id] + [tok.pad_id] * (75 - len(p)) for p in pieces])
+    expected = pipe.text_encoder(rows).reshape(1, 77 * 3, -1)
+    torch.testing.assert_close(pipe.encode_prompt([long]), expected, rtol=0, atol=1e-5)
+
+
+def test_clip_skip_n_takes_the_hidden_state_n_minus_1_layers_before_the_last(pipe):
+    ids = pipe.tokenizer(["a photo of a cat"])
+    torch.testing.assert_close(pipe.encode_prompt(["a photo of a cat"], clip_skip=2),
+                               pipe.text_encoder(ids, skip_last_layers=1), rtol=0, atol=0)
+    assert not torch.equal(pipe.encode_prompt(["a photo of a cat"], clip_skip=2), pipe.encode_prompt(["a photo of a cat"]))
+
+
+def test_guidance_with_prompt_and_negative_of_different_lengths_is_uncond_plus_scale_times_difference(pipe):
+    # Different chunk counts cannot share a batch: the UNet runs twice. out = u + s (c - u).
+    long = " ".join(["red circle"] * 60)  # 120 tokens: 2 chunks; the negative "" has 1
+    cond, uncond = pipe.encode_prompts([[long], [""]])
+    assert cond.shape[1] == 154 and uncond.shape[1] == 77
+    x, t = torch.randn(1, 4, 16, 16, generator=torch.Generator().manual_seed(0)), torch.tensor([500.0])
+    guided = pipe._model_fn(cond, uncond, 7.5)(x, t)
+    u, c = pipe.unet(x, t, uncond), pipe.unet(x, t, cond)
+    torch.testing.assert_close(guided, u + 7.5 * (c - u), rtol=0, atol=1e-5)
+
+
 def test_prompt_pairs_are_encoded_in_one_text_encoder_call_equal_to_separate_encodes(pipe):
     long = ", ".join(["a (red:1.2) circle on the left"] * 20)
     prompts, negatives = ["a cat", "a cat", long, "a cat"], ["", "blurry", "", ""]
@@ -194,19 +225,42 @@ def test_img2img_runs_the_last_part_of_the_schedule_as_a1111_does(pipe):
     assert "Denoising strength: 0.5" in out.infotexts[0]
 
 
-def test_sd2_v_prediction_pipeline_runs(tmp_path):
+def test_an_sd2_pipeline_follows_its_prediction_type():
+    # The v/eps conversion itself is checked against diffusers in test_txt2img_parity.py (slow);
+    # here: the pipeline runs an SD2 model either way, and the prediction type is not ignored.
     pipe = make_pipe(TINY_SD2)
+    eps = pipe.txt2img("a cat", seed=1, steps=2, sampler="euler", output_type="latent")
     pipe.config = pipe.config.with_(prediction="v")
-    out = pipe.txt2img("a cat", seed=1, steps=2, sampler="euler", output_type="latent")
-    assert torch.isfinite(out).all()
+    v = pipe.txt2img("a cat", seed=1, steps=2, sampler="euler", output_type="latent")
+    assert torch.isfinite(v).all() and (v - eps).abs().max() > 1e-2
+
+
+def test_encode_image_is_the_posterior_mean_times_the_scale_factor(pipe):
+    images = torch.rand(2, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    expected = pipe.vae.encode(images * 2 - 1).mean * pipe.scale_factor
+    assert pipe.scale_factor != 1.0
+    torch.testing.assert_close(pipe.encode_image(images), expected, rtol=0, atol=0)
+
+
+def test_model_hash_is_a1111s_first_10_hex_digits_of_the_files_sha256(tiny_ckpt):
+    import hashlib
+
+    pipe = sdlite.load(tiny_ckpt, device="cpu")
+    expected = hashlib.sha256(tiny_ckpt.read_bytes()).hexdigest()[:10]
+    assert pipe.model_hash == expected
+    assert f"Model hash: {expected}" in pipe.txt2img("a cat", seed=1, steps=1).infotexts[0]
 
 
 # -- precision -----------------------------------------------------------------------------
 
-def test_bf16_weights_run_on_cpu():
-    pipe = make_pipe(dtype=torch.bfloat16)
-    out = pipe.txt2img("a cat", seed=1, steps=2, output_type="np")
-    assert np.isfinite(out).all()
+# Max |bf16 - fp32| of a 2-step image in [0, 1]: measured 0.011-0.015 over four seeds.
+BF16_IMAGE_TOL = 0.05
+
+
+def test_bf16_weights_run_on_cpu_close_to_fp32():
+    out = make_pipe(dtype=torch.bfloat16).txt2img("a cat", seed=1, steps=2, output_type="np")
+    ref = make_pipe().txt2img("a cat", seed=1, steps=2, output_type="np")
+    assert np.abs(out - ref).max() < BF16_IMAGE_TOL
 
 
 @pytest.mark.parametrize("vae_dtype, expected", [(torch.bfloat16, False), (torch.float32, True)])
@@ -263,6 +317,8 @@ def test_nan_that_survives_fp32_is_an_error_not_an_image(monkeypatch):
     (dict(seed=-5), "seed must be"),
     (dict(seed=2**64), "seed must be"),
     (dict(seed=2**64 - 1, batch_size=2), "seed must be"),
+    (dict(prompt=["a cat", "a dog"], negative_prompt=["blurry"]), "2 prompts but 1 negative"),
+    (dict(latents=torch.zeros(1, 4, 3, 3)), "latents must have shape"),
 ])
 def test_bad_arguments_raise_argument_error_before_any_network_runs(pipe, monkeypatch, kwargs, match):
     def no_network(*args, **kwargs):
