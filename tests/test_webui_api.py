@@ -10,7 +10,6 @@ import base64
 import io
 import socket
 import threading
-import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -23,7 +22,7 @@ from PIL import Image
 
 import sdlite
 from sdlite.infotext import parse_infotext
-from sdlite.webui.server import LATENT_RGB, ServerThread, create_app, latent_preview, main
+from sdlite.webui.server import LATENT_RGB, ServerThread, State, create_app, latent_preview, main
 
 from test_pipeline import make_pipe
 
@@ -169,36 +168,70 @@ def test_options_switch_the_model_and_an_unknown_model_is_refused(api):
 
 # -- progress and interrupt ----------------------------------------------------------------------
 
-def test_progress_reports_steps_and_a_latent_preview_and_interrupt_stops_the_generation(api, server):
+class StepGate:
+    """Holds the worker thread inside ``State.step`` at sampling step ``at``, after that step's counter and
+    latent are recorded and before the pipeline callback reads the interrupt flag, until ``release`` is set.
+
+    The test then reads ``/progress`` at a known step and can interrupt before the sampler goes on, so nothing
+    depends on how fast the machine is. ``steps`` lists every step number the sampler reported."""
+
+    def __init__(self, monkeypatch, at: int):
+        self.at, self.steps, self.latent = at, [], None
+        self.reached, self.release = threading.Event(), threading.Event()
+        original = State.step
+
+        def step(state: State, n: int, latent: torch.Tensor) -> None:
+            original(state, n, latent)
+            self.steps.append(n)
+            if n == self.at and not self.release.is_set():
+                self.latent = latent
+                self.reached.set()
+                self.release.wait()
+
+        monkeypatch.setattr(State, "step", step)
+
+
+HANG = 120  # seconds; only turns a hang into a failure, no assertion depends on how fast a step is
+
+
+def test_progress_reports_steps_and_a_latent_preview_and_interrupt_stops_the_generation(api, server, monkeypatch):
+    gate = StepGate(monkeypatch, at=3)
     result: dict = {}
 
     def run():
         client = webuiapi.WebUIApi(host=server.host, port=server.port)
-        result["r"] = client.txt2img(prompt="a long one", seed=1, steps=1000, **SIZE)
+        result["r"] = client.txt2img(prompt="a long one", seed=1, steps=20, **SIZE)
 
     worker = threading.Thread(target=run)
     worker.start()
-    deadline = time.monotonic() + 30
-    while True:
+    try:
+        assert gate.reached.wait(HANG), "the generation never reached step 3"
+        # held at step 3 of 20: /progress reports that step and its latent
         p = api.get_progress()
-        if p["state"]["sampling_step"] >= 2 and p["current_image"]:
-            break
-        assert time.monotonic() < deadline, "the generation never reported a step"
-        time.sleep(0.05)
-    assert p["state"]["job_count"] == 1 and p["state"]["sampling_steps"] == 1000
-    assert 0.01 < p["progress"] < 0.5 and p["eta_relative"] > 0
-    preview = Image.open(io.BytesIO(base64.b64decode(p["current_image"])))
-    assert preview.size == (32, 32)  # the 16×16 latent, upscaled by the VAE factor
+        assert p["state"]["job_count"] == 1
+        assert (p["state"]["sampling_step"], p["state"]["sampling_steps"]) == (3, 20)
+        assert p["progress"] == pytest.approx(0.01 + 3 / 20) and p["eta_relative"] > 0
+        preview = Image.open(io.BytesIO(base64.b64decode(p["current_image"])))
+        assert preview.size == (32, 32)  # the 16×16 latent, upscaled by the VAE factor
+        assert pixels(preview) == pixels(latent_preview(gate.latent, 2))  # the preview of step 3's latent
 
-    t0 = time.monotonic()
-    assert api.interrupt() == {}
-    worker.join(timeout=30)
-    assert not worker.is_alive(), "interrupt did not stop the generation"
-    assert time.monotonic() - t0 < 15  # 1000 steps take minutes; the interrupted job returns at once
-    assert len(result["r"].images) == 1  # A1111 returns what it had when interrupted
+        assert api.interrupt() == {}
+        assert api.get_progress()["state"]["interrupted"] is True
+    finally:
+        gate.release.set()
+    worker.join(timeout=HANG)
+    assert not worker.is_alive(), "the interrupted request never returned"
+    assert gate.steps == [1, 2, 3]  # the sampler stopped at the step where it saw the interrupt
+    interrupted = result["r"].images
+    assert len(interrupted) == 1  # A1111 returns what it had when interrupted: step 3's denoised estimate
     idle = api.get_progress()
     assert idle["state"]["job_count"] == 0 and idle["progress"] == 0
-    assert len(api.txt2img(prompt="after", steps=2, **SIZE).images) == 1  # the next job is not interrupted
+
+    # the next job is not interrupted: all 20 steps, and a different picture from the stopped one
+    gate.steps.clear()
+    full = api.txt2img(prompt="a long one", seed=1, steps=20, **SIZE).images
+    assert gate.steps == list(range(1, 21))
+    assert pixels(full[0]) != pixels(interrupted[0])
 
 
 # -- robustness ----------------------------------------------------------------------------------

@@ -13,13 +13,15 @@ import base64
 import os
 import re
 import socket
+import threading
 from pathlib import Path
 
 import pytest
+import requests
 
 import sdlite
 from sdlite.pipeline import BUNDLED_MODEL
-from sdlite.webui.server import ServerThread, create_app
+from sdlite.webui.server import ServerThread, State, create_app
 
 from test_pipeline import make_pipe
 
@@ -48,13 +50,37 @@ def server(tmp_path_factory):
         yield s
 
 
-def test_page_generates_with_live_progress_and_reads_the_png_info_back(server, tmp_path):
+class StepGate:
+    """Holds the worker thread inside ``State.step`` at sampling step ``at`` (after that step's counter and
+    latent are recorded) until ``release`` is set, so the page's progress polls see a known step however fast
+    or slow the machine is. ``steps`` lists every step number the sampler reported."""
+
+    def __init__(self, monkeypatch, at: int):
+        self.at, self.steps = at, []
+        self.reached, self.release = threading.Event(), threading.Event()
+        original = State.step
+
+        def step(state: State, n: int, latent) -> None:
+            original(state, n, latent)
+            self.steps.append(n)
+            if n == self.at and not self.release.is_set():
+                self.reached.set()
+                self.release.wait()
+
+        monkeypatch.setattr(State, "step", step)
+
+
+HANG = 120  # seconds; only turns a hang into a failure, no assertion depends on how fast a step is
+
+
+def test_page_generates_with_live_progress_and_reads_the_png_info_back(server, tmp_path, monkeypatch):
     assert CHROMIUM.is_file(), "Chromium is missing: apt-get install -y chromium (the browser test needs it)"
     from playwright.sync_api import expect, sync_playwright  # test-only dependency: missing must fail
 
     prompt = "a red circle on the left"
     batch = 4 if SCREENSHOT else 1
-    steps = 60  # long enough for several progress polls (every 250 ms) even on a fast machine
+    steps = 20
+    gate = StepGate(monkeypatch, at=5)  # the run waits at step 5 until the page has shown it
     with sync_playwright() as pw:
         browser = pw.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS, headless=True)
         try:
@@ -73,10 +99,20 @@ def test_page_generates_with_live_progress_and_reads_the_png_info_back(server, t
             page.fill("#seed", "1234")
             page.fill("#batch_size", str(batch))
             page.click("#generate")
-            page.wait_for_function(f"""() => /^Step \\d+\\/{steps}/.test(document.getElementById('progress-text').textContent)
-                && (document.querySelector('.viewer.live #viewer')?.src || '').startsWith('data:image/png;base64,')""",
-                                   timeout=20_000)  # mid-run: the step count and the latent preview
-            expect(page.locator("#gallery img")).to_have_count(batch, timeout=60_000)
+            try:
+                assert gate.reached.wait(HANG), "the generation never reached step 5"
+                # Held at step 5: the page's next poll must show that step and that step's latent preview.
+                preview = requests.get(f"{server.url}/sdapi/v1/progress").json()["current_image"]
+                assert preview
+                page.wait_for_function(
+                    """([steps, src]) => new RegExp(`^Step 5/${steps}( |$)`).test(document.getElementById('progress-text').textContent)
+                    && document.querySelector('.viewer.live #viewer')?.src === src""",
+                    arg=[steps, "data:image/png;base64," + preview], timeout=HANG * 1000)
+                expect(page.locator("#gallery img")).to_have_count(0)  # still running: no result yet
+            finally:
+                gate.release.set()
+            expect(page.locator("#gallery img")).to_have_count(batch, timeout=HANG * 1000)
+            assert gate.steps == list(range(1, steps + 1))  # the held run went on to the end
             expect(page.locator("#progress-text")).to_have_text(re.compile(f"^Done: {batch} image"))
             infotext = page.text_content("#infotext")
             assert infotext.startswith(f"{prompt}\nNegative prompt: blurry\nSteps: {steps}, Sampler: Euler a")
