@@ -2,13 +2,25 @@
 and full sampling loops of a deterministic dummy model against diffusers' schedulers (an independent
 implementation), with the same starting noise and the same generator for the stochastic steps.
 
+diffusers comes in through the ``diffusers`` fixture, so only the tests that compare against it skip where it
+is not installed (CI installs it with the ``test`` extra); everything else runs without it.
+
+Each named sigma schedule is pinned to a reference written here in another form than sdlite's code: the ldm
+schedule in numpy (``LDM_SIGMAS``) with k-diffusion's t <-> sigma (``np.interp`` of log sigma), then the
+definition of A1111's ``modules/sd_schedulers.py`` (ComfyUI's is the same for these): sgm_uniform, normal,
+simple, kl_optimal (Sabour et al. 2024, sigma = tan of a linear ramp in arctan sigma) and Align Your Steps
+(NVIDIA's published SD 1.5 list, geometrically interpolated). Where diffusers has the same schedule it is
+compared too: ``timestep_spacing="linspace"`` at integral timesteps (normal, sgm_uniform), ``"trailing"`` for
+n dividing 1000 (simple), ``AysSchedules`` (the AYS list). Tolerances: rtol 1e-12 against the float64
+formulas, 1e-6 against diffusers' float32 sigmas.
+
 Parity tolerance (fp32 state): max |ours - reference| <= 1e-5 * max |reference|.
 
 How diffusers is configured to follow the originals (and where it cannot be made to):
 - every scheduler: ``beta_schedule="scaled_linear"``, 0.00085 .. 0.012, T = 1000 (= ldm's "linear"); diffusers
   keeps alphabar in float32, whose rounding of 1 - alphabar_0 alone moves sigma_min by 3e-5 relative, so each
   reference scheduler is handed the float64 alphabar (checked against diffusers' own float32 values at 2e-6
-  in ``test_schedule_betas_are_the_ldm_linear_schedule_in_float64``);
+  in ``test_diffusers_float32_alphabar_is_the_ldm_schedule_rounded``);
 - k-samplers: ``timestep_spacing="linspace"``; the step counts are chosen so that linspace(999, 0, n) is
   integral (n = 10: multiples of 111; n = 28: of 37), because diffusers interpolates sigma *linearly* between
   integer timesteps while k-diffusion (and sdlite) interpolate *log* sigma; at integer t both are exact;
@@ -54,12 +66,21 @@ from sdlite.schedulers import (
     schedule_label,
 )
 
-diffusers = pytest.importorskip("diffusers")
-
 SCHED = DiscreteSchedule()
 SHAPE = (2, 4, 8, 8)
 DIFFUSERS_BASE = dict(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear")
 TOL = 1e-5
+
+# The ldm "linear" schedule written out in float64 numpy, independently of sdlite: the reference for the schedules.
+LDM_BETAS = np.linspace(0.00085**0.5, 0.012**0.5, 1000, dtype=np.float64) ** 2  # ldm make_beta_schedule("linear")
+LDM_ALPHAS_CUMPROD = np.cumprod(1 - LDM_BETAS)
+LDM_SIGMAS = np.sqrt((1 - LDM_ALPHAS_CUMPROD) / LDM_ALPHAS_CUMPROD)
+
+
+@pytest.fixture(scope="module")
+def diffusers():
+    """diffusers, the independent implementation the parity tests compare against (skips only those tests)."""
+    return pytest.importorskip("diffusers")
 
 
 def _pattern() -> torch.Tensor:
@@ -118,12 +139,13 @@ def diffusers_prediction(prediction: str) -> str:
 # -- the schedule -------------------------------------------------------------------------------------------
 
 def test_schedule_betas_are_the_ldm_linear_schedule_in_float64():
-    betas = np.linspace(0.00085**0.5, 0.012**0.5, 1000, dtype=np.float64) ** 2  # ldm make_beta_schedule("linear")
-    np.testing.assert_allclose(SCHED.betas.numpy(), betas, rtol=1e-15, atol=0)
-    np.testing.assert_allclose(SCHED.alphas_cumprod.numpy(), np.cumprod(1 - betas), rtol=1e-14)
-    np.testing.assert_allclose(SCHED.sigmas.numpy(), np.sqrt((1 - np.cumprod(1 - betas)) / np.cumprod(1 - betas)),
-                               rtol=1e-13)
+    np.testing.assert_allclose(SCHED.betas.numpy(), LDM_BETAS, rtol=1e-15, atol=0)
+    np.testing.assert_allclose(SCHED.alphas_cumprod.numpy(), LDM_ALPHAS_CUMPROD, rtol=1e-14)
+    np.testing.assert_allclose(SCHED.sigmas.numpy(), LDM_SIGMAS, rtol=1e-13)
     assert SCHED.betas.dtype == torch.float64
+
+
+def test_diffusers_float32_alphabar_is_the_ldm_schedule_rounded(diffusers):
     ref = diffusers.DDPMScheduler(**DIFFUSERS_BASE).alphas_cumprod  # float32 in diffusers
     np.testing.assert_allclose(SCHED.alphas_cumprod.numpy(), ref.double().numpy(), rtol=2e-6)
 
@@ -144,12 +166,18 @@ def test_add_noise_is_ddpm_eq4_and_nearly_identity_at_t0():
     assert (out - x0).abs().max() <= bound + 1e-6
     assert math.sqrt(1 - a0) < 0.03
     t = torch.tensor([10, 990])
-    ref = diffusers.DDPMScheduler(**DIFFUSERS_BASE).add_noise(x0, noise, t)
-    assert_parity(SCHED.add_noise(x0, noise, t), ref)
+    a = torch.from_numpy(LDM_ALPHAS_CUMPROD[t.numpy()]).reshape(-1, 1, 1, 1)
+    assert_parity(SCHED.add_noise(x0, noise, t), a.sqrt() * x0.double() + (1 - a).sqrt() * noise.double())
     with pytest.raises(ArgumentError):
         SCHED.add_noise(x0, noise, 1000)
     with pytest.raises(ArgumentError):
         SCHED.add_noise(x0, noise, torch.tensor(3.5))
+
+
+def test_add_noise_matches_diffusers_ddpm(diffusers):
+    x0, noise, t = start_noise(1), start_noise(2), torch.tensor([10, 990])
+    ref = diffusers.DDPMScheduler(**DIFFUSERS_BASE).add_noise(x0, noise, t)
+    assert_parity(SCHED.add_noise(x0, noise, t), ref)
 
 
 def test_sigma_and_t_round_trip_with_log_sigma_interpolation():
@@ -190,10 +218,124 @@ def test_karras_and_exponential_sigmas_follow_their_formulas():
     np.testing.assert_allclose(SCHED.get_sigmas(n, "Exponential", dtype=torch.float64)[:-1].numpy(), expo, rtol=1e-12)
     # Polyexponential with rho = 1 is the exponential schedule.
     torch.testing.assert_close(SCHED.get_sigmas(n, "polyexponential"), SCHED.get_sigmas(n, "exponential"))
-    # The published AYS values at their own length, and the DDIM schedule on DDIM's timesteps.
-    assert SCHED.get_sigmas(10, "align_your_steps")[0].item() == pytest.approx(14.615)
+    # The DDIM schedule is the model's sigmas on DDIM's timesteps.
     torch.testing.assert_close(SCHED.get_sigmas(50, "ddim", dtype=torch.float64)[:-1],
                                SCHED.sigmas[SCHED.ddim_timesteps(50)])
+
+
+# The named schedules against A1111's definitions (modules/sd_schedulers.py), written in numpy from LDM_SIGMAS.
+
+SCHEDULE_STEPS = (1, 2, 3, 7, 10, 30)
+
+
+def ref_t_to_sigma(t) -> np.ndarray:
+    """k-diffusion's t -> sigma: log sigma linear between the neighbouring integer timesteps."""
+    return np.exp(np.interp(t, np.arange(len(LDM_SIGMAS)), np.log(LDM_SIGMAS)))
+
+
+def ref_sigma_to_t(sigma: float) -> float:
+    """k-diffusion's sigma -> t (unquantised): t linear in log sigma; the model's range maps to [0, 999]."""
+    return float(np.interp(math.log(sigma), np.log(LDM_SIGMAS), np.arange(len(LDM_SIGMAS))))
+
+
+def sigmas64(n: int, kind: str, **kw) -> np.ndarray:
+    return SCHED.get_sigmas(n, kind, dtype=torch.float64, **kw).numpy()
+
+
+def test_sgm_uniform_is_sigma_at_n_plus_1_uniform_timesteps_without_the_last():
+    """A1111 sgm_uniform: t = linspace(t(sigma_max), t(sigma_min), n + 1)[:-1] mapped to sigma, then 0 — so it
+    starts at sigma_max (14.61) and stops one timestep interval above t = 0."""
+    for n in SCHEDULE_STEPS:
+        ref = np.append(ref_t_to_sigma(np.linspace(999, 0, n + 1)[:-1]), 0.0)
+        np.testing.assert_allclose(sigmas64(n, "sgm_uniform"), ref, rtol=1e-12, atol=0, err_msg=f"n={n}")
+    lo, hi = 0.1, 10.0  # a narrower range: the end timesteps are t(hi) and t(lo)
+    ref = np.append(ref_t_to_sigma(np.linspace(ref_sigma_to_t(hi), ref_sigma_to_t(lo), 9)[:-1]), 0.0)
+    np.testing.assert_allclose(sigmas64(8, "sgm_uniform", sigma_min=lo, sigma_max=hi), ref, rtol=1e-12, atol=0)
+
+
+def test_normal_is_sigma_at_n_uniform_timesteps_from_sigma_max_to_sigma_min():
+    """A1111 normal: t = linspace(t(sigma_max), t(sigma_min), n) mapped to sigma, then 0."""
+    for n in SCHEDULE_STEPS:
+        ref = np.append(ref_t_to_sigma(np.linspace(999, 0, n)), 0.0)
+        np.testing.assert_allclose(sigmas64(n, "normal"), ref, rtol=1e-12, atol=0, err_msg=f"n={n}")
+    lo, hi = 0.1, 10.0
+    ref = np.append(ref_t_to_sigma(np.linspace(ref_sigma_to_t(hi), ref_sigma_to_t(lo), 8)), 0.0)
+    np.testing.assert_allclose(sigmas64(8, "normal", sigma_min=lo, sigma_max=hi), ref, rtol=1e-12, atol=0)
+
+
+def test_simple_takes_every_t_over_n_th_model_sigma_from_the_top():
+    """A1111/ComfyUI simple: the model sigmas at t = 999 - floor(i * 1000 / n), i < n, then 0 (no interpolation).
+    (For some n A1111's float i * (1000 / n) comes out just below an integer — n = 38, i = 19: 499.99... — and int()
+    then picks the timestep above, t = 500 for 499; sdlite does the same. The step counts here avoid those.)"""
+    for n in (*SCHEDULE_STEPS, 8, 37):
+        t = 999 - (np.arange(n) * 1000) // n
+        ref = np.append(LDM_SIGMAS[t], 0.0)
+        np.testing.assert_allclose(sigmas64(n, "simple"), ref, rtol=1e-12, atol=0, err_msg=f"n={n}")
+
+
+def test_kl_optimal_is_tan_of_a_uniform_ramp_in_arctan_sigma_ending_in_zero():
+    """Sabour et al. 2024 (AYS), the KL-optimal schedule: sigma = tan(theta), theta uniform from arctan(sigma_max)
+    to arctan(sigma_min) over n + 1 points; the last point (sigma_min) is replaced by 0 as ComfyUI does."""
+    for n in SCHEDULE_STEPS:
+        theta = np.linspace(np.arctan(LDM_SIGMAS[-1]), np.arctan(LDM_SIGMAS[0]), n + 1)
+        ref = np.append(np.tan(theta[:-1]), 0.0)
+        np.testing.assert_allclose(sigmas64(n, "kl_optimal"), ref, rtol=1e-12, atol=0, err_msg=f"n={n}")
+    theta = np.linspace(np.arctan(10.0), np.arctan(0.1), 9)
+    np.testing.assert_allclose(sigmas64(8, "kl_optimal", sigma_min=0.1, sigma_max=10.0),
+                               np.append(np.tan(theta[:-1]), 0.0), rtol=1e-12, atol=0)
+
+
+# NVIDIA's published Align Your Steps sigmas for SD 1.5 (research.nvidia.com/labs/toronto-ai/AlignYourSteps/howto),
+# the 10-step schedule: 11 noise levels ending at sigma_min.
+AYS_PUBLISHED_SD15 = np.array([14.615, 6.475, 3.861, 2.697, 1.886, 1.396, 0.963, 0.652, 0.399, 0.152, 0.029])
+
+
+def test_align_your_steps_is_the_published_list_geometrically_interpolated_to_n_levels():
+    """A1111: the 11 published levels, log-linearly resampled to n levels (n != 11), then 0. Log-linear
+    between neighbours k and k + 1 at fraction f is the geometric mean s_k^(1-f) s_(k+1)^f; level i of n sits
+    at position i (11 - 1) / (n - 1) along the list. At n = 11 the list itself comes out (A1111 appends 0 to it
+    without resampling; so its 10-step run is a resampling, not the published 10-step schedule)."""
+    pub = AYS_PUBLISHED_SD15
+    for n in (2, 3, 7, 10, 11, 20, 30):
+        pos = np.arange(n) * (len(pub) - 1) / (n - 1)
+        k = np.minimum(np.floor(pos).astype(int), len(pub) - 2)
+        f = pos - k
+        ref = np.append(pub[k] ** (1 - f) * pub[k + 1] ** f, 0.0)
+        np.testing.assert_allclose(sigmas64(n, "align_your_steps"), ref, rtol=1e-12, atol=0, err_msg=f"n={n}")
+    np.testing.assert_array_equal(sigmas64(11, "align_your_steps"), np.append(pub, 0.0))
+
+
+def test_align_your_steps_list_is_diffusers_ays_sd15_sigmas(diffusers):
+    """diffusers' AysSchedules holds the same 10-step list with its last level (sigma_min = 0.029) set to 0."""
+    ref = diffusers.schedulers.AysSchedules["StableDiffusionSigmas"]
+    np.testing.assert_allclose(sigmas64(11, "align_your_steps")[:10], ref[:10], rtol=1e-12, atol=0)
+    assert ref[10] == 0.0
+
+
+def _euler_sigmas(diffusers, n: int, spacing: str) -> np.ndarray:
+    sched = exact_alphas(diffusers.EulerDiscreteScheduler(**DIFFUSERS_BASE, timestep_spacing=spacing))
+    sched.set_timesteps(n)
+    return sched.sigmas.double().numpy()
+
+
+def test_normal_and_sgm_uniform_match_diffusers_linspace_where_its_timesteps_are_integral(diffusers):
+    """diffusers' "linspace" spacing is t = linspace(999, 0, n); it interpolates sigma linearly between integer
+    timesteps where k-diffusion interpolates log sigma, so only n with (n - 1) | 999 are compared: normal is
+    linspace at n, sgm_uniform is linspace at n + 1 without its last level."""
+    for n in (4, 10, 28):
+        np.testing.assert_allclose(sigmas64(n, "normal"), _euler_sigmas(diffusers, n, "linspace"), rtol=1e-6, atol=0,
+                                   err_msg=f"n={n}")
+    for n in (3, 9, 27):
+        ref = _euler_sigmas(diffusers, n + 1, "linspace")
+        np.testing.assert_allclose(sigmas64(n, "sgm_uniform"), np.append(ref[:n], 0.0), rtol=1e-6, atol=0,
+                                   err_msg=f"n={n}")
+
+
+def test_simple_matches_diffusers_trailing_spacing_when_n_divides_1000(diffusers):
+    """diffusers' "trailing" spacing is t = round(1000 - i 1000 / n) - 1 at integer t: A1111's simple when n | 1000."""
+    for n in (8, 10, 25, 50):
+        np.testing.assert_allclose(sigmas64(n, "simple"), _euler_sigmas(diffusers, n, "trailing"), rtol=1e-6, atol=0,
+                                   err_msg=f"n={n}")
 
 
 def test_ddim_timesteps_are_compvis_uniform_plus_one():
@@ -328,7 +470,7 @@ def test_levels_for_txt2img_img2img_and_discarded_penultimate_sigma():
     ("dpm2", "KDPM2DiscreteScheduler", False),
     ("dpm2_a", "KDPM2AncestralDiscreteScheduler", True),
 ])
-def test_k_sampler_matches_diffusers(name, cls, stochastic, prediction):
+def test_k_sampler_matches_diffusers(name, cls, stochastic, prediction, diffusers):
     n = 10  # linspace(999, 0, 10) = multiples of 111: integral timesteps
     sched = exact_alphas(getattr(diffusers, cls)(**DIFFUSERS_BASE, timestep_spacing="linspace",
                                                  prediction_type=diffusers_prediction(prediction)))
@@ -343,7 +485,7 @@ def test_k_sampler_matches_diffusers(name, cls, stochastic, prediction):
 
 
 @pytest.mark.parametrize("prediction", ["eps", "v"])
-def test_lms_matches_diffusers_with_independent_quadrature(prediction, monkeypatch):
+def test_lms_matches_diffusers_with_independent_quadrature(prediction, monkeypatch, diffusers):
     from diffusers.schedulers import scheduling_lms_discrete  # the real class; diffusers.LMS... is a scipy stub
 
     nodes, weights = np.polynomial.legendre.leggauss(10)
@@ -377,7 +519,7 @@ def test_lms_coefficients_equal_numerical_integration_of_the_lagrange_basis():
     assert sum(lms_coefficient(4, sig, 5, j) for j in range(4)) == pytest.approx(sig[6] - sig[5], rel=1e-12)
 
 
-def _dpmsolver(n_or_timesteps, prediction, **config):
+def _dpmsolver(diffusers, n_or_timesteps, prediction, **config):
     sched = exact_alphas(diffusers.DPMSolverMultistepScheduler(
         **DIFFUSERS_BASE, prediction_type=diffusers_prediction(prediction), final_sigmas_type="zero", **config))
     if isinstance(n_or_timesteps, int):
@@ -398,11 +540,12 @@ def _fractional_t(sched):
 
 
 @pytest.mark.parametrize("prediction", ["eps", "v"])
-def test_dpmpp_2m_on_the_model_schedule_matches_diffusers(prediction):
+def test_dpmpp_2m_on_the_model_schedule_matches_diffusers(prediction, diffusers):
     n = 10
     levels = SCHED.get_sigmas(n, "uniform")
     timesteps = [round(float(t)) for t in np.linspace(999, 0, n)]  # the same integral t's as get_sigmas(10)
-    sched = _dpmsolver(timesteps, prediction, algorithm_type="dpmsolver++", solver_order=2, solver_type="midpoint")
+    sched = _dpmsolver(diffusers, timesteps, prediction, algorithm_type="dpmsolver++", solver_order=2,
+                       solver_type="midpoint")
     torch.testing.assert_close(sched.sigmas, levels)
     noise = start_noise()
     ref = run_diffusers(sched, _vp_start(noise, levels[0].item()))
@@ -410,9 +553,9 @@ def test_dpmpp_2m_on_the_model_schedule_matches_diffusers(prediction):
 
 
 @pytest.mark.parametrize("prediction", ["eps", "v"])
-def test_dpmpp_2m_karras_matches_diffusers_given_fractional_timesteps(prediction):
+def test_dpmpp_2m_karras_matches_diffusers_given_fractional_timesteps(prediction, diffusers):
     n = 10
-    sched = _dpmsolver(n, prediction, algorithm_type="dpmsolver++", solver_order=2, use_karras_sigmas=True)
+    sched = _dpmsolver(diffusers, n, prediction, algorithm_type="dpmsolver++", solver_order=2, use_karras_sigmas=True)
     levels = get_sampler("DPM++ 2M").levels(SCHED, n)  # Automatic = Karras for DPM++ 2M
     torch.testing.assert_close(sched.sigmas, levels, rtol=1e-6, atol=0)
     noise = start_noise()
@@ -422,10 +565,10 @@ def test_dpmpp_2m_karras_matches_diffusers_given_fractional_timesteps(prediction
 
 @pytest.mark.parametrize("prediction", ["eps", "v"])
 @pytest.mark.parametrize("name,solver_type", [("dpmpp_2m_sde", "midpoint"), ("dpmpp_2m_sde_heun", "heun")])
-def test_dpmpp_2m_sde_exponential_matches_diffusers_sde_dpmsolver(name, solver_type, prediction):
+def test_dpmpp_2m_sde_exponential_matches_diffusers_sde_dpmsolver(name, solver_type, prediction, diffusers):
     n = 10
-    sched = _dpmsolver(n, prediction, algorithm_type="sde-dpmsolver++", solver_order=2, solver_type=solver_type,
-                       use_exponential_sigmas=True)
+    sched = _dpmsolver(diffusers, n, prediction, algorithm_type="sde-dpmsolver++", solver_order=2,
+                       solver_type=solver_type, use_exponential_sigmas=True)
     levels = get_sampler(name).levels(SCHED, n)  # Automatic = Exponential for the 2M SDE samplers
     torch.testing.assert_close(sched.sigmas, levels, rtol=1e-6, atol=0)
     noise = start_noise()
@@ -435,18 +578,18 @@ def test_dpmpp_2m_sde_exponential_matches_diffusers_sde_dpmsolver(name, solver_t
 
 
 @pytest.mark.parametrize("prediction", ["eps", "v"])
-def test_dpmpp_3m_sde_at_eta_0_matches_diffusers_dpmpp_3m(prediction):
+def test_dpmpp_3m_sde_at_eta_0_matches_diffusers_dpmpp_3m(prediction, diffusers):
     n = 28  # >= 15 so that diffusers does not lower the order of the penultimate step; multiples of 37
     levels = SCHED.get_sigmas(n, "uniform")
     # k-diffusion's second step uses phi_2 = (e^-h - 1)/h + 1 on the first difference: diffusers' "heun" variant.
-    sched = _dpmsolver([round(float(t)) for t in np.linspace(999, 0, n)], prediction, algorithm_type="dpmsolver++",
-                       solver_order=3, solver_type="heun")
+    sched = _dpmsolver(diffusers, [round(float(t)) for t in np.linspace(999, 0, n)], prediction,
+                       algorithm_type="dpmsolver++", solver_order=3, solver_type="heun")
     noise = start_noise()
     ref = run_diffusers(sched, _vp_start(noise, levels[0].item()))
     assert_parity(ours("dpmpp_3m_sde", prediction, levels, noise, eta=0.0), ref)
 
 
-def _timestep_scheduler(cls: str, prediction: str, n: int, **config):
+def _timestep_scheduler(diffusers, cls: str, prediction: str, n: int, **config):
     sched = exact_alphas(getattr(diffusers, cls)(**DIFFUSERS_BASE, timestep_spacing="leading", steps_offset=1,
                                                  prediction_type=diffusers_prediction(prediction), **config))
     sched.set_timesteps(n)
@@ -455,9 +598,9 @@ def _timestep_scheduler(cls: str, prediction: str, n: int, **config):
 
 @pytest.mark.parametrize("prediction", ["eps", "v"])
 @pytest.mark.parametrize("eta", [0.0, 1.0])
-def test_ddim_matches_diffusers_ddim(eta, prediction):
+def test_ddim_matches_diffusers_ddim(eta, prediction, diffusers):
     n = 50
-    sched = _timestep_scheduler("DDIMScheduler", prediction, n, set_alpha_to_one=False, clip_sample=False)
+    sched = _timestep_scheduler(diffusers, "DDIMScheduler", prediction, n, set_alpha_to_one=False, clip_sample=False)
     levels = get_sampler("DDIM").levels(SCHED, n)
     assert levels.tolist() == sched.timesteps.tolist()
     noise = start_noise()
@@ -469,9 +612,9 @@ def test_ddim_matches_diffusers_ddim(eta, prediction):
 
 
 @pytest.mark.parametrize("prediction", ["eps", "v"])
-def test_plms_matches_diffusers_pndm_with_skipped_prk_steps(prediction):
+def test_plms_matches_diffusers_pndm_with_skipped_prk_steps(prediction, diffusers):
     n = 20
-    sched = _timestep_scheduler("PNDMScheduler", "eps", n, skip_prk_steps=True, set_alpha_to_one=False)
+    sched = _timestep_scheduler(diffusers, "PNDMScheduler", "eps", n, skip_prk_steps=True, set_alpha_to_one=False)
     levels = get_sampler("PLMS").levels(SCHED, n)
     ac = sched.alphas_cumprod.double()
 
@@ -490,9 +633,10 @@ def test_plms_matches_diffusers_pndm_with_skipped_prk_steps(prediction):
 
 
 @pytest.mark.parametrize("prediction", ["eps", "v"])
-def test_ddpm_matches_diffusers_ddpm_on_strided_timesteps(prediction):
+def test_ddpm_matches_diffusers_ddpm_on_strided_timesteps(prediction, diffusers):
     n = 50
-    sched = _timestep_scheduler("DDPMScheduler", prediction, n, clip_sample=False, variance_type="fixed_small")
+    sched = _timestep_scheduler(diffusers, "DDPMScheduler", prediction, n, clip_sample=False,
+                                variance_type="fixed_small")
     noise = start_noise()
     ref = run_diffusers(sched, noise, generator=torch.Generator().manual_seed(11))
     # diffusers adds noise of std 1e-10 (the clamped zero variance) at the last step; sdlite none, as the original.

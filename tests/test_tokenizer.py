@@ -10,7 +10,6 @@ from __future__ import annotations
 import importlib.util
 import json
 import sys
-import time
 import types
 from pathlib import Path
 
@@ -77,15 +76,6 @@ def test_batch_is_int64_of_shape_batch_by_max_length(tok: CLIPTokenizer) -> None
 
 def test_decode_inverts_encode_on_cleaned_text(tok: CLIPTokenizer) -> None:
     assert tok.decode(tok.encode("A Photo of a CAT, café!")) == "a photo of a cat , café !"
-
-
-def test_batch_of_two_prompts_tokenizes_in_under_5_ms(tok: CLIPTokenizer) -> None:
-    texts = ["a photograph of an astronaut riding a horse", REFERENCE[-1]["text"]]
-    tok(texts)
-    start = time.perf_counter()
-    for _ in range(20):
-        tok(texts)
-    assert (time.perf_counter() - start) / 20 < 5e-3
 
 
 def test_clean_text_agrees_with_ftfy_on_quotes_width_entities_and_spaces() -> None:
