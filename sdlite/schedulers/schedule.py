@@ -69,10 +69,10 @@ SCHEDULES: tuple[ScheduleType, ...] = (
 
 SCHEDULE_LABELS: dict[str, str] = {s.id: s.label for s in SCHEDULES}
 
-# Align Your Steps (Sabour et al. 2024), the published SD 1.5 sigmas: 11 levels, which the paper's
-# 10-step schedule ends with 0 after. A1111 uses them for every non-SDXL model, as-is only when the
-# number of steps is 11 (its check is n == len(sigmas)), log-linearly resampled to n levels otherwise;
-# so 10 steps here, as in A1111, are a resampling, not the paper's list (ComfyUI and diffusers differ).
+# Align Your Steps (Sabour et al. 2024), the published list of 11 sigmas for SD 1.5 (ComfyUI and
+# diffusers run 10 steps on its first 10, then 0). A1111 uses it for every non-SDXL model: as-is, then
+# 0, when steps == 11 (its check is n == len(list)), else log-linearly resampled to n levels; so 10
+# steps here, as in A1111, are a resampling of the list.
 AYS_SD15 = (14.615, 6.475, 3.861, 2.697, 1.886, 1.396, 0.963, 0.652, 0.399, 0.152, 0.029)
 
 
