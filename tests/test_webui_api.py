@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import base64
 import io
+import json
 import socket
 import threading
 from concurrent.futures import ThreadPoolExecutor
@@ -321,3 +322,29 @@ def test_latent_preview_is_the_fixed_linear_map_of_the_four_channels_upscaled():
 def test_main_refuses_a_malformed_api_auth(tmp_path, capsys):
     assert main(["--ckpt-dir", str(tmp_path), "--api-auth", "no-colon"]) == 2
     assert "user:password" in capsys.readouterr().out
+
+
+def test_symlinked_checkpoints_and_folders_are_listed_by_their_link_names_and_usable(ckpt_dir, tmp_path):
+    outside = tmp_path / "outside"
+    (outside / "more").mkdir(parents=True)
+    (outside / "more" / "deep.safetensors").symlink_to(ckpt_dir / "tiny-b.safetensors")
+    folder = tmp_path / "Stable-diffusion"
+    (folder / "real").mkdir(parents=True)
+    (folder / "link.safetensors").symlink_to(ckpt_dir / "tiny-b.safetensors")  # a linked file
+    (folder / "linked-dir").symlink_to(outside / "more")  # a linked folder
+    (folder / "real" / "loop").symlink_to(folder)  # a loop back to the top: walked once, not forever
+    with ServerThread(create_app(folder, ckpt=ckpt_dir / "tiny-a.safetensors"), port=free_port()) as s:
+        url = f"{s.url}/sdapi/v1"
+        r = requests.get(f"{url}/sd-models")
+        assert r.status_code == 200
+        names = {m["title"] for m in r.json()}
+        assert {"link.safetensors", "linked-dir/deep.safetensors"} <= names
+        assert not any("loop" in n for n in names)
+        assert str(folder / "link.safetensors") in {m["filename"] for m in r.json()}  # the link, not its target
+        assert requests.get(f"{url}/options").status_code == 200
+        r = requests.post(f"{url}/txt2img", json={"prompt": "x", "steps": 1, "seed": 5, **SIZE,
+                                                  "override_settings": {"sd_model_checkpoint": "linked-dir/deep.safetensors"}})
+        assert r.status_code == 200 and "Model: deep" in json.loads(r.json()["info"])["infotexts"][0]
+        # a lookup takes only a listed name: a path reaching outside the folder is not a model
+        r = requests.post(f"{url}/options", json={"sd_model_checkpoint": "real/loop/../../outside/more/deep.safetensors"})
+        assert r.status_code == 400 and "not found" in r.json()["detail"]

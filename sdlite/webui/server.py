@@ -140,6 +140,27 @@ class Checkpoint:
                 "filename": str(self.path), "config": None}
 
 
+def _checkpoint_names(folder: Path) -> list[str]:
+    """The checkpoint files under ``folder`` as sorted ``/``-separated paths relative to it.
+
+    Symlinked files and sub-folders are followed, as A1111's ``os.walk(..., followlinks=True)`` does; a
+    folder whose real path was already walked (a symlink loop, or two links to one folder) is skipped."""
+    names: list[str] = []
+    seen: set[str] = set()
+    for root, dirs, files in os.walk(folder, followlinks=True):
+        real = os.path.realpath(root)
+        if real in seen:
+            dirs[:] = []
+            continue
+        seen.add(real)
+        dirs.sort()
+        rel = Path(root).relative_to(folder)
+        for f in files:
+            if os.path.splitext(f)[1].lower() in CHECKPOINT_SUFFIXES and os.path.isfile(os.path.join(root, f)):
+                names.append((rel / f).as_posix())
+    return sorted(names)
+
+
 class CheckpointList:
     """The models the server offers, and the one loaded pipeline.
 
@@ -149,7 +170,7 @@ class CheckpointList:
     def __init__(self, ckpt_dir: Path | None, extra: Sequence[Path] = (), device: str | None = None,
                  dtype: str | None = None):
         self.ckpt_dir = Path(ckpt_dir) if ckpt_dir is not None else None
-        self.extra = [Path(p).resolve() for p in extra]
+        self.extra = [Path(os.path.abspath(p)) for p in extra]
         self.device, self.dtype = device, dtype
         self._hashes: dict[Path, str] = {}
         self._lock = threading.Lock()
@@ -163,11 +184,11 @@ class CheckpointList:
             if path.is_file() and all(c.path != path for c in found):
                 found.append(Checkpoint(path, path.name))
         if self.ckpt_dir is not None and self.ckpt_dir.is_dir():
-            files = sorted(p for p in self.ckpt_dir.rglob("*") if p.suffix.lower() in CHECKPOINT_SUFFIXES and p.is_file())
-            for path in files:
-                path = path.resolve()
-                if all(c.path != path for c in found):
-                    found.append(Checkpoint(path, path.relative_to(self.ckpt_dir.resolve()).as_posix()))
+            fixed_real = {os.path.realpath(p) for p in fixed}
+            for name in _checkpoint_names(self.ckpt_dir):
+                path = Path(os.path.abspath(self.ckpt_dir / name))  # symlinks kept: the name is what the folder shows
+                if os.path.realpath(path) not in fixed_real:
+                    found.append(Checkpoint(path, name))
         with self._lock:
             for c in found:
                 c.shorthash = self._hashes.get(c.path)
