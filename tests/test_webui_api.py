@@ -11,6 +11,7 @@ import io
 import json
 import socket
 import threading
+import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -233,6 +234,50 @@ def test_progress_reports_steps_and_a_latent_preview_and_interrupt_stops_the_gen
     full = api.txt2img(prompt="a long one", seed=1, steps=20, **SIZE).images
     assert gate.steps == list(range(1, 21))
     assert pixels(full[0]) != pixels(interrupted[0])
+
+
+def queued_jobs(server) -> int:
+    """How many jobs wait behind the running one on the server's single worker."""
+    return server.server.config.app.state.engine._worker._work_queue.qsize()
+
+
+def wait_until(condition, what: str) -> None:
+    deadline = time.monotonic() + HANG
+    while not condition():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.01)
+
+
+def test_a_request_queued_after_a_model_switch_runs_on_the_new_model_and_one_queued_before_on_the_old(
+        api, server, monkeypatch):
+    gate = StepGate(monkeypatch, at=1)
+    results: dict = {}
+    url = api.baseurl
+
+    def post(key, route, body):
+        results[key] = requests.post(f"{url}/{route}", json=body)
+
+    body = {"prompt": "x", "steps": 2, "seed": 5, **SIZE}
+    before = threading.Thread(target=post, args=("before", "txt2img", body))
+    switch = threading.Thread(target=post, args=("switch", "options", {"sd_model_checkpoint": "tiny-b"}))
+    after = threading.Thread(target=post, args=("after", "txt2img", body))
+    try:
+        before.start()
+        assert gate.reached.wait(HANG), "the first generation never started"
+        switch.start()
+        wait_until(lambda: queued_jobs(server) == 1, "the model switch to queue")
+        after.start()
+        wait_until(lambda: queued_jobs(server) == 2, "the second generation to queue")
+    finally:
+        gate.release.set()
+        for t in (before, switch, after):
+            t.join(HANG)
+    try:
+        assert [results[k].status_code for k in ("before", "switch", "after")] == [200, 200, 200]
+        assert json.loads(results["before"].json()["info"])["sd_model_name"] == "tiny-a"
+        assert json.loads(results["after"].json()["info"])["sd_model_name"] == "tiny-b"
+    finally:
+        api.util_set_model(title_of(api, "tiny-a"), find_closest=False)
 
 
 # -- robustness ----------------------------------------------------------------------------------

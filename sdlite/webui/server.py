@@ -429,7 +429,7 @@ class Job:
     request: Txt2ImgRequest
     sampler: Sampler
     schedule: str
-    checkpoint: Checkpoint
+    checkpoint: Checkpoint | None  # None: the model current when the job runs (after any switch queued before it)
     clip_skip: int
     init_image: Image.Image | None = None
 
@@ -506,10 +506,9 @@ class Engine:
                 raise ApiError(400, f"{name} must be a multiple of 8, got {value}")
         sampler, schedule = parse_sampler_and_schedule(req.sampler_name or req.sampler_index, req.scheduler)
         overrides = req.override_settings or {}
+        checkpoint = None
         if overrides.get("sd_model_checkpoint"):
             checkpoint = self.checkpoints.find(str(overrides["sd_model_checkpoint"]))
-        else:
-            checkpoint = self.current_checkpoint()
         clip_skip = _clip_skip(overrides.get("CLIP_stop_at_last_layers", self.options["CLIP_stop_at_last_layers"]))
         init_image = None
         if isinstance(req, Img2ImgRequest):
@@ -527,8 +526,9 @@ class Engine:
         req, state = job.request, self.state
         state.begin(job.kind, req.n_iter)
         try:
-            state.textinfo = f"Loading {job.checkpoint.title}"
-            pipe = self.checkpoints.pipeline(job.checkpoint)
+            checkpoint = job.checkpoint or self.current_checkpoint()
+            state.textinfo = f"Loading {checkpoint.title}"
+            pipe = self.checkpoints.pipeline(checkpoint)
             state.textinfo = None
             state.preview_scale = pipe.vae_factor
             seed = random.randrange(4294967294) if req.seed == -1 else int(req.seed)
