@@ -393,3 +393,22 @@ def test_symlinked_checkpoints_and_folders_are_listed_by_their_link_names_and_us
         # a lookup takes only a listed name: a path reaching outside the folder is not a model
         r = requests.post(f"{url}/options", json={"sd_model_checkpoint": "real/loop/../../outside/more/deep.safetensors"})
         assert r.status_code == 400 and "not found" in r.json()["detail"]
+
+
+@pytest.mark.parametrize("field, value", [
+    ("width", 2056), ("height", 65536), ("steps", 151), ("steps", 10**9), ("batch_size", 65), ("batch_size", 100000),
+    ("n_iter", 101), ("cfg_scale", "nan"), ("cfg_scale", "inf"), ("cfg_scale", "-inf"),
+])
+def test_out_of_range_sizes_steps_and_counts_and_a_non_finite_cfg_scale_give_422_naming_the_field(api, field, value):
+    r = requests.post(f"{api.baseurl}/txt2img", json={"prompt": "x", "steps": 1, **SIZE, field: value})
+    assert r.status_code == 422 and r.json()["detail"][0]["loc"] == ["body", field]
+    assert api.get_progress()["state"]["job_count"] == 0  # refused before anything ran
+
+
+def test_the_largest_accepted_values_are_a1111s_ui_maxima_and_the_stated_batch_limits():
+    from sdlite.webui.server import Img2ImgRequest, Txt2ImgRequest
+
+    req = Txt2ImgRequest(width=2048, height=2048, steps=150, batch_size=64, n_iter=100, cfg_scale=30)
+    assert (req.width, req.height, req.steps, req.batch_size, req.n_iter) == (2048, 2048, 150, 64, 100)
+    with pytest.raises(ValueError, match="finite"):
+        Img2ImgRequest(denoising_strength=float("nan"))

@@ -69,6 +69,10 @@ log = logging.getLogger("sdlite.webui")
 STATIC = Path(__file__).parent / "static"
 DEFAULT_CKPT_DIR = Path("models") / "Stable-diffusion"
 CHECKPOINT_SUFFIXES = (".ckpt", ".safetensors")  # what A1111 lists in models/Stable-diffusion
+MAX_SIZE = 2048  # width/height, A1111's UI maximum
+MAX_STEPS = 150  # A1111's UI maximum
+MAX_BATCH_SIZE = 64
+MAX_N_ITER = 100
 
 
 # =============================================================================================
@@ -356,18 +360,20 @@ class Txt2ImgRequest(BaseModel):
     styles: list[str] | None = None
     seed: int = -1
     subseed: int = -1
-    subseed_strength: float = 0.0
+    subseed_strength: float = Field(0.0, allow_inf_nan=False)
     sampler_name: str | None = None
     sampler_index: str = "Euler"
     scheduler: str | None = None
-    batch_size: int = Field(1, ge=1)
-    n_iter: int = Field(1, ge=1)
-    steps: int = Field(50, ge=1)
-    cfg_scale: float = 7.0
-    width: int | None = Field(None, ge=8)
-    height: int | None = Field(None, ge=8)
-    eta: float | None = None
-    denoising_strength: float | None = None
+    # Upper bounds keep one request from holding the single worker for hours or exhausting memory:
+    # A1111's UI maxima for size (2048) and steps (150); batch_size × n_iter at most 6400 images.
+    batch_size: int = Field(1, ge=1, le=MAX_BATCH_SIZE)
+    n_iter: int = Field(1, ge=1, le=MAX_N_ITER)
+    steps: int = Field(50, ge=1, le=MAX_STEPS)
+    cfg_scale: float = Field(7.0, allow_inf_nan=False)
+    width: int | None = Field(None, ge=8, le=MAX_SIZE)
+    height: int | None = Field(None, ge=8, le=MAX_SIZE)
+    eta: float | None = Field(None, allow_inf_nan=False)
+    denoising_strength: float | None = Field(None, allow_inf_nan=False)
     enable_hr: bool = False
     override_settings: dict[str, Any] | None = None
     override_settings_restore_afterwards: bool = True
@@ -383,7 +389,7 @@ class Img2ImgRequest(Txt2ImgRequest):
 
     init_images: list[str] | None = None
     mask: str | None = None
-    denoising_strength: float = 0.75
+    denoising_strength: float = Field(0.75, allow_inf_nan=False)
     resize_mode: int = 0
     include_init_images: bool = False
 
