@@ -412,3 +412,19 @@ def test_the_largest_accepted_values_are_a1111s_ui_maxima_and_the_stated_batch_l
     assert (req.width, req.height, req.steps, req.batch_size, req.n_iter) == (2048, 2048, 150, 64, 100)
     with pytest.raises(ValueError, match="finite"):
         Img2ImgRequest(denoising_strength=float("nan"))
+
+
+def test_a_seed_range_that_overflows_on_a_later_batch_is_refused_before_any_batch_runs(api, monkeypatch):
+    steps = []
+    original = State.step
+    monkeypatch.setattr(State, "step", lambda state, n, latent: (steps.append(n), original(state, n, latent)))
+    top = sdlite.pipeline.SEED_MAX
+    body = {"prompt": "x", "steps": 1, "n_iter": 3, **SIZE}
+    r = requests.post(f"{api.baseurl}/txt2img", json={**body, "seed": top - 1})  # the 3rd image would need 2**64
+    assert r.status_code == 400 and str(top - 2) in r.json()["detail"]  # the message names the largest valid seed
+    r = requests.post(f"{api.baseurl}/txt2img", json={**body, "seed": -5})
+    assert r.status_code == 400 and "seed must be -1 (random)" in r.json()["detail"]
+    assert steps == []  # nothing was sampled
+    r = requests.post(f"{api.baseurl}/txt2img", json={**body, "seed": top - 2})
+    assert r.status_code == 200 and json.loads(r.json()["info"])["all_seeds"] == [top - 2, top - 1, top]
+    assert steps == [1, 1, 1]
