@@ -7,7 +7,10 @@ pipelines take the conditioning directly (diffusers ``prompt_embeds`` / ``negati
 sdlite ``Pipeline.sample(noise, cond, uncond)``), seeded random ``[1, 77, context_dim]`` tensors.
 128x128 px (16x16 latents), 10 steps, CFG 7.5, fp32, so the file runs in a few minutes on CPU.
 
-Tolerance everywhere: max |ours - diffusers| <= 1e-4 * max |diffusers| (fp32).
+Tolerance everywhere: max |ours - diffusers| <= 5e-5 * max |diffusers| (fp32). Measured: every step's
+latent within 4.8e-6 (SD1 DDIM) and 7.7e-6 (SD2-v Euler), the SD1 image within 7.5e-6. The runs stay in
+fp32 because the pipeline keeps the sampler state in fp32 whatever the networks' dtype; the networks
+themselves are compared in fp64 (tests/test_unet.py, tests/test_vae.py).
 """
 
 from __future__ import annotations
@@ -32,7 +35,7 @@ pytest.importorskip("diffusers")
 STEPS = 10
 GUIDANCE = 7.5
 SIZE = 128  # pixels; 16x16 latents
-RTOL = 1e-4  # of the reference's max abs value
+RTOL = 5e-5  # of the reference's max abs value; about 6x the largest error measured
 
 
 def rel_err(ours: torch.Tensor, ref: torch.Tensor) -> float:
@@ -97,7 +100,7 @@ def run_ours(pipe: Pipeline, noise: torch.Tensor, cond: torch.Tensor, uncond: to
     return out, steps
 
 
-def test_sd1_ddim_txt2img_latents_and_image_equal_diffusers_pipeline_within_1e_4_of_max_abs() -> None:
+def test_sd1_ddim_txt2img_latents_and_image_equal_diffusers_pipeline_within_5e_5_of_max_abs() -> None:
     """SD1 (UNet + VAE at full size, random weights), DDIM eta 0, 10 steps, CFG 7.5, 128x128.
 
     diffusers' DDIMScheduler is configured as the original CompVis sampler: scaled-linear betas
@@ -106,7 +109,8 @@ def test_sd1_ddim_txt2img_latents_and_image_equal_diffusers_pipeline_within_1e_4
     from the unit noise as is (``init_noise_sigma`` = 1). Its ``output_type="latent"`` is in the
     scaled space (it divides by ``vae.config.scaling_factor`` only to decode), like ``Pipeline.sample``;
     its "np" output is ``(vae.decode(z / 0.18215) / 2 + 0.5).clamp(0, 1)``, like ``decode_latents``.
-    Tolerance: every step's latent and the final image within 1e-4 of the reference's max abs value."""
+    Tolerance: every step's latent and the final image within 5e-5 of the reference's max abs value
+    (measured 4.8e-6 and 7.5e-6)."""
     from diffusers import DDIMScheduler
 
     cfg = SD1.with_(image_size=SIZE)
@@ -146,7 +150,7 @@ def test_sd1_ddim_txt2img_latents_and_image_equal_diffusers_pipeline_within_1e_4
 
 
 @pytest.mark.filterwarnings("ignore:__array__ implementation:DeprecationWarning")  # numpy 2 vs diffusers' Euler
-def test_sd2_v_prediction_euler_txt2img_latents_equal_diffusers_pipeline_within_1e_4_of_max_abs() -> None:
+def test_sd2_v_prediction_euler_txt2img_latents_equal_diffusers_pipeline_within_5e_5_of_max_abs() -> None:
     """SD2-v (UNet at full size: linear proj_in/out, 64-wide heads, context 1024, v-prediction), Euler,
     10 steps, CFG 7.5, 128x128; the final latent (and each step's) vs diffusers' EulerDiscreteScheduler
     with ``prediction_type="v_prediction"`` and "linspace" spacing.
@@ -157,7 +161,7 @@ def test_sd2_v_prediction_euler_txt2img_latents_equal_diffusers_pipeline_within_
     The starting state is the same: with "linspace" spacing diffusers' ``init_noise_sigma`` is sigma_max
     itself (not sqrt(sigma_max^2 + 1)), and sdlite's Euler starts at ``noise * sigmas[0]`` = noise * sigma_max.
     The VAE is not involved (it is the SD1 VAE, compared in the test above); both pipelines run without it.
-    Tolerance: every step's latent within 1e-4 of the reference's max abs value."""
+    Tolerance: every step's latent within 5e-5 of the reference's max abs value (measured 7.7e-6)."""
     from diffusers import EulerDiscreteScheduler
 
     cfg = SD2_V.with_(image_size=SIZE)

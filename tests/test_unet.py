@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import gc
+from collections.abc import Iterator
 
 import pytest
 import torch
@@ -126,17 +128,24 @@ def test_unet_output_depends_on_context() -> None:
 
 
 @pytest.mark.parametrize("cfg", [TINY, TINY_LINEAR], ids=["conv_proj", "linear_proj"])
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-def test_unet_runs_in_half_precision_close_to_fp32(cfg: UNetConfig, dtype: torch.dtype) -> None:
+@pytest.mark.parametrize("dtype, tolerance", [(torch.float16, 1e-2), (torch.bfloat16, 6e-2)], ids=["fp16", "bf16"])
+def test_unet_in_half_precision_is_within_1e_2_fp16_6e_2_bf16_of_fp32_max_abs(
+    cfg: UNetConfig, dtype: torch.dtype, tolerance: float
+) -> None:
+    """max |half - fp32| <= tolerance * max |fp32|. Measured over 30 weight/input seeds (both configs):
+    fp16 1.4e-3..3.6e-3, bf16 1.0e-2..3.6e-2 (these seeds: fp16 2.8e-3, 1.7e-3; bf16 1.7e-2, 1.1e-2).
+    The timestep sinusoids computed in the weights' dtype instead of fp32 give 0.089..0.105 in bf16
+    (caught) and 9e-3 in fp16 (within its bound)."""
     ref_model, model = tiny(cfg), tiny(cfg, dtype)
-    x, context = torch.randn(2, 4, 8, 8), torch.randn(2, 77, 32)
+    gen = torch.Generator().manual_seed(3)
+    x, context = torch.randn(2, 4, 8, 8, generator=gen), torch.randn(2, 77, 32, generator=gen)
     with torch.no_grad():
         ref = ref_model(x, torch.tensor([999, 321.5]), context)
         # fp32 inputs are cast to the weights' dtype, fractional t included.
         out = model(x, torch.tensor([999, 321.5]), context)
     assert out.dtype == dtype
     assert torch.isfinite(out).all()
-    assert (out.float() - ref).abs().max() <= 0.1 * ref.abs().max()
+    assert (out.float() - ref).abs().max() <= tolerance * ref.abs().max()
 
 
 @pytest.mark.parametrize("cfg", [TINY, TINY_LINEAR], ids=["conv_proj", "linear_proj"])
@@ -262,20 +271,43 @@ def diffusers_unet(cfg: UNetConfig, state_dict: dict[str, torch.Tensor]) -> torc
     return ref.eval()
 
 
+@contextlib.contextmanager
+def default_dtype(dtype: torch.dtype) -> Iterator[None]:
+    """``torch.set_default_dtype`` for the ``with`` block only."""
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        yield
+    finally:
+        torch.set_default_dtype(previous)
+
+
 @pytest.mark.parametrize("cfg", [SD1_UNET, SD2_UNET], ids=["sd1", "sd2"])
-def test_unet_full_size_matches_diffusers_within_1e_4_of_max_abs(cfg: UNetConfig) -> None:
-    """Tolerance: max |ours - diffusers| <= 1e-4 * max |diffusers|, fp32, random weights, 8x8 latent."""
-    with torch.device("meta"):
-        model = UNetModel(cfg)
-    state_dict = random_state_dict(model, seed=1)
+def test_unet_full_size_fp64_matches_diffusers_within_1e_10_of_max_abs(cfg: UNetConfig) -> None:
+    """max |ours - diffusers| <= 1e-10 * max |diffusers|, both in fp64, random weights, batch 2, 8x8 latent.
+
+    This proves the same formula, every constant included: measured 4.7e-15 (sd1) and 7.3e-15 (sd2),
+    while a wrong GroupNorm eps gives 1.7e-5..1.9e-5 (1e-6 instead of 1e-5 in the ResBlocks) or
+    3.9e-6..4.2e-6 (1e-5 instead of 1e-6 in the transformers' norm). In fp32 both hide in rounding:
+    2.8e-6..3.4e-6 correct, 2.0e-5 and 4.0e-6..5.3e-6 mutated. The fp32 path is compared with
+    diffusers' in tests/test_txt2img_parity.py (every UNet call of two full runs, within 5e-5)."""
+    dtype = torch.float64
+    # The weights are drawn in fp64 (6.9 GB, shared by both models): converting fp32 ones takes
+    # longer than drawing them.
+    with default_dtype(dtype):
+        with torch.device("meta"):
+            model = UNetModel(cfg)
+        state_dict = random_state_dict(model, seed=1)
     model.load_state_dict(state_dict, strict=True, assign=True)
     model.eval()
+    assert model.input_blocks[0][0].weight.dtype == dtype
 
     gen = torch.Generator().manual_seed(2)
-    x = torch.randn(2, 4, 8, 8, generator=gen)
-    context = torch.randn(2, 77, cfg.context_dim, generator=gen)
+    x = torch.randn(2, 4, 8, 8, generator=gen, dtype=dtype)
+    context = torch.randn(2, 77, cfg.context_dim, generator=gen, dtype=dtype)
     # Two timesteps in one batch-2 call (one full-size forward each side keeps the test cheap);
-    # diffusers does not round a fractional t either, so 321.5 is compared as is.
+    # diffusers does not round a fractional t either, so 321.5 is compared as is. Both sides compute
+    # the sinusoids in fp32 and cast them to the weights' dtype.
     t = torch.tensor([999.0, 321.5])
     with torch.no_grad():
         ours = model(x, t, context)
@@ -288,6 +320,7 @@ def test_unet_full_size_matches_diffusers_within_1e_4_of_max_abs(cfg: UNetConfig
     del ref_model, state_dict
     gc.collect()
 
+    assert ours.dtype == ref.dtype == dtype
     # The comparison is meaningful only if the reference output is O(1), not collapsed to a constant.
     assert ref.abs().max() > 0.1 and ref.std() > 0.05
-    assert (ours - ref).abs().max() <= 1e-4 * ref.abs().max()
+    assert (ours - ref).abs().max() <= 1e-10 * ref.abs().max()
