@@ -428,3 +428,50 @@ def test_a_seed_range_that_overflows_on_a_later_batch_is_refused_before_any_batc
     r = requests.post(f"{api.baseurl}/txt2img", json={**body, "seed": top - 2})
     assert r.status_code == 200 and json.loads(r.json()["info"])["all_seeds"] == [top - 2, top - 1, top]
     assert steps == [1, 1, 1]
+
+
+def test_options_refuse_a_clip_skip_the_model_lacks_and_a_format_other_than_png_and_keep_the_old_values(api):
+    url = api.baseurl
+    r = requests.post(f"{url}/options", json={"CLIP_stop_at_last_layers": 50})
+    assert r.status_code == 400 and "CLIP_stop_at_last_layers must be in [1, " in r.json()["detail"]
+    r = requests.post(f"{url}/options", json={"samples_format": "jpg"})
+    assert r.status_code == 400 and "only png" in r.json()["detail"]
+    r = requests.post(f"{url}/options", json={"enable_pnginfo": "no"})
+    assert r.status_code == 400 and "true or false" in r.json()["detail"]
+    options = api.get_options()
+    assert (options["CLIP_stop_at_last_layers"], options["samples_format"], options["enable_pnginfo"]) == (1, "png", True)
+    try:
+        assert requests.post(f"{url}/options", json={"CLIP_stop_at_last_layers": 2}).status_code == 200
+        r = api.txt2img(prompt="x", seed=1, steps=1, **SIZE)  # the accepted value works for generation
+        assert r.info["clip_skip"] == 2 and "Clip skip: 2" in r.images[0].info["parameters"]
+    finally:
+        requests.post(f"{url}/options", json={"CLIP_stop_at_last_layers": 1})
+
+
+def test_enable_pnginfo_false_leaves_the_infotext_out_of_the_returned_png(api):
+    try:
+        assert requests.post(f"{api.baseurl}/options", json={"enable_pnginfo": False}).status_code == 200
+        r = api.txt2img(prompt="a secret prompt", seed=1, steps=1, **SIZE)
+        assert "parameters" not in r.images[0].info
+        assert "a secret prompt" not in base64.b64decode(r.json["images"][0]).decode("latin-1")
+    finally:
+        requests.post(f"{api.baseurl}/options", json={"enable_pnginfo": True})
+    r = api.txt2img(prompt="a secret prompt", seed=1, steps=1, **SIZE)
+    assert r.images[0].info["parameters"].startswith("a secret prompt\n")
+
+
+def test_live_previews_enable_false_stops_the_preview_in_progress(api, server, monkeypatch):
+    gate = StepGate(monkeypatch, at=1)
+    client = webuiapi.WebUIApi(host=server.host, port=server.port)
+    worker = threading.Thread(target=lambda: client.txt2img(prompt="x", seed=1, steps=2, **SIZE))
+    try:
+        assert requests.post(f"{api.baseurl}/options", json={"live_previews_enable": False}).status_code == 200
+        worker.start()
+        assert gate.reached.wait(HANG), "the generation never reached step 1"
+        p = api.get_progress()
+        assert p["state"]["sampling_step"] == 1 and p["current_image"] is None
+        assert p["progress"] > 0  # the same job reports its progress, only the picture is left out
+    finally:
+        gate.release.set()
+        worker.join(HANG)
+        requests.post(f"{api.baseurl}/options", json={"live_previews_enable": True})

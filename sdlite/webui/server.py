@@ -411,10 +411,11 @@ def decode_image(data: str, field: str = "image") -> Image.Image:
         raise ApiError(400, f"{field}: not a base64-encoded image ({e})") from None
 
 
-def encode_png(image: Image.Image) -> str:
-    """Base64 PNG (no ``data:`` prefix, as A1111 returns it) with the image's infotext in ``parameters``."""
+def encode_png(image: Image.Image, pnginfo: bool = True) -> str:
+    """Base64 PNG (no ``data:`` prefix, as A1111 returns it) with the image's infotext in ``parameters``
+    (left out when ``pnginfo`` is false: A1111's ``enable_pnginfo`` option)."""
     buf = io.BytesIO()
-    text = image.info.get("parameters")
+    text = image.info.get("parameters") if pnginfo else None
     if text:
         infotext.save_png(image, buf, text)
     else:
@@ -490,13 +491,19 @@ class Engine:
 
     def set_options(self, values: dict[str, Any]) -> None:
         """POST options: switching ``sd_model_checkpoint`` loads the model (on the worker, in turn)."""
+        check_options(values)
         checkpoint = None
         if values.get("sd_model_checkpoint") is not None:
             checkpoint = self.checkpoints.find(str(values["sd_model_checkpoint"]))
-        if "CLIP_stop_at_last_layers" in values:
-            _clip_skip(values["CLIP_stop_at_last_layers"])
+        if checkpoint is not None or "CLIP_stop_at_last_layers" in values:
+            target = checkpoint or self.current_checkpoint()
+            pipe = self.checkpoints.pipeline(target)
+            clip_skip = values.get("CLIP_stop_at_last_layers", self.options["CLIP_stop_at_last_layers"])
+            max_skip = pipe.config.text.layers - pipe.config.text.skip_last_layers
+            if not 1 <= _clip_skip(clip_skip) <= max_skip:  # refused now, not at every later generation
+                raise ApiError(400, f"CLIP_stop_at_last_layers must be in [1, {max_skip}] for {target.name}'s "
+                                    f"text encoder (1 = its last layer), got {clip_skip!r}")
         if checkpoint is not None:
-            self.checkpoints.pipeline(checkpoint)
             self._current = checkpoint
         self.options.update({k: v for k, v in values.items() if k != "sd_model_checkpoint"})
 
@@ -517,6 +524,7 @@ class Engine:
                                 f"{n_images} (batch_size × n_iter) uses seed + i, so give a seed in "
                                 f"[0, {SEED_MAX - (n_images - 1)}], got {req.seed}")
         overrides = req.override_settings or {}
+        check_options(overrides)
         checkpoint = None
         if overrides.get("sd_model_checkpoint"):
             checkpoint = self.checkpoints.find(str(overrides["sd_model_checkpoint"]))
@@ -604,8 +612,20 @@ class Engine:
         parameters = req.model_dump()
         if isinstance(req, Img2ImgRequest) and not req.include_init_images:
             parameters["init_images"], parameters["mask"] = None, None  # as A1111: not echoed back
-        return {"images": [encode_png(im) for im in images] if req.send_images else [],
+        pnginfo = (req.override_settings or {}).get("enable_pnginfo", self.options["enable_pnginfo"])
+        return {"images": [encode_png(im, pnginfo) for im in images] if req.send_images else [],
                 "parameters": parameters, "info": json.dumps(info, ensure_ascii=False)}
+
+
+def check_options(values: dict[str, Any]) -> None:
+    """:class:`ApiError` 400 for an option value sdlite cannot honour (before anything is applied)."""
+    for key in ("live_previews_enable", "enable_pnginfo"):
+        if key in values and not isinstance(values[key], bool):
+            raise ApiError(400, f"{key} must be true or false, got {values[key]!r}")
+    if "samples_format" in values and str(values["samples_format"]).lower() != "png":
+        raise ApiError(400, f"samples_format: sdlite writes only png images, got {values['samples_format']!r}")
+    if "CLIP_stop_at_last_layers" in values:
+        _clip_skip(values["CLIP_stop_at_last_layers"])
 
 
 def _clip_skip(value: Any) -> int:
@@ -702,7 +722,7 @@ def create_app(ckpt_dir: str | Path | None = DEFAULT_CKPT_DIR, ckpt: str | Path 
 
     @app.get("/sdapi/v1/progress")
     def progress(skip_current_image: bool = False) -> dict[str, Any]:
-        return engine.state.progress(skip_current_image)
+        return engine.state.progress(skip_current_image or not engine.options["live_previews_enable"])
 
     @app.post("/sdapi/v1/interrupt")
     def interrupt() -> dict[str, Any]:
@@ -749,8 +769,9 @@ def create_app(ckpt_dir: str | Path | None = DEFAULT_CKPT_DIR, ckpt: str | Path 
 
     @app.post("/sdapi/v1/options")
     async def set_options(values: dict[str, Any]) -> Any:
+        check_options(values)  # a bad value → 400 before queueing
         if values.get("sd_model_checkpoint") is not None:
-            engine.checkpoints.find(str(values["sd_model_checkpoint"]))  # unknown → 400 before queueing
+            engine.checkpoints.find(str(values["sd_model_checkpoint"]))
         result = await queued(engine.set_options, values)
         return result  # None (JSON null), as A1111
 
