@@ -475,3 +475,35 @@ def test_live_previews_enable_false_stops_the_preview_in_progress(api, server, m
         gate.release.set()
         worker.join(HANG)
         requests.post(f"{api.baseurl}/options", json={"live_previews_enable": True})
+
+
+def test_save_images_saves_numbered_pngs_under_outputs_without_overwriting(api, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # the server runs in this process: outputs/ goes under its working directory
+    outdir = tmp_path / "outputs" / "txt2img-images"
+    outdir.mkdir(parents=True)
+    (outdir / "00000.png").write_bytes(b"someone else's file")
+    r = api.txt2img(prompt="kept", seed=9, steps=1, batch_size=2, save_images=True, **SIZE)
+    assert (outdir / "00000.png").read_bytes() == b"someone else's file"
+    saved = sorted(p.name for p in outdir.iterdir())
+    assert saved == ["00000.png", "00001.png", "00002.png"]
+    for name, text in zip(saved[1:], r.info["infotexts"]):
+        with Image.open(outdir / name) as image:
+            assert image.info["parameters"] == text
+    api.txt2img(prompt="not kept", seed=9, steps=1, **SIZE)  # save_images defaults to false
+    assert len(list(outdir.iterdir())) == 3
+    init = Image.new("RGB", (32, 32), (200, 10, 10))
+    api.img2img(images=[init], prompt="kept too", seed=1, steps=2, save_images=True, **SIZE)
+    assert [p.name for p in (tmp_path / "outputs" / "img2img-images").iterdir()] == ["00000.png"]
+
+
+def test_img2img_refuses_a_resize_mode_other_than_just_resize_and_more_than_one_init_image(api):
+    init = "data:image/png;base64," + base64.b64encode(
+        (lambda b: (Image.new("RGB", (32, 32)).save(b, format="PNG"), b.getvalue())[1])(io.BytesIO())).decode()
+    body = {"prompt": "x", "steps": 1, **SIZE}
+    for mode in (1, 2, 3):
+        r = requests.post(f"{api.baseurl}/img2img", json={**body, "init_images": [init], "resize_mode": mode})
+        assert r.status_code == 400 and "resize_mode" in r.json()["detail"]
+    r = requests.post(f"{api.baseurl}/img2img", json={**body, "init_images": [init, init], "batch_size": 2})
+    assert r.status_code == 400 and "one init image" in r.json()["detail"]
+    r = requests.post(f"{api.baseurl}/img2img", json={**body, "init_images": [init], "resize_mode": 0})
+    assert r.status_code == 200

@@ -21,8 +21,9 @@ How it is built:
   interrupted job leaves the server serving.
 - :func:`create_app` is the FastAPI application: the API under ``/sdapi/v1/`` and the page (``static/``).
 
-Not supported (refused with a 400 rather than silently ignored): hires fix (``enable_hr``) and
-inpainting (``mask``). Fields this server does not know are ignored, as A1111 ignores them too.
+Not supported (refused with a 400 rather than silently ignored): hires fix (``enable_hr``),
+inpainting (``mask``), img2img ``resize_mode`` other than 0 ("just resize"), more than one init image, and
+``samples_format`` other than png. ``save_images`` saves as A1111 does, under ``outputs/``. Fields this server does not know are ignored, as A1111 ignores them too.
 """
 
 from __future__ import annotations
@@ -537,6 +538,11 @@ class Engine:
                 raise ApiError(400, "init_images: img2img needs at least one init image")
             if not 0.0 < req.denoising_strength <= 1.0:
                 raise ApiError(400, f"denoising_strength must be in (0, 1], got {req.denoising_strength}")
+            if len(req.init_images) > 1:
+                raise ApiError(400, f"init_images: sdlite takes one init image per request (used for the whole "
+                                    f"batch), got {len(req.init_images)}; send one request per image")
+            if req.resize_mode != 0:
+                raise ApiError(400, f"resize_mode: only 0 (just resize) is supported by sdlite, got {req.resize_mode}")
             init_image = decode_image(req.init_images[0], "init_images[0]")
         return Job(kind, req, sampler, schedule, checkpoint, clip_skip, init_image)
 
@@ -578,12 +584,25 @@ class Engine:
                     images += pipe.img2img(job.init_image, req.prompt, strength=strength, **kwargs)
                 else:
                     images += pipe.txt2img(req.prompt, **kwargs)
+            if req.save_images:
+                self._save(job, images)
             overrides = req.override_settings or {}
             if overrides and not req.override_settings_restore_afterwards:
                 self.set_options(overrides)
             return self._response(job, pipe, images, seed)
         finally:
             state.end()
+
+    def _save(self, job: Job, images: list[Image.Image]) -> None:
+        """``save_images``: as A1111, into ``outputs/{txt2img,img2img}-images/`` under the server's working
+        directory, numbered on after the highest number there (never overwriting)."""
+        from ..cli import save_numbered
+
+        pnginfo = (job.request.override_settings or {}).get("enable_pnginfo", self.options["enable_pnginfo"])
+        outdir = Path.cwd() / "outputs" / f"{job.kind}-images"
+        for image in images:
+            path = save_numbered(image, outdir, image.info.get("parameters", "") if pnginfo else "")
+            log.info("saved %s", path)
 
     def _response(self, job: Job, pipe: Pipeline, images: list[Image.Image], seed: int) -> dict[str, Any]:
         req = job.request
