@@ -507,3 +507,13 @@ def test_img2img_refuses_a_resize_mode_other_than_just_resize_and_more_than_one_
     assert r.status_code == 400 and "one init image" in r.json()["detail"]
     r = requests.post(f"{api.baseurl}/img2img", json={**body, "init_images": [init], "resize_mode": 0})
     assert r.status_code == 200
+
+
+def test_the_lists_of_features_sdlite_lacks_answer_with_a1111s_empty_shapes_for_webuiapi(api):
+    for get in (api.get_sd_vae, api.get_upscalers, api.get_latent_upscale_modes, api.get_prompt_styles,
+                api.get_loras, api.get_hypernetworks, api.get_face_restorers, api.get_realesrgan_models):
+        assert get() == [], get.__name__
+    assert api.get_embeddings() == {"loaded": {}, "skipped": {}}
+    assert api.get_cmd_flags() == {}
+    memory = api.get_memory()
+    assert set(memory) == {"ram", "cuda"} and memory["ram"]["total"] > 0

@@ -802,6 +802,35 @@ def create_app(ckpt_dir: str | Path | None = DEFAULT_CKPT_DIR, ckpt: str | Path 
     def script_info() -> list[Any]:
         return []
 
+    # -- what sdlite does not have: A1111's shapes, empty, so clients (webuiapi's get_*) work unchanged ----------
+
+    for route in ("sd-vae", "upscalers", "latent-upscale-modes", "prompt-styles", "loras", "hypernetworks",
+                  "face-restorers", "realesrgan-models"):
+        app.add_api_route(f"/sdapi/v1/{route}", lambda: [], methods=["GET"], name=route)
+
+    @app.get("/sdapi/v1/embeddings")
+    def embeddings() -> dict[str, Any]:
+        return {"loaded": {}, "skipped": {}}
+
+    @app.get("/sdapi/v1/cmd-flags")
+    def cmd_flags() -> dict[str, Any]:
+        return {}
+
+    @app.get("/sdapi/v1/memory")
+    def memory() -> dict[str, Any]:
+        """A1111's ``{"ram": {free, used, total}, "cuda": ...}``; ``{"error": ...}`` where it cannot be read."""
+        try:
+            page, pages, avail = os.sysconf("SC_PAGE_SIZE"), os.sysconf("SC_PHYS_PAGES"), os.sysconf("SC_AVPHYS_PAGES")
+            ram: dict[str, Any] = {"free": avail * page, "used": (pages - avail) * page, "total": pages * page}
+        except (ValueError, OSError, AttributeError):
+            ram = {"error": "unavailable"}
+        cuda: dict[str, Any] = {"error": "unavailable"}
+        if torch.cuda.is_available():
+            free, total = torch.cuda.mem_get_info()
+            cuda = {"system": {"free": free, "used": total - free, "total": total},
+                    "active": {"current": torch.cuda.memory_allocated(), "peak": torch.cuda.max_memory_allocated()}}
+        return {"ram": ram, "cuda": cuda}
+
     return app
 
 
