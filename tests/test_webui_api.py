@@ -517,3 +517,30 @@ def test_the_lists_of_features_sdlite_lacks_answer_with_a1111s_empty_shapes_for_
     assert api.get_cmd_flags() == {}
     memory = api.get_memory()
     assert set(memory) == {"ram", "cuda"} and memory["ram"]["total"] > 0
+
+
+def test_a_loaded_model_reports_its_sha256_in_sd_models_and_options(api, ckpt_dir):
+    import hashlib
+
+    api.txt2img(prompt="x", seed=1, steps=1, **SIZE)  # tiny-a is loaded, hence hashed
+    sha = hashlib.sha256((ckpt_dir / "tiny-a.safetensors").read_bytes()).hexdigest()
+    model = next(m for m in api.get_sd_models() if m["model_name"] == "tiny-a")
+    assert (model["sha256"], model["hash"], model["title"]) == (sha, sha[:10], f"tiny-a.safetensors [{sha[:10]}]")
+    options = api.get_options()
+    assert options["sd_checkpoint_hash"] == sha and options["sd_model_checkpoint"] == model["title"]
+
+
+def test_extra_generation_params_carry_eta_exactly_when_the_infotext_does(api):
+    r = api.txt2img(prompt="x", seed=1, steps=1, sampler_name="Euler a", eta=0.5, **SIZE)
+    assert "Eta: 0.5" in r.info["infotexts"][0] and r.info["extra_generation_params"]["Eta"] == 0.5
+    r = api.txt2img(prompt="x", seed=1, steps=1, sampler_name="Euler a", **SIZE)
+    assert "Eta" not in r.info["infotexts"][0] and "Eta" not in r.info["extra_generation_params"]
+
+
+def test_an_undecodable_image_is_named_by_its_field_not_by_a_python_object(api):
+    junk = base64.b64encode(b"not an image at all").decode()
+    r = requests.post(f"{api.baseurl}/png-info", json={"image": junk})
+    assert r.status_code == 400 and r.json()["detail"].startswith("image: not a base64-encoded image")
+    r = requests.post(f"{api.baseurl}/img2img", json={"prompt": "x", "steps": 1, "init_images": [junk]})
+    assert r.status_code == 400 and r.json()["detail"].startswith("init_images[0]: not a base64-encoded image")
+    assert "object at 0x" not in r.json()["detail"]

@@ -35,6 +35,7 @@ import binascii
 import concurrent.futures
 import contextlib
 import gc
+import hashlib
 import io
 import json
 import logging
@@ -49,7 +50,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 import torch
-from PIL import Image
+from PIL import Image, UnidentifiedImageError
 
 from .. import infotext
 from ..errors import ArgumentError, CheckpointError, SdliteError
@@ -123,6 +124,7 @@ class Checkpoint:
     path: Path
     name: str
     shorthash: str | None = None
+    sha256: str | None = None  # the whole file's, once hashed
 
     @property
     def model_name(self) -> str:
@@ -141,7 +143,7 @@ class Checkpoint:
 
     def api(self) -> dict[str, Any]:
         """An item of ``GET /sdapi/v1/sd-models``."""
-        return {"title": self.title, "model_name": self.model_name, "hash": self.shorthash, "sha256": None,
+        return {"title": self.title, "model_name": self.model_name, "hash": self.shorthash, "sha256": self.sha256,
                 "filename": str(self.path), "config": None}
 
 
@@ -166,6 +168,14 @@ def _checkpoint_names(folder: Path) -> list[str]:
     return sorted(names)
 
 
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
 class CheckpointList:
     """The models the server offers, and the one loaded pipeline.
 
@@ -177,7 +187,7 @@ class CheckpointList:
         self.ckpt_dir = Path(ckpt_dir) if ckpt_dir is not None else None
         self.extra = [Path(os.path.abspath(p)) for p in extra]
         self.device, self.dtype = device, dtype
-        self._hashes: dict[Path, str] = {}
+        self._hashes: dict[Path, str] = {}  # path → the file's sha256
         self._lock = threading.Lock()
         self._pipe: Pipeline | None = None
         self._pipe_path: Path | None = None
@@ -196,7 +206,8 @@ class CheckpointList:
                     found.append(Checkpoint(path, name))
         with self._lock:
             for c in found:
-                c.shorthash = self._hashes.get(c.path)
+                c.sha256 = self._hashes.get(c.path)
+                c.shorthash = c.sha256[:10] if c.sha256 else None
         return found
 
     def find(self, name: str) -> Checkpoint:
@@ -220,10 +231,13 @@ class CheckpointList:
             log.info("loading %s", checkpoint.path)
             pipe = load(checkpoint.path, device=self.device, dtype=self.dtype)  # pipe.name = the file's stem,
             # which is what A1111 writes as "Model:" and returns as sd_model_name
+            sha256 = _sha256(checkpoint.path)  # A1111 hashes a model when it loads it
+            pipe._hash = sha256[:10]  # model_hash is this prefix: spares the pipeline a second read of the file
             with self._lock:
-                self._hashes[checkpoint.path] = pipe.model_hash  # A1111 hashes a model when it loads it
+                self._hashes[checkpoint.path] = sha256
             self._pipe, self._pipe_path = pipe, checkpoint.path
-        checkpoint.shorthash = self._hashes.get(checkpoint.path)
+        checkpoint.sha256 = self._hashes.get(checkpoint.path)
+        checkpoint.shorthash = checkpoint.sha256[:10] if checkpoint.sha256 else None
         return self._pipe
 
 
@@ -408,6 +422,9 @@ def decode_image(data: str, field: str = "image") -> Image.Image:
         image = Image.open(io.BytesIO(base64.b64decode(data, validate=False)))
         image.load()
         return image
+    except UnidentifiedImageError:
+        raise ApiError(400, f"{field}: not a base64-encoded image (decoded, but not in an image format PIL "
+                            "reads: PNG, JPEG, WebP, ...)") from None
     except (binascii.Error, ValueError, OSError) as e:
         raise ApiError(400, f"{field}: not a base64-encoded image ({e})") from None
 
@@ -486,6 +503,7 @@ class Engine:
         try:
             current = self.current_checkpoint()
             options["sd_model_checkpoint"] = current.title
+            options["sd_checkpoint_hash"] = current.sha256
         except CheckpointError:
             options["sd_model_checkpoint"] = None
         return options
@@ -612,7 +630,9 @@ class Engine:
         infotexts = [im.info.get("parameters", "") for im in images]
         # The schedule type goes where A1111 puts it, in extra_generation_params, exactly when the infotext has it.
         written = infotext.parse_infotext(infotexts[0], fill_defaults=False) if infotexts else {}
-        extra = {"Schedule type": written["Schedule type"]} if "Schedule type" in written else {}
+        extra: dict[str, Any] = {"Schedule type": written["Schedule type"]} if "Schedule type" in written else {}
+        if "Eta" in written:
+            extra["Eta"] = req.eta  # a number, as A1111's p.extra_generation_params["Eta"] = p.eta
         info = {  # A1111's Processed.js(), key for key
             "prompt": req.prompt, "all_prompts": [req.prompt] * n,
             "negative_prompt": req.negative_prompt, "all_negative_prompts": [req.negative_prompt] * n,
