@@ -544,3 +544,28 @@ def test_an_undecodable_image_is_named_by_its_field_not_by_a_python_object(api):
     r = requests.post(f"{api.baseurl}/img2img", json={"prompt": "x", "steps": 1, "init_images": [junk]})
     assert r.status_code == 400 and r.json()["detail"].startswith("init_images[0]: not a base64-encoded image")
     assert "object at 0x" not in r.json()["detail"]
+
+
+def test_ctrl_c_interrupts_the_running_generation_and_drops_the_queued_ones(ckpt_dir, monkeypatch):
+    import signal
+
+    gate = StepGate(monkeypatch, at=1)
+    results: dict = {}
+    with ServerThread(create_app(ckpt_dir, ckpt=ckpt_dir / "tiny-a.safetensors"), port=free_port()) as s:
+        def post(key):
+            results[key] = requests.post(f"{s.url}/sdapi/v1/txt2img", json={"prompt": key, "steps": 20, **SIZE})
+
+        running, queued = threading.Thread(target=post, args=("running",)), threading.Thread(target=post, args=("queued",))
+        try:
+            running.start()
+            assert gate.reached.wait(HANG), "the generation never started"
+            queued.start()
+            wait_until(lambda: queued_jobs(s) == 1, "the second request to queue")
+            s.server.handle_exit(signal.SIGINT, None)  # what uvicorn's signal handler calls on Ctrl-C
+        finally:
+            gate.release.set()
+            running.join(HANG)
+            queued.join(HANG)
+    assert gate.steps == [1]  # stopped at the step where it was held, not run to step 20
+    assert results["running"].status_code == 200 and len(results["running"].json()["images"]) == 1
+    assert results["queued"].status_code == 503 and "shutting down" in results["queued"].json()["detail"]

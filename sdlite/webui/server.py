@@ -477,14 +477,22 @@ class Engine:
             "live_previews_enable": True,
         }
         self._current: Checkpoint | None = default
+        self.closing = False  # set by shutdown (Ctrl-C, SIGTERM)
 
     async def run(self, fn: Any, *args: Any) -> Any:
         """Run ``fn(*args)`` on the worker thread after every job queued before it."""
-        return await asyncio.wrap_future(self._worker.submit(fn, *args))
+        return await asyncio.wrap_future(self._worker.submit(self._unless_closing, fn, *args))
+
+    def _unless_closing(self, fn: Any, *args: Any) -> Any:
+        if self.closing:
+            raise ApiError(503, "the server is shutting down; this request was not run")
+        return fn(*args)
 
     def shutdown(self) -> None:
+        """Stop at once: interrupt the running generation; queued jobs answer 503 without running."""
+        self.closing = True
         self.state.interrupt()
-        self._worker.shutdown(wait=False, cancel_futures=True)
+        self._worker.shutdown(wait=False)
 
     # -- options and models ----------------------------------------------------------------
 
@@ -587,11 +595,11 @@ class Engine:
                     sigma = float(pipe.schedule.t_to_sigma(torch.tensor(t)))
                     z = z / math.sqrt(1.0 + sigma * sigma)
                 state.step(i + 1, z.float().cpu().clone())
-                return False if (state.interrupted or state.skipped) else None
+                return False if (state.interrupted or state.skipped or self.closing) else None
 
             images: list[Image.Image] = []
             for n in range(req.n_iter):
-                if state.interrupted:
+                if state.interrupted or self.closing:
                     break
                 state.next_job(n, n_steps)
                 kwargs = dict(negative_prompt=req.negative_prompt, steps=req.steps, guidance_scale=req.cfg_scale,
@@ -879,10 +887,8 @@ class ServerThread:
     """
 
     def __init__(self, app: FastAPI, host: str = "127.0.0.1", port: int = 7860):
-        import uvicorn
-
         self.host, self.port = host, port
-        self.server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level="warning"))
+        self.server = _server(app, host=host, port=port, log_level="warning")
         self.thread = threading.Thread(target=self.server.run, name="sdlite-webui", daemon=True)
 
     @property
@@ -924,8 +930,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--precision", dest="dtype", default=None, help="fp32, fp16, bf16, or autocast (fp32 weights under autocast; default: per device)")
     args = p.parse_args(argv)
 
-    import uvicorn
-
     logging.basicConfig(level=logging.INFO, format="%(name)s: %(message)s")
     try:
         app = create_app(args.ckpt_dir, args.ckpt, args.api_auth, args.device, args.dtype)
@@ -938,5 +942,21 @@ def main(argv: Sequence[str] | None = None) -> int:
     host = "0.0.0.0" if args.listen else "127.0.0.1"
     log.info("sdlite web UI on http://%s:%d (%d model(s))", "127.0.0.1" if not args.listen else host, args.port,
              len(models))
-    uvicorn.run(app, host=host, port=args.port, log_level="warning")
+    _server(app, host=host, port=args.port, log_level="warning").run()
     return 0
+
+
+def _server(app: FastAPI, **config: Any) -> Any:
+    """A uvicorn server whose Ctrl-C/SIGTERM handler first shuts the engine down, so the running
+    generation is interrupted and queued jobs are dropped (uvicorn alone waits for every in-flight
+    request to finish before the app's shutdown runs)."""
+    import uvicorn
+
+    engine = app.state.engine
+
+    class Server(uvicorn.Server):
+        def handle_exit(self, sig: int, frame: Any) -> None:
+            engine.shutdown()
+            super().handle_exit(sig, frame)
+
+    return Server(uvicorn.Config(app, **config))
