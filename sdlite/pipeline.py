@@ -103,18 +103,20 @@ class Pipeline:
         return self.config.vae.downsample_factor
 
     @property
-    def model_hash(self) -> str:
-        """A1111's short hash (first 10 hex digits of the file's sha256), computed once."""
-        if self._hash is None:
-            if self.path is None or not Path(self.path).is_file():
-                self._hash = "0" * 10
-            else:
-                h = hashlib.sha256()
-                with open(self.path, "rb") as f:
-                    for block in iter(lambda: f.read(1 << 20), b""):
-                        h.update(block)
-                self._hash = h.hexdigest()[:10]
+    def sha256(self) -> str | None:
+        """The checkpoint file's sha256 (hex), read once; None for a pipeline built without a file."""
+        if self._hash is None and self.path is not None and Path(self.path).is_file():
+            h = hashlib.sha256()
+            with open(self.path, "rb") as f:
+                for block in iter(lambda: f.read(1 << 20), b""):
+                    h.update(block)
+            self._hash = h.hexdigest()
         return self._hash
+
+    @property
+    def model_hash(self) -> str:
+        """A1111's short hash: the first 10 hex digits of the file's sha256 (zeros without a file)."""
+        return (self.sha256 or "0" * 10)[:10]
 
     def __repr__(self) -> str:
         c = self.config

@@ -35,7 +35,6 @@ import binascii
 import concurrent.futures
 import contextlib
 import gc
-import hashlib
 import io
 import json
 import logging
@@ -168,14 +167,6 @@ def _checkpoint_names(folder: Path) -> list[str]:
     return sorted(names)
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 class CheckpointList:
     """The models the server offers, and the one loaded pipeline.
 
@@ -231,8 +222,7 @@ class CheckpointList:
             log.info("loading %s", checkpoint.path)
             pipe = load(checkpoint.path, device=self.device, dtype=self.dtype)  # pipe.name = the file's stem,
             # which is what A1111 writes as "Model:" and returns as sd_model_name
-            sha256 = _sha256(checkpoint.path)  # A1111 hashes a model when it loads it
-            pipe._hash = sha256[:10]  # model_hash is this prefix: spares the pipeline a second read of the file
+            sha256 = pipe.sha256  # A1111 hashes a model when it loads it
             with self._lock:
                 self._hashes[checkpoint.path] = sha256
             self._pipe, self._pipe_path = pipe, checkpoint.path
