@@ -22,8 +22,9 @@ How it is built:
 - :func:`create_app` is the FastAPI application: the API under ``/sdapi/v1/`` and the page (``static/``).
 
 Not supported (refused with a 400 rather than silently ignored): hires fix (``enable_hr``),
-inpainting (``mask``), img2img ``resize_mode`` other than 0 ("just resize"), more than one init image, and
-``samples_format`` other than png. ``save_images`` saves as A1111 does, under ``outputs/``. Fields this server does not know are ignored, as A1111 ignores them too.
+inpainting (``mask``), img2img ``resize_mode`` other than 0 ("just resize"), more than one init
+image, and ``samples_format`` other than png. ``save_images`` saves as A1111 does, under
+``outputs/``. Fields this server does not know are ignored, as A1111 ignores them too.
 """
 
 from __future__ import annotations
