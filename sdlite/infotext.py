@@ -276,7 +276,8 @@ def make_pnginfo(text: str) -> PngImagePlugin.PngInfo:
 
 def save_png(image: Image.Image, fp: PathLike | IO[bytes], text: str) -> None:
     """Save ``image`` as PNG with the infotext ``text`` and nothing else (no EXIF, no other chunks
-    copied from ``image.info``).
+    copied from ``image.info``). An empty ``text`` writes no text chunk at all (A1111's
+    ``enable_pnginfo`` off).
 
     Writing no EXIF matters: sd-prompt-reader first tries to read JSON from EXIF tag 0x0110 and
     fails on a non-JSON value instead of falling back to the ``parameters`` chunk.
@@ -286,7 +287,7 @@ def save_png(image: Image.Image, fp: PathLike | IO[bytes], text: str) -> None:
     >>> read_infotext(Image.open(buf))
     'a cat\\nSteps: 1, Sampler: Euler, Seed: 1'
     """
-    image.save(fp, format="PNG", pnginfo=make_pnginfo(text))
+    image.save(fp, format="PNG", pnginfo=make_pnginfo(text) if text else None)
 
 
 def read_infotext(source: PathLike | IO[bytes] | Image.Image) -> str | None:

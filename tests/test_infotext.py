@@ -198,6 +198,13 @@ def test_save_png_writes_a_parameters_text_chunk_and_no_exif():
     assert len(Image.open(buf).getexif()) == 0
 
 
+def test_save_png_with_empty_text_writes_no_text_chunk():
+    buf = io.BytesIO()
+    save_png(Image.new("RGB", (8, 8)), buf, "")
+    assert not [t for t, _ in png_chunks(buf.getvalue()) if t in (b"tEXt", b"iTXt", b"zTXt")]
+    assert read_infotext(Image.open(io.BytesIO(buf.getvalue()))) is None
+
+
 def test_save_png_stores_non_latin1_text_as_itxt_that_reads_back():
     buf = io.BytesIO()
     save_png(Image.new("RGB", (8, 8)), buf, "猫\nSteps: 1, Sampler: Euler, Seed: 1")
