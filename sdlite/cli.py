@@ -116,17 +116,13 @@ def _prompts(args: argparse.Namespace) -> list[str]:
 
 def _first_seed(args: argparse.Namespace, n_images: int) -> int:
     """The seed of the first image; image i uses ``seed + i``, so the last one must fit too."""
-    from .pipeline import SEED_MAX
+    from .pipeline import check_seed
 
     if args.seed is None or args.seed == -1:
         import random
 
         return random.randrange(2**32)
-    if not 0 <= args.seed <= SEED_MAX:
-        raise ArgumentError(f"--seed must be -1 (random) or in [0, 2**64 - 1], got {args.seed}")
-    if args.seed + n_images - 1 > SEED_MAX:
-        raise ArgumentError(f"--seed {args.seed} is too large for {n_images} images: image i uses seed + i, "
-                            f"and the last seed must be ≤ 2**64 - 1; give --seed ≤ {SEED_MAX - n_images + 1}")
+    check_seed(args.seed, n_images, "--seed")
     return args.seed
 
 

@@ -529,9 +529,7 @@ class Pipeline:
         if seed is None or int(seed) == -1:
             seed = random.randrange(2**32)
             log.info("seed: %d", seed)
-        if not 0 <= int(seed) <= SEED_MAX - (len(prompts) - 1):
-            raise ArgumentError(f"seed must be -1 (random) or in [0, {SEED_MAX}] for every image of the batch "
-                                f"(image i uses seed + i), got {seed}")
+        check_seed(int(seed), len(prompts))
         seeds = [int(seed) + i for i in range(len(prompts))]
         shape = (len(prompts), *self._latent_shape(height, width))
         if latents is not None and (tuple(latents.shape[-3:]) != shape[1:] or latents.numel() != math.prod(shape)):
@@ -575,6 +573,15 @@ class Pipeline:
 
 # The largest seed a torch.Generator takes (a 64-bit unsigned integer).
 SEED_MAX = 2**64 - 1
+
+
+def check_seed(seed: int, n_images: int = 1, name: str = "seed") -> None:
+    """:class:`ArgumentError` unless ``seed`` and the ``n_images - 1`` seeds after it (image i of a run
+    uses ``seed + i``) all fit a torch.Generator. ``name``: how the caller's user spells it (``--seed``)."""
+    largest = SEED_MAX - (n_images - 1)
+    if not 0 <= seed <= largest:
+        batch = f", and image i of the {n_images} uses {name} + i: give {name} ≤ {largest}" if n_images > 1 else ""
+        raise ArgumentError(f"{name} must be -1 (random) or in [0, 2**64 - 1]{batch}, got {seed}")
 
 
 def random_streams(seeds: Sequence[int], shape: Sequence[int]) -> tuple[torch.Tensor, list[torch.Generator]]:

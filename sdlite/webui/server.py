@@ -54,7 +54,7 @@ from PIL import Image, UnidentifiedImageError
 
 from .. import infotext
 from ..errors import ArgumentError, CheckpointError, SdliteError
-from ..pipeline import BUNDLED_MODEL, SEED_MAX, VERSION, Pipeline, load
+from ..pipeline import BUNDLED_MODEL, VERSION, Pipeline, check_seed, load
 from ..schedulers import SAMPLERS, SCHEDULES, Sampler, parse_sampler_and_schedule
 
 try:
@@ -536,11 +536,8 @@ class Engine:
             if value is not None and value % 8:
                 raise ApiError(400, f"{name} must be a multiple of 8, got {value}")
         sampler, schedule = parse_sampler_and_schedule(req.sampler_name or req.sampler_index, req.scheduler)
-        n_images = req.batch_size * req.n_iter
-        if req.seed != -1 and not 0 <= req.seed <= SEED_MAX - (n_images - 1):
-            raise ArgumentError(f"seed must be -1 (random) or in [0, {SEED_MAX}] for every image: image i of the "
-                                f"{n_images} (batch_size × n_iter) uses seed + i, so give a seed in "
-                                f"[0, {SEED_MAX - (n_images - 1)}], got {req.seed}")
+        if req.seed != -1:
+            check_seed(req.seed, req.batch_size * req.n_iter)  # all batch_size × n_iter images, before any runs
         overrides = req.override_settings or {}
         check_options(overrides)
         checkpoint = None
