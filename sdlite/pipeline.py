@@ -103,6 +103,11 @@ class Pipeline:
         return self.config.vae.downsample_factor
 
     @property
+    def max_clip_skip(self) -> int:
+        """The largest ``clip_skip``: 1 takes the text encoder's usual output layer, each step one layer earlier."""
+        return self.config.text.layers - self.config.text.skip_last_layers
+
+    @property
     def sha256(self) -> str | None:
         """The checkpoint file's sha256 (hex), read once; None for a pipeline built without a file."""
         if self._hash is None and self.path is not None and Path(self.path).is_file():
@@ -522,9 +527,8 @@ class Pipeline:
             raise ArgumentError(f"{len(prompts)} prompts but {len(negatives)} negative prompts")
         if eta is not None and not float(eta) >= 0.0:  # also NaN
             raise ArgumentError(f"eta must be ≥ 0 (0: no added noise), got {eta}")
-        max_skip = self.config.text.layers - self.config.text.skip_last_layers
-        if not 1 <= int(clip_skip) <= max_skip:
-            raise ArgumentError(f"clip_skip must be in [1, {max_skip}] for this model's text encoder "
+        if not 1 <= int(clip_skip) <= self.max_clip_skip:
+            raise ArgumentError(f"clip_skip must be in [1, {self.max_clip_skip}] for this model's text encoder "
                                 f"(1 = its last layer), got {clip_skip}")
         if seed is None or int(seed) == -1:
             seed = random.randrange(2**32)

@@ -517,7 +517,7 @@ class Engine:
             target = checkpoint or self.current_checkpoint()
             pipe = self.checkpoints.pipeline(target)
             clip_skip = values.get("CLIP_stop_at_last_layers", self.options["CLIP_stop_at_last_layers"])
-            max_skip = pipe.config.text.layers - pipe.config.text.skip_last_layers
+            max_skip = pipe.max_clip_skip
             if not 1 <= _clip_skip(clip_skip) <= max_skip:  # refused now, not at every later generation
                 raise ApiError(400, f"CLIP_stop_at_last_layers must be in [1, {max_skip}] for {target.name}'s "
                                     f"text encoder (1 = its last layer), got {clip_skip!r}")
@@ -607,12 +607,16 @@ class Engine:
         finally:
             state.end()
 
+    def _option(self, job: Job, key: str) -> Any:
+        """The option ``key`` for this job: its ``override_settings`` value, else the server's current one."""
+        return (job.request.override_settings or {}).get(key, self.options[key])
+
     def _save(self, job: Job, images: list[Image.Image]) -> None:
         """``save_images``: as A1111, into ``outputs/{txt2img,img2img}-images/`` under the server's working
         directory, numbered on after the highest number there (never overwriting)."""
         from ..cli import save_numbered
 
-        pnginfo = (job.request.override_settings or {}).get("enable_pnginfo", self.options["enable_pnginfo"])
+        pnginfo = self._option(job, "enable_pnginfo")
         outdir = Path.cwd() / "outputs" / f"{job.kind}-images"
         for image in images:
             path = save_numbered(image, outdir, image.info.get("parameters", "") if pnginfo else "")
@@ -647,7 +651,7 @@ class Engine:
         parameters = req.model_dump()
         if isinstance(req, Img2ImgRequest) and not req.include_init_images:
             parameters["init_images"], parameters["mask"] = None, None  # as A1111: not echoed back
-        pnginfo = (req.override_settings or {}).get("enable_pnginfo", self.options["enable_pnginfo"])
+        pnginfo = self._option(job, "enable_pnginfo")
         return {"images": [encode_png(im, pnginfo) for im in images] if req.send_images else [],
                 "parameters": parameters, "info": json.dumps(info, ensure_ascii=False)}
 
