@@ -14,7 +14,8 @@ Policy (measured, see benchmarks/RESULTS.md and benchmarks/RESULTS-cuda.md):
   CPU has no native half-precision kernels (x86 without AVX512-BF16/AMX for bf16, without
   AVX512-FP16/AMX-FP16 for fp16), PyTorch computes bf16/fp16 matmuls and convolutions in reference
   loops: on this project's AVX2 machine 1.2 GFLOP/s for a bf16 matmul and 0.7 for a convolution,
-  against 140-180 for fp32 matmuls (benchmarks/RESULTS.md; a 512x512 image would take hours). Asking for a half precision there warns and says so; it is not refused.
+  against 140-180 for fp32 matmuls (benchmarks/RESULTS.md; a 512x512 image would take hours).
+  Asking for a half precision there warns and says so; it is not refused.
 - Memory format: on CUDA the UNet's weights are channels-last (NHWC), the layout tensor-core
   convolutions use natively, so cuDNN skips its NCHW<->NHWC transposes around each conv. On an
   H100 (fp16, CUDA graphs) a batch-2 UNet call took 0.86x the time, a batch-16 call 1.01x. The
