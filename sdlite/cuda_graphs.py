@@ -17,8 +17,9 @@ output. Autocast runs with its weight-cast cache off, as capture requires.
 A graph reads the memory the parameters had at capture. So the parameters' addresses and version
 counters are part of the signature (:func:`weights_state`, read before every replay): replacing a
 parameter (``.to()``, ``load_state_dict(..., assign=True)``) or a submodule, or changing a parameter
-in place makes the next call capture afresh, and drops the old graphs. Module switches (attention chunking, kernel cache) are set through
-:class:`~sdlite.pipeline.Pipeline`, which calls :meth:`GraphedCall.reset`.
+in place makes the next call capture afresh, and drops the old graphs. Module switches (attention
+chunking, kernel cache) are set through :class:`~sdlite.pipeline.Pipeline`, which calls
+:meth:`GraphedCall.reset`.
 
 The cost: a few eager calls at each new shape, and the memory of the captured call's activations,
 held in the graph's private pool until :meth:`reset` (at most ``max_graphs`` shapes are kept).
