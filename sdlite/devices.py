@@ -14,8 +14,11 @@ Policy (measured, see benchmarks/RESULTS.md and benchmarks/RESULTS-cuda.md):
   CPU has no native half-precision kernels (x86 without AVX512-BF16/AMX for bf16, without
   AVX512-FP16/AMX-FP16 for fp16), PyTorch computes bf16/fp16 matmuls and convolutions in reference
   loops: on this project's AVX2 machine 1.2 GFLOP/s for a bf16 matmul and 0.7 for a convolution,
-  against 140-180 for fp32 matmuls (benchmarks/RESULTS.md; a 512x512 image would take hours).
-  Asking for a half precision there warns and says so; it is not refused.
+  against 140-180 for fp32 matmuls (a 512x512 image would take hours). There sdlite's own
+  convolutions and linear layers (:mod:`sdlite.ops`) compute half inputs in fp32 and round the
+  result back, which is the arithmetic of a native half kernel: bf16 weights then cost ~1.1-1.5x
+  the fp32 time for half the weight memory. ``"autocast"`` casts inside PyTorch's own kernels,
+  out of sdlite's reach, so on such a CPU it stays slow and warns.
 - Memory format: on CUDA the UNet's weights are channels-last (NHWC), the layout tensor-core
   convolutions use natively, so cuDNN skips its NCHW<->NHWC transposes around each conv. On an
   H100 (fp16, CUDA graphs) a batch-2 UNet call took 0.86x the time, a batch-16 call 1.01x. The
@@ -97,8 +100,8 @@ def choose(device: str | torch.device | None = None, dtype: str | torch.dtype | 
     else:
         default = torch.float16 if dev.type in ("cuda", "mps") else torch.float32
         precision = Precision(dev, parse_dtype(dtype) or default, None)
-    if dev.type == "cpu" and precision.compute_dtype in (torch.float16, torch.bfloat16):
-        _warn_if_slow_on_this_cpu(precision.compute_dtype)
+    if dev.type == "cpu" and precision.autocast_dtype is not None:
+        _warn_if_slow_on_this_cpu(precision.autocast_dtype)
     return precision
 
 
@@ -119,9 +122,10 @@ def _warn_if_slow_on_this_cpu(dtype: torch.dtype) -> None:
         name = {torch.bfloat16: "bf16", torch.float16: "fp16"}[dtype]
         units = "AVX512-BF16 or AMX" if dtype == torch.bfloat16 else "AVX512-FP16 or AMX-FP16"
         warnings.warn(
-            f"this CPU has no native {name} kernels ({units}), so PyTorch runs {name} matmuls and "
-            f"convolutions in slow reference loops: 50-100x slower than fp32 (a 512x512 image can take "
-            f"hours). Use fp32 (the CPU default: --precision fp32, or dtype='fp32').",
+            f"this CPU has no native {name} kernels ({units}), so under autocast PyTorch runs {name} "
+            f"matmuls and convolutions in slow reference loops: 50-100x slower than fp32 (a 512x512 "
+            f"image can take hours). Use fp32 (the CPU default), or {name} weights (--precision {name}, "
+            f"dtype='{name}'), which sdlite computes in fp32 on such a CPU.",
             RuntimeWarning, stacklevel=3)
 
 

@@ -16,6 +16,15 @@ oneDNN. PyTorch sends every CPU convolution to oneDNN. As a matrix product a 3x3
 large batches) or few channels (measured: benchmarks/RESULTS.md, "Levers"). Both paths compute
 the same convolution; results agree to float rounding.
 
+:class:`Conv2d` and :class:`Linear` (and :func:`linear`, for a bare weight) — on a CPU without
+native half-precision kernels (x86 without AVX512-BF16/AMX for bf16, without AVX512-FP16/AMX-FP16
+for fp16: ``HALF_AS_FP32``), a bf16 or fp16 input is computed in fp32 and the result rounded back.
+PyTorch runs half matmuls and convolutions there in reference loops, 26-55x slower than fp32 on
+this project's AVX2 machine (benchmarks/README.md, "bf16 on a CPU without bf16"). It is the same
+arithmetic a native kernel does: the product of two bf16 (or fp16) numbers is exact in fp32, the
+sums accumulate in fp32, and the output is rounded once to the half type. So bf16 weights keep
+their purpose — half the memory — at close to fp32 speed.
+
 :class:`GroupNorm` — ``nn.GroupNorm`` that can normalise with statistics recorded on another
 input. A tiled VAE decode needs it: a tile that shows only flat background has tiny variances,
 and normalising it by its own statistics blows its noise up into visible blotches. Decoding a
@@ -38,12 +47,41 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .devices import cpu_has_fast
+
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, query_chunk: int | None = None) -> torch.Tensor:
     """``[B, heads, L, d] x [B, heads, N, d] -> [B, heads, L, d]``; ``query_chunk`` queries at a time if set."""
     if not query_chunk or q.shape[-2] <= query_chunk:
         return F.scaled_dot_product_attention(q, k, v)
     return torch.cat([F.scaled_dot_product_attention(qc, k, v) for qc in q.split(query_chunk, dim=-2)], dim=-2)
+
+
+# The half types this CPU has no native kernels for: their convolutions and matmuls run in fp32.
+HALF_AS_FP32: frozenset[torch.dtype] = frozenset(
+    d for d in (torch.bfloat16, torch.float16) if not cpu_has_fast(d))
+
+
+def _as_fp32(x: torch.Tensor) -> bool:
+    return x.dtype in HALF_AS_FP32 and x.device.type == "cpu"
+
+
+def _fp32(t: torch.Tensor | None) -> torch.Tensor | None:
+    return None if t is None else t.float()
+
+
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """``F.linear``, in fp32 for a half input on a CPU without native half kernels (see above)."""
+    if _as_fp32(x):
+        return F.linear(x.float(), weight.float(), _fp32(bias)).to(x.dtype)
+    return F.linear(x, weight, bias)
+
+
+class Linear(nn.Linear):
+    """``nn.Linear`` (same parameters, same state-dict names) computed by :func:`linear`."""
+
+    def forward(self, input: torch.Tensor) -> torch.Tensor:
+        return linear(input, self.weight, self.bias)
 
 
 # Convolutions with at most BLAS_CONV_MAX_ROWS rows (batch·H·W) and at least BLAS_CONV_MIN_CHANNELS
@@ -54,9 +92,12 @@ BLAS_CONV_MIN_CHANNELS = 512
 
 
 class Conv2d(nn.Conv2d):
-    """``nn.Conv2d`` with the CPU backend choice above; everything else is inherited."""
+    """``nn.Conv2d`` with the two CPU choices above (half inputs in fp32 where the CPU lacks native
+    half kernels; the BLAS or oneDNN backend in fp32); everything else is inherited."""
 
     def _conv_forward(self, input: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        if _as_fp32(input):
+            return self._conv_forward(input.float(), weight.float(), _fp32(bias)).to(input.dtype)
         limit = BLAS_CONV_MAX_ROWS
         # Under torch.compile the switch would break the graph at every conv (and recompile per
         # shape); the compiler chooses its own kernels there.
@@ -192,5 +233,9 @@ _PHASE_TAPS = torch.tensor([[[1.0, 0.0, 0.0], [0.0, 1.0, 1.0]],
 
 def _sum_taps(weight: torch.Tensor) -> torch.Tensor:
     """``[C_out, C_in, 3, 3] -> [4 * C_out, C_in, 2, 2]``: ``P[a] w P[b]ᵀ`` for each parity pair ``(a, b)``."""
-    p = _PHASE_TAPS.to(weight.device, weight.dtype)
-    return torch.einsum("ayk,oikl,bxl->aboiyx", p, weight, p).reshape(4 * weight.shape[0], weight.shape[1], 2, 2)
+    # Summed in fp32 and rounded once: half weights lose no more than one rounding (and a half
+    # einsum would take the slow reference kernels on CPUs without native half arithmetic).
+    acc = torch.promote_types(weight.dtype, torch.float32)
+    p = _PHASE_TAPS.to(weight.device, acc)
+    taps = torch.einsum("ayk,oikl,bxl->aboiyx", p, weight.to(acc), p).to(weight.dtype)
+    return taps.reshape(4 * weight.shape[0], weight.shape[1], 2, 2)

@@ -129,3 +129,76 @@ def test_upsample_conv_under_torch_compile_traces_the_original_formulation(monke
     with torch.no_grad():
         out = ops.upsample_conv(torch.ones(1, 3, 4, 4), conv)
     assert out.shape == (1, 2, 8, 8) and not hasattr(conv, "_phase_cache")
+
+
+# Half precision on a CPU without native half kernels: convolutions and matmuls in fp32, rounded once.
+
+HALF = [torch.bfloat16, torch.float16]
+
+
+def _half_modules(dtype):
+    g = torch.Generator().manual_seed(1)
+    conv = ops.Conv2d(16, 8, 3, padding=1).to(dtype)
+    lin = ops.Linear(16, 24).to(dtype)
+    x = torch.randn(2, 16, 6, 6, generator=g).to(dtype)
+    return conv, lin, x
+
+
+@pytest.mark.parametrize("dtype", HALF)
+def test_half_conv_and_linear_compute_in_fp32_and_round_once_where_the_cpu_lacks_half_kernels(dtype, monkeypatch):
+    monkeypatch.setattr(ops, "HALF_AS_FP32", frozenset(HALF))  # the policy of an AVX2 CPU, whatever this one is
+    seen = []
+    real = torch.nn.Conv2d._conv_forward
+    monkeypatch.setattr(torch.nn.Conv2d, "_conv_forward",
+                        lambda self, i, w, b: seen.append((i.dtype, w.dtype)) or real(self, i, w, b))
+    conv, lin, x = _half_modules(dtype)
+    tokens = x.flatten(2).transpose(1, 2)  # [2, 36, 16]
+    with torch.no_grad():
+        y, z = conv(x), lin(tokens)
+        y_ref = F.conv2d(x.float(), conv.weight.float(), conv.bias.float(), padding=1).to(dtype)
+        z_ref = F.linear(tokens.float(), lin.weight.float(), lin.bias.float()).to(dtype)
+        # A native half kernel (PyTorch's reference loop here; tiny tensors) does the same arithmetic:
+        # exact products, fp32 sums, one rounding; only the order of the sums may differ.
+        y_native = F.conv2d(x, conv.weight, conv.bias, padding=1)
+        z_native = F.linear(tokens, lin.weight, lin.bias)
+    assert seen == [(torch.float32, torch.float32)]
+    assert y.dtype == z.dtype == dtype
+    assert torch.equal(y, y_ref) and torch.equal(z, z_ref)
+    ulp = 2.0 ** -7 if dtype == torch.bfloat16 else 2.0 ** -10  # one unit in the last place, relative
+    torch.testing.assert_close(y, y_native, rtol=ulp, atol=1e-3)
+    torch.testing.assert_close(z, z_native, rtol=ulp, atol=1e-3)
+
+
+@pytest.mark.parametrize("dtype", HALF)
+def test_half_conv_and_linear_run_the_half_kernels_where_the_cpu_has_them(dtype, monkeypatch):
+    monkeypatch.setattr(ops, "HALF_AS_FP32", frozenset())  # a CPU with AVX512-BF16/AMX
+    conv, lin, x = _half_modules(dtype)
+    tokens = x.flatten(2).transpose(1, 2)
+    with torch.no_grad():
+        assert torch.equal(conv(x), F.conv2d(x, conv.weight, conv.bias, padding=1))
+        assert torch.equal(lin(tokens), F.linear(tokens, lin.weight, lin.bias))
+
+
+def test_half_upsample_conv_sums_its_taps_in_fp32_and_matches_the_original_formulation(monkeypatch):
+    monkeypatch.setattr(ops, "HALF_AS_FP32", frozenset(HALF))
+    g = torch.Generator().manual_seed(2)
+    conv = ops.Conv2d(8, 8, 3, padding=1)
+    x = torch.randn(1, 8, 5, 7, generator=g)
+    with torch.no_grad():
+        reference = _upsample_then_conv(x, conv)  # fp32 throughout
+        conv.to(torch.bfloat16)
+        ours = ops.upsample_conv(x.bfloat16(), conv)
+    assert ours.dtype == torch.bfloat16
+    # bf16 weights and input: ~3 significant decimal digits.
+    torch.testing.assert_close(ours.float(), reference, rtol=2e-2, atol=2e-2)
+
+
+def test_no_network_keeps_a_plain_linear_layer():
+    # Every matmul of the three networks goes through sdlite.ops (so half weights stay fast on
+    # CPUs without half kernels); the state-dict names are nn.Linear's.
+    from tests.factory import TINY_SD1, TINY_SD2
+    from sdlite.checkpoint import build_networks
+    for cfg in (TINY_SD1, TINY_SD2):
+        for name, model in build_networks(cfg).items():
+            plain = [n for n, m in model.named_modules() if type(m) in (torch.nn.Linear, torch.nn.Conv2d)]
+            assert not plain, (cfg.version, name, plain[:3])

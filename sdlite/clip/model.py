@@ -25,6 +25,7 @@ from einops import rearrange
 from torch import nn
 
 from sdlite.config import TextConfig
+from sdlite.ops import Linear
 
 
 def quick_gelu(x: torch.Tensor) -> torch.Tensor:
@@ -43,10 +44,10 @@ class CLIPAttention(nn.Module):
         if width % heads:
             raise ValueError(f"width {width} is not divisible by heads {heads}")
         self.heads = heads
-        self.q_proj = nn.Linear(width, width)
-        self.k_proj = nn.Linear(width, width)
-        self.v_proj = nn.Linear(width, width)
-        self.out_proj = nn.Linear(width, width)
+        self.q_proj = Linear(width, width)
+        self.k_proj = Linear(width, width)
+        self.v_proj = Linear(width, width)
+        self.out_proj = Linear(width, width)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """``[B, N, width] -> [B, N, width]``; token i attends to tokens 0..i."""
@@ -60,8 +61,8 @@ class CLIPMLP(nn.Module):
     def __init__(self, width: int, hidden: int, act: str) -> None:
         super().__init__()
         self.act = ACTIVATIONS[act]
-        self.fc1 = nn.Linear(width, hidden)
-        self.fc2 = nn.Linear(hidden, width)
+        self.fc1 = Linear(width, hidden)
+        self.fc2 = Linear(hidden, width)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.fc2(self.act(self.fc1(x)))

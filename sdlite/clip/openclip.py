@@ -33,6 +33,7 @@ from torch import nn
 
 from sdlite.config import TextConfig
 from sdlite.clip.model import ACTIVATIONS
+from sdlite.ops import Linear, linear
 
 
 class MultiheadSelfAttention(nn.Module):
@@ -45,12 +46,12 @@ class MultiheadSelfAttention(nn.Module):
         self.heads = heads
         self.in_proj_weight = nn.Parameter(torch.empty(3 * width, width))
         self.in_proj_bias = nn.Parameter(torch.zeros(3 * width))
-        self.out_proj = nn.Linear(width, width)
+        self.out_proj = Linear(width, width)
         nn.init.xavier_uniform_(self.in_proj_weight)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """``[B, N, width] -> [B, N, width]``; token i attends to tokens 0..i."""
-        qkv = F.linear(x, self.in_proj_weight, self.in_proj_bias)  # q, k and v in one matmul
+        qkv = linear(x, self.in_proj_weight, self.in_proj_bias)  # q, k and v in one matmul
         q, k, v = rearrange(qkv, "b n (three heads d) -> three b heads n d", three=3, heads=self.heads)
         out = F.scaled_dot_product_attention(q, k, v, is_causal=True)  # scale 1/sqrt(head_dim)
         return self.out_proj(rearrange(out, "b heads n d -> b n (heads d)"))
@@ -59,9 +60,9 @@ class MultiheadSelfAttention(nn.Module):
 class MLP(nn.Module):
     def __init__(self, width: int, hidden: int, act: str) -> None:
         super().__init__()
-        self.c_fc = nn.Linear(width, hidden)
+        self.c_fc = Linear(width, hidden)
         self.act = ACTIVATIONS[act]
-        self.c_proj = nn.Linear(hidden, width)
+        self.c_proj = Linear(hidden, width)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.c_proj(self.act(self.c_fc(x)))

@@ -31,7 +31,7 @@ from einops import rearrange
 from torch import nn
 
 from sdlite.config import UNetConfig
-from sdlite.ops import Conv2d, attention, upsample_conv
+from sdlite.ops import Conv2d, Linear, attention, upsample_conv
 
 
 def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10000.0) -> torch.Tensor:
@@ -90,7 +90,7 @@ class ResBlock(nn.Module):
         self.in_layers = nn.Sequential(
             GroupNorm32(channels), nn.SiLU(), Conv2d(channels, out_channels, 3, padding=1)
         )
-        self.emb_layers = nn.Sequential(nn.SiLU(), nn.Linear(time_embed_dim, out_channels))
+        self.emb_layers = nn.Sequential(nn.SiLU(), Linear(time_embed_dim, out_channels))
         self.out_layers = nn.Sequential(
             GroupNorm32(out_channels),
             nn.SiLU(),
@@ -149,10 +149,10 @@ class CrossAttention(nn.Module):
         super().__init__()
         inner_dim = heads * dim_head
         self.heads = heads
-        self.to_q = nn.Linear(query_dim, inner_dim, bias=False)
-        self.to_k = nn.Linear(context_dim, inner_dim, bias=False)
-        self.to_v = nn.Linear(context_dim, inner_dim, bias=False)
-        self.to_out = nn.Sequential(nn.Linear(inner_dim, query_dim), nn.Dropout(dropout))
+        self.to_q = Linear(query_dim, inner_dim, bias=False)
+        self.to_k = Linear(context_dim, inner_dim, bias=False)
+        self.to_v = Linear(context_dim, inner_dim, bias=False)
+        self.to_out = nn.Sequential(Linear(inner_dim, query_dim), nn.Dropout(dropout))
         self.query_chunk: int | None = None  # the low-memory option (sdlite.ops)
 
     def forward(self, x: torch.Tensor, context: torch.Tensor | None = None) -> torch.Tensor:
@@ -168,7 +168,7 @@ class GEGLU(nn.Module):
 
     def __init__(self, dim_in: int, dim_out: int) -> None:
         super().__init__()
-        self.proj = nn.Linear(dim_in, dim_out * 2)
+        self.proj = Linear(dim_in, dim_out * 2)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         a, gate = self.proj(x).chunk(2, dim=-1)
@@ -180,7 +180,7 @@ class FeedForward(nn.Module):
 
     def __init__(self, dim: int, mult: int = 4, dropout: float = 0.0) -> None:
         super().__init__()
-        self.net = nn.Sequential(GEGLU(dim, dim * mult), nn.Dropout(dropout), nn.Linear(dim * mult, dim))
+        self.net = nn.Sequential(GEGLU(dim, dim * mult), nn.Dropout(dropout), Linear(dim * mult, dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.net(x)
@@ -224,14 +224,14 @@ class SpatialTransformer(nn.Module):
         self.use_linear = use_linear
         self.norm = nn.GroupNorm(32, channels, eps=1e-6)
         if use_linear:
-            self.proj_in = nn.Linear(channels, inner_dim)
+            self.proj_in = Linear(channels, inner_dim)
         else:
             self.proj_in = Conv2d(channels, inner_dim, 1)
         self.transformer_blocks = nn.ModuleList(
             BasicTransformerBlock(inner_dim, heads, dim_head, context_dim) for _ in range(depth)
         )
         if use_linear:
-            self.proj_out = nn.Linear(inner_dim, channels)
+            self.proj_out = Linear(inner_dim, channels)
         else:
             self.proj_out = Conv2d(inner_dim, channels, 1)
 
@@ -301,7 +301,7 @@ class UNetModel(nn.Module):
             )
 
         self.time_embed = nn.Sequential(
-            nn.Linear(mc, time_embed_dim), nn.SiLU(), nn.Linear(time_embed_dim, time_embed_dim)
+            Linear(mc, time_embed_dim), nn.SiLU(), Linear(time_embed_dim, time_embed_dim)
         )
 
         # Encoder. skip_channels records each input block's output width for the decoder's concat.
