@@ -1171,6 +1171,8 @@ def main(argv: list[str] | None = None) -> None:
                            "GFLOP/s)")
                     skipped[p] = (f"{why}, so only the rows without convolutions ran; pass --force-bf16 to run "
                                   "them all." if prec_rows[p] else f"{why}; pass --force-bf16 to run it anyway.")
+                    skipped[p] += (" sdlite computes bf16 weights in fp32 on such a CPU (sdlite/ops.py); "
+                                   "benchmarks/bf16_cpu.py measures that against diffusers.")
     run_precisions = [p for p in precisions if prec_rows[p]]
 
     workdir = Path(args.workdir) if args.workdir else Path(tempfile.mkdtemp(prefix="sdlite-bench-"))

@@ -202,3 +202,38 @@ def test_no_network_keeps_a_plain_linear_layer():
         for name, model in build_networks(cfg).items():
             plain = [n for n, m in model.named_modules() if type(m) in (torch.nn.Linear, torch.nn.Conv2d)]
             assert not plain, (cfg.version, name, plain[:3])
+
+
+def test_half_weights_reuse_one_fp32_buffer_without_mixing_layers_up(monkeypatch):
+    # The fp32 copy of each weight is written into one reused per-thread buffer (no fresh memory
+    # mapping per call); a small layer after a large one, and the large one again, must each see
+    # their own weight.
+    monkeypatch.setattr(ops, "HALF_AS_FP32", frozenset(HALF))
+    g = torch.Generator().manual_seed(3)
+    big, small = ops.Linear(64, 32).bfloat16(), ops.Linear(8, 4).bfloat16()
+    xb, xs = torch.randn(3, 64, generator=g).bfloat16(), torch.randn(3, 8, generator=g).bfloat16()
+
+    def fresh(layer, x):
+        return F.linear(x.float(), layer.weight.float(), layer.bias.float()).bfloat16()
+
+    with torch.inference_mode():
+        outs = [big(xb), small(xs), big(xb), small(xs)]
+    assert all(torch.equal(o, fresh(layer, x)) for o, (layer, x) in
+               zip(outs, [(big, xb), (small, xs), (big, xb), (small, xs)]))
+
+
+def test_half_weights_with_gradients_get_their_own_fp32_copy(monkeypatch):
+    # Autograd keeps the fp32 weight for the backward pass, so a shared buffer would corrupt it.
+    monkeypatch.setattr(ops, "HALF_AS_FP32", frozenset(HALF))
+    g = torch.Generator().manual_seed(4)
+    a, b = ops.Linear(16, 16).bfloat16(), ops.Linear(16, 16).bfloat16()
+    x = torch.randn(4, 16, generator=g).bfloat16().requires_grad_()
+    b(a(x)).float().square().sum().backward()
+    a32, b32 = (torch.nn.Linear(16, 16) for _ in range(2))
+    with torch.no_grad():
+        for m32, m in ((a32, a), (b32, b)):
+            m32.weight.copy_(m.weight.float()), m32.bias.copy_(m.bias.float())
+    x32 = x.detach().float().requires_grad_()
+    b32(a32(x32).bfloat16().float()).bfloat16().float().square().sum().backward()
+    torch.testing.assert_close(x.grad.float(), x32.grad, rtol=2e-2, atol=2e-2)
+    torch.testing.assert_close(a.weight.grad.float(), a32.weight.grad, rtol=2e-2, atol=2e-2)
