@@ -37,9 +37,10 @@ RESIZE_MODES = {
 }
 
 
-def parse_resize_mode(value: int | str) -> int:
+def parse_resize_mode(value: int | str, name: str = "resize_mode") -> int:
     """The mode number (0–3) of ``value``: the A1111 integer, the same as a string (what a command line
-    or a form sends), sdlite's name or A1111's label (names and labels in any case).
+    or a form sends), sdlite's name or A1111's label (names and labels in any case). Anything else is an
+    :class:`ArgumentError` listing the valid values; ``name``: how the caller's user spells the argument.
 
     >>> parse_resize_mode("Crop and resize"), parse_resize_mode("fill"), parse_resize_mode(3)
     (1, 2, 3)
@@ -50,11 +51,11 @@ def parse_resize_mode(value: int | str) -> int:
         text = value.strip()
         if text.isdigit() and int(text) in RESIZE_MODES:
             return int(text)
-        for mode, names in RESIZE_MODES.items():
-            if text.lower() in (name.lower() for name in names):
+        for mode, spellings in RESIZE_MODES.items():
+            if text.lower() in (s.lower() for s in spellings):
                 return mode
-    valid = "; ".join(f'{mode} = "{name}" = "{label}"' for mode, (name, label) in RESIZE_MODES.items())
-    raise ArgumentError(f"resize_mode must be one of: {valid}; got {value!r}")
+    valid = "; ".join(f'{mode} = "{short}" = "{label}"' for mode, (short, label) in RESIZE_MODES.items())
+    raise ArgumentError(f"{name} must be one of: {valid}; got {value!r}")
 
 
 def resize_image(image: Image.Image, width: int, height: int, mode: int | str = JUST_RESIZE) -> Image.Image:
