@@ -87,8 +87,8 @@ def resize_image(image: Image.Image, width: int, height: int, mode: int | str = 
     else:
         scaled = (max(1, image.width * height // image.height), height)  # also equal ratios
     resized = image.resize(scaled, Image.Resampling.LANCZOS)
-    # A1111 pastes the scaled image at (width // 2 - w // 2, height // 2 - h // 2): for an odd excess
-    # the extra pixel goes to the right/bottom (crop) or to the left/top band (fill).
+    # A1111 pastes the scaled image at (width // 2 - w // 2, height // 2 - h // 2): of an odd excess,
+    # crop cuts the extra pixel on the right/bottom, and fill gives it to the left/top band.
     x = width // 2 - scaled[0] // 2
     y = height // 2 - scaled[1] // 2
     if mode == CROP:  # x, y <= 0: the box of the scaled image that lands on the target
