@@ -2,7 +2,7 @@
 
 The flags of the original CompVis scripts (``--prompt --ckpt --outdir --ddim_steps --scale --seed --H --W
 --n_samples --n_iter --precision --from-file --strength --init-img``) and the ones people expect today
-(``--negative-prompt --steps --sampler --schedule --device``).
+(``--negative-prompt --steps --sampler --schedule --device``, img2img's ``--resize-mode``).
 """
 
 from __future__ import annotations
@@ -89,6 +89,11 @@ def _parser(img2img: bool) -> argparse.ArgumentParser:
         p.add_argument("--init-img", "--init_img", dest="init_img", type=Path, required=True, help="the image to redraw")
         p.add_argument("--strength", type=float, default=0.75,
                        help="in (0, 1]: near 0 keeps the image, 1 redraws it from noise (default: %(default)s)")
+        p.add_argument("--resize-mode", "--resize_mode", dest="resize_mode", default="0",
+                       help="how an image of another size becomes --W x --H, A1111's modes: 0 or just_resize "
+                            "(stretch), 1 or crop (scale to cover, keep the centre), 2 or fill (scale to fit, "
+                            "stretch the edges into the empty bands), 3 or latent (resize the encoded latent); "
+                            "A1111's labels such as 'Crop and resize' work too (default: %(default)s)")
     return p
 
 
@@ -154,6 +159,10 @@ def run(argv: Sequence[str] | None, img2img: bool) -> int:
         parse_sampler_and_schedule(sampler, args.schedule)  # fail on a bad name before loading anything
         if img2img and not 0.0 < args.strength <= 1.0:
             raise ArgumentError(f"--strength must be in (0, 1], got {args.strength}")
+        if img2img:
+            from .resize import parse_resize_mode
+
+            args.resize_mode = parse_resize_mode(args.resize_mode, "--resize-mode")
         for name, v in (("--H", args.H), ("--W", args.W)):
             if v is not None and (v <= 0 or v % 8):
                 raise ArgumentError(f"{name} must be a positive multiple of 8, got {v}")
@@ -187,7 +196,8 @@ def run(argv: Sequence[str] | None, img2img: bool) -> int:
                               batch_size=args.n_samples, eta=args.eta, progress=not args.quiet,
                               clip_skip=args.clip_skip)
                 if img2img:
-                    images = pipe.img2img(args.init_img, prompt, strength=args.strength, **kwargs)
+                    images = pipe.img2img(args.init_img, prompt, strength=args.strength,
+                                          resize_mode=args.resize_mode, **kwargs)
                 else:
                     images = pipe.txt2img(prompt, **kwargs)
                 for img, text in zip(images, images.infotexts):

@@ -440,6 +440,16 @@ class Pipeline:
             posterior = self.vae.encode((images * 2 - 1).to(self.device, dtype))
         return posterior.mean.float() * self.scale_factor
 
+    def resize_latent(self, latent: torch.Tensor, height: int, width: int) -> torch.Tensor:
+        """A latent ``[B, C, h, w]`` resized to the latent of a ``height``×``width`` image, as A1111's resize
+        mode 3 ("Just resize (latent upscale)") does it: ``F.interpolate`` bilinear, with torch's defaults
+        ``align_corners=False`` and no antialiasing (a size that already matches is returned unchanged).
+
+        >>> pipe.resize_latent(pipe.encode_image(pixels), 512, 768).shape[-2:]  # doctest: +SKIP
+        torch.Size([64, 96])
+        """
+        return F.interpolate(latent, size=(height // self.vae_factor, width // self.vae_factor), mode="bilinear")
+
     # -- the public generation API -------------------------------------------------------------
 
     def txt2img(self, prompt: str | Sequence[str], negative_prompt: str | Sequence[str] = "", steps: int = 20,
@@ -473,32 +483,46 @@ class Pipeline:
                 seed: int | None = None, sampler: str = "euler_a", schedule: str | None = None,
                 batch_size: int = 1, eta: float | None = None, latents: torch.Tensor | None = None,
                 callback: StepCallback | None = None, output_type: str = "pil", progress: bool = False,
-                clip_skip: int = 1) -> Any:
+                clip_skip: int = 1, resize_mode: int | str = 0) -> Any:
         """Redraw ``image`` under ``prompt``: encode it, noise it to ``strength`` of the way, denoise.
 
         ``strength`` in (0, 1]: 1 ignores the image, small values keep it. As in A1111, with
         ``t_enc = int(strength·steps)`` the k-samplers run the last ``t_enc + 1`` steps of the
-        ``steps``-step schedule, DDIM/PLMS the last ``t_enc``. Width/height default to the image's size rounded down to a multiple of 8.
+        ``steps``-step schedule, DDIM/PLMS the last ``t_enc``. Width/height default to the image's size
+        rounded down to a multiple of 8.
+
+        ``resize_mode``: how an image of another size becomes width×height, A1111's modes (the number,
+        sdlite's name or A1111's label; see :mod:`sdlite.resize`): 0 ``"just_resize"`` stretches it,
+        1 ``"crop"`` scales it to cover and keeps the centre, 2 ``"fill"`` scales it to fit and fills the
+        bands with its stretched edges, 3 ``"latent"`` encodes it at its own size and resizes the latent
+        (bilinear). The infotext does not record it (A1111's does not either).
+
+        >>> pipe.img2img("photo.png", "a watercolour", width=512, height=512, resize_mode="crop")  # doctest: +SKIP
         """
+        from .resize import LATENT, parse_resize_mode, resize_image
+
         if not 0.0 < float(strength) <= 1.0:
             raise ArgumentError(f"strength must be in (0, 1], got {strength}")
+        mode = parse_resize_mode(resize_mode)
         pil = _open_image(image)
         width = width or (pil.width // 8) * 8
         height = height or (pil.height // 8) * 8
         _check_size(width, height, self.vae_factor)
-        pil = pil.resize((width, height), Image.LANCZOS)
+        if mode != LATENT:
+            pil = resize_image(pil, width, height, mode)
         pixels = torch.from_numpy(np.asarray(pil, dtype=np.float32) / 255.0).permute(2, 0, 1)[None]
         return self._generate(prompt, negative_prompt, steps=steps, guidance_scale=guidance_scale, width=width,
                               height=height, seed=seed, sampler=sampler, schedule=schedule, batch_size=batch_size,
                               eta=eta, latents=latents, callback=callback, output_type=output_type,
-                              progress=progress, clip_skip=clip_skip, init_pixels=pixels, strength=float(strength))
+                              progress=progress, clip_skip=clip_skip, init_pixels=pixels, strength=float(strength),
+                              init_latent_resize=mode == LATENT)
 
     def _generate(self, prompt: str | Sequence[str], negative_prompt: str | Sequence[str], *, steps: int,
                   guidance_scale: float, width: int | None, height: int | None, seed: int | None, sampler: str,
                   schedule: str | None, batch_size: int, eta: float | None, latents: torch.Tensor | None,
                   callback: StepCallback | None, output_type: str, progress: bool, clip_skip: int,
                   init_pixels: torch.Tensor | None = None, strength: float = 1.0,
-                  step_hook: Callable | None = None) -> Any:
+                  init_latent_resize: bool = False, step_hook: Callable | None = None) -> Any:
         from .infotext import format_infotext, generation_params
         from .schedulers import parse_sampler_and_schedule
 
@@ -546,7 +570,12 @@ class Pipeline:
         noise, generators = random_streams(seeds, shape[1:])
         if latents is not None:  # replaces the starting noise; the streams still drive the sampler's noise
             noise = latents.float().reshape(shape)
-        init = None if init_pixels is None else self.encode_image(init_pixels).expand(len(prompts), -1, -1, -1)
+        init = None
+        if init_pixels is not None:
+            init = self.encode_image(init_pixels)
+            if init_latent_resize:  # resize mode 3: the image was encoded at its own size
+                init = self.resize_latent(init, height, width)
+            init = init.expand(len(prompts), -1, -1, -1)
 
         out = self.sample(noise, cond, uncond, steps=int(steps), guidance_scale=float(guidance_scale),
                           sampler=spec.id, schedule=schedule_id, eta=eta, generators=generators, init=init,

@@ -167,6 +167,16 @@ def test_init_img_of_8x8_px_is_accepted(in_tmp, monkeypatch):
     _reaches_load(monkeypatch, ["--prompt", "a cat", "--init-img", "in.png"], img2img=True)
 
 
+@pytest.mark.parametrize("value", ["4", "-1", "stretch"])
+def test_a_resize_mode_other_than_a1111s_four_is_rejected_before_loading_with_the_valid_values(
+        in_tmp, monkeypatch, capsys, value):
+    _png(in_tmp / "in.png")
+    err = _rejected(monkeypatch, capsys, ["--prompt", "a cat", "--init-img", "in.png", "--resize-mode", value],
+                    img2img=True)
+    assert err.startswith('error: --resize-mode must be one of: 0 = "just_resize" = "Just resize"; 1 = "crop"')
+    assert f"got {value!r}" in err
+
+
 def test_help_texts_of_strength_clip_skip_and_outdir_say_what_the_values_do():
     txt2img, img2img = cli._parser(False).format_help(), cli._parser(True).format_help()
     assert "0 keeps the image, 1 ignores it" not in " ".join(img2img.split())  # 0 is rejected
@@ -277,3 +287,13 @@ def test_img2img_passes_the_init_image_and_strength(in_tmp, monkeypatch):
     (kind, prompt, kw), = _calls(monkeypatch, ["--prompt", "a cat", "--init-img", "in.png", "--strength", "0.4"],
                                  img2img=True)
     assert (kind, prompt, kw["image"], kw["strength"]) == ("img2img", "a cat", Path("in.png"), 0.4)
+
+
+@pytest.mark.parametrize("argv, mode", [
+    ([], 0), (["--resize-mode", "1"], 1), (["--resize-mode", "fill"], 2), (["--resize_mode", "Resize and fill"], 2),
+    (["--resize-mode", "latent"], 3), (["--resize-mode", "Just resize (latent upscale)"], 3),
+])
+def test_img2img_passes_the_resize_mode_as_its_a1111_number(in_tmp, monkeypatch, argv, mode):
+    _png(in_tmp / "in.png", (16, 16))
+    (_, _, kw), = _calls(monkeypatch, ["--prompt", "a cat", "--init-img", "in.png", *argv], img2img=True)
+    assert kw["resize_mode"] == mode

@@ -319,6 +319,11 @@ def test_nan_that_survives_fp32_is_an_error_not_an_image(monkeypatch):
     (dict(seed=2**64 - 1, batch_size=2), "seed must be"),
     (dict(prompt=["a cat", "a dog"], negative_prompt=["blurry"]), "2 prompts but 1 negative"),
     (dict(latents=torch.zeros(1, 4, 3, 3)), "latents must have shape"),
+    # img2img (the rows with an image)
+    (dict(image=torch.zeros(1, 3, 40, 20), resize_mode=4), "resize_mode must be one of: 0 ="),
+    (dict(image=torch.zeros(1, 3, 40, 20), resize_mode="stretch"), "resize_mode must be one of: 0 ="),
+    (dict(image=torch.zeros(1, 3, 40, 20), resize_mode="latent", width=30), "multiples of 8"),
+    (dict(image=torch.zeros(1, 3, 40, 20), resize_mode="latent", steps=0), "steps must be"),
 ])
 def test_bad_arguments_raise_argument_error_before_any_network_runs(pipe, monkeypatch, kwargs, match):
     def no_network(*args, **kwargs):
@@ -326,9 +331,12 @@ def test_bad_arguments_raise_argument_error_before_any_network_runs(pipe, monkey
 
     for net in (pipe.text_encoder, pipe.unet, pipe.vae):
         monkeypatch.setattr(net, "forward", no_network)
+    for method in ("encode", "decode"):  # the VAE runs through these, not forward
+        monkeypatch.setattr(pipe.vae, method, no_network)
     kwargs = {"prompt": "a cat", **kwargs}
+    generate = pipe.img2img if "image" in kwargs else pipe.txt2img
     with pytest.raises(sdlite.ArgumentError, match=match):
-        pipe.txt2img(**kwargs)
+        generate(**kwargs)
 
 
 def test_the_largest_seed_a_generator_takes_is_accepted(pipe):

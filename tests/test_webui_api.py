@@ -496,17 +496,33 @@ def test_save_images_saves_numbered_pngs_under_outputs_without_overwriting(api, 
     assert [p.name for p in (tmp_path / "outputs" / "img2img-images").iterdir()] == ["00000.png"]
 
 
-def test_img2img_refuses_a_resize_mode_other_than_just_resize_and_more_than_one_init_image(api):
+def test_img2img_refuses_a_resize_mode_outside_a1111s_four_and_more_than_one_init_image(api):
     init = "data:image/png;base64," + base64.b64encode(
         (lambda b: (Image.new("RGB", (32, 32)).save(b, format="PNG"), b.getvalue())[1])(io.BytesIO())).decode()
     body = {"prompt": "x", "steps": 1, **SIZE}
-    for mode in (1, 2, 3):
+    for mode in (4, -1):
         r = requests.post(f"{api.baseurl}/img2img", json={**body, "init_images": [init], "resize_mode": mode})
-        assert r.status_code == 400 and "resize_mode" in r.json()["detail"]
+        assert r.status_code == 400 and r.json()["detail"].startswith("resize_mode must be one of: 0 =")
     r = requests.post(f"{api.baseurl}/img2img", json={**body, "init_images": [init, init], "batch_size": 2})
     assert r.status_code == 400 and "one init image" in r.json()["detail"]
     r = requests.post(f"{api.baseurl}/img2img", json={**body, "init_images": [init], "resize_mode": 0})
     assert r.status_code == 200
+
+
+def test_img2img_passes_each_of_a1111s_resize_modes_to_the_pipeline(api, monkeypatch):
+    seen = []
+    img2img = sdlite.Pipeline.img2img
+
+    def recording(self, *args, resize_mode=0, **kwargs):
+        seen.append(resize_mode)
+        return img2img(self, *args, resize_mode=resize_mode, **kwargs)
+
+    monkeypatch.setattr(sdlite.Pipeline, "img2img", recording)
+    init = Image.fromarray(np.random.default_rng(0).integers(0, 256, (20, 41, 3), dtype=np.uint8))
+    for mode in (0, 1, 2, 3):
+        r = api.img2img(images=[init], prompt="x", steps=1, seed=1, resize_mode=mode, **SIZE)
+        assert r.images[0].size == (32, 32) and r.parameters["resize_mode"] == mode
+    assert seen == [0, 1, 2, 3]
 
 
 def test_the_lists_of_features_sdlite_lacks_answer_with_a1111s_empty_shapes_for_webuiapi(api):

@@ -147,12 +147,16 @@ def test_page_generates_with_live_progress_and_reads_the_png_info_back(server, t
             page.set_input_files("#png-file", str(png))
             expect(page.locator("#png-text")).to_have_text(infotext)
 
-            # img2img: the shown image becomes the init image; the result records the denoising strength.
+            # img2img: the shown image becomes the init image; the result records the denoising strength;
+            # the chosen resize mode goes into the request as A1111's number.
             page.click("[data-tab=txt2img]")
             page.click("#send-img2img")
             expect(page.locator("#init-preview")).to_have_attribute("src", re.compile("^data:image/png;base64,"))
             page.fill("#steps", "4")
-            page.click("#generate")
+            page.select_option("#resize_mode", label="Resize and fill")
+            with page.expect_request("**/sdapi/v1/img2img") as request:
+                page.click("#generate")
+            assert request.value.post_data_json["resize_mode"] == 2
             expect(page.locator("#infotext")).to_contain_text("Denoising strength: 0.75", timeout=60_000)
             assert errors == []
         finally:

@@ -22,8 +22,9 @@ How it is built:
 - :func:`create_app` is the FastAPI application: the API under ``/sdapi/v1/`` and the page (``static/``).
 
 Not supported (refused with a 400 rather than silently ignored): hires fix (``enable_hr``),
-inpainting (``mask``), img2img ``resize_mode`` other than 0 ("just resize"), more than one init
-image, and ``samples_format`` other than png. ``save_images`` saves as A1111 does, under
+inpainting (``mask``), more than one init image, and ``samples_format`` other than png. img2img takes
+A1111's four ``resize_mode`` values (0 just resize, 1 crop and resize, 2 resize and fill, 3 latent
+upscale; see :mod:`sdlite.resize`); any other value is a 400. ``save_images`` saves as A1111 does, under
 ``outputs/``. Fields this server does not know are ignored, as A1111 ignores them too.
 """
 
@@ -55,6 +56,7 @@ from PIL import Image, UnidentifiedImageError
 from .. import infotext
 from ..errors import ArgumentError, CheckpointError, SdliteError
 from ..pipeline import BUNDLED_MODEL, VERSION, Pipeline, check_seed, load
+from ..resize import parse_resize_mode
 from ..schedulers import SAMPLERS, SCHEDULES, Sampler, parse_sampler_and_schedule
 
 try:
@@ -390,8 +392,8 @@ class Txt2ImgRequest(BaseModel):
 class Img2ImgRequest(Txt2ImgRequest):
     """``POST /sdapi/v1/img2img``: adds ``init_images`` (base64, optionally ``data:image/...;base64,``).
 
-    The first init image is used for the whole batch, resized to ``width``×``height`` (A1111's resize mode 0,
-    "just resize"; default size: the image's, rounded down to a multiple of 8)."""
+    The first init image is used for the whole batch, resized to ``width``×``height`` as ``resize_mode``
+    says (A1111's 0–3, see :mod:`sdlite.resize`; default size: the image's, rounded down to a multiple of 8)."""
 
     init_images: list[str] | None = None
     mask: str | None = None
@@ -555,8 +557,7 @@ class Engine:
             if len(req.init_images) > 1:
                 raise ApiError(400, f"init_images: sdlite takes one init image per request (used for the whole "
                                     f"batch), got {len(req.init_images)}; send one request per image")
-            if req.resize_mode != 0:
-                raise ApiError(400, f"resize_mode: only 0 (just resize) is supported by sdlite, got {req.resize_mode}")
+            parse_resize_mode(req.resize_mode)  # an ArgumentError (400) listing the four modes
             init_image = decode_image(req.init_images[0], "init_images[0]")
         return Job(kind, req, sampler, schedule, checkpoint, clip_skip, init_image)
 
@@ -595,7 +596,8 @@ class Engine:
                               sampler=job.sampler.id, schedule=job.schedule, batch_size=req.batch_size,
                               eta=req.eta, callback=callback, clip_skip=job.clip_skip)
                 if job.kind == "img2img":
-                    images += pipe.img2img(job.init_image, req.prompt, strength=strength, **kwargs)
+                    images += pipe.img2img(job.init_image, req.prompt, strength=strength,
+                                           resize_mode=req.resize_mode, **kwargs)
                 else:
                     images += pipe.txt2img(req.prompt, **kwargs)
             if req.save_images:

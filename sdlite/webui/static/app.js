@@ -104,6 +104,7 @@ function payload() {
   if (ui.mode === "img2img") {
     p.init_images = ui.initImage ? [ui.initImage] : [];
     p.denoising_strength = Number($("denoising_strength").value);
+    p.resize_mode = Number($("resize_mode").value);
   }
   return p;
 }
