@@ -587,14 +587,15 @@ class Pipeline:
             return images
         result = Images()
         result.seeds, result.infotexts = seeds, []
+        label = _schedule_label(schedule_id, spec)
         for i, arr in enumerate(images):
             params = generation_params(
-                steps=int(steps), sampler=spec.label, schedule=_schedule_label(schedule_id, spec),
+                steps=int(steps), sampler=spec.label, schedule=label,
                 cfg_scale=guidance_scale, seed=seeds[i], width=width, height=height,
                 model_hash=self.model_hash, model_name=self.name,
                 denoising_strength=strength if init is not None else None,
                 eta=eta if (eta is not None and spec.uses_eta and float(eta) != spec.default_eta) else None,
-                clip_skip=clip_skip if clip_skip > 1 else None, version=VERSION,
+                clip_skip=clip_skip if clip_skip > 1 else None, extra=_schedule_extra(label), version=VERSION,
             )
             text = format_infotext(prompts[i], negatives[i], params)
             img = Image.fromarray(np.round(arr * 255).astype(np.uint8))
@@ -635,6 +636,16 @@ def _schedule_label(schedule_id: str | None, spec: Any) -> str | None:
         return None
     effective = spec.default_schedule if schedule_id in (None, "automatic") else schedule_id
     return None if effective == "automatic" else schedule_label(effective)
+
+
+def _schedule_extra(label: str | None) -> dict[str, float] | None:
+    """The schedule's own infotext keys: A1111 records the Beta schedule's shape parameters (its options
+    beta_dist_alpha / beta_dist_beta, which sdlite leaves at their defaults) whenever that schedule ran."""
+    from .schedulers.schedule import BETA_DIST_ALPHA, BETA_DIST_BETA
+
+    if label != "Beta":
+        return None
+    return {"Beta schedule alpha": BETA_DIST_ALPHA, "Beta schedule beta": BETA_DIST_BETA}
 
 
 def _ramp(n: int, width: int, *, top: bool, bottom: bool, device: torch.device) -> torch.Tensor:

@@ -32,8 +32,8 @@ How diffusers is configured to follow the originals (and where it cannot be made
   hands the network *rounded/truncated* integer timesteps while k-diffusion (followed here) passes the
   fractional t = sigma_to_t(sigma); the reference run therefore calls the dummy model with diffusers' own
   unrounded ``_sigma_to_t`` — the update rule compared is diffusers', unchanged;
-- LMS: diffusers integrates the Lagrange basis with ``scipy.integrate.quad``; scipy is not installed, so the
-  test gives that module a 10-point Gauss–Legendre ``quad`` (exact for these cubic polynomials) — an
+- LMS: diffusers integrates the Lagrange basis with ``scipy.integrate.quad``; the test gives that module
+  a 10-point Gauss–Legendre ``quad`` instead (exact for these cubic polynomials) — an
   integration independent of sdlite's closed form;
 - PLMS with a v model: diffusers' PNDM combines the raw v outputs of several steps and converts the
   combination to eps with the *current* x, whereas CompVis converts each step's v to eps first; the reference

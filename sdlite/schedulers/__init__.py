@@ -11,6 +11,7 @@
 
 - :mod:`.schedule`: :class:`DiscreteSchedule` (the forward process ``add_noise``, sigma ↔ t, the step
   schedules ``get_sigmas`` and ``ddim_timesteps``) and the A1111 schedule names;
+- :mod:`.beta_dist`: the Beta distribution's CDF and quantile function (for the "Beta" schedule, without scipy);
 - :mod:`.denoiser`: :class:`Denoiser`, eps/v output → x0 (sigma space) or eps (VP space);
 - :mod:`.k_samplers`: Euler, Euler a, Heun, LMS, DPM2, DPM2 a, DPM++ 2M / 2M SDE / 3M SDE / 2S a / SDE;
 - :mod:`.ddim`, :mod:`.ddpm`: DDIM, PLMS, DDPM in the VP space with integer timesteps;

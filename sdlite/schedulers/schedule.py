@@ -29,9 +29,11 @@ import math
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+import numpy as np
 import torch
 
 from ..errors import ArgumentError, SamplerError
+from .beta_dist import beta_ppf
 
 if TYPE_CHECKING:
     from ..config import ModelConfig
@@ -52,7 +54,6 @@ class ScheduleType:
 
 # In A1111's order. "automatic" means "the sampler's own default" (see registry.Sampler.default_schedule);
 # a bare DiscreteSchedule.get_sigmas("automatic") is the model's own discrete schedule (= "uniform").
-# A1111's "beta" schedule is not offered: it needs scipy's inverse incomplete beta function.
 SCHEDULES: tuple[ScheduleType, ...] = (
     ScheduleType("automatic", "Automatic"),
     ScheduleType("uniform", "Uniform"),
@@ -65,6 +66,7 @@ SCHEDULES: tuple[ScheduleType, ...] = (
     ScheduleType("simple", "Simple"),
     ScheduleType("normal", "Normal"),
     ScheduleType("ddim", "DDIM"),
+    ScheduleType("beta", "Beta"),
 )
 
 SCHEDULE_LABELS: dict[str, str] = {s.id: s.label for s in SCHEDULES}
@@ -74,6 +76,11 @@ SCHEDULE_LABELS: dict[str, str] = {s.id: s.label for s in SCHEDULES}
 # 0, when steps == 11 (its check is n == len(list)), else log-linearly resampled to n levels; so 10
 # steps here, as in A1111, are a resampling of the list.
 AYS_SD15 = (14.615, 6.475, 3.861, 2.697, 1.886, 1.396, 0.963, 0.652, 0.399, 0.152, 0.029)
+
+# The Beta schedule's shape parameters: the defaults of A1111's options beta_dist_alpha / beta_dist_beta,
+# which its infotext records as "Beta schedule alpha" / "Beta schedule beta".
+BETA_DIST_ALPHA = 0.6
+BETA_DIST_BETA = 0.6
 
 
 def _schedule_index() -> dict[str, str]:
@@ -205,6 +212,7 @@ class DiscreteSchedule:
 
     def get_sigmas(self, n: int, kind: str = "automatic", *, rho: float | None = None,
                    sigma_min: float | None = None, sigma_max: float | None = None,
+                   beta_dist_alpha: float | None = None, beta_dist_beta: float | None = None,
                    dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """``n + 1`` decreasing noise levels for an ``n``-step k-sampler, ending in 0.
 
@@ -222,9 +230,12 @@ class DiscreteSchedule:
         - ``ddim``: the model sigmas at t = 1, 1 + T//n, ... (DDIM's uniform timesteps);
         - ``kl_optimal``: sigma = tan of a linear ramp in arctan sigma (Sabour et al. 2024); the last point,
           sigma_min in A1111, is 0 here (as in ComfyUI);
-        - ``align_your_steps``: the published SD 1.5 AYS sigmas, log-linearly resampled to n.
+        - ``align_your_steps``: the published SD 1.5 AYS sigmas, log-linearly resampled to n;
+        - ``beta``: sigma = sigma_min + u (sigma_max - sigma_min) with u the Beta(alpha, beta) quantiles of
+          1 - linspace(0, 1, n) (Lee et al. 2024, "Beta Sampling is All You Need", as A1111 1.10 computes it),
+          alpha = ``beta_dist_alpha``, beta = ``beta_dist_beta``, both 0.6 by default (A1111's options).
 
-        sigma_min/sigma_max default to the model's (as A1111 uses them for karras/exponential).
+        sigma_min/sigma_max default to the model's (as A1111 uses them for karras/exponential/beta).
 
         >>> DiscreteSchedule().get_sigmas(4, "karras").tolist()[-1]
         0.0
@@ -264,6 +275,18 @@ class DiscreteSchedule:
             # The ramp's n + 1-th point would be sigma_min itself; A1111 stops there (leaving sigma_min of noise),
             # ComfyUI replaces it by 0 as every other schedule ends. The latter is done here.
             sigmas = torch.tan(i / n * a_min + (1.0 - i / n) * a_max)
+        elif kind == "beta":
+            a = BETA_DIST_ALPHA if beta_dist_alpha is None else float(beta_dist_alpha)
+            b = BETA_DIST_BETA if beta_dist_beta is None else float(beta_dist_beta)
+            if not (a > 0 and b > 0 and math.isfinite(a) and math.isfinite(b)):
+                raise ArgumentError(f"the Beta schedule's beta_dist_alpha and beta_dist_beta must be positive "
+                                    f"numbers (A1111's default: 0.6), got {a} and {b}")
+            # A1111 maps the quantiles linearly onto [sigma_min, sigma_max], not onto timesteps as the paper and
+            # ComfyUI do (A1111's dev branch switched to timesteps in PR #16926, 2025, in no release yet);
+            # t = 1 has u = 1 (sigma_max first), t = 0 has u = 0 (sigma_min last, then 0). float64, as scipy.
+            t = 1.0 - np.linspace(0.0, 1.0, n)
+            u = torch.tensor([beta_ppf(q, a, b) for q in t.tolist()], dtype=f64)
+            sigmas = lo + u * (hi - lo)
         elif kind == "align_your_steps":
             ays = torch.tensor(AYS_SD15, dtype=f64)
             if n != len(AYS_SD15):

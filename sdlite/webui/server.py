@@ -635,6 +635,9 @@ class Engine:
         extra: dict[str, Any] = {"Schedule type": written["Schedule type"]} if "Schedule type" in written else {}
         if "Eta" in written:
             extra["Eta"] = req.eta  # a number, as A1111's p.extra_generation_params["Eta"] = p.eta
+        for key in ("Beta schedule alpha", "Beta schedule beta"):  # numbers too: A1111's option values
+            if key in written:
+                extra[key] = float(written[key])
         info = {  # A1111's Processed.js(), key for key
             "prompt": req.prompt, "all_prompts": [req.prompt] * n,
             "negative_prompt": req.negative_prompt, "all_negative_prompts": [req.negative_prompt] * n,
@@ -684,7 +687,7 @@ def _clip_skip(value: Any) -> int:
 # =============================================================================================
 
 # A1111's schedulers list: which ones need the model's own sigmas ("need_inner_model").
-_NEEDS_INNER_MODEL = {"sgm_uniform", "simple", "normal", "ddim"}
+_NEEDS_INNER_MODEL = {"sgm_uniform", "simple", "normal", "ddim", "beta"}
 
 
 def create_app(ckpt_dir: str | Path | None = DEFAULT_CKPT_DIR, ckpt: str | Path | None = None,
