@@ -251,3 +251,14 @@ def test_pipeline_img2img_with_unipc_runs_the_strength_share_of_the_steps(pipe):
                        callback=lambda i, t, x: seen.append(t))
     assert len(out) == 1 and seen == pytest.approx([401.0 * (1 - i / 5) for i in range(5)])
     assert parse_infotext(out.infotexts[0])["Sampler"] == "UniPC"
+
+
+def test_web_ui_lists_unipc_as_a1111_does(tmp_path):
+    """A1111's /sdapi/v1/samplers entry: ('UniPC', sd_samplers_timesteps_impl.unipc, ['unipc'], {})."""
+    from fastapi.testclient import TestClient
+
+    from sdlite.webui.server import create_app
+
+    samplers = TestClient(create_app(tmp_path)).get("/sdapi/v1/samplers").json()
+    assert {"name": "UniPC", "aliases": ["unipc"], "options": {}} in samplers
+    assert [s["name"] for s in samplers].index("UniPC") == [s["name"] for s in samplers].index("PLMS") + 1
