@@ -399,7 +399,7 @@ def test_denoiser_rejects_unknown_prediction_types():
 # -- the registry -------------------------------------------------------------------------------------------
 
 A1111_LABELS = ["DPM++ 2M", "DPM++ SDE", "DPM++ 2M SDE", "DPM++ 2M SDE Heun", "DPM++ 2S a", "DPM++ 3M SDE",
-                "Euler a", "Euler", "LMS", "Heun", "DPM2", "DPM2 a", "DDIM", "PLMS", "DDPM"]
+                "Euler a", "Euler", "LMS", "Heun", "DPM2", "DPM2 a", "DDIM", "PLMS", "UniPC", "DDPM"]
 
 
 def test_sampler_list_is_in_a1111_order_with_a1111_labels():

@@ -12,9 +12,9 @@ with and its prediction type:
       eps model:  x0 = x - sigma * eps(c_in x, t)
       v model:    x0 = c_skip x + c_out v(c_in x, t),  c_skip = 1 / (sigma^2 + 1),  c_out = -sigma / sqrt(sigma^2 + 1)
 
-- VP space (DDIM, PLMS, DDPM): ``denoiser.eps(x_t, t)`` with integer t; a v model's output is turned
-  into eps with eps = sqrt(alphabar) v + sqrt(1 - alphabar) x_t (Salimans & Ho 2022, section 4), and
-  ``pred_x0`` inverts DDPM eq. 4.
+- VP space (DDIM, PLMS, DDPM, UniPC): ``denoiser.eps(x_t, t)`` with integer t (fractional for UniPC); a v
+  model's output is turned into eps with eps = sqrt(alphabar) v + sqrt(1 - alphabar) x_t (Salimans & Ho
+  2022, section 4), and ``pred_x0`` inverts DDPM eq. 4.
 
 ``model_fn`` always gets ``x_in`` in float32 (or float64 if x is) and ``t`` as a float32 ``[B]``
 tensor; it may compute in half precision — its output is upcast before any update.
@@ -72,15 +72,20 @@ class Denoiser:
 
     # -- VP space -----------------------------------------------------------------------------------
 
-    def eps(self, x_t: torch.Tensor, t: int | torch.Tensor) -> torch.Tensor:
-        """The predicted noise of ``x_t = sqrt(a) x0 + sqrt(1 - a) eps`` at integer timestep(s) ``t``."""
+    def eps(self, x_t: torch.Tensor, t: float | torch.Tensor) -> torch.Tensor:
+        """The predicted noise of ``x_t = sqrt(a) x0 + sqrt(1 - a) eps`` at timestep(s) ``t``.
+
+        DDIM, PLMS and DDPM pass integer timesteps; UniPC fractional ones, which reach the model unrounded.
+        For a v model the conversion then reads alphabar at the integer part of t, as A1111's
+        ``CompVisTimestepsVDenoiser`` does (``alphas_cumprod[t.to(int)]``)."""
         dtype = torch.promote_types(x_t.dtype, torch.float32)
         x_t = x_t.to(dtype)
-        t = self._timesteps(t, x_t.shape[0])
+        t = torch.as_tensor(t, dtype=torch.float64).detach().cpu()
+        t = t.expand(x_t.shape[0]) if t.ndim == 0 else t.reshape(x_t.shape[0])
         out = self.model_fn(x_t, to_device(t, x_t.device, torch.float32)).to(dtype)
         if self.prediction == "eps":
             return out
-        a = self.schedule.alphas_cumprod[t]  # float64; square roots taken before the cast
+        a = self.schedule.alphas_cumprod[t.floor().long()]  # float64; square roots taken before the cast
         return self._per_sample(a.sqrt(), x_t) * out + self._per_sample((1.0 - a).sqrt(), x_t) * x_t
 
     def pred_x0(self, x_t: torch.Tensor, t: int | torch.Tensor, eps: torch.Tensor) -> torch.Tensor:

@@ -20,7 +20,7 @@ from typing import Any, Callable, Literal
 import torch
 
 from ..errors import ArgumentError, SamplerError
-from . import ddim, ddpm, k_samplers as k
+from . import ddim, ddpm, k_samplers as k, unipc
 from .denoiser import Denoiser
 from .schedule import SCHEDULES, DiscreteSchedule, get_schedule_name
 
@@ -32,7 +32,8 @@ class Sampler:
     """One sampler. ``fn(denoiser, x, levels, *, generator, callback, eta) -> x``.
 
     ``family``: ``"k"`` works on sigmas (``levels`` = ``[n + 1]`` decreasing sigmas ending in 0);
-    ``"timestep"`` on integer timesteps in the VP space (``levels`` = ``[n]`` decreasing timesteps).
+    ``"timestep"`` on integer timesteps in the VP space (``levels`` = ``[n]`` decreasing timesteps; UniPC's
+    are fractional).
     ``default_schedule`` is what A1111's "Automatic" schedule means for this sampler."""
 
     id: str
@@ -46,6 +47,7 @@ class Sampler:
     uses_eta: bool = False             # eta scales the noise its steps add (A1111 records a non-default eta)
     second_order: bool = False         # two network calls per step
     discard_penultimate: bool = False  # A1111 "discard_next_to_last_sigma": steps + 1 sigmas, the second last dropped
+    time_uniform: bool = False         # timestep family, on A1111's UniPC grid instead of DDIM's timesteps
     a1111_options: tuple[tuple[str, Any], ...] = ()  # the "options" of A1111's /sdapi/v1/samplers
 
     @property
@@ -63,6 +65,10 @@ class Sampler:
         ``t_enc = int(min(strength, 0.999) * steps)``: k samplers ``sigmas[steps - t_enc - 1:]`` (t_enc + 1
         steps), timestep samplers the last ``max(t_enc, 1)`` timesteps.
 
+        :attr:`time_uniform` (UniPC): A1111 hands UniPC only the *number* of those DDIM timesteps, n, and its
+        start (txt2img: T - 1; img2img: the highest timestep kept); UniPC steps time-uniformly from there to
+        0. The levels are then the n fractional step starts, float64: linspace(start, 0, n + 1)[:-1].
+
         >>> get_sampler("Euler").levels(DiscreteSchedule(), 20, strength=0.5).shape
         torch.Size([12])
         """
@@ -75,7 +81,11 @@ class Sampler:
         t_enc = int(min(strength, 0.999) * steps)
         if self.family == "timestep":
             ts = schedule.ddim_timesteps(steps)
-            return ts if strength >= 1.0 else ts[-max(t_enc, 1):]
+            ts = ts if strength >= 1.0 else ts[-max(t_enc, 1):]
+            if not self.time_uniform:
+                return ts
+            start = float(schedule.num_timesteps - 1) if strength >= 1.0 else float(ts[0])
+            return torch.linspace(start, 0.0, len(ts) + 1, dtype=torch.float64)[:-1]
         if name == "automatic":
             name = self.default_schedule
         n = steps + 1 if self.discard_penultimate else steps
@@ -140,6 +150,7 @@ SAMPLERS: tuple[Sampler, ...] = (
             a1111_options=(("scheduler", "karras"), ("discard_next_to_last_sigma", True), ("uses_ensd", True))),
     Sampler("ddim", "DDIM", ddim.sample_ddim, family="timestep", default_eta=0.0, uses_eta=True),
     Sampler("plms", "PLMS", ddim.sample_plms, family="timestep", default_eta=0.0),
+    Sampler("unipc", "UniPC", unipc.sample_unipc, family="timestep", default_eta=0.0, time_uniform=True),
     # Not in A1111; the original ancestral sampler of the DDPM paper, on DDIM's strided timesteps.
     Sampler("ddpm", "DDPM", ddpm.sample_ddpm, family="timestep", stochastic=True),
 )

@@ -1,0 +1,145 @@
+"""UniPC (Zhao, Bai, Rao, Zhou & Lu 2023, "UniPC: A Unified Predictor-Corrector Framework for Fast Sampling of
+Diffusion Models", arXiv:2302.04867), multistep, in the data-prediction (x0) form, as the AUTOMATIC1111 web UI
+runs it (its "UniPC" sampler, with its default options: variant bh1, order 3, lower order final, time-uniform
+skip type).
+
+Signature, as the other timestep samplers (:mod:`sdlite.schedulers.ddim`)::
+
+    fn(denoiser, x, timesteps, *, generator=None, callback=None, eta=0.0, order=3, variant="bh1",
+       lower_order_final=True) -> x
+
+``x`` is x_t = alpha_t x0 + sigma_t eps at ``timesteps[0]``; ``timesteps`` are the decreasing model times each
+step starts from, fractional in general (:meth:`Sampler.levels` gives A1111's grid: time-uniform from T - 1, or
+for img2img from the highest DDIM timestep kept, down to 0, with as many steps as DDIM has timesteps); the
+last step ends at t = 0, as DDIM's does (x at alphabar_0, not the clean x0). ``eta`` and ``generator`` are
+unused: UniPC is deterministic. ``callback(i, t_i, x, denoised)`` after step i, where ``denoised`` is the newest
+x0 estimate (the model's, at the point the step reached; after the last step, which calls no model, the result
+itself); returning exactly ``False`` stops.
+
+The noise schedule between integer timesteps is DPM-Solver's discrete VP schedule, which A1111's UniPC uses:
+log alpha_t = ½ log alphabar is linear in t between the integers. The network gets the fractional t unrounded.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Literal
+
+import torch
+
+from .denoiser import Denoiser
+from .k_samplers import Callback, _stopped
+from .schedule import DiscreteSchedule
+
+
+def log_alpha(schedule: DiscreteSchedule, t: float) -> float:
+    """log alpha_t = ½ log alphabar_t at a fractional model time t, linear between integer timesteps.
+
+    This is the ``NoiseScheduleVP("discrete")`` of DPM-Solver and UniPC, whose continuous time
+    (n + 1) / N is A1111's model time n / 1000 shifted by 1/N; k-diffusion interpolates log sigma instead.
+
+    >>> s = DiscreteSchedule()
+    >>> round(log_alpha(s, 10.5), 12) == round(0.25 * math.log(s.alphas_cumprod[10] * s.alphas_cumprod[11]), 12)
+    True
+    """
+    half_log_abar = 0.5 * torch.log(schedule.alphas_cumprod)
+    t = min(max(float(t), 0.0), schedule.num_timesteps - 1.0)
+    lo = min(int(math.floor(t)), schedule.num_timesteps - 2)
+    w = t - lo
+    return (1.0 - w) * half_log_abar[lo].item() + w * half_log_abar[lo + 1].item()
+
+
+def unipc_coefficients(p: int, hh: float, variant: Literal["bh1", "bh2"]) -> tuple[float, list[float]]:
+    """B(h) and the right-hand side g_p(h) / B(h) of the order conditions R_p(h) a = g_p(h) / B(h) of UniC-p
+    (the paper's Section 3; UniP-p uses the first p - 1 of them).
+
+    ``hh`` = -h, the step in -lambda (the data-prediction form). g_k = hh phi_{k+1}(hh) k! for k = 1 .. p, with
+    phi_1(z) = (e^z - 1) / z and phi_{k+1}(z) = (phi_k(z) - 1/k!) / z; R_p[k][m] = r_m^k (k = 0 .. p - 1)
+    over r_m = (lambda_{s_m} - lambda_{s_0}) / h of the earlier points and r_p = 1 (see :func:`sample_unipc`).
+    B(h) = hh ("bh1") or e^hh - 1 ("bh2").
+
+    >>> B, b = unipc_coefficients(1, -0.1, "bh1")
+    >>> B, round(b[0], 6)                      # hh phi_2(hh) / hh, -> 1/2 as h -> 0
+    (-0.1, 0.483742)
+    """
+    if variant not in ("bh1", "bh2"):
+        raise ValueError(f"UniPC variant must be 'bh1' or 'bh2', got {variant!r}")
+    B = hh if variant == "bh1" else math.expm1(hh)
+    b, phi = [], math.expm1(hh) / hh  # phi_1(hh)
+    for k in range(1, p + 1):
+        phi = (phi - 1.0 / math.factorial(k)) / hh  # phi_{k+1}(hh)
+        b.append(hh * phi * math.factorial(k) / B)
+    return B, b
+
+
+def _solve(rs: list[float], b: list[float]) -> list[float]:
+    """a with sum_m rs[m]^k a[m] = b[k], k = 0 .. len(rs) - 1 (a Vandermonde system, at most 3 x 3)."""
+    R = torch.tensor([[r**k for r in rs] for k in range(len(rs))], dtype=torch.float64)
+    return torch.linalg.solve(R, torch.tensor(b, dtype=torch.float64)).tolist()
+
+
+@torch.no_grad()
+def sample_unipc(denoiser: Denoiser, x: torch.Tensor, timesteps: torch.Tensor, *,
+                 generator: torch.Generator | None = None, callback: Callback | None = None, eta: float = 0.0,
+                 order: int = 3, variant: Literal["bh1", "bh2"] = "bh1",
+                 lower_order_final: bool = True) -> torch.Tensor:
+    """UniPC-p, multistep, data prediction m = x0(x_t, t), in lambda = log(alpha_t / sigma_t). With
+    h = lambda_{t_i} - lambda_{t_{i-1}}, hh = -h, D_m = (m_{s_m} - m_{t_{i-1}}) / r_m over the previous points
+    s_m, and the coefficients a of :func:`unipc_coefficients`, step i is (the paper's Section 3, in the
+    data-prediction form)::
+
+        x_1     = sigma_{t_i} / sigma_{t_{i-1}} x_{t_{i-1}} - alpha_{t_i} (e^hh - 1) m_{t_{i-1}}   (DDIM / DPM-Solver-1)
+        UniP-p: x~_{t_i} = x_1 - alpha_{t_i} B(h) sum_{m < p} a^P_m D_m
+        UniC-p: x_{t_i}  = x_1 - alpha_{t_i} B(h) (sum_{m < p} a^C_m D_m + a^C_p (m(x~_{t_i}, t_i) - m_{t_{i-1}}))
+
+    One model call per step: the corrector's m(x~_{t_i}, t_i), at the *predicted* point, is also the history
+    value the next step uses (the paper's key to a free corrector). As A1111 (the UniPC authors' code) does:
+
+    - the first steps are warm-up steps of order 1, 2, ... (too few previous points), p = min(order, i);
+    - ``lower_order_final``: the last steps lower the order again, p = min(order, n + 1 - i), so the last
+      step is a first-order one;
+    - the last step has no corrector: its model call would only serve a next step;
+    - a^P = 1/2 for UniP-2 and a^C = 1/2 for UniC-1, the limits h -> 0 of the solved values, instead of the
+      solution of the order conditions.
+
+    A1111 refuses fewer steps than ``order`` (an assertion); here the order is lowered to the step count,
+    which is exactly what A1111 computes with its "UniPC order" option set to that count."""
+    x = x.to(torch.promote_types(x.dtype, torch.float32))
+    ts = [float(t) for t in (timesteps.tolist() if isinstance(timesteps, torch.Tensor) else timesteps)] + [0.0]
+    n = len(ts) - 1
+    order = max(1, min(int(order), n))
+    log_a = [log_alpha(denoiser.schedule, t) for t in ts]
+    alpha = [math.exp(la) for la in log_a]
+    sigma = [math.sqrt(-math.expm1(2.0 * la)) for la in log_a]  # sigma^2 = 1 - alpha^2 (variance preserving)
+    lam = [math.log(a / s) for a, s in zip(alpha, sigma)]
+
+    def data_prediction(x: torch.Tensor, j: int) -> torch.Tensor:
+        """x0 = (x_t - sigma_t eps) / alpha_t, DDPM eq. 4 solved for x0, at time point j."""
+        return (x - sigma[j] * denoiser.eps(x, ts[j])) / alpha[j]
+
+    # (time-point index, x0 estimate) of the last `order` points, newest last.
+    history: list[tuple[int, torch.Tensor]] = [(0, data_prediction(x, 0))]
+    for i in range(1, n + 1):
+        p = min(order, i, n + 1 - i) if lower_order_final else min(order, i)
+        prev, m_prev = history[-1]
+        h = lam[i] - lam[prev]
+        older = history[-p:-1][::-1]  # the p - 1 points before t_{i-1}, nearest first
+        rs = [(lam[j] - lam[prev]) / h for j, _ in older]
+        D = [(m_j - m_prev) / r for (_, m_j), r in zip(older, rs)]
+        B, b = unipc_coefficients(p, -h, variant)
+
+        x_1 = (sigma[i] / sigma[prev]) * x - (alpha[i] * math.expm1(-h)) * m_prev
+        a_p = [] if p == 1 else [0.5] if p == 2 else _solve(rs, b[:-1])
+        x_pred = x_1 - (alpha[i] * B) * sum((a * d for a, d in zip(a_p, D)), torch.zeros_like(x))
+        if i == n:
+            x, denoised = x_pred, x_pred
+        else:
+            m_i = data_prediction(x_pred, i)
+            a_c = [0.5] if p == 1 else _solve(rs + [1.0], b)
+            correction = sum((a * d for a, d in zip(a_c, D)), a_c[-1] * (m_i - m_prev))
+            x = x_1 - (alpha[i] * B) * correction
+            history = (history + [(i, m_i)])[-order:]
+            denoised = m_i
+        if _stopped(callback, i - 1, ts[i - 1], x, denoised):
+            break
+    return x
