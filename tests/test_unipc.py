@@ -21,6 +21,7 @@ import numpy as np
 import pytest
 import torch
 
+from sdlite.errors import ArgumentError
 from sdlite.infotext import parse_infotext
 from sdlite.schedulers import Denoiser, DiscreteSchedule, get_sampler, parse_sampler_and_schedule, sample_unipc
 from sdlite.schedulers.unipc import log_alpha
@@ -152,7 +153,7 @@ def test_other_orders_and_variants_match_diffusers(order, variant, lower_order_f
 
 
 def test_an_unknown_variant_is_rejected():
-    with pytest.raises(ValueError, match="bh1"):
+    with pytest.raises(ArgumentError, match="bh1"):
         sample_unipc(Denoiser(toy_model, SCHED, "eps"), start_noise(), torch.tensor([999.0, 500.0]), variant="bh3")
 
 

@@ -27,6 +27,7 @@ from typing import Literal
 
 import torch
 
+from ..errors import ArgumentError
 from .denoiser import Denoiser
 from .k_samplers import Callback, _stopped
 from .schedule import DiscreteSchedule
@@ -63,7 +64,7 @@ def unipc_coefficients(p: int, hh: float, variant: Literal["bh1", "bh2"]) -> tup
     (-0.1, 0.483742)
     """
     if variant not in ("bh1", "bh2"):
-        raise ValueError(f"UniPC variant must be 'bh1' or 'bh2', got {variant!r}")
+        raise ArgumentError(f"UniPC variant must be 'bh1' or 'bh2', got {variant!r}")
     B = hh if variant == "bh1" else math.expm1(hh)
     b, phi = [], math.expm1(hh) / hh  # phi_1(hh)
     for k in range(1, p + 1):
