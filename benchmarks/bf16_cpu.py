@@ -15,7 +15,7 @@ This script measures, in one process, alternating the sides of each row:
 
 Not a test; nothing asserts. Usage (from the repository root)::
 
-    python benchmarks/bf16_cpu.py                     # SD1.5 size, ~25 min on 2 cores, ~12 GB RAM
+    python benchmarks/bf16_cpu.py                     # SD1.5 size, ~14 min on 2 cores, ~12 GB RAM
     python benchmarks/bf16_cpu.py --size tiny --repeats 1 --out /tmp/bf16.md   # smoke run
 """
 
