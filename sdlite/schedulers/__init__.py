@@ -13,7 +13,8 @@
   schedules ``get_sigmas`` and ``ddim_timesteps``) and the A1111 schedule names;
 - :mod:`.beta_dist`: the Beta distribution's CDF and quantile function (for the "Beta" schedule, without scipy);
 - :mod:`.denoiser`: :class:`Denoiser`, eps/v output → x0 (sigma space) or eps (VP space);
-- :mod:`.k_samplers`: Euler, Euler a, Heun, LMS, DPM2, DPM2 a, DPM++ 2M / 2M SDE / 3M SDE / 2S a / SDE;
+- :mod:`.k_samplers`: Euler, Euler a, Heun, LMS, DPM2, DPM2 a, DPM++ 2M / 2M SDE / 3M SDE / 2S a / SDE, LCM's step;
+- :mod:`.lcm`: A1111's LCM sampler (the consistency wrapper and LCM's 50-timestep grid);
 - :mod:`.ddim`, :mod:`.ddpm`: DDIM, PLMS, DDPM in the VP space with integer timesteps;
 - :mod:`.unipc`: UniPC in the VP space, on A1111's time-uniform fractional timesteps;
 - :mod:`.registry`: :class:`Sampler`, :data:`SAMPLERS`, :func:`get_sampler`, :func:`parse_sampler_and_schedule`.
@@ -24,6 +25,7 @@ from .ddpm import sample_ddpm
 from .denoiser import Denoiser
 from .k_samplers import (
     get_ancestral_step,
+    heun_step,
     lms_coefficient,
     sample_dpm_2,
     sample_dpm_2_ancestral,
@@ -36,8 +38,10 @@ from .k_samplers import (
     sample_euler,
     sample_euler_ancestral,
     sample_heun,
+    sample_lcm,
     sample_lms,
 )
+from .lcm import LCMDenoiser, lcm_sigmas, sample_lcm_a1111
 from .registry import SAMPLERS, Sampler, get_sampler, parse_sampler_and_schedule
 from .schedule import SCHEDULE_LABELS, SCHEDULES, DiscreteSchedule, ScheduleType, get_schedule_name, schedule_label
 from .unipc import sample_unipc
@@ -49,6 +53,6 @@ __all__ = [
     "sample_euler", "sample_euler_ancestral", "sample_heun", "sample_lms", "sample_dpm_2", "sample_dpm_2_ancestral",
     "sample_dpmpp_2m", "sample_dpmpp_2m_sde", "sample_dpmpp_2m_sde_heun", "sample_dpmpp_3m_sde",
     "sample_dpmpp_2s_ancestral", "sample_dpmpp_sde", "sample_ddim", "sample_plms", "sample_ddpm",
-    "sample_unipc",
-    "get_ancestral_step", "lms_coefficient",
+    "sample_unipc", "sample_lcm", "sample_lcm_a1111", "LCMDenoiser", "lcm_sigmas",
+    "get_ancestral_step", "heun_step", "lms_coefficient",
 ]

@@ -53,13 +53,18 @@ class Denoiser:
 
     # -- sigma space --------------------------------------------------------------------------------
 
-    def __call__(self, x: torch.Tensor, sigma: torch.Tensor | float) -> torch.Tensor:
-        """The denoised estimate x0 of ``x = x0 + sigma * eps`` (``[B, C, H, W]``, sigma a float, 0-d or ``[B]``)."""
+    def __call__(self, x: torch.Tensor, sigma: torch.Tensor | float,
+                 t: torch.Tensor | float | None = None) -> torch.Tensor:
+        """The denoised estimate x0 of ``x = x0 + sigma * eps`` (``[B, C, H, W]``, sigma a float, 0-d or ``[B]``).
+
+        ``t``, the time the network is told, is ``sigma_to_t(sigma)`` unless given: A1111's LCM sampler
+        (:mod:`.lcm`) tells the network the nearest of its 50 distilled timesteps instead."""
         dtype = torch.promote_types(x.dtype, torch.float32)
         x = x.to(dtype)
         sigma = torch.as_tensor(sigma, dtype=torch.float64).detach().cpu()
         sigma = sigma.expand(x.shape[0]) if sigma.ndim == 0 else sigma.reshape(x.shape[0])
-        t = to_device(self.schedule.sigma_to_t(sigma), x.device, torch.float32)
+        t = self.schedule.sigma_to_t(sigma) if t is None else torch.as_tensor(t, dtype=torch.float64).cpu()
+        t = to_device(t.expand(x.shape[0]) if t.ndim == 0 else t.reshape(x.shape[0]), x.device, torch.float32)
         per_sample = self._per_sample  # float64 [B] -> [B, 1, 1, 1] in x's dtype, on x's device
 
         c_in = per_sample(1.0 / (sigma**2 + 1.0).sqrt(), x)

@@ -120,6 +120,27 @@ def sample_euler_ancestral(denoiser: Denoiser, x: torch.Tensor, sigmas: torch.Te
     return x
 
 
+@torch.no_grad()
+def sample_lcm(denoiser: Denoiser, x: torch.Tensor, sigmas: torch.Tensor, *, generator: torch.Generator | None = None,
+               callback: Callback | None = None, eta: float = 1.0) -> torch.Tensor:
+    """Multistep consistency sampling (Song et al. 2023, "Consistency Models", Algorithm 1; Luo et al. 2023,
+    "Latent Consistency Models", Algorithm 1) in sigma space: jump to the clean estimate, then noise it afresh
+    to the next level,
+
+        x_{i+1} = D(x_i, sigma_i) + sigma_{i+1} z,   z ~ N(0, I),
+
+    and at sigma_{i+1} = 0 return D itself. The new noise replaces x_i's instead of continuing it, which is why
+    it needs a model distilled for such jumps (an LCM); A1111's "LCM" runs it with the consistency wrapper of
+    :mod:`.lcm`. ``eta`` is unused (A1111 has none for it)."""
+    x, s = _start(x, sigmas)
+    for i in range(len(s) - 1):
+        denoised = denoiser(x, s[i])
+        x = denoised + s[i + 1] * randn_like(denoised, generator) if s[i + 1] > 0 else denoised
+        if _stopped(callback, i, s[i], x, denoised):
+            break
+    return x
+
+
 # -- second order (two network calls per step) --------------------------------------------------------
 
 @torch.no_grad()
@@ -129,18 +150,23 @@ def sample_heun(denoiser: Denoiser, x: torch.Tensor, sigmas: torch.Tensor, *, ge
     The step to sigma = 0 is an Euler step (the second derivative would divide by 0)."""
     x, s = _start(x, sigmas)
     for i in range(len(s) - 1):
-        denoised = denoiser(x, s[i])
-        d = to_d(x, s[i], denoised)
-        dt = s[i + 1] - s[i]
-        if s[i + 1] == 0:
-            x = x + d * dt
-        else:
-            x_2 = x + d * dt
-            d_2 = to_d(x_2, s[i + 1], denoiser(x_2, s[i + 1]))
-            x = x + (d + d_2) / 2 * dt
+        x, denoised = heun_step(denoiser, x, s[i], s[i + 1])
         if _stopped(callback, i, s[i], x, denoised):
             break
     return x
+
+
+def heun_step(denoiser: Denoiser, x: torch.Tensor, sigma: float, sigma_next: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """One step of :func:`sample_heun` from ``sigma`` to ``sigma_next``: (new x, the denoised estimate at sigma).
+    Two network calls, one for the step to sigma = 0 (an Euler step there)."""
+    denoised = denoiser(x, sigma)
+    d = to_d(x, sigma, denoised)
+    dt = sigma_next - sigma
+    if sigma_next == 0:
+        return x + d * dt, denoised
+    x_2 = x + d * dt
+    d_2 = to_d(x_2, sigma_next, denoiser(x_2, sigma_next))
+    return x + (d + d_2) / 2 * dt, denoised
 
 
 @torch.no_grad()

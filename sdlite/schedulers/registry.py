@@ -20,7 +20,7 @@ from typing import Any, Callable, Literal
 import torch
 
 from ..errors import ArgumentError, SamplerError
-from . import ddim, ddpm, k_samplers as k, unipc
+from . import ddim, ddpm, k_samplers as k, lcm, unipc
 from .denoiser import Denoiser
 from .schedule import SCHEDULES, DiscreteSchedule, get_schedule_name
 
@@ -49,6 +49,9 @@ class Sampler:
     discard_penultimate: bool = False  # A1111 "discard_next_to_last_sigma": steps + 1 sigmas, the second last dropped
     time_uniform: bool = False         # timestep family, on A1111's UniPC grid instead of DDIM's timesteps
     a1111_options: tuple[tuple[str, Any], ...] = ()  # the "options" of A1111's /sdapi/v1/samplers
+    # The sigmas of a run, (schedule, n, schedule id) -> [n + 1], where they are not the model's: LCM's grid.
+    sigmas_fn: Callable[[DiscreteSchedule, int, str], torch.Tensor] | None = field(default=None, repr=False,
+                                                                                  compare=False)
 
     @property
     def names(self) -> tuple[str, ...]:
@@ -89,7 +92,7 @@ class Sampler:
         if name == "automatic":
             name = self.default_schedule
         n = steps + 1 if self.discard_penultimate else steps
-        sigmas = schedule.get_sigmas(n, name)
+        sigmas = schedule.get_sigmas(n, name) if self.sigmas_fn is None else self.sigmas_fn(schedule, n, name)
         if self.discard_penultimate:
             sigmas = torch.cat([sigmas[:-2], sigmas[-1:]])
         return sigmas if strength >= 1.0 else sigmas[steps - t_enc - 1:]
@@ -115,7 +118,7 @@ class Sampler:
         return self.fn(denoiser, x, levels, generator=generator, callback=callback, eta=eta)
 
 
-# In the order of the A1111 sampler list (modules/sd_samplers_kdiffusion.py, then the timestep samplers).
+# In the order of the A1111 sampler list (modules/sd_samplers_kdiffusion.py, the timestep samplers, then LCM).
 SAMPLERS: tuple[Sampler, ...] = (
     Sampler("dpmpp_2m", "DPM++ 2M", k.sample_dpmpp_2m, aliases=("k_dpmpp_2m",), default_schedule="karras",
             a1111_options=(("scheduler", "karras"),)),
@@ -151,6 +154,7 @@ SAMPLERS: tuple[Sampler, ...] = (
     Sampler("ddim", "DDIM", ddim.sample_ddim, family="timestep", default_eta=0.0, uses_eta=True),
     Sampler("plms", "PLMS", ddim.sample_plms, family="timestep", default_eta=0.0),
     Sampler("unipc", "UniPC", unipc.sample_unipc, family="timestep", default_eta=0.0, time_uniform=True),
+    Sampler("lcm", "LCM", lcm.sample_lcm_a1111, aliases=("k_lcm",), stochastic=True, sigmas_fn=lcm.lcm_sigmas),
     # Not in A1111; the original ancestral sampler of the DDPM paper, on DDIM's strided timesteps.
     Sampler("ddpm", "DDPM", ddpm.sample_ddpm, family="timestep", stochastic=True),
 )
