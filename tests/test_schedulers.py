@@ -399,7 +399,7 @@ def test_denoiser_rejects_unknown_prediction_types():
 # -- the registry -------------------------------------------------------------------------------------------
 
 A1111_LABELS = ["DPM++ 2M", "DPM++ SDE", "DPM++ 2M SDE", "DPM++ 2M SDE Heun", "DPM++ 2S a", "DPM++ 3M SDE",
-                "Euler a", "Euler", "LMS", "Heun", "DPM2", "DPM2 a", "DDIM", "PLMS", "UniPC", "LCM", "DDPM"]
+                "Euler a", "Euler", "LMS", "Heun", "DPM2", "DPM2 a", "Restart", "DDIM", "PLMS", "UniPC", "LCM", "DDPM"]
 
 
 def test_sampler_list_is_in_a1111_order_with_a1111_labels():
@@ -729,7 +729,7 @@ def test_sampler_maps_noise_to_gaussian_data_of_the_right_scale(sampler):
     levels = sampler.levels(SCHED, 500 if sampler.id in FIRST_ORDER else 30)
     out = sampler.sample(den, noise, levels, generator=torch.Generator().manual_seed(1))
     assert out.std().item() == pytest.approx(s, rel=0.04), sampler.id
-    if sampler.id in ("ddpm", "lcm"):  # no deterministic member (their noise does not scale with eta)
+    if sampler.id in ("ddpm", "lcm", "restart"):  # no deterministic member (their noise does not scale with eta)
         return
     if sampler.stochastic:
         out = sampler.sample(den, noise, levels, eta=0.0)

@@ -15,6 +15,7 @@
 - :mod:`.denoiser`: :class:`Denoiser`, eps/v output → x0 (sigma space) or eps (VP space);
 - :mod:`.k_samplers`: Euler, Euler a, Heun, LMS, DPM2, DPM2 a, DPM++ 2M / 2M SDE / 3M SDE / 2S a / SDE, LCM's step;
 - :mod:`.lcm`: A1111's LCM sampler (the consistency wrapper and LCM's 50-timestep grid);
+- :mod:`.restart`: Restart sampling (Heun with restarts), as A1111 runs it;
 - :mod:`.ddim`, :mod:`.ddpm`: DDIM, PLMS, DDPM in the VP space with integer timesteps;
 - :mod:`.unipc`: UniPC in the VP space, on A1111's time-uniform fractional timesteps;
 - :mod:`.registry`: :class:`Sampler`, :data:`SAMPLERS`, :func:`get_sampler`, :func:`parse_sampler_and_schedule`.
@@ -43,6 +44,7 @@ from .k_samplers import (
 )
 from .lcm import LCMDenoiser, lcm_sigmas, sample_lcm_a1111
 from .registry import SAMPLERS, Sampler, get_sampler, parse_sampler_and_schedule
+from .restart import restart_plan, sample_restart
 from .schedule import SCHEDULE_LABELS, SCHEDULES, DiscreteSchedule, ScheduleType, get_schedule_name, schedule_label
 from .unipc import sample_unipc
 
@@ -53,6 +55,6 @@ __all__ = [
     "sample_euler", "sample_euler_ancestral", "sample_heun", "sample_lms", "sample_dpm_2", "sample_dpm_2_ancestral",
     "sample_dpmpp_2m", "sample_dpmpp_2m_sde", "sample_dpmpp_2m_sde_heun", "sample_dpmpp_3m_sde",
     "sample_dpmpp_2s_ancestral", "sample_dpmpp_sde", "sample_ddim", "sample_plms", "sample_ddpm",
-    "sample_unipc", "sample_lcm", "sample_lcm_a1111", "LCMDenoiser", "lcm_sigmas",
+    "sample_unipc", "sample_lcm", "sample_lcm_a1111", "LCMDenoiser", "lcm_sigmas", "sample_restart", "restart_plan",
     "get_ancestral_step", "heun_step", "lms_coefficient",
 ]

@@ -20,7 +20,7 @@ from typing import Any, Callable, Literal
 import torch
 
 from ..errors import ArgumentError, SamplerError
-from . import ddim, ddpm, k_samplers as k, lcm, unipc
+from . import ddim, ddpm, k_samplers as k, lcm, restart, unipc
 from .denoiser import Denoiser
 from .schedule import SCHEDULES, DiscreteSchedule, get_schedule_name
 
@@ -151,6 +151,8 @@ SAMPLERS: tuple[Sampler, ...] = (
     Sampler("dpm2_a", "DPM2 a", k.sample_dpm_2_ancestral, aliases=("k_dpm_2_a", "dpm_2_ancestral"),
             default_schedule="karras", stochastic=True, uses_eta=True, second_order=True, discard_penultimate=True,
             a1111_options=(("scheduler", "karras"), ("discard_next_to_last_sigma", True), ("uses_ensd", True))),
+    Sampler("restart", "Restart", restart.sample_restart, default_schedule="karras",
+            stochastic=True, second_order=True, a1111_options=(("scheduler", "karras"), ("second_order", True))),
     Sampler("ddim", "DDIM", ddim.sample_ddim, family="timestep", default_eta=0.0, uses_eta=True),
     Sampler("plms", "PLMS", ddim.sample_plms, family="timestep", default_eta=0.0),
     Sampler("unipc", "UniPC", unipc.sample_unipc, family="timestep", default_eta=0.0, time_uniform=True),
