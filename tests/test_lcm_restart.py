@@ -93,6 +93,7 @@ def test_lcm_automatic_sigmas_interpolate_log_sigma_between_the_50_lcm_timesteps
         got = get_sampler("LCM").levels(SCHED, n)
         np.testing.assert_allclose(got[:-1].double().numpy(), ref, rtol=1e-6)
         assert got[-1].item() == 0.0
+        assert torch.equal(get_sampler("LCM").levels(SCHED, n, "Uniform"), got)  # A1111: the denoiser's own too
     # A named schedule with a range spans the LCM grid's sigmas [sigma(19), sigma(999)].
     k = lcm_sigmas(SCHED, 6, "karras")
     assert k[0].item() == pytest.approx(grid_sigmas[-1], rel=1e-6) and k[-2].item() == pytest.approx(grid_sigmas[0],

@@ -84,10 +84,10 @@ def lcm_sigmas(schedule: DiscreteSchedule, n: int, kind: str = "automatic",
                original_steps: int = ORIGINAL_STEPS) -> torch.Tensor:
     """The ``n + 1`` float32 sigmas (ending in 0) of an ``n``-step A1111 LCM run with schedule ``kind``.
 
-    "automatic": the grid index u = linspace(N - 1, 0, n) (t = 999 ... 19), log sigma interpolated linearly
-    between neighbouring grid sigmas. Karras, exponential and the other schedules that take a range span the
+    "automatic" and "uniform" (A1111's Uniform is its denoiser's own schedule too): the grid index
+    u = linspace(N - 1, 0, n) (t = 999 ... 19), log sigma interpolated linearly between neighbouring grid sigmas. Karras, exponential and the other schedules that take a range span the
     grid's sigmas, as A1111 hands them the LCM denoiser's sigma_min (at t = 19) and sigma_max (at t = 999).
-    The schedules A1111 computes from its denoiser's own timesteps (SGM Uniform, Simple, Normal, DDIM) are
+    The other schedules A1111 computes from its denoiser's timesteps (SGM Uniform, Simple, Normal, DDIM) are
     taken here from the model's 1000 timesteps: an approximation of A1111's.
 
     >>> s = DiscreteSchedule()
@@ -95,7 +95,7 @@ def lcm_sigmas(schedule: DiscreteSchedule, n: int, kind: str = "automatic",
     True
     """
     grid_log_sigmas = schedule.log_sigmas[lcm_timesteps(schedule, original_steps)]
-    if get_schedule_name(kind) != "automatic":
+    if get_schedule_name(kind) not in ("automatic", "uniform"):
         return schedule.get_sigmas(n, kind, sigma_min=float(grid_log_sigmas[0].exp()),
                                    sigma_max=float(grid_log_sigmas[-1].exp()))
     u = torch.linspace(original_steps - 1, 0, n, dtype=torch.float64)
