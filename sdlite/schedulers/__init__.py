@@ -14,6 +14,7 @@
 - :mod:`.beta_dist`: the Beta distribution's CDF and quantile function (for the "Beta" schedule, without scipy);
 - :mod:`.denoiser`: :class:`Denoiser`, eps/v output → x0 (sigma space) or eps (VP space);
 - :mod:`.k_samplers`: Euler, Euler a, Heun, LMS, DPM2, DPM2 a, DPM++ 2M / 2M SDE / 3M SDE / 2S a / SDE;
+- :mod:`.dpm_solver`: DPM fast and DPM adaptive (DPM-Solver, Lu et al. 2022) between two noise levels;
 - :mod:`.ddim`, :mod:`.ddpm`: DDIM, PLMS, DDPM in the VP space with integer timesteps;
 - :mod:`.unipc`: UniPC in the VP space, on A1111's time-uniform fractional timesteps;
 - :mod:`.registry`: :class:`Sampler`, :data:`SAMPLERS`, :func:`get_sampler`, :func:`parse_sampler_and_schedule`.
@@ -22,6 +23,7 @@
 from .ddim import sample_ddim, sample_plms
 from .ddpm import sample_ddpm
 from .denoiser import Denoiser
+from .dpm_solver import dpm_solver_adaptive, dpm_solver_fast, sample_dpm_adaptive, sample_dpm_fast
 from .k_samplers import (
     get_ancestral_step,
     lms_coefficient,
@@ -49,6 +51,6 @@ __all__ = [
     "sample_euler", "sample_euler_ancestral", "sample_heun", "sample_lms", "sample_dpm_2", "sample_dpm_2_ancestral",
     "sample_dpmpp_2m", "sample_dpmpp_2m_sde", "sample_dpmpp_2m_sde_heun", "sample_dpmpp_3m_sde",
     "sample_dpmpp_2s_ancestral", "sample_dpmpp_sde", "sample_ddim", "sample_plms", "sample_ddpm",
-    "sample_unipc",
+    "sample_unipc", "sample_dpm_fast", "sample_dpm_adaptive", "dpm_solver_fast", "dpm_solver_adaptive",
     "get_ancestral_step", "lms_coefficient",
 ]
