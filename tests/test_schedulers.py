@@ -399,7 +399,8 @@ def test_denoiser_rejects_unknown_prediction_types():
 # -- the registry -------------------------------------------------------------------------------------------
 
 A1111_LABELS = ["DPM++ 2M", "DPM++ SDE", "DPM++ 2M SDE", "DPM++ 2M SDE Heun", "DPM++ 2S a", "DPM++ 3M SDE",
-                "Euler a", "Euler", "LMS", "Heun", "DPM2", "DPM2 a", "Restart", "DDIM", "PLMS", "UniPC", "LCM", "DDPM"]
+                "Euler a", "Euler", "LMS", "Heun", "DPM2", "DPM2 a", "DPM fast", "DPM adaptive", "Restart", "DDIM",
+                "PLMS", "UniPC", "LCM", "DDPM"]
 
 
 def test_sampler_list_is_in_a1111_order_with_a1111_labels():
@@ -664,8 +665,9 @@ def test_seeded_generator_makes_stochastic_samplers_deterministic_and_seed_depen
     assert torch.equal(a, b) and not torch.allclose(a, c)
 
 
-@pytest.mark.parametrize("sampler", SAMPLERS, ids=lambda s: s.id)
+@pytest.mark.parametrize("sampler", [s for s in SAMPLERS if not s.endpoints_only], ids=lambda s: s.id)
 def test_callback_sees_every_step_and_false_stops_sampling(sampler):
+    """(DPM fast / DPM adaptive choose their own steps between the ends of the levels: tests/test_dpm_solver.py.)"""
     den = Denoiser(dummy_model, SCHED, "eps")
     levels = sampler.levels(SCHED, 6)
     n = len(levels) - 1 if sampler.family == "k" else len(levels)
@@ -720,9 +722,10 @@ def test_sampler_maps_noise_to_gaussian_data_of_the_right_scale(sampler):
     samples; the samplers' discretisation bias at 30 steps, 500 for the first-order ones — with independent
     instead of Brownian noises DPM++ SDE is 9 % off here). The deterministic samplers must moreover follow
     the exact probability-flow map, in sigma space x(sigma) = x(sigma_0) sqrt(s^2 + sigma^2) / sqrt(s^2 + sigma_0^2),
-    to 1 % of the largest value; so must the stochastic k samplers at eta = 0."""
-    if sampler.id == "lcm":  # its steps need a consistency function, not a denoiser: see tests/test_lcm_restart.py
-        return
+    to 1 % of the largest value; so must the stochastic k samplers at eta = 0 (DPM fast and DPM adaptive end at
+    sigma_min; DPM adaptive is held to its default rtol, 5 %: measured 2.8 %)."""
+    if sampler.id == "lcm":
+        pytest.skip("LCM's steps need a consistency function, not a denoiser: tests/test_lcm_restart.py tests it")
     s = 1.0
     den = Denoiser(gaussian_data_model(s), SCHED, "eps")
     noise = torch.randn(1, 1, 128, 128, generator=torch.Generator().manual_seed(0))
@@ -735,9 +738,11 @@ def test_sampler_maps_noise_to_gaussian_data_of_the_right_scale(sampler):
         out = sampler.sample(den, noise, levels, eta=0.0)
     if sampler.family == "k":  # from x = sigma_0 noise to sigma = 0
         sigma_0 = levels[0].item()
-        exact = noise * sigma_0 * s / math.sqrt(s**2 + sigma_0**2)
+        sigma_end = SCHED.sigma_min if sampler.endpoints_only else 0.0
+        exact = noise * sigma_0 * math.sqrt(s**2 + sigma_end**2) / math.sqrt(s**2 + sigma_0**2)
     else:  # VP: from x_t = noise at t_0 to x at t = 0 (x_k = x_vp sqrt(1 + sigma^2))
         sigma_0, sigma_end = SCHED.sigmas[int(levels[0])].item(), SCHED.sigma_min
         exact = (noise * math.sqrt(1 + sigma_0**2) * math.sqrt(s**2 + sigma_end**2) / math.sqrt(s**2 + sigma_0**2)
                  / math.sqrt(1 + sigma_end**2))
-    assert (out - exact).abs().max().item() < 0.01 * exact.abs().max().item()
+    tol = 0.05 if sampler.id == "dpm_adaptive" else 0.01
+    assert (out - exact).abs().max().item() < tol * exact.abs().max().item()

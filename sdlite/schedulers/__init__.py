@@ -14,8 +14,9 @@
 - :mod:`.beta_dist`: the Beta distribution's CDF and quantile function (for the "Beta" schedule, without scipy);
 - :mod:`.denoiser`: :class:`Denoiser`, eps/v output → x0 (sigma space) or eps (VP space);
 - :mod:`.k_samplers`: Euler, Euler a, Heun, LMS, DPM2, DPM2 a, DPM++ 2M / 2M SDE / 3M SDE / 2S a / SDE, LCM's step;
-- :mod:`.lcm`: A1111's LCM sampler (the consistency wrapper and LCM's 50-timestep grid);
+- :mod:`.dpm_solver`: DPM fast and DPM adaptive (DPM-Solver, Lu et al. 2022) between two noise levels;
 - :mod:`.restart`: Restart sampling (Heun with restarts), as A1111 runs it;
+- :mod:`.lcm`: A1111's LCM sampler (the consistency wrapper and LCM's 50-timestep grid);
 - :mod:`.ddim`, :mod:`.ddpm`: DDIM, PLMS, DDPM in the VP space with integer timesteps;
 - :mod:`.unipc`: UniPC in the VP space, on A1111's time-uniform fractional timesteps;
 - :mod:`.registry`: :class:`Sampler`, :data:`SAMPLERS`, :func:`get_sampler`, :func:`parse_sampler_and_schedule`.
@@ -24,6 +25,7 @@
 from .ddim import sample_ddim, sample_plms
 from .ddpm import sample_ddpm
 from .denoiser import Denoiser
+from .dpm_solver import dpm_solver_adaptive, dpm_solver_fast, sample_dpm_adaptive, sample_dpm_fast
 from .k_samplers import (
     get_ancestral_step,
     heun_step,
@@ -56,5 +58,6 @@ __all__ = [
     "sample_dpmpp_2m", "sample_dpmpp_2m_sde", "sample_dpmpp_2m_sde_heun", "sample_dpmpp_3m_sde",
     "sample_dpmpp_2s_ancestral", "sample_dpmpp_sde", "sample_ddim", "sample_plms", "sample_ddpm",
     "sample_unipc", "sample_lcm", "sample_lcm_a1111", "LCMDenoiser", "lcm_sigmas", "sample_restart", "restart_plan",
+    "sample_dpm_fast", "sample_dpm_adaptive", "dpm_solver_fast", "dpm_solver_adaptive",
     "get_ancestral_step", "heun_step", "lms_coefficient",
 ]

@@ -20,7 +20,7 @@ from typing import Any, Callable, Literal
 import torch
 
 from ..errors import ArgumentError, SamplerError
-from . import ddim, ddpm, k_samplers as k, lcm, restart, unipc
+from . import ddim, ddpm, dpm_solver, k_samplers as k, lcm, restart, unipc
 from .denoiser import Denoiser
 from .schedule import SCHEDULES, DiscreteSchedule, get_schedule_name
 
@@ -48,6 +48,7 @@ class Sampler:
     second_order: bool = False         # two network calls per step
     discard_penultimate: bool = False  # A1111 "discard_next_to_last_sigma": steps + 1 sigmas, the second last dropped
     time_uniform: bool = False         # timestep family, on A1111's UniPC grid instead of DDIM's timesteps
+    endpoints_only: bool = False       # A1111 passes only sigma_max, sigma_min, n (DPM fast/adaptive), see levels
     a1111_options: tuple[tuple[str, Any], ...] = ()  # the "options" of A1111's /sdapi/v1/samplers
     # The sigmas of a run, (schedule, n, schedule id) -> [n + 1], where they are not the model's: LCM's grid.
     sigmas_fn: Callable[[DiscreteSchedule, int, str], torch.Tensor] | None = field(default=None, repr=False,
@@ -72,6 +73,11 @@ class Sampler:
         start (txt2img: T - 1; img2img: the highest timestep kept); UniPC steps time-uniformly from there to
         0. The levels are then the n fractional step starts, float64: linspace(start, 0, n + 1)[:-1].
 
+        :attr:`endpoints_only` (DPM fast, DPM adaptive): the sampler uses only the first and the last nonzero
+        level and the count. A1111's txt2img passes them the model's sigma_max and sigma_min and n = steps
+        whatever the schedule type, so txt2img gives the model's own ("uniform") levels, which have exactly
+        those ends; img2img keeps the chosen schedule, whose cut ends A1111 passes.
+
         >>> get_sampler("Euler").levels(DiscreteSchedule(), 20, strength=0.5).shape
         torch.Size([12])
         """
@@ -91,6 +97,8 @@ class Sampler:
             return torch.linspace(start, 0.0, len(ts) + 1, dtype=torch.float64)[:-1]
         if name == "automatic":
             name = self.default_schedule
+        if self.endpoints_only and strength >= 1.0:
+            name = "uniform"
         n = steps + 1 if self.discard_penultimate else steps
         sigmas = schedule.get_sigmas(n, name) if self.sigmas_fn is None else self.sigmas_fn(schedule, n, name)
         if self.discard_penultimate:
@@ -151,6 +159,10 @@ SAMPLERS: tuple[Sampler, ...] = (
     Sampler("dpm2_a", "DPM2 a", k.sample_dpm_2_ancestral, aliases=("k_dpm_2_a", "dpm_2_ancestral"),
             default_schedule="karras", stochastic=True, uses_eta=True, second_order=True, discard_penultimate=True,
             a1111_options=(("scheduler", "karras"), ("discard_next_to_last_sigma", True), ("uses_ensd", True))),
+    Sampler("dpm_fast", "DPM fast", dpm_solver.sample_dpm_fast, aliases=("k_dpm_fast",), stochastic=True,
+            uses_eta=True, endpoints_only=True, a1111_options=(("uses_ensd", True),)),
+    Sampler("dpm_adaptive", "DPM adaptive", dpm_solver.sample_dpm_adaptive, aliases=("k_dpm_ad",), stochastic=True,
+            uses_eta=True, endpoints_only=True, a1111_options=(("uses_ensd", True),)),
     Sampler("restart", "Restart", restart.sample_restart, default_schedule="karras",
             stochastic=True, second_order=True, a1111_options=(("scheduler", "karras"), ("second_order", True))),
     Sampler("ddim", "DDIM", ddim.sample_ddim, family="timestep", default_eta=0.0, uses_eta=True),
