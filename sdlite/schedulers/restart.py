@@ -35,15 +35,10 @@ import torch
 
 from .denoiser import Denoiser
 from .k_samplers import Callback, _start, _stopped, heun_step, randn_like
+from .schedule import karras_sigmas
 
 SIGMA_RESTART_MIN = 0.1  # A1111's restart_list key: where the restart starts (t_min)
 SIGMA_RESTART_MAX = 2.0  # ... and the level it jumps back up to (t_max)
-
-
-def _karras(n: int, sigma_min: float, sigma_max: float, rho: float = 7.0) -> list[float]:
-    """Karras et al. 2022 eq. 5: n levels from sigma_max to sigma_min, without the final 0."""
-    hi, lo = sigma_max ** (1 / rho), sigma_min ** (1 / rho)
-    return [(hi + i / (n - 1) * (lo - hi)) ** rho for i in range(n)] if n > 1 else [sigma_max]
 
 
 def _nearest(levels: list[float], sigma: float) -> int:
@@ -63,13 +58,13 @@ def restart_plan(sigmas: torch.Tensor | list[float]) -> list[tuple[float, float]
     if steps < 20:
         return list(zip(s[:-1], s[1:]))
     restart_steps, restart_times = (steps // 4, 2) if steps >= 36 else (9, 1)
-    main = _karras(steps - restart_steps * restart_times, s[-2], s[0]) + [0.0]
+    main = karras_sigmas(steps - restart_steps * restart_times, s[-2], s[0]).tolist() + [0.0]
     i_min, i_max = _nearest(main, SIGMA_RESTART_MIN), _nearest(main, SIGMA_RESTART_MAX)
     plan = []
     for i in range(len(main) - 1):
         plan.append((main[i], main[i + 1]))
         if i + 1 == i_min and i_max < i_min:
-            ladder = _karras(restart_steps + 1, main[i_min], main[i_max])
+            ladder = karras_sigmas(restart_steps + 1, main[i_min], main[i_max]).tolist()
             plan += list(zip(ladder[:-1], ladder[1:])) * restart_times
     return plan
 

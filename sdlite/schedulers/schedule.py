@@ -118,6 +118,13 @@ def schedule_label(name: str | None) -> str:
     return SCHEDULE_LABELS[get_schedule_name(name)]
 
 
+def karras_sigmas(n: int, sigma_min: float, sigma_max: float, rho: float = 7.0) -> torch.Tensor:
+    """Karras et al. 2022 eq. 5: ``n`` levels (float64, no final 0) from ``sigma_max`` down to ``sigma_min``,
+    sigma_i = (max^(1/rho) + i/(n-1) (min^(1/rho) - max^(1/rho)))^rho; one level is ``[sigma_max]``."""
+    ramp = torch.linspace(0, 1, n, dtype=torch.float64)
+    return (sigma_max ** (1 / rho) + ramp * (sigma_min ** (1 / rho) - sigma_max ** (1 / rho))) ** rho
+
+
 class DiscreteSchedule:
     """The DDPM noise schedule of a Stable Diffusion model (float64 CPU tensors).
 
@@ -249,9 +256,7 @@ class DiscreteSchedule:
         if kind in ("automatic", "uniform"):
             sigmas = self.t_to_sigma(torch.linspace(self.num_timesteps - 1, 0, n, dtype=f64))
         elif kind == "karras":
-            r = 7.0 if rho is None else float(rho)
-            ramp = torch.linspace(0, 1, n, dtype=f64)
-            sigmas = (hi ** (1 / r) + ramp * (lo ** (1 / r) - hi ** (1 / r))) ** r
+            sigmas = karras_sigmas(n, lo, hi, 7.0 if rho is None else float(rho))
         elif kind == "exponential":
             sigmas = torch.linspace(math.log(hi), math.log(lo), n, dtype=f64).exp()
         elif kind == "polyexponential":
