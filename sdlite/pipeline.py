@@ -230,9 +230,7 @@ class Pipeline:
         spec = get_sampler(sampler)
         denoiser = Denoiser(self._model_fn(cond, uncond, guidance_scale), self.schedule, self.config.prediction)
         levels = spec.levels(self.schedule, steps, schedule, strength=strength)
-        n_steps = len(levels) - 1 if spec.family == "k" else len(levels)
-
-        bar = ProgressBar(n_steps, "sampling", enabled=progress)
+        bar = ProgressBar(spec.step_count(levels), "sampling", enabled=progress)
         stopped_at: list[torch.Tensor] = []
 
         def on_step(i: int, level: Any, x: torch.Tensor, denoised: torch.Tensor) -> Any:

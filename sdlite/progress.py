@@ -11,12 +11,14 @@ class ProgressBar:
     """``with ProgressBar(total, "sampling") as bar: bar.update(1, loss=0.1)``.
 
     Redraws at most 10 times a second; prints a final line with the total time.
-    Disabled (silent) when ``enabled`` is False.
+    Disabled (silent) when ``enabled`` is False. ``total`` None: a count without bar or time left (a loop
+    that decides its own length, such as DPM adaptive's steps).
     """
 
-    def __init__(self, total: int, desc: str = "", enabled: bool = True, stream: TextIO | None = None, width: int = 28,
+    def __init__(self, total: int | None, desc: str = "", enabled: bool = True, stream: TextIO | None = None, width: int = 28,
                  initial: int = 0):
-        self.total, self.desc, self.enabled, self.width = max(total, 1), desc, enabled, width
+        self.total = None if total is None else max(total, 1)
+        self.desc, self.enabled, self.width = desc, enabled, width
         self.stream = stream or sys.stderr
         self.n = self.initial = initial  # a resumed run starts part-way; the rate counts only new steps
         self.start = time.perf_counter()
@@ -40,10 +42,14 @@ class ProgressBar:
         if not self.enabled:
             return
         now = time.perf_counter()
-        if not force and now - self._last_draw < 0.1 and self.n < self.total:
+        if not force and now - self._last_draw < 0.1 and (self.total is None or self.n < self.total):
             return
         self._last_draw = now
         elapsed = now - self.start
+        if self.total is None:
+            self.stream.write(f"\r{self.desc} {self.n} [{elapsed:5.1f}s] {self.postfix}  ")
+            self.stream.flush()
+            return
         frac = min(self.n / self.total, 1.0)
         filled = int(frac * self.width)
         rate = (self.n - self.initial) / elapsed if elapsed > 0 else 0.0

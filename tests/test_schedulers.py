@@ -746,3 +746,35 @@ def test_sampler_maps_noise_to_gaussian_data_of_the_right_scale(sampler):
                  / math.sqrt(1 + sigma_end**2))
     tol = 0.05 if sampler.id == "dpm_adaptive" else 0.01
     assert (out - exact).abs().max().item() < tol * exact.abs().max().item()
+
+
+@pytest.mark.parametrize("steps", [1, 7, 20])
+@pytest.mark.parametrize("sampler", SAMPLERS, ids=lambda s: s.id)
+def test_step_count_is_the_number_of_callbacks_a_run_makes(sampler, steps):
+    # The progress bar's total (pipeline and web UI): DPM fast makes floor(n / 3) + 1 steps, DPM adaptive
+    # chooses its own (None), every other sampler one per level.
+    den = Denoiser(gaussian_data_model(1.0), SCHED, "eps")
+    levels = sampler.levels(SCHED, steps)
+    seen = []
+    sampler.sample(den, torch.randn(1, 1, 4, 4, generator=torch.Generator().manual_seed(0)), levels,
+                   generator=torch.Generator().manual_seed(1), callback=lambda i, *_: seen.append(i))
+    expected = sampler.step_count(levels)
+    if sampler.id == "dpm_adaptive":
+        assert expected is None and seen
+    else:
+        assert len(seen) == expected, (sampler.id, len(seen), expected)
+        if sampler.id == "dpm_fast":
+            assert expected == steps // 3 + 1
+
+
+def test_progress_bar_without_a_total_counts_steps_and_time():
+    import io
+
+    from sdlite.progress import ProgressBar
+
+    out = io.StringIO()
+    with ProgressBar(None, "sampling", stream=out) as bar:
+        for _ in range(3):
+            bar.update(1)
+    last = out.getvalue().rstrip("\n").split("\r")[-1]
+    assert last.startswith("sampling 3 [") and "/" not in last and "<" not in last

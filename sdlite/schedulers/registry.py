@@ -53,6 +53,15 @@ class Sampler:
     # The sigmas of a run, (schedule, n, schedule id) -> [n + 1], where they are not the model's: LCM's grid.
     sigmas_fn: Callable[[DiscreteSchedule, int, str], torch.Tensor] | None = field(default=None, repr=False,
                                                                                   compare=False)
+    # The number of steps (callbacks) of a run over n levels' worth of steps, where the sampler sets its own:
+    # DPM fast makes floor(n / 3) + 1 steps from n network calls; DPM adaptive decides as it goes (None).
+    steps_fn: Callable[[int], int | None] | None = field(default=None, repr=False, compare=False)
+
+    def step_count(self, levels: torch.Tensor) -> int | None:
+        """How many steps (so callbacks) a run over ``levels`` makes: a progress bar's total. None where
+        the sampler chooses its steps while it runs (DPM adaptive)."""
+        n = len(levels) - 1 if self.family == "k" else len(levels)
+        return n if self.steps_fn is None else self.steps_fn(n)
 
     @property
     def names(self) -> tuple[str, ...]:
@@ -160,9 +169,10 @@ SAMPLERS: tuple[Sampler, ...] = (
             default_schedule="karras", stochastic=True, uses_eta=True, second_order=True, discard_penultimate=True,
             a1111_options=(("scheduler", "karras"), ("discard_next_to_last_sigma", True), ("uses_ensd", True))),
     Sampler("dpm_fast", "DPM fast", dpm_solver.sample_dpm_fast, aliases=("k_dpm_fast",), stochastic=True,
-            uses_eta=True, endpoints_only=True, a1111_options=(("uses_ensd", True),)),
+            uses_eta=True, endpoints_only=True, a1111_options=(("uses_ensd", True),),
+            steps_fn=lambda n: len(dpm_solver.fast_orders(n))),
     Sampler("dpm_adaptive", "DPM adaptive", dpm_solver.sample_dpm_adaptive, aliases=("k_dpm_ad",), stochastic=True,
-            uses_eta=True, endpoints_only=True, a1111_options=(("uses_ensd", True),)),
+            uses_eta=True, endpoints_only=True, a1111_options=(("uses_ensd", True),), steps_fn=lambda n: None),
     Sampler("restart", "Restart", restart.sample_restart, default_schedule="karras",
             stochastic=True, second_order=True, a1111_options=(("scheduler", "karras"), ("second_order", True))),
     Sampler("ddim", "DDIM", ddim.sample_ddim, family="timestep", default_eta=0.0, uses_eta=True),

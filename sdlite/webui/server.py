@@ -574,7 +574,7 @@ class Engine:
             seed = random.randrange(4294967294) if req.seed == -1 else int(req.seed)
             strength = req.denoising_strength if job.kind == "img2img" else 1.0
             levels = job.sampler.levels(pipe.schedule, req.steps, job.schedule, strength=strength)
-            n_steps = len(levels) - 1 if job.sampler.family == "k" else len(levels)
+            n_steps = job.sampler.step_count(levels) or 0  # 0: unknown (DPM adaptive), progress counts whole jobs
 
             def callback(i: int, t: float, x: torch.Tensor) -> bool | None:
                 # The preview shows the latent in the variance-preserving form x_t = sqrt(abar) x0 + sqrt(1-abar) eps:
