@@ -8,14 +8,15 @@ This script measures, in one process, alternating the sides of each row:
 
 1. bf16 weights in both libraries: text encoder (batch 2 x 77) and one UNet step (batch 2, 32x32
    latent). diffusers' bf16 UNet call takes minutes here, so it runs ``--slow-repeats`` times (1).
-2. What bf16 weights cost against fp32 compute: one UNet step at 32x32 and 64x64 and a whole
-   txt2img (256x256, 10 Euler steps, CFG 7.5), sdlite bf16 against sdlite fp32 and diffusers fp32.
+2. What bf16 weights cost against fp32 compute: one UNet step at 32x32 and 64x64, a VAE decode at
+   64x64 latents and a whole txt2img (256x256, 10 Euler steps, CFG 7.5), sdlite bf16 against sdlite
+   fp32 and diffusers fp32.
    diffusers' bf16 txt2img is not run: it would take ten of its bf16 UNet steps (the report prints
    that product, marked as an extrapolation).
 
 Not a test; nothing asserts. Usage (from the repository root)::
 
-    python benchmarks/bf16_cpu.py                     # SD1.5 size, ~14 min on 2 cores, ~12 GB RAM
+    python benchmarks/bf16_cpu.py                     # SD1.5 size, ~18 min on 2 cores, ~12 GB RAM
     python benchmarks/bf16_cpu.py --size tiny --repeats 1 --out /tmp/bf16.md   # smoke run
 """
 
@@ -165,6 +166,22 @@ def main(argv: list[str] | None = None) -> None:
             notes.append(f"diffusers bf16 (part 1) / sdlite bf16 = {slow_unet / statistics.median(times['sdlite bf16']):.0f}")
         table.add(f"UNet step, batch 2, {hw}x{hw} latent", times,
                   [("sdlite bf16", "sdlite fp32"), ("sdlite bf16", "diffusers fp32")], notes)
+
+    z = torch.randn(1, cfg.vae.embed_dim, 64, 64, generator=torch.Generator().manual_seed(2))
+
+    def decode(vae: torch.nn.Module, dtype: torch.dtype, diffusers: bool) -> Callable[[], torch.Tensor]:
+        def call() -> torch.Tensor:
+            with torch.no_grad():
+                return vae.decode(z.to(dtype)).sample if diffusers else vae.decode(z.to(dtype))
+        return call
+
+    fns = {"sdlite bf16": decode(nets["vae"], BF16, False), "sdlite fp32": decode(nets32["vae"], FP32, False),
+           "diffusers fp32": decode(dnets32["vae"], FP32, True)}
+    times, last = bench.alternate(fns, 1, r)
+    table.add("VAE decode, 64x64 latent -> 512x512", times,
+              [("sdlite bf16", "sdlite fp32"), ("sdlite bf16", "diffusers fp32")],
+              [f"‖Δ‖/‖fp32‖ of sdlite bf16 = {rel_err(last['sdlite bf16'], last['sdlite fp32']):.1e}; diffusers bf16 "
+               "not run (about half an hour of PyTorch's reference bf16 convolutions)"])
 
     size = 256
     latents = torch.randn(1, cfg.vae.embed_dim, size // 8, size // 8, generator=torch.Generator().manual_seed(1))
