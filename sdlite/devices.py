@@ -16,8 +16,8 @@ Policy (measured, see benchmarks/RESULTS.md and benchmarks/RESULTS-cuda.md):
   loops: on this project's AVX2 machine 1.2 GFLOP/s for a bf16 matmul and 0.7 for a convolution,
   against 140-180 for fp32 matmuls (a 512x512 image would take hours). There sdlite's own
   convolutions and linear layers (:mod:`sdlite.ops`) compute half inputs in fp32 and round the
-  result back, which is the arithmetic of a native half kernel: bf16 weights then cost ~1.1-1.5x
-  the fp32 time for half the weight memory. ``"autocast"`` casts inside PyTorch's own kernels,
+  result back, which is the arithmetic of a native half kernel: bf16 weights then cost 0.92-1.15x
+  the fp32 time for half the weight memory (benchmarks/RESULTS-bf16-cpu.md). ``"autocast"`` casts inside PyTorch's own kernels,
   out of sdlite's reach, so on such a CPU it stays slow and warns.
 - Memory format: on CUDA the UNet's weights are channels-last (NHWC), the layout tensor-core
   convolutions use natively, so cuDNN skips its NCHW<->NHWC transposes around each conv. On an
