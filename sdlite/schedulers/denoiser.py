@@ -61,10 +61,9 @@ class Denoiser:
         (:mod:`.lcm`) tells the network the nearest of its 50 distilled timesteps instead."""
         dtype = torch.promote_types(x.dtype, torch.float32)
         x = x.to(dtype)
-        sigma = torch.as_tensor(sigma, dtype=torch.float64).detach().cpu()
-        sigma = sigma.expand(x.shape[0]) if sigma.ndim == 0 else sigma.reshape(x.shape[0])
-        t = self.schedule.sigma_to_t(sigma) if t is None else torch.as_tensor(t, dtype=torch.float64).cpu()
-        t = to_device(t.expand(x.shape[0]) if t.ndim == 0 else t.reshape(x.shape[0]), x.device, torch.float32)
+        sigma = self._per_batch(sigma, x.shape[0])
+        t = self.schedule.sigma_to_t(sigma) if t is None else self._per_batch(t, x.shape[0])
+        t = to_device(t, x.device, torch.float32)
         per_sample = self._per_sample  # float64 [B] -> [B, 1, 1, 1] in x's dtype, on x's device
 
         c_in = per_sample(1.0 / (sigma**2 + 1.0).sqrt(), x)
@@ -85,8 +84,7 @@ class Denoiser:
         ``CompVisTimestepsVDenoiser`` does (``alphas_cumprod[t.to(int)]``)."""
         dtype = torch.promote_types(x_t.dtype, torch.float32)
         x_t = x_t.to(dtype)
-        t = torch.as_tensor(t, dtype=torch.float64).detach().cpu()
-        t = t.expand(x_t.shape[0]) if t.ndim == 0 else t.reshape(x_t.shape[0])
+        t = self._per_batch(t, x_t.shape[0])
         out = self.model_fn(x_t, to_device(t, x_t.device, torch.float32)).to(dtype)
         if self.prediction == "eps":
             return out
@@ -95,14 +93,14 @@ class Denoiser:
 
     def pred_x0(self, x_t: torch.Tensor, t: int | torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
         """x0 = (x_t - sqrt(1 - a_t) eps) / sqrt(a_t), DDPM eq. 4 solved for x0 (DDIM eq. 12's "predicted x0")."""
-        t = self._timesteps(t, x_t.shape[0])
-        a = self.schedule.alphas_cumprod[t]
+        a = self.schedule.alphas_cumprod[self._per_batch(t, x_t.shape[0]).round().long()]
         return (x_t - self._per_sample((1.0 - a).sqrt(), x_t) * eps) / self._per_sample(a.sqrt(), x_t)
 
     @staticmethod
-    def _timesteps(t: int | torch.Tensor, batch: int) -> torch.Tensor:
-        t = torch.as_tensor(t).detach().cpu().round().long()
-        return t.expand(batch) if t.ndim == 0 else t.reshape(batch)
+    def _per_batch(v: float | torch.Tensor, batch: int) -> torch.Tensor:
+        """A float, 0-d or ``[B]`` sigma or timestep as a float64 ``[B]`` on the CPU (where the schedule lives)."""
+        v = torch.as_tensor(v, dtype=torch.float64).detach().cpu()
+        return v.expand(batch) if v.ndim == 0 else v.reshape(batch)
 
     @staticmethod
     def _per_sample(v: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
