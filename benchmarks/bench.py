@@ -72,6 +72,7 @@ sys.path.insert(0, str(ROOT / "tests"))  # factory.py: the seeded random weights
 
 from sdlite.checkpoint import DDPM_BUFFERS, SD1_POSITION_IDS, build_networks, state_dict_of  # noqa: E402
 from sdlite.config import SD1, ModelConfig, TextConfig, UNetConfig, VAEConfig  # noqa: E402
+import sdlite.ops as ops  # noqa: E402
 
 from factory import random_state_dict  # noqa: E402
 import winograd  # noqa: E402  (benchmarks/winograd.py: a measured experiment, not part of sdlite)
@@ -149,19 +150,27 @@ def bf16_conv_gflops() -> float:
     return 2 * 9 * 320 * 320 * 16 * 16 / (time.perf_counter() - t0) / 1e9
 
 
-def matmul_peak(dtype: torch.dtype, max_n: int, repeats: int = 5) -> tuple[float, int]:
-    """Best GFLOP/s of ``torch.mm`` on square ``dtype`` matrices, growing n up to ``max_n`` while one
-    product takes under ~0.5 s (so a slow emulated dtype does not stall the run). The run measures it
-    at its start and at its end and divides by the larger: a peak measured while the machine was busy
-    would flatter every "% of peak"."""
+def matmul_peak(dtype: torch.dtype, max_n: int, repeats: int = 5, backend: str = "torch.mm") -> tuple[float, int]:
+    """Best GFLOP/s of a square ``dtype`` matrix product, growing n up to ``max_n`` while one product
+    takes under ~0.5 s (so a slow emulated dtype does not stall the run). ``backend``: ``torch.mm``
+    (PyTorch's BLAS: MKL on x86) or ``oneDNN`` (its GEMM, which sdlite's fp32 linear layers and
+    small-map convolutions use, ``sdlite.ops``). The run measures both at its start and at its end
+    and divides by the largest: a peak measured while the machine was busy, or on the slower
+    library, would flatter every "% of peak"."""
+    if backend == "oneDNN":
+        if not ops.ONEDNN_GEMM:
+            return 0.0, 0
+        mm = lambda a, b: torch.ops.mkldnn._linear_pointwise(a, b, None, "none", [], "")  # noqa: E731  a @ b.T
+    else:
+        mm = torch.mm
     best, best_n, n = 0.0, 0, 512
     while n <= max_n:
         a, b = torch.randn(n, n).to(dtype), torch.randn(n, n).to(dtype)
-        torch.mm(a, b)  # first call: kernel selection, page faults
+        mm(a, b)  # first call: kernel selection, page faults
         times = []
         for _ in range(repeats):
             t0 = time.perf_counter()
-            torch.mm(a, b)
+            mm(a, b)
             times.append(time.perf_counter() - t0)
         gflops = 2 * n**3 / min(times) / 1e9
         if gflops > best:
@@ -170,6 +179,14 @@ def matmul_peak(dtype: torch.dtype, max_n: int, repeats: int = 5) -> tuple[float
             break
         n *= 2
     return best, best_n
+
+
+PEAK_BACKENDS = ("torch.mm", "oneDNN")
+
+
+def matmul_peaks(dtype: torch.dtype, max_n: int) -> dict[str, tuple[float, int]]:
+    """:func:`matmul_peak` of each of ``PEAK_BACKENDS``."""
+    return {b: matmul_peak(dtype, max_n, backend=b) for b in PEAK_BACKENDS}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -403,8 +420,6 @@ def network_flops(cfg: ModelConfig) -> dict[str, float]:
     """FLOPs of each in-process row, counted on meta copies (nothing is computed). The Upsample convs
     are counted as written in the original code (as diffusers runs them), so both libraries are
     measured against the same work; sdlite's four 2x2 convs do fewer multiply-adds there."""
-    import sdlite.ops as ops
-
     nets = build_networks(cfg)
     c = cfg.unet.context_dim
     with torch.device("meta"), patch.object(ops, "UPSAMPLE_BY_PHASES", ()):
@@ -821,6 +836,10 @@ def levers_table(repeats: int) -> str:
         conv = lambda x=x, w=w, bias=bias: F.conv2d(x, w, bias, padding=1)  # noqa: E731
         cases.append((f"conv3x3 {cin}->{cout} @{hw}x{hw}, batch {b} ({where})", conv, no_mkldnn(conv),
                       "oneDNN (default) vs im2col + BLAS (torch.backends.mkldnn.flags(enabled=False))"))
+        if ops.ONEDNN_GEMM:
+            cases.append((f"conv3x3 {cin}->{cout} @{hw}x{hw}, batch {b}", conv,
+                          lambda x=x, w=w, bias=bias: ops._conv_as_gemm(x, w, bias, (1, 1)),
+                          "oneDNN conv (default) vs im2col + oneDNN GEMM (sdlite.ops._conv_as_gemm)"))
         if b == 2:  # the UNet's shapes
             cases.append((f"conv3x3 {cin}->{cout} @{hw}x{hw}, batch {b}", conv,
                           lambda x=x, w=w, bias=bias: winograd.winograd_conv3x3(x, w, bias),
@@ -862,6 +881,18 @@ def levers_table(repeats: int) -> str:
         bias = torch.zeros(c)
         cases.append((f"1x1 conv {c}->{c} @{hw}x{hw}, batch {b}", lambda x=x, w=w, bias=bias: F.conv2d(x, w, bias),
                       lambda xt=xt, w=w, bias=bias: F.linear(xt, w[:, :, 0, 0], bias), "Conv2d 1x1 vs Linear on [B, HW, C]"))
+    # Linear layers of the three networks (rows x in -> out): PyTorch's F.linear (MKL's sgemm on
+    # x86) vs oneDNN's GEMM (sdlite.ops.linear in fp32).
+    if ops.ONEDNN_GEMM:
+        for m, k, n, where in ((8192, 320, 2560, "UNet GEGLU proj @64 latent"), (8192, 1280, 320, "UNet ff out @64"),
+                               (2048, 640, 640, "UNet attention q/k/v/out @64"), (154, 768, 3072, "CLIP mlp fc1"),
+                               (128, 1280, 10240, "UNet GEGLU proj @8")):
+            x = torch.randn(m, k, generator=gen)
+            w = torch.randn(n, k, generator=gen) * k**-0.5
+            bias = torch.zeros(n)
+            cases.append((f"linear {m}x{k} -> {n} ({where})", lambda x=x, w=w, bias=bias: F.linear(x, w, bias),
+                          lambda x=x, w=w, bias=bias: ops._gemm(x, w, bias),
+                          "F.linear (PyTorch's BLAS, default) vs oneDNN GEMM (sdlite.ops.linear)"))
     lines = ["| case | comparison | default ms | alternative ms | speed-up |", "|---|---|---:|---:|---:|"]
     with torch.no_grad():
         for name, default, alternative, what in cases:
@@ -874,13 +905,12 @@ def levers_table(repeats: int) -> str:
 def network_levers(cfg: ModelConfig, nets: dict, repeats: int) -> str:
     """sdlite's own switches, measured on the whole fp32 UNet (batch 2) and VAE decoder: the conv
     backend choice and the upsampling formulation of :mod:`sdlite.ops`, and the Winograd experiment."""
-    import sdlite.ops as ops
-
     gen = torch.Generator().manual_seed(1)
     unet, vae = nets["unet"], nets["vae"]
     ctx = torch.randn(2, cfg.text.max_length, cfg.unet.context_dim, generator=gen)
     t = torch.tensor([500.0, 500.0])
-    blas_default = ops.BLAS_CONV_MAX_ROWS
+    gemm_rule = (f"batch*H*W <= {ops.GEMM_CONV_MAX_ROWS}, >= {ops.GEMM_CONV_MIN_IN} input and >= "
+                 f"{ops.GEMM_CONV_MIN_OUT} output channels" if ops.GEMM_CONV_MAX_ROWS else "none on this CPU")
     Switch = Callable[[], contextlib.AbstractContextManager]
     cases: list[tuple[str, Callable[[], Any], Switch, Switch, str]] = []
     upsample_cases = (lambda: patch.object(ops, "UPSAMPLE_BY_PHASES", ()),
@@ -891,10 +921,12 @@ def network_levers(cfg: ModelConfig, nets: dict, repeats: int) -> str:
         x = torch.randn(2, cfg.unet.in_channels, hw, hw, generator=gen)
         call = lambda x=x: unet(x, t, ctx)  # noqa: E731
         name = f"UNet {hw}x{hw}, batch 2"
-        cases.append((name, call, lambda: patch.object(ops, "BLAS_CONV_MAX_ROWS", None),
-                      lambda: patch.object(ops, "BLAS_CONV_MAX_ROWS", 512),
-                      f"every conv on oneDNN vs convs with batch*H*W <= 512 and >= {ops.BLAS_CONV_MIN_CHANNELS} input "
-                      f"channels on im2col + BLAS (sdlite.ops; its default here: {blas_default})"))
+        cases.append((name, call, lambda: patch.object(ops, "ONEDNN_GEMM", False), contextlib.nullcontext,
+                      "PyTorch's kernels (linear layers on its BLAS, every conv on oneDNN's conv) vs sdlite.ops' "
+                      f"default (linear layers and small-map convs on oneDNN's GEMM; small maps here: {gemm_rule})"))
+        cases.append((name, call, lambda: patch.object(ops, "GEMM_CONV_MAX_ROWS", None), contextlib.nullcontext,
+                      f"the convs alone: every conv on oneDNN's conv vs small maps ({gemm_rule}) as im2col + "
+                      "oneDNN GEMM (linear layers on oneDNN's GEMM in both)"))
         cases.append((name, call, contextlib.nullcontext, winograd.winograd_unet_convs,
                       "sdlite's default vs 3x3 convs with >= 512 rows, >= 320 channels and in*out <= 640*1280 by "
                       "Winograd F(2x2,3x3) (benchmarks/winograd.py; not in sdlite)"))
@@ -1042,16 +1074,20 @@ def write_report(path: Path, ctx: dict[str, Any], sections: dict[str, list[Row]]
         "",
         "## Matmul peak (measured in this run)",
         "",
-        "`torch.mm` on square matrices, best of n = 512, 1024, ... at the start and at the end of the run; "
-        "every \"% of peak\" divides by the larger of the two.",
+        "Square matrix products, best of n = 512, 1024, ..., through `torch.mm` (PyTorch's BLAS: MKL on x86) and "
+        "through oneDNN's GEMM (`torch.ops.mkldnn._linear_pointwise`, what sdlite's fp32 linear layers and small-map "
+        "convolutions use), at the start and at the end of the run; every \"% of peak\" divides by the largest.",
         "",
-        "| dtype | start: GFLOP/s (n) | end: GFLOP/s (n) | used |",
-        "|---|---:|---:|---:|",
+        "| dtype | backend | start: GFLOP/s (n) | end: GFLOP/s (n) |",
+        "|---|---|---:|---:|",
     ]
     for name, (gf, _) in ctx["peaks"].items():
-        (g0, n0), (g1, n1) = ctx["peak_runs"][name]
-        end = f"{g1:.1f} ({n1})" if n1 else "—"
-        out.append(f"| {name} | {g0:.1f} ({n0}) | {end} | {gf:.1f} |")
+        start, end = ctx["peak_runs"][name]
+        for backend in PEAK_BACKENDS:
+            g0, n0 = start.get(backend, (0.0, 0))
+            g1, n1 = end.get(backend, (0.0, 0))
+            out.append(f"| {name} | {backend} | {f'{g0:.1f} ({n0})' if n0 else '—'} | {f'{g1:.1f} ({n1})' if n1 else '—'} |")
+        out.append(f"| {name} | **used** | | **{gf:.1f}** |")
     out.append("")
     for precision in ctx["precisions"]:
         title = {"fp32": "fp32", "bf16": "bf16 weights", "autocast": "fp32 weights + bf16 autocast"}[precision]
@@ -1144,20 +1180,21 @@ def main(argv: list[str] | None = None) -> None:
 
     log("matmul peak")
     max_n = 1024 if args.quick else 4096
-    peaks = {"fp32": matmul_peak(torch.float32, max_n), "bf16": matmul_peak(torch.bfloat16, max_n)}
-    ctx["peaks"] = peaks  # updated in place with the larger of the start and end measurements
+    start_peaks = {"fp32": matmul_peaks(torch.float32, max_n), "bf16": matmul_peaks(torch.bfloat16, max_n)}
+    peaks = {name: max(by.values()) for name, by in start_peaks.items()}
+    ctx["peaks"] = peaks  # updated in place with the largest of the start and end measurements
     ctx["peak_runs"] = {}
     notes: list[str] = []
     skipped: dict[str, str] = {}  # precision -> why it has no rows, or why it has only some
     flops = network_flops(cfg)
-    slow_bf16 = peaks["bf16"][0] < 0.25 * peaks["fp32"][0]
+    slow_bf16 = start_peaks["bf16"]["torch.mm"][0] < 0.25 * start_peaks["fp32"]["torch.mm"][0]
     prec_rows = {p: list(rows) for p in precisions}
     if slow_bf16:
         conv = bf16_conv_gflops()
         est = flops["unet64"] / (conv * 1e9) / 60
         msg = (f"this CPU has no native bf16 (mkldnn bf16 supported: {ctx['mkldnn_bf16']}; ISA without "
-               f"avx512_bf16/amx_bf16): in bf16 torch.mm reaches {peaks['bf16'][0]:.1f} GFLOP/s and a 3x3 "
-               f"convolution {conv:.1f}, against {peaks['fp32'][0]:.1f} for torch.mm in fp32, so one 64x64 UNet "
+               f"avx512_bf16/amx_bf16): in bf16 torch.mm reaches {start_peaks['bf16']['torch.mm'][0]:.1f} GFLOP/s and a 3x3 "
+               f"convolution {conv:.1f}, against {start_peaks['fp32']['torch.mm'][0]:.1f} for torch.mm in fp32, so one 64x64 UNet "
                f"call would take ~{est:.0f} min")
         notes.append("bf16 on this CPU: " + msg + ".")
         if not args.force_bf16:
@@ -1260,10 +1297,9 @@ def main(argv: list[str] | None = None) -> None:
             shutil.rmtree(workdir, ignore_errors=True)
     log("matmul peak, again")
     for name, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16)):
-        start_peak = peaks[name]
-        end_peak = matmul_peak(dtype, max_n) if not (name == "bf16" and slow_bf16) else (0.0, 0)
-        ctx["peak_runs"][name] = (start_peak, end_peak)
-        peaks[name] = max(start_peak, end_peak)
+        end_peaks = matmul_peaks(dtype, max_n) if not (name == "bf16" and slow_bf16) else {}
+        ctx["peak_runs"][name] = (start_peaks[name], end_peaks)
+        peaks[name] = max([*start_peaks[name].values(), *end_peaks.values()])
     if slow_bf16:  # torch.mm is not bf16's fastest path here (linear layers go through oneDNN): no "% of peak"
         for row in sections.get("bf16", []) + sections.get("autocast", []):
             row.peak_dtype = ""

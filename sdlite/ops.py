@@ -7,14 +7,21 @@ exists for ``chunk`` rows. On a GPU whose SDPA falls back to the plain ("math") 
 head sizes such as the VAE's single 512-wide head, or older cards — this bounds the peak memory of
 attention over 4096+ tokens; where a fused kernel runs, chunking only costs a little speed.
 
-:class:`Conv2d` — ``nn.Conv2d`` (same parameters, same state-dict names) that, on an AVX2 CPU in
-fp32, runs the convolutions that are small matrix products through im2col + BLAS instead of
-oneDNN. PyTorch sends every CPU convolution to oneDNN. As a matrix product a 3x3 conv has
-``batch·H·W`` rows and ``9·C_in`` columns; for the UNet's low-resolution levels at batch 2 (8×8 and
-16×16 maps, 640–2560 input channels: 128–512 rows, thousands of columns) the BLAS path was
-1.2–2.3× faster on this project's AVX2 machine, while oneDNN wins with many rows (large maps,
-large batches) or few channels (measured: benchmarks/RESULTS.md, "Levers"). Both paths compute
-the same convolution; results agree to float rounding.
+:func:`linear` / :class:`Linear` — fp32 matrix products on an x86 CPU through oneDNN's GEMM
+instead of PyTorch's default BLAS (MKL). On this project's AMD EPYC machines MKL's ``sgemm`` runs
+at ~210 GFLOP/s on 2 threads, AVX2 and AVX-512 alike (MKL takes its generic code path on non-Intel
+CPUs), while oneDNN, the library PyTorch already uses for every CPU convolution, reaches 410-490
+on every Linear shape of the three networks: 2.0-2.4x (benchmarks/RESULTS.md, "Levers"). Same
+matrix product, different summation order: results agree to float rounding.
+
+:class:`Conv2d` — ``nn.Conv2d`` (same parameters, same state-dict names) that runs the
+convolutions of small maps as one matrix product: the input unrolled into ``[batch·H·W, C_in·k·k]``
+rows (im2col, a strided view copied once) times the weight, as it is stored, ``[C_out, C_in·k·k]``,
+through the same oneDNN GEMM. PyTorch's oneDNN convolution is fast on large maps but slow on the
+UNet's low-resolution levels at batch 2 (8x8 and 4x4 maps, 1280 channels: 130 and 45 GFLOP/s on
+this project's AVX-512 machine, against 290-390 as a GEMM); which convolutions take the GEMM is a
+per-CPU-family rule below, measured on each. Both paths compute the same convolution; results
+agree to float rounding.
 
 :class:`Conv2d` and :class:`Linear` (and :func:`linear`, for a bare weight) — on a CPU without
 native half-precision kernels (x86 without AVX512-BF16/AMX for bf16, without AVX512-FP16/AMX-FP16
@@ -42,6 +49,7 @@ copy of the input.
 from __future__ import annotations
 
 import contextlib
+import platform
 import threading
 from collections.abc import Callable, Iterator
 
@@ -93,10 +101,33 @@ def _fp32_weight(weight: torch.Tensor) -> torch.Tensor:
     return buf[:n].view(weight.shape).copy_(weight)
 
 
+# Whether fp32 matrix products on the CPU go through oneDNN's GEMM (see the module docstring): an
+# x86 CPU and a PyTorch build with oneDNN and its ``_linear_pointwise`` op (the one PyTorch's own
+# compiler emits for CPU linear layers). Elsewhere PyTorch's defaults run.
+ONEDNN_GEMM: bool = (platform.machine().lower() in ("x86_64", "amd64") and torch.backends.mkldnn.is_available()
+                     and hasattr(torch.ops.mkldnn, "_linear_pointwise"))
+
+
+def _onednn_gemm(x: torch.Tensor, *params: torch.Tensor | None) -> bool:
+    """Whether ``x @ weight.T (+ bias)`` takes oneDNN's GEMM: fp32 on the CPU, no gradient to record
+    (the op has no backward; training keeps PyTorch's kernels), and not under ``torch.compile``."""
+    return (ONEDNN_GEMM and x.device.type == "cpu" and x.dtype == torch.float32 and x.dim() >= 2 and x.numel() > 0
+            and not torch.compiler.is_compiling()
+            and not (torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, *params))))
+
+
+def _gemm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """``F.linear(x, weight, bias)`` computed by oneDNN (``x``: ``[..., K]``, ``weight``: ``[N, K]``)."""
+    return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")
+
+
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """``F.linear``, in fp32 for a half input on a CPU without native half kernels (see above)."""
+    """``F.linear``: through oneDNN in fp32 on the CPU, and in fp32 for a half input on a CPU without
+    native half kernels (see above)."""
     if _as_fp32(x):
-        return F.linear(x.float(), _fp32_weight(weight), _fp32(bias)).to(x.dtype)
+        return linear(x.float(), _fp32_weight(weight), _fp32(bias)).to(x.dtype)
+    if _onednn_gemm(x, weight, bias):
+        return _gemm(x, weight, bias)
     return F.linear(x, weight, bias)
 
 
@@ -107,35 +138,48 @@ class Linear(nn.Linear):
         return linear(input, self.weight, self.bias)
 
 
-# Convolutions with at most BLAS_CONV_MAX_ROWS rows (batch·H·W) and at least BLAS_CONV_MIN_CHANNELS
-# input channels use im2col + BLAS on AVX2 CPUs (None: never). Measured on an AVX2 CPU only; other
-# CPUs (AVX-512, AMX: where oneDNN has its widest kernels) keep PyTorch's default until measured.
-BLAS_CONV_MAX_ROWS: int | None = 512 if torch.backends.cpu.get_cpu_capability() == "AVX2" else None
-BLAS_CONV_MIN_CHANNELS = 512
+# Which convolutions run as im2col + GEMM (see the module docstring), per CPU family, measured on
+# each (benchmarks/RESULTS.md, "Levers"): at most GEMM_CONV_MAX_ROWS output positions (batch·H·W)
+# and at least GEMM_CONV_MIN_IN input and GEMM_CONV_MIN_OUT output channels. None: never.
+GEMM_CONV_MAX_ROWS: int | None
+GEMM_CONV_MAX_ROWS, GEMM_CONV_MIN_IN, GEMM_CONV_MIN_OUT = {
+    "AVX2": (512, 512, 0),
+    "AVX512": (512, 0, 1280),
+}.get(torch.backends.cpu.get_cpu_capability() if ONEDNN_GEMM else "", (None, 0, 0))
+
+
+def _conv_as_gemm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, padding: tuple[int, int]) -> torch.Tensor:
+    """A stride-1 convolution as one matrix product: ``[B·H'·W', C·kh·kw] @ weight.view(C_out, C·kh·kw)ᵀ``.
+
+    Row ``(b, i, j)`` of the unrolled input holds ``x_padded[b, c, i + u, j + v]`` in the order
+    ``(c, u, v)``, the order in which the weight is stored, so the weight needs no copy."""
+    c_out, c_in, kh, kw = weight.shape
+    xp = F.pad(x, (padding[1], padding[1], padding[0], padding[0]))
+    b, _, hp, wp = xp.shape
+    h, w = hp - kh + 1, wp - kw + 1
+    sb, sc, sh, sw = xp.stride()
+    rows = xp.as_strided((b, h, w, c_in, kh, kw), (sb, sh, sw, sc, sh, sw)).reshape(b * h * w, c_in * kh * kw)
+    y = _gemm(rows, weight.reshape(c_out, -1), bias)  # [B·H'·W', C_out]
+    return y.view(b, h, w, c_out).permute(0, 3, 1, 2).contiguous()
 
 
 class Conv2d(nn.Conv2d):
     """``nn.Conv2d`` with the two CPU choices above (half inputs in fp32 where the CPU lacks native
-    half kernels; the BLAS or oneDNN backend in fp32); everything else is inherited."""
+    half kernels; small maps as im2col + oneDNN GEMM in fp32); everything else is inherited."""
 
     def _conv_forward(self, input: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         if _as_fp32(input):
             return self._conv_forward(input.float(), _fp32_weight(weight), _fp32(bias)).to(input.dtype)
-        limit = BLAS_CONV_MAX_ROWS
-        # Under torch.compile the switch would break the graph at every conv (and recompile per
-        # shape); the compiler chooses its own kernels there.
-        if (limit is not None and not torch.compiler.is_compiling()
-                and input.device.type == "cpu" and input.dtype == torch.float32
-                and self.in_channels >= BLAS_CONV_MIN_CHANNELS
-                and input.shape[0] * input.shape[-1] * input.shape[-2] <= limit):
-            # The switch behind torch.backends.mkldnn.flags(enabled=...), without that context
-            # manager's other settings (it also resets the TF32 flag, which warns on every call).
-            previous = torch._C._get_mkldnn_enabled()
-            torch._C._set_mkldnn_enabled(False)
-            try:
-                return super()._conv_forward(input, weight, bias)
-            finally:
-                torch._C._set_mkldnn_enabled(previous)
+        limit = GEMM_CONV_MAX_ROWS
+        # ``weight`` may differ from self.weight (upsample_conv passes its 2x2 phase kernels).
+        c_out, c_in, kh, kw = weight.shape
+        if (limit is not None and self.stride == (1, 1) and self.dilation == (1, 1) and self.groups == 1
+                and self.padding_mode == "zeros" and not isinstance(self.padding, str)
+                and c_in >= GEMM_CONV_MIN_IN and c_out >= GEMM_CONV_MIN_OUT
+                and _onednn_gemm(input, weight, bias)):
+            h, w = (input.shape[-2] + 2 * self.padding[0] - kh + 1, input.shape[-1] + 2 * self.padding[1] - kw + 1)
+            if input.shape[0] * h * w <= limit:
+                return _conv_as_gemm(input, weight, bias, self.padding)
         return super()._conv_forward(input, weight, bias)
 
 

@@ -9,39 +9,88 @@ import torch.nn.functional as F
 import sdlite.ops as ops
 
 
-@pytest.mark.parametrize("batch, channels, hw", [(2, 512, 8), (2, 512, 16), (1, 64, 8), (4, 512, 32)])
-def test_conv2d_equals_the_oneDNN_convolution_on_either_path(batch, channels, hw, monkeypatch):
-    monkeypatch.setattr(ops, "BLAS_CONV_MAX_ROWS", 512)  # the AVX2 policy, whatever this CPU is
+needs_onednn = pytest.mark.skipif(not ops.ONEDNN_GEMM, reason="oneDNN's GEMM needs an x86 CPU and a PyTorch with oneDNN")
+
+
+@needs_onednn
+@pytest.mark.parametrize("shape", [(2, 77, 768), (40, 3), (2, 5, 7, 16)])
+def test_linear_through_onednn_equals_pytorchs_linear(shape):
     g = torch.Generator().manual_seed(0)
-    conv = ops.Conv2d(channels, 8, 3, padding=1)
-    x = torch.randn(batch, channels, hw, hw, generator=g)
+    layer = ops.Linear(shape[-1], 24)
+    x = torch.randn(*shape, generator=g)
+    with torch.no_grad():
+        ours = layer(x)
+        reference = F.linear(x, layer.weight, layer.bias)  # PyTorch's BLAS (MKL) path
+        xs = torch.randn(shape[-1], *shape[:-1], generator=g).movedim(0, -1)  # a non-contiguous input
+        assert not xs.is_contiguous()
+        strided, strided_reference = layer(xs), F.linear(xs, layer.weight, layer.bias)
+    torch.testing.assert_close(ours, reference, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(strided, strided_reference, rtol=1e-5, atol=1e-5)
+
+
+def test_linear_takes_onednn_only_for_fp32_inference(monkeypatch):
+    calls = []
+    monkeypatch.setattr(ops, "ONEDNN_GEMM", True)
+    monkeypatch.setattr(ops, "_gemm", lambda x, w, b: calls.append(x.dtype) or F.linear(x, w, b))
+    layer = ops.Linear(8, 4)
+    x = torch.randn(3, 8)
+    with torch.no_grad():
+        layer(x)  # fp32, no gradient: oneDNN
+        layer.double()(x.double())  # float64: PyTorch's kernel
+    assert calls == [torch.float32]
+    layer.float()
+    layer(x).sum().backward()  # gradients recorded: PyTorch's kernel (the oneDNN op has no backward)
+    assert calls == [torch.float32] and layer.weight.grad is not None
+    monkeypatch.setattr(ops, "ONEDNN_GEMM", False)  # another CPU or build: PyTorch's kernel
+    with torch.no_grad():
+        layer(x)
+    assert calls == [torch.float32]
+
+
+@needs_onednn
+@pytest.mark.parametrize("batch, c_in, c_out, hw, kernel, padding", [
+    (2, 512, 8, 8, 3, 1), (2, 64, 1280, 4, 3, 1), (1, 16, 24, 5, 3, 1),
+    (2, 16, 12, 7, 2, 1),  # upsample_conv's 2x2 phase kernels with padding 1
+    (1, 8, 8, 6, 1, 0), (2, 8, 8, 5, 3, 0)])
+def test_conv2d_as_im2col_gemm_equals_the_oneDNN_convolution(batch, c_in, c_out, hw, kernel, padding, monkeypatch):
+    monkeypatch.setattr(ops, "GEMM_CONV_MAX_ROWS", 10**6)  # every convolution through the GEMM
+    monkeypatch.setattr(ops, "GEMM_CONV_MIN_IN", 0)
+    monkeypatch.setattr(ops, "GEMM_CONV_MIN_OUT", 0)
+    gemm = []
+    monkeypatch.setattr(ops, "_conv_as_gemm", lambda *a, real=ops._conv_as_gemm: gemm.append(1) or real(*a))
+    g = torch.Generator().manual_seed(0)
+    conv = ops.Conv2d(c_in, c_out, kernel, padding=padding)
+    x = torch.randn(batch, c_in, hw, hw, generator=g)
     with torch.no_grad():
         ours = conv(x)
-        reference = F.conv2d(x, conv.weight, conv.bias, padding=1)  # oneDNN, PyTorch's default
+        reference = F.conv2d(x, conv.weight, conv.bias, padding=padding)  # oneDNN, PyTorch's default
+    assert gemm == [1]
+    assert ours.shape == reference.shape and ours.is_contiguous()
     torch.testing.assert_close(ours, reference, rtol=1e-5, atol=1e-5)
-    assert torch._C._get_mkldnn_enabled()  # the switch is restored after the call
 
 
-def test_conv2d_takes_the_blas_path_only_for_small_products_with_many_channels(monkeypatch):
-    monkeypatch.setattr(ops, "BLAS_CONV_MAX_ROWS", 512)
+def test_conv2d_takes_the_gemm_only_for_small_maps_with_many_channels(monkeypatch):
+    monkeypatch.setattr(ops, "ONEDNN_GEMM", True)
+    monkeypatch.setattr(ops, "GEMM_CONV_MAX_ROWS", 512)  # the AVX-512 policy, whatever this CPU is
+    monkeypatch.setattr(ops, "GEMM_CONV_MIN_IN", 0)
+    monkeypatch.setattr(ops, "GEMM_CONV_MIN_OUT", 1280)
     seen = []
-    real = torch.nn.Conv2d._conv_forward
-
-    def spy(self, input, weight, bias):
-        seen.append(torch._C._get_mkldnn_enabled())
-        return real(self, input, weight, bias)
-
-    monkeypatch.setattr(torch.nn.Conv2d, "_conv_forward", spy)
+    monkeypatch.setattr(ops, "_conv_as_gemm", lambda x, *a: seen.append(tuple(x.shape)) or torch.zeros(()))
+    monkeypatch.setattr(torch.nn.Conv2d, "_conv_forward", lambda self, x, *a: seen.append("oneDNN"))
     with torch.no_grad():
-        ops.Conv2d(512, 4, 3, padding=1)(torch.randn(2, 512, 16, 16))  # 2*16*16 = 512 rows: BLAS
-        ops.Conv2d(512, 4, 3, padding=1)(torch.randn(4, 512, 16, 16))  # 1024 rows: oneDNN
-        ops.Conv2d(64, 4, 3, padding=1)(torch.randn(1, 64, 8, 8))  # few channels: oneDNN
-    assert seen == [False, True, True]
-    monkeypatch.setattr(ops, "BLAS_CONV_MAX_ROWS", None)  # the switch off (non-AVX2 CPUs)
+        ops.Conv2d(64, 1280, 3, padding=1)(torch.randn(2, 64, 16, 16))  # 2*16*16 = 512 rows: GEMM
+        ops.Conv2d(64, 1280, 3, padding=1)(torch.randn(4, 64, 16, 16))  # 1024 rows: oneDNN's conv
+        ops.Conv2d(64, 640, 3, padding=1)(torch.randn(1, 64, 8, 8))  # few output channels: oneDNN's conv
+        ops.Conv2d(64, 1280, 3, padding=1, stride=2)(torch.randn(1, 64, 8, 8))  # strided: oneDNN's conv
+        ops.Conv2d(64, 1280, 3, padding=1).double()(torch.randn(1, 64, 8, 8).double())  # float64: oneDNN's conv
+    assert seen == [(2, 64, 16, 16), "oneDNN", "oneDNN", "oneDNN", "oneDNN"]
     seen.clear()
+    conv = ops.Conv2d(64, 1280, 3, padding=1)
+    conv(torch.randn(1, 64, 8, 8))  # gradients recorded (training): oneDNN's conv, which has a backward
+    monkeypatch.setattr(ops, "GEMM_CONV_MAX_ROWS", None)  # the switch off (CPUs not measured)
     with torch.no_grad():
-        ops.Conv2d(512, 4, 3, padding=1)(torch.randn(2, 512, 16, 16))
-    assert seen == [True]
+        conv(torch.randn(1, 64, 8, 8))
+    assert seen == ["oneDNN", "oneDNN"]
 
 
 # sdlite.ops.upsample_conv: nearest x2 + 3x3 conv computed as four 2x2 convs on the small map.
