@@ -158,7 +158,7 @@ def matmul_peak(dtype: torch.dtype, max_n: int, repeats: int = 5, backend: str =
     and divides by the largest: a peak measured while the machine was busy, or on the slower
     library, would flatter every "% of peak"."""
     if backend == "oneDNN":
-        if not ops.ONEDNN_GEMM:
+        if dtype not in ops.ONEDNN_GEMM:
             return 0.0, 0
         mm = lambda a, b: torch.ops.mkldnn._linear_pointwise(a, b, None, "none", [], "")  # noqa: E731  a @ b.T
     else:
@@ -836,7 +836,7 @@ def levers_table(repeats: int) -> str:
         conv = lambda x=x, w=w, bias=bias: F.conv2d(x, w, bias, padding=1)  # noqa: E731
         cases.append((f"conv3x3 {cin}->{cout} @{hw}x{hw}, batch {b} ({where})", conv, no_mkldnn(conv),
                       "oneDNN (default) vs im2col + BLAS (torch.backends.mkldnn.flags(enabled=False))"))
-        if ops.ONEDNN_GEMM:
+        if torch.float32 in ops.ONEDNN_GEMM:
             cases.append((f"conv3x3 {cin}->{cout} @{hw}x{hw}, batch {b}", conv,
                           lambda x=x, w=w, bias=bias: ops._conv_as_gemm(x, w, bias, (1, 1)),
                           "oneDNN conv (default) vs im2col + oneDNN GEMM (sdlite.ops._conv_as_gemm)"))
@@ -883,7 +883,7 @@ def levers_table(repeats: int) -> str:
                       lambda xt=xt, w=w, bias=bias: F.linear(xt, w[:, :, 0, 0], bias), "Conv2d 1x1 vs Linear on [B, HW, C]"))
     # Linear layers of the three networks (rows x in -> out): PyTorch's F.linear (MKL's sgemm on
     # x86) vs oneDNN's GEMM (sdlite.ops.linear in fp32).
-    if ops.ONEDNN_GEMM:
+    if torch.float32 in ops.ONEDNN_GEMM:
         for m, k, n, where in ((8192, 320, 2560, "UNet GEGLU proj @64 latent"), (8192, 1280, 320, "UNet ff out @64"),
                                (2048, 640, 640, "UNet attention q/k/v/out @64"), (154, 768, 3072, "CLIP mlp fc1"),
                                (128, 1280, 10240, "UNet GEGLU proj @8")):
@@ -909,8 +909,9 @@ def network_levers(cfg: ModelConfig, nets: dict, repeats: int) -> str:
     unet, vae = nets["unet"], nets["vae"]
     ctx = torch.randn(2, cfg.text.max_length, cfg.unet.context_dim, generator=gen)
     t = torch.tensor([500.0, 500.0])
-    gemm_rule = (f"batch*H*W <= {ops.GEMM_CONV_MAX_ROWS}, >= {ops.GEMM_CONV_MIN_IN} input and >= "
-                 f"{ops.GEMM_CONV_MIN_OUT} output channels" if ops.GEMM_CONV_MAX_ROWS else "none on this CPU")
+    fp32_rows = ops.GEMM_CONV_MAX_ROWS.get(torch.float32)
+    gemm_rule = (f"batch*H*W <= {fp32_rows} and >= {ops.GEMM_CONV_MIN_OUT} output channels" if fp32_rows
+                 else "none on this CPU")
     Switch = Callable[[], contextlib.AbstractContextManager]
     cases: list[tuple[str, Callable[[], Any], Switch, Switch, str]] = []
     upsample_cases = (lambda: patch.object(ops, "UPSAMPLE_BY_PHASES", ()),
@@ -921,10 +922,10 @@ def network_levers(cfg: ModelConfig, nets: dict, repeats: int) -> str:
         x = torch.randn(2, cfg.unet.in_channels, hw, hw, generator=gen)
         call = lambda x=x: unet(x, t, ctx)  # noqa: E731
         name = f"UNet {hw}x{hw}, batch 2"
-        cases.append((name, call, lambda: patch.object(ops, "ONEDNN_GEMM", False), contextlib.nullcontext,
+        cases.append((name, call, lambda: patch.object(ops, "ONEDNN_GEMM", frozenset()), contextlib.nullcontext,
                       "PyTorch's kernels (linear layers on its BLAS, every conv on oneDNN's conv) vs sdlite.ops' "
                       f"default (linear layers and small-map convs on oneDNN's GEMM; small maps here: {gemm_rule})"))
-        cases.append((name, call, lambda: patch.object(ops, "GEMM_CONV_MAX_ROWS", None), contextlib.nullcontext,
+        cases.append((name, call, lambda: patch.object(ops, "GEMM_CONV_MAX_ROWS", {}), contextlib.nullcontext,
                       f"the convs alone: every conv on oneDNN's conv vs small maps ({gemm_rule}) as im2col + "
                       "oneDNN GEMM (linear layers on oneDNN's GEMM in both)"))
         cases.append((name, call, contextlib.nullcontext, winograd.winograd_unet_convs,

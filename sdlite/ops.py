@@ -101,18 +101,23 @@ def _fp32_weight(weight: torch.Tensor) -> torch.Tensor:
     return buf[:n].view(weight.shape).copy_(weight)
 
 
-# Whether fp32 matrix products on the CPU go through oneDNN's GEMM (see the module docstring): an
-# x86 CPU and a PyTorch build with oneDNN and its ``_linear_pointwise`` op (the one PyTorch's own
-# compiler emits for CPU linear layers). Elsewhere PyTorch's defaults run.
-ONEDNN_GEMM: bool = (platform.machine().lower() in ("x86_64", "amd64") and torch.backends.mkldnn.is_available()
-                     and hasattr(torch.ops.mkldnn, "_linear_pointwise"))
+# The dtypes whose matrix products on the CPU go through oneDNN's GEMM (see the module docstring):
+# fp32, and bf16 where the CPU has native bf16 kernels (elsewhere bf16 is computed in fp32, above),
+# on an x86 CPU with a PyTorch build that has oneDNN and its ``_linear_pointwise`` op (the one
+# PyTorch's own compiler emits for CPU linear layers). Empty elsewhere: PyTorch's defaults run.
+ONEDNN_GEMM: frozenset[torch.dtype] = frozenset(
+    d for d in (torch.float32, torch.bfloat16) if d not in HALF_AS_FP32
+    and platform.machine().lower() in ("x86_64", "amd64") and torch.backends.mkldnn.is_available()
+    and hasattr(torch.ops.mkldnn, "_linear_pointwise"))
 
 
 def _onednn_gemm(x: torch.Tensor, *params: torch.Tensor | None) -> bool:
-    """Whether ``x @ weight.T (+ bias)`` takes oneDNN's GEMM: fp32 on the CPU, no gradient to record
-    (the op has no backward; training keeps PyTorch's kernels), and not under ``torch.compile``."""
-    return (ONEDNN_GEMM and x.device.type == "cpu" and x.dtype == torch.float32 and x.dim() >= 2 and x.numel() > 0
-            and not torch.compiler.is_compiling()
+    """Whether ``x @ weight.T (+ bias)`` takes oneDNN's GEMM: on the CPU in fp32, or in bf16 where
+    the CPU has native bf16 kernels; no gradient to record (the op has no backward: training keeps
+    PyTorch's kernels); not under CPU autocast (which casts inside PyTorch's own ops, not this one)
+    and not under ``torch.compile``."""
+    return (x.dtype in ONEDNN_GEMM and x.device.type == "cpu" and x.dim() >= 2
+            and x.numel() > 0 and not torch.is_autocast_enabled("cpu") and not torch.compiler.is_compiling()
             and not (torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, *params))))
 
 
@@ -122,8 +127,8 @@ def _gemm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> t
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """``F.linear``: through oneDNN in fp32 on the CPU, and in fp32 for a half input on a CPU without
-    native half kernels (see above)."""
+    """``F.linear``: through oneDNN's GEMM on the CPU (``ONEDNN_GEMM``), and in fp32 for a half input
+    on a CPU without native half kernels (see above)."""
     if _as_fp32(x):
         return linear(x.float(), _fp32_weight(weight), _fp32(bias)).to(x.dtype)
     if _onednn_gemm(x, weight, bias):
@@ -138,14 +143,17 @@ class Linear(nn.Linear):
         return linear(input, self.weight, self.bias)
 
 
-# Which convolutions run as im2col + GEMM (see the module docstring), per CPU family, measured on
-# each (benchmarks/RESULTS.md, "Levers"): at most GEMM_CONV_MAX_ROWS output positions (batch·H·W)
-# and at least GEMM_CONV_MIN_IN input and GEMM_CONV_MIN_OUT output channels. None: never.
-GEMM_CONV_MAX_ROWS: int | None
-GEMM_CONV_MAX_ROWS, GEMM_CONV_MIN_IN, GEMM_CONV_MIN_OUT = {
-    "AVX2": (512, 512, 0),
-    "AVX512": (512, 0, 1280),
-}.get(torch.backends.cpu.get_cpu_capability() if ONEDNN_GEMM else "", (None, 0, 0))
+# Which convolutions run as im2col + GEMM (see the module docstring), per dtype: at most
+# ``GEMM_CONV_MAX_ROWS[dtype]`` output positions (batch·H·W) and at least GEMM_CONV_MIN_OUT output
+# channels; dtypes not listed never. At batch 2 the fp32 rule takes the UNet's 1280-channel convs
+# on 16x16 maps and smaller (oneDNN's conv stays faster for 640 output channels on the same maps
+# and for every larger map), the bf16 rule those on 8x8 maps and smaller. Measured on an AVX-512 CPU with native bf16, and in fp32 with PyTorch and
+# oneDNN limited to AVX2 on the same CPU (benchmarks/RESULTS.md, "Levers"); other CPU families
+# keep PyTorch's default until measured.
+GEMM_CONV_MAX_ROWS: dict[torch.dtype, int] = (
+    {d: rows for d, rows in ((torch.float32, 512), (torch.bfloat16, 128)) if d in ONEDNN_GEMM}
+    if torch.backends.cpu.get_cpu_capability() in ("AVX2", "AVX512") else {})
+GEMM_CONV_MIN_OUT = 1280
 
 
 def _conv_as_gemm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, padding: tuple[int, int]) -> torch.Tensor:
@@ -165,20 +173,19 @@ def _conv_as_gemm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
 
 class Conv2d(nn.Conv2d):
     """``nn.Conv2d`` with the two CPU choices above (half inputs in fp32 where the CPU lacks native
-    half kernels; small maps as im2col + oneDNN GEMM in fp32); everything else is inherited."""
+    half kernels; small maps as im2col + oneDNN GEMM); everything else is inherited."""
 
     def _conv_forward(self, input: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         if _as_fp32(input):
             return self._conv_forward(input.float(), _fp32_weight(weight), _fp32(bias)).to(input.dtype)
-        limit = GEMM_CONV_MAX_ROWS
         # ``weight`` may differ from self.weight (upsample_conv passes its 2x2 phase kernels).
-        c_out, c_in, kh, kw = weight.shape
-        if (limit is not None and self.stride == (1, 1) and self.dilation == (1, 1) and self.groups == 1
+        c_out, _, kh, kw = weight.shape
+        if (self.stride == (1, 1) and self.dilation == (1, 1) and self.groups == 1
                 and self.padding_mode == "zeros" and not isinstance(self.padding, str)
-                and c_in >= GEMM_CONV_MIN_IN and c_out >= GEMM_CONV_MIN_OUT
+                and c_out >= GEMM_CONV_MIN_OUT
                 and _onednn_gemm(input, weight, bias)):
             h, w = (input.shape[-2] + 2 * self.padding[0] - kh + 1, input.shape[-1] + 2 * self.padding[1] - kw + 1)
-            if input.shape[0] * h * w <= limit:
+            if input.shape[0] * h * w <= GEMM_CONV_MAX_ROWS.get(input.dtype, -1):
                 return _conv_as_gemm(input, weight, bias, self.padding)
         return super()._conv_forward(input, weight, bias)
 

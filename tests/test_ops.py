@@ -9,7 +9,7 @@ import torch.nn.functional as F
 import sdlite.ops as ops
 
 
-needs_onednn = pytest.mark.skipif(not ops.ONEDNN_GEMM, reason="oneDNN's GEMM needs an x86 CPU and a PyTorch with oneDNN")
+needs_onednn = pytest.mark.skipif(torch.float32 not in ops.ONEDNN_GEMM, reason="oneDNN's GEMM needs an x86 CPU and a PyTorch with oneDNN")
 
 
 @needs_onednn
@@ -30,7 +30,7 @@ def test_linear_through_onednn_equals_pytorchs_linear(shape):
 
 def test_linear_takes_onednn_only_for_fp32_inference(monkeypatch):
     calls = []
-    monkeypatch.setattr(ops, "ONEDNN_GEMM", True)
+    monkeypatch.setattr(ops, "ONEDNN_GEMM", frozenset({torch.float32}))
     monkeypatch.setattr(ops, "_gemm", lambda x, w, b: calls.append(x.dtype) or F.linear(x, w, b))
     layer = ops.Linear(8, 4)
     x = torch.randn(3, 8)
@@ -41,7 +41,9 @@ def test_linear_takes_onednn_only_for_fp32_inference(monkeypatch):
     layer.float()
     layer(x).sum().backward()  # gradients recorded: PyTorch's kernel (the oneDNN op has no backward)
     assert calls == [torch.float32] and layer.weight.grad is not None
-    monkeypatch.setattr(ops, "ONEDNN_GEMM", False)  # another CPU or build: PyTorch's kernel
+    with torch.no_grad(), torch.autocast("cpu", torch.bfloat16):
+        assert layer(x).dtype == torch.bfloat16  # autocast: PyTorch's kernel, which autocast casts for
+    monkeypatch.setattr(ops, "ONEDNN_GEMM", frozenset())  # another CPU or build: PyTorch's kernel
     with torch.no_grad():
         layer(x)
     assert calls == [torch.float32]
@@ -53,8 +55,7 @@ def test_linear_takes_onednn_only_for_fp32_inference(monkeypatch):
     (2, 16, 12, 7, 2, 1),  # upsample_conv's 2x2 phase kernels with padding 1
     (1, 8, 8, 6, 1, 0), (2, 8, 8, 5, 3, 0)])
 def test_conv2d_as_im2col_gemm_equals_the_oneDNN_convolution(batch, c_in, c_out, hw, kernel, padding, monkeypatch):
-    monkeypatch.setattr(ops, "GEMM_CONV_MAX_ROWS", 10**6)  # every convolution through the GEMM
-    monkeypatch.setattr(ops, "GEMM_CONV_MIN_IN", 0)
+    monkeypatch.setattr(ops, "GEMM_CONV_MAX_ROWS", {torch.float32: 10**6})  # every convolution through the GEMM
     monkeypatch.setattr(ops, "GEMM_CONV_MIN_OUT", 0)
     gemm = []
     monkeypatch.setattr(ops, "_conv_as_gemm", lambda *a, real=ops._conv_as_gemm: gemm.append(1) or real(*a))
@@ -69,10 +70,25 @@ def test_conv2d_as_im2col_gemm_equals_the_oneDNN_convolution(batch, c_in, c_out,
     torch.testing.assert_close(ours, reference, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.skipif(torch.bfloat16 not in ops.ONEDNN_GEMM, reason="needs a CPU with native bf16 (AVX512-BF16/AMX)")
+def test_bf16_linear_and_conv_through_onednn_match_pytorchs_native_bf16_kernels(monkeypatch):
+    # Both accumulate in fp32 and round once to bf16; only the order of the sums differs.
+    monkeypatch.setattr(ops, "GEMM_CONV_MAX_ROWS", {torch.bfloat16: 10**6})
+    monkeypatch.setattr(ops, "GEMM_CONV_MIN_OUT", 0)
+    g = torch.Generator().manual_seed(5)
+    layer, conv = ops.Linear(64, 48).bfloat16(), ops.Conv2d(32, 24, 3, padding=1).bfloat16()
+    x, m = torch.randn(2, 9, 64, generator=g).bfloat16(), torch.randn(2, 32, 6, 6, generator=g).bfloat16()
+    with torch.no_grad():
+        pairs = [(layer(x), F.linear(x, layer.weight, layer.bias)),
+                 (conv(m), F.conv2d(m, conv.weight, conv.bias, padding=1))]
+    for ours, native in pairs:
+        assert ours.dtype == torch.bfloat16
+        torch.testing.assert_close(ours.float(), native.float(), rtol=2.0 ** -7, atol=2e-2)
+
+
 def test_conv2d_takes_the_gemm_only_for_small_maps_with_many_channels(monkeypatch):
-    monkeypatch.setattr(ops, "ONEDNN_GEMM", True)
-    monkeypatch.setattr(ops, "GEMM_CONV_MAX_ROWS", 512)  # the AVX-512 policy, whatever this CPU is
-    monkeypatch.setattr(ops, "GEMM_CONV_MIN_IN", 0)
+    monkeypatch.setattr(ops, "ONEDNN_GEMM", frozenset({torch.float32, torch.bfloat16}))
+    monkeypatch.setattr(ops, "GEMM_CONV_MAX_ROWS", {torch.float32: 512, torch.bfloat16: 128})  # the x86 policy
     monkeypatch.setattr(ops, "GEMM_CONV_MIN_OUT", 1280)
     seen = []
     monkeypatch.setattr(ops, "_conv_as_gemm", lambda x, *a: seen.append(tuple(x.shape)) or torch.zeros(()))
@@ -83,11 +99,15 @@ def test_conv2d_takes_the_gemm_only_for_small_maps_with_many_channels(monkeypatc
         ops.Conv2d(64, 640, 3, padding=1)(torch.randn(1, 64, 8, 8))  # few output channels: oneDNN's conv
         ops.Conv2d(64, 1280, 3, padding=1, stride=2)(torch.randn(1, 64, 8, 8))  # strided: oneDNN's conv
         ops.Conv2d(64, 1280, 3, padding=1).double()(torch.randn(1, 64, 8, 8).double())  # float64: oneDNN's conv
-    assert seen == [(2, 64, 16, 16), "oneDNN", "oneDNN", "oneDNN", "oneDNN"]
+        ops.Conv2d(64, 1280, 3, padding=1).bfloat16()(torch.randn(2, 64, 8, 8).bfloat16())  # 128 rows in bf16: GEMM
+        ops.Conv2d(64, 1280, 3, padding=1).bfloat16()(torch.randn(2, 64, 16, 16).bfloat16())  # 512: oneDNN's conv
+        with torch.autocast("cpu", torch.bfloat16):
+            ops.Conv2d(64, 1280, 3, padding=1)(torch.randn(1, 64, 8, 8))  # autocast: oneDNN's conv
+    assert seen == [(2, 64, 16, 16), "oneDNN", "oneDNN", "oneDNN", "oneDNN", (2, 64, 8, 8), "oneDNN", "oneDNN"]
     seen.clear()
     conv = ops.Conv2d(64, 1280, 3, padding=1)
     conv(torch.randn(1, 64, 8, 8))  # gradients recorded (training): oneDNN's conv, which has a backward
-    monkeypatch.setattr(ops, "GEMM_CONV_MAX_ROWS", None)  # the switch off (CPUs not measured)
+    monkeypatch.setattr(ops, "GEMM_CONV_MAX_ROWS", {})  # the switch off (CPUs not measured)
     with torch.no_grad():
         conv(torch.randn(1, 64, 8, 8))
     assert seen == ["oneDNN", "oneDNN"]
@@ -221,6 +241,7 @@ def test_half_conv_and_linear_compute_in_fp32_and_round_once_where_the_cpu_lacks
 @pytest.mark.parametrize("dtype", HALF)
 def test_half_conv_and_linear_run_the_half_kernels_where_the_cpu_has_them(dtype, monkeypatch):
     monkeypatch.setattr(ops, "HALF_AS_FP32", frozenset())  # a CPU with AVX512-BF16/AMX
+    monkeypatch.setattr(ops, "ONEDNN_GEMM", frozenset())  # and PyTorch's own kernels for its matmuls
     conv, lin, x = _half_modules(dtype)
     tokens = x.flatten(2).transpose(1, 2)
     with torch.no_grad():
