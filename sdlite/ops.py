@@ -1,7 +1,7 @@
 """The compute kernels the UNet and the VAE share, each with one performance or memory choice.
 
 :func:`attention` — scaled dot-product attention, optionally a slice of queries at a time (the
-low-memory option). ``softmax(q kᵀ / √d) v`` is independent for every query row, so computing it
+low-memory option); on the CPU, the self-attention of large maps as chunked GEMMs (faster there). ``softmax(q kᵀ / √d) v`` is independent for every query row, so computing it
 for ``chunk`` queries at a time gives the same numbers while the ``[L, N]`` score matrix only ever
 exists for ``chunk`` rows. On a GPU whose SDPA falls back to the plain ("math") kernel — large
 head sizes such as the VAE's single 512-wide head, or older cards — this bounds the peak memory of
@@ -61,10 +61,44 @@ from .devices import cpu_has_fast
 
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, query_chunk: int | None = None) -> torch.Tensor:
-    """``[B, heads, L, d] x [B, heads, N, d] -> [B, heads, L, d]``; ``query_chunk`` queries at a time if set."""
+    """``[B, heads, L, d] x [B, heads, N, d] -> [B, heads, L, d]``; ``query_chunk`` queries at a time if set.
+
+    On the CPU in fp32, attention over at least ``GEMM_ATTENTION_MIN_KEYS`` keys (the self-attention
+    of large maps) runs as :func:`_attention_by_gemm`; everything else through SDPA."""
+    if k.shape[-2] >= GEMM_ATTENTION_MIN_KEYS and q.dtype == torch.float32 and _onednn_gemm(q, k, v):
+        return _attention_by_gemm(q, k, v, query_chunk)
     if not query_chunk or q.shape[-2] <= query_chunk:
         return F.scaled_dot_product_attention(q, k, v)
     return torch.cat([F.scaled_dot_product_attention(qc, k, v) for qc in q.split(query_chunk, dim=-2)], dim=-2)
+
+
+# Self-attention with at least this many keys runs as chunked GEMMs on the CPU (see below).
+GEMM_ATTENTION_MIN_KEYS = 1024
+
+
+def _attention_by_gemm(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, query_chunk: int | None) -> torch.Tensor:
+    """``softmax(q kᵀ / √d) v`` for one sample, head and chunk of queries at a time, both products
+    through oneDNN's GEMM (see :func:`linear`).
+
+    PyTorch's fused CPU kernel (flash attention) does its two small products (``d`` = 40 to 160
+    columns) with its BLAS; over the 4096 tokens of a 64x64 latent it was 1.5x slower than this
+    plain formulation, and 1.8x for the VAE's single 512-wide head (benchmarks/RESULTS.md,
+    "Levers"). With the chunk of ~2^20 scores (4 MB in fp32) the score matrix stays small and in
+    cache; it is the same arithmetic as SDPA's unfused path, up to float rounding. The result is a
+    ``[B, heads, L, d]`` view of a ``[B, L, heads, d]`` tensor, which the networks' next step
+    (heads back into channels) reads without a copy."""
+    b, heads, length, d = q.shape
+    n = k.shape[-2]
+    chunk = query_chunk or max(128, 2**20 // n)
+    out = q.new_empty(b, length, heads, d)
+    for i in range(b):
+        for h in range(heads):
+            k_scaled = k[i, h] * d**-0.5  # [N, d]: the 1/√d on the keys, once per head
+            v_t = v[i, h].t().contiguous()  # [d, N]: the GEMM's weight layout, for p @ v
+            for s in range(0, length, chunk):
+                p = _gemm(q[i, h, s:s + chunk], k_scaled, None).softmax(dim=-1)  # [chunk, N]
+                out[i, s:s + chunk, h] = _gemm(p, v_t, None)
+    return out.transpose(1, 2)
 
 
 # The half types this CPU has no native kernels for: their convolutions and matmuls run in fp32.

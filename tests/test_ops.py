@@ -86,6 +86,39 @@ def test_bf16_linear_and_conv_through_onednn_match_pytorchs_native_bf16_kernels(
         torch.testing.assert_close(ours.float(), native.float(), rtol=2.0 ** -7, atol=2e-2)
 
 
+@needs_onednn
+@pytest.mark.parametrize("shape, keys, chunk", [((2, 3, 50, 16), 50, None), ((1, 2, 37, 8), 64, 10),
+                                               ((1, 1, 300, 24), 300, None), ((2, 2, 33, 8), 33, 33),
+                                               ((1, 1, 300, 4), 9000, None)])  # default chunks: 128, 128, 44
+def test_attention_over_many_keys_by_gemm_equals_sdpa(shape, keys, chunk, monkeypatch):
+    monkeypatch.setattr(ops, "GEMM_ATTENTION_MIN_KEYS", 32)  # small tensors through the GEMM path
+    g = torch.Generator().manual_seed(6)
+    b, heads, length, d = shape
+    q = torch.randn(b, length, heads, d, generator=g).transpose(1, 2)  # the UNet's strided heads
+    k, v = (torch.randn(b, heads, keys, d, generator=g) for _ in range(2))
+    with torch.no_grad():
+        ours = ops.attention(q, k, v, chunk)
+        reference = F.scaled_dot_product_attention(q, k, v)
+    assert ours.shape == reference.shape
+    torch.testing.assert_close(ours, reference, rtol=1e-5, atol=1e-6)
+
+
+def test_attention_takes_the_gemm_path_only_for_many_keys_in_fp32_inference(monkeypatch):
+    monkeypatch.setattr(ops, "ONEDNN_GEMM", frozenset({torch.float32, torch.bfloat16}))
+    monkeypatch.setattr(ops, "GEMM_ATTENTION_MIN_KEYS", 64)
+    seen = []
+    monkeypatch.setattr(ops, "_attention_by_gemm", lambda q, k, v, c: seen.append(k.shape[-2]) or q)
+    q = torch.randn(1, 2, 8, 4)
+    with torch.no_grad():
+        ops.attention(q, torch.randn(1, 2, 64, 4), torch.randn(1, 2, 64, 4))  # 64 keys: GEMM
+        ops.attention(q, torch.randn(1, 2, 63, 4), torch.randn(1, 2, 63, 4))  # cross-attention to few keys: SDPA
+        kv = torch.randn(1, 2, 64, 4).bfloat16()
+        ops.attention(q.bfloat16(), kv, kv)  # bf16: SDPA, which keeps its scores in fp32
+    qg = q.clone().requires_grad_()
+    ops.attention(qg, torch.randn(1, 2, 64, 4), torch.randn(1, 2, 64, 4))  # gradients recorded: SDPA
+    assert seen == [64]
+
+
 def test_conv2d_takes_the_gemm_only_for_small_maps_with_many_channels(monkeypatch):
     monkeypatch.setattr(ops, "ONEDNN_GEMM", frozenset({torch.float32, torch.bfloat16}))
     monkeypatch.setattr(ops, "GEMM_CONV_MAX_ROWS", {torch.float32: 512, torch.bfloat16: 128})  # the x86 policy
