@@ -113,10 +113,12 @@ def test_attention_takes_the_gemm_path_only_for_many_keys_in_fp32_inference(monk
         ops.attention(q, torch.randn(1, 2, 64, 4), torch.randn(1, 2, 64, 4))  # 64 keys: GEMM
         ops.attention(q, torch.randn(1, 2, 63, 4), torch.randn(1, 2, 63, 4))  # cross-attention to few keys: SDPA
         kv = torch.randn(1, 2, 64, 4).bfloat16()
-        ops.attention(q.bfloat16(), kv, kv)  # bf16: SDPA, which keeps its scores in fp32
+        assert ops.attention(q.bfloat16(), kv, kv).dtype == torch.bfloat16  # bf16: GEMM in fp32, rounded back
+        kv = torch.randn(1, 2, 64, 4).double()
+        ops.attention(q.double(), kv, kv)  # float64: SDPA
     qg = q.clone().requires_grad_()
     ops.attention(qg, torch.randn(1, 2, 64, 4), torch.randn(1, 2, 64, 4))  # gradients recorded: SDPA
-    assert seen == [64]
+    assert seen == [64, 64]
 
 
 def test_conv2d_takes_the_gemm_only_for_small_maps_with_many_channels(monkeypatch):
