@@ -342,3 +342,30 @@ def test_half_weights_with_gradients_get_their_own_fp32_copy(monkeypatch):
     b32(a32(x32).bfloat16().float()).bfloat16().float().square().sum().backward()
     torch.testing.assert_close(x.grad.float(), x32.grad, rtol=2e-2, atol=2e-2)
     torch.testing.assert_close(a.weight.grad.float(), a32.weight.grad, rtol=2e-2, atol=2e-2)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_groupnorm_records_statistics_and_reuses_them_on_another_input(dtype):
+    # Tiled VAE decoding: statistics recorded on one input normalise another (sdlite.ops.GroupNorm).
+    g = torch.Generator().manual_seed(7)
+    norm = ops.GroupNorm(4, 8, eps=1e-6)
+    with torch.no_grad():
+        norm.weight.copy_(torch.randn(8, generator=g)), norm.bias.copy_(torch.randn(8, generator=g))
+    whole, tile = torch.randn(2, 8, 6, 5, generator=g), 0.1 * torch.randn(2, 8, 3, 4, generator=g) + 0.5
+    with torch.no_grad(), ops.shared_statistics(norm) as set_mode:
+        set_mode("record")
+        recorded = norm(whole.to(dtype))
+        set_mode("reuse")
+        reused = norm(tile.to(dtype))
+    plain = F.group_norm(whole.to(dtype), 4, norm.weight.to(dtype), norm.bias.to(dtype), eps=1e-6)
+    grouped = whole.to(dtype).double().reshape(2, 4, -1)
+    mean, var = grouped.mean(-1), grouped.var(-1, unbiased=False)  # [B, G]
+    per_channel = lambda t: t.repeat_interleave(2, dim=1)[:, :, None, None]  # noqa: E731
+    expected = ((tile.to(dtype).double() - per_channel(mean)) / (per_channel(var) + 1e-6).sqrt()
+                * norm.weight.double()[:, None, None] + norm.bias.double()[:, None, None])
+    tol = {torch.float32: dict(rtol=1e-5, atol=1e-5), torch.bfloat16: dict(rtol=2.0 ** -7, atol=2e-2),
+           torch.float16: dict(rtol=2.0 ** -10, atol=3e-3)}[dtype]
+    assert recorded.dtype == reused.dtype == dtype
+    torch.testing.assert_close(recorded.float(), plain.float(), **tol)
+    torch.testing.assert_close(reused.double(), expected.to(dtype).double(), **tol)
+    assert norm.stats is None and norm.recorded is None  # back to normal on exit
