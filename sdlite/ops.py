@@ -1,18 +1,20 @@
 """The compute kernels the UNet and the VAE share, each with one performance or memory choice.
 
 :func:`attention` — scaled dot-product attention, optionally a slice of queries at a time (the
-low-memory option); on the CPU, the self-attention of large maps as chunked GEMMs (faster there). ``softmax(q kᵀ / √d) v`` is independent for every query row, so computing it
-for ``chunk`` queries at a time gives the same numbers while the ``[L, N]`` score matrix only ever
-exists for ``chunk`` rows. On a GPU whose SDPA falls back to the plain ("math") kernel — large
+low-memory option); on an x86 CPU, the self-attention of large maps as chunked GEMMs (faster
+there). ``softmax(q kᵀ / √d) v`` is independent for every query row, so computing it for ``chunk``
+queries at a time gives the same numbers while the ``[L, N]`` score matrix only ever exists for
+``chunk`` rows. On a GPU whose SDPA falls back to the plain ("math") kernel — large
 head sizes such as the VAE's single 512-wide head, or older cards — this bounds the peak memory of
 attention over 4096+ tokens; where a fused kernel runs, chunking only costs a little speed.
 
 :func:`linear` / :class:`Linear` — fp32 matrix products on an x86 CPU through oneDNN's GEMM
-instead of PyTorch's default BLAS (MKL). On this project's AMD EPYC machines MKL's ``sgemm`` runs
-at ~210 GFLOP/s on 2 threads, AVX2 and AVX-512 alike (MKL takes its generic code path on non-Intel
-CPUs), while oneDNN, the library PyTorch already uses for every CPU convolution, reaches 410-490
-on every Linear shape of the three networks: 2.0-2.4x (benchmarks/RESULTS.md, "Levers"). Same
-matrix product, different summation order: results agree to float rounding.
+instead of PyTorch's default BLAS (MKL). On this project's AMD EPYC machines MKL's ``sgemm`` ran
+at ~210 GFLOP/s on 2 threads, on the AVX2 one and on the AVX-512 one (MKL takes a generic code
+path on non-Intel CPUs), while oneDNN, the library PyTorch already uses for every CPU convolution,
+reached ~430 on the AVX2 machine and 410-490 on the AVX-512 one, 1.4-2.4x per linear layer of the
+three networks (benchmarks/RESULTS.md, "Levers"). Same matrix product, different summation
+order: results agree to float rounding.
 
 :class:`Conv2d` — ``nn.Conv2d`` (same parameters, same state-dict names) that runs the
 convolutions of small maps as one matrix product: the input unrolled into ``[batch·H·W, C_in·k·k]``
@@ -20,7 +22,7 @@ rows (im2col, a strided view copied once) times the weight, as it is stored, ``[
 through the same oneDNN GEMM. PyTorch's oneDNN convolution is fast on large maps but slow on the
 UNet's low-resolution levels at batch 2 (8x8 and 4x4 maps, 1280 channels: 130 and 45 GFLOP/s on
 this project's AVX-512 machine, against 290-390 as a GEMM); which convolutions take the GEMM is a
-per-CPU-family rule below, measured on each. Both paths compute the same convolution; results
+rule per dtype below (``GEMM_CONV_MAX_ROWS``). Both paths compute the same convolution; results
 agree to float rounding.
 
 :class:`Conv2d` and :class:`Linear` (and :func:`linear`, for a bare weight) — on a CPU without

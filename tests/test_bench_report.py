@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 
@@ -41,3 +42,15 @@ def test_flops_note_without_a_peak_gives_speed_only():
     # Where bf16 is emulated the bf16 rows get no "% of peak" (peak_dtype cleared).
     row = _row([1.0], [2.0], flops=100e9, peak_dtype="")
     assert bench.flops_note(row, {"fp32": (200.0, 2048)}) == ["100 GFLOP; 100.0 / 50.0 GFLOP/s"]
+
+
+def test_matmul_peak_measures_each_backend_and_skips_one_this_build_lacks(monkeypatch):
+    # The run's peak is the larger of torch.mm (MKL on x86) and oneDNN's GEMM, which sdlite uses.
+    gflops, n = bench.matmul_peak(torch.float32, 512, repeats=1, backend="torch.mm")
+    assert gflops > 0 and n == 512
+    monkeypatch.setattr(bench.ops, "ONEDNN_GEMM", frozenset())
+    assert bench.matmul_peak(torch.float32, 512, repeats=1, backend="oneDNN") == (0.0, 0)
+    monkeypatch.undo()
+    if torch.float32 in bench.ops.ONEDNN_GEMM:
+        gflops, n = bench.matmul_peak(torch.float32, 512, repeats=1, backend="oneDNN")
+        assert gflops > 0 and n == 512
