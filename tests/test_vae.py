@@ -193,3 +193,20 @@ def test_full_size_matches_diffusers_decode_and_encode_within_1e_10_of_max_abs_i
     assert max_rel_err(dec_ours, dec_ref) <= tolerance
     assert max_rel_err(post_ours.mean, post_ref.mean) <= tolerance
     assert max_rel_err(post_ours.logvar, post_ref.logvar) <= tolerance
+
+
+def test_inference_writes_swish_and_residual_sums_in_place_without_changing_the_result(tiny):
+    # Without autograd the ResnetBlocks write into their own fresh tensors (fewer large allocations);
+    # with autograd they keep the originals, which the backward pass needs. Same numbers either way.
+    g = torch.Generator().manual_seed(11)
+    z, x = torch.randn(1, TINY.z_channels, 8, 8, generator=g), torch.randn(1, 3, 32, 32, generator=g)
+    with torch.inference_mode():
+        decoded, moments = tiny.decode(z), tiny.encoder(x)
+    z_grad = z.clone().requires_grad_()
+    with torch.enable_grad():
+        decoded_grad = tiny.decode(z_grad)
+        decoded_grad.square().mean().backward()
+        moments_grad = tiny.encoder(x)
+    assert torch.equal(decoded, decoded_grad.detach()) and torch.equal(moments, moments_grad.detach())
+    assert z_grad.grad is not None and torch.isfinite(z_grad.grad).all()
+    tiny.zero_grad(set_to_none=True)  # the module is shared by the other tests
