@@ -145,11 +145,22 @@ def _fp32_weight(weight: torch.Tensor) -> torch.Tensor:
 # The dtypes whose matrix products on the CPU go through oneDNN's GEMM (see the module docstring):
 # fp32, and bf16 where the CPU has native bf16 kernels (elsewhere bf16 is computed in fp32, above),
 # on an x86 CPU with a PyTorch build that has oneDNN and its ``_linear_pointwise`` op (the one
-# PyTorch's own compiler emits for CPU linear layers). Empty elsewhere: PyTorch's defaults run.
+# PyTorch's own compiler emits for CPU linear layers). The op is internal to PyTorch, so it is
+# tried once on a tiny product at import; a build where it is missing, fails or disagrees with
+# ``F.linear`` gets PyTorch's defaults, as do other CPUs.
+def _onednn_gemm_works(dtype: torch.dtype) -> bool:
+    if not (platform.machine().lower() in ("x86_64", "amd64") and torch.backends.mkldnn.is_available()):
+        return False
+    try:
+        x, w, b = (torch.tensor(t, dtype=dtype) for t in ([[1.0, 2.0], [3.0, 4.0]], [[1.0, -1.0]], [0.5]))
+        y = torch.ops.mkldnn._linear_pointwise(x, w, b, "none", [], "")
+        return bool(torch.equal(y, torch.tensor([[-0.5], [-0.5]], dtype=dtype)))
+    except (AttributeError, RuntimeError, TypeError):
+        return False
+
+
 ONEDNN_GEMM: frozenset[torch.dtype] = frozenset(
-    d for d in (torch.float32, torch.bfloat16) if d not in HALF_AS_FP32
-    and platform.machine().lower() in ("x86_64", "amd64") and torch.backends.mkldnn.is_available()
-    and hasattr(torch.ops.mkldnn, "_linear_pointwise"))
+    d for d in (torch.float32, torch.bfloat16) if d not in HALF_AS_FP32 and _onednn_gemm_works(d))
 
 
 def _onednn_gemm(x: torch.Tensor, *params: torch.Tensor | None, dtype: torch.dtype | None = None) -> bool:

@@ -369,3 +369,24 @@ def test_groupnorm_records_statistics_and_reuses_them_on_another_input(dtype):
     torch.testing.assert_close(recorded.float(), plain.float(), **tol)
     torch.testing.assert_close(reused.double(), expected.to(dtype).double(), **tol)
     assert norm.stats is None and norm.recorded is None  # back to normal on exit
+
+
+def test_onednn_gemm_is_off_where_the_internal_op_is_missing_or_fails(monkeypatch):
+    # torch.ops.mkldnn._linear_pointwise is internal to PyTorch: a build without it, or where it
+    # raises, gets PyTorch's own kernels instead of an error at the first linear layer.
+    import types
+    monkeypatch.setattr(ops.platform, "machine", lambda: "x86_64")
+    monkeypatch.setattr(torch.ops, "mkldnn", types.SimpleNamespace())
+    assert not ops._onednn_gemm_works(torch.float32)
+
+    def broken(*args):
+        raise RuntimeError("unsupported")
+    monkeypatch.setattr(torch.ops, "mkldnn", types.SimpleNamespace(_linear_pointwise=broken))
+    assert not ops._onednn_gemm_works(torch.float32)
+    monkeypatch.setattr(torch.ops, "mkldnn", types.SimpleNamespace(_linear_pointwise=lambda x, w, b, *a: x[:, :1]))
+    assert not ops._onednn_gemm_works(torch.float32)  # a wrong answer
+    monkeypatch.undo()
+    monkeypatch.setattr(ops.platform, "machine", lambda: "aarch64")
+    assert not ops._onednn_gemm_works(torch.float32)  # not x86: PyTorch's defaults (unmeasured there)
+    monkeypatch.undo()
+    assert ops._onednn_gemm_works(torch.float32) == (torch.float32 in ops.ONEDNN_GEMM)
