@@ -232,7 +232,7 @@ class Conv2d(nn.Conv2d):
             return self._conv_forward(input.float(), _fp32_weight(weight), _fp32(bias)).to(input.dtype)
         # ``weight`` may differ from self.weight (upsample_conv passes its 2x2 phase kernels).
         c_out, _, kh, kw = weight.shape
-        if (self.stride == (1, 1) and self.dilation == (1, 1) and self.groups == 1
+        if (input.dim() == 4 and self.stride == (1, 1) and self.dilation == (1, 1) and self.groups == 1
                 and self.padding_mode == "zeros" and not isinstance(self.padding, str)
                 and c_out >= GEMM_CONV_MIN_OUT
                 and _onednn_gemm(input, weight, bias)):

@@ -134,11 +134,12 @@ def test_conv2d_takes_the_gemm_only_for_small_maps_with_many_channels(monkeypatc
         ops.Conv2d(64, 640, 3, padding=1)(torch.randn(1, 64, 8, 8))  # few output channels: oneDNN's conv
         ops.Conv2d(64, 1280, 3, padding=1, stride=2)(torch.randn(1, 64, 8, 8))  # strided: oneDNN's conv
         ops.Conv2d(64, 1280, 3, padding=1).double()(torch.randn(1, 64, 8, 8).double())  # float64: oneDNN's conv
+        ops.Conv2d(64, 1280, 3, padding=1)(torch.randn(64, 8, 8))  # unbatched: oneDNN's conv
         ops.Conv2d(64, 1280, 3, padding=1).bfloat16()(torch.randn(2, 64, 8, 8).bfloat16())  # 128 rows in bf16: GEMM
         ops.Conv2d(64, 1280, 3, padding=1).bfloat16()(torch.randn(2, 64, 16, 16).bfloat16())  # 512: oneDNN's conv
         with torch.autocast("cpu", torch.bfloat16):
             ops.Conv2d(64, 1280, 3, padding=1)(torch.randn(1, 64, 8, 8))  # autocast: oneDNN's conv
-    assert seen == [(2, 64, 16, 16), "oneDNN", "oneDNN", "oneDNN", "oneDNN", (2, 64, 8, 8), "oneDNN", "oneDNN"]
+    assert seen == [(2, 64, 16, 16), "oneDNN", "oneDNN", "oneDNN", "oneDNN", "oneDNN", (2, 64, 8, 8), "oneDNN", "oneDNN"]
     seen.clear()
     conv = ops.Conv2d(64, 1280, 3, padding=1)
     conv(torch.randn(1, 64, 8, 8))  # gradients recorded (training): oneDNN's conv, which has a backward
