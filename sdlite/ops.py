@@ -89,8 +89,8 @@ def _attention_by_gemm(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, query_
 
     PyTorch's fused CPU kernel (flash attention) does its two small products (``d`` = 40 to 160
     columns) with its BLAS; over the 4096 tokens of a 64x64 latent it was 1.5x slower than this
-    plain formulation, and 1.8x for the VAE's single 512-wide head (benchmarks/RESULTS.md,
-    "Levers"). With the chunk of ~2^20 scores (4 MB in fp32) the score matrix stays small and in
+    plain formulation, and 1.8x for the VAE's single 512-wide head (session 11 micro-benchmark;
+    ``benchmarks/bench.py --levers`` has the rows). With the chunk of ~2^20 scores (4 MB in fp32) the score matrix stays small and in
     cache; it is the same arithmetic as SDPA's unfused path, up to float rounding. The result is a
     ``[B, heads, L, d]`` view of a ``[B, L, heads, d]`` tensor, which the networks' next step
     (heads back into channels) reads without a copy."""
