@@ -121,6 +121,32 @@ def test_attention_takes_the_gemm_path_only_for_many_keys_in_fp32_inference(monk
     assert seen == [64, 64]
 
 
+def test_rowwise_on_the_cpu_computes_chunks_of_rows_and_gives_the_unchunked_result(monkeypatch):
+    monkeypatch.setattr(ops, "ROW_CHUNK", 7)
+    w = torch.randn(5, 3)
+    calls: list[int] = []
+
+    def per_row(r: torch.Tensor) -> torch.Tensor:
+        calls.append(r.shape[:-1].numel())
+        return F.gelu(r @ w.t())
+
+    x = torch.randn(2, 11, 3)  # 22 rows: 7 + 7 + 7 + 1
+    out = ops.rowwise(per_row, x)
+    assert calls == [7, 7, 7, 1]
+    assert out.shape == (2, 11, 5)
+    torch.testing.assert_close(out, F.gelu(x @ w.t()), rtol=0, atol=1e-6)
+    calls.clear()
+    assert ops.rowwise(per_row, x[:, :3]).shape == (2, 3, 5) and calls == [6]  # few rows: one call
+
+
+def test_rowwise_leaves_other_devices_to_one_call(monkeypatch):
+    monkeypatch.setattr(ops, "ROW_CHUNK", 2)
+    x = torch.randn(4, 6, 3, device="meta")
+    calls: list[tuple[int, ...]] = []
+    out = ops.rowwise(lambda r: calls.append(tuple(r.shape)) or r * 2, x)
+    assert calls == [(4, 6, 3)] and out.shape == x.shape
+
+
 def test_conv2d_takes_the_gemm_only_for_small_maps_with_many_channels(monkeypatch):
     monkeypatch.setattr(ops, "ONEDNN_GEMM", frozenset({torch.float32, torch.bfloat16}))
     monkeypatch.setattr(ops, "GEMM_CONV_MAX_ROWS", {torch.float32: 512, torch.bfloat16: 128})  # the x86 policy

@@ -8,10 +8,12 @@ from collections.abc import Iterator
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from sdlite.config import SD1_UNET, SD2_UNET, UNetConfig
 from sdlite.unet import UNetModel
-from sdlite.unet.model import ResBlock, timestep_embedding
+import sdlite.ops as ops
+from sdlite.unet.model import FeedForward, ResBlock, timestep_embedding
 
 from factory import random_state_dict, tsv_shapes
 
@@ -211,6 +213,29 @@ def test_unet_forward_does_not_modify_its_inputs() -> None:
         model(x, t, context)
     for a, b in zip((x, t, context), copies):
         assert torch.equal(a, b)
+
+
+def test_geglu_is_a_times_gelu_of_gate_from_the_halves_of_one_projection() -> None:
+    ff = FeedForward(8).eval()
+    x = torch.randn(2, 5, 8)
+    a, gate = F.linear(x, ff.net[0].proj.weight, ff.net[0].proj.bias).chunk(2, dim=-1)
+    ref = F.linear(a * F.gelu(gate), ff.net[2].weight, ff.net[2].bias)
+    with torch.no_grad():
+        torch.testing.assert_close(ff(x), ref, rtol=0, atol=1e-6)
+    x.requires_grad_(True)  # in place only without autograd: gradients reach the input and both halves
+    ff(x).sum().backward()
+    assert x.grad is not None and ff.net[0].proj.weight.grad.abs().sum(dim=1).min() > 0
+
+
+def test_unet_feedforward_by_chunks_of_tokens_equals_the_whole_map_bit_for_bit(monkeypatch) -> None:
+    model = tiny()
+    x, t, context = torch.randn(2, 4, 16, 16), torch.tensor([10, 500]), torch.randn(2, 77, 32)
+    with torch.no_grad():
+        monkeypatch.setattr(ops, "ROW_CHUNK", 10**9)
+        whole = model(x, t, context)
+        monkeypatch.setattr(ops, "ROW_CHUNK", 96)  # 512 tokens at the first level: 6 chunks (5 full)
+        chunked = model(x, t, context)
+    assert torch.equal(chunked, whole)
 
 
 def test_resblock_skip_connection_is_parameter_free_identity_when_channels_match() -> None:

@@ -31,7 +31,7 @@ from einops import rearrange
 from torch import nn
 
 from sdlite.config import UNetConfig
-from sdlite.ops import Conv2d, Linear, attention, upsample_conv
+from sdlite.ops import Conv2d, Linear, attention, linear, rowwise, upsample_conv
 
 
 def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10000.0) -> torch.Tensor:
@@ -171,8 +171,14 @@ class GEGLU(nn.Module):
         self.proj = Linear(dim_in, dim_out * 2)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        a, gate = self.proj(x).chunk(2, dim=-1)
-        return a * F.gelu(gate)
+        # Two products with the halves of ``proj`` (row views, no copy) instead of one product split
+        # afterwards: the same numbers, with contiguous halves, and without the double-width output
+        # (84 MB in fp32 over a batch-2 64x64 latent).
+        w_a, w_gate = self.proj.weight.chunk(2)
+        b_a, b_gate = (None, None) if self.proj.bias is None else self.proj.bias.chunk(2)
+        gate = F.gelu(linear(x, w_gate, b_gate))
+        a = linear(x, w_a, b_a)
+        return gate.mul_(a) if not torch.is_grad_enabled() else gate * a
 
 
 class FeedForward(nn.Module):
@@ -183,7 +189,7 @@ class FeedForward(nn.Module):
         self.net = nn.Sequential(GEGLU(dim, dim * mult), nn.Dropout(dropout), Linear(dim * mult, dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.net(x)
+        return rowwise(self.net, x)  # per token; on the CPU a few hundred tokens at a time (sdlite.ops)
 
 
 class BasicTransformerBlock(nn.Module):
