@@ -162,6 +162,33 @@ def test_a_channels_last_unet_gives_the_nchw_result(cfg: UNetConfig) -> None:
     torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5 * ref.abs().max().item())
 
 
+@pytest.mark.parametrize("layout", [torch.contiguous_format, torch.channels_last], ids=["nchw", "channels_last"])
+def test_spatial_transformer_returns_the_memory_layout_it_was_given(layout: torch.memory_format) -> None:
+    # Its tokens are a contiguous copy of an NCHW map; the map must come back NCHW (a channels-last
+    # map would turn the following convs channels-last: slower on the CPU), and channels-last stays so.
+    block = tiny().input_blocks[1][1]
+    x = torch.randn(2, 32, 8, 8).contiguous(memory_format=layout)
+    with torch.no_grad():
+        out = block(x, torch.randn(2, 77, 32))
+    assert out.is_contiguous(memory_format=layout)
+
+
+def test_unet_inference_sums_in_place_without_changing_the_result(monkeypatch) -> None:
+    # Without autograd the ResBlocks and transformer blocks write SiLU and their residual sums into
+    # tensors they have just made; with autograd they keep the originals for the backward pass.
+    # PyTorch's kernels on both sides (oneDNN's GEMM is only taken without autograd): same numbers.
+    monkeypatch.setattr(ops, "ONEDNN_GEMM", frozenset())
+    model = tiny()
+    x, t, context = torch.randn(2, 4, 8, 8), torch.tensor([10, 500]), torch.randn(2, 77, 32)
+    with torch.no_grad():
+        inference = model(x, t, context)
+    x_grad = x.clone().requires_grad_()
+    trained = model(x_grad, t, context)
+    trained.square().mean().backward()
+    assert torch.equal(inference, trained.detach())
+    assert x_grad.grad is not None and torch.isfinite(x_grad.grad).all()
+
+
 def test_unet_has_no_buffers_and_loads_onto_meta_with_assign() -> None:
     with torch.device("meta"):
         model = UNetModel(TINY)
