@@ -915,9 +915,16 @@ def network_levers(cfg: ModelConfig, nets: dict, repeats: int) -> str:
     ctx = torch.randn(2, cfg.text.max_length, cfg.unet.context_dim, generator=gen)
     t = torch.tensor([500.0, 500.0])
     fp32_rows = ops.GEMM_CONV_MAX_ROWS.get(torch.float32)
-    gemm_rule = (f"batch*H*W <= {fp32_rows} and >= {ops.GEMM_CONV_MIN_OUT} output channels" if fp32_rows
-                 else "none on this CPU")
+    long_rows, min_k = ops.GEMM_CONV_LARGE_K.get(torch.float32, (0, 0))
+    gemm_rule = (f">= {ops.GEMM_CONV_MIN_OUT} output channels and batch*H*W <= {fp32_rows}, or <= {long_rows} "
+                 f"with C_in*kh*kw >= {min_k}" if fp32_rows else "none on this CPU")
     Switch = Callable[[], contextlib.AbstractContextManager]
+
+    @contextlib.contextmanager
+    def no_gemm_convs() -> Any:
+        with patch.object(ops, "GEMM_CONV_MAX_ROWS", {}), patch.object(ops, "GEMM_CONV_LARGE_K", {}):
+            yield
+
     cases: list[tuple[str, Callable[[], Any], Switch, Switch, str]] = []
     upsample_cases = (lambda: patch.object(ops, "UPSAMPLE_BY_PHASES", ()),
                       lambda: patch.object(ops, "UPSAMPLE_BY_PHASES", ("cpu",)),
@@ -930,9 +937,12 @@ def network_levers(cfg: ModelConfig, nets: dict, repeats: int) -> str:
         cases.append((name, call, lambda: patch.object(ops, "ONEDNN_GEMM", frozenset()), contextlib.nullcontext,
                       "PyTorch's kernels (linear layers on its BLAS, every conv on oneDNN's conv) vs sdlite.ops' "
                       f"default (linear layers and small-map convs on oneDNN's GEMM; small maps here: {gemm_rule})"))
-        cases.append((name, call, lambda: patch.object(ops, "GEMM_CONV_MAX_ROWS", {}), contextlib.nullcontext,
+        cases.append((name, call, no_gemm_convs, contextlib.nullcontext,
                       f"the convs alone: every conv on oneDNN's conv vs small maps ({gemm_rule}) as im2col + "
                       "oneDNN GEMM (linear layers on oneDNN's GEMM in both)"))
+        cases.append((name, call, lambda: patch.object(ops, "ROW_CHUNK", 10**9), contextlib.nullcontext,
+                      "the feed-forward layers over all tokens at once vs 512 tokens at a time (sdlite.ops.rowwise, "
+                      "the default)"))
         cases.append((name, call, contextlib.nullcontext, winograd.winograd_unet_convs,
                       "sdlite's default vs 3x3 convs with >= 512 rows, >= 320 channels and in*out <= 640*1280 by "
                       "Winograd F(2x2,3x3) (benchmarks/winograd.py; not in sdlite)"))

@@ -22,7 +22,7 @@ rows (im2col, a strided view copied once) times the weight, as it is stored, ``[
 through the same oneDNN GEMM. PyTorch's oneDNN convolution is fast on large maps but slow on the
 UNet's low-resolution levels at batch 2 (8x8 and 4x4 maps, 1280 channels: 130 and 45 GFLOP/s on
 this project's AVX-512 machine, against 290-390 as a GEMM); which convolutions take the GEMM is a
-rule per dtype below (``GEMM_CONV_MAX_ROWS``). Both paths compute the same convolution; results
+rule per dtype below (``GEMM_CONV_MAX_ROWS``, ``GEMM_CONV_LARGE_K``). Both paths compute the same convolution; results
 agree to float rounding.
 
 :class:`Conv2d` and :class:`Linear` (and :func:`linear`, for a bare weight) — on a CPU without
@@ -221,17 +221,30 @@ class Linear(nn.Linear):
         return linear(input, self.weight, self.bias)
 
 
-# Which convolutions run as im2col + GEMM (see the module docstring), per dtype: at most
-# ``GEMM_CONV_MAX_ROWS[dtype]`` output positions (batch·H·W) and at least GEMM_CONV_MIN_OUT output
-# channels; dtypes not listed never. At batch 2 the fp32 rule takes the UNet's 1280-channel convs
-# on 16x16 maps and smaller (oneDNN's conv stays faster for 640 output channels on the same maps
-# and for every larger map), the bf16 rule those on 8x8 maps and smaller. Measured on an AVX-512 CPU with native bf16, and in fp32 with PyTorch and
-# oneDNN limited to AVX2 on the same CPU (benchmarks/RESULTS.md, "Levers"); other CPU families
-# keep PyTorch's default until measured.
-GEMM_CONV_MAX_ROWS: dict[torch.dtype, int] = (
-    {d: rows for d, rows in ((torch.float32, 512), (torch.bfloat16, 128)) if d in ONEDNN_GEMM}
-    if torch.backends.cpu.get_cpu_capability() in ("AVX2", "AVX512") else {})
+# Which convolutions run as im2col + GEMM (see the module docstring), per dtype: those with at least
+# GEMM_CONV_MIN_OUT output channels and at most ``GEMM_CONV_MAX_ROWS[dtype]`` output positions
+# (batch·H·W), or at most ``rows`` positions where the unrolled row is long, ``C_in·kh·kw >= k``
+# (``GEMM_CONV_LARGE_K[dtype] = (rows, k)``); dtypes not listed never. At batch 2 that is, for the
+# UNet's 1280-channel convs: every conv on 8x8 maps and smaller (the one with 640 input channels
+# 1.1x slower so, the others up to 4x faster; and the Upsample's four 2x2 convs on an 8x8 map, 162
+# positions), and on 16x16 maps those over 1280 (fp32) or 1920 (bf16) input
+# channels x 3x3. oneDNN's conv stays faster for 640 output channels, for short rows on 16x16 maps
+# (1x1 convs, 640 input channels: 1.07-1.35x slower as a GEMM) and for every larger map. Measured
+# per conv on an AVX-512 CPU with native bf16 (session 12), and in fp32 with PyTorch and oneDNN
+# limited to AVX2 on the same CPU (session 11; benchmarks/RESULTS.md, "Levers"); other CPU
+# families keep PyTorch's default until measured.
+_X86 = torch.backends.cpu.get_cpu_capability() in ("AVX2", "AVX512")
+GEMM_CONV_MAX_ROWS: dict[torch.dtype, int] = {
+    d: 256 for d in (torch.float32, torch.bfloat16) if _X86 and d in ONEDNN_GEMM}
+GEMM_CONV_LARGE_K: dict[torch.dtype, tuple[int, int]] = {
+    d: rule for d, rule in ((torch.float32, (512, 11520)), (torch.bfloat16, (512, 17280))) if d in GEMM_CONV_MAX_ROWS}
 GEMM_CONV_MIN_OUT = 1280
+
+
+def _conv_takes_gemm(dtype: torch.dtype, rows: int, k: int) -> bool:
+    """The rule above: ``rows`` output positions, rows of length ``k`` = C_in·kh·kw."""
+    long_rows, min_k = GEMM_CONV_LARGE_K.get(dtype, (-1, 0))
+    return rows <= GEMM_CONV_MAX_ROWS.get(dtype, -1) or (rows <= long_rows and k >= min_k)
 
 
 def _conv_as_gemm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, padding: tuple[int, int]) -> torch.Tensor:
@@ -257,13 +270,13 @@ class Conv2d(nn.Conv2d):
         if _as_fp32(input):
             return self._conv_forward(input.float(), _fp32_weight(weight), _fp32(bias)).to(input.dtype)
         # ``weight`` may differ from self.weight (upsample_conv passes its 2x2 phase kernels).
-        c_out, _, kh, kw = weight.shape
+        c_out, c_in, kh, kw = weight.shape
         if (input.dim() == 4 and self.stride == (1, 1) and self.dilation == (1, 1) and self.groups == 1
                 and self.padding_mode == "zeros" and not isinstance(self.padding, str)
                 and c_out >= GEMM_CONV_MIN_OUT
                 and _onednn_gemm(input, weight, bias)):
             h, w = (input.shape[-2] + 2 * self.padding[0] - kh + 1, input.shape[-1] + 2 * self.padding[1] - kw + 1)
-            if input.shape[0] * h * w <= GEMM_CONV_MAX_ROWS.get(input.dtype, -1):
+            if _conv_takes_gemm(input.dtype, input.shape[0] * h * w, c_in * kh * kw):
                 return _conv_as_gemm(input, weight, bias, self.padding)
         return super()._conv_forward(input, weight, bias)
 

@@ -149,27 +149,34 @@ def test_rowwise_leaves_other_devices_to_one_call(monkeypatch):
 
 def test_conv2d_takes_the_gemm_only_for_small_maps_with_many_channels(monkeypatch):
     monkeypatch.setattr(ops, "ONEDNN_GEMM", frozenset({torch.float32, torch.bfloat16}))
-    monkeypatch.setattr(ops, "GEMM_CONV_MAX_ROWS", {torch.float32: 512, torch.bfloat16: 128})  # the x86 policy
+    monkeypatch.setattr(ops, "GEMM_CONV_MAX_ROWS", {torch.float32: 256, torch.bfloat16: 256})  # the x86 policy
+    monkeypatch.setattr(ops, "GEMM_CONV_LARGE_K", {torch.float32: (512, 11520), torch.bfloat16: (512, 17280)})
     monkeypatch.setattr(ops, "GEMM_CONV_MIN_OUT", 1280)
     seen = []
     monkeypatch.setattr(ops, "_conv_as_gemm", lambda x, *a: seen.append(tuple(x.shape)) or torch.zeros(()))
     monkeypatch.setattr(torch.nn.Conv2d, "_conv_forward", lambda self, x, *a: seen.append("oneDNN"))
+    wide = ops.Conv2d(1280, 1280, 3, padding=1)  # rows of 1280 * 3 * 3 = 11520
     with torch.no_grad():
-        ops.Conv2d(64, 1280, 3, padding=1)(torch.randn(2, 64, 16, 16))  # 2*16*16 = 512 rows: GEMM
-        ops.Conv2d(64, 1280, 3, padding=1)(torch.randn(4, 64, 16, 16))  # 1024 rows: oneDNN's conv
+        ops.Conv2d(64, 1280, 3, padding=1)(torch.randn(2, 64, 8, 8))  # 2*8*8 = 128 rows: GEMM
+        ops.Conv2d(64, 1280, 2, padding=1)(torch.randn(2, 64, 8, 8))  # 2*9*9 = 162 rows: GEMM
+        ops.Conv2d(64, 1280, 3, padding=1)(torch.randn(2, 64, 16, 16))  # 512 short rows: oneDNN's conv
+        wide(torch.randn(2, 1280, 16, 16))  # 512 rows of 11520: GEMM in fp32
+        wide.bfloat16()(torch.randn(2, 1280, 16, 16).bfloat16())  # ... but not in bf16 (>= 17280)
+        wide.bfloat16()(torch.randn(2, 1280, 8, 8).bfloat16())  # 128 rows in bf16: GEMM
+        wide.float()(torch.randn(4, 1280, 16, 16))  # 1024 rows: oneDNN's conv
         ops.Conv2d(64, 640, 3, padding=1)(torch.randn(1, 64, 8, 8))  # few output channels: oneDNN's conv
         ops.Conv2d(64, 1280, 3, padding=1, stride=2)(torch.randn(1, 64, 8, 8))  # strided: oneDNN's conv
         ops.Conv2d(64, 1280, 3, padding=1).double()(torch.randn(1, 64, 8, 8).double())  # float64: oneDNN's conv
         ops.Conv2d(64, 1280, 3, padding=1)(torch.randn(64, 8, 8))  # unbatched: oneDNN's conv
-        ops.Conv2d(64, 1280, 3, padding=1).bfloat16()(torch.randn(2, 64, 8, 8).bfloat16())  # 128 rows in bf16: GEMM
-        ops.Conv2d(64, 1280, 3, padding=1).bfloat16()(torch.randn(2, 64, 16, 16).bfloat16())  # 512: oneDNN's conv
         with torch.autocast("cpu", torch.bfloat16):
             ops.Conv2d(64, 1280, 3, padding=1)(torch.randn(1, 64, 8, 8))  # autocast: oneDNN's conv
-    assert seen == [(2, 64, 16, 16), "oneDNN", "oneDNN", "oneDNN", "oneDNN", "oneDNN", (2, 64, 8, 8), "oneDNN", "oneDNN"]
+    assert seen == [(2, 64, 8, 8), (2, 64, 8, 8), "oneDNN", (2, 1280, 16, 16), "oneDNN", (2, 1280, 8, 8), "oneDNN",
+                    "oneDNN", "oneDNN", "oneDNN", "oneDNN", "oneDNN"]
     seen.clear()
     conv = ops.Conv2d(64, 1280, 3, padding=1)
     conv(torch.randn(1, 64, 8, 8))  # gradients recorded (training): oneDNN's conv, which has a backward
     monkeypatch.setattr(ops, "GEMM_CONV_MAX_ROWS", {})  # the switch off (CPUs not measured)
+    monkeypatch.setattr(ops, "GEMM_CONV_LARGE_K", {})
     with torch.no_grad():
         conv(torch.randn(1, 64, 8, 8))
     assert seen == ["oneDNN", "oneDNN"]
