@@ -605,15 +605,19 @@ class Pipeline:
 
 # The largest seed a torch.Generator takes (a 64-bit unsigned integer).
 SEED_MAX = 2**64 - 1
+SEED_MIN = -(2**63)  # a negative seed s seeds torch (and the A1111 web UI) with 2**64 + s
 
 
 def check_seed(seed: int, n_images: int = 1, name: str = "seed") -> None:
     """:class:`ArgumentError` unless ``seed`` and the ``n_images - 1`` seeds after it (image i of a run
-    uses ``seed + i``) all fit a torch.Generator. ``name``: how the caller's user spells it (``--seed``)."""
+    uses ``seed + i``) all fit a torch.Generator: [-2**63, 2**64 - 1], where a negative seed ``s`` is
+    the same stream as ``2**64 + s`` (torch's rule, so the A1111 web UI's too: it passes any seed but -1
+    to torch). -1 itself means "random" only as the seed asked for, which callers resolve before this
+    check. ``name``: how the caller's user spells it (``--seed``)."""
     largest = SEED_MAX - (n_images - 1)
-    if not 0 <= seed <= largest:
+    if not SEED_MIN <= seed <= largest:
         batch = f", and image i of the {n_images} uses {name} + i: give {name} ≤ {largest}" if n_images > 1 else ""
-        raise ArgumentError(f"{name} must be -1 (random) or in [0, 2**64 - 1]{batch}, got {seed}")
+        raise ArgumentError(f"{name} must be -1 (random) or in [-2**63, 2**64 - 1]{batch}, got {seed}")
 
 
 def random_streams(seeds: Sequence[int], shape: Sequence[int]) -> tuple[torch.Tensor, list[torch.Generator]]:

@@ -98,10 +98,10 @@ def test_counts_below_one_are_rejected_before_loading(in_tmp, monkeypatch, capsy
     assert f"{flag} must be ≥ 1, got {value}" in err
 
 
-@pytest.mark.parametrize("seed", [str(2**64), "-2"])
-def test_seed_outside_minus_one_and_uint64_is_rejected(in_tmp, monkeypatch, capsys, seed):
+@pytest.mark.parametrize("seed", [str(2**64), str(-2**63 - 1)])
+def test_seed_outside_what_torch_takes_is_rejected(in_tmp, monkeypatch, capsys, seed):
     err = _rejected(monkeypatch, capsys, ["--prompt", "a cat", "--seed", seed])
-    assert "--seed must be -1 (random) or in [0, 2**64 - 1]" in err
+    assert "--seed must be -1 (random) or in [-2**63, 2**64 - 1]" in err
 
 
 def test_seed_whose_last_image_seed_overflows_is_rejected(in_tmp, monkeypatch, capsys):

@@ -314,7 +314,7 @@ def test_nan_that_survives_fp32_is_an_error_not_an_image(monkeypatch):
     (dict(eta=float("nan")), "eta must be"),
     (dict(clip_skip=0), r"clip_skip must be in \[1, 2\]"),
     (dict(clip_skip=3), r"clip_skip must be in \[1, 2\]"),
-    (dict(seed=-5), "seed must be"),
+    (dict(seed=-(2**63) - 1), "seed must be"),
     (dict(seed=2**64), "seed must be"),
     (dict(seed=2**64 - 1, batch_size=2), "seed must be"),
     (dict(prompt=["a cat", "a dog"], negative_prompt=["blurry"]), "2 prompts but 1 negative"),
@@ -342,6 +342,18 @@ def test_bad_arguments_raise_argument_error_before_any_network_runs(pipe, monkey
 def test_the_largest_seed_a_generator_takes_is_accepted(pipe):
     images = pipe.txt2img("a cat", seed=2**64 - 2, batch_size=2, steps=1)
     assert images.seeds == [2**64 - 2, 2**64 - 1]
+
+
+def test_a_negative_seed_is_the_seed_two_to_the_64_plus_it_as_in_torch_and_a1111(pipe):
+    # The A1111 web UI passes any seed but -1 to torch, which takes a negative s as 2**64 + s. The
+    # infotext keeps the seed as given; -1 inside a batch (seed -2, image 1) is a seed, not "random".
+    images = pipe.txt2img("a cat", seed=-2, batch_size=2, steps=1, output_type="latent")
+    same = pipe.txt2img("a cat", seed=2**64 - 2, batch_size=2, steps=1, output_type="latent")
+    assert torch.equal(images, same)
+    pil = pipe.txt2img("a cat", seed=-2, batch_size=2, steps=1)
+    assert pil.seeds == [-2, -1] and "Seed: -2," in pil.infotexts[0] and "Seed: -1," in pil.infotexts[1]
+    smallest = pipe.txt2img("a cat", seed=-(2**63), steps=1)
+    assert smallest.seeds == [-(2**63)]
 
 
 @pytest.mark.parametrize("kwargs", [dict(device="quantum"), dict(prediction="x0")])

@@ -422,7 +422,7 @@ def test_a_seed_range_that_overflows_on_a_later_batch_is_refused_before_any_batc
     body = {"prompt": "x", "steps": 1, "n_iter": 3, **SIZE}
     r = requests.post(f"{api.baseurl}/txt2img", json={**body, "seed": top - 1})  # the 3rd image would need 2**64
     assert r.status_code == 400 and str(top - 2) in r.json()["detail"]  # the message names the largest valid seed
-    r = requests.post(f"{api.baseurl}/txt2img", json={**body, "seed": -5})
+    r = requests.post(f"{api.baseurl}/txt2img", json={**body, "seed": -2**63 - 1})
     assert r.status_code == 400 and "seed must be -1 (random)" in r.json()["detail"]
     assert steps == []  # nothing was sampled
     r = requests.post(f"{api.baseurl}/txt2img", json={**body, "seed": top - 2})
