@@ -22,8 +22,8 @@ rows (im2col, a strided view copied once) times the weight, as it is stored, ``[
 through the same oneDNN GEMM. PyTorch's oneDNN convolution is fast on large maps but slow on the
 UNet's low-resolution levels at batch 2 (8x8 and 4x4 maps, 1280 channels: 130 and 45 GFLOP/s on
 this project's AVX-512 machine, against 290-390 as a GEMM); which convolutions take the GEMM is a
-rule per dtype below (``GEMM_CONV_MAX_ROWS``, ``GEMM_CONV_LARGE_K``). Both paths compute the same convolution; results
-agree to float rounding.
+rule per dtype below (``GEMM_CONV_MAX_ROWS``, ``GEMM_CONV_LARGE_K``). Both paths compute the same
+convolution; results agree to float rounding.
 
 :class:`Conv2d` and :class:`Linear` (and :func:`linear`, for a bare weight) — on a CPU without
 native half-precision kernels (x86 without AVX512-BF16/AMX for bf16, without AVX512-FP16/AMX-FP16
@@ -227,9 +227,9 @@ class Linear(nn.Linear):
 # (``GEMM_CONV_LARGE_K[dtype] = (rows, k)``); dtypes not listed never. At batch 2 that is, for the
 # UNet's 1280-channel convs: every conv on 8x8 maps and smaller (the one with 640 input channels
 # 1.1x slower so, the others up to 4x faster; and the Upsample's four 2x2 convs on an 8x8 map, 162
-# positions), and on 16x16 maps those over 1280 (fp32) or 1920 (bf16) input
-# channels x 3x3. oneDNN's conv stays faster for 640 output channels, for short rows on 16x16 maps
-# (1x1 convs, 640 input channels: 1.07-1.35x slower as a GEMM) and for every larger map. Measured
+# positions), and on 16x16 maps those with at least 1280 (fp32) or 1920 (bf16) input channels x
+# 3x3. oneDNN's conv stays faster for 640 output channels, for short rows on 16x16 maps (1x1 convs,
+# 640 input channels: 1.07-1.35x slower as a GEMM) and for every larger map. Measured
 # per conv on an AVX-512 CPU with native bf16 (session 12), and in fp32 with PyTorch and oneDNN
 # limited to AVX2 on the same CPU (session 11; benchmarks/RESULTS.md, "Levers"); other CPU
 # families keep PyTorch's default until measured.
@@ -237,7 +237,8 @@ _X86 = torch.backends.cpu.get_cpu_capability() in ("AVX2", "AVX512")
 GEMM_CONV_MAX_ROWS: dict[torch.dtype, int] = {
     d: 256 for d in (torch.float32, torch.bfloat16) if _X86 and d in ONEDNN_GEMM}
 GEMM_CONV_LARGE_K: dict[torch.dtype, tuple[int, int]] = {
-    d: rule for d, rule in ((torch.float32, (512, 11520)), (torch.bfloat16, (512, 17280))) if d in GEMM_CONV_MAX_ROWS}
+    d: rule for d, rule in ((torch.float32, (512, 11520)), (torch.bfloat16, (512, 17280)))
+    if d in GEMM_CONV_MAX_ROWS}
 GEMM_CONV_MIN_OUT = 1280
 
 

@@ -270,7 +270,8 @@ class SpatialTransformer(nn.Module):
             x = block(x, context)
         if self.use_linear:
             x = self.proj_out(x)
-        layout = torch.channels_last if x_in.is_contiguous(memory_format=torch.channels_last) else torch.contiguous_format
+        channels_last = x_in.is_contiguous(memory_format=torch.channels_last)
+        layout = torch.channels_last if channels_last else torch.contiguous_format
         x = rearrange(x, "b (h w) c -> b c h w", h=h, w=w).contiguous(memory_format=layout)
         if not self.use_linear:
             x = self.proj_out(x)
