@@ -126,8 +126,9 @@ def rowwise(fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor) -> torc
     feed-forward layers at the 64x64 and 32x32 levels ran 1.4-1.9x faster in bf16 and fp32
     (session 12 micro-benchmark; the whole-UNet lever is in ``benchmarks/bench.py --levers``).
     The arithmetic per row is unchanged, so the results are identical. On a GPU one call is
-    faster (one kernel per op, all rows in parallel)."""
-    if x.device.type != "cpu" or x.shape[:-1].numel() <= ROW_CHUNK:
+    faster (one kernel per op, all rows in parallel); under ``torch.compile`` too, which plans the
+    memory of the whole graph itself."""
+    if x.device.type != "cpu" or torch.compiler.is_compiling() or x.shape[:-1].numel() <= ROW_CHUNK:
         return fn(x)
     rows = x.reshape(-1, x.shape[-1])
     out = torch.cat([fn(r) for r in rows.split(ROW_CHUNK)])

@@ -139,12 +139,14 @@ def test_rowwise_on_the_cpu_computes_chunks_of_rows_and_gives_the_unchunked_resu
     assert ops.rowwise(per_row, x[:, :3]).shape == (2, 3, 5) and calls == [6]  # few rows: one call
 
 
-def test_rowwise_leaves_other_devices_to_one_call(monkeypatch):
+def test_rowwise_leaves_other_devices_and_torch_compile_to_one_call(monkeypatch):
     monkeypatch.setattr(ops, "ROW_CHUNK", 2)
-    x = torch.randn(4, 6, 3, device="meta")
     calls: list[tuple[int, ...]] = []
-    out = ops.rowwise(lambda r: calls.append(tuple(r.shape)) or r * 2, x)
-    assert calls == [(4, 6, 3)] and out.shape == x.shape
+    out = ops.rowwise(lambda r: calls.append(tuple(r.shape)) or r * 2, torch.randn(4, 6, 3, device="meta"))
+    assert calls == [(4, 6, 3)] and out.shape == (4, 6, 3)
+    monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
+    ops.rowwise(lambda r: calls.append(tuple(r.shape)) or r * 2, torch.randn(4, 6, 3))
+    assert calls == [(4, 6, 3), (4, 6, 3)]
 
 
 def test_conv2d_takes_the_gemm_only_for_small_maps_with_many_channels(monkeypatch):
