@@ -164,8 +164,8 @@ def test_a_channels_last_unet_gives_the_nchw_result(cfg: UNetConfig) -> None:
 
 @pytest.mark.parametrize("layout", [torch.contiguous_format, torch.channels_last], ids=["nchw", "channels_last"])
 def test_spatial_transformer_returns_the_memory_layout_it_was_given(layout: torch.memory_format) -> None:
-    # Its tokens are a contiguous copy of an NCHW map; the map must come back NCHW (a channels-last
-    # map would turn the following convs channels-last: slower on the CPU), and channels-last stays so.
+    # Its tokens are a contiguous copy of an NCHW map; the map must come back NCHW (what follows
+    # should see the layout it was given), and a channels-last map (CUDA) stays channels-last.
     block = tiny().input_blocks[1][1]
     x = torch.randn(2, 32, 8, 8).contiguous(memory_format=layout)
     with torch.no_grad():

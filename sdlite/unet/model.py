@@ -261,8 +261,9 @@ class SpatialTransformer(nn.Module):
         # this is a view; an NCHW map is copied once here, instead of being copied by every
         # LayerNorm and read strided by every residual sum (on an H100: 4% of a batch-16 call; on
         # the CPU: 0.96-0.98x the UNet's time at 32x32 and 64x64 latents, session 12). The map goes
-        # back to its own memory layout after the blocks: a channels-last map here would make the
-        # following convs channels-last, which on the CPU made the whole UNet 1.19x slower.
+        # back to its own memory layout after the blocks, so what follows sees the layout it was
+        # given (on the AVX2 machine of earlier sessions, contiguous tokens without that step made
+        # the whole UNet 1.19x slower at 32x32; on the AVX-512 one it measured level either way).
         x = rearrange(x, "b c h w -> b (h w) c").contiguous()
         if self.use_linear:
             x = self.proj_in(x)
