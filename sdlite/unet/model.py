@@ -31,7 +31,7 @@ from einops import rearrange
 from torch import nn
 
 from sdlite.config import UNetConfig
-from sdlite.ops import Conv2d, Linear, attention, linear, rowwise, upsample_conv
+from sdlite.ops import Conv2d, Linear, add_into, attention, linear, rowwise, upsample_conv
 
 
 def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10000.0) -> torch.Tensor:
@@ -103,17 +103,14 @@ class ResBlock(nn.Module):
 
     def forward(self, x: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
         # in_layers, then + emb, then out_layers. Without autograd, SiLU and the sums write into the
-        # tensors the block has just made (as in the VAE's ResnetBlock): fewer fresh allocations,
-        # the same numbers. Autograd needs the originals.
+        # tensors the block has just made (sdlite.ops.add_into): the same numbers, fewer allocations.
         inplace = not torch.is_grad_enabled()
         norm, _, conv = self.in_layers
         h = conv(F.silu(norm(x), inplace=inplace))
-        e = self.emb_layers(emb).to(h.dtype)[:, :, None, None]
-        h = h.add_(e) if inplace else h + e
+        h = add_into(h, self.emb_layers(emb).to(h.dtype)[:, :, None, None])
         norm, _, dropout, conv = self.out_layers
         h = conv(dropout(F.silu(norm(h), inplace=inplace)))
-        skip = self.skip_connection(x)
-        return h.add_(skip) if inplace else skip + h
+        return add_into(h, self.skip_connection(x))
 
 
 class Downsample(nn.Module):
@@ -217,11 +214,8 @@ class BasicTransformerBlock(nn.Module):
 
     def forward(self, x: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
         x = x + self.attn1(self.norm1(x))  # a new tensor, so without autograd the next sums go into it
-        inplace = not torch.is_grad_enabled()  # autograd keeps each x for the LayerNorm after it
-        y = self.attn2(self.norm2(x), context)
-        x = x.add_(y) if inplace else x + y
-        y = self.ff(self.norm3(x))
-        return x.add_(y) if inplace else x + y
+        x = add_into(x, self.attn2(self.norm2(x), context))
+        return add_into(x, self.ff(self.norm3(x)))
 
 
 class SpatialTransformer(nn.Module):
