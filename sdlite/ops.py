@@ -244,9 +244,9 @@ class Linear(nn.Linear):
 # per conv on an AVX-512 CPU with native bf16 (session 12), and in fp32 with PyTorch and oneDNN
 # limited to AVX2 on the same CPU (session 11; benchmarks/RESULTS.md, "Levers"); other CPU
 # families keep PyTorch's default until measured.
-_X86 = torch.backends.cpu.get_cpu_capability() in ("AVX2", "AVX512")
+_MEASURED_ISA = torch.backends.cpu.get_cpu_capability() in ("AVX2", "AVX512")  # where the rule was measured
 GEMM_CONV_MAX_ROWS: dict[torch.dtype, int] = {
-    d: 256 for d in (torch.float32, torch.bfloat16) if _X86 and d in ONEDNN_GEMM}
+    d: 256 for d in (torch.float32, torch.bfloat16) if _MEASURED_ISA and d in ONEDNN_GEMM}
 GEMM_CONV_LARGE_K: dict[torch.dtype, tuple[int, int]] = {
     d: rule for d, rule in ((torch.float32, (512, 11520)), (torch.bfloat16, (512, 17280)))
     if d in GEMM_CONV_MAX_ROWS}
