@@ -57,6 +57,7 @@ import contextlib
 import platform
 import threading
 from collections.abc import Callable, Iterator
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -225,10 +226,66 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     return F.linear(x, weight, bias)
 
 
-class Linear(nn.Linear):
-    """``nn.Linear`` (same parameters, same state-dict names) computed by :func:`linear`."""
+class _Packable(nn.Module):
+    """The weight-packing half of :class:`Linear` and :class:`Conv2d` (see :func:`pack`).
+
+    A packed layer's ``weight`` is a parameter in oneDNN's opaque blocked layout (same shape and
+    dtype, no strides, no ``data_ptr``). Everything that needs the plain tensor gets it:
+    ``state_dict()`` returns plain weights; ``.to()``, ``.float()``, ``.cuda()`` (``_apply``),
+    ``load_state_dict`` and a forward pass that oneDNN cannot take (gradients recorded, autocast,
+    ``torch.compile``, another dtype) unpack the layer first, for good."""
+
+    weight: nn.Parameter
+    packable = True  # False: never packed (a layer whose forward slices its weight)
+
+    def _reorder(self, weight: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def pack(self) -> None:
+        w = self.weight
+        if (not self.packable or w.is_mkldnn or w.requires_grad or w.device.type != "cpu"
+                or w.dtype not in ONEDNN_GEMM):
+            return
+        with torch.inference_mode(False), torch.no_grad():  # an ordinary tensor, usable everywhere
+            self.weight = nn.Parameter(self._reorder(w.detach()), requires_grad=False)
+        self.__dict__.pop("_phase_cache", None)
+
+    def unpack(self) -> None:
+        if self.weight.is_mkldnn:
+            with torch.inference_mode(False), torch.no_grad():
+                self.weight = nn.Parameter(self.weight.to_dense(), requires_grad=False)
+            self.__dict__.pop("_phase_cache", None)
+
+    def _packed_path(self, x: torch.Tensor, weight: torch.Tensor) -> bool:
+        """Whether a forward with ``weight`` packed can run as is; if not, it needs the plain weight."""
+        return x.dtype == weight.dtype and _onednn_gemm(x, weight, getattr(self, "bias", None))
+
+    def _apply(self, fn: Callable[[torch.Tensor], torch.Tensor], recurse: bool = True) -> nn.Module:
+        self.unpack()
+        return super()._apply(fn, recurse)
+
+    def _save_to_state_dict(self, destination: dict, prefix: str, keep_vars: bool) -> None:
+        super()._save_to_state_dict(destination, prefix, keep_vars)
+        if self.weight.is_mkldnn:
+            destination[prefix + "weight"] = self.weight.detach().to_dense()
+
+    def _load_from_state_dict(self, *args: Any, **kwargs: Any) -> None:
+        self.unpack()
+        super()._load_from_state_dict(*args, **kwargs)
+
+
+class Linear(_Packable, nn.Linear):
+    """``nn.Linear`` (same parameters, same state-dict names) computed by :func:`linear`; its weight
+    can be packed (:func:`pack`)."""
+
+    def _reorder(self, weight: torch.Tensor) -> torch.Tensor:
+        return torch.ops.mkldnn._reorder_linear_weight(weight, None)
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
+        if self.weight.is_mkldnn:
+            if self._packed_path(input, self.weight):
+                return _gemm(input, self.weight, self.bias)
+            self.unpack()
         return linear(input, self.weight, self.bias)
 
 
@@ -274,11 +331,30 @@ def _conv_as_gemm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
     return y.view(b, h, w, c_out).permute(0, 3, 1, 2).contiguous()
 
 
-class Conv2d(nn.Conv2d):
-    """``nn.Conv2d`` with the two CPU choices above (half inputs in fp32 where the CPU lacks native
-    half kernels; small maps as im2col + oneDNN GEMM); everything else is inherited."""
+class Conv2d(_Packable, nn.Conv2d):
+    """``nn.Conv2d`` with the CPU choices above (a packed weight through oneDNN's convolution; half
+    inputs in fp32 where the CPU lacks native half kernels; small maps as im2col + oneDNN GEMM);
+    everything else is inherited."""
+
+    def _reorder(self, weight: torch.Tensor) -> torch.Tensor:
+        return torch.ops.mkldnn._reorder_convolution_weight(
+            weight, list(self.padding), list(self.stride), list(self.dilation), self.groups)
+
+    def pack(self) -> None:
+        if self.padding_mode == "zeros" and not isinstance(self.padding, str):
+            super().pack()
 
     def _conv_forward(self, input: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        if weight.is_mkldnn:  # self.weight, or upsample_conv's phase kernels packed with it
+            if self._packed_path(input, weight) and input.dim() == 4:
+                return torch.ops.mkldnn._convolution_pointwise(
+                    input, weight, bias, list(self.padding), list(self.stride), list(self.dilation), self.groups,
+                    "none", [], "")
+            if weight is self.weight:
+                self.unpack()
+                weight = self.weight
+            else:
+                weight = weight.to_dense()
         if _as_fp32(input):
             return self._conv_forward(input.float(), _fp32_weight(weight), _fp32(bias)).to(input.dtype)
         # ``weight`` may differ from self.weight (upsample_conv passes its 2x2 phase kernels).
@@ -291,6 +367,38 @@ class Conv2d(nn.Conv2d):
             if _conv_takes_gemm(input.dtype, input.shape[0] * h * w, c_in * kh * kw):
                 return _conv_as_gemm(input, weight, bias, self.padding)
         return super()._conv_forward(input, weight, bias)
+
+
+def pack(module: nn.Module) -> nn.Module:
+    """Store the weights of ``module``'s :class:`Linear` and :class:`Conv2d` layers in oneDNN's
+    blocked layout, for inference on the CPU; returns ``module``. Done by :func:`sdlite.load`.
+
+    oneDNN computes in a blocked weight layout of its own. Given a plain weight it reorders it into
+    that layout on every call: a full read and write of the weight before any arithmetic, which on
+    the low-resolution levels of the UNet (1280 channels, small maps) costs as much as the product.
+    A packed weight is reordered once, in place of the plain one (no extra memory). Per layer:
+    linear layers 0.74-0.97x the time, the 3x3 convs of 16x16 and smaller maps 0.28-0.85x (also
+    against the im2col GEMM of :class:`Conv2d`, which they replace); whole SD1.5 UNet 0.92-0.96x
+    (session 13 micro-benchmarks; ``benchmarks/bench.py --levers`` has the rows). A packed
+    convolution writes its output channels-last whatever the layout of its input, so the networks
+    run channels-last from their first conv on; the results are the same sums in another order
+    (float rounding: 1 ulp in ~0.1% of a bf16 conv's outputs, as accurate against fp64).
+
+    Only what oneDNN can take is packed: weights on the CPU in fp32, or bf16 where the CPU has
+    native bf16 kernels, that need no gradient (a model being trained is never packed), in modules
+    that allow it (``packable``). See :class:`_Packable` for how a packed layer unpacks itself."""
+    for m in module.modules():
+        if isinstance(m, _Packable):
+            m.pack()
+    return module
+
+
+def unpack(module: nn.Module) -> nn.Module:
+    """Undo :func:`pack`: plain weights again in every layer of ``module``; returns ``module``."""
+    for m in module.modules():
+        if isinstance(m, _Packable):
+            m.unpack()
+    return module
 
 
 class GroupNorm(nn.GroupNorm):
@@ -380,29 +488,40 @@ def upsample_conv(x: torch.Tensor, conv: nn.Conv2d, cache: bool = True) -> torch
     weight, bias = _phase_kernels(conv, cache)
     y = conv._conv_forward(x, weight, bias)  # [B, 4 * C_out, H + 1, W + 1], parities (a, b) in row-major order
     c = y.shape[1] // 4
-    y = y.view(b, 2, 2, c, h + 1, w + 1)
-    out = y.new_empty(b, c, h, 2, w, 2)  # [B, C, H, a, W, b] is [B, C, 2H, 2W] with row 2i + a, column 2j + b
+    # [B, C, H, a, W, b] is [B, C, 2H, 2W] with row 2i + a, column 2j + b; in y's memory layout
+    # (channels-last from a packed conv), so that the view below needs no copy either way.
+    if y.dim() == 4 and y.is_contiguous(memory_format=torch.channels_last) and not y.is_contiguous():
+        out = y.new_empty(b, h, 2, w, 2, c).permute(0, 5, 1, 2, 3, 4)
+    else:
+        out = y.new_empty(b, c, h, 2, w, 2)
     for pa in range(2):
         for pb in range(2):
-            out[:, :, :, pa, :, pb] = y[:, pa, pb, :, pa:pa + h, pb:pb + w]
+            k = 2 * pa + pb
+            out[:, :, :, pa, :, pb] = y[:, k * c:(k + 1) * c, pa:pa + h, pb:pb + w]
     return out.view(b, c, 2 * h, 2 * w)
 
 
 def _phase_kernels(conv: nn.Conv2d, cache: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
     """The four 2x2 kernels of :func:`upsample_conv`, stacked: ``[4 * C_out, C_in, 2, 2]``, and the bias x4."""
     weight, bias = conv.weight, conv.bias
+    packed = weight.is_mkldnn
     if not cache:
         conv.__dict__.pop("_phase_cache", None)
     training = torch.is_grad_enabled() and any(p.requires_grad for p in conv.parameters(recurse=False))
     if not cache or training:
-        return _sum_taps(weight), None if bias is None else bias.repeat(4)
-    key = (weight.data_ptr(), weight._version, weight.dtype, weight.device,
+        return _sum_taps(weight.to_dense() if packed else weight), None if bias is None else bias.repeat(4)
+    # A packed weight has no data pointer; it is replaced, never changed in place, and packing or
+    # unpacking the conv drops this cache, so its identity stands in.
+    key = ((id(weight),) if packed else (weight.data_ptr(), weight._version), weight.dtype, weight.device,
            None if bias is None else (bias.data_ptr(), bias._version))
     cached = getattr(conv, "_phase_cache", None)
     if cached is None or cached[0] != key:
         # Ordinary tensors even under torch.inference_mode, so a later call with autograd on can use them.
         with torch.inference_mode(False), torch.no_grad():
-            cached = (key, _sum_taps(weight), None if bias is None else bias.repeat(4))
+            kernels = _sum_taps(weight.to_dense() if packed else weight)
+            if packed:  # packed like the conv: the four 2x2 convs are the same kind of layer
+                kernels = torch.ops.mkldnn._reorder_convolution_weight(kernels, [1, 1], [1, 1], [1, 1], 1)
+            cached = (key, kernels, None if bias is None else bias.repeat(4))
         conv._phase_cache = cached
     return cached[1], cached[2]
 

@@ -28,7 +28,7 @@ from PIL import Image
 import torch.nn.functional as F
 from torch import nn
 
-from . import devices
+from . import devices, ops
 from .config import ModelConfig
 from .errors import ArgumentError, CheckpointError, GenerationError
 from .progress import ProgressBar
@@ -284,7 +284,7 @@ class Pipeline:
             try:
                 x = self._decode_tiled(z.to(self.device, torch.float32), tile).float()
             finally:
-                self.vae.to(dtype)
+                ops.pack(self.vae.to(dtype))  # .float() unpacked it
         if not torch.isfinite(x).all():
             raise GenerationError("the decoded image contains NaN/inf even in fp32; the latent is broken "
                                   "(check the checkpoint, the guidance scale and the sampler)")
@@ -378,6 +378,7 @@ class Pipeline:
         (minutes on a CPU); ``options`` go to ``torch.compile``. Replaces the CUDA graphs (compile's
         own ``mode="reduce-overhead"`` uses them). Measured in benchmarks/RESULTS-compile.md."""
         self.set_cuda_graphs(False)
+        ops.unpack(self.unet)  # the compiler traces plain weights
         self.unet.compile(**options)
 
     def _decode_tiled(self, z: torch.Tensor, tile: int) -> torch.Tensor:
@@ -759,6 +760,8 @@ def load(path: str | Path | None = None, device: str | torch.device | None = Non
     cfg, nets = load_networks(path, device=precision.device, dtype=precision.weight_dtype,
                               prediction=prediction, use_ema=use_ema, config=config)
     nets["unet"].to(memory_format=devices.unet_memory_format(precision.device))
+    for net in nets.values():
+        ops.pack(net)  # CPU weights in oneDNN's layout (sdlite.ops.pack); a no-op on other devices
     pipe = Pipeline(tokenizer_for(cfg.text), nets["text_encoder"], nets["unet"], nets["vae"], cfg, precision,
                     name=path.stem, path=path)
     if low_memory:

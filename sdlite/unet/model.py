@@ -174,6 +174,7 @@ class GEGLU(nn.Module):
     def __init__(self, dim_in: int, dim_out: int) -> None:
         super().__init__()
         self.proj = Linear(dim_in, dim_out * 2)
+        self.proj.packable = False  # forward takes row halves of its weight, which a packed weight has not
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # Two products with the halves of ``proj`` (row views, no copy) instead of one product split
