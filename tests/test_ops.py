@@ -426,3 +426,108 @@ def test_onednn_gemm_is_off_where_the_internal_op_is_missing_or_fails(monkeypatc
     assert not ops._onednn_gemm_works(torch.float32)  # not x86: PyTorch's defaults (unmeasured there)
     monkeypatch.undo()
     assert ops._onednn_gemm_works(torch.float32) == (torch.float32 in ops.ONEDNN_GEMM)
+
+
+# Packed weights (ops.pack): oneDNN's blocked layout, the same layers and the same results.
+
+def _tiny_networks():
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).parent))
+    from factory import TINY_SD1, random_networks
+
+    return random_networks(TINY_SD1, seed=3)
+
+
+def _run_networks(nets, dtype):
+    g = torch.Generator().manual_seed(4)
+    x = torch.randn(2, 4, 16, 16, generator=g).to(dtype)
+    ctx = torch.randn(2, 77, 32, generator=g).to(dtype)
+    ids = torch.randint(0, 1000, (2, 77), generator=g)
+    with torch.no_grad():
+        return (nets["unet"](x, torch.tensor([10.0, 500.0]), ctx).float(), nets["vae"].decode(x).float(),
+                nets["text_encoder"](ids).float())
+
+
+@needs_onednn
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_packed_networks_compute_what_the_plain_ones_do(dtype):
+    """Tiny UNet (3x3, 1x1 and stride-2 convs, the Upsample's phase kernels, attention, GEGLU), VAE and
+    text encoder: packed, every output within float rounding of the plain networks'
+    (fp32: 1e-5 of the max; bf16, whose rounding is 2^-8: 3e-2)."""
+    if dtype not in ops.ONEDNN_GEMM:
+        pytest.skip("this CPU has no native bf16 kernels: bf16 weights are not packed")
+    nets = _tiny_networks()
+    for net in nets.values():
+        net.to(dtype)
+    plain = _run_networks(nets, dtype)
+    for net in nets.values():
+        ops.pack(net)
+    layers = [m for net in nets.values() for m in net.modules() if isinstance(m, (ops.Linear, ops.Conv2d))]
+    packed = [m for m in layers if m.weight.is_mkldnn]
+    assert {m.packable for m in layers if not m.weight.is_mkldnn} == {False}  # only GEGLU's proj is left out
+    assert len(packed) > 0.8 * len(layers)
+    for a, b in zip(_run_networks(nets, dtype), plain):
+        assert ((a - b).abs().max() / b.abs().max()).item() <= (1e-5 if dtype == torch.float32 else 3e-2)
+    assert all(m.weight.is_mkldnn for m in packed)  # a forward that can take them keeps them
+
+
+@needs_onednn
+def test_packed_layers_give_plain_state_dicts_and_unpack_for_anything_else():
+    nets = _tiny_networks()
+    unet = nets["unet"]
+    before = {k: v.clone() for k, v in unet.state_dict().items()}
+    ops.pack(unet)
+    after = unet.state_dict()
+    assert after.keys() == before.keys()
+    assert unet.input_blocks[1][1].proj_in.weight.dim() == 2  # a 1x1 conv, packed as a linear layer
+    for k, v in after.items():  # plain strided tensors, equal bit for bit, 1x1 convs back in 4-D
+        assert v.layout == torch.strided and v.shape == before[k].shape and torch.equal(v, before[k]), k
+    # load_state_dict unpacks, then loads
+    unet.load_state_dict({k: v + 1 for k, v in before.items()})
+    assert not any(p.is_mkldnn for p in unet.parameters())
+    assert torch.equal(unet.out[2].weight, before["out.2.weight"] + 1)
+    # .to() / .double() unpack first
+    ops.pack(unet)
+    unet.double()
+    assert not any(p.is_mkldnn for p in unet.parameters()) and unet.out[2].weight.dtype == torch.float64
+
+
+@needs_onednn
+def test_a_packed_layer_unpacks_itself_where_autograd_needs_the_plain_weight():
+    lin, conv = ops.Linear(8, 4), ops.Conv2d(3, 5, 3, padding=1)
+    for m in (lin, conv):
+        m.requires_grad_(False)
+        ops.pack(m)
+        assert m.weight.is_mkldnn
+    x, img = torch.randn(2, 8, requires_grad=True), torch.randn(1, 3, 6, 6, requires_grad=True)
+    y, z = lin(x), conv(img)
+    assert not lin.weight.is_mkldnn and not conv.weight.is_mkldnn
+    assert torch.allclose(y, F.linear(x, lin.weight, lin.bias), atol=1e-6)
+    assert torch.allclose(z, F.conv2d(img, conv.weight, conv.bias, padding=1), atol=1e-6)
+    (y.sum() + z.sum()).backward()
+    assert x.grad is not None and img.grad is not None
+
+
+@needs_onednn
+def test_pack_leaves_weights_that_need_gradients_or_have_no_onednn_kernel():
+    trained, fp64 = ops.Linear(8, 4), ops.Conv2d(3, 5, 3).double().requires_grad_(False)
+    ops.pack(trained)
+    ops.pack(fp64)
+    assert not trained.weight.is_mkldnn and trained.weight.requires_grad  # a model being trained
+    assert not fp64.weight.is_mkldnn  # fp64: no oneDNN kernel
+
+
+@needs_onednn
+def test_sdlite_load_packs_the_cpu_networks_and_save_writes_plain_weights(tmp_path):
+    import sdlite
+    from safetensors.torch import load_file
+
+    pipe = sdlite.load(device="cpu")
+    assert pipe.unet.input_blocks[0][0].weight.is_mkldnn and pipe.vae.decoder.conv_in.weight.is_mkldnn
+    out = tmp_path / "resaved.safetensors"
+    sdlite.save(pipe, out)
+    saved = load_file(out)
+    key = "model.diffusion_model.input_blocks.0.0.weight"
+    assert torch.equal(saved[key], pipe.unet.state_dict()["input_blocks.0.0.weight"].to(saved[key].dtype))

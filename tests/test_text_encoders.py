@@ -20,6 +20,7 @@ import pytest
 import torch
 from torch import nn
 
+from sdlite import ops
 from sdlite.clip import CLIPTextModel, OpenCLIPTextModel, build_text_encoder, tokenizer_for
 from sdlite.config import SD1_TEXT, SD2_TEXT, TextConfig
 
@@ -155,6 +156,8 @@ def test_sd1_matches_transformers_clip_text_model_within_1e_4_relative() -> None
     with torch.device("meta"):
         ours = CLIPTextModel(SD1_TEXT)
     ours.load_state_dict(sd, strict=True, assign=True)  # shares the reference's tensors
+    ops.pack(ours.requires_grad_(False))  # as sdlite.load runs it on the CPU (packed copies)
+    assert ours.text_model.encoder.layers[0].mlp.fc1.weight.is_mkldnn == (torch.float32 in ops.ONEDNN_GEMM)
 
     ids = tokenizer_for(SD1_TEXT)(PROMPTS)
     with torch.no_grad():

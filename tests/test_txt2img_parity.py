@@ -20,7 +20,7 @@ import gc
 import pytest
 import torch
 
-from sdlite import devices
+from sdlite import devices, ops
 from sdlite.config import SD1, SD2_V, ModelConfig
 from sdlite.pipeline import Pipeline
 from sdlite.unet import UNetModel
@@ -62,7 +62,12 @@ def random_unet(cfg: ModelConfig, seed: int) -> tuple[UNetModel, dict[str, torch
 
 
 def our_pipeline(cfg: ModelConfig, unet: torch.nn.Module, vae: torch.nn.Module | None) -> Pipeline:
-    """An sdlite Pipeline without tokenizer/text encoder (``sample`` takes the conditioning as tensors)."""
+    """An sdlite Pipeline without tokenizer/text encoder (``sample`` takes the conditioning as tensors),
+    its networks packed for the CPU as :func:`sdlite.load` packs them (``sdlite.ops.pack``)."""
+    ops.pack(unet)
+    if vae is not None:
+        ops.pack(vae)
+    assert unet.out[2].weight.is_mkldnn == (torch.float32 in ops.ONEDNN_GEMM)
     return Pipeline(None, None, unet, vae, cfg, devices.Precision(torch.device("cpu"), torch.float32), name="parity")
 
 
