@@ -61,7 +61,7 @@ import time
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 from unittest.mock import patch
 
 import torch
@@ -208,8 +208,19 @@ def sdlite_networks(cfg: ModelConfig, weights: dict[str, dict[str, torch.Tensor]
     for name, module in nets.items():
         sd = {k: v.to(dtype) for k, v in weights[name].items()}  # no copy when dtype is already right
         module.load_state_dict(sd, strict=True, assign=True)
-        module.eval().requires_grad_(False)
+        ops.pack(module.eval().requires_grad_(False))  # as sdlite.load does (CPU: oneDNN's weight layout)
     return nets
+
+
+def plain_copies(cfg: ModelConfig, nets: dict, names: Sequence[str]) -> dict[str, torch.nn.Module]:
+    """Copies of sdlite networks with plain (unpacked) weights, for the levers that compare kernels
+    on plain weights and for ``torch.compile`` (a packed module cannot be deep-copied)."""
+    out = {}
+    for name in names:
+        module = build_networks(cfg)[name]
+        module.load_state_dict(nets[name].state_dict(), strict=True, assign=True)  # plain copies of the weights
+        out[name] = module.eval().requires_grad_(False)
+    return out
 
 
 def diffusers_unet(cfg: UNetConfig, state_dict: dict[str, torch.Tensor]) -> torch.nn.Module:
@@ -911,7 +922,11 @@ def network_levers(cfg: ModelConfig, nets: dict, repeats: int) -> str:
     """sdlite's own switches, measured on the whole fp32 UNet (batch 2) and VAE decoder: the conv
     backend choice and the upsampling formulation of :mod:`sdlite.ops`, and the Winograd experiment."""
     gen = torch.Generator().manual_seed(1)
-    unet, vae = nets["unet"], nets["vae"]
+    packed = nets["unet"]
+    # The kernel levers below switch sdlite.ops' choices for plain weights; they run on plain copies
+    # (switching off oneDNN would unpack the packed networks for good). The first lever compares the two.
+    plain = plain_copies(cfg, nets, ("unet", "vae"))
+    unet, vae = plain["unet"], plain["vae"]
     ctx = torch.randn(2, cfg.text.max_length, cfg.unet.context_dim, generator=gen)
     t = torch.tensor([500.0, 500.0])
     fp32_rows = ops.GEMM_CONV_MAX_ROWS.get(torch.float32)
@@ -950,6 +965,22 @@ def network_levers(cfg: ModelConfig, nets: dict, repeats: int) -> str:
     z = torch.randn(1, cfg.vae.embed_dim, 32, 32, generator=gen)
     cases.append(("VAE decode 32x32 -> 256x256", lambda: vae.decode(z), *upsample_cases))
     lines = []
+    pack_what = ("packed weights (sdlite.ops.pack, what sdlite.load does on the CPU) vs plain weights (oneDNN "
+                 "reorders each weight on every call; small-map convs as im2col + GEMM)")
+    for name, a_call, b_call in [
+            (f"UNet {hw}x{hw}, batch 2", lambda x=x: packed(x, t, ctx), lambda x=x: unet(x, t, ctx))
+            for hw, x in ((hw, torch.randn(2, cfg.unet.in_channels, hw, hw, generator=gen)) for hw in (64, 32))] + [
+            ("VAE decode 32x32 -> 256x256", lambda: nets["vae"].decode(z), lambda: vae.decode(z))]:
+        def grad_free(call: Callable[[], Any]) -> Callable[[], Any]:
+            def run() -> Any:
+                with torch.no_grad():
+                    return call()
+            return run
+
+        times, last = alternate({"default": grad_free(a_call), "alternative": grad_free(b_call)}, 1, repeats)
+        a, b = statistics.median(times["default"]), statistics.median(times["alternative"])
+        d = rel_diff(last["alternative"], last["default"])
+        lines.append(f"| {name} | {pack_what}; max rel. diff {d:.0e} | {a * 1e3:.0f} | {b * 1e3:.0f} | {a / b:.2f} |")
     for name, call, default, alternative, what in cases:
         def under(switch: Switch, call: Callable[[], Any] = call) -> Callable[[], Any]:
             def run() -> Any:
@@ -967,14 +998,13 @@ def network_levers(cfg: ModelConfig, nets: dict, repeats: int) -> str:
 def compile_lever(cfg: ModelConfig, nets: dict, repeats: int) -> str:
     """One levers-table line: the fp32 UNet at 32x32, batch 2, eager vs ``nn.Module.compile``
     (what ``Pipeline.compile`` does), with the first call's compile time."""
-    import copy
 
     gen = torch.Generator().manual_seed(2)
     unet = nets["unet"]
     ctx = torch.randn(2, cfg.text.max_length, cfg.unet.context_dim, generator=gen)
     t = torch.tensor([500.0, 500.0])
     x = torch.randn(2, cfg.unet.in_channels, 32, 32, generator=gen)
-    compiled = copy.deepcopy(unet)
+    compiled = plain_copies(cfg, nets, ("unet",))["unet"]  # Pipeline.compile unpacks too
     compiled.compile()
     t0 = time.perf_counter()
     with torch.no_grad():
