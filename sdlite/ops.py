@@ -25,6 +25,12 @@ this project's AVX-512 machine, against 290-390 as a GEMM); which convolutions t
 rule per dtype below (``GEMM_CONV_MAX_ROWS``, ``GEMM_CONV_LARGE_K``). Both paths compute the same
 convolution; results agree to float rounding.
 
+:func:`pack` — on the CPU, :class:`Linear` and :class:`Conv2d` weights stored once in oneDNN's own
+blocked layout, which it otherwise re-creates from the plain weight on every call (a full pass over
+the weight, as costly as the product on the UNet's low-resolution levels). :func:`sdlite.load` packs;
+the whole SD1.5 UNet then ran 0.83-0.91x the time in fp32 and bf16. Packed convs replace the im2col
+GEMM on small maps and run channels-last.
+
 :class:`Conv2d` and :class:`Linear` (and :func:`linear`, for a bare weight) — on a CPU without
 native half-precision kernels (x86 without AVX512-BF16/AMX for bf16, without AVX512-FP16/AMX-FP16
 for fp16: ``HALF_AS_FP32``), a bf16 or fp16 input is computed in fp32 and the result rounded back.
@@ -293,7 +299,8 @@ class Linear(_Packable, nn.Linear):
         return linear(input, self.weight, self.bias)
 
 
-# Which convolutions run as im2col + GEMM (see the module docstring), per dtype: those with at least
+# Which convolutions with plain weights run as im2col + GEMM (see the module docstring; packed weights,
+# what sdlite.load gives on the CPU, take oneDNN's convolution, faster still), per dtype: those with at least
 # GEMM_CONV_MIN_OUT output channels and at most ``GEMM_CONV_MAX_ROWS[dtype]`` output positions
 # (batch·H·W), or at most ``rows`` positions where the unrolled row is long, ``C_in·kh·kw >= k``
 # (``GEMM_CONV_LARGE_K[dtype] = (rows, k)``); dtypes not listed never. At batch 2 that is, for the
@@ -402,8 +409,10 @@ def pack(module: nn.Module) -> nn.Module:
     the low-resolution levels of the UNet (1280 channels, small maps) costs as much as the product.
     A packed weight is reordered once, in place of the plain one (no extra memory). Per layer:
     linear layers 0.74-0.97x the time, the 3x3 convs of 16x16 and smaller maps 0.28-0.85x (also
-    against the im2col GEMM of :class:`Conv2d`, which they replace); whole SD1.5 UNet 0.92-0.96x
-    (session 13 micro-benchmarks; ``benchmarks/bench.py --levers`` has the rows). A packed
+    faster than the im2col GEMM of :class:`Conv2d`, which they replace, on AVX-512 and AVX2); the whole
+    SD1.5 UNet (batch 2) 0.83x (32x32 latent) and 0.89x (64x64) in fp32, 0.86x and 0.91x in bf16,
+    the VAE decoder 0.96x (session 13, two copies of a network alternating in one process;
+    ``benchmarks/bench.py --levers`` has the rows). A packed
     convolution writes its output channels-last whatever the layout of its input, so the networks
     run channels-last from their first conv on; the results are the same sums in another order
     (float rounding: 1 ulp in ~0.1% of a bf16 conv's outputs, as accurate against fp64).
