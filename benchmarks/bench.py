@@ -919,12 +919,13 @@ def levers_table(repeats: int) -> str:
 
 
 def network_levers(cfg: ModelConfig, nets: dict, repeats: int) -> str:
-    """sdlite's own switches, measured on the whole fp32 UNet (batch 2) and VAE decoder: the conv
-    backend choice and the upsampling formulation of :mod:`sdlite.ops`, and the Winograd experiment."""
+    """sdlite's own switches, measured on the whole fp32 UNet (batch 2) and VAE decoder: packed weights,
+    the conv backend choice and the upsampling formulation of :mod:`sdlite.ops`, and the Winograd experiment."""
     gen = torch.Generator().manual_seed(1)
     packed = nets["unet"]
     # The kernel levers below switch sdlite.ops' choices for plain weights; they run on plain copies
-    # (switching off oneDNN would unpack the packed networks for good). The first lever compares the two.
+    # (switching off oneDNN would unpack the packed networks for good). The first lever of each network
+    # compares packed and plain.
     plain = plain_copies(cfg, nets, ("unet", "vae"))
     unet, vae = plain["unet"], plain["vae"]
     ctx = torch.randn(2, cfg.text.max_length, cfg.unet.context_dim, generator=gen)
@@ -940,55 +941,48 @@ def network_levers(cfg: ModelConfig, nets: dict, repeats: int) -> str:
         with patch.object(ops, "GEMM_CONV_MAX_ROWS", {}), patch.object(ops, "GEMM_CONV_LARGE_K", {}):
             yield
 
-    cases: list[tuple[str, Callable[[], Any], Switch, Switch, str]] = []
+    cases: list[tuple[str, Callable[[], Any], Callable[[], Any], str]] = []  # name, default, alternative, what
+
+    def switched(name: str, call: Callable[[], Any], default: Switch, alternative: Switch, what: str) -> None:
+        """A case of one call run under two switches of sdlite.ops' choices."""
+        def under(switch: Switch) -> Callable[[], Any]:
+            def run() -> Any:
+                with switch():
+                    return call()
+            return run
+        cases.append((name, under(default), under(alternative), what))
+
     upsample_cases = (lambda: patch.object(ops, "UPSAMPLE_BY_PHASES", ()),
                       lambda: patch.object(ops, "UPSAMPLE_BY_PHASES", ("cpu",)),
                       "Upsample as written (nearest x2, then 3x3 conv) vs four 2x2 convs on the small map "
                       "(sdlite.ops.upsample_conv, the default)")
+    pack_what = ("packed weights (sdlite.ops.pack, what sdlite.load does on the CPU) vs plain weights (oneDNN "
+                 "reorders each weight on every call; small-map convs as im2col + GEMM)")
     for hw in (64, 32):
         x = torch.randn(2, cfg.unet.in_channels, hw, hw, generator=gen)
         call = lambda x=x: unet(x, t, ctx)  # noqa: E731
         name = f"UNet {hw}x{hw}, batch 2"
-        cases.append((name, call, lambda: patch.object(ops, "ONEDNN_GEMM", frozenset()), contextlib.nullcontext,
-                      "PyTorch's kernels (linear layers on its BLAS, every conv on oneDNN's conv) vs sdlite.ops' "
-                      f"default (linear layers and small-map convs on oneDNN's GEMM; small maps here: {gemm_rule})"))
-        cases.append((name, call, no_gemm_convs, contextlib.nullcontext,
-                      f"the convs alone: every conv on oneDNN's conv vs small maps ({gemm_rule}) as im2col + "
-                      "oneDNN GEMM (linear layers on oneDNN's GEMM in both)"))
-        cases.append((name, call, lambda: patch.object(ops, "ROW_CHUNK", 10**9), contextlib.nullcontext,
-                      "the feed-forward layers over all tokens at once vs 512 tokens at a time (sdlite.ops.rowwise, "
-                      "the default)"))
-        cases.append((name, call, contextlib.nullcontext, winograd.winograd_unet_convs,
-                      "sdlite's default vs 3x3 convs with >= 512 rows, >= 320 channels and in*out <= 640*1280 by "
-                      "Winograd F(2x2,3x3) (benchmarks/winograd.py; not in sdlite)"))
-        cases.append((name, call, *upsample_cases))
+        cases.append((name, lambda x=x: packed(x, t, ctx), call, pack_what))
+        switched(name, call, lambda: patch.object(ops, "ONEDNN_GEMM", frozenset()), contextlib.nullcontext,
+                 "PyTorch's kernels (linear layers on its BLAS, every conv on oneDNN's conv) vs sdlite.ops' "
+                 f"default (linear layers and small-map convs on oneDNN's GEMM; small maps here: {gemm_rule})")
+        switched(name, call, no_gemm_convs, contextlib.nullcontext,
+                 f"the convs alone: every conv on oneDNN's conv vs small maps ({gemm_rule}) as im2col + "
+                 "oneDNN GEMM (linear layers on oneDNN's GEMM in both)")
+        switched(name, call, lambda: patch.object(ops, "ROW_CHUNK", 10**9), contextlib.nullcontext,
+                 "the feed-forward layers over all tokens at once vs 512 tokens at a time (sdlite.ops.rowwise, "
+                 "the default)")
+        switched(name, call, contextlib.nullcontext, winograd.winograd_unet_convs,
+                 "sdlite's default vs 3x3 convs with >= 512 rows, >= 320 channels and in*out <= 640*1280 by "
+                 "Winograd F(2x2,3x3) (benchmarks/winograd.py; not in sdlite)")
+        switched(name, call, *upsample_cases)
     z = torch.randn(1, cfg.vae.embed_dim, 32, 32, generator=gen)
-    cases.append(("VAE decode 32x32 -> 256x256", lambda: vae.decode(z), *upsample_cases))
+    cases.append(("VAE decode 32x32 -> 256x256", lambda: nets["vae"].decode(z), lambda: vae.decode(z), pack_what))
+    switched("VAE decode 32x32 -> 256x256", lambda: vae.decode(z), *upsample_cases)
     lines = []
-    pack_what = ("packed weights (sdlite.ops.pack, what sdlite.load does on the CPU) vs plain weights (oneDNN "
-                 "reorders each weight on every call; small-map convs as im2col + GEMM)")
-    for name, a_call, b_call in [
-            (f"UNet {hw}x{hw}, batch 2", lambda x=x: packed(x, t, ctx), lambda x=x: unet(x, t, ctx))
-            for hw, x in ((hw, torch.randn(2, cfg.unet.in_channels, hw, hw, generator=gen)) for hw in (64, 32))] + [
-            ("VAE decode 32x32 -> 256x256", lambda: nets["vae"].decode(z), lambda: vae.decode(z))]:
-        def grad_free(call: Callable[[], Any]) -> Callable[[], Any]:
-            def run() -> Any:
-                with torch.no_grad():
-                    return call()
-            return run
-
-        times, last = alternate({"default": grad_free(a_call), "alternative": grad_free(b_call)}, 1, repeats)
-        a, b = statistics.median(times["default"]), statistics.median(times["alternative"])
-        d = rel_diff(last["alternative"], last["default"])
-        lines.append(f"| {name} | {pack_what}; max rel. diff {d:.0e} | {a * 1e3:.0f} | {b * 1e3:.0f} | {a / b:.2f} |")
-    for name, call, default, alternative, what in cases:
-        def under(switch: Switch, call: Callable[[], Any] = call) -> Callable[[], Any]:
-            def run() -> Any:
-                with torch.no_grad(), switch():
-                    return call()
-            return run
-
-        times, last = alternate({"default": under(default), "alternative": under(alternative)}, 1, repeats)
+    for name, default, alternative, what in cases:
+        with torch.no_grad():
+            times, last = alternate({"default": default, "alternative": alternative}, 1, repeats)
         a, b = statistics.median(times["default"]), statistics.median(times["alternative"])
         d = rel_diff(last["alternative"], last["default"])
         lines.append(f"| {name} | {what}; max rel. diff {d:.0e} | {a * 1e3:.0f} | {b * 1e3:.0f} | {a / b:.2f} |")

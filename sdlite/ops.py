@@ -266,9 +266,9 @@ class _Packable(nn.Module):
                 self.weight = nn.Parameter(self._plain_weight(), requires_grad=False)
             self.__dict__.pop("_phase_cache", None)
 
-    def _packed_path(self, x: torch.Tensor, weight: torch.Tensor) -> bool:
+    def _packed_path(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> bool:
         """Whether a forward with ``weight`` packed can run as is; if not, it needs the plain weight."""
-        return x.dtype == weight.dtype and _onednn_gemm(x, weight, getattr(self, "bias", None))
+        return x.dtype == weight.dtype and _onednn_gemm(x, weight, bias)
 
     def _apply(self, fn: Callable[[torch.Tensor], torch.Tensor], recurse: bool = True) -> nn.Module:
         self.unpack()
@@ -293,7 +293,7 @@ class Linear(_Packable, nn.Linear):
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
         if self.weight.is_mkldnn:
-            if self._packed_path(input, self.weight):
+            if self._packed_path(input, self.weight, self.bias):
                 return _gemm(input, self.weight, self.bias)
             self.unpack()
         return linear(input, self.weight, self.bias)
@@ -375,7 +375,7 @@ class Conv2d(_Packable, nn.Conv2d):
 
     def _conv_forward(self, input: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         if weight.is_mkldnn:  # self.weight, or upsample_conv's phase kernels packed with it
-            if self._packed_path(input, weight) and input.dim() == 4:
+            if self._packed_path(input, weight, bias) and input.dim() == 4:
                 if weight.dim() == 2:  # a packed 1x1 conv: [B, H, W, C_in] @ weightᵀ, channels-last out
                     return _gemm(input.permute(0, 2, 3, 1).contiguous(), weight, bias).permute(0, 3, 1, 2)
                 return torch.ops.mkldnn._convolution_pointwise(
@@ -552,8 +552,8 @@ def _phase_kernels(conv: nn.Conv2d, cache: bool) -> tuple[torch.Tensor, torch.Te
         # Ordinary tensors even under torch.inference_mode, so a later call with autograd on can use them.
         with torch.inference_mode(False), torch.no_grad():
             kernels = _sum_taps(weight.to_dense() if packed else weight)
-            if packed:  # packed like the conv: the four 2x2 convs are the same kind of layer
-                kernels = _reorder_conv(kernels, (1, 1))
+            if packed:  # packed like the conv (same padding and stride): its four 2x2 convs run the same way
+                kernels = conv._reorder(kernels)
             cached = (key, kernels, None if bias is None else bias.repeat(4))
         conv._phase_cache = cached
     return cached[1], cached[2]

@@ -8,6 +8,8 @@ import torch.nn.functional as F
 
 import sdlite.ops as ops
 
+from factory import TINY_SD1, random_networks
+
 
 needs_onednn = pytest.mark.skipif(torch.float32 not in ops.ONEDNN_GEMM, reason="oneDNN's GEMM needs an x86 CPU and a PyTorch with oneDNN")
 
@@ -431,12 +433,6 @@ def test_onednn_gemm_is_off_where_the_internal_op_is_missing_or_fails(monkeypatc
 # Packed weights (ops.pack): oneDNN's blocked layout, the same layers and the same results.
 
 def _tiny_networks():
-    import sys
-    from pathlib import Path
-
-    sys.path.insert(0, str(Path(__file__).parent))
-    from factory import TINY_SD1, random_networks
-
     return random_networks(TINY_SD1, seed=3)
 
 
