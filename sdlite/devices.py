@@ -21,8 +21,9 @@ Policy (measured, see benchmarks/RESULTS.md and benchmarks/RESULTS-cuda.md):
   out of sdlite's reach, so on such a CPU it stays slow and warns.
 - Memory format: on CUDA the UNet's weights are channels-last (NHWC), the layout tensor-core
   convolutions use natively, so cuDNN skips its NCHW<->NHWC transposes around each conv. On an
-  H100 (fp16, CUDA graphs) a batch-2 UNet call took 0.86x the time, a batch-16 call 1.01x. The
-  VAE stays NCHW: its decode took 1.28x with channels-last weights. The CPU stays NCHW too.
+  H100 (fp16, CUDA graphs) NCHW weights took 1.15x the time of a batch-2 UNet call, but 0.93x at
+  batch 16 (benchmarks/RESULTS-cuda.md, session 14): channels-last is kept for the usual small
+  batches. The VAE stays NCHW: its decode took 1.25x with channels-last weights. The CPU stays NCHW too.
 """
 
 from __future__ import annotations
