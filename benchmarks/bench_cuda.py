@@ -460,33 +460,46 @@ def batch_rows(cfg: Any, nets: dict, dnets: dict, device: torch.device, flops: d
     return rows, (out if len(out) > 2 else [])
 
 
-def compile_lever(cfg: Any, weights: dict, device: torch.device, args: argparse.Namespace) -> list[str]:
+def compile_lever(cfg: Any, weights: dict, device: torch.device, flops: dict[str, float], peak: dict[str, float],
+                  args: argparse.Namespace) -> list[str]:
     """``torch.compile`` of sdlite's fp16 UNet (default mode) against sdlite's default (CUDA graph
-    replay on CUDA), 64x64 latents, with the compile time. Run last: it compiles for about a minute."""
+    replay on CUDA), 64x64 latents, at each of ``--compile-batches``, with the compile time and the
+    share of the fp16 matmul peak each reaches. Run last: it compiles for about a minute per batch
+    size. At batch 2 the call is launch-bound and graphs remove that; at large batches the GPU is
+    busy and what is left is the memory-bound kernels between the matmuls, which compile fuses."""
     prec = sdlite_precision(device, "fp16")
     dtype = weight_dtype(device, "fp16")
     unet = bench.sdlite_networks(cfg, weights, torch.float32)["unet"].to(device=device, dtype=dtype)
-    gen = torch.Generator().manual_seed(2)
-    x = torch.randn(2, cfg.unet.in_channels, 64, 64, generator=gen).to(device, dtype)
-    ctx = torch.randn(2, cfg.text.max_length, cfg.unet.context_dim, generator=gen).to(device, dtype)
-    t = torch.tensor([500.0, 500.0], device=device)
+    unet = unet.to(memory_format=devices.unet_memory_format(device))  # as sdlite.load lays it out
     default = sdlite_unet(unet, prec, device)
-    t0 = time.perf_counter()
-    compiled = torch.compile(unet)
-    with torch.no_grad():
-        _call(prec, lambda: compiled(x, t, ctx))
-    sync(device)
-    first = time.perf_counter() - t0
-    with torch.no_grad():
-        times, last = timed_ms({"default": lambda: default(x, t, ctx),
-                                "changed": lambda: _call(prec, lambda: compiled(x, t, ctx))},
-                               device, args.warmup, args.repeats)
-    d, c = statistics.median(times["default"]), statistics.median(times["changed"])
-    diff = rel_diff(last["changed"].float().cpu(), last["default"].float().cpu())
-    return ["| lever (sdlite fp16 UNet, batch 2, 64x64) | default ms | changed ms | changed / default | notes |",
-            "|---|---:|---:|---:|---|",
-            f"| torch.compile(unet), default mode, against the default (CUDA graph replay) | {d:.2f} | {c:.2f} | "
-            f"{c / d:.2f} | first call (compile) {first:.1f} s; max |Δ| / max |ref| = {diff:.1e} |"]
+    compiled = torch.compile(unet, dynamic=False, mode=args.compile_mode)  # one static graph per batch size
+    gen = torch.Generator().manual_seed(2)
+    out = ["| lever (sdlite fp16 UNet, 64x64) | default ms | changed ms | changed / default | notes |",
+           "|---|---:|---:|---:|---|"]
+    for batch in args.compile_batches:
+        x = torch.randn(batch, cfg.unet.in_channels, 64, 64, generator=gen).to(device, dtype)
+        ctx = torch.randn(batch, cfg.text.max_length, cfg.unet.context_dim, generator=gen).to(device, dtype)
+        t = torch.full((batch,), 500.0, device=device)
+        t0 = time.perf_counter()
+        with torch.no_grad():
+            _call(prec, lambda: compiled(x, t, ctx))
+        sync(device)
+        first = time.perf_counter() - t0
+        with torch.no_grad():
+            times, last = timed_ms({"default": lambda: default(x, t, ctx),
+                                    "changed": lambda: _call(prec, lambda: compiled(x, t, ctx))},
+                                   device, args.warmup, args.repeats)
+        d, c = statistics.median(times["default"]), statistics.median(times["changed"])
+        diff = rel_diff(last["changed"].float().cpu(), last["default"].float().cpu())
+        share = ""
+        if flops.get("unet64") and peak.get("fp16"):
+            f = flops["unet64"] * batch / 2
+            share = (f"; {f / d / 1e9:.1f} / {f / c / 1e9:.1f} TFLOP/s = "
+                     f"{f / d / 1e9 / peak['fp16']:.0%} / {f / c / 1e9 / peak['fp16']:.0%} of peak")
+        out.append(f"| torch.compile(unet), mode {args.compile_mode or 'default'}, against the default (CUDA graph replay), batch {batch} | "
+                   f"{d:.2f} | {c:.2f} | {c / d:.2f} | first call (compile) {first:.1f} s{share}; "
+                   f"max |Δ| / max |ref| = {diff:.1e} |")
+    return out
 
 
 def bundled_rows(device: torch.device, args: argparse.Namespace) -> list[Row]:
@@ -628,6 +641,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--batches", type=lambda v: [int(b) for b in v.split(",") if b.strip()], default=[8, 16],
                    help="batch sizes for the fp16 UNet-by-batch rows ('' for none)")
     p.add_argument("--no-compile", dest="compile", action="store_false", help="leave out the torch.compile lever")
+    p.add_argument("--compile-batches", type=lambda v: [int(b) for b in v.split(",") if b.strip()], default=[2],
+                   help="batch sizes for the torch.compile lever (one compile each)")
+    p.add_argument("--compile-mode", default=None, help="torch.compile's mode for that lever (default: its default)")
     p.add_argument("--budget-s", type=float, default=420, help="skip the optional sections once this many seconds passed")
     p.add_argument("--commit", default=None, help="the commit measured (when the tree has no .git)")
     p.add_argument("--note", default="")
@@ -744,7 +760,7 @@ def main(argv: list[str] | None = None) -> None:
         bundled_and_load()
     if args.compile and time.time() < deadline - 90:
         log("torch.compile lever")
-        lines = guarded("torch.compile", lambda: compile_lever(cfg, weights, device, args))
+        lines = guarded("torch.compile", lambda: compile_lever(cfg, weights, device, flops, ctx["peaks"], args))
         if lines:
             extra.extend(["## torch.compile", "", *lines, ""])
     elif args.compile:
