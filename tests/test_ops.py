@@ -105,6 +105,24 @@ def test_attention_over_many_keys_by_gemm_equals_sdpa(shape, keys, chunk, monkey
     torch.testing.assert_close(ours, reference, rtol=1e-5, atol=1e-6)
 
 
+@needs_onednn
+@pytest.mark.skipif(torch.bfloat16 not in ops.ONEDNN_GEMM, reason="needs native bf16 GEMM kernels")
+@pytest.mark.parametrize("heads, d", [(4, 40), (1, 128)])
+def test_bf16_attention_by_gemm_is_as_accurate_as_sdpas_bf16_kernel(heads, d, monkeypatch):
+    # Scores and softmax in fp32, the probabilities rounded to bf16 for the product with v: the
+    # arithmetic of SDPA's own bf16 kernel, so its mean error against fp64 must be no larger (the
+    # largest single error is a noisy statistic: 0.9-1.8x SDPA's on these shapes).
+    monkeypatch.setattr(ops, "GEMM_ATTENTION_MIN_KEYS", 32)
+    g = torch.Generator().manual_seed(7)
+    q, k, v = (torch.randn(2, heads, 600, d, generator=g).bfloat16() for _ in range(3))
+    exact = F.scaled_dot_product_attention(q.double(), k.double(), v.double())
+    with torch.no_grad():
+        ours, sdpa = ops.attention(q, k, v), F.scaled_dot_product_attention(q, k, v)
+    assert ours.dtype == torch.bfloat16
+    err_ours, err_sdpa = ((x.double() - exact).abs().mean().item() for x in (ours, sdpa))
+    assert err_ours <= 1.1 * err_sdpa, (err_ours, err_sdpa)
+
+
 def test_attention_takes_the_gemm_path_only_for_many_keys_in_fp32_inference(monkeypatch):
     monkeypatch.setattr(ops, "ONEDNN_GEMM", frozenset({torch.float32, torch.bfloat16}))
     monkeypatch.setattr(ops, "GEMM_ATTENTION_MIN_KEYS", 64)
@@ -115,7 +133,7 @@ def test_attention_takes_the_gemm_path_only_for_many_keys_in_fp32_inference(monk
         ops.attention(q, torch.randn(1, 2, 64, 4), torch.randn(1, 2, 64, 4))  # 64 keys: GEMM
         ops.attention(q, torch.randn(1, 2, 63, 4), torch.randn(1, 2, 63, 4))  # cross-attention to few keys: SDPA
         kv = torch.randn(1, 2, 64, 4).bfloat16()
-        assert ops.attention(q.bfloat16(), kv, kv).dtype == torch.bfloat16  # bf16: GEMM in fp32, rounded back
+        assert ops.attention(q.bfloat16(), kv, kv).dtype == torch.bfloat16  # bf16: scores in fp32, the result in bf16
         kv = torch.randn(1, 2, 64, 4).double()
         ops.attention(q.double(), kv, kv)  # float64: SDPA
     qg = q.clone().requires_grad_()
