@@ -60,6 +60,7 @@ copy of the input.
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import platform
 import threading
 from collections.abc import Callable, Iterator, Sequence
@@ -424,11 +425,45 @@ def pack(module: nn.Module) -> nn.Module:
 
     Only what oneDNN can take is packed: weights on the CPU in fp32, or bf16 where the CPU has
     native bf16 kernels, that need no gradient (a model being trained is never packed), in modules
-    that allow it (``packable``). See :class:`_Packable` for how a packed layer unpacks itself."""
+    that allow it (``packable``). See :class:`_Packable` for how a packed layer unpacks itself.
+
+    Memory: each packed weight is a new allocation, and the plain one it replaces is freed into the
+    middle of the heap, which glibc's allocator keeps (the packed weights, of other sizes, do not
+    fit its holes). Packing SD1.5 in bf16 raised a load's peak RSS from 1.15x to 1.67x the weights
+    (session 14). So the freed pages are handed back to the system every ``RELEASE_EVERY`` bytes
+    replaced (:func:`release_free_memory`): 1.16x."""
+    replaced = 0
     for m in module.modules():
-        if isinstance(m, _Packable):
+        if isinstance(m, _Packable) and not m.weight.is_mkldnn:
+            nbytes = m.weight.numel() * m.weight.element_size()
             m.pack()
+            replaced += nbytes if m.weight.is_mkldnn else 0
+            if replaced >= RELEASE_EVERY:
+                release_free_memory()
+                replaced = 0
+    if replaced:
+        release_free_memory()
     return module
+
+
+# :func:`pack` gives freed memory back to the system after replacing this many bytes of weights.
+RELEASE_EVERY = 16 * 2**20
+
+
+def release_free_memory() -> None:
+    """Return the free pages of the C heap to the system (glibc's ``malloc_trim``); a no-op where
+    the C library has no such call. Freed blocks in the middle of the heap otherwise stay resident."""
+    global _malloc_trim
+    if _malloc_trim is None:
+        try:
+            _malloc_trim = ctypes.CDLL(None).malloc_trim
+        except (AttributeError, OSError):
+            _malloc_trim = False
+    if _malloc_trim:
+        _malloc_trim(0)
+
+
+_malloc_trim: Any = None  # found on first use
 
 
 def unpack(module: nn.Module) -> nn.Module:

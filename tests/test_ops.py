@@ -534,6 +534,27 @@ def test_pack_leaves_weights_that_need_gradients_or_have_no_onednn_kernel():
 
 
 @needs_onednn
+def test_pack_gives_the_freed_plain_weights_back_every_release_every_bytes(monkeypatch):
+    # 4 linear layers of 4096 bytes each (32x32 fp32), a release after every 8192 bytes replaced:
+    # after the 2nd and the 4th; a 5th layer already packed replaces nothing; a 6th leaves a
+    # remainder, released at the end.
+    calls = []
+    monkeypatch.setattr(ops, "release_free_memory", lambda: calls.append(len(calls)))
+    monkeypatch.setattr(ops, "RELEASE_EVERY", 8192)
+    layers = [ops.Linear(32, 32).requires_grad_(False) for _ in range(4)]
+    done = ops.pack(ops.Linear(32, 32).requires_grad_(False))
+    assert len(calls) == 1  # the remainder of that single layer
+    calls.clear()
+    ops.pack(torch.nn.Sequential(*layers, done, ops.Linear(32, 16).requires_grad_(False)))
+    assert len(calls) == 3
+
+
+def test_release_free_memory_runs_where_there_is_a_c_library():
+    ops.release_free_memory()  # glibc's malloc_trim here; a no-op where there is none
+    ops.release_free_memory()  # the second call reuses the function found by the first
+
+
+@needs_onednn
 def test_sdlite_load_packs_the_cpu_networks_and_save_writes_plain_weights(tmp_path):
     import sdlite
     from safetensors.torch import load_file
