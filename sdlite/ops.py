@@ -457,7 +457,7 @@ def release_free_memory() -> None:
     if _malloc_trim is None:
         try:
             _malloc_trim = ctypes.CDLL(None).malloc_trim
-        except (AttributeError, OSError):
+        except (AttributeError, OSError, TypeError):  # no such symbol; no C library by that name (Windows)
             _malloc_trim = False
     if _malloc_trim:
         _malloc_trim(0)
