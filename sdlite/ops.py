@@ -253,15 +253,17 @@ class _Packable(nn.Module):
     def _reorder(self, weight: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
 
-    def pack(self) -> None:
+    def pack(self) -> int:
+        """Pack the weight if oneDNN can take it; returns the bytes of the plain weight it replaced (0: left)."""
         w = self.weight
         if (not self.packable or w.is_mkldnn or w.requires_grad or w.device.type != "cpu"
                 or w.dtype not in ONEDNN_GEMM):
-            return
+            return 0
         self._plain_shape = w.shape  # a 1x1 conv is packed as a 2-D linear weight
         with torch.inference_mode(False), torch.no_grad():  # an ordinary tensor, usable everywhere
             self.weight = nn.Parameter(self._reorder(w.detach()), requires_grad=False)
         self.__dict__.pop("_phase_cache", None)
+        return w.numel() * w.element_size()
 
     def _plain_weight(self) -> torch.Tensor:
         return self.weight.detach().to_dense().view(self._plain_shape)
@@ -375,9 +377,10 @@ class Conv2d(_Packable, nn.Conv2d):
             return torch.ops.mkldnn._reorder_linear_weight(weight.flatten(1), None)
         return _reorder_conv(weight, self.padding, self.stride, self.dilation, self.groups)
 
-    def pack(self) -> None:
+    def pack(self) -> int:
         if self.padding_mode == "zeros" and not isinstance(self.padding, str):
-            super().pack()
+            return super().pack()
+        return 0
 
     def _conv_forward(self, input: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         if weight.is_mkldnn:  # self.weight, or upsample_conv's phase kernels packed with it
@@ -434,10 +437,8 @@ def pack(module: nn.Module) -> nn.Module:
     ``RELEASE_EVERY`` bytes replaced (:func:`release_free_memory`): 1.18x and 1.12x, for ~0.2 s."""
     replaced = 0
     for m in module.modules():
-        if isinstance(m, _Packable) and not m.weight.is_mkldnn:
-            nbytes = m.weight.numel() * m.weight.element_size()
-            m.pack()
-            replaced += nbytes if m.weight.is_mkldnn else 0
+        if isinstance(m, _Packable):
+            replaced += m.pack()
             if replaced >= RELEASE_EVERY:
                 release_free_memory()
                 replaced = 0
@@ -450,20 +451,21 @@ def pack(module: nn.Module) -> nn.Module:
 RELEASE_EVERY = 16 * 2**20
 
 
+def _find_malloc_trim() -> Callable[[int], int] | None:
+    try:
+        return ctypes.CDLL(None).malloc_trim
+    except (AttributeError, OSError, TypeError):  # no such symbol; no C library by that name (Windows)
+        return None
+
+
+_MALLOC_TRIM = _find_malloc_trim()  # glibc's, or None
+
+
 def release_free_memory() -> None:
     """Return the free pages of the C heap to the system (glibc's ``malloc_trim``); a no-op where
     the C library has no such call. Freed blocks in the middle of the heap otherwise stay resident."""
-    global _malloc_trim
-    if _malloc_trim is None:
-        try:
-            _malloc_trim = ctypes.CDLL(None).malloc_trim
-        except (AttributeError, OSError, TypeError):  # no such symbol; no C library by that name (Windows)
-            _malloc_trim = False
-    if _malloc_trim:
-        _malloc_trim(0)
-
-
-_malloc_trim: Any = None  # found on first use
+    if _MALLOC_TRIM is not None:
+        _MALLOC_TRIM(0)
 
 
 def unpack(module: nn.Module) -> nn.Module:
