@@ -499,7 +499,40 @@ def compile_lever(cfg: Any, weights: dict, device: torch.device, flops: dict[str
         out.append(f"| torch.compile(unet), mode {args.compile_mode or 'default'}, against the default (CUDA graph replay), batch {batch} | "
                    f"{d:.2f} | {c:.2f} | {c / d:.2f} | first call (compile) {first:.1f} s{share}; "
                    f"max |Δ| / max |ref| = {diff:.1e} |")
+    if args.compile_txt2img:
+        out.append(compile_txt2img_line(cfg, weights, unet, device, args))
     return out
+
+
+def compile_txt2img_line(cfg: Any, weights: dict, unet: torch.nn.Module, device: torch.device,
+                         args: argparse.Namespace) -> str:
+    """A whole fp16 txt2img 512x512 (20 Euler steps, CFG) through ``pipe.compile(mode=...)`` against
+    the default pipeline (CUDA graph replay), after one warm-up generation each (the compiled one
+    compiles in it): the sampling loop around the compiled UNet, its copy of each output included."""
+    import copy
+
+    nets = bench.sdlite_networks(cfg, weights, torch.float32)
+    nets = {k: m.to(device=device, dtype=weight_dtype(device, "fp16")) for k, m in nets.items() if k != "unet"}
+    default = sdlite_pipe(cfg, {**nets, "unet": unet}, device, "fp16")
+    compiled = sdlite_pipe(cfg, {**nets, "unet": copy.deepcopy(unet)}, device, "fp16")
+    compiled.compile(mode=args.compile_mode)
+    latents = torch.randn(1, cfg.vae.embed_dim, 64, 64, generator=torch.Generator().manual_seed(3))
+
+    def generate(pipe: Any) -> Callable[[], Any]:
+        return lambda: torch.as_tensor(pipe.txt2img(PROMPT, negative_prompt="", steps=20, guidance_scale=7.5,
+                                                    width=512, height=512, sampler="euler", latents=latents,
+                                                    output_type="np"))
+
+    t0 = time.perf_counter()
+    generate(compiled)()
+    first = time.perf_counter() - t0
+    times, last = timed_ms({"default": generate(default), "changed": generate(compiled)}, device, 1,
+                           max(3, args.pipe_repeats))
+    d, c = statistics.median(times["default"]), statistics.median(times["changed"])
+    diff = (last["changed"].float() - last["default"].float()).abs().max().item()
+    return (f"| txt2img 512x512, 20 Euler steps, CFG 7.5: pipe.compile(mode={args.compile_mode!r}) against the "
+            f"default (CUDA graph replay) | {d:.1f} | {c:.1f} | {c / d:.2f} | first generation (compiles) "
+            f"{first:.1f} s; images in [0, 1]: max |Δ| = {diff:.1e} |")
 
 
 def bundled_rows(device: torch.device, args: argparse.Namespace) -> list[Row]:
@@ -644,6 +677,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--compile-batches", type=lambda v: [int(b) for b in v.split(",") if b.strip()], default=[2],
                    help="batch sizes for the torch.compile lever (one compile each)")
     p.add_argument("--compile-mode", default=None, help="torch.compile's mode for that lever (default: its default)")
+    p.add_argument("--compile-txt2img", action="store_true",
+                   help="also time a whole 512x512 txt2img through pipe.compile(mode=--compile-mode) (one more compile)")
     p.add_argument("--budget-s", type=float, default=420, help="skip the optional sections once this many seconds passed")
     p.add_argument("--commit", default=None, help="the commit measured (when the tree has no .git)")
     p.add_argument("--note", default="")

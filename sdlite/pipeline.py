@@ -79,6 +79,7 @@ class Pipeline:
         self._vae_tile: int | None = None
         self._attention_chunk: int | None = None
         self._unet_graphs: GraphedCall | None = None
+        self._compiled_graphs = False  # compiled by :meth:`compile` on CUDA, so maybe replaying CUDA graphs
 
     @functools.cached_property
     def schedule(self) -> "DiscreteSchedule":
@@ -195,12 +196,18 @@ class Pipeline:
         if graphs is not None:  # pipe.unet or pipe.precision may have been replaced since the capture
             graphs.follow(unet, self.precision)
 
+        copy_out = self._compiled_graphs
+
         def run(x: torch.Tensor, t: torch.Tensor, ctx: torch.Tensor) -> torch.Tensor:
             x, t, ctx = x.to(dtype), t.to(x.device), ctx.to(dtype)
             if graphs is not None:
                 return graphs(x, t, ctx).float()
             with self.precision.autocast():
-                return unet(x, t, ctx).float()
+                out = unet(x, t, ctx)
+            # A UNet compiled with CUDA graphs returns the graph's own buffer, which its next call
+            # overwrites, and some samplers keep outputs across steps: they get a copy (``.float()``
+            # copies anything that is not fp32 already; the copy of a latent costs next to nothing).
+            return out.clone() if copy_out and out.dtype == torch.float32 else out.float()
 
         def f(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
             t = torch.as_tensor(t, device=x.device, dtype=torch.float32).reshape(-1).expand(x.shape[0])
@@ -380,6 +387,9 @@ class Pipeline:
         self.set_cuda_graphs(False)
         ops.unpack(self.unet)  # the compiler traces plain weights
         self.unet.compile(**options)
+        # On CUDA compile may replay CUDA graphs ("reduce-overhead", "max-autotune", or through
+        # ``options``); the sampling loop then copies each output (see :meth:`_model_fn`).
+        self._compiled_graphs = self.device.type == "cuda"
 
     def _decode_tiled(self, z: torch.Tensor, tile: int) -> torch.Tensor:
         """Decode ``z`` in overlapping ``tile``×``tile`` pieces and blend them.

@@ -300,6 +300,23 @@ def test_nan_that_survives_fp32_is_an_error_not_an_image(monkeypatch):
         pipe.txt2img("a cat", seed=1, steps=1)
 
 
+# -- torch.compile -------------------------------------------------------------------------
+
+def test_compile_traces_the_unet_as_one_graph_and_draws_the_eager_image():
+    """``pipe.compile``: the compiler's tracer (dynamo) takes each UNet call whole (``fullgraph``: no
+    graph break anywhere in sdlite's network), the module keeps its state-dict names, and the image
+    is the eager one. The ``eager`` backend runs the traced graph without generating code, so this
+    takes seconds; tests/test_cuda.py runs the real compiler (inductor) on a GPU."""
+    eager, compiled = make_pipe(), make_pipe()
+    names = list(compiled.unet.state_dict())
+    ref = eager.txt2img("a cat", seed=3, steps=3, output_type="np")
+    compiled.compile(backend="eager", fullgraph=True)
+    image = compiled.txt2img("a cat", seed=3, steps=3, output_type="np")
+    assert list(compiled.unet.state_dict()) == names
+    assert compiled.unet._compiled_call_impl is not None and not compiled.cuda_graphs
+    np.testing.assert_allclose(image, ref, rtol=0, atol=1e-5)
+
+
 # -- bad input -----------------------------------------------------------------------------
 
 @pytest.mark.parametrize("kwargs, match", [
