@@ -76,8 +76,9 @@ def _parser(img2img: bool) -> argparse.ArgumentParser:
     p.add_argument("--low-memory", dest="low_memory", action="store_true",
                    help="chunked attention and tiled VAE decoding, for small GPUs (slightly slower)")
     p.add_argument("--compile", action="store_true",
-                   help="torch.compile the UNet (compiles for minutes on first use; measured slower than eager "
-                        "on a 2-core CPU, see benchmarks/RESULTS-compile.md)")
+                   help="torch.compile the UNet, on CUDA with its own CUDA graphs (compiles for about a minute "
+                        "on a GPU, minutes on a CPU, at each new size; then 0.73x the time of a 512x512 image on "
+                        "an H100, but slower than eager on a 2-core CPU: benchmarks/RESULTS-cuda.md, RESULTS-compile.md)")
     p.add_argument("--no-cuda-graphs", dest="cuda_graphs", action="store_false", default=None,
                    help="run the UNet eagerly on CUDA instead of replaying CUDA graphs (the default there: "
                         "faster, holds one UNet call's activations; see benchmarks/RESULTS-cuda.md)")

@@ -382,8 +382,9 @@ class Pipeline:
     def compile(self, **options: Any) -> None:
         """``torch.compile`` the UNet in place (``nn.Module.compile``: same module, same state-dict
         names, so :func:`sdlite.save` still works). The first call at each new shape compiles
-        (minutes on a CPU); ``options`` go to ``torch.compile``. Replaces the CUDA graphs (compile's
-        own ``mode="reduce-overhead"`` uses them). Measured in benchmarks/RESULTS-compile.md."""
+        (minutes on a CPU, about a minute on a GPU); ``options`` go to ``torch.compile``. Replaces
+        the CUDA graphs (compile's own ``mode="reduce-overhead"`` uses them: 0.73x the time of a
+        512² generation on an H100). Measured in benchmarks/RESULTS-compile.md and RESULTS-cuda.md."""
         self.set_cuda_graphs(False)
         ops.unpack(self.unet)  # the compiler traces plain weights
         self.unet.compile(**options)
@@ -748,10 +749,12 @@ def load(path: str | Path | None = None, device: str | torch.device | None = Non
       native size decoded in tiles of half the native size (see :meth:`Pipeline.set_low_memory`); a
       little slower; the attention chunking changes nothing but rounding, the tiled decode is an
       approximation (see :meth:`Pipeline._decode_tiled`);
-    - ``compile``: ``torch.compile`` the UNet (see :meth:`Pipeline.compile`). Off by default: the
-      first call then takes minutes on a CPU, which short runs never win back.
+    - ``compile``: ``torch.compile`` the UNet (see :meth:`Pipeline.compile`), with compile's own
+      CUDA graphs (``mode="reduce-overhead"``) where ``cuda_graphs`` is on. Off by default: the
+      first call at each size then compiles (minutes on a CPU, about a minute on a GPU), which
+      short runs never win back.
     - ``cuda_graphs``: replay the UNet as CUDA graphs (see :meth:`Pipeline.set_cuda_graphs`);
-      default: on for CUDA unless ``low_memory`` or ``compile``.
+      default: on for CUDA unless ``low_memory``.
 
     >>> pipe = sdlite.load("v1-5-pruned-emaonly.safetensors")  # doctest: +SKIP
     """
@@ -776,12 +779,15 @@ def load(path: str | Path | None = None, device: str | torch.device | None = Non
                     name=path.stem, path=path)
     if low_memory:
         pipe.set_low_memory()
-    if compile:
-        pipe.compile()
     if cuda_graphs is None:
-        cuda_graphs = pipe.device.type == "cuda" and not (low_memory or compile)
+        cuda_graphs = pipe.device.type == "cuda" and not low_memory
     if cuda_graphs:
         pipe.set_cuda_graphs()
+    if compile:
+        # Compiled, the UNet replays compile's own CUDA graphs in their place ("reduce-overhead"):
+        # its default mode gives them up, and took 1.26-1.43x the time of sdlite's graph replay at
+        # batch 2, against 0.73x for a whole generation in "reduce-overhead" (RESULTS-cuda.md).
+        pipe.compile(**({"mode": "reduce-overhead"} if cuda_graphs else {}))
     return pipe
 
 

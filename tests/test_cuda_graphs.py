@@ -168,3 +168,15 @@ def test_cuda_graphs_need_cuda_and_are_off_by_default_on_the_cpu(pipe):
     assert not sdlite.load(device="cpu").cuda_graphs
     with pytest.raises(ArgumentError, match="CUDA graphs need a CUDA device"):
         sdlite.load(device="cpu", cuda_graphs=True)
+
+
+def test_load_compiles_with_compiles_own_cuda_graphs_exactly_where_graphs_are_on(monkeypatch):
+    # compile's default mode would give up the graph replay (slower at batch 2 on a GPU).
+    calls = []
+    monkeypatch.setattr(Pipeline, "compile", lambda self, **options: calls.append(("compile", options)))
+    monkeypatch.setattr(Pipeline, "set_cuda_graphs", lambda self, enabled=True: calls.append(("graphs", enabled)))
+    sdlite.load(device="cpu", compile=True)
+    assert calls == [("compile", {})]
+    calls.clear()
+    sdlite.load(device="cpu", compile=True, cuda_graphs=True)  # as on CUDA, where graphs are the default
+    assert calls == [("graphs", True), ("compile", {"mode": "reduce-overhead"})]

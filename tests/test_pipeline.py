@@ -317,6 +317,26 @@ def test_compile_traces_the_unet_as_one_graph_and_draws_the_eager_image():
     np.testing.assert_allclose(image, ref, rtol=0, atol=1e-5)
 
 
+def test_the_loop_copies_a_compiled_unets_output_that_its_next_call_would_overwrite():
+    """What compile's CUDA graphs do to an output, on the CPU: each call writes into one buffer and
+    returns it. PLMS keeps earlier noise predictions, which at guidance 1 in fp32 are those outputs,
+    so the loop must copy them; it does for a UNet compiled on CUDA (tests/test_cuda.py runs the
+    real thing, and benchmarks/RESULTS-cuda.md the control without the copy)."""
+    pipe = make_pipe()
+    kwargs = dict(seed=3, steps=4, guidance_scale=1.0, sampler="plms", output_type="np")
+    ref = pipe.txt2img("a cat", **kwargs)
+    unet, buffer = pipe.unet, {}
+
+    def graph_like(*args):
+        out = unet(*args)
+        return buffer.setdefault(out.shape, torch.empty_like(out)).copy_(out)
+
+    pipe.unet = graph_like
+    assert abs(pipe.txt2img("a cat", **kwargs) - ref).max() > 1e-3  # overwritten history: a wrong image
+    pipe._compiled_graphs = True  # as Pipeline.compile sets it on CUDA
+    np.testing.assert_array_equal(pipe.txt2img("a cat", **kwargs), ref)
+
+
 # -- bad input -----------------------------------------------------------------------------
 
 @pytest.mark.parametrize("kwargs, match", [
