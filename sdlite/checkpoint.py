@@ -446,14 +446,18 @@ def split_by_prefix(sd: Mapping[str, torch.Tensor], path: Path | str = "") -> di
 
 
 def load_into(module: nn.Module, weights: dict[str, torch.Tensor], *, prefix: str, path: Path | str,
-              device: torch.device, dtype: torch.dtype,
-              release: Callable[[torch.Tensor], None] = _no_release) -> nn.Module:
-    """Check names and shapes against ``module`` (on meta), then assign the tensors into it.
+              device: torch.device, dtype: torch.dtype, release: Callable[[torch.Tensor], None] = _no_release,
+              finish: Callable[[nn.Module], Any] | None = None) -> nn.Module:
+    """Check names and shapes against ``module`` (on meta), assign the file's tensors into it, then
+    convert them to ``device`` and ``dtype`` one layer at a time.
 
-    ``weights`` is emptied as it is converted, so each file tensor can be freed as soon as its
-    converted copy exists (the caller's argument would otherwise keep them all alive until return),
-    and ``release`` is called on it then. A tensor already in the wanted dtype and device is
-    assigned as it is, not copied (for a memory-mapped file: the module reads the mapping)."""
+    ``weights`` is emptied, so each file tensor can be freed as soon as its converted copy exists
+    (the caller's argument would otherwise keep them all alive until return), and ``release`` is
+    called on it then. A tensor already in the wanted dtype and device is kept as it is, not copied
+    (for a memory-mapped file: the module reads the mapping). ``finish(layer)`` runs on each module
+    right after its own tensors are converted: :func:`sdlite.load` packs the layer's weight there
+    (:class:`sdlite.ops.Packer`), so the plain copy is freed before the next layer is converted,
+    which reuses its memory instead of touching fresh pages."""
     expected = module.state_dict()
     missing = [k for k in expected if k not in weights]
     unexpected = [k for k in weights if k not in expected]
@@ -470,15 +474,17 @@ def load_into(module: nn.Module, weights: dict[str, torch.Tensor], *, prefix: st
         if len(wrong) > 5:
             lines.append(f"  ... and {len(wrong) - 5} more wrong shapes")
         raise CheckpointError("\n".join(lines))
-    converted = {}
-    for k in list(weights):
-        v = weights.pop(k)
-        target = dtype if v.is_floating_point() else v.dtype
-        converted[k] = v.to(device=device, dtype=target)
-        if converted[k] is not v:  # .to() returns v itself when nothing had to change
-            release(v)
-        del v
-    module.load_state_dict(converted, strict=True, assign=True)
+    module.load_state_dict(weights, strict=True, assign=True)  # the file's tensors, as they are
+    weights.clear()
+    for layer in module.modules():
+        for name, v in [*layer.named_parameters(recurse=False), *layer.named_buffers(recurse=False)]:
+            c = v.to(device=device, dtype=dtype if v.is_floating_point() else v.dtype)
+            if c is not v:  # .to() returns v itself when nothing had to change
+                setattr(layer, name, nn.Parameter(c, requires_grad=False) if isinstance(v, nn.Parameter) else c)
+                release(v)
+            del v, c
+        if finish is not None:
+            finish(layer)
     return module.eval().requires_grad_(False)
 
 
@@ -572,10 +578,12 @@ def save_checkpoint(networks: Mapping[str, nn.Module], cfg: ModelConfig, path: s
 
 
 def load_networks(path: str | Path, *, device: torch.device, dtype: torch.dtype, prediction: str | None = None,
-                  use_ema: bool = False, config: ModelConfig | None = None) -> tuple[ModelConfig, dict[str, nn.Module]]:
+                  use_ema: bool = False, config: ModelConfig | None = None,
+                  finish: Callable[[nn.Module], Any] | None = None) -> tuple[ModelConfig, dict[str, nn.Module]]:
     """Read, fix up, detect, and load a checkpoint. Returns the config and the three networks.
 
-    ``config`` overrides the detection (for non-standard models stored without sdlite metadata)."""
+    ``config`` overrides the detection (for non-standard models stored without sdlite metadata);
+    ``finish`` runs on each layer once its weights are loaded (see :func:`load_into`)."""
     path = Path(path)
     raw, metadata, release = _open_checkpoint(path)
     # consume: drop each file tensor as soon as it is converted. That frees tensors read into
@@ -583,19 +591,21 @@ def load_networks(path: str | Path, *, device: torch.device, dtype: torch.dtype,
     # release() also drops the file pages a converted tensor was read from, so the load peaks at
     # about the converted model's size instead of file + model.
     return networks_from_state_dict(raw, metadata, path=path, device=device, dtype=dtype, prediction=prediction,
-                                    use_ema=use_ema, config=config, consume=True, release=release)
+                                    use_ema=use_ema, config=config, consume=True, release=release, finish=finish)
 
 
 def networks_from_state_dict(raw: dict[str, torch.Tensor], metadata: Mapping[str, str], *, path: Path | str,
                              device: torch.device | str, dtype: torch.dtype, prediction: str | None = None,
                              use_ema: bool = False, config: ModelConfig | None = None, consume: bool = False,
                              release: Callable[[torch.Tensor], None] = _no_release,
+                             finish: Callable[[nn.Module], Any] | None = None,
                              ) -> tuple[ModelConfig, dict[str, nn.Module]]:
     """Steps 2–4 of the module docstring on an already-read state dict.
 
     ``raw`` is not modified unless ``consume=True``: then it is emptied, so that each tensor can be
     freed once it has been converted into the network (lower peak memory). ``release(tensor)`` is
-    called on each file tensor that was converted into a copy (see :func:`load_into`)."""
+    called on each file tensor that was converted into a copy, and ``finish(layer)`` on each layer
+    once its tensors are converted (see :func:`load_into`)."""
     path = Path(path)
     device = torch.device(device)
     sd = apply_fixups(raw, use_ema=use_ema, path=path)
@@ -607,7 +617,7 @@ def networks_from_state_dict(raw: dict[str, torch.Tensor], metadata: Mapping[str
     networks = build_networks(cfg)
     for part, module in networks.items():
         load_into(module, parts.pop(part), prefix=_prefix_of(part, cfg), path=path, device=device, dtype=dtype,
-                  release=release)
+                  release=release, finish=finish)
     if device.type == "meta":  # shape/key checks only
         return cfg, networks
 

@@ -770,11 +770,15 @@ def load(path: str | Path | None = None, device: str | torch.device | None = Non
     if prediction not in (None, "eps", "v"):
         raise ArgumentError(f"prediction must be 'eps', 'v' or None (detect it), not {prediction!r}")
     precision = devices.choose(device, dtype)
+    # Each layer's CPU weight goes into oneDNN's layout as soon as it is read (sdlite.ops.pack; a
+    # no-op on other devices).
+    packer = ops.Packer()
     cfg, nets = load_networks(path, device=precision.device, dtype=precision.weight_dtype,
-                              prediction=prediction, use_ema=use_ema, config=config)
-    nets["unet"].to(memory_format=devices.unet_memory_format(precision.device))
-    for net in nets.values():
-        ops.pack(net)  # CPU weights in oneDNN's layout (sdlite.ops.pack); a no-op on other devices
+                              prediction=prediction, use_ema=use_ema, config=config, finish=packer)
+    packer.close()
+    memory_format = devices.unet_memory_format(precision.device)
+    if memory_format != torch.contiguous_format:  # (.to() would unpack packed weights)
+        nets["unet"].to(memory_format=memory_format)
     pipe = Pipeline(tokenizer_for(cfg.text), nets["text_encoder"], nets["unet"], nets["vae"], cfg, precision,
                     name=path.stem, path=path)
     if low_memory:

@@ -190,6 +190,24 @@ def test_loading_with_consume_releases_the_file_tensors(tmp_path):
     assert next(nets["unet"].parameters()).dtype == torch.float32
 
 
+def test_finish_sees_each_layer_once_right_after_its_own_tensors_are_converted():
+    # sdlite.load packs each layer there (ops.Packer), before the next layer's weights are converted.
+    sd = original_state_dict(TINY_SD1, dtype=torch.float16)
+    seen = []
+
+    def finish(layer):
+        own = [*layer.parameters(recurse=False), *layer.buffers(recurse=False)]
+        later = [t for m in layer.children() for t in m.parameters()]  # children come after their parent
+        seen.append(layer)
+        assert all(t.dtype == torch.float32 and not t.requires_grad for t in own if t.is_floating_point())
+        assert all(t.dtype == torch.float16 for t in later)
+
+    _, nets = networks_from_state_dict(sd, {}, path="x", device="cpu", dtype=torch.float32, config=TINY_SD1,
+                                       finish=finish)
+    every = [m for net in nets.values() for m in net.modules()]
+    assert len(seen) == len(every) and {id(m) for m in seen} == {id(m) for m in every}
+
+
 def test_save_refuses_to_overwrite(tmp_path):
     pipe = sdlite.load(_save(original_state_dict(TINY_SD1), tmp_path / "a.safetensors"), device="cpu",
                        config=TINY_SD1)
