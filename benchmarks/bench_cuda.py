@@ -535,6 +535,68 @@ def compile_txt2img_line(cfg: Any, weights: dict, unet: torch.nn.Module, device:
             f"{first:.1f} s; images in [0, 1]: max |Δ| = {diff:.1e} |")
 
 
+def low_memory_lines(cfg: Any, nets: dict, dnets: dict, tokenizer: Any, device: torch.device,
+                     args: argparse.Namespace) -> list[str]:
+    """Peak GPU memory and time of an fp16 txt2img (10 Euler steps, CFG) at each of
+    ``--low-memory-sizes``: sdlite at its default and with ``low_memory`` (attention 1024 queries at a
+    time, VAE tiles of half the native size, no CUDA graphs), diffusers at its default and with its
+    own two levers (``enable_attention_slicing()``, ``vae.enable_tiling()``). Each side's figure is
+    its own weights plus the call's peak allocation above the memory allocated before its warm-up
+    call (both sides' weights sit on the GPU; sdlite's CUDA graph, captured in the warm-up, counts).
+    One timed call each, after the warm-up call at that size."""
+    pipe = sdlite_pipe(cfg, nets, device, "fp16")
+    dpipe = bench.diffusers_pipeline(cfg, dnets, tokenizer)
+    gen = torch.Generator().manual_seed(4)
+    out = ["| size | sdlite default | sdlite low_memory | diffusers default | diffusers attention slicing + VAE tiling | notes |",
+           "|---|---:|---:|---:|---:|---|"]
+
+    def measure(fn: Callable[[], Any], mods: dict) -> tuple[float, float, Any]:
+        if pipe.cuda_graphs:
+            pipe._unet_graphs.reset()  # only this size's graph, captured below
+        gc.collect()
+        torch.cuda.empty_cache()
+        base = torch.cuda.memory_allocated(device)
+        fn()  # warm-up: kernels chosen, a CUDA graph captured (its memory stays allocated: counted)
+        sync(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        t0 = time.perf_counter()
+        result = fn()
+        sync(device)
+        ms = 1e3 * (time.perf_counter() - t0)
+        return (param_bytes(mods) + torch.cuda.max_memory_allocated(device) - base) / 2**20, ms, result
+
+    for size in args.low_memory_sizes:
+        latents = torch.randn(1, cfg.vae.embed_dim, size // 8, size // 8, generator=gen)
+
+        def ours() -> Any:
+            return torch.as_tensor(pipe.txt2img(PROMPT, negative_prompt="", steps=10, guidance_scale=7.5, width=size,
+                                                height=size, sampler="euler", latents=latents, output_type="np"))
+
+        def theirs() -> Any:
+            return torch.as_tensor(dpipe(PROMPT, negative_prompt="", num_inference_steps=10, guidance_scale=7.5,
+                                         width=size, height=size, latents=latents.to(device, weight_dtype(device, "fp16")),
+                                         output_type="np").images)
+
+        cells, images = [], []
+        for side, fn, mods, low_on, low_off in (
+                ("sdlite", ours, nets, lambda: pipe.set_low_memory(True), lambda: (pipe.set_low_memory(False),
+                                                                                 pipe.set_cuda_graphs(device.type == "cuda"))),
+                ("diffusers", theirs, dnets, lambda: (dpipe.enable_attention_slicing(), dpipe.vae.enable_tiling()),
+                 lambda: (dpipe.disable_attention_slicing(), dpipe.vae.disable_tiling()))):
+            mib, ms, img = measure(fn, mods)
+            cells.append(f"{mib:,.0f} MiB, {ms:,.0f} ms")
+            low_on()
+            try:
+                mib_low, ms_low, img_low = measure(fn, mods)
+            finally:
+                low_off()
+            cells.append(f"{mib_low:,.0f} MiB, {ms_low:,.0f} ms")
+            images.append((img.float() - img_low.float()).abs().max().item())
+        out.append(f"| {size}x{size} | {' | '.join(cells)} | images in [0, 1], default vs low-memory: max |Δ| = "
+                   f"{images[0]:.1e} (sdlite), {images[1]:.1e} (diffusers) |")
+    return out
+
+
 def bundled_rows(device: torch.device, args: argparse.Namespace) -> list[Row]:
     """sdlite's bundled model on this device at its defaults (64x64, Euler a, 20 steps), one image and a
     batch of 8; and the largest difference from the same image drawn on the CPU in fp32."""
@@ -679,6 +741,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--compile-mode", default=None, help="torch.compile's mode for that lever (default: its default)")
     p.add_argument("--compile-txt2img", action="store_true",
                    help="also time a whole 512x512 txt2img through pipe.compile(mode=--compile-mode) (one more compile)")
+    p.add_argument("--low-memory-sizes", type=lambda v: [int(b) for b in v.split(",") if b.strip()], default=[],
+                   help="image sides for the low-memory table (fp16 txt2img, each side's default and low-memory "
+                        "options; e.g. 512,1024; default: none)")
     p.add_argument("--budget-s", type=float, default=420, help="skip the optional sections once this many seconds passed")
     p.add_argument("--commit", default=None, help="the commit measured (when the tree has no .git)")
     p.add_argument("--note", default="")
@@ -793,6 +858,17 @@ def main(argv: list[str] | None = None) -> None:
             bundled_and_load()
     if not precisions:
         bundled_and_load()
+    if args.low_memory_sizes and device.type == "cuda":
+        log("low-memory options")
+        built = guarded("low memory: build", lambda: build_sides(cfg, weights, device, "fp16"))
+        if built is not None:
+            lines = guarded("low memory", lambda: low_memory_lines(cfg, *built, tokenizer, device, args))
+            if lines:
+                extra.extend(["## Low-memory options (fp16, peak GPU memory and time of one txt2img, 10 steps)",
+                              "", *lines, ""])
+        built = None
+        gc.collect()
+        torch.cuda.empty_cache()
     if args.compile and time.time() < deadline - 90:
         log("torch.compile lever")
         lines = guarded("torch.compile", lambda: compile_lever(cfg, weights, device, flops, ctx["peaks"], args))
