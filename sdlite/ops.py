@@ -99,8 +99,8 @@ GEMM_ATTENTION_MIN_KEYS = 1024
 
 
 def _attention_by_gemm(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, query_chunk: int | None) -> torch.Tensor:
-    """``softmax(q kᵀ / √d) v`` for one sample, head and chunk of queries at a time, both products
-    through oneDNN's GEMM (see :func:`linear`); ``q``, ``k`` in fp32, ``v`` in fp32 or bf16 (the
+    """``softmax(q kᵀ / √d) v`` for one sample, head and chunk of queries at a time (~2^20 scores,
+    or ``query_chunk`` queries if that is fewer), both products through oneDNN's GEMM (see :func:`linear`); ``q``, ``k`` in fp32, ``v`` in fp32 or bf16 (the
     probabilities are rounded to ``v``'s dtype for the second product).
 
     PyTorch's fused CPU kernel (flash attention) does its two small products (``d`` = 40 to 160
@@ -112,7 +112,8 @@ def _attention_by_gemm(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, query_
     (heads back into channels) reads without a copy."""
     b, heads, length, d = q.shape
     n = k.shape[-2]
-    chunk = query_chunk or max(128, 2**20 // n)
+    chunk = max(128, 2**20 // n)
+    chunk = min(chunk, query_chunk) if query_chunk else chunk  # the low-memory chunk is an upper bound
     out = v.new_empty(b, length, heads, d)
     for i in range(b):
         for h in range(heads):

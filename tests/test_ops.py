@@ -123,6 +123,21 @@ def test_bf16_attention_by_gemm_is_as_accurate_as_sdpas_bf16_kernel(heads, d, mo
     assert err_ours <= 1.1 * err_sdpa, (err_ours, err_sdpa)
 
 
+@needs_onednn
+def test_the_low_memory_query_chunk_never_makes_the_gemm_chunks_larger(monkeypatch):
+    # The default chunk holds ~2^20 scores (256 queries at 4096 keys); a larger low-memory chunk
+    # (pipe.set_low_memory: 1024 queries) must not raise it, a smaller one lowers it.
+    rows = []
+    gemm = ops._gemm
+    monkeypatch.setattr(ops, "_gemm", lambda x, w, b: rows.append(x.shape[0]) or gemm(x, w, b))
+    q, k, v = (torch.randn(1, 1, n, 8) for n in (600, 4096, 4096))
+    with torch.no_grad():
+        for chunk, largest in ((None, 256), (1024, 256), (100, 100)):
+            rows.clear()
+            ops._attention_by_gemm(q, k, v, chunk)
+            assert max(rows) == largest, chunk
+
+
 def test_attention_takes_the_gemm_path_only_for_many_keys_in_fp32_inference(monkeypatch):
     monkeypatch.setattr(ops, "ONEDNN_GEMM", frozenset({torch.float32, torch.bfloat16}))
     monkeypatch.setattr(ops, "GEMM_ATTENTION_MIN_KEYS", 64)
