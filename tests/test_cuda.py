@@ -151,3 +151,13 @@ def test_a_unet_compiled_with_cuda_graphs_draws_the_eager_image_through_the_whol
         for _ in range(2):  # the first call at a shape compiles and records, the second replays
             image = pipe.txt2img("a cat", seed=3, steps=4, output_type="np", **kw)
             assert abs(image - ref).max() < (2e-3 if dtype == torch.float32 else 2e-2), kw
+
+
+def test_load_with_compile_replays_compiles_own_cuda_graphs_and_draws_the_eager_image():
+    import sdlite
+
+    pipe = sdlite.load(device="cuda", compile=True)  # mode "reduce-overhead": CUDA graphs stay on by default
+    assert not pipe.cuda_graphs and pipe._compiled_graphs
+    image = pipe.txt2img("a red circle on the left", seed=1, output_type="np")
+    ref = sdlite.load(device="cuda").txt2img("a red circle on the left", seed=1, output_type="np")
+    assert abs(image - ref).max() < 2e-2
