@@ -989,15 +989,17 @@ def network_levers(cfg: ModelConfig, nets: dict, repeats: int) -> str:
     return "\n".join(lines)
 
 
-def compile_lever(cfg: ModelConfig, nets: dict, repeats: int) -> str:
-    """One levers-table line: the fp32 UNet at 32x32, batch 2, eager vs ``nn.Module.compile``
-    (what ``Pipeline.compile`` does), with the first call's compile time."""
+def compile_lever(cfg: ModelConfig, nets: dict, precision: str, repeats: int) -> str:
+    """One levers-table line: the UNet (fp32 or bf16 weights) at 32x32, batch 2, eager vs
+    ``nn.Module.compile`` (what ``Pipeline.compile`` does), with the first call's compile time."""
 
     gen = torch.Generator().manual_seed(2)
     unet = nets["unet"]
     ctx = torch.randn(2, cfg.text.max_length, cfg.unet.context_dim, generator=gen)
     t = torch.tensor([500.0, 500.0])
     x = torch.randn(2, cfg.unet.in_channels, 32, 32, generator=gen)
+    dtype = next(unet.parameters()).dtype
+    ctx, x = ctx.to(dtype), x.to(dtype)
     compiled = plain_copies(cfg, nets, ("unet",))["unet"]  # Pipeline.compile unpacks too
     compiled.compile()
     t0 = time.perf_counter()
@@ -1017,7 +1019,7 @@ def compile_lever(cfg: ModelConfig, nets: dict, repeats: int) -> str:
     a, b = statistics.median(times["default"]), statistics.median(times["alternative"])
     gain = a - b
     breakeven = f"{first / gain:.0f} calls to win the compile time back" if gain > 0 else "never wins it back"
-    return (f"| UNet 32x32, batch 2 | eager vs `pipe.compile()` (torch.compile; first call incl. compiling "
+    return (f"| UNet 32x32, batch 2, {precision} | eager vs `pipe.compile()` (torch.compile; first call incl. compiling "
             f"{first:.0f} s: {breakeven}); max rel. diff {rel_diff(last['alternative'], last['default']):.0e} | "
             f"{a * 1e3:.0f} | {b * 1e3:.0f} | {a / b:.2f} |")
 
@@ -1143,7 +1145,7 @@ def write_report(path: Path, ctx: dict[str, Any], sections: dict[str, list[Row]]
     if notes:
         out += ["## Notes", ""] + [f"- {n}" for n in notes] + [""]
     if levers_text:
-        out += ["## Levers (fp32 micro-benchmarks, same tensors, alternating)", "", levers_text, ""]
+        out += ["## Levers (micro-benchmarks in fp32 unless a row says otherwise; same tensors, alternating)", "", levers_text, ""]
     if profile_text:
         out += ["## Profile", "", profile_text]
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -1167,7 +1169,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--repeats", type=int, default=None, help="timed repeats per row (default 5; --quick 1)")
     p.add_argument("--mem-steps", type=int, default=None, help="sampling steps of the 512x512 memory row (default 2)")
     p.add_argument("--profile", action="store_true", help="add a torch.profiler table of one 32x32 UNet call per side")
-    p.add_argument("--compile", action="store_true", help="time torch.compile of the UNet at 32x32 (a levers-table line)")
+    p.add_argument("--compile", action="store_true",
+                   help="time torch.compile of the UNet at 32x32, fp32 and bf16 (levers-table lines)")
     p.add_argument("--levers", action="store_true", help="add fp32 micro-benchmarks of backend choices "
                    "(oneDNN vs im2col convs, channels_last, attention layout, 1x1 conv vs linear)")
     p.add_argument("--workdir", default=None, help="where the checkpoint and config folder go (default: a temp dir)")
@@ -1269,7 +1272,8 @@ def main(argv: list[str] | None = None) -> None:
         profile_text = network_lever_text = compile_text = ""
         for precision in run_precisions:
             inproc = [r for r in prec_rows[precision] if r not in ("load", "mem512", "vae2048", "bundled")]
-            fp32_extras = precision == "fp32" and (args.profile or args.levers or args.compile)
+            fp32_extras = ((precision == "fp32" and (args.profile or args.levers))
+                           or (args.compile and precision in ("fp32", "bf16")))
             if not (inproc or fp32_extras or (need_config and tokenizer is None)):
                 continue
             wdtype = torch.bfloat16 if precision == "bf16" else torch.float32
@@ -1287,9 +1291,9 @@ def main(argv: list[str] | None = None) -> None:
             if args.levers and precision == "fp32":
                 log("network levers")
                 network_lever_text = network_levers(cfg, nets, max(1, min(args.repeats, 3)))
-            if args.compile and precision == "fp32":
-                log("torch.compile")
-                compile_text = compile_lever(cfg, nets, max(1, min(args.repeats, 3)))
+            if args.compile and precision in ("fp32", "bf16"):
+                log(f"{precision}: torch.compile")
+                compile_text += compile_lever(cfg, nets, precision, max(1, min(args.repeats, 3))) + "\n"
             del nets, dnets
             gc.collect()
         del weights
@@ -1314,7 +1318,7 @@ def main(argv: list[str] | None = None) -> None:
                 levers_text = levers_text + "\n" + network_lever_text
         if compile_text:
             header = "| case | comparison | default ms | alternative ms | speed-up |\n|---|---|---:|---:|---:|"
-            levers_text = (levers_text or header) + "\n" + compile_text
+            levers_text = (levers_text or header) + "\n" + compile_text.rstrip("\n")
 
         import importlib.util
 

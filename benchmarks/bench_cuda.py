@@ -547,8 +547,8 @@ def low_memory_lines(cfg: Any, nets: dict, dnets: dict, tokenizer: Any, device: 
     pipe = sdlite_pipe(cfg, nets, device, "fp16")
     dpipe = bench.diffusers_pipeline(cfg, dnets, tokenizer)
     gen = torch.Generator().manual_seed(4)
-    out = ["| size | sdlite default | sdlite low_memory | diffusers default | diffusers attention slicing + VAE tiling | notes |",
-           "|---|---:|---:|---:|---:|---|"]
+    out = ["| size | sdlite default | sdlite low_memory | diffusers default "
+           "| diffusers attention slicing + VAE tiling | notes |", "|---|---:|---:|---:|---:|---|"]
 
     def measure(fn: Callable[[], Any], mods: dict) -> tuple[float, float, Any]:
         if pipe.cuda_graphs:
@@ -565,6 +565,20 @@ def low_memory_lines(cfg: Any, nets: dict, dnets: dict, tokenizer: Any, device: 
         ms = 1e3 * (time.perf_counter() - t0)
         return (param_bytes(mods) + torch.cuda.max_memory_allocated(device) - base) / 2**20, ms, result
 
+    def sdlite_low_memory(on: bool) -> None:
+        pipe.set_low_memory(on)
+        if not on:
+            pipe.set_cuda_graphs(device.type == "cuda")  # the default again (low_memory turned them off)
+
+    def diffusers_low_memory(on: bool) -> None:
+        if on:
+            dpipe.enable_attention_slicing()
+            dpipe.vae.enable_tiling()
+        else:
+            dpipe.disable_attention_slicing()
+            dpipe.vae.disable_tiling()
+
+    half = weight_dtype(device, "fp16")
     for size in args.low_memory_sizes:
         latents = torch.randn(1, cfg.vae.embed_dim, size // 8, size // 8, generator=gen)
 
@@ -574,22 +588,18 @@ def low_memory_lines(cfg: Any, nets: dict, dnets: dict, tokenizer: Any, device: 
 
         def theirs() -> Any:
             return torch.as_tensor(dpipe(PROMPT, negative_prompt="", num_inference_steps=10, guidance_scale=7.5,
-                                         width=size, height=size, latents=latents.to(device, weight_dtype(device, "fp16")),
+                                         width=size, height=size, latents=latents.to(device, half),
                                          output_type="np").images)
 
         cells, images = [], []
-        for side, fn, mods, low_on, low_off in (
-                ("sdlite", ours, nets, lambda: pipe.set_low_memory(True), lambda: (pipe.set_low_memory(False),
-                                                                                 pipe.set_cuda_graphs(device.type == "cuda"))),
-                ("diffusers", theirs, dnets, lambda: (dpipe.enable_attention_slicing(), dpipe.vae.enable_tiling()),
-                 lambda: (dpipe.disable_attention_slicing(), dpipe.vae.disable_tiling()))):
+        for fn, mods, low_memory in ((ours, nets, sdlite_low_memory), (theirs, dnets, diffusers_low_memory)):
             mib, ms, img = measure(fn, mods)
             cells.append(f"{mib:,.0f} MiB, {ms:,.0f} ms")
-            low_on()
+            low_memory(True)
             try:
                 mib_low, ms_low, img_low = measure(fn, mods)
             finally:
-                low_off()
+                low_memory(False)
             cells.append(f"{mib_low:,.0f} MiB, {ms_low:,.0f} ms")
             images.append((img.float() - img_low.float()).abs().max().item())
         out.append(f"| {size}x{size} | {' | '.join(cells)} | images in [0, 1], default vs low-memory: max |Δ| = "

@@ -100,8 +100,9 @@ GEMM_ATTENTION_MIN_KEYS = 1024
 
 def _attention_by_gemm(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, query_chunk: int | None) -> torch.Tensor:
     """``softmax(q kᵀ / √d) v`` for one sample, head and chunk of queries at a time (~2^20 scores,
-    or ``query_chunk`` queries if that is fewer), both products through oneDNN's GEMM (see :func:`linear`); ``q``, ``k`` in fp32, ``v`` in fp32 or bf16 (the
-    probabilities are rounded to ``v``'s dtype for the second product).
+    or ``query_chunk`` queries if that is fewer), both products through oneDNN's GEMM (see
+    :func:`linear`); ``q``, ``k`` in fp32, ``v`` in fp32 or bf16 (the probabilities are rounded to
+    ``v``'s dtype for the second product).
 
     PyTorch's fused CPU kernel (flash attention) does its two small products (``d`` = 40 to 160
     columns) with its BLAS; over the 4096 tokens of a 64x64 latent it was 1.5x slower than this
