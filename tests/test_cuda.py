@@ -153,7 +153,7 @@ def test_a_unet_compiled_with_cuda_graphs_draws_the_eager_image_through_the_whol
             assert abs(image - ref).max() < (2e-3 if dtype == torch.float32 else 2e-2), kw
 
 
-def test_load_with_compile_replays_compiles_own_cuda_graphs_and_draws_the_eager_image():
+def test_load_with_compile_on_cuda_draws_the_default_pipelines_image():
     import sdlite
 
     pipe = sdlite.load(device="cuda", compile=True)  # mode "reduce-overhead": CUDA graphs stay on by default

@@ -170,7 +170,7 @@ def test_cuda_graphs_need_cuda_and_are_off_by_default_on_the_cpu(pipe):
         sdlite.load(device="cpu", cuda_graphs=True)
 
 
-def test_load_compiles_with_compiles_own_cuda_graphs_exactly_where_graphs_are_on(monkeypatch):
+def test_load_compiles_in_reduce_overhead_mode_exactly_where_cuda_graphs_are_on(monkeypatch):
     # compile's default mode would give up the graph replay (slower at batch 2 on a GPU).
     calls = []
     monkeypatch.setattr(Pipeline, "compile", lambda self, **options: calls.append(("compile", options)))
