@@ -12,7 +12,7 @@ import re
 import sys
 import time
 from pathlib import Path
-from typing import Sequence
+from typing import Any, Sequence
 
 from . import devices
 from .errors import ArgumentError, SdliteError
@@ -59,6 +59,9 @@ def _parser(img2img: bool) -> argparse.ArgumentParser:
                                                          "or A1111 names ('Euler a', 'DPM++ 2M Karras')")
     p.add_argument("--plms", action="store_true", help="use the PLMS sampler (CompVis flag)")
     p.add_argument("--schedule", default=None, help="automatic, karras, exponential, ... (default: the sampler's)")
+    p.add_argument("--sampler-setting", dest="sampler_settings", action="append", default=[], metavar="NAME=VALUE",
+                   help="one of A1111's sampler settings, repeatable: uni_pc_order=2, uni_pc_variant=bh2, "
+                        "uni_pc_lower_order_final=false, beta_dist_alpha=0.5, beta_dist_beta=0.5")
     p.add_argument("--scale", type=float, default=7.5, help="classifier-free guidance scale (CFG)")
     p.add_argument("--ddim_eta", "--eta", dest="eta", type=float, default=None, help="eta of DDIM/ancestral samplers")
     p.add_argument("--seed", type=int, default=None, help="seed of the first image (image i uses seed+i); -1 = random")
@@ -96,6 +99,31 @@ def _parser(img2img: bool) -> argparse.ArgumentParser:
                             "stretch the edges into the empty bands), 3 or latent (resize the encoded latent); "
                             "A1111's labels such as 'Crop and resize' work too (default: %(default)s)")
     return p
+
+
+def _sampler_settings(pairs: list[str]) -> dict[str, Any]:
+    """``--sampler-setting NAME=VALUE`` pairs → checked settings; each value is read as the type of the
+    setting's A1111 default (true/false, an integer, a number or a word)."""
+    from .schedulers import SAMPLER_SETTINGS, check_sampler_settings
+
+    settings: dict[str, Any] = {}
+    for pair in pairs:
+        name, sep, text = pair.partition("=")
+        name, text = name.strip(), text.strip()
+        if not sep or name not in SAMPLER_SETTINGS:
+            raise ArgumentError(f"--sampler-setting {pair!r}: give NAME=VALUE with NAME one of "
+                                f"{', '.join(SAMPLER_SETTINGS)}")
+        default = SAMPLER_SETTINGS[name][2]
+        try:
+            if isinstance(default, bool):
+                value: Any = {"true": True, "false": False}[text.lower()]
+            else:
+                value = type(default)(text)
+        except (KeyError, ValueError):
+            kind = {bool: "true or false", int: "an integer", float: "a number"}.get(type(default), "a word")
+            raise ArgumentError(f"--sampler-setting {pair!r}: {name} takes {kind}") from None
+        settings[name] = value
+    return check_sampler_settings(settings)
 
 
 def _prompts(args: argparse.Namespace) -> list[str]:
@@ -158,6 +186,7 @@ def run(argv: Sequence[str] | None, img2img: bool) -> int:
         prompts = _prompts(args)
         sampler = "plms" if args.plms else args.sampler
         parse_sampler_and_schedule(sampler, args.schedule)  # fail on a bad name before loading anything
+        settings = _sampler_settings(args.sampler_settings)
         if img2img and not 0.0 < args.strength <= 1.0:
             raise ArgumentError(f"--strength must be in (0, 1], got {args.strength}")
         if img2img:
@@ -195,7 +224,7 @@ def run(argv: Sequence[str] | None, img2img: bool) -> int:
                 kwargs = dict(negative_prompt=args.negative_prompt, steps=args.steps, guidance_scale=args.scale,
                               width=args.W, height=args.H, seed=seed, sampler=sampler, schedule=args.schedule,
                               batch_size=args.n_samples, eta=args.eta, progress=not args.quiet,
-                              clip_skip=args.clip_skip)
+                              clip_skip=args.clip_skip, sampler_settings=settings)
                 if img2img:
                     images = pipe.img2img(args.init_img, prompt, strength=args.strength,
                                           resize_mode=args.resize_mode, **kwargs)

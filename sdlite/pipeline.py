@@ -20,7 +20,7 @@ import math
 import random
 import warnings
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Mapping, Sequence
 
 import numpy as np
 import torch
@@ -227,16 +227,19 @@ class Pipeline:
                generators: Sequence[torch.Generator] | None = None, init: torch.Tensor | None = None,
                strength: float = 1.0,
                callback: StepCallback | None = None, progress: bool = False,
-               step_hook: Callable[[int, float, torch.Tensor, torch.Tensor], Any] | None = None) -> torch.Tensor:
+               step_hook: Callable[[int, float, torch.Tensor, torch.Tensor], Any] | None = None,
+               sampler_settings: Mapping[str, Any] | None = None) -> torch.Tensor:
         """THE sampling loop shared by txt2img and img2img: noise (unit variance) → latent.
 
         ``generators``: one CPU generator per image for the samplers' own noise (ancestral/SDE steps),
-        as :func:`random_streams` returns them; None uses torch's global RNG."""
-        from .schedulers import Denoiser, get_sampler
+        as :func:`random_streams` returns them; None uses torch's global RNG. ``sampler_settings``: see
+        :meth:`txt2img`."""
+        from .schedulers import Denoiser, check_sampler_settings, get_sampler
 
         spec = get_sampler(sampler)
         denoiser = Denoiser(self._model_fn(cond, uncond, guidance_scale), self.schedule, self.config.prediction)
-        levels = spec.levels(self.schedule, steps, schedule, strength=strength)
+        settings = check_sampler_settings(sampler_settings)
+        levels = spec.levels(self.schedule, steps, schedule, strength=strength, settings=settings)
         bar = ProgressBar(spec.step_count(levels), "sampling", enabled=progress)
         stopped_at: list[torch.Tensor] = []
 
@@ -254,7 +257,7 @@ class Pipeline:
             out = spec.sample(denoiser, noise.to(self.device, torch.float32), levels,
                               init=None if init is None else init.to(self.device, torch.float32),
                               generator=None if generators is None else list(generators), callback=on_step,
-                              eta=eta)
+                              eta=eta, settings=settings)
         # Stopped early, x still holds the noise of its level; the model's estimate of the clean
         # latent at that step is the usable picture (what the A1111 web UI returns on Interrupt).
         return stopped_at[0] if stopped_at else out
@@ -467,7 +470,7 @@ class Pipeline:
                 seed: int | None = None, sampler: str = "euler_a", schedule: str | None = None,
                 batch_size: int = 1, eta: float | None = None, latents: torch.Tensor | None = None,
                 callback: StepCallback | None = None, output_type: str = "pil", progress: bool = False,
-                clip_skip: int = 1) -> Any:
+                clip_skip: int = 1, sampler_settings: Mapping[str, Any] | None = None) -> Any:
         """Generate images from text.
 
         ``seed=None`` or ``-1`` picks a random seed; image i of the batch uses ``seed + i``.
@@ -477,6 +480,8 @@ class Pipeline:
         requested ``steps``, as A1111's does after Interrupt). ``eta``: the noise scale of the
         ancestral/SDE samplers (default 1) and DDIM (default 0); ``clip_skip``: 1 = the text encoder's
         last layer, 2 = the one before ("Clip skip 2"), ...
+        ``sampler_settings``: A1111's sampler settings by their names (:data:`sdlite.schedulers.SAMPLER_SETTINGS`),
+        e.g. ``{"uni_pc_order": 2, "beta_dist_alpha": 0.5}``; each applies only to its sampler or schedule.
         ``output_type``: ``"pil"`` (an :class:`Images` list), ``"np"`` (float array [B,H,W,3] in [0,1])
         or ``"latent"`` (the scaled latent tensor).
 
@@ -485,7 +490,7 @@ class Pipeline:
         return self._generate(prompt, negative_prompt, steps=steps, guidance_scale=guidance_scale, width=width,
                               height=height, seed=seed, sampler=sampler, schedule=schedule, batch_size=batch_size,
                               eta=eta, latents=latents, callback=callback, output_type=output_type,
-                              progress=progress, clip_skip=clip_skip)
+                              progress=progress, clip_skip=clip_skip, sampler_settings=sampler_settings)
 
     def img2img(self, image: Image.Image | str | Path | torch.Tensor, prompt: str | Sequence[str],
                 strength: float = 0.75, negative_prompt: str | Sequence[str] = "", steps: int = 20,
@@ -493,7 +498,8 @@ class Pipeline:
                 seed: int | None = None, sampler: str = "euler_a", schedule: str | None = None,
                 batch_size: int = 1, eta: float | None = None, latents: torch.Tensor | None = None,
                 callback: StepCallback | None = None, output_type: str = "pil", progress: bool = False,
-                clip_skip: int = 1, resize_mode: int | str = 0) -> Any:
+                clip_skip: int = 1, resize_mode: int | str = 0,
+                sampler_settings: Mapping[str, Any] | None = None) -> Any:
         """Redraw ``image`` under ``prompt``: encode it, noise it to ``strength`` of the way, denoise.
 
         ``strength`` in (0, 1]: 1 ignores the image, small values keep it. As in A1111, with
@@ -505,7 +511,8 @@ class Pipeline:
         sdlite's name or A1111's label; see :mod:`sdlite.resize`): 0 ``"just_resize"`` stretches it,
         1 ``"crop"`` scales it to cover and keeps the centre, 2 ``"fill"`` scales it to fit and fills the
         bands with its stretched edges, 3 ``"latent"`` encodes it at its own size and resizes the latent
-        (bilinear). The infotext does not record it (A1111's does not either).
+        (bilinear). The infotext does not record it (A1111's does not either). The other arguments are
+        :meth:`txt2img`'s.
 
         >>> pipe.img2img("photo.png", "a watercolour", width=512, height=512, resize_mode="crop")  # doctest: +SKIP
         """
@@ -525,16 +532,17 @@ class Pipeline:
                               height=height, seed=seed, sampler=sampler, schedule=schedule, batch_size=batch_size,
                               eta=eta, latents=latents, callback=callback, output_type=output_type,
                               progress=progress, clip_skip=clip_skip, init_pixels=pixels, strength=float(strength),
-                              init_latent_resize=mode == LATENT)
+                              init_latent_resize=mode == LATENT, sampler_settings=sampler_settings)
 
     def _generate(self, prompt: str | Sequence[str], negative_prompt: str | Sequence[str], *, steps: int,
                   guidance_scale: float, width: int | None, height: int | None, seed: int | None, sampler: str,
                   schedule: str | None, batch_size: int, eta: float | None, latents: torch.Tensor | None,
                   callback: StepCallback | None, output_type: str, progress: bool, clip_skip: int,
                   init_pixels: torch.Tensor | None = None, strength: float = 1.0,
-                  init_latent_resize: bool = False, step_hook: Callable | None = None) -> Any:
+                  init_latent_resize: bool = False, step_hook: Callable | None = None,
+                  sampler_settings: Mapping[str, Any] | None = None) -> Any:
         from .infotext import format_infotext, generation_params
-        from .schedulers import parse_sampler_and_schedule
+        from .schedulers import check_sampler_settings, parse_sampler_and_schedule
 
         if self.config.in_channels != self.latent_channels:
             raise ArgumentError(f"this model's UNet takes {self.config.in_channels} input channels (an inpainting, "
@@ -548,6 +556,7 @@ class Pipeline:
         if output_type not in ("pil", "np", "latent"):
             raise ArgumentError(f"output_type must be 'pil', 'np' or 'latent', not {output_type!r}")
         spec, schedule_id = parse_sampler_and_schedule(sampler, schedule)
+        settings = check_sampler_settings(sampler_settings)
         if int(batch_size) < 1:
             raise ArgumentError(f"batch_size must be ≥ 1, got {batch_size}")
         if not isinstance(prompt, str) and batch_size not in (1, len(prompt)):
@@ -589,7 +598,8 @@ class Pipeline:
 
         out = self.sample(noise, cond, uncond, steps=int(steps), guidance_scale=float(guidance_scale),
                           sampler=spec.id, schedule=schedule_id, eta=eta, generators=generators, init=init,
-                          strength=strength, callback=callback, progress=progress, step_hook=step_hook)
+                          strength=strength, callback=callback, progress=progress, step_hook=step_hook,
+                          sampler_settings=settings)
         if output_type == "latent":
             return out
         images = self.decode_latents(out).permute(0, 2, 3, 1).cpu().numpy()
@@ -605,7 +615,8 @@ class Pipeline:
                 model_hash=self.model_hash, model_name=self.name,
                 denoising_strength=strength if init is not None else None,
                 eta=eta if (eta is not None and spec.uses_eta and float(eta) != spec.default_eta) else None,
-                clip_skip=clip_skip if clip_skip > 1 else None, extra=_schedule_extra(label), version=VERSION,
+                clip_skip=clip_skip if clip_skip > 1 else None, extra=_schedule_extra(label, settings),
+                version=VERSION,
             )
             text = format_infotext(prompts[i], negatives[i], params)
             img = Image.fromarray(np.round(arr * 255).astype(np.uint8))
@@ -652,14 +663,15 @@ def _schedule_label(schedule_id: str | None, spec: Any) -> str | None:
     return None if effective == "automatic" else schedule_label(effective)
 
 
-def _schedule_extra(label: str | None) -> dict[str, float] | None:
-    """The schedule's own infotext keys: A1111 records the Beta schedule's shape parameters (its options
-    beta_dist_alpha / beta_dist_beta, which sdlite leaves at their defaults) whenever that schedule ran."""
+def _schedule_extra(label: str | None, settings: Mapping[str, Any]) -> dict[str, float] | None:
+    """The schedule's own infotext keys: A1111 records the Beta schedule's shape parameters (its settings
+    beta_dist_alpha / beta_dist_beta) whenever that schedule ran."""
     from .schedulers.schedule import BETA_DIST_ALPHA, BETA_DIST_BETA
 
     if label != "Beta":
         return None
-    return {"Beta schedule alpha": BETA_DIST_ALPHA, "Beta schedule beta": BETA_DIST_BETA}
+    return {"Beta schedule alpha": settings.get("beta_dist_alpha", BETA_DIST_ALPHA),
+            "Beta schedule beta": settings.get("beta_dist_beta", BETA_DIST_BETA)}
 
 
 def _ramp(n: int, width: int, *, top: bool, bottom: bool, device: torch.device) -> torch.Tensor:

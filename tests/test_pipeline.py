@@ -300,6 +300,28 @@ def test_nan_that_survives_fp32_is_an_error_not_an_image(monkeypatch):
         pipe.txt2img("a cat", seed=1, steps=1)
 
 
+# -- sampler settings ----------------------------------------------------------------------
+
+def test_sampler_settings_reach_unipc_and_the_beta_schedule_and_the_beta_ones_the_infotext(pipe):
+    from sdlite.schedulers import DiscreteSchedule
+
+    kw = dict(seed=1, steps=6, output_type="np")
+    default = pipe.txt2img("a cat", sampler="unipc", **kw)
+    explicit = pipe.txt2img("a cat", sampler="unipc", sampler_settings={"uni_pc_order": 3, "uni_pc_variant": "bh1",
+                                                                        "uni_pc_lower_order_final": True}, **kw)
+    np.testing.assert_array_equal(explicit, default)  # A1111's defaults are sdlite's
+    for settings in ({"uni_pc_order": 2}, {"uni_pc_variant": "bh2"}, {"uni_pc_lower_order_final": False}):
+        assert not np.array_equal(pipe.txt2img("a cat", sampler="unipc", sampler_settings=settings, **kw), default)
+    assert np.array_equal(pipe.txt2img("a cat", sampler="unipc", sampler_settings={"beta_dist_alpha": 0.3}, **kw),
+                          default)  # a Beta setting leaves UniPC alone
+    settings = {"beta_dist_alpha": 0.3, "beta_dist_beta": 0.8}
+    levels = get_sampler("euler").levels(DiscreteSchedule(), 5, "beta", settings=settings)
+    torch.testing.assert_close(levels, DiscreteSchedule().get_sigmas(5, "beta", beta_dist_alpha=0.3,
+                                                                     beta_dist_beta=0.8))
+    image = pipe.txt2img("a cat", seed=1, steps=2, sampler="euler", schedule="beta", sampler_settings=settings)
+    assert "Beta schedule alpha: 0.3, Beta schedule beta: 0.8" in image.infotexts[0]
+
+
 # -- torch.compile -------------------------------------------------------------------------
 
 def test_compile_traces_the_unet_as_one_graph_and_draws_the_eager_image():
@@ -356,6 +378,13 @@ def test_the_loop_copies_a_compiled_unets_output_that_its_next_call_would_overwr
     (dict(seed=2**64 - 1, batch_size=2), "seed must be"),
     (dict(prompt=["a cat", "a dog"], negative_prompt=["blurry"]), "2 prompts but 1 negative"),
     (dict(latents=torch.zeros(1, 4, 3, 3)), "latents must have shape"),
+    (dict(sampler_settings={"uni_pc_ordre": 2}), "unknown sampler setting 'uni_pc_ordre'"),
+    (dict(sampler_settings={"uni_pc_order": 0}), "integer >= 1"),
+    (dict(sampler_settings={"uni_pc_order": True}), "integer >= 1"),
+    (dict(sampler_settings={"uni_pc_variant": "vary_coeff"}), "'bh1' or 'bh2'"),
+    (dict(sampler_settings={"uni_pc_lower_order_final": "no"}), "true or false"),
+    (dict(sampler_settings={"uni_pc_skip_type": "logSNR"}), "time-uniformly"),
+    (dict(sampler_settings={"beta_dist_beta": float("nan")}), "positive number"),
     # img2img (the rows with an image)
     (dict(image=torch.zeros(1, 3, 40, 20), resize_mode=4), "resize_mode must be one of: 0 ="),
     (dict(image=torch.zeros(1, 3, 40, 20), resize_mode="stretch"), "resize_mode must be one of: 0 ="),
@@ -543,3 +572,27 @@ def test_cli_passes_the_cuda_graphs_choice_to_load(monkeypatch, tmp_path, flag, 
 def test_cli_passes_the_precision_to_load(monkeypatch, tmp_path, flag, expected):
     # "autocast" is its own precision (fp32 weights under autocast), not a name for the default.
     assert _load_kwargs_of_cli(monkeypatch, tmp_path, flag)["dtype"] == expected
+
+
+def test_cli_passes_sampler_settings_to_the_pipeline_and_refuses_bad_ones_before_loading(monkeypatch, tmp_path,
+                                                                                          capsys):
+    from sdlite import cli
+
+    seen = {}
+
+    class Recorder:
+        def txt2img(self, prompt, **kwargs):
+            seen.update(kwargs)
+            raise sdlite.ArgumentError("stop before generating")
+
+    monkeypatch.setattr(sdlite, "load", lambda *args, **kwargs: Recorder())
+    monkeypatch.chdir(tmp_path)
+    argv = ["--prompt", "a cat", "--sampler", "unipc", "--sampler-setting", "uni_pc_order=2",
+            "--sampler-setting", "uni_pc_lower_order_final=False", "--sampler-setting", "beta_dist_alpha=0.5"]
+    assert cli.run(argv, img2img=False) == 2
+    assert seen["sampler_settings"] == {"uni_pc_order": 2, "uni_pc_lower_order_final": False, "beta_dist_alpha": 0.5}
+    monkeypatch.setattr(sdlite, "load", lambda *args, **kwargs: pytest.fail("loaded before checking"))
+    for bad, message in (("uni_pc_order=two", "uni_pc_order takes an integer"), ("order=2", "give NAME=VALUE"),
+                         ("uni_pc_variant=vary_coeff", "'bh1' or 'bh2'")):
+        assert cli.run(["--prompt", "a cat", "--sampler-setting", bad], img2img=False) == 2
+        assert message in capsys.readouterr().err

@@ -24,6 +24,7 @@ from PIL import Image
 
 import sdlite
 from sdlite.infotext import parse_infotext
+from sdlite.pipeline import Pipeline
 from sdlite.webui.server import LATENT_RGB, ServerThread, State, create_app, latent_preview, main
 
 from test_pipeline import make_pipe
@@ -446,6 +447,31 @@ def test_options_refuse_a_clip_skip_the_model_lacks_and_a_format_other_than_png_
         assert r.info["clip_skip"] == 2 and "Clip skip: 2" in r.images[0].info["parameters"]
     finally:
         requests.post(f"{url}/options", json={"CLIP_stop_at_last_layers": 1})
+
+
+def test_sampler_settings_as_options_and_override_settings_reach_the_sampler_and_the_infotext(api, monkeypatch):
+    # A1111's Settings → Sampler parameters: UniPC's options and the Beta schedule's alpha and beta.
+    # (tests/test_pipeline.py proves that the settings the pipeline gets change the sampling.)
+    seen = []
+    sample = Pipeline.sample
+    monkeypatch.setattr(Pipeline, "sample", lambda self, *a, **kw: seen.append(kw["sampler_settings"])
+                        or sample(self, *a, **kw))
+    url = api.baseurl
+    assert api.get_options()["uni_pc_order"] == 3 and api.get_options()["beta_dist_alpha"] == 0.6
+    r = requests.post(f"{url}/options", json={"uni_pc_variant": "vary_coeff"})
+    assert r.status_code == 400 and "'bh1' or 'bh2'" in r.json()["detail"]
+    body = dict(prompt="x", seed=1, steps=2, **SIZE)
+    api.txt2img(sampler_name="UniPC", override_settings={"uni_pc_order": 2}, **body)
+    assert seen[-1]["uni_pc_order"] == 2 and seen[-1]["uni_pc_variant"] == "bh1"
+    assert api.get_options()["uni_pc_order"] == 3  # the override is restored afterwards
+    try:
+        assert requests.post(f"{url}/options", json={"uni_pc_lower_order_final": False}).status_code == 200
+        api.txt2img(sampler_name="UniPC", **body)
+        assert seen[-1]["uni_pc_lower_order_final"] is False
+    finally:
+        requests.post(f"{url}/options", json={"uni_pc_lower_order_final": True})
+    beta = api.txt2img(sampler_name="Euler", scheduler="Beta", override_settings={"beta_dist_alpha": 0.5}, **body)
+    assert "Beta schedule alpha: 0.5, Beta schedule beta: 0.6" in beta.images[0].info["parameters"]
 
 
 def test_enable_pnginfo_false_leaves_the_infotext_out_of_the_returned_png(api):

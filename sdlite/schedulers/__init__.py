@@ -19,7 +19,8 @@
 - :mod:`.lcm`: A1111's LCM sampler (the consistency wrapper and LCM's 50-timestep grid);
 - :mod:`.ddim`, :mod:`.ddpm`: DDIM, PLMS, DDPM in the VP space with integer timesteps;
 - :mod:`.unipc`: UniPC in the VP space, on A1111's time-uniform fractional timesteps;
-- :mod:`.registry`: :class:`Sampler`, :data:`SAMPLERS`, :func:`get_sampler`, :func:`parse_sampler_and_schedule`.
+- :mod:`.registry`: :class:`Sampler`, :data:`SAMPLERS`, :func:`get_sampler`, :func:`parse_sampler_and_schedule`,
+  and A1111's sampler settings (:data:`SAMPLER_SETTINGS`: UniPC's options, the Beta schedule's alpha and beta).
 """
 
 from .ddim import sample_ddim, sample_plms
@@ -45,7 +46,14 @@ from .k_samplers import (
     sample_lms,
 )
 from .lcm import LCMDenoiser, lcm_sigmas, sample_lcm_a1111
-from .registry import SAMPLERS, Sampler, get_sampler, parse_sampler_and_schedule
+from .registry import (
+    SAMPLER_SETTINGS,
+    SAMPLERS,
+    Sampler,
+    check_sampler_settings,
+    get_sampler,
+    parse_sampler_and_schedule,
+)
 from .restart import restart_plan, sample_restart
 from .schedule import SCHEDULE_LABELS, SCHEDULES, DiscreteSchedule, ScheduleType, get_schedule_name, schedule_label
 from .unipc import sample_unipc
@@ -53,7 +61,7 @@ from .unipc import sample_unipc
 __all__ = [
     "DiscreteSchedule", "ScheduleType", "SCHEDULES", "SCHEDULE_LABELS", "get_schedule_name", "schedule_label",
     "Denoiser",
-    "Sampler", "SAMPLERS", "get_sampler", "parse_sampler_and_schedule",
+    "Sampler", "SAMPLERS", "get_sampler", "parse_sampler_and_schedule", "SAMPLER_SETTINGS", "check_sampler_settings",
     "sample_euler", "sample_euler_ancestral", "sample_heun", "sample_lms", "sample_dpm_2", "sample_dpm_2_ancestral",
     "sample_dpmpp_2m", "sample_dpmpp_2m_sde", "sample_dpmpp_2m_sde_heun", "sample_dpmpp_3m_sde",
     "sample_dpmpp_2s_ancestral", "sample_dpmpp_sde", "sample_ddim", "sample_plms", "sample_ddpm",

@@ -14,8 +14,9 @@ whether it drops the penultimate sigma, its default eta) and the two operations 
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
-from typing import Any, Callable, Literal
+from typing import Any, Callable, Literal, Mapping
 
 import torch
 
@@ -25,6 +26,53 @@ from .denoiser import Denoiser
 from .schedule import SCHEDULES, DiscreteSchedule, get_schedule_name
 
 SamplerFn = Callable[..., torch.Tensor]
+
+# A1111's settings that shape one sampler or schedule (its Settings → Sampler parameters, and
+# ``override_settings`` in its API), by name: (the sampler or schedule id they apply to, the keyword of
+# sdlite's function, A1111's default). Runs with any other sampler or schedule ignore them, as A1111 does.
+SAMPLER_SETTINGS: dict[str, tuple[str, str | None, Any]] = {
+    "uni_pc_variant": ("unipc", "variant", "bh1"),
+    "uni_pc_order": ("unipc", "order", 3),
+    "uni_pc_lower_order_final": ("unipc", "lower_order_final", True),
+    "uni_pc_skip_type": ("unipc", None, "time_uniform"),  # sdlite has A1111's default grid only
+    "beta_dist_alpha": ("beta", "beta_dist_alpha", 0.6),
+    "beta_dist_beta": ("beta", "beta_dist_beta", 0.6),
+}
+
+
+def check_sampler_settings(settings: Mapping[str, Any] | None) -> dict[str, Any]:
+    """``settings`` (names of :data:`SAMPLER_SETTINGS` → values), checked: an unknown name or a value
+    sdlite cannot run is an :class:`~sdlite.errors.ArgumentError` that says what is allowed.
+
+    >>> check_sampler_settings({"uni_pc_order": 2, "beta_dist_alpha": 0.5})
+    {'uni_pc_order': 2, 'beta_dist_alpha': 0.5}
+    """
+    out: dict[str, Any] = {}
+    for name, value in (settings or {}).items():
+        if name not in SAMPLER_SETTINGS:
+            raise ArgumentError(f"unknown sampler setting {name!r}; the settings are {', '.join(SAMPLER_SETTINGS)}")
+        if name == "uni_pc_variant" and value not in ("bh1", "bh2"):
+            raise ArgumentError(f"uni_pc_variant must be 'bh1' or 'bh2' (A1111's 'vary_coeff' is not in sdlite), "
+                                f"got {value!r}")
+        if name == "uni_pc_order" and not (isinstance(value, int) and not isinstance(value, bool) and value >= 1):
+            raise ArgumentError(f"uni_pc_order must be an integer >= 1, got {value!r}")
+        if name == "uni_pc_lower_order_final" and not isinstance(value, bool):
+            raise ArgumentError(f"uni_pc_lower_order_final must be true or false, got {value!r}")
+        if name == "uni_pc_skip_type" and value != "time_uniform":
+            raise ArgumentError(f"uni_pc_skip_type: sdlite steps UniPC time-uniformly only ('time_uniform', "
+                                f"A1111's default), got {value!r}")
+        if name.startswith("beta_dist_"):
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not (math.isfinite(value) and value > 0):
+                raise ArgumentError(f"{name} must be a positive number (A1111's default: 0.6), got {value!r}")
+            value = float(value)
+        out[name] = value
+    return out
+
+
+def _settings_for(target: str, settings: Mapping[str, Any] | None) -> dict[str, Any]:
+    """The keyword arguments ``settings`` give the sampler or schedule ``target``."""
+    return {SAMPLER_SETTINGS[name][1]: value for name, value in (settings or {}).items()
+            if SAMPLER_SETTINGS[name][0] == target and SAMPLER_SETTINGS[name][1] is not None}
 
 
 @dataclass(frozen=True)
@@ -69,11 +117,12 @@ class Sampler:
         return (self.id, self.label, *self.aliases)
 
     def levels(self, schedule: DiscreteSchedule, steps: int, schedule_name: str | None = None,
-               strength: float = 1.0) -> torch.Tensor:
+               strength: float = 1.0, settings: Mapping[str, Any] | None = None) -> torch.Tensor:
         """The sigmas (k family, ``[n + 1]`` float32) or timesteps (timestep family, ``[n]`` int64) a run visits.
 
         ``schedule_name`` None or "automatic" uses :attr:`default_schedule`; timestep samplers always use the
         DDIM spacing (A1111 ignores the schedule type for them too; an unknown name still raises).
+        ``settings`` (:data:`SAMPLER_SETTINGS`, checked) shape the Beta schedule.
         ``strength`` < 1 (img2img) keeps only the last part, as A1111 does with
         ``t_enc = int(min(strength, 0.999) * steps)``: k samplers ``sigmas[steps - t_enc - 1:]`` (t_enc + 1
         steps), timestep samplers the last ``max(t_enc, 1)`` timesteps.
@@ -109,20 +158,22 @@ class Sampler:
         if self.endpoints_only and strength >= 1.0:
             name = "uniform"
         n = steps + 1 if self.discard_penultimate else steps
-        sigmas = schedule.get_sigmas(n, name) if self.sigmas_fn is None else self.sigmas_fn(schedule, n, name)
+        sigmas = (schedule.get_sigmas(n, name, **_settings_for(name, settings)) if self.sigmas_fn is None
+                  else self.sigmas_fn(schedule, n, name))
         if self.discard_penultimate:
             sigmas = torch.cat([sigmas[:-2], sigmas[-1:]])
         return sigmas if strength >= 1.0 else sigmas[steps - t_enc - 1:]
 
     def sample(self, denoiser: Denoiser, noise: torch.Tensor, levels: torch.Tensor, *, init: torch.Tensor | None = None,
                generator: torch.Generator | None = None, callback: k.Callback | None = None,
-               eta: float | None = None) -> torch.Tensor:
+               eta: float | None = None, settings: Mapping[str, Any] | None = None) -> torch.Tensor:
         """Run the sampler from unit-variance ``noise`` (``[B, C, H, W]``) and return the final latent.
 
         k family: x = init + noise * sigmas[0] (init = 0 for txt2img). Timestep family: x = noise, or
         ``add_noise(init, noise, levels[0])`` for img2img (CompVis/A1111 noise the init one stride higher,
         at the timestep *above* the first visited one; here the init is noised at the level the run starts
-        from, consistently with the k samplers). ``eta`` None = :attr:`default_eta`."""
+        from, consistently with the k samplers). ``eta`` None = :attr:`default_eta`. ``settings``
+        (:data:`SAMPLER_SETTINGS`, checked): those of this sampler go to its function (UniPC's)."""
         eta = self.default_eta if eta is None else float(eta)
         noise = noise.to(torch.promote_types(noise.dtype, torch.float32))
         if self.family == "k":
@@ -132,7 +183,8 @@ class Sampler:
         else:
             x = noise if init is None else denoiser.schedule.add_noise(init.to(noise.device, noise.dtype), noise,
                                                                        int(levels[0]))
-        return self.fn(denoiser, x, levels, generator=generator, callback=callback, eta=eta)
+        return self.fn(denoiser, x, levels, generator=generator, callback=callback, eta=eta,
+                       **_settings_for(self.id, settings))
 
 
 # In the order of the A1111 sampler list (modules/sd_samplers_kdiffusion.py, the timestep samplers, then LCM).

@@ -57,7 +57,14 @@ from .. import infotext
 from ..errors import ArgumentError, CheckpointError, SdliteError
 from ..pipeline import BUNDLED_MODEL, VERSION, Pipeline, check_seed, load
 from ..resize import parse_resize_mode
-from ..schedulers import SAMPLERS, SCHEDULES, Sampler, parse_sampler_and_schedule
+from ..schedulers import (
+    SAMPLER_SETTINGS,
+    SAMPLERS,
+    SCHEDULES,
+    Sampler,
+    check_sampler_settings,
+    parse_sampler_and_schedule,
+)
 
 try:
     from fastapi import Depends, FastAPI, HTTPException, Request
@@ -468,6 +475,8 @@ class Engine:
             "samples_format": "png",
             "enable_pnginfo": True,
             "live_previews_enable": True,
+            # UniPC's options and the Beta schedule's shape, A1111's defaults (sdlite.schedulers.SAMPLER_SETTINGS)
+            **{name: default for name, (_, _, default) in SAMPLER_SETTINGS.items()},
         }
         self._current: Checkpoint | None = default
         self.closing = False  # set by shutdown (Ctrl-C, SIGTERM)
@@ -594,7 +603,8 @@ class Engine:
                 kwargs = dict(negative_prompt=req.negative_prompt, steps=req.steps, guidance_scale=req.cfg_scale,
                               width=req.width, height=req.height, seed=seed + n * req.batch_size,
                               sampler=job.sampler.id, schedule=job.schedule, batch_size=req.batch_size,
-                              eta=req.eta, callback=callback, clip_skip=job.clip_skip)
+                              eta=req.eta, callback=callback, clip_skip=job.clip_skip,
+                              sampler_settings={name: self._option(job, name) for name in SAMPLER_SETTINGS})
                 if job.kind == "img2img":
                     images += pipe.img2img(job.init_image, req.prompt, strength=strength,
                                            resize_mode=req.resize_mode, **kwargs)
@@ -662,7 +672,8 @@ class Engine:
 
 
 def check_options(values: dict[str, Any]) -> None:
-    """:class:`ApiError` 400 for an option value sdlite cannot honour (before anything is applied)."""
+    """:class:`ApiError` (or, for a sampler setting, :class:`ArgumentError`): a 400 for an option value sdlite
+    cannot honour, raised before anything is applied."""
     for key in ("live_previews_enable", "enable_pnginfo"):
         if key in values and not isinstance(values[key], bool):
             raise ApiError(400, f"{key} must be true or false, got {values[key]!r}")
@@ -670,6 +681,7 @@ def check_options(values: dict[str, Any]) -> None:
         raise ApiError(400, f"samples_format: sdlite writes only png images, got {values['samples_format']!r}")
     if "CLIP_stop_at_last_layers" in values:
         _clip_skip(values["CLIP_stop_at_last_layers"])
+    check_sampler_settings({k: v for k, v in values.items() if k in SAMPLER_SETTINGS})  # ArgumentError: a 400
 
 
 def _clip_skip(value: Any) -> int:
