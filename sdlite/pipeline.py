@@ -191,7 +191,7 @@ class Pipeline:
                   guidance_scale: float) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
         """``f(x_in, t) -> raw UNet output`` with classifier-free guidance folded in (Ho & Salimans 2022):
         ``out = out_uncond + s · (out_cond − out_uncond)``; cond and uncond run as one batch when they
-        have the same length."""
+        have the same length. ``f.with_uncond(x_in, t)`` gives ``(out, out_uncond)`` from the same call."""
         unet, dtype, graphs = self.unet, self.precision.weight_dtype, self._unet_graphs
         if graphs is not None:  # pipe.unet or pipe.precision may have been replaced since the capture
             graphs.follow(unet, self.precision)
@@ -209,16 +209,27 @@ class Pipeline:
             # copies anything that is not fp32 already; the copy of a latent costs next to nothing).
             return out.clone() if copy_out and out.dtype == torch.float32 else out.float()
 
-        def f(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        def outputs(x: torch.Tensor, t: torch.Tensor, need_uncond: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
             t = torch.as_tensor(t, device=x.device, dtype=torch.float32).reshape(-1).expand(x.shape[0])
-            if uncond is None or guidance_scale == 1.0:
-                return run(x, t, cond)
+            if uncond is None or (guidance_scale == 1.0 and not need_uncond):
+                return run(x, t, cond), None
             if uncond.shape[1] == cond.shape[1]:
                 out_u, out_c = run(torch.cat([x, x]), torch.cat([t, t]), torch.cat([uncond, cond])).chunk(2)
             else:
                 out_u, out_c = run(x, t, uncond), run(x, t, cond)
-            return out_u + guidance_scale * (out_c - out_u)
+            return out_u + guidance_scale * (out_c - out_u), out_u
 
+        def f(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+            return outputs(x, t, need_uncond=False)[0]
+
+        def with_uncond(x: torch.Tensor, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+            """(guided, unconditional) outputs of the same call: for CFG++ (Denoiser.eps_and_uncond_eps)."""
+            out, out_u = outputs(x, t, need_uncond=True)
+            if out_u is None:
+                raise ArgumentError("a CFG++ sampler needs the negative prompt's prediction too; this run has none")
+            return out, out_u
+
+        f.with_uncond = with_uncond  # type: ignore[attr-defined]
         return f
 
     @torch.no_grad()
@@ -237,7 +248,8 @@ class Pipeline:
         from .schedulers import Denoiser, check_sampler_settings, get_sampler
 
         spec = get_sampler(sampler)
-        denoiser = Denoiser(self._model_fn(cond, uncond, guidance_scale), self.schedule, self.config.prediction)
+        scale = guidance_scale / 12.5 if spec.cfg_pp else guidance_scale  # A1111's CFG++ scale (Sampler.cfg_pp)
+        denoiser = Denoiser(self._model_fn(cond, uncond, scale), self.schedule, self.config.prediction)
         settings = check_sampler_settings(sampler_settings)
         levels = spec.levels(self.schedule, steps, schedule, strength=strength, settings=settings)
         bar = ProgressBar(spec.step_count(levels), "sampling", enabled=progress)
@@ -582,7 +594,7 @@ class Pipeline:
         if latents is not None and (tuple(latents.shape[-3:]) != shape[1:] or latents.numel() != math.prod(shape)):
             raise ArgumentError(f"latents must have shape {list(shape)}, got {list(latents.shape)}")
 
-        if guidance_scale != 1.0:
+        if guidance_scale != 1.0 or spec.cfg_pp:  # CFG++ uses the negative prompt's prediction at any scale
             cond, uncond = self.encode_prompts([prompts, negatives], clip_skip)
         else:
             cond, uncond = self.encode_prompt(prompts, clip_skip), None

@@ -322,6 +322,21 @@ def test_sampler_settings_reach_unipc_and_the_beta_schedule_and_the_beta_ones_th
     assert "Beta schedule alpha: 0.3, Beta schedule beta: 0.8" in image.infotexts[0]
 
 
+def test_ddim_cfgpp_divides_the_guidance_scale_by_12_5_and_with_the_prompt_as_negative_is_ddim(pipe, monkeypatch):
+    # A1111's "DDIM CFG++": CFG scales map onto CFG++'s lambda = scale / 12.5; with cond = uncond the
+    # guided and unconditional predictions agree, and the step is DDIM's.
+    kw = dict(negative_prompt="a cat", seed=1, steps=4, output_type="np")
+    np.testing.assert_array_equal(pipe.txt2img("a cat", sampler="ddim_cfgpp", **kw),
+                                  pipe.txt2img("a cat", sampler="ddim", **kw))
+    scales = []
+    model_fn = Pipeline._model_fn
+    monkeypatch.setattr(Pipeline, "_model_fn",
+                        lambda self, c, u, scale: scales.append(scale) or model_fn(self, c, u, scale))
+    image = pipe.txt2img("a cat", seed=1, steps=2, sampler="DDIM CFG++", guidance_scale=1.0)
+    assert scales == [1.0 / 12.5]  # and the negative prompt's prediction is there even at scale 1
+    assert "Sampler: DDIM CFG++, CFG scale: 1," in image.infotexts[0]
+
+
 # -- torch.compile -------------------------------------------------------------------------
 
 def test_compile_traces_the_unet_as_one_graph_and_draws_the_eager_image():

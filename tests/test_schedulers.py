@@ -400,6 +400,7 @@ def test_denoiser_rejects_unknown_prediction_types():
 
 A1111_LABELS = ["DPM++ 2M", "DPM++ SDE", "DPM++ 2M SDE", "DPM++ 2M SDE Heun", "DPM++ 2S a", "DPM++ 3M SDE",
                 "Euler a", "Euler", "LMS", "Heun", "DPM2", "DPM2 a", "DPM fast", "DPM adaptive", "Restart", "DDIM",
+                "DDIM CFG++",
                 "PLMS", "UniPC", "LCM", "DDPM"]
 
 
@@ -613,6 +614,39 @@ def test_ddim_matches_diffusers_ddim(eta, prediction, diffusers):
 
 
 @pytest.mark.parametrize("prediction", ["eps", "v"])
+def test_ddim_cfgpp_predicts_x0_from_the_guided_noise_and_steps_back_along_the_unconditional_one(prediction):
+    # CFG++ (Chung et al. 2024), eta = 0: x_prev = sqrt(a_prev) (x - sqrt(1 - a_t) e_g) / sqrt(a_t)
+    # + sqrt(1 - a_prev) e_u, with each network output turned into noise first (v: sqrt(a) v + sqrt(1 - a) x).
+    def guided(x, t):
+        return 0.1 * x + 0.01 * t.reshape(-1, 1, 1, 1) / 1000
+
+    def uncond(x, t):
+        return -0.2 * x + 0.3
+
+    model = lambda x, t: guided(x, t)  # noqa: E731
+    model.with_uncond = lambda x, t: (guided(x, t), uncond(x, t))
+    den = Denoiser(model, SCHED, prediction)
+    levels = get_sampler("DDIM CFG++").levels(SCHED, 3)
+    noise = start_noise()
+    ac = SCHED.alphas_cumprod.double()
+    ts = levels.tolist()
+    x = noise.double()
+    for i, t in enumerate(ts):
+        a_t, a_prev = ac[t], (ac[ts[i + 1]] if i + 1 < len(ts) else ac[0])
+        tt = torch.tensor([float(t)], dtype=torch.float64)
+        e_g, e_u = guided(x, tt), uncond(x, tt)
+        if prediction == "v":
+            e_g, e_u = (a_t.sqrt() * e + (1 - a_t).sqrt() * x for e in (e_g, e_u))
+        x0 = (x - (1 - a_t).sqrt() * e_g) / a_t.sqrt()
+        x = a_prev.sqrt() * x0 + (1 - a_prev).sqrt() * e_u
+    out = get_sampler("ddim_cfgpp").sample(den, noise, levels)
+    torch.testing.assert_close(out, x.float(), rtol=1e-4, atol=1e-4)
+    plain = Denoiser(lambda x, t: guided(x, t), SCHED, prediction)  # no guidance: CFG++ is DDIM
+    torch.testing.assert_close(get_sampler("ddim_cfgpp").sample(plain, noise, levels),
+                               get_sampler("ddim").sample(plain, noise, levels), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("prediction", ["eps", "v"])
 def test_plms_matches_diffusers_pndm_with_skipped_prk_steps(prediction, diffusers):
     n = 20
     sched = _timestep_scheduler(diffusers, "PNDMScheduler", "eps", n, skip_prk_steps=True, set_alpha_to_one=False)
@@ -713,7 +747,7 @@ def gaussian_data_model(s: float):
     return model
 
 
-FIRST_ORDER = {"euler", "euler_a", "ddim", "ddpm"}  # their bias shrinks only like 1/steps
+FIRST_ORDER = {"euler", "euler_a", "ddim", "ddim_cfgpp", "ddpm"}  # their bias shrinks only like 1/steps
 
 
 @pytest.mark.parametrize("sampler", SAMPLERS, ids=lambda s: s.id)

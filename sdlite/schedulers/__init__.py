@@ -17,13 +17,13 @@
 - :mod:`.dpm_solver`: DPM fast and DPM adaptive (DPM-Solver, Lu et al. 2022) between two noise levels;
 - :mod:`.restart`: Restart sampling (Heun with restarts), as A1111 runs it;
 - :mod:`.lcm`: A1111's LCM sampler (the consistency wrapper and LCM's 50-timestep grid);
-- :mod:`.ddim`, :mod:`.ddpm`: DDIM, PLMS, DDPM in the VP space with integer timesteps;
+- :mod:`.ddim`, :mod:`.ddpm`: DDIM (and DDIM CFG++), PLMS, DDPM in the VP space with integer timesteps;
 - :mod:`.unipc`: UniPC in the VP space, on A1111's time-uniform fractional timesteps;
 - :mod:`.registry`: :class:`Sampler`, :data:`SAMPLERS`, :func:`get_sampler`, :func:`parse_sampler_and_schedule`,
   and A1111's sampler settings (:data:`SAMPLER_SETTINGS`: UniPC's options, the Beta schedule's alpha and beta).
 """
 
-from .ddim import sample_ddim, sample_plms
+from .ddim import sample_ddim, sample_ddim_cfgpp, sample_plms
 from .ddpm import sample_ddpm
 from .denoiser import Denoiser
 from .dpm_solver import dpm_solver_adaptive, dpm_solver_fast, sample_dpm_adaptive, sample_dpm_fast
@@ -64,7 +64,7 @@ __all__ = [
     "Sampler", "SAMPLERS", "get_sampler", "parse_sampler_and_schedule", "SAMPLER_SETTINGS", "check_sampler_settings",
     "sample_euler", "sample_euler_ancestral", "sample_heun", "sample_lms", "sample_dpm_2", "sample_dpm_2_ancestral",
     "sample_dpmpp_2m", "sample_dpmpp_2m_sde", "sample_dpmpp_2m_sde_heun", "sample_dpmpp_3m_sde",
-    "sample_dpmpp_2s_ancestral", "sample_dpmpp_sde", "sample_ddim", "sample_plms", "sample_ddpm",
+    "sample_dpmpp_2s_ancestral", "sample_dpmpp_sde", "sample_ddim", "sample_ddim_cfgpp", "sample_plms", "sample_ddpm",
     "sample_unipc", "sample_lcm", "sample_lcm_a1111", "LCMDenoiser", "lcm_sigmas", "sample_restart", "restart_plan",
     "sample_dpm_fast", "sample_dpm_adaptive", "dpm_solver_fast", "dpm_solver_adaptive",
     "get_ancestral_step", "heun_step", "lms_coefficient",

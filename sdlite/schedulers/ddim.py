@@ -15,6 +15,7 @@ implementation returns. ``callback(i, t_i, x, pred_x0)`` after each step; return
 from __future__ import annotations
 
 import math
+from typing import Callable
 
 import torch
 
@@ -44,13 +45,43 @@ def sample_ddim(denoiser: Denoiser, x: torch.Tensor, timesteps: torch.Tensor, *,
 
     with sigma_t = eta sqrt((1 - a_prev) / (1 - a_t)) sqrt(1 - a_t / a_prev)   (eq. 16). eta = 0 is the
     deterministic DDIM, eta = 1 the DDPM posterior variance."""
+
+    def noises(x: torch.Tensor, t: int) -> tuple[torch.Tensor, torch.Tensor]:
+        e_t = denoiser.eps(x, t)
+        return e_t, e_t
+
+    return _ddim_steps(noises, denoiser, x, timesteps, generator, callback, eta)
+
+
+@torch.no_grad()
+def sample_ddim_cfgpp(denoiser: Denoiser, x: torch.Tensor, timesteps: torch.Tensor, *,
+                      generator: torch.Generator | None = None, callback: Callback | None = None,
+                      eta: float = 0.0) -> torch.Tensor:
+    """DDIM with CFG++ (Chung, Kim, Park, Nam & Ye 2024, "CFG++: Manifold-constrained Classifier Free
+    Guidance for Diffusion Models"), as the A1111 web UI runs it ("DDIM CFG++"): the DDIM step of
+    :func:`sample_ddim`, whose predicted x0 comes from the guided noise e_t but whose direction back to
+    x_prev follows the unconditional noise e_u::
+
+        pred_x0 = (x_t - sqrt(1 - a_t) e_t) / sqrt(a_t)
+        x_prev  = sqrt(a_prev) pred_x0 + sqrt(1 - a_prev - sigma_t^2) e_u + sigma_t z
+
+    Guidance then stays on the data manifold, so CFG++ takes small scales: e_t = e_u + lambda (e_c - e_u)
+    with lambda in [0, 1]. A1111 maps its usual CFG scale onto that range by dividing it by 12.5, and
+    so does the pipeline for this sampler (:attr:`Sampler.cfg_pp`)."""
+    return _ddim_steps(denoiser.eps_and_uncond_eps, denoiser, x, timesteps, generator, callback, eta)
+
+
+def _ddim_steps(noises: Callable[[torch.Tensor, int], tuple[torch.Tensor, torch.Tensor]], denoiser: Denoiser,
+                x: torch.Tensor, timesteps: torch.Tensor, generator: torch.Generator | None,
+                callback: Callback | None, eta: float) -> torch.Tensor:
+    """The DDIM loop: ``noises(x, t)`` gives the noise that predicts x0 and the one that points back to x_t."""
     x = x.to(torch.promote_types(x.dtype, torch.float32))
     ts, a_t, a_prev = _alphas(denoiser, timesteps)
     for i, t in enumerate(ts):
         sigma_t = eta * math.sqrt((1 - a_prev[i]) / (1 - a_t[i]) * (1 - a_t[i] / a_prev[i]))
-        e_t = denoiser.eps(x, t)
-        pred_x0 = (x - math.sqrt(1 - a_t[i]) * e_t) / math.sqrt(a_t[i])
-        dir_xt = math.sqrt(1 - a_prev[i] - sigma_t**2) * e_t
+        e_x0, e_dir = noises(x, t)
+        pred_x0 = (x - math.sqrt(1 - a_t[i]) * e_x0) / math.sqrt(a_t[i])
+        dir_xt = math.sqrt(1 - a_prev[i] - sigma_t**2) * e_dir
         x = math.sqrt(a_prev[i]) * pred_x0 + dir_xt
         if sigma_t > 0:
             x = x + sigma_t * randn_like(x, generator)

@@ -85,7 +85,25 @@ class Denoiser:
         dtype = torch.promote_types(x_t.dtype, torch.float32)
         x_t = x_t.to(dtype)
         t = self._per_batch(t, x_t.shape[0])
-        out = self.model_fn(x_t, to_device(t, x_t.device, torch.float32)).to(dtype)
+        return self._as_eps(x_t, t, self.model_fn(x_t, to_device(t, x_t.device, torch.float32)).to(dtype))
+
+    def eps_and_uncond_eps(self, x_t: torch.Tensor, t: float | torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """:meth:`eps` and the unconditional prediction's noise, from one network call: what the CFG++
+        samplers need. A guided model function says how to get both with a ``with_uncond(x, t) ->
+        (guided, unconditional)`` attribute, as the pipeline's has (:meth:`sdlite.Pipeline._model_fn`);
+        for any other, unguided, function the two are the same prediction."""
+        both = getattr(self.model_fn, "with_uncond", None)
+        if both is None:
+            e = self.eps(x_t, t)
+            return e, e
+        dtype = torch.promote_types(x_t.dtype, torch.float32)
+        x_t = x_t.to(dtype)
+        t = self._per_batch(t, x_t.shape[0])
+        out, out_uncond = both(x_t, to_device(t, x_t.device, torch.float32))
+        return self._as_eps(x_t, t, out.to(dtype)), self._as_eps(x_t, t, out_uncond.to(dtype))
+
+    def _as_eps(self, x_t: torch.Tensor, t: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+        """The network's output at ``x_t``, time ``t`` (float64 ``[B]``) as predicted noise."""
         if self.prediction == "eps":
             return out
         a = self.schedule.alphas_cumprod[t.floor().long()]  # float64; square roots taken before the cast

@@ -50,7 +50,8 @@ def check_sampler_settings(settings: Mapping[str, Any] | None) -> dict[str, Any]
     out: dict[str, Any] = {}
     for name, value in (settings or {}).items():
         if name not in SAMPLER_SETTINGS:
-            raise ArgumentError(f"unknown sampler setting {name!r}; the settings are {', '.join(SAMPLER_SETTINGS)}")
+            raise ArgumentError(f"unknown sampler setting {name!r}; the settings are "
+                                f"{', '.join(SAMPLER_SETTINGS)}")
         if name == "uni_pc_variant" and value not in ("bh1", "bh2"):
             raise ArgumentError(f"uni_pc_variant must be 'bh1' or 'bh2' (A1111's 'vary_coeff' is not in sdlite), "
                                 f"got {value!r}")
@@ -97,6 +98,9 @@ class Sampler:
     discard_penultimate: bool = False  # A1111 "discard_next_to_last_sigma": steps + 1 sigmas, the second last dropped
     time_uniform: bool = False         # timestep family, on A1111's UniPC grid instead of DDIM's timesteps
     endpoints_only: bool = False       # A1111 passes only sigma_max, sigma_min, n (DPM fast/adaptive), see levels
+    # CFG++ (DDIM CFG++): the model function also gives the unconditional prediction, and the guidance scale
+    # is divided by 12.5 as A1111 does (its CFG scales become CFG++'s lambda in [0, 1]).
+    cfg_pp: bool = False
     a1111_options: tuple[tuple[str, Any], ...] = ()  # the "options" of A1111's /sdapi/v1/samplers
     # The sigmas of a run, (schedule, n, schedule id) -> [n + 1], where they are not the model's: LCM's grid.
     sigmas_fn: Callable[[DiscreteSchedule, int, str], torch.Tensor] | None = field(default=None, repr=False,
@@ -228,6 +232,8 @@ SAMPLERS: tuple[Sampler, ...] = (
     Sampler("restart", "Restart", restart.sample_restart, default_schedule="karras",
             stochastic=True, second_order=True, a1111_options=(("scheduler", "karras"), ("second_order", True))),
     Sampler("ddim", "DDIM", ddim.sample_ddim, family="timestep", default_eta=0.0, uses_eta=True),
+    Sampler("ddim_cfgpp", "DDIM CFG++", ddim.sample_ddim_cfgpp, family="timestep", default_eta=0.0, uses_eta=True,
+            cfg_pp=True),
     Sampler("plms", "PLMS", ddim.sample_plms, family="timestep", default_eta=0.0),
     Sampler("unipc", "UniPC", unipc.sample_unipc, family="timestep", default_eta=0.0, time_uniform=True),
     Sampler("lcm", "LCM", lcm.sample_lcm_a1111, aliases=("k_lcm",), stochastic=True, sigmas_fn=lcm.lcm_sigmas),
