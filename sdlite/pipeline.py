@@ -245,13 +245,12 @@ class Pipeline:
         ``generators``: one CPU generator per image for the samplers' own noise (ancestral/SDE steps),
         as :func:`random_streams` returns them; None uses torch's global RNG. ``sampler_settings``: see
         :meth:`txt2img`."""
-        from .schedulers import Denoiser, check_sampler_settings, get_sampler
+        from .schedulers import Denoiser, get_sampler
 
         spec = get_sampler(sampler)
         scale = guidance_scale / 12.5 if spec.cfg_pp else guidance_scale  # A1111's CFG++ scale (Sampler.cfg_pp)
         denoiser = Denoiser(self._model_fn(cond, uncond, scale), self.schedule, self.config.prediction)
-        settings = check_sampler_settings(sampler_settings)
-        levels = spec.levels(self.schedule, steps, schedule, strength=strength, settings=settings)
+        levels = spec.levels(self.schedule, steps, schedule, strength=strength, settings=sampler_settings)
         bar = ProgressBar(spec.step_count(levels), "sampling", enabled=progress)
         stopped_at: list[torch.Tensor] = []
 
@@ -269,7 +268,7 @@ class Pipeline:
             out = spec.sample(denoiser, noise.to(self.device, torch.float32), levels,
                               init=None if init is None else init.to(self.device, torch.float32),
                               generator=None if generators is None else list(generators), callback=on_step,
-                              eta=eta, settings=settings)
+                              eta=eta, settings=sampler_settings)
         # Stopped early, x still holds the noise of its level; the model's estimate of the clean
         # latent at that step is the usable picture (what the A1111 web UI returns on Interrupt).
         return stopped_at[0] if stopped_at else out

@@ -63,7 +63,8 @@ def check_sampler_settings(settings: Mapping[str, Any] | None) -> dict[str, Any]
             raise ArgumentError(f"uni_pc_skip_type: sdlite steps UniPC time-uniformly only ('time_uniform', "
                                 f"A1111's default), got {value!r}")
         if name.startswith("beta_dist_"):
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not (math.isfinite(value) and value > 0):
+            number = isinstance(value, (int, float)) and not isinstance(value, bool)
+            if not (number and math.isfinite(value) and value > 0):
                 raise ArgumentError(f"{name} must be a positive number (A1111's default: 0.6), got {value!r}")
             value = float(value)
         out[name] = value
@@ -71,8 +72,8 @@ def check_sampler_settings(settings: Mapping[str, Any] | None) -> dict[str, Any]
 
 
 def _settings_for(target: str, settings: Mapping[str, Any] | None) -> dict[str, Any]:
-    """The keyword arguments ``settings`` give the sampler or schedule ``target``."""
-    return {SAMPLER_SETTINGS[name][1]: value for name, value in (settings or {}).items()
+    """The keyword arguments ``settings`` (checked here) give the sampler or schedule ``target``."""
+    return {SAMPLER_SETTINGS[name][1]: value for name, value in check_sampler_settings(settings).items()
             if SAMPLER_SETTINGS[name][0] == target and SAMPLER_SETTINGS[name][1] is not None}
 
 
@@ -126,7 +127,7 @@ class Sampler:
 
         ``schedule_name`` None or "automatic" uses :attr:`default_schedule`; timestep samplers always use the
         DDIM spacing (A1111 ignores the schedule type for them too; an unknown name still raises).
-        ``settings`` (:data:`SAMPLER_SETTINGS`, checked) shape the Beta schedule.
+        ``settings`` (:data:`SAMPLER_SETTINGS`) shape the Beta schedule.
         ``strength`` < 1 (img2img) keeps only the last part, as A1111 does with
         ``t_enc = int(min(strength, 0.999) * steps)``: k samplers ``sigmas[steps - t_enc - 1:]`` (t_enc + 1
         steps), timestep samplers the last ``max(t_enc, 1)`` timesteps.
@@ -177,7 +178,7 @@ class Sampler:
         ``add_noise(init, noise, levels[0])`` for img2img (CompVis/A1111 noise the init one stride higher,
         at the timestep *above* the first visited one; here the init is noised at the level the run starts
         from, consistently with the k samplers). ``eta`` None = :attr:`default_eta`. ``settings``
-        (:data:`SAMPLER_SETTINGS`, checked): those of this sampler go to its function (UniPC's)."""
+        (:data:`SAMPLER_SETTINGS`): those of this sampler go to its function (UniPC's)."""
         eta = self.default_eta if eta is None else float(eta)
         noise = noise.to(torch.promote_types(noise.dtype, torch.float32))
         if self.family == "k":
