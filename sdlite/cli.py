@@ -61,7 +61,7 @@ def _parser(img2img: bool) -> argparse.ArgumentParser:
     p.add_argument("--schedule", default=None, help="automatic, karras, exponential, ... (default: the sampler's)")
     p.add_argument("--sampler-setting", dest="sampler_settings", action="append", default=[], metavar="NAME=VALUE",
                    help="one of A1111's sampler settings, repeatable: uni_pc_order=2, uni_pc_variant=bh2, "
-                        "uni_pc_lower_order_final=false, beta_dist_alpha=0.5, beta_dist_beta=0.5")
+                        "uni_pc_lower_order_final=false, uni_pc_skip_type=logSNR, beta_dist_alpha=0.5, beta_dist_beta=0.5")
     p.add_argument("--scale", type=float, default=7.5, help="classifier-free guidance scale (CFG)")
     p.add_argument("--ddim_eta", "--eta", dest="eta", type=float, default=None, help="eta of DDIM/ancestral samplers")
     p.add_argument("--seed", type=int, default=None, help="seed of the first image (image i uses seed+i); -1 = random")

@@ -307,10 +307,12 @@ def test_sampler_settings_reach_unipc_and_the_beta_schedule_and_the_beta_ones_th
 
     kw = dict(seed=1, steps=6, output_type="np")
     default = pipe.txt2img("a cat", sampler="unipc", **kw)
-    explicit = pipe.txt2img("a cat", sampler="unipc", sampler_settings={"uni_pc_order": 3, "uni_pc_variant": "bh1",
-                                                                        "uni_pc_lower_order_final": True}, **kw)
+    defaults = {"uni_pc_order": 3, "uni_pc_variant": "bh1", "uni_pc_lower_order_final": True,
+                "uni_pc_skip_type": "time_uniform"}
+    explicit = pipe.txt2img("a cat", sampler="unipc", sampler_settings=defaults, **kw)
     np.testing.assert_array_equal(explicit, default)  # A1111's defaults are sdlite's
-    for settings in ({"uni_pc_order": 2}, {"uni_pc_variant": "bh2"}, {"uni_pc_lower_order_final": False}):
+    for settings in ({"uni_pc_order": 2}, {"uni_pc_variant": "bh2"}, {"uni_pc_lower_order_final": False},
+                     {"uni_pc_skip_type": "time_quadratic"}, {"uni_pc_skip_type": "logSNR"}):
         assert not np.array_equal(pipe.txt2img("a cat", sampler="unipc", sampler_settings=settings, **kw), default)
     assert np.array_equal(pipe.txt2img("a cat", sampler="unipc", sampler_settings={"beta_dist_alpha": 0.3}, **kw),
                           default)  # a Beta setting leaves UniPC alone
@@ -398,7 +400,7 @@ def test_the_loop_copies_a_compiled_unets_output_that_its_next_call_would_overwr
     (dict(sampler_settings={"uni_pc_order": True}), "integer >= 1"),
     (dict(sampler_settings={"uni_pc_variant": "vary_coeff"}), "'bh1' or 'bh2'"),
     (dict(sampler_settings={"uni_pc_lower_order_final": "no"}), "true or false"),
-    (dict(sampler_settings={"uni_pc_skip_type": "logSNR"}), "time-uniformly"),
+    (dict(sampler_settings={"uni_pc_skip_type": "karras"}), "uni_pc_skip_type must be one of"),
     (dict(sampler_settings={"beta_dist_beta": float("nan")}), "positive number"),
     # img2img (the rows with an image)
     (dict(image=torch.zeros(1, 3, 40, 20), resize_mode=4), "resize_mode must be one of: 0 ="),

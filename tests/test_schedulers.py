@@ -613,6 +613,27 @@ def test_ddim_matches_diffusers_ddim(eta, prediction, diffusers):
     assert_parity(ours("ddim", prediction, levels, noise, seed=5, eta=eta), x)
 
 
+@pytest.mark.parametrize("start", [999.0, 601.0])  # txt2img; img2img from a kept DDIM timestep
+def test_unipc_skip_types_space_the_grid_as_the_unipc_authors_get_time_steps(start):
+    # In DPM-Solver's continuous time tau = t / 1000 + 1/1000, from tau_T to tau_0 = 1/1000 (then t = 0):
+    # time_uniform: tau uniform; time_quadratic: sqrt(tau) uniform; logSNR: lambda = log(alpha / sigma) uniform.
+    from sdlite.schedulers.unipc import log_alpha, unipc_time_grid
+
+    def lam(t):
+        la = log_alpha(SCHED, t)
+        return la - 0.5 * math.log(-math.expm1(2 * la))
+
+    n = 8
+    for skip_type, f in (("time_uniform", lambda t: t / 1000 + 1e-3),
+                         ("time_quadratic", lambda t: math.sqrt(t / 1000 + 1e-3)), ("logSNR", lam)):
+        grid = unipc_time_grid(SCHED, start, n, skip_type).tolist()
+        assert len(grid) == n and grid[0] == pytest.approx(start) and grid == sorted(grid, reverse=True), skip_type
+        gaps = [f(a) - f(b) for a, b in zip(grid, grid[1:] + [0.0])]
+        assert max(gaps) - min(gaps) < 1e-6 * max(abs(g) for g in gaps), (skip_type, gaps)
+    assert get_sampler("UniPC").levels(SCHED, n, settings={"uni_pc_skip_type": "logSNR"}).tolist() == \
+        unipc_time_grid(SCHED, 999.0, n, "logSNR").tolist()
+
+
 @pytest.mark.parametrize("prediction", ["eps", "v"])
 def test_ddim_cfgpp_predicts_x0_from_the_guided_noise_and_steps_back_along_the_unconditional_one(prediction):
     # CFG++ (Chung et al. 2024), eta = 0: x_prev = sqrt(a_prev) (x - sqrt(1 - a_t) e_g) / sqrt(a_t)

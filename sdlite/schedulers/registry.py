@@ -34,7 +34,7 @@ SAMPLER_SETTINGS: dict[str, tuple[str, str | None, Any]] = {
     "uni_pc_variant": ("unipc", "variant", "bh1"),
     "uni_pc_order": ("unipc", "order", 3),
     "uni_pc_lower_order_final": ("unipc", "lower_order_final", True),
-    "uni_pc_skip_type": ("unipc", None, "time_uniform"),  # sdlite has A1111's default grid only
+    "uni_pc_skip_type": ("unipc", None, "time_uniform"),  # the grid of its levels (unipc.unipc_time_grid)
     "beta_dist_alpha": ("beta", "beta_dist_alpha", 0.6),
     "beta_dist_beta": ("beta", "beta_dist_beta", 0.6),
 }
@@ -59,9 +59,9 @@ def check_sampler_settings(settings: Mapping[str, Any] | None) -> dict[str, Any]
             raise ArgumentError(f"uni_pc_order must be an integer >= 1, got {value!r}")
         if name == "uni_pc_lower_order_final" and not isinstance(value, bool):
             raise ArgumentError(f"uni_pc_lower_order_final must be true or false, got {value!r}")
-        if name == "uni_pc_skip_type" and value != "time_uniform":
-            raise ArgumentError(f"uni_pc_skip_type: sdlite steps UniPC time-uniformly only ('time_uniform', "
-                                f"A1111's default), got {value!r}")
+        if name == "uni_pc_skip_type" and value not in unipc.UNIPC_SKIP_TYPES:
+            raise ArgumentError(f"uni_pc_skip_type must be one of {', '.join(unipc.UNIPC_SKIP_TYPES)}, "
+                                f"got {value!r}")
         if name.startswith("beta_dist_"):
             number = isinstance(value, (int, float)) and not isinstance(value, bool)
             if not (number and math.isfinite(value) and value > 0):
@@ -133,8 +133,9 @@ class Sampler:
         steps), timestep samplers the last ``max(t_enc, 1)`` timesteps.
 
         :attr:`time_uniform` (UniPC): A1111 hands UniPC only the *number* of those DDIM timesteps, n, and its
-        start (txt2img: T - 1; img2img: the highest timestep kept); UniPC steps time-uniformly from there to
-        0. The levels are then the n fractional step starts, float64: linspace(start, 0, n + 1)[:-1].
+        start (txt2img: T - 1; img2img: the highest timestep kept); UniPC steps from there to 0, by default
+        time-uniformly. The levels are then the n fractional step starts, float64: linspace(start, 0,
+        n + 1)[:-1] (the ``uni_pc_skip_type`` setting picks another spacing: :func:`unipc.unipc_time_grid`).
 
         :attr:`endpoints_only` (DPM fast, DPM adaptive): the sampler uses only the first and the last nonzero
         level and the count. A1111's txt2img passes them the model's sigma_max and sigma_min and n = steps
@@ -157,7 +158,8 @@ class Sampler:
             if not self.time_uniform:
                 return ts
             start = float(schedule.num_timesteps - 1) if strength >= 1.0 else float(ts[0])
-            return torch.linspace(start, 0.0, len(ts) + 1, dtype=torch.float64)[:-1]
+            skip_type = check_sampler_settings(settings).get("uni_pc_skip_type", "time_uniform")
+            return unipc.unipc_time_grid(schedule, start, len(ts), skip_type)
         if name == "automatic":
             name = self.default_schedule
         if self.endpoints_only and strength >= 1.0:

@@ -1,7 +1,7 @@
 """UniPC (Zhao, Bai, Rao, Zhou & Lu 2023, "UniPC: A Unified Predictor-Corrector Framework for Fast Sampling of
 Diffusion Models", arXiv:2302.04867), multistep, in the data-prediction (x0) form, as the AUTOMATIC1111 web UI
 runs it (its "UniPC" sampler, with its default options: variant bh1, order 3, lower order final, time-uniform
-skip type).
+skip type; the time-quadratic and logSNR skip types are :func:`unipc_time_grid`'s).
 
 Signature, as the other timestep samplers (:mod:`sdlite.schedulers.ddim`)::
 
@@ -77,6 +77,46 @@ def _solve(rs: list[float], b: list[float]) -> list[float]:
     """a with sum_m rs[m]^k a[m] = b[k], k = 0 .. len(rs) - 1 (a Vandermonde system, at most 3 x 3)."""
     R = torch.tensor([[r**k for r in rs] for k in range(len(rs))], dtype=torch.float64)
     return torch.linalg.solve(R, torch.tensor(b, dtype=torch.float64)).tolist()
+
+
+UNIPC_SKIP_TYPES = ("time_uniform", "time_quadratic", "logSNR")
+
+
+def unipc_time_grid(schedule: DiscreteSchedule, start: float, n: int, skip_type: str = "time_uniform") -> torch.Tensor:
+    """The ``n`` model times a UniPC run steps from, float64, decreasing from ``start`` (the next, last
+    point is 0), spaced as the UniPC authors' ``get_time_steps`` (A1111's "UniPC skip type" option) spaces
+    them in DPM-Solver's continuous time tau = t / 1000 + 1/1000, from tau_T = start / 1000 + 1/1000 to
+    tau_0 = 1/1000:
+
+    - ``time_uniform``: tau uniform (A1111's default), i.e. the model time t uniform;
+    - ``time_quadratic``: sqrt(tau) uniform;
+    - ``logSNR``: lambda = log(alpha_t / sigma_t) uniform, t found by inverting the piecewise-linear
+      log alpha_t of :func:`log_alpha`.
+
+    >>> unipc_time_grid(DiscreteSchedule(), 999.0, 4).tolist()
+    [999.0, 749.25, 499.5, 249.75]
+    """
+    if skip_type not in UNIPC_SKIP_TYPES:
+        raise ArgumentError(f"UniPC skip type must be one of {', '.join(UNIPC_SKIP_TYPES)}, got {skip_type!r}")
+    f64 = torch.float64
+    if skip_type == "time_uniform":
+        return torch.linspace(start, 0.0, n + 1, dtype=f64)[:-1]
+    if skip_type == "time_quadratic":
+        tau_t, tau_0 = start / 1000 + 1e-3, 1e-3
+        tau = torch.linspace(math.sqrt(tau_t), math.sqrt(tau_0), n + 1, dtype=f64) ** 2
+        return ((tau - 1e-3) * 1000)[:-1].clamp_min(0.0)
+
+    def lam(t: float) -> float:
+        la = log_alpha(schedule, t)
+        return la - 0.5 * math.log(-math.expm1(2.0 * la))  # log alpha - log sigma, sigma^2 = 1 - alpha^2
+
+    lams = torch.linspace(lam(start), lam(0.0), n + 1, dtype=f64)[:-1]
+    log_alphas = -0.5 * torch.logaddexp(torch.zeros_like(lams), -2.0 * lams)  # alpha^2 = sigmoid(2 lambda)
+    table = (0.5 * torch.log(schedule.alphas_cumprod.to(f64))).flip(0)  # increasing in log alpha
+    k = torch.searchsorted(table, log_alphas).clamp(1, len(table) - 1)  # table[k - 1] <= v <= table[k]
+    lo, hi = table[k - 1], table[k]
+    t_hi = (len(table) - 1 - k).to(f64)  # the model time of table[k] (flipped); table[k - 1] is at t_hi + 1
+    return (t_hi + (hi - log_alphas) / (hi - lo)).clamp(0.0, start)
 
 
 @torch.no_grad()
