@@ -161,3 +161,47 @@ def test_page_generates_with_live_progress_and_reads_the_png_info_back(server, t
             assert errors == []
         finally:
             browser.close()
+
+
+def test_sampler_parameters_go_with_the_request_and_come_back_from_the_png_info(server):
+    # A1111's Settings → Sampler parameters, as a panel of the page: its values travel as the request's
+    # override_settings (the server's own options stay as they are) and PNG Info fills them back in.
+    assert CHROMIUM.is_file(), "Chromium is missing: apt-get install -y chromium (the browser test needs it)"
+    from playwright.sync_api import expect, sync_playwright
+
+    with sync_playwright() as pw:
+        browser = pw.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS, headless=True)
+        try:
+            page = browser.new_page(viewport={"width": 1280, "height": 860})
+            errors: list[str] = []
+            page.on("pageerror", lambda e: errors.append(str(e)))
+            page.goto(server.url)
+            page.wait_for_selector("body[data-ready='1']", timeout=15_000)
+            assert page.input_value("#uni_pc_order") == "3" and page.input_value("#beta_dist_alpha") == "0.6"
+            page.click("#sampler-parameters summary")
+            page.fill("#CLIP_stop_at_last_layers", "2")
+            page.fill("#beta_dist_alpha", "0.5")
+            page.select_option("#uni_pc_skip_type", "logSNR")
+            page.uncheck("#uni_pc_lower_order_final")
+            page.select_option("#sampler", "Euler")
+            page.select_option("#scheduler", "beta")
+            page.fill("#steps", "2")
+            with page.expect_request("**/sdapi/v1/txt2img") as request:
+                page.click("#generate")
+            sent = request.value.post_data_json["override_settings"]
+            assert sent == {"CLIP_stop_at_last_layers": 2, "uni_pc_order": 3, "uni_pc_variant": "bh1",
+                            "uni_pc_skip_type": "logSNR", "uni_pc_lower_order_final": False,
+                            "beta_dist_alpha": 0.5, "beta_dist_beta": 0.6}
+            expect(page.locator("#infotext")).to_contain_text("Beta schedule alpha: 0.5", timeout=60_000)
+            assert "Clip skip: 2" in page.text_content("#infotext")
+            assert requests.get(f"{server.url}/sdapi/v1/options").json()["beta_dist_alpha"] == 0.6  # not kept
+
+            page.fill("#CLIP_stop_at_last_layers", "1")
+            page.fill("#beta_dist_alpha", "0.6")
+            page.click("#send-pnginfo")
+            page.click("#png-send-txt2img")
+            assert page.input_value("#CLIP_stop_at_last_layers") == "2"
+            assert page.input_value("#beta_dist_alpha") == "0.5"
+            assert errors == []
+        finally:
+            browser.close()

@@ -45,7 +45,8 @@ async function loadLists() {
   $("sampler").value = "Euler a";
   $("scheduler").replaceChildren(...schedulers.map((s) => new Option(s.label, s.name)));
   $("scheduler").value = "automatic";
-  await loadModels();
+  const options = await loadModels();
+  for (const key of Object.keys(SETTINGS)) setSetting(key, options[key]);  // the server's, once at start
 }
 
 async function loadModels() {
@@ -54,6 +55,7 @@ async function loadModels() {
   select.replaceChildren(...models.map((m) => new Option(m.title, m.title)));
   if (options.sd_model_checkpoint) select.value = options.sd_model_checkpoint;
   $("model-status").textContent = models.length ? "" : "no checkpoint found";
+  return options;
 }
 
 async function switchModel() {
@@ -87,6 +89,27 @@ function intOrNull(id) {
   return v === "" ? null : Number(v);
 }
 
+// A1111's settings the page sends with each request (override_settings; the server's own stay as they
+// are), shown in "Sampler parameters" and filled from the server's options at start.
+const SETTINGS = {
+  CLIP_stop_at_last_layers: "int", uni_pc_order: "int", uni_pc_variant: "text", uni_pc_skip_type: "text",
+  uni_pc_lower_order_final: "bool", beta_dist_alpha: "number", beta_dist_beta: "number",
+};
+
+function settingsFromForm() {
+  const out = {};
+  for (const [key, kind] of Object.entries(SETTINGS)) {
+    const el = $(key);
+    out[key] = kind === "bool" ? el.checked : kind === "text" ? el.value : Number(el.value);
+  }
+  return out;
+}
+
+function setSetting(key, value) {
+  if (value === undefined || value === null || !(key in SETTINGS)) return;
+  if (SETTINGS[key] === "bool") $(key).checked = Boolean(value); else $(key).value = value;
+}
+
 function payload() {
   const p = {
     prompt: $("prompt").value,
@@ -98,6 +121,7 @@ function payload() {
     seed: intOrNull("seed") ?? -1,
     batch_size: intOrNull("batch_size") ?? 1,
     n_iter: intOrNull("n_iter") ?? 1,
+    override_settings: settingsFromForm(),
   };
   if (intOrNull("width") !== null) p.width = intOrNull("width");
   if (intOrNull("height") !== null) p.height = intOrNull("height");
@@ -252,6 +276,9 @@ function applyParameters(p, tab) {
     set("denoising_strength", p["Denoising strength"]);
     $("denoising-out").value = p["Denoising strength"];
   }
+  setSetting("CLIP_stop_at_last_layers", p["Clip skip"] ?? 1);  // A1111 writes it only when it is not 1
+  setSetting("beta_dist_alpha", p["Beta schedule alpha"]);
+  setSetting("beta_dist_beta", p["Beta schedule beta"]);
   const sampler = [...$("sampler").options].find((o) => o.value === p["Sampler"]);
   if (sampler) $("sampler").value = sampler.value;
   const sched = [...$("scheduler").options].find((o) => o.text === p["Schedule type"] || o.value === p["Schedule type"]);
