@@ -457,7 +457,8 @@ def load_into(module: nn.Module, weights: dict[str, torch.Tensor], *, prefix: st
     (for a memory-mapped file: the module reads the mapping). ``finish(layer)`` runs on each module
     right after its own tensors are converted: :func:`sdlite.load` packs the layer's weight there
     (:class:`sdlite.ops.Packer`), so the plain copy is freed before the next layer is converted,
-    which reuses its memory instead of touching fresh pages."""
+    which reuses its memory instead of touching fresh pages. A file tensor kept as it is and then
+    replaced by ``finish`` is released too (a packed fp32 weight read from an fp32 file)."""
     expected = module.state_dict()
     missing = [k for k in expected if k not in weights]
     unexpected = [k for k in weights if k not in expected]
@@ -475,16 +476,23 @@ def load_into(module: nn.Module, weights: dict[str, torch.Tensor], *, prefix: st
             lines.append(f"  ... and {len(wrong) - 5} more wrong shapes")
         raise CheckpointError("\n".join(lines))
     module.load_state_dict(weights, strict=True, assign=True)  # the file's tensors, as they are
+    module.requires_grad_(False)  # an inference model (and finish may pack only weights without gradients)
     weights.clear()
     for layer in module.modules():
+        kept = []  # file tensors the layer holds as they are (already in the wanted dtype and device)
         for name, v in [*layer.named_parameters(recurse=False), *layer.named_buffers(recurse=False)]:
             c = v.to(device=device, dtype=dtype if v.is_floating_point() else v.dtype)
             if c is not v:  # .to() returns v itself when nothing had to change
                 setattr(layer, name, nn.Parameter(c, requires_grad=False) if isinstance(v, nn.Parameter) else c)
                 release(v)
+            else:
+                kept.append((name, v))
             del v, c
         if finish is not None:
             finish(layer)
+            for name, v in kept:
+                if getattr(layer, name) is not v:  # replaced by finish (packed): its file pages can go too
+                    release(v)
     return module.eval().requires_grad_(False)
 
 

@@ -572,6 +572,41 @@ def test_release_free_memory_finds_malloc_trim_in_glibc_and_is_a_no_op_elsewhere
 
 
 @needs_onednn
+@pytest.mark.parametrize("file_dtype", [torch.float16, torch.bfloat16, torch.float32])
+def test_sdlite_load_packs_every_layer_whether_or_not_the_file_needs_converting(tmp_path, file_dtype):
+    # A file already in the target dtype is used as it is (memory-mapped); its layers are packed all the same.
+    import sdlite
+    from test_pipeline import make_pipe
+
+    from factory import TINY_SD1
+
+    path = sdlite.save(make_pipe(), tmp_path / "tiny.safetensors", dtype=file_dtype)
+    for target in [t for t in (torch.float32, torch.bfloat16) if t in ops.ONEDNN_GEMM]:
+        pipe = sdlite.load(path, device="cpu", dtype=target, config=TINY_SD1)
+        for net in (pipe.unet, pipe.vae, pipe.text_encoder):
+            layers = [m for m in net.modules() if isinstance(m, ops._Packable)]
+            plain = [m for m in layers if not m.weight.is_mkldnn and m.pack()]  # what a later pack would still do
+            assert layers and not plain, (file_dtype, target, type(net).__name__, len(plain))
+
+
+@needs_onednn
+def test_the_loader_releases_the_file_pages_of_a_weight_it_packed_without_converting():
+    # A file already in the target dtype is used as it is; once a layer's weight is packed, the file
+    # tensor is no longer used, and its pages are dropped (release) like those of a converted tensor.
+    from sdlite.checkpoint import networks_from_state_dict
+
+    from factory import TINY_SD1, original_state_dict
+
+    released = []
+    packer = ops.Packer()
+    _, nets = networks_from_state_dict(original_state_dict(TINY_SD1), {}, path="x", device="cpu",
+                                       dtype=torch.float32, config=TINY_SD1, release=released.append, finish=packer)
+    packed = [m for net in nets.values() for m in net.modules() if isinstance(m, ops._Packable) and m.weight.is_mkldnn]
+    assert packed and len(released) == len(packed)
+    assert all(t.dtype == torch.float32 and t.dim() >= 2 for t in released)
+
+
+@needs_onednn
 def test_sdlite_load_packs_the_cpu_networks_and_save_writes_plain_weights(tmp_path):
     import sdlite
     from safetensors.torch import load_file
