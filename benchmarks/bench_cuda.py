@@ -469,8 +469,8 @@ def compile_lever(cfg: Any, weights: dict, device: torch.device, flops: dict[str
     busy and what is left is the memory-bound kernels between the matmuls, which compile fuses."""
     prec = sdlite_precision(device, "fp16")
     dtype = weight_dtype(device, "fp16")
-    unet = bench.sdlite_networks(cfg, weights, torch.float32)["unet"].to(device=device, dtype=dtype)
-    unet = unet.to(memory_format=devices.unet_memory_format(device))  # as sdlite.load lays it out
+    nets = bench.sdlite_networks(cfg, weights, torch.float32)  # the text encoder and VAE: --compile-txt2img
+    unet = nets["unet"].to(device=device, dtype=dtype, memory_format=devices.unet_memory_format(device))
     default = sdlite_unet(unet, prec, device)
     compiled = torch.compile(unet, dynamic=False, mode=args.compile_mode)  # one static graph per batch size
     gen = torch.Generator().manual_seed(2)
@@ -500,18 +500,18 @@ def compile_lever(cfg: Any, weights: dict, device: torch.device, flops: dict[str
                    f"{d:.2f} | {c:.2f} | {c / d:.2f} | first call (compile) {first:.1f} s{share}; "
                    f"max |Δ| / max |ref| = {diff:.1e} |")
     if args.compile_txt2img:
-        out.append(compile_txt2img_line(cfg, weights, unet, device, args))
+        out.append(compile_txt2img_line(cfg, {**nets, "unet": unet}, device, args))
     return out
 
 
-def compile_txt2img_line(cfg: Any, weights: dict, unet: torch.nn.Module, device: torch.device,
-                         args: argparse.Namespace) -> str:
+def compile_txt2img_line(cfg: Any, nets: dict, device: torch.device, args: argparse.Namespace) -> str:
     """A whole fp16 txt2img 512x512 (20 Euler steps, CFG) through ``pipe.compile(mode=...)`` against
     the default pipeline (CUDA graph replay), after one warm-up generation each (the compiled one
-    compiles in it): the sampling loop around the compiled UNet, its copy of each output included."""
+    compiles in it): the sampling loop around the compiled UNet, its copy of each output included.
+    ``nets``: the UNet on ``device`` as :func:`compile_lever` laid it out, the other networks anywhere."""
     import copy
 
-    nets = bench.sdlite_networks(cfg, weights, torch.float32)
+    unet = nets["unet"]
     nets = {k: m.to(device=device, dtype=weight_dtype(device, "fp16")) for k, m in nets.items() if k != "unet"}
     default = sdlite_pipe(cfg, {**nets, "unet": unet}, device, "fp16")
     compiled = sdlite_pipe(cfg, {**nets, "unet": copy.deepcopy(unet)}, device, "fp16")
