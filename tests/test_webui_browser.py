@@ -10,6 +10,7 @@ tiny random checkpoint.
 from __future__ import annotations
 
 import base64
+import contextlib
 import os
 import re
 import socket
@@ -73,135 +74,134 @@ class StepGate:
 HANG = 120  # seconds; only turns a hang into a failure, no assertion depends on how fast a step is
 
 
-def test_page_generates_with_live_progress_and_reads_the_png_info_back(server, tmp_path, monkeypatch):
+@contextlib.contextmanager
+def ready_page(server):
+    """The page in headless Chromium, loaded and ready; yields (page, the JavaScript errors it raised)."""
     assert CHROMIUM.is_file(), "Chromium is missing: apt-get install -y chromium (the browser test needs it)"
-    from playwright.sync_api import expect, sync_playwright  # test-only dependency: missing must fail
+    from playwright.sync_api import sync_playwright  # test-only dependency: missing must fail
+
+    with sync_playwright() as pw:
+        browser = pw.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS, headless=True)
+        try:
+            page = browser.new_page(viewport={"width": 1280, "height": 860})
+            errors: list[str] = []
+            page.on("pageerror", lambda e: errors.append(str(e)))
+            page.goto(server.url)
+            page.wait_for_selector("body[data-ready='1']", timeout=15_000)
+            yield page, errors
+        finally:
+            browser.close()
+
+
+def test_page_generates_with_live_progress_and_reads_the_png_info_back(server, tmp_path, monkeypatch):
+    from playwright.sync_api import expect
 
     prompt = "a red circle on the left"
     batch = 4 if SCREENSHOT else 1
     steps = 20
     gate = StepGate(monkeypatch, at=5)  # the run waits at step 5 until the page has shown it
-    with sync_playwright() as pw:
-        browser = pw.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS, headless=True)
+    with ready_page(server) as (page, errors):
+        assert "Euler a" in page.locator("#sampler option").all_text_contents()
+        assert page.input_value("#model") == server.start_model.name
+
+        # Generate: the progress line counts steps, the viewer shows the latent preview, then the image.
+        page.fill("#prompt", prompt)
+        page.fill("#negative_prompt", "blurry")
+        page.fill("#steps", str(steps))
+        page.fill("#seed", "1234")
+        page.fill("#batch_size", str(batch))
+        page.click("#generate")
         try:
-            page = browser.new_page(viewport={"width": 1280, "height": 860})
-            errors: list[str] = []
-            page.on("pageerror", lambda e: errors.append(str(e)))
-            page.goto(server.url)
-            page.wait_for_selector("body[data-ready='1']", timeout=15_000)
-            assert "Euler a" in page.locator("#sampler option").all_text_contents()
-            assert page.input_value("#model") == server.start_model.name
-
-            # Generate: the progress line counts steps, the viewer shows the latent preview, then the image.
-            page.fill("#prompt", prompt)
-            page.fill("#negative_prompt", "blurry")
-            page.fill("#steps", str(steps))
-            page.fill("#seed", "1234")
-            page.fill("#batch_size", str(batch))
-            page.click("#generate")
-            try:
-                assert gate.reached.wait(HANG), "the generation never reached step 5"
-                # Held at step 5: the page's next poll must show that step and that step's latent preview.
-                preview = requests.get(f"{server.url}/sdapi/v1/progress").json()["current_image"]
-                assert preview
-                page.wait_for_function(
-                    """([steps, src]) => new RegExp(`^Step 5/${steps}( |$)`).test(document.getElementById('progress-text').textContent)
-                    && document.querySelector('.viewer.live #viewer')?.src === src""",
-                    arg=[steps, "data:image/png;base64," + preview], timeout=HANG * 1000)
-                expect(page.locator("#gallery img")).to_have_count(0)  # still running: no result yet
-            finally:
-                gate.release.set()
-            expect(page.locator("#gallery img")).to_have_count(batch, timeout=HANG * 1000)
-            assert gate.steps == list(range(1, steps + 1))  # the held run went on to the end
-            expect(page.locator("#progress-text")).to_have_text(re.compile(f"^Done: {batch} image"))
-            infotext = page.text_content("#infotext")
-            assert infotext.startswith(f"{prompt}\nNegative prompt: blurry\nSteps: {steps}, Sampler: Euler a")
-            assert "Seed: 1234," in infotext
-
-            # Reuse the seed of the shown image.
-            page.click("#seed-random")
-            assert page.input_value("#seed") == "-1"
-            page.click("#seed-reuse")
-            assert page.input_value("#seed") == "1234"
-            if SCREENSHOT:
-                page.screenshot(path=str(ROOT / "docs" / "webui.png"))
-
-            # PNG Info of the generated image, through the API's png-info, then back into the form.
-            page.click("#send-pnginfo")
-            expect(page.locator("#png-text")).to_have_text(infotext)
-            expect(page.locator("#png-params")).to_contain_text("Seed1234")
-            page.click("[data-tab=txt2img]")
-            page.fill("#prompt", "")
-            page.fill("#steps", "3")
-            page.click("[data-tab=pnginfo]")
-            page.click("#png-send-txt2img")
-            assert page.input_value("#prompt") == prompt and page.input_value("#steps") == str(steps)
-            width, height = re.search(r"Size: (\d+)x(\d+)", infotext).groups()
-            assert (page.input_value("#width"), page.input_value("#height")) == (width, height)
-            assert page.input_value("#sampler") == "Euler a"
-
-            # The drop area's file input reads a PNG from disk the same way.
-            png = tmp_path / "generated.png"
-            png.write_bytes(base64.b64decode(page.get_attribute("#gallery img", "src").split(",", 1)[1]))
-            page.click("[data-tab=pnginfo]")
-            page.set_input_files("#png-file", str(png))
-            expect(page.locator("#png-text")).to_have_text(infotext)
-
-            # img2img: the shown image becomes the init image; the result records the denoising strength;
-            # the chosen resize mode goes into the request as A1111's number.
-            page.click("[data-tab=txt2img]")
-            page.click("#send-img2img")
-            expect(page.locator("#init-preview")).to_have_attribute("src", re.compile("^data:image/png;base64,"))
-            page.fill("#steps", "4")
-            page.select_option("#resize_mode", label="Resize and fill")
-            with page.expect_request("**/sdapi/v1/img2img") as request:
-                page.click("#generate")
-            assert request.value.post_data_json["resize_mode"] == 2
-            expect(page.locator("#infotext")).to_contain_text("Denoising strength: 0.75", timeout=60_000)
-            assert errors == []
+            assert gate.reached.wait(HANG), "the generation never reached step 5"
+            # Held at step 5: the page's next poll must show that step and that step's latent preview.
+            preview = requests.get(f"{server.url}/sdapi/v1/progress").json()["current_image"]
+            assert preview
+            page.wait_for_function(
+                """([steps, src]) => new RegExp(`^Step 5/${steps}( |$)`).test(document.getElementById('progress-text').textContent)
+                && document.querySelector('.viewer.live #viewer')?.src === src""",
+                arg=[steps, "data:image/png;base64," + preview], timeout=HANG * 1000)
+            expect(page.locator("#gallery img")).to_have_count(0)  # still running: no result yet
         finally:
-            browser.close()
+            gate.release.set()
+        expect(page.locator("#gallery img")).to_have_count(batch, timeout=HANG * 1000)
+        assert gate.steps == list(range(1, steps + 1))  # the held run went on to the end
+        expect(page.locator("#progress-text")).to_have_text(re.compile(f"^Done: {batch} image"))
+        infotext = page.text_content("#infotext")
+        assert infotext.startswith(f"{prompt}\nNegative prompt: blurry\nSteps: {steps}, Sampler: Euler a")
+        assert "Seed: 1234," in infotext
+
+        # Reuse the seed of the shown image.
+        page.click("#seed-random")
+        assert page.input_value("#seed") == "-1"
+        page.click("#seed-reuse")
+        assert page.input_value("#seed") == "1234"
+        if SCREENSHOT:
+            page.screenshot(path=str(ROOT / "docs" / "webui.png"))
+
+        # PNG Info of the generated image, through the API's png-info, then back into the form.
+        page.click("#send-pnginfo")
+        expect(page.locator("#png-text")).to_have_text(infotext)
+        expect(page.locator("#png-params")).to_contain_text("Seed1234")
+        page.click("[data-tab=txt2img]")
+        page.fill("#prompt", "")
+        page.fill("#steps", "3")
+        page.click("[data-tab=pnginfo]")
+        page.click("#png-send-txt2img")
+        assert page.input_value("#prompt") == prompt and page.input_value("#steps") == str(steps)
+        width, height = re.search(r"Size: (\d+)x(\d+)", infotext).groups()
+        assert (page.input_value("#width"), page.input_value("#height")) == (width, height)
+        assert page.input_value("#sampler") == "Euler a"
+
+        # The drop area's file input reads a PNG from disk the same way.
+        png = tmp_path / "generated.png"
+        png.write_bytes(base64.b64decode(page.get_attribute("#gallery img", "src").split(",", 1)[1]))
+        page.click("[data-tab=pnginfo]")
+        page.set_input_files("#png-file", str(png))
+        expect(page.locator("#png-text")).to_have_text(infotext)
+
+        # img2img: the shown image becomes the init image; the result records the denoising strength;
+        # the chosen resize mode goes into the request as A1111's number.
+        page.click("[data-tab=txt2img]")
+        page.click("#send-img2img")
+        expect(page.locator("#init-preview")).to_have_attribute("src", re.compile("^data:image/png;base64,"))
+        page.fill("#steps", "4")
+        page.select_option("#resize_mode", label="Resize and fill")
+        with page.expect_request("**/sdapi/v1/img2img") as request:
+            page.click("#generate")
+        assert request.value.post_data_json["resize_mode"] == 2
+        expect(page.locator("#infotext")).to_contain_text("Denoising strength: 0.75", timeout=60_000)
+        assert errors == []
 
 
 def test_sampler_parameters_go_with_the_request_and_come_back_from_the_png_info(server):
     # A1111's Settings → Sampler parameters, as a panel of the page: its values travel as the request's
     # override_settings (the server's own options stay as they are) and PNG Info fills them back in.
-    assert CHROMIUM.is_file(), "Chromium is missing: apt-get install -y chromium (the browser test needs it)"
-    from playwright.sync_api import expect, sync_playwright
+    from playwright.sync_api import expect
 
-    with sync_playwright() as pw:
-        browser = pw.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS, headless=True)
-        try:
-            page = browser.new_page(viewport={"width": 1280, "height": 860})
-            errors: list[str] = []
-            page.on("pageerror", lambda e: errors.append(str(e)))
-            page.goto(server.url)
-            page.wait_for_selector("body[data-ready='1']", timeout=15_000)
-            assert page.input_value("#uni_pc_order") == "3" and page.input_value("#beta_dist_alpha") == "0.6"
-            page.click("#sampler-parameters summary")
-            page.fill("#CLIP_stop_at_last_layers", "2")
-            page.fill("#beta_dist_alpha", "0.5")
-            page.select_option("#uni_pc_skip_type", "logSNR")
-            page.uncheck("#uni_pc_lower_order_final")
-            page.select_option("#sampler", "Euler")
-            page.select_option("#scheduler", "beta")
-            page.fill("#steps", "2")
-            with page.expect_request("**/sdapi/v1/txt2img") as request:
-                page.click("#generate")
-            sent = request.value.post_data_json["override_settings"]
-            assert sent == {"CLIP_stop_at_last_layers": 2, "uni_pc_order": 3, "uni_pc_variant": "bh1",
-                            "uni_pc_skip_type": "logSNR", "uni_pc_lower_order_final": False,
-                            "beta_dist_alpha": 0.5, "beta_dist_beta": 0.6}
-            expect(page.locator("#infotext")).to_contain_text("Beta schedule alpha: 0.5", timeout=60_000)
-            assert "Clip skip: 2" in page.text_content("#infotext")
-            assert requests.get(f"{server.url}/sdapi/v1/options").json()["beta_dist_alpha"] == 0.6  # not kept
+    with ready_page(server) as (page, errors):
+        assert page.input_value("#uni_pc_order") == "3" and page.input_value("#beta_dist_alpha") == "0.6"
+        page.click("#sampler-parameters summary")
+        page.fill("#CLIP_stop_at_last_layers", "2")
+        page.fill("#beta_dist_alpha", "0.5")
+        page.select_option("#uni_pc_skip_type", "logSNR")
+        page.uncheck("#uni_pc_lower_order_final")
+        page.select_option("#sampler", "Euler")
+        page.select_option("#scheduler", "beta")
+        page.fill("#steps", "2")
+        with page.expect_request("**/sdapi/v1/txt2img") as request:
+            page.click("#generate")
+        sent = request.value.post_data_json["override_settings"]
+        assert sent == {"CLIP_stop_at_last_layers": 2, "uni_pc_order": 3, "uni_pc_variant": "bh1",
+                        "uni_pc_skip_type": "logSNR", "uni_pc_lower_order_final": False,
+                        "beta_dist_alpha": 0.5, "beta_dist_beta": 0.6}
+        expect(page.locator("#infotext")).to_contain_text("Beta schedule alpha: 0.5", timeout=60_000)
+        assert "Clip skip: 2" in page.text_content("#infotext")
+        assert requests.get(f"{server.url}/sdapi/v1/options").json()["beta_dist_alpha"] == 0.6  # not kept
 
-            page.fill("#CLIP_stop_at_last_layers", "1")
-            page.fill("#beta_dist_alpha", "0.6")
-            page.click("#send-pnginfo")
-            page.click("#png-send-txt2img")
-            assert page.input_value("#CLIP_stop_at_last_layers") == "2"
-            assert page.input_value("#beta_dist_alpha") == "0.5"
-            assert errors == []
-        finally:
-            browser.close()
+        page.fill("#CLIP_stop_at_last_layers", "1")
+        page.fill("#beta_dist_alpha", "0.6")
+        page.click("#send-pnginfo")
+        page.click("#png-send-txt2img")
+        assert page.input_value("#CLIP_stop_at_last_layers") == "2"
+        assert page.input_value("#beta_dist_alpha") == "0.5"
+        assert errors == []
