@@ -606,7 +606,7 @@ def _phase_kernels(conv: nn.Conv2d, cache: bool) -> tuple[torch.Tensor, torch.Te
         conv.__dict__.pop("_phase_cache", None)
     training = torch.is_grad_enabled() and any(p.requires_grad for p in conv.parameters(recurse=False))
     if not cache or training:
-        return _sum_taps(weight.to_dense() if packed else weight), None if bias is None else bias.repeat(4)
+        return _sum_taps(conv._plain_weight() if packed else weight), None if bias is None else bias.repeat(4)
     # A packed weight has no data pointer; it is replaced, never changed in place, and packing or
     # unpacking the conv drops this cache, so its identity stands in.
     key = ((id(weight),) if packed else (weight.data_ptr(), weight._version), weight.dtype, weight.device,
@@ -615,7 +615,7 @@ def _phase_kernels(conv: nn.Conv2d, cache: bool) -> tuple[torch.Tensor, torch.Te
     if cached is None or cached[0] != key:
         # Ordinary tensors even under torch.inference_mode, so a later call with autograd on can use them.
         with torch.inference_mode(False), torch.no_grad():
-            kernels = _sum_taps(weight.to_dense() if packed else weight)
+            kernels = _sum_taps(conv._plain_weight() if packed else weight)
             if packed:  # packed like the conv (same padding and stride): its four 2x2 convs run the same way
                 kernels = conv._reorder(kernels)
             cached = (key, kernels, None if bias is None else bias.repeat(4))
