@@ -92,7 +92,7 @@ function intOrNull(id) {
 // A1111's settings the page sends with each request (override_settings; the server's own stay as they
 // are), shown in "Sampler parameters" and filled from the server's options at start.
 const SETTINGS = {
-  CLIP_stop_at_last_layers: "int", uni_pc_order: "int", uni_pc_variant: "text", uni_pc_skip_type: "text",
+  CLIP_stop_at_last_layers: "number", uni_pc_order: "number", uni_pc_variant: "text", uni_pc_skip_type: "text",
   uni_pc_lower_order_final: "bool", beta_dist_alpha: "number", beta_dist_beta: "number",
 };
 
