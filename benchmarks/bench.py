@@ -1272,9 +1272,9 @@ def main(argv: list[str] | None = None) -> None:
         profile_text = network_lever_text = compile_text = ""
         for precision in run_precisions:
             inproc = [r for r in prec_rows[precision] if r not in ("load", "mem512", "vae2048", "bundled")]
-            fp32_extras = ((precision == "fp32" and (args.profile or args.levers))
+            extras = ((precision == "fp32" and (args.profile or args.levers))
                            or (args.compile and precision in ("fp32", "bf16")))
-            if not (inproc or fp32_extras or (need_config and tokenizer is None)):
+            if not (inproc or extras or (need_config and tokenizer is None)):
                 continue
             wdtype = torch.bfloat16 if precision == "bf16" else torch.float32
             log(f"{precision}: building both libraries' networks")
