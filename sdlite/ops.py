@@ -41,8 +41,13 @@ arithmetic a native kernel does: the product of two bf16 (or fp16) numbers is ex
 sums accumulate in fp32, and the output is rounded once to the half type. So bf16 weights keep
 their purpose — half the memory — at close to fp32 speed.
 
-:class:`GroupNorm` — ``nn.GroupNorm`` that can normalise with statistics recorded on another
-input. A tiled VAE decode needs it: a tile that shows only flat background has tiny variances,
+:func:`group_norm` — GroupNorm, and the SiLU after it when asked (``norm(x, silu=True)``). On
+CUDA two fused Triton kernels (:mod:`sdlite.kernels`): PyTorch's CUDA group_norm only takes NCHW
+maps, so a channels-last map was copied to NCHW and back around it, and the SiLU was a pass of its
+own. Elsewhere PyTorch's kernel.
+
+:class:`GroupNorm` — ``nn.GroupNorm`` through :func:`group_norm`, which can also normalise with
+statistics recorded on another input. A tiled VAE decode needs it: a tile that shows only flat background has tiny variances,
 and normalising it by its own statistics blows its noise up into visible blotches. Decoding a
 downscaled copy of the whole latent first and reusing each layer's statistics on every tile keeps
 all tiles on the same scale (the idea of the "Tiled VAE" extension for the A1111 web UI, which
@@ -61,8 +66,10 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import functools
 import platform
 import threading
+import warnings
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
@@ -498,17 +505,76 @@ def unpack(module: nn.Module) -> nn.Module:
     return module
 
 
+# The device types on which group_norm runs as sdlite's own fused kernels (sdlite.kernels, Triton),
+# where Triton is installed; elsewhere PyTorch's group_norm, then F.silu. ``()``: nowhere, the
+# benchmark's comparison.
+FUSED_GROUP_NORM: tuple[str, ...] = ("cuda",)
+
+
+@functools.cache
+def _fused_group_norm(device: torch.device) -> Any:
+    """:mod:`sdlite.kernels` once its kernels have built and run on ``device``, else None: Triton
+    missing (it comes with PyTorch's CUDA wheels on Linux) or unable to build (it needs a C
+    compiler), in which case PyTorch's group_norm runs instead, with a warning."""
+    try:
+        from . import kernels
+    except ImportError:
+        return None
+    try:
+        x = torch.ones(1, 2, 1, 2, device=device)
+        kernels.group_norm(x, 1, x.new_ones(2), x.new_zeros(2), 1e-5, silu=True)
+    except Exception as e:  # noqa: BLE001 - any build or launch failure: fall back, once
+        warnings.warn(f"sdlite's fused GroupNorm kernels do not run here ({type(e).__name__}: {e}); "
+                      "using PyTorch's group_norm", RuntimeWarning, stacklevel=3)
+        return None
+    return kernels
+
+
+def group_norm(x: torch.Tensor, num_groups: int, weight: torch.Tensor | None, bias: torch.Tensor | None,
+               eps: float, silu: bool = False) -> torch.Tensor:
+    """``F.group_norm``, then ``F.silu`` if ``silu``: a new tensor in ``x``'s dtype and layout.
+
+    Statistics in fp32 for any input dtype; weights of another dtype than ``x`` (fp32 with a half
+    map, or the reverse) are applied in fp32. On CUDA (``FUSED_GROUP_NORM``), without autograd and
+    outside ``torch.compile`` (which fuses this itself), one pass for the statistics and one for
+    normalise + SiLU, in the map's own layout (:mod:`sdlite.kernels` says why).
+
+    >>> h = group_norm(x, 32, norm.weight, norm.bias, 1e-5, silu=True)  # = F.silu(norm(x))
+    """
+    needs_grad = torch.is_grad_enabled() and any(
+        t is not None and t.requires_grad for t in (x, weight, bias))
+    if (x.device.type in FUSED_GROUP_NORM and not needs_grad and not torch.compiler.is_compiling()
+            and (kernels := _fused_group_norm(x.device)) is not None and kernels.supports(x)):
+        if weight is None:
+            weight = torch.ones(x.shape[1], device=x.device)
+        if bias is None:
+            bias = torch.zeros(x.shape[1], device=x.device)
+        return kernels.group_norm(x, num_groups, weight, bias, eps, silu)
+    if weight is not None and weight.dtype != x.dtype:
+        # Mixed dtypes: PyTorch's kernels want one; normalise in fp32 and round once.
+        y = F.group_norm(x.float(), num_groups, weight.float(), None if bias is None else bias.float(), eps)
+        y = y.to(x.dtype)
+    else:
+        y = F.group_norm(x, num_groups, weight, bias, eps)
+    return F.silu(y, inplace=not needs_grad) if silu else y
+
+
 class GroupNorm(nn.GroupNorm):
-    """``nn.GroupNorm`` plus a ``stats`` mode for tiled decoding: ``None`` (normal), ``"record"``
-    (normalise as usual and keep the per-sample, per-group mean and variance) or ``"reuse"``
-    (normalise with the kept ones). Use it through :func:`shared_statistics`."""
+    """``nn.GroupNorm`` through :func:`group_norm` (``norm(x, silu=True)`` = ``F.silu(norm(x))``),
+    plus a ``stats`` mode for tiled decoding: ``None`` (normal), ``"record"`` (normalise as usual
+    and keep the per-sample, per-group mean and variance) or ``"reuse"`` (normalise with the kept
+    ones). Use it through :func:`shared_statistics`."""
 
     stats: str | None = None
     recorded: tuple[torch.Tensor, torch.Tensor] | None = None
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, silu: bool = False) -> torch.Tensor:
         if self.stats is None:
-            return super().forward(x)
+            return group_norm(x, self.num_groups, self.weight, self.bias, self.eps, silu)
+        y = self._tiled_forward(x)
+        return F.silu(y, inplace=not torch.is_grad_enabled()) if silu else y
+
+    def _tiled_forward(self, x: torch.Tensor) -> torch.Tensor:
         b, c, g = x.shape[0], x.shape[1], self.num_groups
         if self.stats == "record":
             grouped = x.float().reshape(b, g, -1)

@@ -42,11 +42,6 @@ def Normalize(channels: int) -> GroupNorm:
     return GroupNorm(num_groups=32, num_channels=channels, eps=1e-6, affine=True)  # nn.GroupNorm (+ tiling, sdlite.ops)
 
 
-def swish(x: torch.Tensor, inplace: bool = False) -> torch.Tensor:
-    """``x * sigmoid(x)``; ``F.silu`` is the same function in one fused kernel."""
-    return F.silu(x, inplace=inplace)
-
-
 class ResnetBlock(nn.Module):
     """``norm1 -> swish -> conv1 -> norm2 -> swish -> conv2`` plus a skip connection.
 
@@ -67,11 +62,11 @@ class ResnetBlock(nn.Module):
             self.nin_shortcut = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # norm(x, silu=True) is swish(norm(x)): one fused kernel pair on CUDA (sdlite.ops.group_norm).
         # Without autograd, swish and the residual sum write into the tensors the block has just
         # made (sdlite.ops.add_into says why): bit-identical output. Autograd needs the originals.
-        inplace = not torch.is_grad_enabled()
-        h = self.conv1(swish(self.norm1(x), inplace))
-        h = self.conv2(swish(self.norm2(h), inplace))
+        h = self.conv1(self.norm1(x, silu=True))
+        h = self.conv2(self.norm2(h, silu=True))
         return add_into(h, x if self.nin_shortcut is None else self.nin_shortcut(x))
 
 
@@ -183,7 +178,7 @@ class Encoder(nn.Module):
             if level.downsample is not None:
                 h = level.downsample(h)
         h = self.mid(h)
-        return self.conv_out(swish(self.norm_out(h), not torch.is_grad_enabled()))
+        return self.conv_out(self.norm_out(h, silu=True))
 
 
 class Decoder(nn.Module):
@@ -224,7 +219,7 @@ class Decoder(nn.Module):
                 h = block(h)
             if level.upsample is not None:
                 h = level.upsample(h)
-        return self.conv_out(swish(self.norm_out(h), not torch.is_grad_enabled()))
+        return self.conv_out(self.norm_out(h, silu=True))
 
 
 class DiagonalGaussian:

@@ -1,0 +1,135 @@
+"""GroupNorm, optionally followed by SiLU, as two Triton kernels: the GPU path of :func:`sdlite.ops.group_norm`.
+
+Why a kernel of our own. On CUDA, PyTorch's ``group_norm`` only takes NCHW-contiguous input: it
+copies a channels-last map (sdlite's UNet on CUDA is channels-last) to NCHW, normalises it in two
+more passes (statistics, then scale and shift), the SiLU that follows is a fourth, and the next
+convolution copies the NCHW result back to channels-last: five passes that read and write the
+whole map, and six kernel launches. Here the same function takes two passes in either layout, the
+statistics and one fused ``normalise -> scale and shift -> SiLU`` pass, and never changes the layout.
+
+The arithmetic. For sample ``b`` and group ``g`` (``C / G`` channels times ``H·W`` pixels, ``n``
+numbers ``x_i``)::
+
+    mean = Σ x_i / n,   var = Σ (x_i - mean)² / n        (biased, as torch.nn.GroupNorm)
+    y    = (x - mean) / sqrt(var + eps) · weight[c] + bias[c],   then y · sigmoid(y) if silu
+
+computed in fp32 whatever the input dtype, rounded once to the input dtype at the end. To spread a
+group over many GPU blocks, its pixels are cut into tiles: each block of the first kernel holds one
+tile and writes that tile's mean and ``M2 = Σ (x - mean_tile)²`` (exact two-pass statistics inside
+the tile, from registers); each block of the second kernel merges all tiles of its group with Chan
+et al.'s parallel formula (``M2 = Σ M2_t + Σ n_t (mean_t - mean)²``, no cancellation however large
+the mean) and normalises its own tile.
+
+Triton is not one of sdlite's dependencies: it comes with PyTorch's CUDA wheels on Linux, and this
+module is imported only when a CUDA tensor asks for it (:func:`sdlite.ops.group_norm`), never on
+the CPU path. ``TRITON_INTERPRET=1`` runs these kernels on CPU tensors; the tests do that.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+# Elements (pixels x padded channels) one block holds, and its warps. The numbers come from a sweep
+# on an H100 (benchmarks/bench_cuda.py --group-norm).
+TILE_ELEMENTS = 4096
+NUM_WARPS = 4
+
+
+@triton.jit
+def _tile_statistics(x_ptr, stats_ptr, HW, G, stride_b, stride_c, stride_p,
+                     CPG: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr):
+    """Block (b·G + g, t): mean and M2 of tile t (BLOCK_P pixels) of group g of sample b."""
+    bg = tl.program_id(0)
+    tile = tl.program_id(1)
+    b = bg // G
+    g = bg % G
+    p = tile * BLOCK_P + tl.arange(0, BLOCK_P)
+    c = tl.arange(0, BLOCK_C)
+    mask = (p < HW)[:, None] & (c < CPG)[None, :]
+    offsets = b * stride_b + (g * CPG + c)[None, :] * stride_c + p[:, None] * stride_p
+    x = tl.load(x_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
+    n = (tl.minimum(HW - tile * BLOCK_P, BLOCK_P) * CPG).to(tl.float32)
+    mean = tl.sum(tl.sum(x, axis=1), axis=0) / n
+    d = tl.where(mask, x - mean, 0.0)
+    m2 = tl.sum(tl.sum(d * d, axis=1), axis=0)
+    out = stats_ptr + (bg * tl.num_programs(1) + tile) * 2
+    tl.store(out, mean)
+    tl.store(out + 1, m2)
+
+
+@triton.jit
+def _normalize(x_ptr, y_ptr, stats_ptr, w_ptr, b_ptr, HW, G, TILES, eps, stride_b, stride_c, stride_p,
+               CPG: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr, TILES_POW2: tl.constexpr,
+               SILU: tl.constexpr):
+    """Block (b·G + g, t): merge the statistics of group g's tiles, then normalise tile t."""
+    bg = tl.program_id(0)
+    tile = tl.program_id(1)
+    b = bg // G
+    g = bg % G
+    # Chan et al.: the mean and M2 of the whole group from those of its tiles.
+    t = tl.arange(0, TILES_POW2)
+    t_mask = t < TILES
+    tile_mean = tl.load(stats_ptr + (bg * TILES + t) * 2, mask=t_mask, other=0.0)
+    tile_m2 = tl.load(stats_ptr + (bg * TILES + t) * 2 + 1, mask=t_mask, other=0.0)
+    tile_n = tl.where(t_mask, tl.minimum(HW - t * BLOCK_P, BLOCK_P) * CPG, 0).to(tl.float32)
+    n = tl.sum(tile_n, axis=0)
+    mean = tl.sum(tile_n * tile_mean, axis=0) / n
+    spread = tile_mean - mean
+    var = (tl.sum(tile_m2, axis=0) + tl.sum(tile_n * spread * spread, axis=0)) / n
+    rstd = 1.0 / tl.sqrt(var + eps)
+
+    c = tl.arange(0, BLOCK_C)
+    c_mask = c < CPG
+    scale = tl.load(w_ptr + g * CPG + c, mask=c_mask, other=0.0).to(tl.float32) * rstd
+    shift = tl.load(b_ptr + g * CPG + c, mask=c_mask, other=0.0).to(tl.float32)
+
+    p = tile * BLOCK_P + tl.arange(0, BLOCK_P)
+    mask = (p < HW)[:, None] & c_mask[None, :]
+    offsets = b * stride_b + (g * CPG + c)[None, :] * stride_c + p[:, None] * stride_p
+    x = tl.load(x_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
+    # (x - mean) first: folding the mean into the shift (x * scale + shift') would cancel large
+    # terms when the mean is large against the spread.
+    y = (x - mean) * scale[None, :] + shift[None, :]
+    if SILU:
+        y = y * tl.sigmoid(y)
+    tl.store(y_ptr + offsets, y.to(y_ptr.dtype.element_ty), mask=mask)
+
+
+def supports(x: torch.Tensor) -> bool:
+    """Whether :func:`group_norm` takes ``x``: a 4-d float map, NCHW-contiguous or channels-last,
+    small enough for 32-bit offsets."""
+    return (
+        x.dim() == 4
+        and x.dtype in (torch.float16, torch.bfloat16, torch.float32)
+        and (x.is_contiguous() or x.is_contiguous(memory_format=torch.channels_last))
+        and x.numel() < 2**31
+    )
+
+
+def group_norm(x: torch.Tensor, num_groups: int, weight: torch.Tensor, bias: torch.Tensor, eps: float,
+               silu: bool = False) -> torch.Tensor:
+    """``F.group_norm(x, num_groups, weight, bias, eps)``, then ``F.silu`` if ``silu``; a new
+    tensor in ``x``'s dtype and memory layout. Statistics and arithmetic in fp32. No autograd.
+
+    >>> y = group_norm(x, 32, norm.weight, norm.bias, 1e-5, silu=True)   # x: [B, C, H, W] on CUDA
+    """
+    B, C, H, W = x.shape
+    HW = H * W
+    cpg = C // num_groups
+    # empty_like keeps x's strides for a dense map (NCHW or channels-last), so both tensors share
+    # the offsets below; the pixel stride is the one of W, since H and W are collapsed.
+    y = torch.empty_like(x)
+    stride_b, stride_c, stride_p = x.stride(0), x.stride(1), x.stride(3)
+    block_c = triton.next_power_of_2(cpg)
+    block_p = max(1, min(triton.next_power_of_2(HW), TILE_ELEMENTS // block_c))
+    tiles = triton.cdiv(HW, block_p)
+    stats = torch.empty((B * num_groups, tiles, 2), device=x.device, dtype=torch.float32)
+    grid = (B * num_groups, tiles)
+    _tile_statistics[grid](x, stats, HW, num_groups, stride_b, stride_c, stride_p,
+                           CPG=cpg, BLOCK_C=block_c, BLOCK_P=block_p, num_warps=NUM_WARPS)
+    _normalize[grid](x, y, stats, weight, bias, HW, num_groups, tiles, eps, stride_b, stride_c, stride_p,
+                     CPG=cpg, BLOCK_C=block_c, BLOCK_P=block_p, TILES_POW2=triton.next_power_of_2(tiles),
+                     SILU=silu, num_warps=NUM_WARPS)
+    return y

@@ -1,0 +1,169 @@
+"""sdlite.kernels: the fused GroupNorm (+ SiLU) Triton kernels, and how sdlite.ops.group_norm picks them.
+
+Without a GPU (CI) the kernels run under Triton's interpreter (``TRITON_INTERPRET=1``) on CPU
+tensors: the same kernel code, indexing and masks, executed with numpy. With one, the compiled
+kernels run on CUDA tensors. Either way they are held to a float64 ``F.group_norm`` reference.
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+ON_GPU = torch.cuda.is_available()
+DEVICE = "cuda" if ON_GPU else "cpu"
+
+# Triton reads this when it is imported and when a kernel is decorated (sdlite.kernels' import),
+# so it is set first, and stays set for the rest of this test process on a machine without a GPU.
+# Nothing else there runs Triton: sdlite takes these kernels on CUDA only.
+if not ON_GPU:
+    os.environ["TRITON_INTERPRET"] = "1"
+pytest.importorskip("triton")
+
+from sdlite import kernels, ops  # noqa: E402
+
+LAYOUTS = {"nchw": torch.contiguous_format, "channels_last": torch.channels_last}
+
+
+def reference(x: torch.Tensor, groups: int, weight: torch.Tensor, bias: torch.Tensor, eps: float,
+              silu: bool) -> torch.Tensor:
+    y = F.group_norm(x.double(), groups, weight.double(), bias.double(), eps)
+    return F.silu(y) if silu else y
+
+
+def assert_within_one_rounding(y: torch.Tensor, ref: torch.Tensor) -> None:
+    """fp32 arithmetic, then one rounding to the output dtype: off by at most a few of its units
+    in the last place (relative to the largest value, as SiLU outputs cross zero)."""
+    eps = torch.finfo(y.dtype).eps
+    scale = ref.abs().max().item()
+    err = (y.double() - ref).abs().max().item()
+    assert err <= 4 * eps * scale + (1e-6 * scale if y.dtype == torch.float32 else 0), (err, scale)
+
+
+def map_(shape: tuple[int, ...], dtype: torch.dtype, layout: str, mean: float = 0.0, std: float = 1.0,
+         seed: int = 0) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    x = (torch.randn(shape, generator=g, dtype=torch.float64) * std + mean).to(dtype)
+    return x.to(DEVICE).contiguous(memory_format=LAYOUTS[layout])
+
+
+def affine(channels: int, dtype: torch.dtype, seed: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    w = 1 + 0.5 * torch.randn(channels, generator=g)
+    b = 0.5 * torch.randn(channels, generator=g)
+    return w.to(DEVICE, dtype), b.to(DEVICE, dtype)
+
+
+@pytest.mark.parametrize("silu", [False, True])
+@pytest.mark.parametrize("layout", list(LAYOUTS))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_the_fused_kernels_equal_group_norm_and_silu_to_one_rounding(dtype, layout, silu):
+    # 3 channels per group (padded to 4 inside a block), 7x9 pixels: masks on both axes.
+    x = map_((2, 96, 7, 9), dtype, layout, mean=0.5, std=2.0)
+    w, b = affine(96, dtype)
+    y = kernels.group_norm(x, 32, w, b, 1e-5, silu=silu)
+    assert y.dtype == dtype and y.stride() == x.stride()  # x's dtype and memory layout
+    assert_within_one_rounding(y, reference(x, 32, w, b, 1e-5, silu))
+
+
+@pytest.mark.parametrize("layout", list(LAYOUTS))
+def test_groups_split_into_many_tiles_merge_to_the_exact_statistics(layout, monkeypatch):
+    # Tiles of 32 elements: a 20x21 map with 2 channels per group is 27 tiles, the last one ragged.
+    # A mean of 1000 against a spread of 1: the variance as E[x²] - E[x]² in fp32 puts this output
+    # 0.93 off (cancellation); Chan's merge of per-tile (mean, M2) does not cancel. The inputs' own
+    # fp32 spacing at 1000 is 6e-5; PyTorch's fp32 group_norm is 1.6e-4 off here, these kernels 1.2e-4.
+    monkeypatch.setattr(kernels, "TILE_ELEMENTS", 32)
+    x = map_((1, 64, 20, 21), torch.float32, layout, mean=1000.0, std=1.0)
+    w, b = affine(64, torch.float32)
+    y = kernels.group_norm(x, 32, w, b, 1e-6, silu=False)
+    ref = reference(x, 32, w, b, 1e-6, silu=False)
+    torch.testing.assert_close(y.double(), ref, rtol=0, atol=3e-4)
+
+
+def test_half_maps_with_fp32_weights_are_normalised_in_fp32():
+    x = map_((1, 64, 8, 8), torch.float16, "channels_last", mean=1.0, std=3.0)
+    w, b = affine(64, torch.float32)
+    y = kernels.group_norm(x, 32, w, b, 1e-5, silu=True)
+    assert y.dtype == torch.float16
+    assert_within_one_rounding(y, reference(x, 32, w, b, 1e-5, silu=True))
+
+
+@pytest.fixture
+def fused_here(monkeypatch):
+    """ops.group_norm takes the fused kernels on this test's device."""
+    monkeypatch.setattr(ops, "FUSED_GROUP_NORM", (DEVICE,))
+    ops._fused_group_norm.cache_clear()
+    assert ops._fused_group_norm(torch.device(DEVICE)) is kernels  # built and ran once, here
+    yield
+    ops._fused_group_norm.cache_clear()
+
+
+def count_kernel_calls(monkeypatch) -> list[int]:
+    calls = []
+    original = kernels.group_norm
+
+    def counted(*args, **kwargs):
+        calls.append(1)
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(kernels, "group_norm", counted)
+    return calls
+
+
+def test_ops_group_norm_takes_the_kernels_without_autograd_and_pytorchs_with_it(fused_here, monkeypatch):
+    norm = ops.GroupNorm(32, 64, eps=1e-6).to(DEVICE)
+    x = map_((2, 64, 6, 6), torch.float32, "channels_last")
+    calls = count_kernel_calls(monkeypatch)
+    with torch.no_grad():
+        fused = norm(x, silu=True)
+    assert len(calls) == 1 and fused.is_contiguous(memory_format=torch.channels_last)
+    plain = F.silu(F.group_norm(x, 32, norm.weight, norm.bias, 1e-6))
+    torch.testing.assert_close(fused, plain, rtol=1e-5, atol=1e-5)
+
+    # The kernels have no backward: with gradients wanted, PyTorch's group_norm runs.
+    trained = norm(x.clone().requires_grad_(), silu=True)
+    assert len(calls) == 1
+    trained.sum().backward()
+    assert norm.weight.grad is not None
+
+
+def test_a_machine_where_the_kernels_cannot_build_falls_back_with_one_warning(fused_here, monkeypatch):
+    def broken(*args, **kwargs):
+        raise RuntimeError("Failed to find C compiler")
+
+    monkeypatch.setattr(kernels, "group_norm", broken)
+    ops._fused_group_norm.cache_clear()
+    x = map_((1, 64, 4, 4), torch.float32, "nchw")
+    w, b = affine(64, torch.float32)
+    with pytest.warns(RuntimeWarning, match="fused GroupNorm kernels do not run here.*C compiler"):
+        y = ops.group_norm(x, 32, w, b, 1e-5, silu=True)
+    torch.testing.assert_close(y, F.silu(F.group_norm(x, 32, w, b, 1e-5)))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # once per device, not on every call
+        ops.group_norm(x, 32, w, b, 1e-5)
+
+
+def test_tiny_unet_and_vae_give_pytorchs_output_through_the_fused_kernels(fused_here, monkeypatch):
+    from factory import TINY_SD1, random_networks
+
+    nets = random_networks(TINY_SD1, 0)
+    unet, vae = nets["unet"].to(DEVICE), nets["vae"].to(DEVICE)
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 4, 8, 8, generator=g).to(DEVICE)
+    ctx = torch.randn(2, 77, TINY_SD1.unet.context_dim, generator=g).to(DEVICE)
+    t = torch.tensor([500.0, 20.0], device=DEVICE)
+    calls = count_kernel_calls(monkeypatch)
+    with torch.no_grad():
+        fused = unet(x, t, ctx), vae.decode(x[:1])
+        n_fused = len(calls)
+        monkeypatch.setattr(ops, "FUSED_GROUP_NORM", ())
+        plain = unet(x, t, ctx), vae.decode(x[:1])
+    n_norms = sum(isinstance(m, ops.GroupNorm) for net in (unet, vae.decoder, vae.post_quant_conv)
+                  for m in net.modules())
+    assert n_fused == len(calls) and n_fused >= n_norms  # every GroupNorm call went through them
+    for a, b in zip(fused, plain):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
