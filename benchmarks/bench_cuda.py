@@ -357,6 +357,9 @@ def lever_rows(cfg: Any, nets: dict, dnets: dict, device: torch.device, args: ar
 
         line("NCHW UNet weights (sdlite's CUDA layout before; now channels-last)", nchw_weights)
         del nchw
+    line("PyTorch's group_norm and a separate SiLU (sdlite before its fused kernels)",
+         lambda: without_fused_group_norm(default))
+    if device.type == "cuda":
 
         # The sampling loop's host-to-device copies (per-step sigmas, timesteps, the noise of CPU
         # generators) staged in pinned memory and queued (devices.to_device), against plain
@@ -374,7 +377,18 @@ def lever_rows(cfg: Any, nets: dict, dnets: dict, device: torch.device, args: ar
 
         out.append(lever_line("txt2img 512x512, 20 Euler a steps: blocking host-to-device copies (before)",
                               txt2img, blocking_copies, device, 1, max(3, args.pipe_repeats)))
-        pipe = None
+        # The same generation with PyTorch's group_norm + SiLU: a second pipeline over the same
+        # networks, whose CUDA graph is captured without the fused kernels.
+        plain_pipe = sdlite_pipe(cfg, nets, device, "fp16")
+
+        def plain_txt2img() -> Any:
+            return without_fused_group_norm(lambda: torch.as_tensor(plain_pipe.txt2img(
+                PROMPT, steps=20, guidance_scale=7.5, width=512, height=512, sampler="euler_a", seed=1, latents=lat,
+                output_type="np")))
+
+        out.append(lever_line("txt2img 512x512, 20 Euler a steps: PyTorch's group_norm + SiLU (before the fused "
+                              "kernels)", txt2img, plain_txt2img, device, 1, max(3, args.pipe_repeats)))
+        pipe = plain_pipe = None
 
     vae = nets["vae"]
     z = torch.randn(1, cfg.vae.embed_dim, 64, 64, generator=gen).to(device, dtype)
@@ -400,6 +414,8 @@ def lever_rows(cfg: Any, nets: dict, dnets: dict, device: torch.device, args: ar
     line("Upsample as four 2x2 convs on the small map", vae_phases, default=vae_default)
     line("diffusers VAE instead (fp16, no autocast) — the reference", lambda: dnets["vae"].decode(z).sample,
          default=vae_default)
+    line("PyTorch's group_norm and a separate SiLU (before the fused kernels)",
+         lambda: without_fused_group_norm(vae_default), default=vae_default)
 
     return out
 
@@ -446,6 +462,12 @@ def batch_rows(cfg: Any, nets: dict, dnets: dict, device: torch.device, flops: d
             out.append(lever_line(f"CUDA graph replay with NCHW UNet weights (the layout before), batch {batch}",
                                   lambda: ours(x, t, ctx), lambda: nchw(x, t, ctx), device, args.warmup, args.repeats))
             nchw.reset()
+            plain = GraphedCall(unet, prec)  # captured without the fused GroupNorm kernels
+            out.append(lever_line(f"CUDA graph replay with PyTorch's group_norm + SiLU (before the fused kernels), "
+                                  f"batch {batch}", lambda: ours(x, t, ctx),
+                                  lambda: without_fused_group_norm(lambda: plain(x, t, ctx)), device, args.warmup,
+                                  args.repeats))
+            plain.reset()
         ours = None
         gc.collect()
         if device.type == "cuda":
@@ -607,6 +629,127 @@ def low_memory_lines(cfg: Any, nets: dict, dnets: dict, tokenizer: Any, device: 
     return out
 
 
+def without_fused_group_norm(fn: Callable[[], Any]) -> Any:
+    """``fn()`` with PyTorch's group_norm and a separate SiLU (sdlite before its fused kernels). A
+    CUDA graph keeps the kernels it was captured with, so a graph for this side is captured in here."""
+    with patch.object(ops, "FUSED_GROUP_NORM", ()):
+        return fn()
+
+
+def group_norm_calls(module: torch.nn.Module, call: Callable[[], Any]) -> dict[tuple, list]:
+    """Every GroupNorm call of ``call()``: {(shape, channels-last, groups, eps, silu): [count, x, norm]}."""
+    calls: dict[tuple, list] = {}
+
+    def hook(norm: torch.nn.Module, args: tuple, kwargs: dict) -> None:
+        x = args[0]
+        key = (tuple(x.shape), x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous(),
+               norm.num_groups, norm.eps, bool(kwargs.get("silu", args[1] if len(args) > 1 else False)))
+        if key in calls:
+            calls[key][0] += 1
+        else:
+            calls[key] = [1, x.detach().clone(memory_format=torch.preserve_format), norm]
+
+    handles = [m.register_forward_pre_hook(hook, with_kwargs=True) for m in module.modules()
+               if isinstance(m, ops.GroupNorm)]
+    try:
+        with torch.no_grad():
+            call()
+    finally:
+        for h in handles:
+            h.remove()
+    return calls
+
+
+def graph_time_us(fn: Callable[[], Any], device: torch.device, per_graph: int = 20, replays: int = 10) -> float:
+    """GPU time of one ``fn()`` in microseconds: ``per_graph`` calls captured in one CUDA graph, the
+    median replay divided by ``per_graph`` (no launch cost: what a replayed UNet pays)."""
+    with torch.no_grad():
+        for _ in range(2):
+            fn()  # compiles (Triton), chooses kernels
+        torch.cuda.synchronize(device)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            for _ in range(per_graph):
+                fn()
+        times = []
+        for _ in range(replays):
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            graph.replay()
+            end.record()
+            end.synchronize()
+            times.append(start.elapsed_time(end) * 1e3 / per_graph)
+    del graph
+    return statistics.median(times)
+
+
+def group_norm_lines(cfg: Any, nets: dict, device: torch.device, args: argparse.Namespace) -> list[str]:
+    """sdlite's fused GroupNorm (+ SiLU) kernels against PyTorch's group_norm and F.silu, on every
+    GroupNorm call of the fp16 UNet (64x64 latents, batch 2 and 16; channels-last maps) and of the VAE
+    decode (64x64 latent; NCHW maps), GPU time under CUDA graphs, summed over each network's calls.
+    First a sweep of the kernels' tile size and warps; the rest of the run uses the best."""
+    from sdlite import kernels
+
+    dtype = weight_dtype(device, "fp16")
+    gen = torch.Generator().manual_seed(5)
+    unet, vae = nets["unet"], nets["vae"]
+    workloads = {}
+    for batch in (2, 16):
+        x = torch.randn(batch, cfg.unet.in_channels, 64, 64, generator=gen).to(device, dtype)
+        ctx = torch.randn(batch, cfg.text.max_length, cfg.unet.context_dim, generator=gen).to(device, dtype)
+        t = torch.full((batch,), 500.0, device=device)
+        workloads[f"UNet, batch {batch}"] = group_norm_calls(unet, lambda: unet(x, t, ctx))
+    z = torch.randn(1, cfg.vae.embed_dim, 64, 64, generator=gen).to(device, dtype)
+    workloads["VAE decode"] = group_norm_calls(vae, lambda: vae.decode(z))
+
+    def total_us(calls: dict[tuple, list], fused: bool) -> float:
+        us = 0.0
+        for (shape, _, groups, eps, silu), (count, x, norm) in calls.items():
+            if fused:
+                fn = lambda: kernels.group_norm(x, groups, norm.weight, norm.bias, eps, silu)  # noqa: E731
+            else:
+                fn = lambda: without_fused_group_norm(  # noqa: E731
+                    lambda: ops.group_norm(x, groups, norm.weight, norm.bias, eps, silu))
+            us += count * graph_time_us(fn, device)
+        return us
+
+    names = list(workloads)
+    out = ["Sweep of the kernels' tile (elements per block) and warps: GPU µs per network call, all its "
+           "GroupNorms summed (each call 20x in a CUDA graph).", "",
+           "| tile | warps | " + " | ".join(names) + " |", "|---:|---:|" + "---:|" * len(names)]
+    best, best_score, first = None, float("inf"), None
+    saved = kernels.TILE_ELEMENTS, kernels.NUM_WARPS
+    for tile, warps in ((2048, 4), (4096, 4), (4096, 8), (8192, 8)):  # each one compiles every kernel anew
+        kernels.TILE_ELEMENTS, kernels.NUM_WARPS = tile, warps
+        us = [total_us(workloads[n], True) for n in names]
+        out.append(f"| {tile} | {warps} | " + " | ".join(f"{u:,.0f}" for u in us) + " |")
+        print("  " + out[-1], flush=True)
+        first = first or us
+        score = sum(u / f for u, f in zip(us, first))  # each network counts the same
+        if score < best_score:
+            best, best_score = (tile, warps), score
+    kernels.TILE_ELEMENTS, kernels.NUM_WARPS = best
+    out += ["", f"Best (smallest sum of the three, each relative to the first row): tile {best[0]}, {best[1]} warps; "
+                "the rest of this run uses it "
+                f"(sdlite's defaults: tile {saved[0]}, {saved[1]} warps).", "",
+            "| GroupNorm calls of | PyTorch group_norm + SiLU, µs | fused kernels, µs | fused / PyTorch | calls |",
+            "|---|---:|---:|---:|---|"]
+    for n in names:
+        calls = workloads[n]
+        plain, fused = total_us(calls, False), total_us(calls, True)
+        out.append(f"| {n} | {plain:,.0f} | {fused:,.0f} | {fused / plain:.2f} | {sum(c[0] for c in calls.values())} "
+                   f"calls, {len(calls)} distinct |")
+        print("  " + out[-1], flush=True)
+    out += ["", "Per distinct call (UNet, batch 2): shape, layout, SiLU, count, PyTorch µs, fused µs.", "",
+            "| shape | layout | SiLU | count | PyTorch µs | fused µs | ratio |", "|---|---|---|---:|---:|---:|---:|"]
+    for (shape, cl, groups, eps, silu), (count, x, norm) in workloads["UNet, batch 2"].items():
+        one = {(shape, cl, groups, eps, silu): [1, x, norm]}
+        p, f = total_us(one, False), total_us(one, True)
+        out.append(f"| {'x'.join(map(str, shape))} | {'channels-last' if cl else 'NCHW'} | {'yes' if silu else 'no'} "
+                   f"| {count} | {p:.1f} | {f:.1f} | {f / p:.2f} |")
+    return out
+
+
 def bundled_rows(device: torch.device, args: argparse.Namespace) -> list[Row]:
     """sdlite's bundled model on this device at its defaults (64x64, Euler a, 20 steps), one image and a
     batch of 8; and the largest difference from the same image drawn on the CPU in fp32."""
@@ -754,6 +897,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--low-memory-sizes", type=lambda v: [int(b) for b in v.split(",") if b.strip()], default=[],
                    help="image sides for the low-memory table (fp16 txt2img, each side's default and low-memory "
                         "options; e.g. 512,1024; default: none)")
+    p.add_argument("--group-norm", action="store_true",
+                   help="first, the fused GroupNorm kernels against PyTorch's per call, with a sweep of their tile size")
     p.add_argument("--budget-s", type=float, default=420, help="skip the optional sections once this many seconds passed")
     p.add_argument("--commit", default=None, help="the commit measured (when the tree has no .git)")
     p.add_argument("--note", default="")
@@ -840,6 +985,11 @@ def main(argv: list[str] | None = None) -> None:
             continue
         nets, dnets = built
         sections[precision] = []
+        if precision == "fp16" and args.group_norm and device.type == "cuda":
+            log("fp16: fused GroupNorm kernels")
+            lines = guarded("group norm", lambda: group_norm_lines(cfg, nets, device, args))
+            if lines:
+                extra.extend(["## Fused GroupNorm + SiLU kernels (fp16)", "", *lines, ""])
         log(f"{precision}: networks")
         rows = guarded(f"{precision}: networks",
                        lambda: network_rows(cfg, nets, dnets, device, precision, flops, args))
