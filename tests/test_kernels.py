@@ -97,7 +97,8 @@ def fused_here(monkeypatch):
     """ops.group_norm takes the fused kernels on this test's device."""
     monkeypatch.setattr(ops, "FUSED_GROUP_NORM", (DEVICE,))
     ops._fused_group_norm.cache_clear()
-    assert ops._fused_group_norm(torch.device(DEVICE)) is kernels  # built and ran once, here
+    device = torch.empty(0, device=DEVICE).device  # "cuda:0": the key ops.group_norm looks up
+    assert ops._fused_group_norm(device) is kernels  # built and ran once, here
     yield
     ops._fused_group_norm.cache_clear()
 
