@@ -248,7 +248,7 @@ class Pipeline:
         from .schedulers import Denoiser, get_sampler
 
         spec = get_sampler(sampler)
-        scale = guidance_scale / 12.5 if spec.cfg_pp else guidance_scale  # A1111's CFG++ scale (Sampler.cfg_pp)
+        scale = spec.model_guidance_scale(guidance_scale)  # CFG++ divides it as A1111 does
         denoiser = Denoiser(self._model_fn(cond, uncond, scale), self.schedule, self.config.prediction)
         levels = spec.levels(self.schedule, steps, schedule, strength=strength, settings=sampler_settings)
         bar = ProgressBar(spec.step_count(levels), "sampling", enabled=progress)

@@ -100,7 +100,7 @@ class Sampler:
     time_uniform: bool = False         # timestep family, on A1111's UniPC grid instead of DDIM's timesteps
     endpoints_only: bool = False       # A1111 passes only sigma_max, sigma_min, n (DPM fast/adaptive), see levels
     # CFG++ (DDIM CFG++): the model function also gives the unconditional prediction, and the guidance scale
-    # is divided by 12.5 as A1111 does (its CFG scales become CFG++'s lambda in [0, 1]).
+    # is divided by 12.5 as A1111 does (model_guidance_scale).
     cfg_pp: bool = False
     a1111_options: tuple[tuple[str, Any], ...] = ()  # the "options" of A1111's /sdapi/v1/samplers
     # The sigmas of a run, (schedule, n, schedule id) -> [n + 1], where they are not the model's: LCM's grid.
@@ -109,6 +109,11 @@ class Sampler:
     # The number of steps (callbacks) of a run over n levels' worth of steps, where the sampler sets its own:
     # DPM fast makes floor(n / 3) + 1 steps from n network calls; DPM adaptive decides as it goes (None).
     steps_fn: Callable[[int], int | None] | None = field(default=None, repr=False, compare=False)
+
+    def model_guidance_scale(self, guidance_scale: float) -> float:
+        """The scale the model function guides with, given the user's CFG scale: the same, or for
+        CFG++ that scale divided by 12.5, as A1111 does (its CFG scales become CFG++'s lambda in [0, 1])."""
+        return guidance_scale / 12.5 if self.cfg_pp else guidance_scale
 
     def step_count(self, levels: torch.Tensor) -> int | None:
         """How many steps (so callbacks) a run over ``levels`` makes: a progress bar's total. None where
