@@ -33,7 +33,7 @@ import triton.language as tl
 
 # Elements (pixels x padded channels) one block holds, and its warps. Swept on an H100
 # (benchmarks/bench_cuda.py --group-norm, RESULTS-cuda.md): 4096 / 4 and 8192 / 8 within 1% of each
-# other on the UNet and the VAE; 2048-element tiles took twice as long on the VAE's large maps.
+# other on the UNet and the VAE; 2048 / 4 and 4096 / 8 took twice as long on the VAE's large maps.
 TILE_ELEMENTS = 4096
 NUM_WARPS = 4
 
