@@ -47,11 +47,11 @@ maps, so a channels-last map was copied to NCHW and back around it, and the SiLU
 own. Elsewhere PyTorch's kernel.
 
 :class:`GroupNorm` — ``nn.GroupNorm`` through :func:`group_norm`, which can also normalise with
-statistics recorded on another input. A tiled VAE decode needs it: a tile that shows only flat background has tiny variances,
-and normalising it by its own statistics blows its noise up into visible blotches. Decoding a
-downscaled copy of the whole latent first and reusing each layer's statistics on every tile keeps
-all tiles on the same scale (the idea of the "Tiled VAE" extension for the A1111 web UI, which
-computes exact statistics layer by layer; ours are an approximation).
+statistics recorded on another input. A tiled VAE decode needs it: a tile that shows only flat
+background has tiny variances, and normalising it by its own statistics blows its noise up into
+visible blotches. Decoding a downscaled copy of the whole latent first and reusing each layer's
+statistics on every tile keeps all tiles on the same scale (the idea of the "Tiled VAE" extension
+for the A1111 web UI, which computes exact statistics layer by layer; ours are an approximation).
 
 :func:`rowwise` — a per-token layer (the UNet's feed-forward) a few hundred tokens at a time on
 the CPU, so its 8x-wide hidden activations stay in cache.
