@@ -512,20 +512,21 @@ FUSED_GROUP_NORM: tuple[str, ...] = ("cuda",)
 
 
 @functools.cache
-def _fused_group_norm(device: torch.device) -> Any:
-    """:mod:`sdlite.kernels` once its kernels have built and run on ``device``, else None: Triton
-    missing (it comes with PyTorch's CUDA wheels on Linux) or unable to build (it needs a C
-    compiler), in which case PyTorch's group_norm runs instead, with a warning."""
+def _fused_group_norm(device: torch.device, dtype: torch.dtype) -> Any:
+    """:mod:`sdlite.kernels` once its kernels have built and run on ``device`` for ``dtype`` maps,
+    else None: Triton missing (it comes with PyTorch's CUDA wheels on Linux) or unable to build
+    (it needs a C compiler, and a GPU it supports for that dtype: bf16 needs a recent one), in
+    which case PyTorch's group_norm runs instead, with a warning."""
     try:
         from . import kernels
     except ImportError:
         return None
     try:
-        x = torch.ones(1, 2, 1, 2, device=device)
+        x = torch.ones(1, 2, 1, 2, device=device, dtype=dtype)
         kernels.group_norm(x, 1, x.new_ones(2), x.new_zeros(2), 1e-5, silu=True)
     except Exception as e:  # noqa: BLE001 - any build or launch failure: fall back, once
-        warnings.warn(f"sdlite's fused GroupNorm kernels do not run here ({type(e).__name__}: {e}); "
-                      "using PyTorch's group_norm", RuntimeWarning, stacklevel=3)
+        warnings.warn(f"sdlite's fused GroupNorm kernels do not run here for {dtype} ({type(e).__name__}: "
+                      f"{e}); using PyTorch's group_norm", RuntimeWarning, stacklevel=3)
         return None
     return kernels
 
@@ -544,7 +545,7 @@ def group_norm(x: torch.Tensor, num_groups: int, weight: torch.Tensor | None, bi
     needs_grad = torch.is_grad_enabled() and any(
         t is not None and t.requires_grad for t in (x, weight, bias))
     if (x.device.type in FUSED_GROUP_NORM and not needs_grad and not torch.compiler.is_compiling()
-            and (kernels := _fused_group_norm(x.device)) is not None and kernels.supports(x)):
+            and (kernels := _fused_group_norm(x.device, x.dtype)) is not None and kernels.supports(x)):
         if weight is None:
             weight = torch.ones(x.shape[1], device=x.device)
         if bias is None:

@@ -98,7 +98,7 @@ def fused_here(monkeypatch):
     monkeypatch.setattr(ops, "FUSED_GROUP_NORM", (DEVICE,))
     ops._fused_group_norm.cache_clear()
     device = torch.empty(0, device=DEVICE).device  # "cuda:0": the key ops.group_norm looks up
-    assert ops._fused_group_norm(device) is kernels  # built and ran once, here
+    assert ops._fused_group_norm(device, torch.float32) is kernels  # built and ran once, here
     yield
     ops._fused_group_norm.cache_clear()
 
@@ -171,3 +171,26 @@ def test_tiny_unet_and_vae_give_pytorchs_output_through_the_fused_kernels(fused_
     assert n_fused == len(calls) and n_fused >= n_norms  # every GroupNorm call went through them
     for a, b in zip(fused, plain):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
+
+
+def test_a_dtype_the_gpu_cannot_build_for_falls_back_alone(fused_here, monkeypatch):
+    # Triton builds per dtype (bf16 needs a recent GPU): a failure for one dtype leaves the others fused.
+    original = kernels.group_norm
+
+    def no_bf16(x, *args, **kwargs):
+        if x.dtype == torch.bfloat16:
+            raise RuntimeError("bf16 is not supported on this architecture")
+        return original(x, *args, **kwargs)
+
+    monkeypatch.setattr(kernels, "group_norm", no_bf16)
+    ops._fused_group_norm.cache_clear()
+    w, b = affine(64, torch.float32)
+    with pytest.warns(RuntimeWarning, match="for torch.bfloat16"):
+        y16 = ops.group_norm(map_((1, 64, 4, 4), torch.bfloat16, "nchw"), 32, w, b, 1e-5)
+    assert y16.dtype == torch.bfloat16
+    assert ops._fused_group_norm(torch.empty(0, device=DEVICE).device, torch.float32) is kernels
+    calls = count_kernel_calls(monkeypatch)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        ops.group_norm(map_((1, 64, 4, 4), torch.float32, "nchw"), 32, w, b, 1e-5)
+    assert len(calls) == 1  # fp32 maps still take the kernels
