@@ -20,6 +20,11 @@ the tile, from registers); each block of the second kernel merges all tiles of i
 et al.'s parallel formula (``M2 = Σ M2_t + Σ n_t (mean_t - mean)²``, no cancellation however large
 the mean) and normalises its own tile.
 
+Triton compiles a variant of each kernel per dtype, layout and constexpr set (channels per group,
+tile shape, SiLU) the first time it meets one, and keeps it in its disk cache: about 44 variants
+for an SD1.5 512x512 generation, ~16 s once per machine on an H100 host and ~1.2 s per new process
+to load (benchmarks/RESULTS-cuda.md).
+
 Triton is not one of sdlite's dependencies: it comes with PyTorch's CUDA wheels on Linux, and this
 module is imported only when a CUDA tensor asks for it (:func:`sdlite.ops.group_norm`), never on
 the CPU path. ``TRITON_INTERPRET=1`` runs these kernels on CPU tensors; the tests do that.
