@@ -21,7 +21,7 @@ et al.'s parallel formula (``M2 = Σ M2_t + Σ n_t (mean_t - mean)²``, no cance
 the mean) and normalises its own tile.
 
 Triton compiles a variant of each kernel per dtype, layout and constexpr set (channels per group,
-tile shape, SiLU) the first time it meets one, and keeps it in its disk cache: about 44 variants
+tile shape, SiLU) the first time it meets one, and keeps it in its disk cache: about 35 variants
 for an SD1.5 512x512 generation, ~16 s once per machine on an H100 host and ~1.2 s per new process
 to load (benchmarks/RESULTS-cuda.md).
 
