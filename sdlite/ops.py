@@ -67,6 +67,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import functools
+import logging
 import platform
 import threading
 import warnings
@@ -78,6 +79,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from .devices import cpu_has_fast
+
+log = logging.getLogger("sdlite")
 
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, query_chunk: int | None = None) -> torch.Tensor:
@@ -521,6 +524,10 @@ def _fused_group_norm(device: torch.device, dtype: torch.dtype) -> Any:
         from . import kernels
     except ImportError:
         return None
+    # The first generation on a machine waits while Triton builds the kernels' variants (~16 s on an
+    # H100 host; later processes load them from Triton's disk cache, ~1 s).
+    log.info("using sdlite's fused GroupNorm kernels on %s for %s (Triton builds them once per machine)",
+             device, dtype)
     try:
         x = torch.ones(1, 2, 1, 2, device=device, dtype=dtype)
         kernels.group_norm(x, 1, x.new_ones(2), x.new_zeros(2), 1e-5, silu=True)
