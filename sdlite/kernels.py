@@ -19,7 +19,7 @@ tile and writes that tile's mean and ``M2 = Σ (x - mean_tile)²`` (exact two-pa
 the tile, from registers); each block of the second kernel merges all tiles of its group with Chan
 et al.'s parallel formula (``M2 = Σ M2_t + Σ n_t (mean_t - mean)²``, no cancellation however large
 the mean) and normalises its own tile. Every block of a group merges the same statistics again, a
-read of 8 bytes per tile of the group (from L2): nothing on the UNet's maps (at most 16 tiles),
+read of 8 bytes per tile of the group (from L2): little on the UNet's maps (at most 32 tiles),
 as many bytes as the block's own tile on the 1024x1024 maps of an untiled 1024² VAE decode (1024
 tiles); a third kernel that merges once per group would avoid it, for one more launch per call.
 
