@@ -58,11 +58,14 @@ def affine(channels: int, dtype: torch.dtype, seed: int = 1) -> tuple[torch.Tens
     return w.to(DEVICE, dtype), b.to(DEVICE, dtype)
 
 
+@pytest.mark.parametrize("tile", [kernels.TILE_ELEMENTS, 32])
 @pytest.mark.parametrize("silu", [False, True])
 @pytest.mark.parametrize("layout", list(LAYOUTS))
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
-def test_the_fused_kernels_equal_group_norm_and_silu_to_one_rounding(dtype, layout, silu):
-    # 3 channels per group (padded to 4 inside a block), 7x9 pixels: masks on both axes.
+def test_the_fused_kernels_equal_group_norm_and_silu_to_one_rounding(dtype, layout, silu, tile, monkeypatch):
+    # 3 channels per group (padded to 4 inside a block), 7x9 pixels: masks on both axes; one tile
+    # per group, or (32-element tiles) eight, the last one ragged.
+    monkeypatch.setattr(kernels, "TILE_ELEMENTS", tile)
     x = map_((2, 96, 7, 9), dtype, layout, mean=0.5, std=2.0)
     w, b = affine(96, dtype)
     y = kernels.group_norm(x, 32, w, b, 1e-5, silu=silu)
@@ -82,6 +85,18 @@ def test_groups_split_into_many_tiles_merge_to_the_exact_statistics(layout, monk
     y = kernels.group_norm(x, 32, w, b, 1e-6, silu=False)
     ref = reference(x, 32, w, b, 1e-6, silu=False)
     torch.testing.assert_close(y.double(), ref, rtol=0, atol=3e-4)
+
+
+def test_maps_in_other_layouts_take_pytorchs_kernels(fused_here, monkeypatch):
+    # A strided view (every other column) is neither NCHW nor channels-last: the kernels' offsets
+    # assume one of those two, so ops.group_norm leaves it to PyTorch.
+    x = map_((1, 64, 6, 12), torch.float32, "nchw")[..., ::2]
+    assert not kernels.supports(x)
+    w, b = affine(64, torch.float32)
+    calls = count_kernel_calls(monkeypatch)
+    y = ops.group_norm(x, 32, w, b, 1e-5, silu=True)
+    assert not calls
+    assert_within_one_rounding(y, reference(x, 32, w, b, 1e-5, silu=True))
 
 
 def test_half_maps_with_fp32_weights_are_normalised_in_fp32():
