@@ -35,6 +35,8 @@ the CPU path. ``TRITON_INTERPRET=1`` runs these kernels on CPU tensors; the test
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 import triton
 import triton.language as tl
@@ -136,9 +138,11 @@ def group_norm(x: torch.Tensor, num_groups: int, weight: torch.Tensor, bias: tor
     tiles = triton.cdiv(HW, block_p)
     stats = torch.empty((B * num_groups, tiles, 2), device=x.device, dtype=torch.float32)
     grid = (B * num_groups, tiles)
-    _tile_statistics[grid](x, stats, HW, num_groups, stride_b, stride_c, stride_p,
-                           CPG=cpg, BLOCK_C=block_c, BLOCK_P=block_p, num_warps=NUM_WARPS)
-    _normalize[grid](x, y, stats, weight, bias, HW, num_groups, tiles, eps, stride_b, stride_c, stride_p,
-                     CPG=cpg, BLOCK_C=block_c, BLOCK_P=block_p, TILES_POW2=triton.next_power_of_2(tiles),
-                     SILU=silu, num_warps=NUM_WARPS)
+    # Triton launches on the current CUDA device, not on the tensors' (PyTorch's own ops switch to it).
+    with torch.cuda.device(x.device) if x.is_cuda else contextlib.nullcontext():
+        _tile_statistics[grid](x, stats, HW, num_groups, stride_b, stride_c, stride_p,
+                               CPG=cpg, BLOCK_C=block_c, BLOCK_P=block_p, num_warps=NUM_WARPS)
+        _normalize[grid](x, y, stats, weight, bias, HW, num_groups, tiles, eps, stride_b, stride_c, stride_p,
+                         CPG=cpg, BLOCK_C=block_c, BLOCK_P=block_p, TILES_POW2=triton.next_power_of_2(tiles),
+                         SILU=silu, num_warps=NUM_WARPS)
     return y
