@@ -19,9 +19,10 @@ starting latents; peak GPU memory of that 512x512 generation (``torch.cuda.max_m
 weights included); the load of a ~2 GB fp16 ``.safetensors`` onto the GPU in fresh processes; the fp16
 64x64 UNet call at larger batches (``--batches``), where the GPU has enough work to show each
 library's share of the matmul peak, with the graph replay under autocast and with NCHW UNet weights
-(sdlite's settings before), and the VAE with channels-last weights. Then a
-table of levers on sdlite's fp16 64x64 UNet call (graphs, autocast, the Upsample formulation, channels-last, PyTorch's group_norm,
-``torch.compile``), and sdlite's bundled model on the GPU.
+(sdlite's settings before), and the VAE with channels-last weights. Then a table of levers on
+sdlite's fp16 64x64 UNet call (graphs, autocast, the Upsample formulation, channels-last, PyTorch's
+group_norm, ``torch.compile``), and sdlite's bundled model on the GPU; with ``--group-norm``, first
+sdlite's fused GroupNorm kernels against PyTorch's, per call.
 
 Usage (on a machine with CUDA; ``--device cpu --size tiny`` is a smoke run of the code paths)::
 
