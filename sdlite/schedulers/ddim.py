@@ -67,7 +67,7 @@ def sample_ddim_cfgpp(denoiser: Denoiser, x: torch.Tensor, timesteps: torch.Tens
 
     Guidance then stays on the data manifold, so CFG++ takes small scales: e_t = e_u + lambda (e_c - e_u)
     with lambda in [0, 1]. A1111 maps its usual CFG scale onto that range by dividing it by 12.5, and
-    so does the pipeline for this sampler (:attr:`Sampler.cfg_pp`)."""
+    so does the pipeline for this sampler (:meth:`Sampler.model_guidance_scale`)."""
     return _ddim_steps(denoiser.eps_and_uncond_eps, denoiser, x, timesteps, generator, callback, eta)
 
 

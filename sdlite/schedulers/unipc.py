@@ -50,6 +50,10 @@ def log_alpha(schedule: DiscreteSchedule, t: float) -> float:
     return (1.0 - w) * half_log_abar[lo].item() + w * half_log_abar[lo + 1].item()
 
 
+# The variants of B(h) sdlite has (A1111 also offers the UniPC authors' "vary_coeff").
+UNIPC_VARIANTS = ("bh1", "bh2")
+
+
 def unipc_coefficients(p: int, hh: float, variant: Literal["bh1", "bh2"]) -> tuple[float, list[float]]:
     """B(h) and the right-hand side g_p(h) / B(h) of the order conditions R_p(h) a = g_p(h) / B(h) of UniC-p
     (the paper's Section 3; UniP-p uses the first p - 1 of them).
@@ -63,7 +67,7 @@ def unipc_coefficients(p: int, hh: float, variant: Literal["bh1", "bh2"]) -> tup
     >>> B, round(b[0], 6)                      # hh phi_2(hh) / hh, -> 1/2 as h -> 0
     (-0.1, 0.483742)
     """
-    if variant not in ("bh1", "bh2"):
+    if variant not in UNIPC_VARIANTS:
         raise ArgumentError(f"UniPC variant must be 'bh1' or 'bh2', got {variant!r}")
     B = hh if variant == "bh1" else math.expm1(hh)
     b, phi = [], math.expm1(hh) / hh  # phi_1(hh)
