@@ -23,10 +23,13 @@ read of 8 bytes per tile of the group (from L2): little on the UNet's maps (at m
 as many bytes as the block's own tile on the 1024x1024 maps of an untiled 1024² VAE decode (1024
 tiles); a third kernel that merges once per group would avoid it, for one more launch per call.
 
-Triton compiles a variant of each kernel per dtype, layout and constexpr set (channels per group,
-tile shape, SiLU) the first time it meets one, and keeps it in its disk cache: about 35 variants
-for an SD1.5 512x512 generation, ~16 s once per machine on an H100 host and ~1.2 s per new process
-to load (benchmarks/RESULTS-cuda.md).
+Triton compiles a variant of each kernel per dtype, layout and set of compile-time constants (the
+channels per group and their padded block, SiLU, the merge block) the first time it meets one, and
+keeps it in its disk cache. The constants do not depend on the map's size (the tile's pixel count
+follows from the channel block; the merge block is at least ``MERGE_TILES``), so an SD1.5 512x512
+generation needs 25 variants, not the 34 it needed when they did. On an H100 host, building those
+25 took 8.1 s with an empty cache against 11.4 s for the 34, and a new process loads them in ~0.5 s
+(benchmarks/RESULTS-cuda.md, session 17).
 
 Triton is not one of sdlite's dependencies: it comes with PyTorch's CUDA wheels on Linux, and this
 module is imported only when a CUDA tensor asks for it (:func:`sdlite.ops.group_norm`), never on
@@ -46,6 +49,23 @@ import triton.language as tl
 # other on the UNet and the VAE; 2048 / 4 and 4096 / 8 took twice as long on the VAE's large maps.
 TILE_ELEMENTS = 4096
 NUM_WARPS = 4
+# The normalising kernel merges the statistics of all of its group's tiles at once, a block of at least
+# this many (masked beyond the group's count): one compiled variant serves every map with up to this
+# many tiles per group (all of the UNet's; the VAE's large maps add one per power of two above).
+MERGE_TILES = 32
+
+
+@triton.jit
+def _tile(bg, tile, HW, G, CPG, stride_b, stride_c, stride_p, BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr):
+    """Where tile ``tile`` of group ``bg % G`` of sample ``bg // G`` lies: its group, its channels
+    within the group, the offsets of its elements and which of them exist (pixels x channels)."""
+    b = bg // G
+    g = bg % G
+    p = tile * BLOCK_P + tl.arange(0, BLOCK_P)
+    c = tl.arange(0, BLOCK_C)
+    mask = (p < HW)[:, None] & (c < CPG)[None, :]
+    offsets = b * stride_b + (g * CPG + c)[None, :] * stride_c + p[:, None] * stride_p
+    return g, c, offsets, mask
 
 
 @triton.jit
@@ -54,12 +74,7 @@ def _tile_statistics(x_ptr, stats_ptr, HW, G, stride_b, stride_c, stride_p,
     """Block (b·G + g, t): mean and M2 of tile t (BLOCK_P pixels) of group g of sample b."""
     bg = tl.program_id(0)
     tile = tl.program_id(1)
-    b = bg // G
-    g = bg % G
-    p = tile * BLOCK_P + tl.arange(0, BLOCK_P)
-    c = tl.arange(0, BLOCK_C)
-    mask = (p < HW)[:, None] & (c < CPG)[None, :]
-    offsets = b * stride_b + (g * CPG + c)[None, :] * stride_c + p[:, None] * stride_p
+    _, _, offsets, mask = _tile(bg, tile, HW, G, CPG, stride_b, stride_c, stride_p, BLOCK_C, BLOCK_P)
     x = tl.load(x_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
     n = (tl.minimum(HW - tile * BLOCK_P, BLOCK_P) * CPG).to(tl.float32)
     mean = tl.sum(tl.sum(x, axis=1), axis=0) / n
@@ -70,15 +85,13 @@ def _tile_statistics(x_ptr, stats_ptr, HW, G, stride_b, stride_c, stride_p,
     tl.store(out + 1, m2)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["G", "TILES"])
 def _normalize(x_ptr, y_ptr, stats_ptr, w_ptr, b_ptr, HW, G, TILES, eps, stride_b, stride_c, stride_p,
                CPG: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr, TILES_POW2: tl.constexpr,
                SILU: tl.constexpr):
     """Block (b·G + g, t): merge the statistics of group g's tiles, then normalise tile t."""
     bg = tl.program_id(0)
     tile = tl.program_id(1)
-    b = bg // G
-    g = bg % G
     # Chan et al.: the mean and M2 of the whole group from those of its tiles.
     t = tl.arange(0, TILES_POW2)
     t_mask = t < TILES
@@ -91,14 +104,11 @@ def _normalize(x_ptr, y_ptr, stats_ptr, w_ptr, b_ptr, HW, G, TILES, eps, stride_
     var = (tl.sum(tile_m2, axis=0) + tl.sum(tile_n * spread * spread, axis=0)) / n
     rstd = 1.0 / tl.sqrt(var + eps)
 
-    c = tl.arange(0, BLOCK_C)
+    g, c, offsets, mask = _tile(bg, tile, HW, G, CPG, stride_b, stride_c, stride_p, BLOCK_C, BLOCK_P)
     c_mask = c < CPG
     scale = tl.load(w_ptr + g * CPG + c, mask=c_mask, other=0.0).to(tl.float32) * rstd
     shift = tl.load(b_ptr + g * CPG + c, mask=c_mask, other=0.0).to(tl.float32)
 
-    p = tile * BLOCK_P + tl.arange(0, BLOCK_P)
-    mask = (p < HW)[:, None] & c_mask[None, :]
-    offsets = b * stride_b + (g * CPG + c)[None, :] * stride_c + p[:, None] * stride_p
     x = tl.load(x_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
     # (x - mean) first: folding the mean into the shift (x * scale + shift') would cancel large
     # terms when the mean is large against the spread.
@@ -134,7 +144,9 @@ def group_norm(x: torch.Tensor, num_groups: int, weight: torch.Tensor, bias: tor
     y = torch.empty_like(x)
     stride_b, stride_c, stride_p = x.stride(0), x.stride(1), x.stride(3)
     block_c = triton.next_power_of_2(cpg)
-    block_p = max(1, min(triton.next_power_of_2(HW), TILE_ELEMENTS // block_c))
+    # The tile's pixel count follows from the channel block alone, even on maps smaller than a tile
+    # (masked off): one compiled variant per channel block, not one per map size too.
+    block_p = max(1, TILE_ELEMENTS // block_c)
     tiles = triton.cdiv(HW, block_p)
     stats = torch.empty((B * num_groups, tiles, 2), device=x.device, dtype=torch.float32)
     grid = (B * num_groups, tiles)
@@ -143,6 +155,6 @@ def group_norm(x: torch.Tensor, num_groups: int, weight: torch.Tensor, bias: tor
         _tile_statistics[grid](x, stats, HW, num_groups, stride_b, stride_c, stride_p,
                                CPG=cpg, BLOCK_C=block_c, BLOCK_P=block_p, num_warps=NUM_WARPS)
         _normalize[grid](x, y, stats, weight, bias, HW, num_groups, tiles, eps, stride_b, stride_c, stride_p,
-                         CPG=cpg, BLOCK_C=block_c, BLOCK_P=block_p, TILES_POW2=triton.next_power_of_2(tiles),
-                         SILU=silu, num_warps=NUM_WARPS)
+                         CPG=cpg, BLOCK_C=block_c, BLOCK_P=block_p,
+                         TILES_POW2=max(MERGE_TILES, triton.next_power_of_2(tiles)), SILU=silu, num_warps=NUM_WARPS)
     return y

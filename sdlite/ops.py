@@ -524,8 +524,8 @@ def _fused_group_norm(device: torch.device, dtype: torch.dtype) -> Any:
         from . import kernels
     except ImportError:
         return None
-    # The first generation on a machine waits while Triton builds the kernels' variants (~16 s on an
-    # H100 host; later processes load them from Triton's disk cache, ~1 s).
+    # The first generation on a machine waits while Triton builds the kernels' variants (~8 s on an
+    # H100 host for SD1.5 at 512x512; later processes load them from Triton's disk cache, ~0.5 s).
     log.info("using sdlite's fused GroupNorm kernels on %s for %s (Triton builds them once per machine)",
              device, dtype)
     try:

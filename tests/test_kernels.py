@@ -75,16 +75,47 @@ def test_the_fused_kernels_equal_group_norm_and_silu_to_one_rounding(dtype, layo
 
 @pytest.mark.parametrize("layout", list(LAYOUTS))
 def test_groups_split_into_many_tiles_merge_to_the_exact_statistics(layout, monkeypatch):
-    # Tiles of 32 elements: a 20x21 map with 2 channels per group is 27 tiles, the last one ragged.
-    # A mean of 1000 against a spread of 1: the variance as E[x²] - E[x]² in fp32 puts this output
-    # 0.93 off (cancellation); Chan's merge of per-tile (mean, M2) does not cancel. The inputs' own
-    # fp32 spacing at 1000 is 6e-5; PyTorch's fp32 group_norm is 1.6e-4 off here, these kernels 1.2e-4.
+    # Tiles of 32 elements: a 20x21 map with 2 channels per group is 27 tiles, the last one ragged,
+    # merged in a block of 32 (five slots masked off).
+    # A mean of 1000 against a spread of 1: the variance as E[x²] - E[x]² in fp32 puts the
+    # normalised map 0.35 off (cancellation); Chan's merge of per-tile (mean, M2) does not cancel.
+    # The inputs' own fp32 spacing at 1000 is 6e-5; PyTorch's fp32 group_norm (NCHW) is 1.1e-4 off
+    # here, these kernels 1.2e-4.
     monkeypatch.setattr(kernels, "TILE_ELEMENTS", 32)
-    x = map_((1, 64, 20, 21), torch.float32, layout, mean=1000.0, std=1.0)
-    w, b = affine(64, torch.float32)
-    y = kernels.group_norm(x, 32, w, b, 1e-6, silu=False)
-    ref = reference(x, 32, w, b, 1e-6, silu=False)
+    x = map_((1, 16, 20, 21), torch.float32, layout, mean=1000.0, std=1.0)
+    w, b = affine(16, torch.float32)
+    y = kernels.group_norm(x, 8, w, b, 1e-6, silu=False)
+    ref = reference(x, 8, w, b, 1e-6, silu=False)
     torch.testing.assert_close(y.double(), ref, rtol=0, atol=3e-4)
+
+
+def test_one_compiled_variant_serves_every_map_size_up_to_the_merge_block(monkeypatch):
+    # Triton compiles a variant per set of compile-time constants (and per dtype and layout). They
+    # follow from the channels per group and SiLU alone, not the map's size, as long as a group
+    # has at most MERGE_TILES tiles: SD1.5's UNet maps (8x8 to 64x64 latents, 10 to 80 channels per
+    # group) need one variant per channel count, not one per channel count and map size.
+    launches = []
+
+    class Recorder:
+        def __init__(self, name):
+            self.name = name
+
+        def __getitem__(self, grid):
+            return lambda *args, **constants: launches.append((self.name, grid, constants))
+
+    monkeypatch.setattr(kernels, "_tile_statistics", Recorder("statistics"))
+    monkeypatch.setattr(kernels, "_normalize", Recorder("normalize"))
+    w, b = torch.ones(320), torch.zeros(320)
+    for side in (8, 16, 32, 64):
+        kernels.group_norm(torch.empty(2, 320, side, side), 32, w, b, 1e-5, silu=True)
+    constants = {(name, tuple(sorted(c.items()))) for name, _, c in launches}
+    assert len(launches) == 8 and len(constants) == 2, constants  # one per kernel
+    assert {grid for _, grid, _ in launches} == {(64, 1), (64, 4), (64, 16)}  # 8x8 and 16x16: one tile
+    # Above MERGE_TILES tiles per group the merge block doubles: a variant per power of two.
+    launches.clear()
+    kernels.group_norm(torch.empty(1, 320, 128, 128), 32, w, b, 1e-5, silu=True)
+    (_, grid, c), = [launch for launch in launches if launch[0] == "normalize"]
+    assert grid == (32, 64) and c["TILES_POW2"] == 64 > kernels.MERGE_TILES
 
 
 def test_maps_in_other_layouts_take_pytorchs_kernels(fused_here, monkeypatch):
