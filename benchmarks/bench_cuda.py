@@ -360,6 +360,8 @@ def lever_rows(cfg: Any, nets: dict, dnets: dict, device: torch.device, args: ar
         del nchw
     line("PyTorch's group_norm and a separate SiLU (sdlite before its fused kernels)",
          lambda: without_fused_group_norm(default))
+    line("sdlite's fused GELU product in GEGLU (ops.FUSED_GELU; off by default until measured)",
+         lambda: with_fused_gelu(default))
     if device.type == "cuda":
 
         # The sampling loop's host-to-device copies (per-step sigmas, timesteps, the noise of CPU
@@ -469,6 +471,11 @@ def batch_rows(cfg: Any, nets: dict, dnets: dict, device: torch.device, flops: d
                                   lambda: without_fused_group_norm(lambda: plain(x, t, ctx)), device, args.warmup,
                                   args.repeats))
             plain.reset()
+            gelu = GraphedCall(unet, prec)  # captured with the fused GELU product (FUSED_GELU)
+            out.append(lever_line(f"CUDA graph replay with sdlite's fused GELU product in GEGLU (off by default), "
+                                  f"batch {batch}", lambda: ours(x, t, ctx),
+                                  lambda: with_fused_gelu(lambda: gelu(x, t, ctx)), device, args.warmup, args.repeats))
+            gelu.reset()
         ours = None
         gc.collect()
         if device.type == "cuda":
@@ -634,6 +641,14 @@ def without_fused_group_norm(fn: Callable[[], Any]) -> Any:
     """``fn()`` with PyTorch's group_norm and a separate SiLU (sdlite before its fused kernels). A
     CUDA graph keeps the kernels it was captured with, so a graph for this side is captured in here."""
     with patch.object(ops, "FUSED_GROUP_NORM", ()):
+        return fn()
+
+
+def with_fused_gelu(fn: Callable[[], Any]) -> Any:
+    """``fn()`` with GEGLU's ``a * gelu(gate)`` as sdlite's fused kernel (``ops.FUSED_GELU``, off by
+    default: written in session 17 without a GPU to measure it on). A CUDA graph for this side is
+    captured in here."""
+    with patch.object(ops, "FUSED_GELU", ("cuda",)):
         return fn()
 
 

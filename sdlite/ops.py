@@ -508,34 +508,51 @@ def unpack(module: nn.Module) -> nn.Module:
     return module
 
 
-# The device types on which group_norm runs as sdlite's own fused kernels (sdlite.kernels, Triton),
-# where Triton is installed; elsewhere PyTorch's group_norm, then F.silu. ``()``: nowhere, the
-# benchmark's comparison.
+# The device types on which sdlite's own Triton kernels (sdlite.kernels) replace PyTorch's ops, where
+# Triton is installed: group_norm (+ SiLU) and the GELU product of GEGLU. ``()``: nowhere, the
+# benchmarks' comparison.
 FUSED_GROUP_NORM: tuple[str, ...] = ("cuda",)
+# Off until measured: the GELU kernel was written and tested (under Triton's interpreter) in a session
+# without a GPU; ``benchmarks/bench_cuda.py`` has its levers. ``("cuda",)`` turns it on.
+FUSED_GELU: tuple[str, ...] = ()
 
 
 @functools.cache
-def _fused_group_norm(device: torch.device, dtype: torch.dtype) -> Any:
-    """:mod:`sdlite.kernels` once its kernels have built and run on ``device`` for ``dtype`` maps,
-    else None: Triton missing (it comes with PyTorch's CUDA wheels on Linux) or unable to build
-    (it needs a C compiler, and a GPU it supports for that dtype: bf16 needs a recent one), in
-    which case PyTorch's group_norm runs instead, with a warning."""
+def _fused_kernels(kernel: str, device: torch.device, dtype: torch.dtype) -> Any:
+    """:mod:`sdlite.kernels` once its ``kernel`` (``"group_norm"`` or ``"gelu_product"``) has built
+    and run on ``device`` for ``dtype`` tensors, else None: Triton missing (it comes with PyTorch's
+    CUDA wheels on Linux) or unable to build (it needs a C compiler, and a GPU it supports for that
+    dtype: bf16 needs a recent one), in which case PyTorch's ops run instead, with a warning."""
     try:
         from . import kernels
     except ImportError:
         return None
     # The first generation on a machine waits while Triton builds the kernels' variants (~8 s on an
     # H100 host for SD1.5 at 512x512; later processes load them from Triton's disk cache, ~0.5 s).
-    log.info("using sdlite's fused GroupNorm kernels on %s for %s (Triton builds them once per machine)",
-             device, dtype)
+    log.info("using sdlite's fused %s kernels on %s for %s (Triton builds them once per machine)",
+             kernel, device, dtype)
     try:
-        x = torch.ones(1, 2, 1, 2, device=device, dtype=dtype)
-        kernels.group_norm(x, 1, x.new_ones(2), x.new_zeros(2), 1e-5, silu=True)
+        x = torch.arange(4, device=device, dtype=dtype).reshape(1, 2, 1, 2)
+        if kernel == "group_norm":
+            kernels.group_norm(x, 1, x.new_ones(2), x.new_zeros(2), 1e-5, silu=True)
+        else:
+            kernels.gelu_product_(x.clone(), x)
     except Exception as e:  # noqa: BLE001 - any build or launch failure: fall back, once
-        warnings.warn(f"sdlite's fused GroupNorm kernels do not run here for {dtype} ({type(e).__name__}: "
-                      f"{e}); using PyTorch's group_norm", RuntimeWarning, stacklevel=3)
+        warnings.warn(f"sdlite's fused {kernel} kernels do not run here for {dtype} ({type(e).__name__}: "
+                      f"{e}); using PyTorch's ops", RuntimeWarning, stacklevel=3)
         return None
     return kernels
+
+
+def _takes_fused(kernel: str, devices: tuple[str, ...], *tensors: torch.Tensor | None) -> Any:
+    """:mod:`sdlite.kernels` if ``kernel`` runs on these tensors (the first one's device type in
+    ``devices``, no gradient to record, not inside ``torch.compile``, which fuses such ops itself),
+    else None."""
+    x = tensors[0]
+    if (x.device.type not in devices or torch.compiler.is_compiling()
+            or (torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors))):
+        return None
+    return _fused_kernels(kernel, x.device, x.dtype)
 
 
 def group_norm(x: torch.Tensor, num_groups: int, weight: torch.Tensor | None, bias: torch.Tensor | None,
@@ -549,10 +566,8 @@ def group_norm(x: torch.Tensor, num_groups: int, weight: torch.Tensor | None, bi
 
     >>> h = group_norm(x, 32, norm.weight, norm.bias, 1e-5, silu=True)  # = F.silu(norm(x))
     """
-    needs_grad = torch.is_grad_enabled() and any(
-        t is not None and t.requires_grad for t in (x, weight, bias))
-    if (x.device.type in FUSED_GROUP_NORM and not needs_grad and not torch.compiler.is_compiling()
-            and (kernels := _fused_group_norm(x.device, x.dtype)) is not None and kernels.supports(x)):
+    kernels = _takes_fused("group_norm", FUSED_GROUP_NORM, x, weight, bias)
+    if kernels is not None and kernels.supports(x):
         if weight is None:
             weight = torch.ones(x.shape[1], device=x.device)
         if bias is None:
@@ -564,7 +579,22 @@ def group_norm(x: torch.Tensor, num_groups: int, weight: torch.Tensor | None, bi
         y = y.to(x.dtype)
     else:
         y = F.group_norm(x, num_groups, weight, bias, eps)
-    return F.silu(y, inplace=not needs_grad) if silu else y
+    return F.silu(y, inplace=not y.requires_grad) if silu else y
+
+
+def gelu_product(a: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:
+    """``a * F.gelu(gate)``, GEGLU's gate (exact GELU), for two tensors the caller has just made
+    (the halves of a linear layer's output): without autograd the result is written into one of them.
+
+    On the device types in ``FUSED_GELU`` (none by default, see there), without autograd and outside
+    ``torch.compile``, one kernel that reads both once and writes once, in fp32 arithmetic
+    (:mod:`sdlite.kernels`); elsewhere ``F.gelu``, then the product."""
+    kernels = _takes_fused("gelu_product", FUSED_GELU, a, gate)
+    if (kernels is not None and a.shape == gate.shape and a.dtype == gate.dtype and a.is_contiguous()
+            and gate.is_contiguous() and a.numel() < 2**31):
+        return kernels.gelu_product_(a, gate)
+    gate = F.gelu(gate)
+    return gate * a if gate.requires_grad or a.requires_grad else gate.mul_(a)
 
 
 class GroupNorm(nn.GroupNorm):

@@ -7,6 +7,7 @@ kernels run on CUDA tensors. Either way they are held to a float64 ``F.group_nor
 
 from __future__ import annotations
 
+import contextlib
 import os
 import warnings
 
@@ -140,24 +141,26 @@ def test_half_maps_with_fp32_weights_are_normalised_in_fp32():
 
 @pytest.fixture
 def fused_here(monkeypatch):
-    """ops.group_norm takes the fused kernels on this test's device."""
+    """ops.group_norm and ops.gelu_product take the fused kernels on this test's device."""
     monkeypatch.setattr(ops, "FUSED_GROUP_NORM", (DEVICE,))
-    ops._fused_group_norm.cache_clear()
-    device = torch.empty(0, device=DEVICE).device  # "cuda:0": the key ops.group_norm looks up
-    assert ops._fused_group_norm(device, torch.float32) is kernels  # built and ran once, here
+    monkeypatch.setattr(ops, "FUSED_GELU", (DEVICE,))
+    ops._fused_kernels.cache_clear()
+    device = torch.empty(0, device=DEVICE).device  # "cuda:0": the key ops looks up
+    for kernel in ("group_norm", "gelu_product"):
+        assert ops._fused_kernels(kernel, device, torch.float32) is kernels  # built and ran once, here
     yield
-    ops._fused_group_norm.cache_clear()
+    ops._fused_kernels.cache_clear()
 
 
-def count_kernel_calls(monkeypatch) -> list[int]:
+def count_kernel_calls(monkeypatch, name: str = "group_norm") -> list[int]:
     calls = []
-    original = kernels.group_norm
+    original = getattr(kernels, name)
 
     def counted(*args, **kwargs):
         calls.append(1)
         return original(*args, **kwargs)
 
-    monkeypatch.setattr(kernels, "group_norm", counted)
+    monkeypatch.setattr(kernels, name, counted)
     return calls
 
 
@@ -183,10 +186,10 @@ def test_a_machine_where_the_kernels_cannot_build_falls_back_with_one_warning(fu
         raise RuntimeError("Failed to find C compiler")
 
     monkeypatch.setattr(kernels, "group_norm", broken)
-    ops._fused_group_norm.cache_clear()
+    ops._fused_kernels.cache_clear()
     x = map_((1, 64, 4, 4), torch.float32, "nchw")
     w, b = affine(64, torch.float32)
-    with pytest.warns(RuntimeWarning, match="fused GroupNorm kernels do not run here.*C compiler"):
+    with pytest.warns(RuntimeWarning, match="fused group_norm kernels do not run here.*C compiler"):
         y = ops.group_norm(x, 32, w, b, 1e-5, silu=True)
     torch.testing.assert_close(y, F.silu(F.group_norm(x, 32, w, b, 1e-5)))
     with warnings.catch_warnings():
@@ -197,6 +200,8 @@ def test_a_machine_where_the_kernels_cannot_build_falls_back_with_one_warning(fu
 def test_tiny_unet_and_vae_give_pytorchs_output_through_the_fused_kernels(fused_here, monkeypatch):
     from factory import TINY_SD1, random_networks
 
+    from sdlite.unet.model import GEGLU
+
 
     nets = random_networks(TINY_SD1, 0)
     unet, vae = nets["unet"].to(DEVICE), nets["vae"].to(DEVICE)
@@ -204,17 +209,21 @@ def test_tiny_unet_and_vae_give_pytorchs_output_through_the_fused_kernels(fused_
     x = torch.randn(2, 4, 8, 8, generator=g).to(DEVICE)
     ctx = torch.randn(2, 77, TINY_SD1.unet.context_dim, generator=g).to(DEVICE)
     t = torch.tensor([500.0, 20.0], device=DEVICE)
-    calls = count_kernel_calls(monkeypatch)
+    calls, gelu_calls = count_kernel_calls(monkeypatch), count_kernel_calls(monkeypatch, "gelu_product_")
     # Full fp32 convolutions on CUDA: TF32 (cuDNN's default) would round each layer's inputs to 10
     # mantissa bits and turn 1e-7 differences into 1e-3 ones.
-    with torch.no_grad(), torch.backends.cudnn.flags(enabled=torch.backends.cudnn.enabled, allow_tf32=False):
+    with torch.no_grad(), torch.backends.cudnn.flags(enabled=torch.backends.cudnn.enabled, allow_tf32=False), \
+            torch.backends.cuda.matmul.flags(allow_tf32=False) if ON_GPU else contextlib.nullcontext():
         fused = unet(x, t, ctx), vae.decode(x[:1])
-        n_fused = len(calls)
+        n_fused, n_gelu = len(calls), len(gelu_calls)
         monkeypatch.setattr(ops, "FUSED_GROUP_NORM", ())
+        monkeypatch.setattr(ops, "FUSED_GELU", ())
         plain = unet(x, t, ctx), vae.decode(x[:1])
     n_norms = sum(isinstance(m, ops.GroupNorm) for net in (unet, vae.decoder, vae.post_quant_conv)
                   for m in net.modules())
+    n_geglu = sum(isinstance(m, GEGLU) for m in unet.modules())
     assert n_fused == len(calls) and n_fused >= n_norms  # every GroupNorm call went through them
+    assert n_gelu == len(gelu_calls) == n_geglu > 0  # and every GEGLU
     for a, b in zip(fused, plain):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
 
@@ -229,14 +238,74 @@ def test_a_dtype_the_gpu_cannot_build_for_falls_back_alone(fused_here, monkeypat
         return original(x, *args, **kwargs)
 
     monkeypatch.setattr(kernels, "group_norm", no_bf16)
-    ops._fused_group_norm.cache_clear()
+    ops._fused_kernels.cache_clear()
     w, b = affine(64, torch.float32)
     with pytest.warns(RuntimeWarning, match="for torch.bfloat16"):
         y16 = ops.group_norm(map_((1, 64, 4, 4), torch.bfloat16, "nchw"), 32, w, b, 1e-5)
     assert y16.dtype == torch.bfloat16
-    assert ops._fused_group_norm(torch.empty(0, device=DEVICE).device, torch.float32) is kernels
+    assert ops._fused_kernels("group_norm", torch.empty(0, device=DEVICE).device, torch.float32) is kernels
     calls = count_kernel_calls(monkeypatch)
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         ops.group_norm(map_((1, 64, 4, 4), torch.float32, "nchw"), 32, w, b, 1e-5)
     assert len(calls) == 1  # fp32 maps still take the kernels
+
+
+# -- the GELU product (GEGLU's gate) ---------------------------------------------------------------
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_the_gelu_product_equals_a_times_gelu_to_one_rounding_in_place(dtype):
+    # 3 x 7 x 50 = 1050 elements: a full block of 1024 and a ragged one. Gates from -6 to 6 cover
+    # GELU's negative dip and its tails.
+    g = torch.Generator().manual_seed(2)
+    a = torch.randn(3, 7, 50, generator=g, dtype=torch.float64).to(dtype).to(DEVICE)
+    gate = (torch.rand(3, 7, 50, generator=g, dtype=torch.float64) * 12 - 6).to(dtype).to(DEVICE)
+    ref = a.double() * F.gelu(gate.double())
+    a_memory = a.data_ptr()
+    y = kernels.gelu_product_(a, gate)
+    assert y.data_ptr() == a_memory and y.dtype == dtype  # written over a
+    assert_within_one_rounding(y, ref)
+
+
+def test_ops_gelu_product_takes_the_kernel_without_autograd_and_pytorchs_with_it(fused_here, monkeypatch):
+    g = torch.Generator().manual_seed(3)
+    a, gate = (torch.randn(2, 5, 64, generator=g).to(DEVICE) for _ in range(2))
+    expected = a * F.gelu(gate)
+    calls = count_kernel_calls(monkeypatch, "gelu_product_")
+    with torch.no_grad():
+        fused = ops.gelu_product(a.clone(), gate)
+    assert len(calls) == 1
+    torch.testing.assert_close(fused, expected, rtol=1e-5, atol=1e-6)
+
+    # The kernel has no backward: with gradients wanted, F.gelu and the product run.
+    a_trained = a.clone().requires_grad_()
+    trained = ops.gelu_product(a_trained, gate)
+    assert len(calls) == 1
+    trained.sum().backward()
+    torch.testing.assert_close(a_trained.grad, F.gelu(gate))
+    # A view (not contiguous) is left to PyTorch too.
+    with torch.no_grad():
+        strided = ops.gelu_product(a.clone()[..., ::2], gate[..., ::2])
+    assert len(calls) == 1
+    torch.testing.assert_close(strided, expected[..., ::2], rtol=1e-5, atol=1e-6)
+
+
+def test_a_gelu_kernel_that_cannot_build_falls_back_alone(fused_here, monkeypatch):
+    def broken(*args, **kwargs):
+        raise RuntimeError("erf is not supported")
+
+    monkeypatch.setattr(kernels, "gelu_product_", broken)
+    ops._fused_kernels.cache_clear()
+    a, gate = torch.randn(4, 8).to(DEVICE), torch.randn(4, 8).to(DEVICE)
+    with torch.no_grad():
+        with pytest.warns(RuntimeWarning, match="fused gelu_product kernels do not run here.*erf"):
+            y = ops.gelu_product(a.clone(), gate)
+        torch.testing.assert_close(y, a * F.gelu(gate))
+        assert ops._fused_kernels("group_norm", a.device, torch.float32) is kernels  # still builds and runs
+        calls = count_kernel_calls(monkeypatch)
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")  # once per device and dtype, not on every call
+            ops.gelu_product(a.clone(), gate)
+            ops.group_norm(map_((1, 64, 4, 4), torch.float32, "nchw"), 32, None, None, 1e-5)
+    assert len(calls) == 1  # and GroupNorm takes it

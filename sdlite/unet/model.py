@@ -26,12 +26,11 @@ from __future__ import annotations
 import math
 
 import torch
-import torch.nn.functional as F
 from einops import rearrange
 from torch import nn
 
 from sdlite.config import UNetConfig
-from sdlite.ops import Conv2d, GroupNorm, Linear, add_into, attention, linear, rowwise, upsample_conv
+from sdlite.ops import Conv2d, GroupNorm, Linear, add_into, attention, gelu_product, linear, rowwise, upsample_conv
 
 
 def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10000.0) -> torch.Tensor:
@@ -176,9 +175,7 @@ class GEGLU(nn.Module):
         # (84 MB in fp32 over a batch-2 64x64 latent).
         w_a, w_gate = self.proj.weight.chunk(2)
         b_a, b_gate = (None, None) if self.proj.bias is None else self.proj.bias.chunk(2)
-        gate = F.gelu(linear(x, w_gate, b_gate))
-        a = linear(x, w_a, b_a)
-        return gate.mul_(a) if not torch.is_grad_enabled() else gate * a
+        return gelu_product(linear(x, w_a, b_a), linear(x, w_gate, b_gate))  # a * gelu(gate)
 
 
 class FeedForward(nn.Module):
