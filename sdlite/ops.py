@@ -46,6 +46,9 @@ CUDA two fused Triton kernels (:mod:`sdlite.kernels`): PyTorch's CUDA group_norm
 maps, so a channels-last map was copied to NCHW and back around it, and the SiLU was a pass of its
 own. Elsewhere PyTorch's kernel.
 
+:func:`gelu_product` — GEGLU's ``a * gelu(gate)``; where ``FUSED_GELU`` says (nowhere by default,
+not yet measured), one Triton kernel instead of PyTorch's two passes.
+
 :class:`GroupNorm` — ``nn.GroupNorm`` through :func:`group_norm`, which can also normalise with
 statistics recorded on another input. A tiled VAE decode needs it: a tile that shows only flat
 background has tiny variances, and normalising it by its own statistics blows its noise up into
