@@ -1,6 +1,7 @@
 #!/usr/bin/env python
-"""sdlite's fused GroupNorm kernels (``sdlite/kernels.py``): what Triton's compiles cost, and the
-kernels' GPU time, side by side with another version of that file and with PyTorch's group_norm.
+"""sdlite's Triton kernels (``sdlite/kernels.py``): what Triton's compiles of the GroupNorm kernels
+cost, and their GPU time, side by side with another version of that file and with PyTorch's
+group_norm; then the GELU product of GEGLU against PyTorch's two passes.
 
 The calls are every distinct GroupNorm call of an SD1.5-size fp16 generation at 512x512: the UNet's
 at batch 2 (CFG; channels-last maps, as sdlite runs it on CUDA) and the VAE decode's (NCHW). For each
@@ -35,9 +36,13 @@ import subprocess
 import sys
 import tempfile
 import time
+import traceback
+from collections.abc import Callable, Sequence
 from types import ModuleType
+from typing import Any
 
 import torch
+import torch.nn.functional as F
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
 import bench  # noqa: E402
@@ -103,6 +108,41 @@ def compile_costs(path: str, calls: list[list]) -> dict[str, dict]:
             if proc.returncode:
                 raise RuntimeError(f"{path}, {run}: {proc.stderr[-2000:]}")
             out[run] = json.loads(proc.stdout.strip().splitlines()[-1])
+    return out
+
+
+# GEGLU in SD1.5's UNet at 64x64 latents: (tokens per sample, width of a and g, GEGLUs per UNet call).
+GEGLU_CALLS = ((4096, 1280, 5), (1024, 2560, 5), (256, 5120, 5), (64, 5120, 1))
+
+
+def gelu_lines(device: torch.device, time_us: Callable[[Callable[[], Any]], float], batches: Sequence[int] = (2, 16),
+               calls: Sequence[tuple[int, int, int]] = GEGLU_CALLS) -> list[str]:
+    """GEGLU's ``a * gelu(g)`` (fp16), sdlite's kernel (``kernels.gelu_product_``) against ``F.gelu``
+    then the product in place (what ``ops.gelu_product`` runs without it): ``time_us(fn)`` per call,
+    and summed over the UNet call's GEGLUs."""
+    from sdlite import kernels
+
+    gen = torch.Generator().manual_seed(7)
+    out = ["| batch | tokens x width | per UNet call | fused µs | F.gelu + product µs | fused / PyTorch "
+           "| max abs. error vs fp32 (fused, PyTorch) |", "|---:|---|---:|---:|---:|---:|---|"]
+    for batch in batches:
+        fused_total = plain_total = 0.0
+        for tokens, width, count in calls:
+            a = torch.randn(batch, tokens, width, generator=gen).to(device, torch.float16)
+            g = (2 * torch.randn(batch, tokens, width, generator=gen)).to(device, torch.float16)
+            exact = a.float() * F.gelu(g.float())
+            errors = [(y.float() - exact).abs().max().item()
+                      for y in (kernels.gelu_product_(a.clone(), g), F.gelu(g).mul_(a))]
+            # Timed on the same tensors again and again: the fused side overwrites a (the values
+            # drift; the kernel's time does not depend on them).
+            fused, plain = time_us(lambda: kernels.gelu_product_(a, g)), time_us(lambda: F.gelu(g).mul_(a))
+            fused_total, plain_total = fused_total + count * fused, plain_total + count * plain
+            out.append(f"| {batch} | {tokens}x{width} | {count} | {fused:.1f} | {plain:.1f} | {fused / plain:.2f} "
+                       f"| {errors[0]:.1e}, {errors[1]:.1e} |")
+            print(out[-1], flush=True)
+        out.append(f"| {batch} | **all of a UNet call** | | **{fused_total:,.0f}** | **{plain_total:,.0f}** "
+                   f"| **{fused_total / plain_total:.2f}** | |")
+        print(out[-1], flush=True)
     return out
 
 
@@ -181,6 +221,11 @@ def main(argv: list[str] | None = None) -> None:
                    + " | ".join(f"{med[s] / med[first]:.3f}" for s in list(sides)[1:]) + " |")
         print(gpu[-1], flush=True)
 
+    try:
+        gelu = gelu_lines(device, lambda fn: bench_cuda.graph_time_us(fn, device))
+    except Exception:  # noqa: BLE001 - keep the GroupNorm results
+        gelu = ["```", traceback.format_exc(), "```"]
+
     props = torch.cuda.get_device_properties(device)
     import triton
 
@@ -200,6 +245,10 @@ def main(argv: list[str] | None = None) -> None:
         f"Each network's GroupNorm calls summed, each call 20x in a CUDA graph (no launch cost); the sides "
         f"alternating, median of {args.rounds} rounds.", "",
         *gpu, "",
+        "## The GELU product of GEGLU", "",
+        "sdlite's kernel (`ops.FUSED_GELU`, off by default until measured) against `F.gelu` then the product, "
+        "fp16, on the shapes of SD1.5's GEGLUs at 64x64 latents; GPU time per call, each call 20x in a CUDA graph.",
+        "", *gelu, "",
     ]
     pathlib.Path(args.out).write_text("\n".join(report))
     print(f"wrote {args.out}")
