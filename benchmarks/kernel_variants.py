@@ -1,7 +1,8 @@
 #!/usr/bin/env python
 """sdlite's Triton kernels (``sdlite/kernels.py``): what Triton's compiles of the GroupNorm kernels
 cost, and their GPU time, side by side with another version of that file and with PyTorch's
-group_norm; then the GELU product of GEGLU against PyTorch's two passes.
+group_norm; then the GELU product of GEGLU against PyTorch's two passes; then where the host time
+of an eager UNet call goes with and without the GroupNorm kernels.
 
 The calls are every distinct GroupNorm call of an SD1.5-size fp16 generation at 512x512: the UNet's
 at batch 2 (CFG; channels-last maps, as sdlite runs it on CUDA) and the VAE decode's (NCHW). For each
@@ -40,6 +41,7 @@ import traceback
 from collections.abc import Callable, Sequence
 from types import ModuleType
 from typing import Any
+from unittest.mock import patch
 
 import torch
 import torch.nn.functional as F
@@ -146,6 +148,49 @@ def gelu_lines(device: torch.device, time_us: Callable[[Callable[[], Any]], floa
     return out
 
 
+def eager_lines(unet: torch.nn.Module, x: torch.Tensor, t: torch.Tensor, ctx: torch.Tensor,
+                sync: Callable[[], None], rounds: int = 10) -> list[str]:
+    """An eager UNet call (CUDA graphs off) with the fused GroupNorm kernels and with PyTorch's,
+    alternating: its wall time (synchronised), and the host time spent inside its ``ops.group_norm``
+    calls (not synchronised: the GPU runs behind). An eager batch-2 call is bound by the host and
+    took 1.10-1.20x as long with the kernels (sessions 16-17), though one call's host time on a
+    small map was the same on both sides; this tells whether the gap is in those calls."""
+    from sdlite import ops
+
+    original = ops.group_norm
+    spent = [0.0]
+
+    def timed(*args: Any, **kwargs: Any) -> torch.Tensor:
+        t0 = time.perf_counter()
+        try:
+            return original(*args, **kwargs)
+        finally:
+            spent[0] += time.perf_counter() - t0
+
+    sides = {"fused kernels": ("cuda",), "PyTorch group_norm + SiLU": ()}
+    wall: dict[str, list[float]] = {name: [] for name in sides}
+    inside: dict[str, list[float]] = {name: [] for name in sides}
+    with torch.no_grad(), patch.object(ops, "group_norm", timed):
+        for round_ in range(rounds + 1):  # the first round warms up
+            for name, devices in sides.items():
+                with patch.object(ops, "FUSED_GROUP_NORM", devices):
+                    sync()
+                    spent[0] = 0.0
+                    t0 = time.perf_counter()
+                    unet(x, t, ctx)
+                    sync()
+                    if round_:
+                        wall[name].append((time.perf_counter() - t0) * 1e3)
+                        inside[name].append(spent[0] * 1e3)
+    out = ["| eager UNet call | wall ms (median) | host ms inside ops.group_norm (median) | rest ms |",
+           "|---|---:|---:|---:|"]
+    for name in sides:
+        w, g = statistics.median(wall[name]), statistics.median(inside[name])
+        out.append(f"| {name} | {w:.2f} | {g:.2f} | {w - g:.2f} |")
+        print(out[-1], flush=True)
+    return out
+
+
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--baseline", default=None, help="another version of sdlite/kernels.py to compare with")
@@ -225,6 +270,12 @@ def main(argv: list[str] | None = None) -> None:
         gelu = gelu_lines(device, lambda fn: bench_cuda.graph_time_us(fn, device))
     except Exception:  # noqa: BLE001 - keep the GroupNorm results
         gelu = ["```", traceback.format_exc(), "```"]
+    try:
+        x = torch.randn(2, cfg.unet.in_channels, 64, 64, generator=gen).to(device, torch.float16)
+        ctx = torch.randn(2, cfg.text.max_length, cfg.unet.context_dim, generator=gen).to(device, torch.float16)
+        eager = eager_lines(unet, x, torch.full((2,), 500.0, device=device), ctx, torch.cuda.synchronize)
+    except Exception:  # noqa: BLE001
+        eager = ["```", traceback.format_exc(), "```"]
 
     props = torch.cuda.get_device_properties(device)
     import triton
@@ -249,6 +300,10 @@ def main(argv: list[str] | None = None) -> None:
         "sdlite's kernel (`ops.FUSED_GELU`, off by default until measured) against `F.gelu` then the product, "
         "fp16, on the shapes of SD1.5's GEGLUs at 64x64 latents; GPU time per call, each call 20x in a CUDA graph.",
         "", *gelu, "",
+        "## The eager UNet call (graphs off), batch 2, 64x64", "",
+        "Alternating, 10 rounds after one of warm-up; the host time inside the GroupNorm calls is measured "
+        "without synchronising (the GPU runs behind the host).", "",
+        *eager, "",
     ]
     pathlib.Path(args.out).write_text("\n".join(report))
     print(f"wrote {args.out}")
