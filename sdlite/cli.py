@@ -85,6 +85,10 @@ def _parser(img2img: bool) -> argparse.ArgumentParser:
     p.add_argument("--no-cuda-graphs", dest="cuda_graphs", action="store_false", default=None,
                    help="run the UNet eagerly on CUDA instead of replaying CUDA graphs (the default there: "
                         "faster, holds one UNet call's activations; see benchmarks/RESULTS-cuda.md)")
+    p.add_argument("--no-fused-kernels", dest="fused_kernels", action="store_false",
+                   help="on CUDA, PyTorch's GroupNorm in place of sdlite's Triton kernels: no one-time build of "
+                        "those (~8 s on a new machine, ~0.5 s per process), but ~1.4x the time per 512x512 image "
+                        "on an H100 (benchmarks/RESULTS-cuda.md)")
     p.add_argument("--threads", type=int, default=None,
                    help="CPU threads for torch (default: torch's choice, one per core; 1 can be faster "
                         "when another program keeps a core busy)")
@@ -213,6 +217,10 @@ def run(argv: Sequence[str] | None, img2img: bool) -> int:
             import torch
 
             torch.set_num_threads(args.threads)
+        if not args.fused_kernels:
+            from . import ops
+
+            ops.FUSED_GROUP_NORM = ops.FUSED_GELU = ()
         precision = {"full": "fp32"}.get(args.precision, args.precision)
 
         t0 = time.perf_counter()
