@@ -8,11 +8,13 @@ The flags of the original CompVis scripts (``--prompt --ckpt --outdir --ddim_ste
 from __future__ import annotations
 
 import argparse
+import contextlib
+import logging
 import re
 import sys
 import time
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Iterator, Sequence
 
 from . import devices
 from .errors import ArgumentError, SdliteError
@@ -92,7 +94,7 @@ def _parser(img2img: bool) -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int, default=None,
                    help="CPU threads for torch (default: torch's choice, one per core; 1 can be faster "
                         "when another program keeps a core busy)")
-    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.add_argument("--quiet", action="store_true", help="no progress bar, no notes (such as the one-time kernel build on CUDA)")
     if img2img:
         p.add_argument("--init-img", "--init_img", dest="init_img", type=Path, required=True, help="the image to redraw")
         p.add_argument("--strength", type=float, default=0.75,
@@ -174,6 +176,30 @@ def _check_outdir(outdir: Path) -> None:
             return
 
 
+class _LibraryNotes(logging.Handler):
+    """The library's INFO notes on stderr while a command runs, such as the one-time build of the CUDA
+    kernels, which otherwise leaves the first sampling step waiting for seconds without a word."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        print(record.getMessage(), file=sys.stderr)
+
+
+@contextlib.contextmanager
+def _library_notes(show: bool) -> Iterator[None]:
+    logger = logging.getLogger("sdlite")
+    if not show or logger.handlers:  # --quiet, or a program that set up its own logging
+        yield
+        return
+    handler, level = _LibraryNotes(logging.INFO), logger.level
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+    try:
+        yield
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(level)
+
+
 def run(argv: Sequence[str] | None, img2img: bool) -> int:
     """Run the txt2img (or img2img) command line; returns the exit code (0, 2 = bad input, 130 = Ctrl-C).
 
@@ -182,6 +208,11 @@ def run(argv: Sequence[str] | None, img2img: bool) -> int:
     >>> run(["--prompt", "a red circle on the left", "--seed", "1"], img2img=False)  # doctest: +SKIP
     """
     args = _parser(img2img).parse_args(argv)
+    with _library_notes(show=not args.quiet):
+        return _run(args, img2img)
+
+
+def _run(args: argparse.Namespace, img2img: bool) -> int:
     written: list[Path] = []
     try:
         import sdlite

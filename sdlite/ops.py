@@ -532,8 +532,8 @@ def _fused_kernels(kernel: str, device: torch.device, dtype: torch.dtype) -> Any
         return None
     # The first generation on a machine waits while Triton builds the kernels' variants (~8 s on an
     # H100 host for SD1.5 at 512x512; later processes load them from Triton's disk cache, ~0.5 s).
-    log.info("using sdlite's fused %s kernels on %s for %s (Triton builds them once per machine)",
-             kernel, device, dtype)
+    log.info("building sdlite's %s kernels for %s on %s (the first time on a machine Triton compiles "
+             "them, ~10 s; later from its cache)", kernel, dtype, device)
     try:
         x = torch.arange(4, device=device, dtype=dtype).reshape(1, 2, 1, 2)
         if kernel == "group_norm":

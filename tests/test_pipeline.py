@@ -593,6 +593,25 @@ def test_cli_turns_sdlites_cuda_kernels_off_on_request(monkeypatch, tmp_path, fl
     assert ops.FUSED_GROUP_NORM == ops.FUSED_GELU == fused
 
 
+@pytest.mark.parametrize("quiet", [False, True])
+def test_cli_shows_the_librarys_notes_unless_quiet(monkeypatch, tmp_path, capsys, quiet):
+    # Such as the one-time build of the CUDA kernels (sdlite.ops), which would otherwise leave the first
+    # step waiting without a word; only while the command runs.
+    import logging
+
+    from sdlite import cli
+
+    def load(*args, **kwargs):
+        logging.getLogger("sdlite").info("building the kernels")
+        raise sdlite.ArgumentError("stop before generating")
+
+    monkeypatch.setattr(sdlite, "load", load)
+    monkeypatch.chdir(tmp_path)
+    assert cli.run(["--prompt", "a cat", *(["--quiet"] if quiet else [])], img2img=False) == 2
+    assert ("building the kernels" in capsys.readouterr().err) is not quiet
+    assert not logging.getLogger("sdlite").handlers  # removed again
+
+
 @pytest.mark.parametrize("flag, expected", [([], None), (["--precision", "full"], "fp32"),
                                             (["--precision", "autocast"], "autocast"),
                                             (["--precision", "bf16"], "bf16")])
