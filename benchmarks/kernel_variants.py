@@ -281,8 +281,9 @@ def main(argv: list[str] | None = None) -> None:
     import triton
 
     report = [
-        "# sdlite's fused GroupNorm kernels: compile cost and GPU time", "",
-        f"- Date: {_dt.datetime.now(_dt.timezone.utc):%Y-%m-%d %H:%M} UTC (run took {(time.time() - started) / 60:.1f} min)",
+        "# sdlite's Triton kernels: compile cost and GPU time", "",
+        f"- Date: {_dt.datetime.now(_dt.timezone.utc):%Y-%m-%d %H:%M} UTC "
+        f"(run took {(time.time() - started) / 60:.1f} min)",
         f"- Command: `python benchmarks/kernel_variants.py {' '.join(argv if argv is not None else sys.argv[1:])}`",
         f"- Device: {props.name}; torch {torch.__version__}, Triton {triton.__version__}; "
         f"sdlite commit {args.commit or bench.git_commit()}",

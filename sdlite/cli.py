@@ -94,7 +94,8 @@ def _parser(img2img: bool) -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int, default=None,
                    help="CPU threads for torch (default: torch's choice, one per core; 1 can be faster "
                         "when another program keeps a core busy)")
-    p.add_argument("--quiet", action="store_true", help="no progress bar, no notes (such as the one-time kernel build on CUDA)")
+    p.add_argument("--quiet", action="store_true",
+                   help="no progress bar, no notes (such as the one-time kernel build on CUDA)")
     if img2img:
         p.add_argument("--init-img", "--init_img", dest="init_img", type=Path, required=True, help="the image to redraw")
         p.add_argument("--strength", type=float, default=0.75,
