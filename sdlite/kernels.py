@@ -127,13 +127,13 @@ def _normalize(x_ptr, y_ptr, stats_ptr, w_ptr, b_ptr, HW, G, TILES, eps, stride_
 
 
 def supports(x: torch.Tensor) -> bool:
-    """Whether :func:`group_norm` takes ``x``: a 4-d float map, NCHW-contiguous or channels-last,
-    small enough for 32-bit offsets."""
+    """Whether :func:`group_norm` takes ``x``: a non-empty 4-d float map, NCHW-contiguous or
+    channels-last, small enough for 32-bit offsets."""
     return (
         x.dim() == 4
         and x.dtype in (torch.float16, torch.bfloat16, torch.float32)
         and (x.is_contiguous() or x.is_contiguous(memory_format=torch.channels_last))
-        and x.numel() < 2**31
+        and 0 < x.numel() < 2**31
     )
 
 

@@ -131,6 +131,16 @@ def test_maps_in_other_layouts_take_pytorchs_kernels(fused_here, monkeypatch):
     assert_within_one_rounding(y, reference(x, 32, w, b, 1e-5, silu=True))
 
 
+def test_empty_tensors_are_left_to_pytorch(fused_here, monkeypatch):
+    # Nothing to launch a kernel grid over: an empty batch takes PyTorch's ops, which return an empty result.
+    norm_calls, gelu_calls = count_kernel_calls(monkeypatch), count_kernel_calls(monkeypatch, "gelu_product_")
+    w, b = affine(64, torch.float32)
+    with torch.no_grad():
+        y = ops.group_norm(map_((0, 64, 4, 4), torch.float32, "nchw"), 32, w, b, 1e-5, silu=True)
+        z = ops.gelu_product(torch.empty(0, 8, device=DEVICE), torch.empty(0, 8, device=DEVICE))
+    assert y.shape == (0, 64, 4, 4) and z.shape == (0, 8) and not norm_calls and not gelu_calls
+
+
 def test_half_maps_with_fp32_weights_are_normalised_in_fp32():
     x = map_((1, 64, 8, 8), torch.float16, "channels_last", mean=1.0, std=3.0)
     w, b = affine(64, torch.float32)
