@@ -152,41 +152,47 @@ def eager_lines(unet: torch.nn.Module, x: torch.Tensor, t: torch.Tensor, ctx: to
                 sync: Callable[[], None], rounds: int = 10) -> list[str]:
     """An eager UNet call (CUDA graphs off) with the fused GroupNorm kernels and with PyTorch's,
     alternating: its wall time (synchronised), and the host time spent inside its ``ops.group_norm``
-    calls (not synchronised: the GPU runs behind). An eager batch-2 call is bound by the host and
-    took 1.10-1.20x as long with the kernels (sessions 16-17), though one call's host time on a
-    small map was the same on both sides; this tells whether the gap is in those calls."""
+    calls and inside its convolutions (not synchronised: the GPU runs behind). An eager batch-2 call
+    is bound by the host and took 1.10-1.20x as long with the kernels (sessions 16-17), though one
+    GroupNorm call's host time on a small map was the same on both sides. This tells whether the
+    gap is in those calls, or elsewhere: the convolutions after a norm get a channels-last map from
+    the kernels and an NCHW one from PyTorch's group_norm, which may cost cuDNN's host side more."""
     from sdlite import ops
 
-    original = ops.group_norm
-    spent = [0.0]
+    spent = {"group_norm": 0.0, "conv": 0.0}
 
-    def timed(*args: Any, **kwargs: Any) -> torch.Tensor:
-        t0 = time.perf_counter()
-        try:
-            return original(*args, **kwargs)
-        finally:
-            spent[0] += time.perf_counter() - t0
+    def timed(name: str, fn: Callable[..., torch.Tensor]) -> Callable[..., torch.Tensor]:
+        def call(*args: Any, **kwargs: Any) -> torch.Tensor:
+            t0 = time.perf_counter()
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                spent[name] += time.perf_counter() - t0
+        return call
 
     sides = {"fused kernels": ("cuda",), "PyTorch group_norm + SiLU": ()}
     wall: dict[str, list[float]] = {name: [] for name in sides}
-    inside: dict[str, list[float]] = {name: [] for name in sides}
-    with torch.no_grad(), patch.object(ops, "group_norm", timed):
+    inside: dict[str, dict[str, list[float]]] = {name: {k: [] for k in spent} for name in sides}
+    with torch.no_grad(), patch.object(ops, "group_norm", timed("group_norm", ops.group_norm)), \
+            patch.object(ops.Conv2d, "_conv_forward", timed("conv", ops.Conv2d._conv_forward)):
         for round_ in range(rounds + 1):  # the first round warms up
             for name, devices in sides.items():
                 with patch.object(ops, "FUSED_GROUP_NORM", devices):
                     sync()
-                    spent[0] = 0.0
+                    spent.update(group_norm=0.0, conv=0.0)
                     t0 = time.perf_counter()
                     unet(x, t, ctx)
                     sync()
                     if round_:
                         wall[name].append((time.perf_counter() - t0) * 1e3)
-                        inside[name].append(spent[0] * 1e3)
-    out = ["| eager UNet call | wall ms (median) | host ms inside ops.group_norm (median) | rest ms |",
-           "|---|---:|---:|---:|"]
+                        for k, v in spent.items():
+                            inside[name][k].append(v * 1e3)
+    out = ["| eager UNet call | wall ms | host ms inside ops.group_norm | host ms inside the convolutions "
+           "| rest ms |", "|---|---:|---:|---:|---:|"]
     for name in sides:
-        w, g = statistics.median(wall[name]), statistics.median(inside[name])
-        out.append(f"| {name} | {w:.2f} | {g:.2f} | {w - g:.2f} |")
+        w = statistics.median(wall[name])
+        g, c = (statistics.median(inside[name][k]) for k in ("group_norm", "conv"))
+        out.append(f"| {name} | {w:.2f} | {g:.2f} | {c:.2f} | {w - g - c:.2f} |")
         print(out[-1], flush=True)
     return out
 
@@ -302,8 +308,8 @@ def main(argv: list[str] | None = None) -> None:
         "fp16, on the shapes of SD1.5's GEGLUs at 64x64 latents; GPU time per call, each call 20x in a CUDA graph.",
         "", *gelu, "",
         "## The eager UNet call (graphs off), batch 2, 64x64", "",
-        "Alternating, 10 rounds after one of warm-up; the host time inside the GroupNorm calls is measured "
-        "without synchronising (the GPU runs behind the host).", "",
+        "Alternating, 10 rounds after one of warm-up, medians; the host time inside the GroupNorm calls and "
+        "the convolutions is measured without synchronising (the GPU runs behind the host).", "",
         *eager, "",
     ]
     pathlib.Path(args.out).write_text("\n".join(report))
