@@ -31,7 +31,7 @@ keeps it in its disk cache. The constants do not depend on the map's size (the t
 follows from the channel block; the merge block is at least ``MERGE_TILES``), so an SD1.5 512x512
 generation needs 25 variants, not the 34 it needed when they did. On an H100 host, building those
 25 took 8.1 s with an empty cache against 11.4 s for the 34, and a new process loads them in ~0.5 s
-(benchmarks/RESULTS-cuda.md, session 17).
+(benchmarks/RESULTS-cuda-kernels.md, session 17).
 
 Triton is not one of sdlite's dependencies: it comes with PyTorch's CUDA wheels on Linux, and this
 module is imported only when a CUDA tensor asks for it (:func:`sdlite.ops.group_norm`), never on
