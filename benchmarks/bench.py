@@ -1273,7 +1273,7 @@ def main(argv: list[str] | None = None) -> None:
         for precision in run_precisions:
             inproc = [r for r in prec_rows[precision] if r not in ("load", "mem512", "vae2048", "bundled")]
             extras = ((precision == "fp32" and (args.profile or args.levers))
-                           or (args.compile and precision in ("fp32", "bf16")))
+                      or (args.compile and precision in ("fp32", "bf16")))
             if not (inproc or extras or (need_config and tokenizer is None)):
                 continue
             wdtype = torch.bfloat16 if precision == "bf16" else torch.float32

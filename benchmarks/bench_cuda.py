@@ -699,13 +699,9 @@ def graph_time_us(fn: Callable[[], Any], device: torch.device, per_graph: int = 
     return statistics.median(times)
 
 
-def group_norm_lines(cfg: Any, nets: dict, device: torch.device, args: argparse.Namespace) -> list[str]:
-    """sdlite's fused GroupNorm (+ SiLU) kernels against PyTorch's group_norm and F.silu, on every
-    GroupNorm call of the fp16 UNet (64x64 latents, batch 2 and 16; channels-last maps) and of the VAE
-    decode (64x64 latent; NCHW maps), GPU time under CUDA graphs, summed over each network's calls.
-    First a sweep of the kernels' tile size and warps; the rest of the run uses the best."""
-    from sdlite import kernels
-
+def group_norm_workloads(cfg: Any, nets: dict, device: torch.device) -> dict[str, dict[tuple, list]]:
+    """Every GroupNorm call (:func:`group_norm_calls`) of the fp16 UNet at 64x64 latents, batch 2 and 16
+    (channels-last maps, as sdlite runs it on CUDA), and of a VAE decode of a 64x64 latent (NCHW)."""
     dtype = weight_dtype(device, "fp16")
     gen = torch.Generator().manual_seed(5)
     unet, vae = nets["unet"], nets["vae"]
@@ -717,17 +713,35 @@ def group_norm_lines(cfg: Any, nets: dict, device: torch.device, args: argparse.
         workloads[f"UNet, batch {batch}"] = group_norm_calls(unet, lambda: unet(x, t, ctx))
     z = torch.randn(1, cfg.vae.embed_dim, 64, 64, generator=gen).to(device, dtype)
     workloads["VAE decode"] = group_norm_calls(vae, lambda: vae.decode(z))
+    return workloads
+
+
+def group_norm_us(calls: dict[tuple, list], device: torch.device, kernels: Any = None) -> float:
+    """GPU µs of ``calls`` (:func:`group_norm_calls`) summed, each timed by :func:`graph_time_us`:
+    through ``kernels.group_norm`` (``sdlite.kernels``, or another version of that module), or with
+    ``kernels=None`` through PyTorch's group_norm and F.silu."""
+    us = 0.0
+    for (_, _, groups, eps, silu), (count, x, norm) in calls.items():
+        if kernels is None:
+            fn = lambda: without_fused_group_norm(  # noqa: E731
+                lambda: ops.group_norm(x, groups, norm.weight, norm.bias, eps, silu))
+        else:
+            fn = lambda: kernels.group_norm(x, groups, norm.weight, norm.bias, eps, silu)  # noqa: E731
+        us += count * graph_time_us(fn, device)
+    return us
+
+
+def group_norm_lines(cfg: Any, nets: dict, device: torch.device, args: argparse.Namespace) -> list[str]:
+    """sdlite's fused GroupNorm (+ SiLU) kernels against PyTorch's group_norm and F.silu, on every
+    GroupNorm call of the fp16 UNet (64x64 latents, batch 2 and 16; channels-last maps) and of the VAE
+    decode (64x64 latent; NCHW maps), GPU time under CUDA graphs, summed over each network's calls.
+    First a sweep of the kernels' tile size and warps; the rest of the run uses the best."""
+    from sdlite import kernels
+
+    workloads = group_norm_workloads(cfg, nets, device)
 
     def total_us(calls: dict[tuple, list], fused: bool) -> float:
-        us = 0.0
-        for (shape, _, groups, eps, silu), (count, x, norm) in calls.items():
-            if fused:
-                fn = lambda: kernels.group_norm(x, groups, norm.weight, norm.bias, eps, silu)  # noqa: E731
-            else:
-                fn = lambda: without_fused_group_norm(  # noqa: E731
-                    lambda: ops.group_norm(x, groups, norm.weight, norm.bias, eps, silu))
-            us += count * graph_time_us(fn, device)
-        return us
+        return group_norm_us(calls, device, kernels if fused else None)
 
     names = list(workloads)
     out = ["Sweep of the kernels' tile (elements per block) and warps: GPU µs per network call, all its "
@@ -766,6 +780,7 @@ def group_norm_lines(cfg: Any, nets: dict, device: torch.device, args: argparse.
 
     # What an eager call costs the host: a small map, so that the GPU waits for the host; 500 calls
     # queued, then one synchronize, alternating the two sides.
+    gen, dtype = torch.Generator().manual_seed(6), weight_dtype(device, "fp16")
     x = torch.randn(2, 1280, 8, 8, generator=gen).to(device, dtype).contiguous(memory_format=torch.channels_last)
     w, b = (torch.randn(1280, generator=gen).to(device, dtype) for _ in range(2))
     sides = {"fused kernels": lambda: ops.group_norm(x, 32, w, b, 1e-5, silu=True),

@@ -209,7 +209,6 @@ def main(argv: list[str] | None = None) -> None:
         return child(*args.child)
     if not torch.cuda.is_available():
         raise SystemExit("kernel_variants.py measures Triton's CUDA kernels: it needs a CUDA GPU.")
-    from sdlite import ops
 
     started = time.time()
     device = torch.device("cuda")
@@ -217,16 +216,7 @@ def main(argv: list[str] | None = None) -> None:
     nets = bench.sdlite_networks(cfg, bench.random_original_weights(cfg), torch.float32)
     nets = {k: m.to(device, torch.float16) for k, m in nets.items()}
     nets["unet"].to(memory_format=torch.channels_last)  # as sdlite.load does on CUDA
-    unet, vae = nets["unet"], nets["vae"]
-    gen = torch.Generator().manual_seed(5)
-    workloads = {}
-    for batch in (2, 16):
-        x = torch.randn(batch, cfg.unet.in_channels, 64, 64, generator=gen).to(device, torch.float16)
-        ctx = torch.randn(batch, cfg.text.max_length, cfg.unet.context_dim, generator=gen).to(device, torch.float16)
-        t = torch.full((batch,), 500.0, device=device)
-        workloads[f"UNet, batch {batch}"] = bench_cuda.group_norm_calls(unet, lambda: unet(x, t, ctx))
-    z = torch.randn(1, cfg.vae.embed_dim, 64, 64, generator=gen).to(device, torch.float16)
-    workloads["VAE decode"] = bench_cuda.group_norm_calls(vae, lambda: vae.decode(z))
+    workloads = bench_cuda.group_norm_workloads(cfg, nets, device)
     # A 512x512 generation: the UNet's calls at batch 2 and the VAE's (batch 16 needs the same variants).
     calls = [list(key) for name in ("UNet, batch 2", "VAE decode") for key in workloads[name]]
 
@@ -244,23 +234,12 @@ def main(argv: list[str] | None = None) -> None:
 
     modules = {name: load_kernels(path) for name, path in versions.items()}
 
-    def total_us(calls: dict, kernels: ModuleType | None) -> float:
-        us = 0.0
-        for (_, _, groups, eps, silu), (count, x, norm) in calls.items():
-            if kernels is None:
-                fn = lambda: bench_cuda.without_fused_group_norm(  # noqa: E731
-                    lambda: ops.group_norm(x, groups, norm.weight, norm.bias, eps, silu))
-            else:
-                fn = lambda: kernels.group_norm(x, groups, norm.weight, norm.bias, eps, silu)  # noqa: E731
-            us += count * bench_cuda.graph_time_us(fn, device)
-        return us
-
     sides = {**modules, "PyTorch group_norm + SiLU": None}
     times = {(w, s): [] for w in workloads for s in sides}
     for _ in range(args.rounds):
         for w, calls_of in workloads.items():
             for s, kernels in sides.items():
-                times[(w, s)].append(total_us(calls_of, kernels))
+                times[(w, s)].append(bench_cuda.group_norm_us(calls_of, device, kernels))
     first = next(iter(sides))
     gpu = ["| GroupNorm calls of | " + " | ".join(f"{s}, µs" for s in sides) + " | "
            + " | ".join(f"{s} / {first}" for s in list(sides)[1:]) + " |",
@@ -277,9 +256,10 @@ def main(argv: list[str] | None = None) -> None:
     except Exception:  # noqa: BLE001 - keep the GroupNorm results
         gelu = ["```", traceback.format_exc(), "```"]
     try:
+        gen = torch.Generator().manual_seed(6)
         x = torch.randn(2, cfg.unet.in_channels, 64, 64, generator=gen).to(device, torch.float16)
         ctx = torch.randn(2, cfg.text.max_length, cfg.unet.context_dim, generator=gen).to(device, torch.float16)
-        eager = eager_lines(unet, x, torch.full((2,), 500.0, device=device), ctx, torch.cuda.synchronize)
+        eager = eager_lines(nets["unet"], x, torch.full((2,), 500.0, device=device), ctx, torch.cuda.synchronize)
     except Exception:  # noqa: BLE001
         eager = ["```", traceback.format_exc(), "```"]
 

@@ -530,8 +530,8 @@ def _fused_kernels(kernel: str, device: torch.device, dtype: torch.dtype) -> Any
         from . import kernels
     except ImportError:
         return None
-    # The first generation on a machine waits while Triton builds the kernels' variants (~8 s on an
-    # H100 host for SD1.5 at 512x512; later processes load them from Triton's disk cache, ~0.5 s).
+    # Said because the first generation on a machine waits while Triton builds the variants (6.8-8.1 s
+    # for SD1.5 at 512x512 on H100/H200 hosts, benchmarks/RESULTS-cuda-kernels.md; ~0.5 s from its cache).
     log.info("building sdlite's %s kernels for %s on %s (the first time on a machine Triton compiles "
              "them, ~10 s; later from its cache)", kernel, dtype, device)
     try:
