@@ -140,9 +140,10 @@ def supports(x: torch.Tensor) -> bool:
 def group_norm(x: torch.Tensor, num_groups: int, weight: torch.Tensor, bias: torch.Tensor, eps: float,
                silu: bool = False) -> torch.Tensor:
     """``F.group_norm(x, num_groups, weight, bias, eps)``, then ``F.silu`` if ``silu``; a new
-    tensor in ``x``'s dtype and memory layout. Statistics and arithmetic in fp32. No autograd.
+    tensor in ``x``'s dtype and memory layout. Statistics and arithmetic in fp32. No autograd. For
+    ``x`` a ``[B, C, H, W]`` map on CUDA:
 
-    >>> y = group_norm(x, 32, norm.weight, norm.bias, 1e-5, silu=True)   # x: [B, C, H, W] on CUDA
+    >>> y = group_norm(x, 32, norm.weight, norm.bias, 1e-5, silu=True)  # doctest: +SKIP
     """
     B, C, H, W = x.shape
     HW = H * W
@@ -188,7 +189,8 @@ def gelu_product_(a: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
     """``a · gelu(g)`` (the exact GELU, ``F.gelu``'s default), written into ``a`` and returned:
     contiguous tensors of one shape and dtype, arithmetic in fp32. No autograd.
 
-    >>> h = gelu_product_(a, g)   # = a * F.gelu(g), in a's memory
+    >>> h = gelu_product_(a, g)  # doctest: +SKIP
+    >>> # h is a, now holding a * F.gelu(g)
     """
     n = a.numel()
     with torch.cuda.device(a.device) if a.is_cuda else contextlib.nullcontext():

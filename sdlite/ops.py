@@ -567,7 +567,8 @@ def group_norm(x: torch.Tensor, num_groups: int, weight: torch.Tensor | None, bi
     outside ``torch.compile`` (which fuses this itself), one pass for the statistics and one for
     normalise + SiLU, in the map's own layout (:mod:`sdlite.kernels` says why).
 
-    >>> h = group_norm(x, 32, norm.weight, norm.bias, 1e-5, silu=True)  # = F.silu(norm(x))
+    >>> h = group_norm(x, 32, norm.weight, norm.bias, 1e-5, silu=True)  # doctest: +SKIP
+    >>> # h == F.silu(norm(x)) for norm = nn.GroupNorm(32, C)
     """
     kernels = _takes_fused("group_norm", FUSED_GROUP_NORM, x, weight, bias)
     if kernels is not None and kernels.supports(x):

@@ -311,7 +311,8 @@ def test_sampler_settings_reach_unipc_and_the_beta_schedule_and_the_beta_ones_th
                 "uni_pc_skip_type": "time_uniform"}
     explicit = pipe.txt2img("a cat", sampler="unipc", sampler_settings=defaults, **kw)
     np.testing.assert_array_equal(explicit, default)  # A1111's defaults are sdlite's
-    for settings in ({"uni_pc_order": 2}, {"uni_pc_variant": "bh2"}, {"uni_pc_lower_order_final": False},
+    for settings in ({"uni_pc_order": 2}, {"uni_pc_variant": "bh2"}, {"uni_pc_variant": "vary_coeff"},
+                     {"uni_pc_lower_order_final": False},
                      {"uni_pc_skip_type": "time_quadratic"}, {"uni_pc_skip_type": "logSNR"}):
         assert not np.array_equal(pipe.txt2img("a cat", sampler="unipc", sampler_settings=settings, **kw), default)
     assert np.array_equal(pipe.txt2img("a cat", sampler="unipc", sampler_settings={"beta_dist_alpha": 0.3}, **kw),
@@ -398,7 +399,7 @@ def test_the_loop_copies_a_compiled_unets_output_that_its_next_call_would_overwr
     (dict(sampler_settings={"uni_pc_ordre": 2}), "unknown sampler setting 'uni_pc_ordre'"),
     (dict(sampler_settings={"uni_pc_order": 0}), "integer >= 1"),
     (dict(sampler_settings={"uni_pc_order": True}), "integer >= 1"),
-    (dict(sampler_settings={"uni_pc_variant": "vary_coeff"}), "'bh1' or 'bh2'"),
+    (dict(sampler_settings={"uni_pc_variant": "bh3"}), "bh1, bh2, vary_coeff, got 'bh3'"),
     (dict(sampler_settings={"uni_pc_lower_order_final": "no"}), "true or false"),
     (dict(sampler_settings={"uni_pc_skip_type": "karras"}), "uni_pc_skip_type must be one of"),
     (dict(sampler_settings={"beta_dist_beta": float("nan")}), "positive number"),
@@ -639,6 +640,6 @@ def test_cli_passes_sampler_settings_to_the_pipeline_and_refuses_bad_ones_before
     assert seen["sampler_settings"] == {"uni_pc_order": 2, "uni_pc_lower_order_final": False, "beta_dist_alpha": 0.5}
     monkeypatch.setattr(sdlite, "load", lambda *args, **kwargs: pytest.fail("loaded before checking"))
     for bad, message in (("uni_pc_order=two", "uni_pc_order takes an integer"), ("order=2", "give NAME=VALUE"),
-                         ("uni_pc_variant=vary_coeff", "'bh1' or 'bh2'")):
+                         ("uni_pc_variant=bh3", "bh1, bh2, vary_coeff")):
         assert cli.run(["--prompt", "a cat", "--sampler-setting", bad], img2img=False) == 2
         assert message in capsys.readouterr().err

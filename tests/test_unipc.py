@@ -24,7 +24,7 @@ import torch
 from sdlite.errors import ArgumentError
 from sdlite.infotext import parse_infotext
 from sdlite.schedulers import Denoiser, DiscreteSchedule, get_sampler, parse_sampler_and_schedule, sample_unipc
-from sdlite.schedulers.unipc import log_alpha
+from sdlite.schedulers.unipc import log_alpha, unipc_coefficients, vary_coeff_coefficients
 
 SCHED = DiscreteSchedule()
 SHAPE = (2, 4, 8, 8)
@@ -157,6 +157,100 @@ def test_an_unknown_variant_is_rejected():
         sample_unipc(Denoiser(toy_model, SCHED, "eps"), start_noise(), torch.tensor([999.0, 500.0]), variant="bh3")
 
 
+# -- "vary_coeff": A1111's update, written out -----------------------------------------------------------------
+
+def a1111_vary_coeff(x: torch.Tensor, levels: torch.Tensor, order: int, lower_order_final: bool) -> torch.Tensor:
+    """A1111's "vary_coeff" UniPC run (its ``UniPC.sample`` loop and ``multistep_uni_pc_vary_update``), written
+    out step by step in tensors with the schedule from numpy, without sdlite's coefficient functions: per step,
+    the Taylor matrix C[m][k] = r_m^k / (k+1)! inverted, hh phi_k by its recurrence, and the corrector's
+    new-point term weighted by the row at which A1111's loop index stops (max(K - 2, 0)), with phi_{K+1}."""
+    den = Denoiser(toy_model, SCHED, "eps")
+    ts = levels.tolist() + [0.0]
+    n = len(ts) - 1
+
+    def log_a(t):
+        return float(np.interp(t, np.arange(1000), HALF_LOG_ABAR))
+
+    def alpha(t):
+        return math.exp(log_a(t))
+
+    def sigma(t):
+        return math.sqrt(-math.expm1(2 * log_a(t)))
+
+    def lam(t):
+        return math.log(alpha(t) / sigma(t))
+
+    def x0(x, t):
+        return (x - sigma(t) * den.eps(x, t)) / alpha(t)
+
+    ts_hist, m_hist = [ts[0]], [x0(x, ts[0])]
+    for step in range(1, n + 1):
+        warm_up = step < order  # A1111's first loop: order = step, always corrected
+        k_order = step if warm_up else (min(order, n + 1 - step) if lower_order_final else order)
+        corrected = warm_up or step != n
+        t, t0, m0 = ts[step], ts_hist[-1], m_hist[-1]
+        h = lam(t) - lam(t0)
+        hh = -h
+        r = [(lam(ts_hist[-(i + 1)]) - lam(t0)) / h for i in range(1, k_order)]
+        D = [(m_hist[-(i + 1)] - m0) / r[i - 1] for i in range(1, k_order)]
+        r.append(1.0)
+        K = len(r)
+        C = torch.stack([torch.tensor(r, dtype=torch.float64) ** k / math.factorial(k + 1) for k in range(K)], dim=1)
+        h_phi = [math.expm1(hh)]  # h_phi[j] = hh phi_{j+1}(hh)
+        for j in range(1, K + 1):
+            h_phi.append(h_phi[-1] / hh - 1 / math.factorial(j))
+        x1 = sigma(t) / sigma(t0) * x - alpha(t) * h_phi[0] * m0
+        x_new = x1
+        if D:
+            A_p = torch.linalg.inv(C[:-1, :-1])
+            for k in range(K - 1):
+                x_new = x_new - alpha(t) * h_phi[k + 1] * sum(A_p[k, m].item() * D[m] for m in range(K - 1))
+        if corrected:
+            m_t = x0(x_new, t)
+            A_c = torch.linalg.inv(C)
+            x_new = x1
+            for k in range(K - 1):
+                x_new = x_new - alpha(t) * h_phi[k + 1] * sum(A_c[k, m].item() * D[m] for m in range(K - 1))
+            x_new = x_new - alpha(t) * h_phi[K] * A_c[max(K - 2, 0), K - 1].item() * (m_t - m0)
+        x = x_new
+        if step < n:
+            ts_hist, m_hist = (ts_hist + [t])[-order:], (m_hist + [m_t if corrected else x0(x, t)])[-order:]
+    return x
+
+
+@pytest.mark.parametrize("order", [1, 2, 3, 4])
+@pytest.mark.parametrize("lower_order_final", [True, False])
+@pytest.mark.parametrize("grid", ["a1111_4", "a1111_9", "lambda_6"])
+def test_vary_coeff_is_a1111s_update(order, lower_order_final, grid):
+    """Float64, to 1e-10 relative. The grids: A1111's txt2img grid at 4 and 9 steps, and one uniform in lambda
+    (uneven r_m). Order 4 over 4 steps has a warm-up step (the third) of a higher order than lower_order_final
+    would give it, as A1111 runs it."""
+    levels = lambda_uniform_grid(6) if grid == "lambda_6" else get_sampler("UniPC").levels(SCHED, int(grid[-1]))
+    noise = start_noise(torch.float64)
+    ours = sample_unipc(Denoiser(toy_model, SCHED, "eps"), noise, levels, order=order, variant="vary_coeff",
+                        lower_order_final=lower_order_final)
+    assert rel_err(ours, a1111_vary_coeff(noise, levels, order, lower_order_final)) <= 1e-10
+
+
+def test_vary_coeff_predictor_is_the_solved_bh_predictor_and_its_first_corrector_the_taylor_one():
+    """UniP of vary_coeff solves the same order conditions as bh1/bh2 (their a^P times B(h)); those two differ
+    only in their fixed 1/2 (UniP-2, UniC-1). UniC-1 of vary_coeff is hh phi_2(hh), the exact weight of h m'."""
+    rng = np.random.default_rng(0)
+    for _ in range(5):
+        hh = -rng.uniform(0.05, 1.0)
+        rs = sorted((-rng.uniform(0.3, 3.0, size=2)).tolist(), reverse=True)  # earlier points, nearest first
+        for p in (2, 3):
+            a_p, _ = vary_coeff_coefficients(list(rs[:p - 1]), hh)
+            for variant in ("bh1", "bh2"):
+                B, b = unipc_coefficients(p, hh, variant)
+                R = torch.tensor([[r**k for r in rs[:p - 1]] for k in range(p - 1)], dtype=torch.float64)
+                solved = torch.linalg.solve(R,
+                                            torch.tensor(b[:-1], dtype=torch.float64))
+                np.testing.assert_allclose(a_p, (B * solved).tolist(), rtol=1e-12)
+        _, a_c = vary_coeff_coefficients([], hh)
+        assert a_c == pytest.approx([math.expm1(hh) / hh - 1.0], rel=1e-12)  # hh phi_2 = phi_1 - 1
+
+
 # -- convergence on Gaussian data ------------------------------------------------------------------------------
 
 S_DATA = 0.5  # data x0 ~ N(0, S_DATA^2 I)
@@ -200,6 +294,28 @@ def test_unipc_3_converges_at_order_4_and_lower_order_final_at_order_2(lower_ord
               for n in (40, 80, 160, 320)]
     rates = [math.log2(a / b) for a, b in zip(errors, errors[1:])]
     assert all(low <= r <= high for r in rates), (errors, rates)
+
+
+@pytest.mark.parametrize("order,low,high", [(1, 1.8, 2.2), (2, 0.75, 1.15), (3, 0.75, 1.15)])
+def test_vary_coeff_converges_at_order_2_with_order_1_and_at_order_1_above(order, low, high):
+    """A1111's vary_coeff corrector (see vary_coeff_coefficients) is the Taylor one for UniC-1: order 2, as
+    bh1's (measured rates per doubling 40 -> 320 steps, uniform in lambda, no lower order final: 2.01, 2.01,
+    2.00). With two or more points it weights h m' wrongly, and the method is first order whatever the order
+    setting: order 2: 0.85, 0.94, 0.97; order 3: 0.94, 0.97, 0.99 (bh1: 3.0 and ~4)."""
+    errors = [flow_error(sample_unipc, lambda_uniform_grid(n), order=order, variant="vary_coeff",
+                         lower_order_final=False) for n in (40, 80, 160, 320)]
+    rates = [math.log2(a / b) for a, b in zip(errors, errors[1:])]
+    assert all(low <= r <= high for r in rates), (errors, rates)
+
+
+def test_on_a1111_grid_vary_coeff_trails_bh1_and_beats_ddim():
+    """A1111's defaults but the variant, 20 steps: errors bh1 0.059, bh2 0.062, vary_coeff 0.078, DDIM 0.106
+    (measured). The long last step of this grid dominates, so first order costs less here than above."""
+    unipc, ddim = get_sampler("UniPC"), get_sampler("DDIM")
+    levels = unipc.levels(SCHED, 20)
+    e_bh1 = flow_error(unipc.fn, levels, variant="bh1")
+    e_vary = flow_error(unipc.fn, levels, variant="vary_coeff")
+    assert e_bh1 < 0.85 * e_vary and e_vary < 0.85 * flow_error(ddim.fn, ddim.levels(SCHED, 20)), e_vary
 
 
 def test_on_a1111_grid_unipc_beats_ddim_at_the_same_steps_and_improves_with_steps():

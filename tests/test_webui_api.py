@@ -458,8 +458,8 @@ def test_sampler_settings_as_options_and_override_settings_reach_the_sampler_and
                         or sample(self, *a, **kw))
     url = api.baseurl
     assert api.get_options()["uni_pc_order"] == 3 and api.get_options()["beta_dist_alpha"] == 0.6
-    r = requests.post(f"{url}/options", json={"uni_pc_variant": "vary_coeff"})
-    assert r.status_code == 400 and "'bh1' or 'bh2'" in r.json()["detail"]
+    r = requests.post(f"{url}/options", json={"uni_pc_variant": "bh3"})
+    assert r.status_code == 400 and "bh1, bh2, vary_coeff" in r.json()["detail"]
     body = dict(prompt="x", seed=1, steps=2, **SIZE)
     api.txt2img(sampler_name="UniPC", override_settings={"uni_pc_order": 2}, **body)
     assert seen[-1]["uni_pc_order"] == 2 and seen[-1]["uni_pc_variant"] == "bh1"

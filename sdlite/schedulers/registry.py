@@ -53,8 +53,7 @@ def check_sampler_settings(settings: Mapping[str, Any] | None) -> dict[str, Any]
             raise ArgumentError(f"unknown sampler setting {name!r}; the settings are "
                                 f"{', '.join(SAMPLER_SETTINGS)}")
         if name == "uni_pc_variant" and value not in unipc.UNIPC_VARIANTS:
-            raise ArgumentError(f"uni_pc_variant must be 'bh1' or 'bh2' (A1111's 'vary_coeff' is not in sdlite), "
-                                f"got {value!r}")
+            raise ArgumentError(f"uni_pc_variant must be one of {', '.join(unipc.UNIPC_VARIANTS)}, got {value!r}")
         if name == "uni_pc_order" and not (isinstance(value, int) and not isinstance(value, bool) and value >= 1):
             raise ArgumentError(f"uni_pc_order must be an integer >= 1, got {value!r}")
         if name == "uni_pc_lower_order_final" and not isinstance(value, bool):

@@ -50,31 +50,72 @@ def log_alpha(schedule: DiscreteSchedule, t: float) -> float:
     return (1.0 - w) * half_log_abar[lo].item() + w * half_log_abar[lo + 1].item()
 
 
-# The variants of B(h) sdlite has (A1111 also offers the UniPC authors' "vary_coeff").
-UNIPC_VARIANTS = ("bh1", "bh2")
+# A1111's "UniPC variant" options: B(h) = hh or e^hh - 1 ("bh1", "bh2"; :func:`unipc_coefficients`), or the
+# UniPC authors' Taylor-form coefficients ("vary_coeff"; :func:`vary_coeff_coefficients`).
+UNIPC_VARIANTS = ("bh1", "bh2", "vary_coeff")
+
+
+def _h_phis(p: int, hh: float) -> list[float]:
+    """hh phi_{k+1}(hh) for k = 1 .. p, with phi_1(z) = (e^z - 1) / z and phi_{k+1}(z) = (phi_k(z) - 1/k!) / z
+    (computed by that recurrence, as the UniPC authors' code does).
+
+    >>> [round(v, 6) for v in _h_phis(2, -0.1)]   # -> hh / 2, hh / 6 as hh -> 0
+    [-0.048374, -0.016258]
+    """
+    out, phi = [], math.expm1(hh) / hh  # phi_1(hh)
+    for k in range(1, p + 1):
+        phi = (phi - 1.0 / math.factorial(k)) / hh  # phi_{k+1}(hh)
+        out.append(hh * phi)
+    return out
 
 
 def unipc_coefficients(p: int, hh: float, variant: Literal["bh1", "bh2"]) -> tuple[float, list[float]]:
     """B(h) and the right-hand side g_p(h) / B(h) of the order conditions R_p(h) a = g_p(h) / B(h) of UniC-p
     (the paper's Section 3; UniP-p uses the first p - 1 of them).
 
-    ``hh`` = -h, the step in -lambda (the data-prediction form). g_k = hh phi_{k+1}(hh) k! for k = 1 .. p, with
-    phi_1(z) = (e^z - 1) / z and phi_{k+1}(z) = (phi_k(z) - 1/k!) / z; R_p[k][m] = r_m^k (k = 0 .. p - 1)
-    over r_m = (lambda_{s_m} - lambda_{s_0}) / h of the earlier points and r_p = 1 (see :func:`sample_unipc`).
-    B(h) = hh ("bh1") or e^hh - 1 ("bh2").
+    ``hh`` = -h, the step in -lambda (the data-prediction form). g_k = hh phi_{k+1}(hh) k! for k = 1 .. p
+    (:func:`_h_phis`); R_p[k][m] = r_m^k (k = 0 .. p - 1) over r_m = (lambda_{s_m} - lambda_{s_0}) / h of the
+    earlier points and r_p = 1 (see :func:`sample_unipc`). B(h) = hh ("bh1") or e^hh - 1 ("bh2").
 
     >>> B, b = unipc_coefficients(1, -0.1, "bh1")
     >>> B, round(b[0], 6)                      # hh phi_2(hh) / hh, -> 1/2 as h -> 0
     (-0.1, 0.483742)
     """
-    if variant not in UNIPC_VARIANTS:
-        raise ArgumentError(f"UniPC variant must be 'bh1' or 'bh2', got {variant!r}")
+    if variant not in ("bh1", "bh2"):
+        raise ArgumentError(f"B(h) variant must be 'bh1' or 'bh2', got {variant!r}")
     B = hh if variant == "bh1" else math.expm1(hh)
-    b, phi = [], math.expm1(hh) / hh  # phi_1(hh)
-    for k in range(1, p + 1):
-        phi = (phi - 1.0 / math.factorial(k)) / hh  # phi_{k+1}(hh)
-        b.append(hh * phi * math.factorial(k) / B)
-    return B, b
+    return B, [g * math.factorial(k) / B for k, g in enumerate(_h_phis(p, hh), start=1)]
+
+
+def vary_coeff_coefficients(rs: list[float], hh: float) -> tuple[list[float], list[float]]:
+    """The weights a^P, a^C of the differences D_m in the "vary_coeff" variant, as A1111 (the UniPC authors'
+    ``multistep_uni_pc_vary_update``) computes them; B(h) = 1 in :func:`sample_unipc`'s update.
+
+    The Taylor form: with K = len(rs) + 1 points (r_K = 1, the new one) and C[m][k] = r_m^k / (k + 1)!, the
+    differences are D = C u + ..., u_k = h^(k+1) m^(k+1) (the (k+1)-th lambda-derivative of the data
+    prediction), and the exponential integrator adds -alpha_t sum_k g_k u_k, g_k = hh phi_{k+2}(hh). So:
+
+    - UniP: u = C_P^-1 D over the K - 1 earlier points, a^P = C_P^-T g[:K-1]. This is the solved
+      order condition of "bh1"/"bh2" times B(h) (those differ only in their fixed 1/2 for UniP-2 and UniC-1).
+    - UniC, **as A1111 runs it, not as the Taylor form gives it**: with A = C^-1 over all K points, A1111 sums
+      g_k A[k][m] over k < K - 1 for the earlier points (dropping row K - 1) and weights the new point's
+      difference by g_{K-1} A[max(K - 2, 0)][K - 1] alone. For K = 1 that is the Taylor form; for K >= 2 it is
+      not, and the step is then only first-order accurate (``tests/test_unipc.py`` measures the order). sdlite
+      keeps A1111's arithmetic so that its "vary_coeff" images match A1111's.
+
+    >>> a_p, a_c = vary_coeff_coefficients([], -0.1)     # K = 1: no predictor term; a^C = hh phi_2(hh)
+    >>> a_p, [round(a, 6) for a in a_c]
+    ([], [-0.048374])
+    """
+    K = len(rs) + 1
+    g = _h_phis(K, hh)  # g_k = hh phi_{k+2}(hh), k = 0 .. K - 1
+    f64 = torch.float64
+    C = torch.tensor([[r**k / math.factorial(k + 1) for k in range(K)] for r in rs + [1.0]], dtype=f64)
+    gt = torch.tensor(g, dtype=f64)
+    a_p = (gt[:K - 1] @ torch.linalg.inv(C[:-1, :-1])).tolist() if K > 1 else []
+    A = torch.linalg.inv(C)
+    a_c = (gt[:K - 1] @ A[:K - 1, :K - 1]).tolist() + [g[K - 1] * A[max(K - 2, 0), K - 1].item()]
+    return a_p, a_c
 
 
 def _solve(rs: list[float], b: list[float]) -> list[float]:
@@ -126,7 +167,7 @@ def unipc_time_grid(schedule: DiscreteSchedule, start: float, n: int, skip_type:
 @torch.no_grad()
 def sample_unipc(denoiser: Denoiser, x: torch.Tensor, timesteps: torch.Tensor, *,
                  generator: torch.Generator | None = None, callback: Callback | None = None, eta: float = 0.0,
-                 order: int = 3, variant: Literal["bh1", "bh2"] = "bh1",
+                 order: int = 3, variant: Literal["bh1", "bh2", "vary_coeff"] = "bh1",
                  lower_order_final: bool = True) -> torch.Tensor:
     """UniPC-p, multistep, data prediction m = x0(x_t, t), in lambda = log(alpha_t / sigma_t). With
     h = lambda_{t_i} - lambda_{t_{i-1}}, hh = -h, D_m = (m_{s_m} - m_{t_{i-1}}) / r_m over the previous points
@@ -140,15 +181,19 @@ def sample_unipc(denoiser: Denoiser, x: torch.Tensor, timesteps: torch.Tensor, *
     One model call per step: the corrector's m(x~_{t_i}, t_i), at the *predicted* point, is also the history
     value the next step uses (the paper's key to a free corrector). As A1111 (the UniPC authors' code) does:
 
-    - the first steps are warm-up steps of order 1, 2, ... (too few previous points), p = min(order, i);
-    - ``lower_order_final``: the last steps lower the order again, p = min(order, n + 1 - i), so the last
-      step is a first-order one;
+    - the first steps are warm-up steps of order 1, 2, ..., order - 1 (too few previous points), p = i;
+    - ``lower_order_final``: the steps after those lower the order again, p = min(order, n + 1 - i), so the
+      last step is a first-order one (with an order above 3 and few steps, a warm-up step can have a higher
+      order than ``lower_order_final`` would give it: A1111 applies it after the warm-up only, as here);
     - the last step has no corrector: its model call would only serve a next step;
     - a^P = 1/2 for UniP-2 and a^C = 1/2 for UniC-1, the limits h -> 0 of the solved values, instead of the
-      solution of the order conditions.
+      solution of the order conditions;
+    - ``variant="vary_coeff"``: B(h) = 1 and the a of :func:`vary_coeff_coefficients`, no fixed 1/2s.
 
     A1111 refuses fewer steps than ``order`` (an assertion); here the order is lowered to the step count,
     which is exactly what A1111 computes with its "UniPC order" option set to that count."""
+    if variant not in UNIPC_VARIANTS:
+        raise ArgumentError(f"UniPC variant must be one of {', '.join(UNIPC_VARIANTS)}, got {variant!r}")
     x = x.to(torch.promote_types(x.dtype, torch.float32))
     ts = [float(t) for t in (timesteps.tolist() if isinstance(timesteps, torch.Tensor) else timesteps)] + [0.0]
     n = len(ts) - 1
@@ -165,22 +210,25 @@ def sample_unipc(denoiser: Denoiser, x: torch.Tensor, timesteps: torch.Tensor, *
     # (time-point index, x0 estimate) of the last `order` points, newest last.
     history: list[tuple[int, torch.Tensor]] = [(0, data_prediction(x, 0))]
     for i in range(1, n + 1):
-        p = min(order, i, n + 1 - i) if lower_order_final else min(order, i)
+        p = min(order, n + 1 - i) if lower_order_final and i >= order else min(order, i)
         prev, m_prev = history[-1]
         h = lam[i] - lam[prev]
         older = history[-p:-1][::-1]  # the p - 1 points before t_{i-1}, nearest first
         rs = [(lam[j] - lam[prev]) / h for j, _ in older]
         D = [(m_j - m_prev) / r for (_, m_j), r in zip(older, rs)]
-        B, b = unipc_coefficients(p, -h, variant)
+        if variant == "vary_coeff":
+            B, (a_p, a_c) = 1.0, vary_coeff_coefficients(rs, -h)
+        else:
+            B, b = unipc_coefficients(p, -h, variant)
+            a_p = [] if p == 1 else [0.5] if p == 2 else _solve(rs, b[:-1])
+            a_c = [0.5] if p == 1 else _solve(rs + [1.0], b)
 
         x_1 = (sigma[i] / sigma[prev]) * x - (alpha[i] * math.expm1(-h)) * m_prev
-        a_p = [] if p == 1 else [0.5] if p == 2 else _solve(rs, b[:-1])
         x_pred = x_1 - (alpha[i] * B) * sum((a * d for a, d in zip(a_p, D)), torch.zeros_like(x))
         if i == n:
             x, denoised = x_pred, x_pred
         else:
             m_i = data_prediction(x_pred, i)
-            a_c = [0.5] if p == 1 else _solve(rs + [1.0], b)
             correction = sum((a * d for a, d in zip(a_c, D)), a_c[-1] * (m_i - m_prev))
             x = x_1 - (alpha[i] * B) * correction
             history = (history + [(i, m_i)])[-order:]
