@@ -30,7 +30,9 @@ from einops import rearrange
 from torch import nn
 
 from sdlite.config import UNetConfig
+from sdlite.errors import ArgumentError
 from sdlite.ops import Conv2d, GroupNorm, Linear, add_into, attention, gelu_product, linear, rowwise, upsample_conv
+from sdlite.unet import tome
 
 
 def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10000.0) -> torch.Tensor:
@@ -204,8 +206,12 @@ class BasicTransformerBlock(nn.Module):
         self.norm2 = nn.LayerNorm(dim)
         self.norm3 = nn.LayerNorm(dim)
 
-    def forward(self, x: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
-        x = x + self.attn1(self.norm1(x))  # a new tensor, so without autograd the next sums go into it
+    def forward(self, x: torch.Tensor, context: torch.Tensor, merging: tome.Merging | None = None) -> torch.Tensor:
+        if merging is None:
+            x = x + self.attn1(self.norm1(x))  # a new tensor, so without autograd the next sums go into it
+        else:  # token merging (sdlite.unet.tome): self-attention over the merged tokens, matched on x
+            merge = merging.match(x)
+            x = x + merge.unmerge(self.attn1(merge.merge(self.norm1(x))))
         x = add_into(x, self.attn2(self.norm2(x), context))
         return add_into(x, self.ff(self.norm3(x)))
 
@@ -219,11 +225,14 @@ class SpatialTransformer(nn.Module):
     """
 
     def __init__(
-        self, channels: int, heads: int, dim_head: int, depth: int, context_dim: int, use_linear: bool
+        self, channels: int, heads: int, dim_head: int, depth: int, context_dim: int, use_linear: bool,
+        top_level: bool = False,
     ) -> None:
         super().__init__()
         inner_dim = heads * dim_head
         self.use_linear = use_linear
+        self.top_level = top_level  # at the UNet's full latent resolution, where token merging applies
+        self.token_merging_ratio = 0.0  # set through UNetModel.token_merging_ratio
         self.norm = GroupNorm(32, channels, eps=1e-6)
         if use_linear:
             self.proj_in = Linear(channels, inner_dim)
@@ -253,8 +262,9 @@ class SpatialTransformer(nn.Module):
         x = rearrange(x, "b c h w -> b (h w) c").contiguous()
         if self.use_linear:
             x = self.proj_in(x)
+        merging = tome.Merging(h, w, self.token_merging_ratio) if self.token_merging_ratio else None
         for block in self.transformer_blocks:
-            x = block(x, context)
+            x = block(x, context, merging)
         if self.use_linear:
             x = self.proj_out(x)
         channels_last = x_in.is_contiguous(memory_format=torch.channels_last)
@@ -304,7 +314,8 @@ class UNetModel(nn.Module):
         def transformer(ch: int) -> SpatialTransformer:
             heads, dim_head = cfg.heads_and_dim(ch)
             return SpatialTransformer(
-                ch, heads, dim_head, cfg.transformer_depth, cfg.context_dim, cfg.use_linear_in_transformer
+                ch, heads, dim_head, cfg.transformer_depth, cfg.context_dim, cfg.use_linear_in_transformer,
+                top_level=ds == 1,
             )
 
         self.time_embed = nn.Sequential(
@@ -346,6 +357,22 @@ class UNetModel(nn.Module):
                 self.output_blocks.append(TimestepEmbedSequential(*layers))
 
         self.out = nn.Sequential(GroupNorm32(ch), nn.SiLU(), Conv2d(mc, cfg.out_channels, 3, padding=1))
+
+    @property
+    def token_merging_ratio(self) -> float:
+        """Token merging (ToMe, :mod:`sdlite.unet.tome`) before the self-attention of the top level: the
+        share of its tokens merged, 0 (off, the default) to 0.75. An approximation that trades detail for
+        speed, as the A1111 web UI's setting of that name."""
+        return next((m.token_merging_ratio for m in self.modules() if getattr(m, "top_level", False)), 0.0)
+
+    @token_merging_ratio.setter
+    def token_merging_ratio(self, ratio: float) -> None:
+        ratio = float(ratio)
+        if not 0.0 <= ratio <= 1.0 - 1.0 / tome.CELL**2:
+            raise ArgumentError(f"token_merging_ratio must be in [0, 0.75] (0: off), got {ratio}")
+        for m in self.modules():
+            if isinstance(m, SpatialTransformer) and m.top_level:
+                m.token_merging_ratio = ratio
 
     def forward(self, x: torch.Tensor, t: torch.Tensor | float, context: torch.Tensor) -> torch.Tensor:
         """Predict the noise (or v) in ``x`` at timestep ``t``.
