@@ -78,6 +78,10 @@ def _parser(img2img: bool) -> argparse.ArgumentParser:
     p.add_argument("--clip-skip", dest="clip_skip", type=int, default=1,
                    help="1 = the last CLIP layer (default); 2 = A1111's 'Clip skip 2' (the layer before it, "
                         "which many anime models were trained with); the model limits the largest value")
+    p.add_argument("--token-merging-ratio", dest="token_merging_ratio", type=float, default=0.0, metavar="R",
+                   help="token merging (ToMe, as A1111's setting): merge this share of the top level's tokens "
+                        "before its self-attention, 0 (off, default) to 0.75; faster, less detail "
+                        "(benchmarks/RESULTS.md has the speed)")
     p.add_argument("--low-memory", dest="low_memory", action="store_true",
                    help="chunked attention and tiled VAE decoding, for small GPUs (slightly slower)")
     p.add_argument("--compile", action="store_true",
@@ -240,6 +244,9 @@ def _run(args: argparse.Namespace, img2img: bool) -> int:
                         ("--clip-skip", args.clip_skip)):
             if v < 1:
                 raise ArgumentError(f"{name} must be ≥ 1, got {v}")
+        from .unet import tome
+
+        tome.check_ratio(args.token_merging_ratio)  # before the model loads
         seed = _first_seed(args, args.n_samples * args.n_iter * len(prompts))
         _check_outdir(args.outdir)
         devices.parse_device(args.device)  # a known device name, and one this machine has
@@ -264,7 +271,8 @@ def _run(args: argparse.Namespace, img2img: bool) -> int:
                 kwargs = dict(negative_prompt=args.negative_prompt, steps=args.steps, guidance_scale=args.scale,
                               width=args.W, height=args.H, seed=seed, sampler=sampler, schedule=args.schedule,
                               batch_size=args.n_samples, eta=args.eta, progress=not args.quiet,
-                              clip_skip=args.clip_skip, sampler_settings=settings)
+                              clip_skip=args.clip_skip, sampler_settings=settings,
+                              token_merging_ratio=args.token_merging_ratio)
                 if img2img:
                     images = pipe.img2img(args.init_img, prompt, strength=args.strength,
                                           resize_mode=args.resize_mode, **kwargs)

@@ -123,6 +123,7 @@ def generation_params(
     model_name: str | None = None,
     denoising_strength: float | None = None,
     clip_skip: int | None = None,
+    token_merging_ratio: float | None = None,
     eta: float | None = None,
     extra: Mapping[str, object] | None = None,
     version: str | None = None,
@@ -132,13 +133,15 @@ def generation_params(
     ``sampler`` and ``schedule`` are the A1111 labels ("DPM++ 2M", "Karras"); pass ``schedule=None``
     when the sampler's automatic schedule was used (A1111 then omits "Schedule type" and its parser
     reads the missing key as "Automatic"). ``seed`` is the seed of this very image (batch image i
-    uses seed + i). ``clip_skip`` is written only when > 1, as A1111 does. ``extra`` items go where
+    uses seed + i). ``clip_skip`` is written only when > 1, ``token_merging_ratio`` only when not 0, as A1111
+    does. ``extra`` items go where
     A1111 puts ``extra_generation_params``: after the fixed keys, before "Version" (an extra key
     equal to a fixed one replaces its value in place).
 
     >>> generation_params(steps=20, sampler="Euler a", cfg_scale=7.0, seed=1, width=512, height=512)
     {'Steps': 20, 'Sampler': 'Euler a', 'Schedule type': None, 'CFG scale': 7, 'Seed': 1, 'Size': '512x512', \
-'Model hash': None, 'Model': None, 'Denoising strength': None, 'Clip skip': None, 'Eta': None, 'Version': None}
+'Model hash': None, 'Model': None, 'Denoising strength': None, 'Clip skip': None, 'Token merging ratio': None, \
+'Eta': None, 'Version': None}
     """
     params: dict[str, object] = {
         "Steps": steps,
@@ -151,6 +154,7 @@ def generation_params(
         "Model": model_name,
         "Denoising strength": _ui_number(denoising_strength),
         "Clip skip": clip_skip if clip_skip is not None and clip_skip > 1 else None,
+        "Token merging ratio": token_merging_ratio or None,
         "Eta": _ui_number(eta),
     }
     # Like A1111's dict literal ``{..., **extra_generation_params, "Version": ...}``: an extra key

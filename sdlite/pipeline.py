@@ -29,6 +29,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import devices, ops
+from .unet import tome
 from .config import ModelConfig
 from .errors import ArgumentError, CheckpointError, GenerationError
 from .progress import ProgressBar
@@ -193,6 +194,8 @@ class Pipeline:
         ``out = out_uncond + s · (out_cond − out_uncond)``; cond and uncond run as one batch when they
         have the same length. ``f.with_uncond(x_in, t)`` gives ``(out, out_uncond)`` from the same call."""
         unet, dtype, graphs = self.unet, self.precision.weight_dtype, self._unet_graphs
+        if unet.token_merging_ratio:  # captured graphs hold the UNet without merging (and merging is untried in them)
+            graphs = None
         if graphs is not None:  # pipe.unet or pipe.precision may have been replaced since the capture
             graphs.follow(unet, self.precision)
 
@@ -239,17 +242,16 @@ class Pipeline:
                strength: float = 1.0,
                callback: StepCallback | None = None, progress: bool = False,
                step_hook: Callable[[int, float, torch.Tensor, torch.Tensor], Any] | None = None,
-               sampler_settings: Mapping[str, Any] | None = None) -> torch.Tensor:
+               sampler_settings: Mapping[str, Any] | None = None, token_merging_ratio: float = 0.0) -> torch.Tensor:
         """THE sampling loop shared by txt2img and img2img: noise (unit variance) → latent.
 
         ``generators``: one CPU generator per image for the samplers' own noise (ancestral/SDE steps),
-        as :func:`random_streams` returns them; None uses torch's global RNG. ``sampler_settings``: see
-        :meth:`txt2img`."""
+        as :func:`random_streams` returns them; None uses torch's global RNG. ``sampler_settings``,
+        ``token_merging_ratio``: see :meth:`txt2img` (the UNet's ratio is set for this loop only)."""
         from .schedulers import Denoiser, get_sampler
 
         spec = get_sampler(sampler)
         scale = spec.model_guidance_scale(guidance_scale)  # CFG++ divides it as A1111 does
-        denoiser = Denoiser(self._model_fn(cond, uncond, scale), self.schedule, self.config.prediction)
         levels = spec.levels(self.schedule, steps, schedule, strength=strength, settings=sampler_settings)
         bar = ProgressBar(spec.step_count(levels), "sampling", enabled=progress)
         stopped_at: list[torch.Tensor] = []
@@ -264,11 +266,17 @@ class Pipeline:
                 return False
             return None
 
-        with bar:
-            out = spec.sample(denoiser, noise.to(self.device, torch.float32), levels,
-                              init=None if init is None else init.to(self.device, torch.float32),
-                              generator=None if generators is None else list(generators), callback=on_step,
-                              eta=eta, settings=sampler_settings)
+        previous_ratio = self.unet.token_merging_ratio
+        self.unet.token_merging_ratio = token_merging_ratio  # checked there
+        try:
+            denoiser = Denoiser(self._model_fn(cond, uncond, scale), self.schedule, self.config.prediction)
+            with bar:
+                out = spec.sample(denoiser, noise.to(self.device, torch.float32), levels,
+                                  init=None if init is None else init.to(self.device, torch.float32),
+                                  generator=None if generators is None else list(generators), callback=on_step,
+                                  eta=eta, settings=sampler_settings)
+        finally:
+            self.unet.token_merging_ratio = previous_ratio
         # Stopped early, x still holds the noise of its level; the model's estimate of the clean
         # latent at that step is the usable picture (what the A1111 web UI returns on Interrupt).
         return stopped_at[0] if stopped_at else out
@@ -481,7 +489,8 @@ class Pipeline:
                 seed: int | None = None, sampler: str = "euler_a", schedule: str | None = None,
                 batch_size: int = 1, eta: float | None = None, latents: torch.Tensor | None = None,
                 callback: StepCallback | None = None, output_type: str = "pil", progress: bool = False,
-                clip_skip: int = 1, sampler_settings: Mapping[str, Any] | None = None) -> Any:
+                clip_skip: int = 1, sampler_settings: Mapping[str, Any] | None = None,
+                token_merging_ratio: float = 0.0) -> Any:
         """Generate images from text.
 
         ``seed=None`` or ``-1`` picks a random seed; image i of the batch uses ``seed + i``.
@@ -493,6 +502,9 @@ class Pipeline:
         last layer, 2 = the one before ("Clip skip 2"), ...
         ``sampler_settings``: A1111's sampler settings by their names (:data:`sdlite.schedulers.SAMPLER_SETTINGS`),
         e.g. ``{"uni_pc_order": 2, "beta_dist_alpha": 0.5}``; each applies only to its sampler or schedule.
+        ``token_merging_ratio``: token merging (ToMe, :mod:`sdlite.unet.tome`), the share of the top level's
+        tokens merged before its self-attention, 0 (off) to 0.75: faster, less detailed (A1111's setting;
+        recorded in the infotext when on).
         ``output_type``: ``"pil"`` (an :class:`Images` list), ``"np"`` (float array [B,H,W,3] in [0,1])
         or ``"latent"`` (the scaled latent tensor).
 
@@ -501,7 +513,8 @@ class Pipeline:
         return self._generate(prompt, negative_prompt, steps=steps, guidance_scale=guidance_scale, width=width,
                               height=height, seed=seed, sampler=sampler, schedule=schedule, batch_size=batch_size,
                               eta=eta, latents=latents, callback=callback, output_type=output_type,
-                              progress=progress, clip_skip=clip_skip, sampler_settings=sampler_settings)
+                              progress=progress, clip_skip=clip_skip, sampler_settings=sampler_settings,
+                              token_merging_ratio=token_merging_ratio)
 
     def img2img(self, image: Image.Image | str | Path | torch.Tensor, prompt: str | Sequence[str],
                 strength: float = 0.75, negative_prompt: str | Sequence[str] = "", steps: int = 20,
@@ -510,7 +523,7 @@ class Pipeline:
                 batch_size: int = 1, eta: float | None = None, latents: torch.Tensor | None = None,
                 callback: StepCallback | None = None, output_type: str = "pil", progress: bool = False,
                 clip_skip: int = 1, resize_mode: int | str = 0,
-                sampler_settings: Mapping[str, Any] | None = None) -> Any:
+                sampler_settings: Mapping[str, Any] | None = None, token_merging_ratio: float = 0.0) -> Any:
         """Redraw ``image`` under ``prompt``: encode it, noise it to ``strength`` of the way, denoise.
 
         ``strength`` in (0, 1]: 1 ignores the image, small values keep it. As in A1111, with
@@ -543,7 +556,8 @@ class Pipeline:
                               height=height, seed=seed, sampler=sampler, schedule=schedule, batch_size=batch_size,
                               eta=eta, latents=latents, callback=callback, output_type=output_type,
                               progress=progress, clip_skip=clip_skip, init_pixels=pixels, strength=float(strength),
-                              init_latent_resize=mode == LATENT, sampler_settings=sampler_settings)
+                              init_latent_resize=mode == LATENT, sampler_settings=sampler_settings,
+                              token_merging_ratio=token_merging_ratio)
 
     def _generate(self, prompt: str | Sequence[str], negative_prompt: str | Sequence[str], *, steps: int,
                   guidance_scale: float, width: int | None, height: int | None, seed: int | None, sampler: str,
@@ -551,7 +565,7 @@ class Pipeline:
                   callback: StepCallback | None, output_type: str, progress: bool, clip_skip: int,
                   init_pixels: torch.Tensor | None = None, strength: float = 1.0,
                   init_latent_resize: bool = False, step_hook: Callable | None = None,
-                  sampler_settings: Mapping[str, Any] | None = None) -> Any:
+                  sampler_settings: Mapping[str, Any] | None = None, token_merging_ratio: float = 0.0) -> Any:
         from .infotext import format_infotext, generation_params
         from .schedulers import check_sampler_settings, parse_sampler_and_schedule
 
@@ -581,6 +595,7 @@ class Pipeline:
             raise ArgumentError(f"{len(prompts)} prompts but {len(negatives)} negative prompts")
         if eta is not None and not float(eta) >= 0.0:  # also NaN
             raise ArgumentError(f"eta must be ≥ 0 (0: no added noise), got {eta}")
+        token_merging_ratio = tome.check_ratio(token_merging_ratio)
         if not 1 <= int(clip_skip) <= self.max_clip_skip:
             raise ArgumentError(f"clip_skip must be in [1, {self.max_clip_skip}] for this model's text encoder "
                                 f"(1 = its last layer), got {clip_skip}")
@@ -610,7 +625,7 @@ class Pipeline:
         out = self.sample(noise, cond, uncond, steps=int(steps), guidance_scale=float(guidance_scale),
                           sampler=spec.id, schedule=schedule_id, eta=eta, generators=generators, init=init,
                           strength=strength, callback=callback, progress=progress, step_hook=step_hook,
-                          sampler_settings=settings)
+                          sampler_settings=settings, token_merging_ratio=token_merging_ratio)
         if output_type == "latent":
             return out
         images = self.decode_latents(out).permute(0, 2, 3, 1).cpu().numpy()
@@ -626,7 +641,8 @@ class Pipeline:
                 model_hash=self.model_hash, model_name=self.name,
                 denoising_strength=strength if init is not None else None,
                 eta=eta if (eta is not None and spec.uses_eta and float(eta) != spec.default_eta) else None,
-                clip_skip=clip_skip if clip_skip > 1 else None, extra=_schedule_extra(label, settings),
+                clip_skip=clip_skip if clip_skip > 1 else None, token_merging_ratio=token_merging_ratio or None,
+                extra=_schedule_extra(label, settings),
                 version=VERSION,
             )
             text = format_infotext(prompts[i], negatives[i], params)

@@ -274,12 +274,19 @@ def test_each_batch_continues_the_seeds_of_the_last_one_across_iterations_and_pr
 def test_the_generation_flags_reach_the_pipeline_unchanged(in_tmp, monkeypatch):
     (kind, prompt, kw), = _calls(monkeypatch, [
         "--prompt", "a cat", "--negative-prompt", "blurry", "--plms", "--steps", "7", "--scale", "3.5",
-        "--H", "48", "--W", "64", "--clip-skip", "2", "--ddim_eta", "0.0", "--seed", "5"])
+        "--H", "48", "--W", "64", "--clip-skip", "2", "--ddim_eta", "0.0", "--seed", "5",
+        "--token-merging-ratio", "0.5"])
     assert (kind, prompt) == ("txt2img", "a cat")
     assert {k: kw[k] for k in ("negative_prompt", "sampler", "steps", "guidance_scale", "height", "width",
-                               "clip_skip", "eta", "seed", "batch_size")} == {
+                               "clip_skip", "eta", "seed", "batch_size", "token_merging_ratio")} == {
         "negative_prompt": "blurry", "sampler": "plms", "steps": 7, "guidance_scale": 3.5, "height": 48,
-        "width": 64, "clip_skip": 2, "eta": 0.0, "seed": 5, "batch_size": 1}
+        "width": 64, "clip_skip": 2, "eta": 0.0, "seed": 5, "batch_size": 1, "token_merging_ratio": 0.5}
+
+
+@pytest.mark.parametrize("value", ["-0.1", "0.8", "nan"])
+def test_a_token_merging_ratio_outside_0_to_0_75_is_rejected_before_loading(in_tmp, monkeypatch, capsys, value):
+    err = _rejected(monkeypatch, capsys, ["--prompt", "a cat", "--token-merging-ratio", value])
+    assert "token_merging_ratio must be a number in [0, 0.75] (0: off)" in err
 
 
 def test_img2img_passes_the_init_image_and_strength(in_tmp, monkeypatch):

@@ -80,17 +80,17 @@ def test_format_infotext_equals_a_hand_written_a1111_infotext():
 def test_generation_params_uses_a1111_key_order():
     params = generation_params(
         steps=30, sampler="DPM++ 2M", schedule="Karras", cfg_scale=7.5, seed=1, width=768, height=512,
-        model_hash="6ce0161689", model_name="v2-1_768", denoising_strength=0.75, clip_skip=2, eta=0.5,
-        extra={"Hires upscaler": "Latent"}, version="sdlite 0.1.0",
+        model_hash="6ce0161689", model_name="v2-1_768", denoising_strength=0.75, clip_skip=2,
+        token_merging_ratio=0.5, eta=0.5, extra={"Hires upscaler": "Latent"}, version="sdlite 0.1.0",
     )
     assert list(params) == [
         "Steps", "Sampler", "Schedule type", "CFG scale", "Seed", "Size", "Model hash", "Model",
-        "Denoising strength", "Clip skip", "Eta", "Hires upscaler", "Version",
+        "Denoising strength", "Clip skip", "Token merging ratio", "Eta", "Hires upscaler", "Version",
     ]
     assert format_infotext("p", "", params) == (
         "p\nSteps: 30, Sampler: DPM++ 2M, Schedule type: Karras, CFG scale: 7.5, Seed: 1, Size: 768x512, "
-        "Model hash: 6ce0161689, Model: v2-1_768, Denoising strength: 0.75, Clip skip: 2, Eta: 0.5, "
-        "Hires upscaler: Latent, Version: sdlite 0.1.0"
+        "Model hash: 6ce0161689, Model: v2-1_768, Denoising strength: 0.75, Clip skip: 2, Token merging ratio: 0.5, "
+        "Eta: 0.5, Hires upscaler: Latent, Version: sdlite 0.1.0"
     )
 
 
@@ -102,6 +102,11 @@ def test_format_infotext_drops_none_values_and_omits_empty_negative_line():
 
 def test_clip_skip_of_one_is_not_written():
     assert generation_params(steps=1, sampler="Euler", cfg_scale=1, seed=0, width=8, height=8, clip_skip=1)["Clip skip"] is None
+
+
+def test_token_merging_ratio_of_zero_is_not_written():
+    params = generation_params(steps=1, sampler="Euler", cfg_scale=1, seed=0, width=8, height=8, token_merging_ratio=0.0)
+    assert params["Token merging ratio"] is None
 
 
 def test_format_infotext_writes_a_value_equal_to_its_key_as_the_bare_key():

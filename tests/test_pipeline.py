@@ -300,6 +300,34 @@ def test_nan_that_survives_fp32_is_an_error_not_an_image(monkeypatch):
         pipe.txt2img("a cat", seed=1, steps=1)
 
 
+# -- token merging -------------------------------------------------------------------------
+
+def test_token_merging_changes_the_image_is_seeded_recorded_and_set_for_the_run_only(pipe, monkeypatch):
+    seen = []
+    real = pipe.unet.forward
+    monkeypatch.setattr(pipe.unet, "forward", lambda *a, **k: seen.append(pipe.unet.token_merging_ratio) or real(*a, **k))
+    kw = dict(seed=3, steps=3, sampler="Euler")
+    plain = pipe.txt2img("a cat", **kw)
+    merged = pipe.txt2img("a cat", token_merging_ratio=0.5, **kw)
+    again = pipe.txt2img("a cat", token_merging_ratio=0.5, **kw)
+    assert seen == [0.0] * 3 + [0.5] * 6 and pipe.unet.token_merging_ratio == 0.0
+    assert not np.array_equal(np.asarray(plain[0]), np.asarray(merged[0]))
+    assert np.array_equal(np.asarray(merged[0]), np.asarray(again[0]))
+    assert "Token merging ratio" not in plain.infotexts[0]
+    assert "Clip skip" not in merged.infotexts[0] and ", Token merging ratio: 0.5, Version: " in merged.infotexts[0]
+    assert parse_infotext(merged.infotexts[0])["Token merging ratio"] == "0.5"
+    out = pipe.img2img(plain[0], "a dog", strength=0.5, token_merging_ratio=0.25, **kw)
+    assert "Token merging ratio: 0.25" in out.infotexts[0] and seen[-1] == 0.25
+    assert pipe.unet.token_merging_ratio == 0.0
+
+
+@pytest.mark.parametrize("ratio", [-0.5, 0.76, "half", None])
+def test_a_bad_token_merging_ratio_is_refused_before_any_work(pipe, monkeypatch, ratio):
+    monkeypatch.setattr(pipe, "encode_prompts", lambda *a, **k: pytest.fail("encoded before checking"))
+    with pytest.raises(sdlite.ArgumentError, match=r"token_merging_ratio must be a number in \[0, 0.75\]"):
+        pipe.txt2img("a cat", seed=1, steps=1, token_merging_ratio=ratio)
+
+
 # -- sampler settings ----------------------------------------------------------------------
 
 def test_sampler_settings_reach_unipc_and_the_beta_schedule_and_the_beta_ones_the_infotext(pipe):

@@ -30,7 +30,6 @@ from einops import rearrange
 from torch import nn
 
 from sdlite.config import UNetConfig
-from sdlite.errors import ArgumentError
 from sdlite.ops import Conv2d, GroupNorm, Linear, add_into, attention, gelu_product, linear, rowwise, upsample_conv
 from sdlite.unet import tome
 
@@ -367,9 +366,7 @@ class UNetModel(nn.Module):
 
     @token_merging_ratio.setter
     def token_merging_ratio(self, ratio: float) -> None:
-        ratio = float(ratio)
-        if not 0.0 <= ratio <= 1.0 - 1.0 / tome.CELL**2:
-            raise ArgumentError(f"token_merging_ratio must be in [0, 0.75] (0: off), got {ratio}")
+        ratio = tome.check_ratio(ratio)
         for m in self.modules():
             if isinstance(m, SpatialTransformer) and m.top_level:
                 m.token_merging_ratio = ratio

@@ -27,6 +27,7 @@ which the web UI calls) is the same up to its unstable sort. ``ratio`` can go up
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -35,6 +36,25 @@ from sdlite.errors import ArgumentError
 
 # ToMe's 2x2 cells (``sx = sy = 2``): one destination per cell.
 CELL = 2
+
+
+# The largest ratio: every source merged (3 of the 4 tokens of a cell).
+MAX_RATIO = 1.0 - 1.0 / CELL**2
+
+
+def check_ratio(ratio: float) -> float:
+    """``ratio`` as a float in [0, MAX_RATIO], else an :class:`~sdlite.errors.ArgumentError`.
+
+    >>> check_ratio(0.5)
+    0.5
+    """
+    try:
+        value = float(ratio)
+    except (TypeError, ValueError):
+        value = math.nan
+    if not 0.0 <= value <= MAX_RATIO:
+        raise ArgumentError(f"token_merging_ratio must be a number in [0, {MAX_RATIO}] (0: off), got {ratio!r}")
+    return value
 
 
 @dataclass(frozen=True)
