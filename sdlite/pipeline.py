@@ -20,7 +20,7 @@ import math
 import random
 import warnings
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Iterator, Mapping, Sequence
 
 import numpy as np
 import torch
@@ -194,8 +194,8 @@ class Pipeline:
         ``out = out_uncond + s · (out_cond − out_uncond)``; cond and uncond run as one batch when they
         have the same length. ``f.with_uncond(x_in, t)`` gives ``(out, out_uncond)`` from the same call."""
         unet, dtype, graphs = self.unet, self.precision.weight_dtype, self._unet_graphs
-        if unet.token_merging_ratio:  # captured graphs hold the UNet without merging (and merging is untried in them)
-            graphs = None
+        if getattr(unet, "token_merging_ratio", 0.0):
+            graphs = None  # eager: a captured graph holds the UNet without merging (merging is untried in graphs)
         if graphs is not None:  # pipe.unet or pipe.precision may have been replaced since the capture
             graphs.follow(unet, self.precision)
 
@@ -266,20 +266,29 @@ class Pipeline:
                 return False
             return None
 
-        previous_ratio = self.unet.token_merging_ratio
-        self.unet.token_merging_ratio = token_merging_ratio  # checked there
-        try:
+        with self._token_merging(token_merging_ratio), bar:
             denoiser = Denoiser(self._model_fn(cond, uncond, scale), self.schedule, self.config.prediction)
-            with bar:
-                out = spec.sample(denoiser, noise.to(self.device, torch.float32), levels,
-                                  init=None if init is None else init.to(self.device, torch.float32),
-                                  generator=None if generators is None else list(generators), callback=on_step,
-                                  eta=eta, settings=sampler_settings)
-        finally:
-            self.unet.token_merging_ratio = previous_ratio
+            out = spec.sample(denoiser, noise.to(self.device, torch.float32), levels,
+                              init=None if init is None else init.to(self.device, torch.float32),
+                              generator=None if generators is None else list(generators), callback=on_step,
+                              eta=eta, settings=sampler_settings)
         # Stopped early, x still holds the noise of its level; the model's estimate of the clean
         # latent at that step is the usable picture (what the A1111 web UI returns on Interrupt).
         return stopped_at[0] if stopped_at else out
+
+    @contextlib.contextmanager
+    def _token_merging(self, ratio: float) -> Iterator[None]:
+        """The UNet's token merging ratio set to ``ratio`` for the ``with`` block, then restored. A stand-in
+        UNet without that setting (a plain function, in tests) runs as long as ``ratio`` is 0."""
+        previous = getattr(self.unet, "token_merging_ratio", 0.0)
+        if not (ratio or previous):
+            yield
+            return
+        self.unet.token_merging_ratio = ratio  # checked there
+        try:
+            yield
+        finally:
+            self.unet.token_merging_ratio = previous
 
     # -- latents ↔ images ----------------------------------------------------------------------
 
