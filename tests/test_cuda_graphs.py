@@ -135,6 +135,20 @@ def test_the_pipeline_loop_through_graphs_draws_the_same_image(pipe):
     assert abs(out - ref).max() == 0
 
 
+def test_with_token_merging_the_loop_runs_eagerly_and_uses_the_graphs_again_after(pipe):
+    """A graph captured without merging must not replay a merging run (and merging is untried in graphs)."""
+    ref = pipe.txt2img("a cat", seed=3, steps=2, output_type="np", token_merging_ratio=0.5)
+    pipe._unet_graphs = graphs = StandIn(pipe.unet, pipe.precision)
+    try:
+        out = pipe.txt2img("a cat", seed=3, steps=2, output_type="np", token_merging_ratio=0.5)
+        assert graphs.captures == 0 and not graphs.graphs
+        pipe.txt2img("a cat", seed=3, steps=2, output_type="np")
+        assert graphs.captures == 1
+    finally:
+        pipe._unet_graphs = None
+    assert abs(out - ref).max() == 0
+
+
 def test_graphs_follow_a_replaced_unet_and_precision(pipe, net):
     ref = pipe.txt2img("a cat", seed=3, steps=2, output_type="np")
     pipe._unet_graphs = graphs = StandIn(net, devices.Precision(torch.device("cpu"), torch.bfloat16))

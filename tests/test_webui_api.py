@@ -474,6 +474,40 @@ def test_sampler_settings_as_options_and_override_settings_reach_the_sampler_and
     assert "Beta schedule alpha: 0.5, Beta schedule beta: 0.6" in beta.images[0].info["parameters"]
 
 
+def test_token_merging_options_follow_a1111s_txt2img_and_img2img_rule(api, monkeypatch):
+    # A1111's Settings → Optimizations: token_merging_ratio for txt2img; img2img takes
+    # token_merging_ratio_img2img unless it is 0 or the request overrides token_merging_ratio.
+    seen = []
+    sample = Pipeline.sample
+    monkeypatch.setattr(Pipeline, "sample", lambda self, *a, **kw: seen.append(kw["token_merging_ratio"])
+                        or sample(self, *a, **kw))
+    url = api.baseurl
+    options = api.get_options()
+    assert [options[k] for k in ("token_merging_ratio", "token_merging_ratio_img2img", "token_merging_ratio_hr")] == [0, 0, 0]
+    r = requests.post(f"{url}/options", json={"token_merging_ratio_img2img": 0.9})
+    assert r.status_code == 400 and "token_merging_ratio_img2img must be a number in [0, 0.75]" in r.json()["detail"]
+    body = dict(prompt="x", seed=1, steps=1, **SIZE)
+    init = Image.new("RGB", (SIZE["width"], SIZE["height"]), (200, 30, 30))
+    plain = api.txt2img(**body)
+    assert seen[-1] == 0.0 and "Token merging" not in plain.images[0].info["parameters"]
+    merged = api.txt2img(override_settings={"token_merging_ratio": 0.5}, **body)
+    assert seen[-1] == 0.5 and "Token merging ratio: 0.5" in merged.images[0].info["parameters"]
+    assert api.get_options()["token_merging_ratio"] == 0  # the override is restored afterwards
+    try:
+        assert requests.post(f"{url}/options", json={"token_merging_ratio": 0.5}).status_code == 200
+        api.img2img(images=[init], **body)
+        assert seen[-1] == 0.5  # token_merging_ratio_img2img is 0: txt2img's
+        assert requests.post(f"{url}/options", json={"token_merging_ratio_img2img": 0.25}).status_code == 200
+        api.img2img(images=[init], **body)
+        assert seen[-1] == 0.25
+        api.img2img(images=[init], override_settings={"token_merging_ratio": 0.375}, **body)
+        assert seen[-1] == 0.375  # overridden in the request: that one
+        api.txt2img(**body)
+        assert seen[-1] == 0.5
+    finally:
+        requests.post(f"{url}/options", json={"token_merging_ratio": 0.0, "token_merging_ratio_img2img": 0.0})
+
+
 def test_enable_pnginfo_false_leaves_the_infotext_out_of_the_returned_png(api):
     try:
         assert requests.post(f"{api.baseurl}/options", json={"enable_pnginfo": False}).status_code == 200

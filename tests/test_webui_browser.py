@@ -183,6 +183,7 @@ def test_sampler_parameters_go_with_the_request_and_come_back_from_the_png_info(
         page.click("#sampler-parameters summary")
         page.fill("#CLIP_stop_at_last_layers", "2")
         page.fill("#beta_dist_alpha", "0.5")
+        page.fill("#token_merging_ratio", "0.5")
         page.select_option("#uni_pc_skip_type", "logSNR")
         page.uncheck("#uni_pc_lower_order_final")
         page.select_option("#sampler", "Euler")
@@ -193,15 +194,18 @@ def test_sampler_parameters_go_with_the_request_and_come_back_from_the_png_info(
         sent = request.value.post_data_json["override_settings"]
         assert sent == {"CLIP_stop_at_last_layers": 2, "uni_pc_order": 3, "uni_pc_variant": "bh1",
                         "uni_pc_skip_type": "logSNR", "uni_pc_lower_order_final": False,
-                        "beta_dist_alpha": 0.5, "beta_dist_beta": 0.6}
+                        "beta_dist_alpha": 0.5, "beta_dist_beta": 0.6, "token_merging_ratio": 0.5}
         expect(page.locator("#infotext")).to_contain_text("Beta schedule alpha: 0.5", timeout=60_000)
         assert "Clip skip: 2" in page.text_content("#infotext")
+        assert "Token merging ratio: 0.5" in page.text_content("#infotext")
         assert requests.get(f"{server.url}/sdapi/v1/options").json()["beta_dist_alpha"] == 0.6  # not kept
 
         page.fill("#CLIP_stop_at_last_layers", "1")
         page.fill("#beta_dist_alpha", "0.6")
+        page.fill("#token_merging_ratio", "0")
         page.click("#send-pnginfo")
         page.click("#png-send-txt2img")
         assert page.input_value("#CLIP_stop_at_last_layers") == "2"
         assert page.input_value("#beta_dist_alpha") == "0.5"
+        assert page.input_value("#token_merging_ratio") == "0.5"
         assert errors == []

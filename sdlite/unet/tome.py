@@ -42,8 +42,8 @@ CELL = 2
 MAX_RATIO = 1.0 - 1.0 / CELL**2
 
 
-def check_ratio(ratio: float) -> float:
-    """``ratio`` as a float in [0, MAX_RATIO], else an :class:`~sdlite.errors.ArgumentError`.
+def check_ratio(ratio: float, name: str = "token_merging_ratio") -> float:
+    """``ratio`` as a float in [0, MAX_RATIO], else an :class:`~sdlite.errors.ArgumentError` naming it ``name``.
 
     >>> check_ratio(0.5)
     0.5
@@ -53,7 +53,7 @@ def check_ratio(ratio: float) -> float:
     except (TypeError, ValueError):
         value = math.nan
     if not 0.0 <= value <= MAX_RATIO:
-        raise ArgumentError(f"token_merging_ratio must be a number in [0, {MAX_RATIO}] (0: off), got {ratio!r}")
+        raise ArgumentError(f"{name} must be a number in [0, {MAX_RATIO}] (0: off), got {ratio!r}")
     return value
 
 

@@ -57,6 +57,7 @@ from .. import infotext
 from ..errors import ArgumentError, CheckpointError, SdliteError
 from ..pipeline import BUNDLED_MODEL, VERSION, Pipeline, check_seed, load
 from ..resize import parse_resize_mode
+from ..unet import tome
 from ..schedulers import (
     SAMPLER_SETTINGS,
     SAMPLERS,
@@ -84,6 +85,8 @@ MAX_SIZE = 2048  # width/height, A1111's UI maximum
 MAX_STEPS = 150  # A1111's UI maximum
 MAX_BATCH_SIZE = 64
 MAX_N_ITER = 100
+# A1111's token merging settings (Settings → Optimizations): txt2img, img2img (0: as txt2img), the hires fix's.
+TOKEN_MERGING_OPTIONS = ("token_merging_ratio", "token_merging_ratio_img2img", "token_merging_ratio_hr")
 
 
 # =============================================================================================
@@ -477,6 +480,8 @@ class Engine:
             "live_previews_enable": True,
             # UniPC's options and the Beta schedule's shape, A1111's defaults (sdlite.schedulers.SAMPLER_SETTINGS)
             **{name: default for name, (_, _, default) in SAMPLER_SETTINGS.items()},
+            # Token merging (sdlite.unet.tome), A1111's Optimizations settings; "_hr" is stored only (no hires fix)
+            **{name: 0.0 for name in TOKEN_MERGING_OPTIONS},
         }
         self._current: Checkpoint | None = default
         self.closing = False  # set by shutdown (Ctrl-C, SIGTERM)
@@ -604,7 +609,8 @@ class Engine:
                               width=req.width, height=req.height, seed=seed + n * req.batch_size,
                               sampler=job.sampler.id, schedule=job.schedule, batch_size=req.batch_size,
                               eta=req.eta, callback=callback, clip_skip=job.clip_skip,
-                              sampler_settings={name: self._option(job, name) for name in SAMPLER_SETTINGS})
+                              sampler_settings={name: self._option(job, name) for name in SAMPLER_SETTINGS},
+                              token_merging_ratio=self._token_merging_ratio(job))
                 if job.kind == "img2img":
                     images += pipe.img2img(job.init_image, req.prompt, strength=strength,
                                            resize_mode=req.resize_mode, **kwargs)
@@ -622,6 +628,14 @@ class Engine:
     def _option(self, job: Job, key: str) -> Any:
         """The option ``key`` for this job: its ``override_settings`` value, else the server's current one."""
         return (job.request.override_settings or {}).get(key, self.options[key])
+
+    def _token_merging_ratio(self, job: Job) -> float:
+        """A1111's rule: txt2img takes ``token_merging_ratio``; img2img its own ``token_merging_ratio_img2img``
+        unless that is 0 or the request overrides ``token_merging_ratio``, then ``token_merging_ratio``."""
+        ratio = float(self._option(job, "token_merging_ratio"))
+        if job.kind == "img2img" and "token_merging_ratio" not in (job.request.override_settings or {}):
+            return float(self._option(job, "token_merging_ratio_img2img")) or ratio
+        return ratio
 
     def _save(self, job: Job, images: list[Image.Image]) -> None:
         """``save_images``: as A1111, into ``outputs/{txt2img,img2img}-images/`` under the server's working
@@ -682,6 +696,9 @@ def check_options(values: dict[str, Any]) -> None:
     if "CLIP_stop_at_last_layers" in values:
         _clip_skip(values["CLIP_stop_at_last_layers"])
     check_sampler_settings({k: v for k, v in values.items() if k in SAMPLER_SETTINGS})  # ArgumentError: a 400
+    for key in TOKEN_MERGING_OPTIONS:
+        if key in values:
+            tome.check_ratio(values[key], key)  # ArgumentError: a 400
 
 
 def _clip_skip(value: Any) -> int:

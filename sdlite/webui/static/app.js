@@ -94,6 +94,7 @@ function intOrNull(id) {
 const SETTINGS = {
   CLIP_stop_at_last_layers: "number", uni_pc_order: "number", uni_pc_variant: "text", uni_pc_skip_type: "text",
   uni_pc_lower_order_final: "bool", beta_dist_alpha: "number", beta_dist_beta: "number",
+  token_merging_ratio: "number",
 };
 
 function settingsFromForm() {
@@ -279,6 +280,7 @@ function applyParameters(p, tab) {
   setSetting("CLIP_stop_at_last_layers", p["Clip skip"] ?? 1);  // A1111 writes it only when it is not 1
   setSetting("beta_dist_alpha", p["Beta schedule alpha"]);
   setSetting("beta_dist_beta", p["Beta schedule beta"]);
+  setSetting("token_merging_ratio", p["Token merging ratio"] ?? 0);  // written only when merging was on
   const sampler = [...$("sampler").options].find((o) => o.value === p["Sampler"]);
   if (sampler) $("sampler").value = sampler.value;
   const sched = [...$("scheduler").options].find((o) => o.text === p["Schedule type"] || o.value === p["Schedule type"]);
