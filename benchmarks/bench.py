@@ -77,7 +77,7 @@ import sdlite.ops as ops  # noqa: E402
 from factory import random_state_dict  # noqa: E402
 import winograd  # noqa: E402  (benchmarks/winograd.py: a measured experiment, not part of sdlite)
 
-ROWS = ("text", "unet64", "unet32", "vae64", "txt2img", "load", "mem512", "vae2048", "bundled")
+ROWS = ("text", "unet64", "unet32", "tome64", "vae64", "txt2img", "load", "mem512", "vae2048", "bundled")
 QUICK_ROWS = ("text", "unet32", "txt2img", "load")
 PRECISIONS = ("fp32", "bf16", "autocast")
 PROMPT = "a photograph of an astronaut riding a horse"
@@ -510,6 +510,9 @@ def run_inprocess_rows(cfg: ModelConfig, precision: str, nets: dict, dnets: dict
         with_flops(row, key)
         out.append(row)
 
+    if "tome64" in rows:
+        out.append(token_merging_row(nets["unet"], dnets["unet"], cfg, precision, wdtype, w, r))
+
     if "vae64" in rows:
         z = torch.randn(1, cfg.vae.embed_dim, 64, 64, generator=gen).to(wdtype)
         vae, dvae = nets["vae"], dnets["vae"]
@@ -558,6 +561,52 @@ def run_inprocess_rows(cfg: ModelConfig, precision: str, nets: dict, dnets: dict
         out.append(row)
         del pipe, dpipe
     return out
+
+
+TOME_RATIO = 0.5
+
+
+def token_merging_row(unet: torch.nn.Module, dunet: torch.nn.Module, cfg: ModelConfig, precision: str,
+                      wdtype: torch.dtype, warmup: int, repeats: int) -> Row:
+    """The UNet step at 64x64 with token merging (ratio 0.5): sdlite against diffusers patched by ``tomesd``
+    with the A1111 web UI's settings (use_rand=False, self-attention only, top level only), and, alternating
+    in the same rounds, sdlite without merging (the speed-up merging gives, in the notes)."""
+    import tomesd
+
+    gen = torch.Generator().manual_seed(5)
+    x = torch.randn(2, cfg.unet.in_channels, 64, 64, generator=gen).to(wdtype)
+    ctx = torch.randn(2, cfg.text.max_length, cfg.unet.context_dim, generator=gen).to(wdtype)
+    t = torch.tensor([500.0, 500.0])
+
+    def ours(ratio: float) -> Callable[[], torch.Tensor]:
+        def call() -> torch.Tensor:
+            unet.token_merging_ratio = ratio
+            try:
+                with torch.no_grad(), autocast_ctx(precision):
+                    return unet(x, t, ctx)
+            finally:
+                unet.token_merging_ratio = 0.0
+        return call
+
+    def theirs() -> torch.Tensor:
+        with torch.no_grad(), autocast_ctx(precision):
+            return dunet(x, t, encoder_hidden_states=ctx).sample
+
+    tomesd.apply_patch(dunet, ratio=TOME_RATIO, use_rand=False, merge_attn=True, merge_crossattn=False,
+                       merge_mlp=False)
+    try:
+        times, last = alternate({"sdlite": ours(TOME_RATIO), "diffusers": theirs, "plain": ours(0.0)}, warmup,
+                                repeats)
+    finally:
+        tomesd.remove_patch(dunet)
+    plain = times.pop("plain")
+    row = Row(f"UNet step, batch 2, 64x64 latent, token merging {TOME_RATIO} (diffusers + tomesd)", "s", times)
+    speedup = statistics.median(plain) / statistics.median(times["sdlite"])
+    row.notes.append(f"max |Δ| / max |ref| = {rel_diff(last['sdlite'], last['diffusers']):.1e}")
+    row.notes.append(f"sdlite without merging {statistics.median(plain):.3f} s (median, same rounds): merging is "
+                     f"{speedup:.2f}x as fast; merging moves the output by max |Δ| / max |ref| = "
+                     f"{rel_diff(last['sdlite'], last['plain']):.1e}")
+    return row
 
 
 # ---------------------------------------------------------------------------------------------

@@ -33,6 +33,7 @@ from dataclasses import dataclass
 import torch
 
 from sdlite.errors import ArgumentError
+from sdlite.ops import linear
 
 # ToMe's 2x2 cells (``sx = sy = 2``): one destination per cell.
 CELL = 2
@@ -78,10 +79,16 @@ class TokenMerge:
     rows: int
 
     def merge(self, x: torch.Tensor) -> torch.Tensor:
-        """[B, N, C] -> [B, N - r, C]: the mean of the tokens of each slot."""
-        b, _, c = x.shape
-        out = x.new_zeros(b, self.rows, c)
-        return out.scatter_reduce_(1, self.slot[..., None].expand_as(x), x, reduce="mean", include_self=False)
+        """[B, N, C] -> [B, N - r, C]: the mean of the tokens of each slot.
+
+        As sums into the rows of all samples at once (``index_add_`` over [B * rows, C], each sample's slots
+        offset by its first row), then divided by the counts: the numbers of ``scatter_reduce(mean)``, at
+        1/16 of its time on a CPU (0.5 against 8 ms for SD1.5's top level at batch 2)."""
+        b, n, c = x.shape
+        flat = (self.slot + self.rows * torch.arange(b, device=x.device)[:, None]).flatten()
+        sums = x.new_zeros(b * self.rows, c).index_add_(0, flat, x.reshape(b * n, c))
+        counts = torch.bincount(flat, minlength=b * self.rows).to(x.dtype)
+        return sums.div_(counts[:, None]).view(b, self.rows, c)
 
     def unmerge(self, y: torch.Tensor) -> torch.Tensor:
         """[B, N - r, C] -> [B, N, C]: each token gets its slot's row."""
@@ -114,7 +121,9 @@ def match_tokens(x: torch.Tensor, h: int, w: int, r: int) -> TokenMerge:
     dst, src = partition(h, w, x.device)
     r = max(0, min(r, len(src)))
     unit = x / x.norm(dim=-1, keepdim=True)
-    similarity = unit[:, src] @ unit[:, dst].transpose(1, 2)  # [B, sources, destinations], cosine
+    # [B, sources, destinations], cosine; per sample through ops.linear (oneDNN's GEMM on the CPU: in fp32 half
+    # the time of a batched matmul, 10 against 20 ms at SD1.5's top level)
+    similarity = torch.stack([linear(unit[i, src], unit[i, dst]) for i in range(b)])
     best, partner = similarity.max(dim=-1)  # each source's most similar destination
     order = best.argsort(dim=-1, descending=True)  # the r most similar sources are merged
     merged, kept = order[:, :r], order[:, r:]
