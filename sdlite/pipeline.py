@@ -29,10 +29,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import devices, ops
-from .unet import tome
 from .config import ModelConfig
 from .errors import ArgumentError, CheckpointError, GenerationError
 from .progress import ProgressBar
+from .unet import tome
 
 if TYPE_CHECKING:  # for the annotation; the methods import the schedulers where they use them
     from .cuda_graphs import GraphedCall

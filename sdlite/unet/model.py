@@ -362,7 +362,8 @@ class UNetModel(nn.Module):
         """Token merging (ToMe, :mod:`sdlite.unet.tome`) before the self-attention of the top level: the
         share of its tokens merged, 0 (off, the default) to 0.75. An approximation that trades detail for
         speed, as the A1111 web UI's setting of that name."""
-        return next((m.token_merging_ratio for m in self.modules() if getattr(m, "top_level", False)), 0.0)
+        return next((m.token_merging_ratio for m in self.modules() if isinstance(m, SpatialTransformer) and m.top_level),
+                    0.0)
 
     @token_merging_ratio.setter
     def token_merging_ratio(self, ratio: float) -> None:

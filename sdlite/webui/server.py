@@ -57,7 +57,6 @@ from .. import infotext
 from ..errors import ArgumentError, CheckpointError, SdliteError
 from ..pipeline import BUNDLED_MODEL, VERSION, Pipeline, check_seed, load
 from ..resize import parse_resize_mode
-from ..unet import tome
 from ..schedulers import (
     SAMPLER_SETTINGS,
     SAMPLERS,
@@ -66,6 +65,7 @@ from ..schedulers import (
     check_sampler_settings,
     parse_sampler_and_schedule,
 )
+from ..unet import tome
 
 try:
     from fastapi import Depends, FastAPI, HTTPException, Request
