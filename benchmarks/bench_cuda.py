@@ -362,6 +362,12 @@ def lever_rows(cfg: Any, nets: dict, dnets: dict, device: torch.device, args: ar
          lambda: without_fused_group_norm(default))
     line("sdlite's fused GELU product in GEGLU (ops.FUSED_GELU; off by default until measured)",
          lambda: with_fused_gelu(default))
+    line("token merging 0.5 (an approximation; eager, as the pipeline runs it: no CUDA graphs)",
+         lambda: with_token_merging(unet, default))
+    if device.type == "cuda":
+        merged_graph = GraphedCall(unet, prec)
+        line("token merging 0.5 captured in a CUDA graph (the pipeline does not do this: untried)",
+             lambda: with_token_merging(unet, lambda: merged_graph(x, t, ctx)))
     if device.type == "cuda":
 
         # The sampling loop's host-to-device copies (per-step sigmas, timesteps, the noise of CPU
@@ -650,6 +656,16 @@ def with_fused_gelu(fn: Callable[[], Any]) -> Any:
     captured in here."""
     with patch.object(ops, "FUSED_GELU", ("cuda",)):
         return fn()
+
+
+def with_token_merging(unet: torch.nn.Module, fn: Callable[[], Any], ratio: float = 0.5) -> Any:
+    """``fn()`` with the UNet's token merging at ``ratio`` (sdlite.unet.tome), restored after. Its output
+    moves away from the default's: merging is an approximation (the notes give how far)."""
+    unet.token_merging_ratio = ratio
+    try:
+        return fn()
+    finally:
+        unet.token_merging_ratio = 0.0
 
 
 def group_norm_calls(module: torch.nn.Module, call: Callable[[], Any]) -> dict[tuple, list]:
