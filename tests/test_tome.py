@@ -52,6 +52,13 @@ def test_a_merged_token_is_the_mean_of_its_group_and_unmerge_copies_it_back():
     torch.testing.assert_close(m.unmerge(merged)[0, 2:], x[0, 2:])
 
 
+@pytest.mark.parametrize("h,w,r", [(1, 8, 4), (8, 1, 4), (4, 4, 0)])
+def test_nothing_is_merged_without_a_whole_cell_or_with_r_0(h, w, r):
+    x = torch.randn(2, h * w, 8)
+    m = tome.match_tokens(x, h, w, r)
+    assert m.rows == h * w and torch.equal(m.merge(x), x) and torch.equal(m.unmerge(x), x)
+
+
 @pytest.mark.parametrize("hw", [(16, 12), (10, 6)])
 @pytest.mark.parametrize("ratio", [0.3, 0.5, 0.75])
 def test_unet_with_token_merging_equals_diffusers_patched_by_tomesd(hw, ratio):
