@@ -580,12 +580,8 @@ def token_merging_row(unet: torch.nn.Module, dunet: torch.nn.Module, cfg: ModelC
 
     def ours(ratio: float) -> Callable[[], torch.Tensor]:
         def call() -> torch.Tensor:
-            unet.token_merging_ratio = ratio
-            try:
-                with torch.no_grad(), autocast_ctx(precision):
-                    return unet(x, t, ctx)
-            finally:
-                unet.token_merging_ratio = 0.0
+            with unet.token_merging(ratio), torch.no_grad(), autocast_ctx(precision):
+                return unet(x, t, ctx)
         return call
 
     def theirs() -> torch.Tensor:

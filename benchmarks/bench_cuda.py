@@ -661,11 +661,8 @@ def with_fused_gelu(fn: Callable[[], Any]) -> Any:
 def with_token_merging(unet: torch.nn.Module, fn: Callable[[], Any], ratio: float = 0.5) -> Any:
     """``fn()`` with the UNet's token merging at ``ratio`` (sdlite.unet.tome), restored after. Its output
     moves away from the default's: merging is an approximation (the notes give how far)."""
-    unet.token_merging_ratio = ratio
-    try:
+    with unet.token_merging(ratio):
         return fn()
-    finally:
-        unet.token_merging_ratio = 0.0
 
 
 def group_norm_calls(module: torch.nn.Module, call: Callable[[], Any]) -> dict[tuple, list]:

@@ -20,7 +20,7 @@ import math
 import random
 import warnings
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Iterator, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Mapping, Sequence
 
 import numpy as np
 import torch
@@ -276,19 +276,13 @@ class Pipeline:
         # latent at that step is the usable picture (what the A1111 web UI returns on Interrupt).
         return stopped_at[0] if stopped_at else out
 
-    @contextlib.contextmanager
-    def _token_merging(self, ratio: float) -> Iterator[None]:
-        """The UNet's token merging ratio set to ``ratio`` for the ``with`` block, then restored. A stand-in
-        UNet without that setting (a plain function, in tests) runs as long as ``ratio`` is 0."""
-        previous = getattr(self.unet, "token_merging_ratio", 0.0)
-        if not (ratio or previous):
-            yield
-            return
-        self.unet.token_merging_ratio = ratio  # checked there
-        try:
-            yield
-        finally:
-            self.unet.token_merging_ratio = previous
+    def _token_merging(self, ratio: float) -> contextlib.AbstractContextManager:
+        """The UNet's token merging ratio set to ``ratio`` for a ``with`` block, then restored
+        (:meth:`~sdlite.unet.UNetModel.token_merging`). A stand-in UNet without that setting (a plain
+        function, in tests) runs as long as ``ratio`` is 0."""
+        if not (ratio or getattr(self.unet, "token_merging_ratio", 0.0)):
+            return contextlib.nullcontext()
+        return self.unet.token_merging(ratio)  # the ratio is checked there
 
     # -- latents ↔ images ----------------------------------------------------------------------
 

@@ -115,6 +115,17 @@ def test_ratio_0_is_the_plain_unet_bit_for_bit_and_the_ratio_is_bounded():
     assert model.token_merging_ratio == 0.0
 
 
+def test_the_token_merging_context_restores_the_ratio_it_found_even_after_an_error():
+    model = tiny()
+    model.token_merging_ratio = 0.25
+    with model.token_merging(0.5):
+        assert model.token_merging_ratio == 0.5
+    assert model.token_merging_ratio == 0.25
+    with pytest.raises(RuntimeError), model.token_merging(0.0):
+        raise RuntimeError("interrupted")
+    assert model.token_merging_ratio == 0.25
+
+
 def test_token_merging_in_bf16_runs_in_bf16():
     model = tiny(dtype=torch.bfloat16)
     model.token_merging_ratio = 0.5

@@ -23,7 +23,9 @@ the input of one output block, which is why there are ``num_res_blocks + 1`` out
 
 from __future__ import annotations
 
+import contextlib
 import math
+from collections.abc import Iterator
 
 import torch
 from einops import rearrange
@@ -357,20 +359,31 @@ class UNetModel(nn.Module):
 
         self.out = nn.Sequential(GroupNorm32(ch), nn.SiLU(), Conv2d(mc, cfg.out_channels, 3, padding=1))
 
+    def _top_level_transformers(self) -> Iterator[SpatialTransformer]:
+        return (m for m in self.modules() if isinstance(m, SpatialTransformer) and m.top_level)
+
     @property
     def token_merging_ratio(self) -> float:
         """Token merging (ToMe, :mod:`sdlite.unet.tome`) before the self-attention of the top level: the
         share of its tokens merged, 0 (off, the default) to 0.75. An approximation that trades detail for
         speed, as the A1111 web UI's setting of that name."""
-        return next((m.token_merging_ratio for m in self.modules() if isinstance(m, SpatialTransformer) and m.top_level),
-                    0.0)
+        return next((m.token_merging_ratio for m in self._top_level_transformers()), 0.0)
 
     @token_merging_ratio.setter
     def token_merging_ratio(self, ratio: float) -> None:
         ratio = tome.check_ratio(ratio)
-        for m in self.modules():
-            if isinstance(m, SpatialTransformer) and m.top_level:
-                m.token_merging_ratio = ratio
+        for m in self._top_level_transformers():
+            m.token_merging_ratio = ratio
+
+    @contextlib.contextmanager
+    def token_merging(self, ratio: float) -> Iterator[None]:
+        """:attr:`token_merging_ratio` set to ``ratio`` for the ``with`` block, then restored."""
+        previous = self.token_merging_ratio
+        self.token_merging_ratio = ratio
+        try:
+            yield
+        finally:
+            self.token_merging_ratio = previous
 
     def forward(self, x: torch.Tensor, t: torch.Tensor | float, context: torch.Tensor) -> torch.Tensor:
         """Predict the noise (or v) in ``x`` at timestep ``t``.
