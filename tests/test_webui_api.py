@@ -449,13 +449,18 @@ def test_options_refuse_a_clip_skip_the_model_lacks_and_a_format_other_than_png_
         requests.post(f"{url}/options", json={"CLIP_stop_at_last_layers": 1})
 
 
+def sampling_argument(monkeypatch, name: str) -> list:
+    """The values of ``Pipeline.sample``'s keyword ``name``, one per call from here on (the call still runs)."""
+    seen = []
+    sample = Pipeline.sample
+    monkeypatch.setattr(Pipeline, "sample", lambda self, *a, **kw: seen.append(kw[name]) or sample(self, *a, **kw))
+    return seen
+
+
 def test_sampler_settings_as_options_and_override_settings_reach_the_sampler_and_the_infotext(api, monkeypatch):
     # A1111's Settings → Sampler parameters: UniPC's options and the Beta schedule's alpha and beta.
     # (tests/test_pipeline.py proves that the settings the pipeline gets change the sampling.)
-    seen = []
-    sample = Pipeline.sample
-    monkeypatch.setattr(Pipeline, "sample", lambda self, *a, **kw: seen.append(kw["sampler_settings"])
-                        or sample(self, *a, **kw))
+    seen = sampling_argument(monkeypatch, "sampler_settings")
     url = api.baseurl
     assert api.get_options()["uni_pc_order"] == 3 and api.get_options()["beta_dist_alpha"] == 0.6
     r = requests.post(f"{url}/options", json={"uni_pc_variant": "bh3"})
@@ -477,10 +482,7 @@ def test_sampler_settings_as_options_and_override_settings_reach_the_sampler_and
 def test_token_merging_options_follow_a1111s_txt2img_and_img2img_rule(api, monkeypatch):
     # A1111's Settings → Optimizations: token_merging_ratio for txt2img; img2img takes
     # token_merging_ratio_img2img unless it is 0 or the request overrides token_merging_ratio.
-    seen = []
-    sample = Pipeline.sample
-    monkeypatch.setattr(Pipeline, "sample", lambda self, *a, **kw: seen.append(kw["token_merging_ratio"])
-                        or sample(self, *a, **kw))
+    seen = sampling_argument(monkeypatch, "token_merging_ratio")
     url = api.baseurl
     options = api.get_options()
     assert [options[k] for k in ("token_merging_ratio", "token_merging_ratio_img2img", "token_merging_ratio_hr")] == [0, 0, 0]
