@@ -111,8 +111,10 @@ def test_attention_over_many_keys_by_gemm_equals_sdpa(shape, keys, chunk, monkey
 def test_bf16_attention_by_gemm_is_as_accurate_as_sdpas_bf16_kernel(heads, d, monkeypatch):
     # Scores and softmax in fp32, the probabilities rounded to bf16 for the product with v: the
     # arithmetic of SDPA's own bf16 kernel, so its mean error against fp64 must be no larger (the
-    # largest single error is a noisy statistic: 0.9-1.8x SDPA's on these shapes).
+    # largest single error is a noisy statistic: 0.9-1.8x SDPA's on these shapes). The GEMM path,
+    # not the C++ kernel that takes bf16 first where it is built (tests/test_cpu_kernels.py).
     monkeypatch.setattr(ops, "GEMM_ATTENTION_MIN_KEYS", 32)
+    monkeypatch.setattr(ops, "FUSED_ATTENTION", ())
     g = torch.Generator().manual_seed(7)
     q, k, v = (torch.randn(2, heads, 600, d, generator=g).bfloat16() for _ in range(3))
     exact = F.scaled_dot_product_attention(q.double(), k.double(), v.double())
@@ -141,6 +143,7 @@ def test_the_low_memory_query_chunk_never_makes_the_gemm_chunks_larger(monkeypat
 def test_attention_takes_the_gemm_path_only_for_many_keys_in_fp32_inference(monkeypatch):
     monkeypatch.setattr(ops, "ONEDNN_GEMM", frozenset({torch.float32, torch.bfloat16}))
     monkeypatch.setattr(ops, "GEMM_ATTENTION_MIN_KEYS", 64)
+    monkeypatch.setattr(ops, "FUSED_ATTENTION", ())  # bf16 would take the C++ kernel first where it is built
     seen = []
     monkeypatch.setattr(ops, "_attention_by_gemm", lambda q, k, v, c: seen.append(k.shape[-2]) or q)
     q = torch.randn(1, 2, 8, 4)

@@ -1,0 +1,190 @@
+"""sdlite's C++ bf16 attention kernel (sdlite/cpu_kernels.py, sdlite/csrc/attention_bf16.cpp):
+accuracy against an fp64 reference and against the GEMM path it replaces, the edge cases of its
+padding and blocking, independence from the thread count, when ops.attention takes it, and how it
+is built, cached and given up on."""
+
+import os
+import warnings
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from sdlite import cpu_kernels, ops
+
+needs_kernel = pytest.mark.skipif(not cpu_kernels.cpu_supported(), reason="the CPU has no AVX512-BF16")
+
+
+@pytest.fixture(scope="module")
+def kernel():
+    k = cpu_kernels.load()
+    assert k is not None, "this CPU has AVX512-BF16, so the kernel must build (is a C++ compiler installed?)"
+    return k
+
+
+def _qkv(b, heads, length, keys, d, seed, scale=1.0):
+    g = torch.Generator().manual_seed(seed)
+    q = (scale * torch.randn(b, length, heads, d, generator=g)).bfloat16().transpose(1, 2)  # the UNet's strided heads
+    k = (scale * torch.randn(b, keys, heads, d, generator=g)).bfloat16().transpose(1, 2)
+    v = torch.randn(b, heads, keys, d, generator=g).bfloat16()
+    return q, k, v
+
+
+def _errors(x, exact):
+    e = (x.double() - exact).abs()
+    return e.mean().item(), e.max().item()
+
+
+@needs_kernel
+@pytest.mark.parametrize("b, heads, length, keys, d", [
+    (1, 1, 1, 1, 1),        # one query, one key: the output is v
+    (1, 1, 5, 7, 3),        # odd head size and key count: the padded pairs
+    (2, 3, 37, 50, 40),     # rows not a multiple of the register tile (8) or the query block (32)
+    (1, 2, 100, 1031, 64),  # keys past the 48-key tiles
+    (2, 8, 64, 77, 160),    # the UNet's cross-attention at 8x8, widest heads (SD1.5)
+    (1, 1, 200, 200, 512),  # the VAE's single 512-wide head
+])
+def test_kernel_is_as_accurate_as_the_gemm_path_against_fp64(kernel, b, heads, length, keys, d, monkeypatch):
+    # Same arithmetic as the GEMM path (fp32 scores and softmax, probabilities rounded to bf16): the
+    # mean error against fp64 must be no larger (it is ~0.8x: the division by the row sum comes
+    # last, in fp32), and no single element further off than the GEMM path's worst plus one bf16
+    # step of the output.
+    q, k, v = _qkv(b, heads, length, keys, d, seed=length + keys + d)
+    exact = F.scaled_dot_product_attention(q.double(), k.double(), v.double())
+    ours = cpu_kernels.attention(kernel, q, k, v)
+    gemm = ops._attention_by_gemm(q.float(), k.float(), v, None).bfloat16()
+    assert ours.shape == exact.shape and ours.dtype == torch.bfloat16
+    (mean, worst), (gemm_mean, gemm_worst) = _errors(ours, exact), _errors(gemm, exact)
+    assert mean <= 1.05 * gemm_mean + 1e-6, (mean, gemm_mean)
+    assert worst <= gemm_worst + 2**-8 * exact.abs().max().item(), (worst, gemm_worst)
+
+
+@needs_kernel
+def test_one_key_gives_its_value_and_peaked_scores_stay_finite(kernel):
+    q, k, v = _qkv(1, 2, 9, 1, 40, seed=1)
+    assert torch.equal(cpu_kernels.attention(kernel, q, k, v), v.expand(1, 2, 9, 40))
+    # Scores of +-1000s: the softmax is one-hot up to rounding; nothing overflows.
+    q, k, v = _qkv(1, 2, 40, 100, 40, seed=2, scale=30.0)
+    exact = F.scaled_dot_product_attention(q.double(), k.double(), v.double())
+    ours = cpu_kernels.attention(kernel, q, k, v)
+    assert torch.isfinite(ours).all()
+    torch.testing.assert_close(ours.double(), exact, rtol=2**-7, atol=2**-7)
+
+
+@needs_kernel
+@pytest.mark.parametrize("keys", [1, 47, 48, 50, 95])
+def test_padded_keys_never_take_weight(kernel, keys):
+    # Every real score very negative and equal: the softmax is uniform, the output is the mean of v.
+    # A padded key (zeros: score 0) let into the softmax would take all the weight instead.
+    d = 40
+    q = torch.full((1, 1, 3, d), -4.0).bfloat16()
+    k = torch.full((1, 1, keys, d), 4.0).bfloat16()
+    v = torch.randn(1, 1, keys, d, generator=torch.Generator().manual_seed(keys)).bfloat16()
+    ours = cpu_kernels.attention(kernel, q, k, v)
+    torch.testing.assert_close(ours.float(), v.float().mean(2, keepdim=True).expand_as(ours), rtol=2**-7, atol=2e-2)
+
+
+@needs_kernel
+def test_a_nan_reaches_the_rows_it_touches(kernel):
+    # A NaN must not be hidden (sdlite reports NaN latents): in a query, that query's row is NaN;
+    # in a key, every row is.
+    q, k, v = _qkv(1, 1, 40, 60, 16, seed=3)
+    q[0, 0, 5, 3] = float("nan")
+    out = cpu_kernels.attention(kernel, q, k, v)
+    assert out[0, 0, 5].isnan().all() and not out[0, 0, torch.arange(40) != 5].isnan().any()
+    q, k, v = _qkv(1, 1, 40, 60, 16, seed=3)
+    k[0, 0, 17, 0] = float("nan")
+    assert cpu_kernels.attention(kernel, q, k, v).isnan().all()
+
+
+@needs_kernel
+def test_the_result_does_not_depend_on_the_thread_count(kernel):
+    q, k, v = _qkv(2, 3, 150, 300, 40, seed=4)
+    threads = torch.get_num_threads()
+    try:
+        outs = []
+        for n in (1, 2, 3):
+            torch.set_num_threads(n)
+            outs.append(cpu_kernels.attention(kernel, q, k, v))
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.equal(outs[0], outs[1]) and torch.equal(outs[0], outs[2])
+
+
+@needs_kernel
+def test_ops_attention_takes_the_kernel_for_bf16_cpu_inference_only(kernel, monkeypatch):
+    calls = []
+    real = cpu_kernels.attention
+    monkeypatch.setattr(cpu_kernels, "attention", lambda *a: calls.append(a[1].dtype) or real(*a))
+    q, k, v = _qkv(1, 2, 20, 30, 8, seed=5)
+    with torch.no_grad():
+        ops.attention(q, k, v)                                     # bf16: the kernel
+        ops.attention(q.float(), k.float(), v.float())             # fp32: not
+        ops.attention(q.transpose(-1, -2).contiguous().transpose(-1, -2), k, v)  # head dim strided: not
+        monkeypatch.setattr(ops, "FUSED_ATTENTION", ())
+        ops.attention(q, k, v)                                     # switched off: not
+    monkeypatch.setattr(ops, "FUSED_ATTENTION", ("cpu",))
+    ops.attention(q.clone().requires_grad_(), k, v)                # gradients recorded: not
+    assert calls == [torch.bfloat16]
+
+
+def test_supports_only_bf16_with_a_contiguous_head_dimension():
+    q = torch.zeros(1, 2, 3, 8, dtype=torch.bfloat16)
+    assert cpu_kernels.supports(q, q, q)
+    assert not cpu_kernels.supports(q.float(), q.float(), q.float())
+    assert not cpu_kernels.supports(q, q[:, :, :0], q[:, :, :0])  # no keys
+    assert not cpu_kernels.supports(q, q[..., :4], q)              # head sizes differ
+    wide = torch.zeros(1, 2, 3, 16, dtype=torch.bfloat16)[..., ::2]
+    assert not cpu_kernels.supports(wide, wide, wide)
+
+
+@needs_kernel
+def test_a_build_is_reused_and_a_changed_source_builds_anew(tmp_path, monkeypatch):
+    first = cpu_kernels.build(tmp_path)
+    stamp = first.stat().st_mtime_ns
+    assert cpu_kernels.build(tmp_path) == first and first.stat().st_mtime_ns == stamp
+    changed = tmp_path / "attention_bf16.cpp"
+    changed.write_text(cpu_kernels.SOURCE.read_text() + "\n// changed\n")
+    monkeypatch.setattr(cpu_kernels, "SOURCE", changed)
+    second = cpu_kernels.build(tmp_path)
+    assert second != first and second.exists()
+    assert not list(tmp_path.glob("*.partial"))
+
+
+def test_without_a_compiler_the_build_says_so_and_attention_falls_back(tmp_path, monkeypatch):
+    monkeypatch.setenv("CXX", str(tmp_path / "no-such-compiler"))
+    with pytest.raises(cpu_kernels.KernelUnavailable, match="no C\\+\\+ compiler"):
+        cpu_kernels.build(tmp_path)
+    monkeypatch.setattr(cpu_kernels, "cpu_supported", lambda: True)
+    cpu_kernels.load.cache_clear()
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            assert cpu_kernels.load() is None
+        assert any("runs through PyTorch's ops" in str(w.message) for w in caught)
+        q = torch.randn(1, 2, 20, 8).bfloat16()
+        with torch.no_grad():
+            out = ops.attention(q, q, q)  # the fallback path
+        torch.testing.assert_close(out.float(), F.scaled_dot_product_attention(q.float(), q.float(), q.float()),
+                                   rtol=2**-7, atol=2e-2)
+    finally:
+        cpu_kernels.load.cache_clear()
+
+
+def test_a_failing_compiler_leaves_no_partial_file(tmp_path, monkeypatch):
+    fake = tmp_path / "fake-cxx"
+    fake.write_text("#!/bin/sh\n[ \"$1\" = --version ] && echo fake 1.0 && exit 0\necho 'error: nope' >&2\nexit 1\n")
+    fake.chmod(0o755)
+    monkeypatch.setenv("CXX", str(fake))
+    with pytest.raises(cpu_kernels.KernelUnavailable, match="nope"):
+        cpu_kernels.build(tmp_path / "cache")
+    assert not [p for p in (tmp_path / "cache").iterdir()]
+
+
+def test_the_cache_folder_follows_the_environment(monkeypatch, tmp_path):
+    monkeypatch.setenv("SDLITE_CACHE_DIR", str(tmp_path / "a"))
+    assert cpu_kernels.cache_dir() == tmp_path / "a"
+    monkeypatch.delenv("SDLITE_CACHE_DIR")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    assert cpu_kernels.cache_dir() == tmp_path / "xdg" / "sdlite"
+    assert os.environ.get("SDLITE_CACHE_DIR") is None
