@@ -1034,6 +1034,38 @@ def network_levers(cfg: ModelConfig, nets: dict, repeats: int) -> str:
     return "\n".join(lines)
 
 
+def attention_kernel_levers(cfg: ModelConfig, nets: dict, repeats: int) -> str:
+    """Levers-table lines, bf16 weights: the UNet (batch 2, 64x64 and 32x32) and the VAE decoder with
+    attention through sdlite's C++ kernel (sdlite.cpu_kernels, the default where it builds) vs the
+    chunked-GEMM path it replaced."""
+    from sdlite import cpu_kernels
+
+    if cpu_kernels.load() is None:
+        return "| bf16 attention | sdlite's C++ kernel: not available on this machine (see the warning) | | | |"
+    gen = torch.Generator().manual_seed(3)
+    unet, vae = nets["unet"], nets["vae"]
+    ctx = torch.randn(2, cfg.text.max_length, cfg.unet.context_dim, generator=gen).bfloat16()
+    t = torch.tensor([500.0, 500.0])
+    calls = {f"UNet {hw}x{hw}, batch 2, bf16": (lambda x=torch.randn(2, cfg.unet.in_channels, hw, hw, generator=gen)
+                                                .bfloat16(): unet(x, t, ctx)) for hw in (64, 32)}
+    z = torch.randn(1, cfg.vae.embed_dim, 64, 64, generator=gen).bfloat16()
+    calls["VAE decode 64x64 -> 512x512, bf16"] = lambda: vae.decode(z)
+    lines = []
+    for name, call in calls.items():
+        def under(devices: tuple[str, ...], call: Callable[[], Any] = call) -> Callable[[], Any]:
+            def run() -> Any:
+                with patch.object(ops, "FUSED_ATTENTION", devices):
+                    return call()
+            return run
+        with torch.no_grad():
+            times, last = alternate({"default": under(()), "alternative": under(("cpu",))}, 1, repeats)
+        a, b = statistics.median(times["default"]), statistics.median(times["alternative"])
+        lines.append(f"| {name} | attention as chunked oneDNN GEMMs (fp32 scores, softmax, bf16 p·v) vs sdlite's C++ "
+                     f"kernel (sdlite.cpu_kernels, the default); max rel. diff {rel_diff(last['alternative'], last['default']):.0e} "
+                     f"| {a * 1e3:.0f} | {b * 1e3:.0f} | {a / b:.2f} |")
+    return "\n".join(lines)
+
+
 def compile_lever(cfg: ModelConfig, nets: dict, precision: str, repeats: int) -> str:
     """One levers-table line: the UNet (fp32 or bf16 weights) at 32x32, batch 2, eager vs
     ``nn.Module.compile`` (what ``Pipeline.compile`` does), with the first call's compile time."""
@@ -1317,7 +1349,7 @@ def main(argv: list[str] | None = None) -> None:
         profile_text = network_lever_text = compile_text = ""
         for precision in run_precisions:
             inproc = [r for r in prec_rows[precision] if r not in ("load", "mem512", "vae2048", "bundled")]
-            extras = ((precision == "fp32" and (args.profile or args.levers))
+            extras = ((precision == "fp32" and (args.profile or args.levers)) or (precision == "bf16" and args.levers)
                       or (args.compile and precision in ("fp32", "bf16")))
             if not (inproc or extras or (need_config and tokenizer is None)):
                 continue
@@ -1335,7 +1367,10 @@ def main(argv: list[str] | None = None) -> None:
                 profile_text = profile_unet(cfg, nets, dnets)
             if args.levers and precision == "fp32":
                 log("network levers")
-                network_lever_text = network_levers(cfg, nets, max(1, min(args.repeats, 3)))
+                network_lever_text += network_levers(cfg, nets, max(1, min(args.repeats, 3))) + "\n"
+            if args.levers and precision == "bf16":
+                log("bf16 attention kernel levers")
+                network_lever_text += attention_kernel_levers(cfg, nets, max(1, min(args.repeats, 3))) + "\n"
             if args.compile and precision in ("fp32", "bf16"):
                 log(f"{precision}: torch.compile")
                 compile_text += compile_lever(cfg, nets, precision, max(1, min(args.repeats, 3))) + "\n"
@@ -1360,7 +1395,7 @@ def main(argv: list[str] | None = None) -> None:
             log("levers")
             levers_text = levers_table(args.repeats)
             if network_lever_text:
-                levers_text = levers_text + "\n" + network_lever_text
+                levers_text = levers_text + "\n" + network_lever_text.rstrip("\n")
         if compile_text:
             header = "| case | comparison | default ms | alternative ms | speed-up |\n|---|---|---:|---:|---:|"
             levers_text = (levers_text or header) + "\n" + compile_text.rstrip("\n")

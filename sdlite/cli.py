@@ -92,9 +92,11 @@ def _parser(img2img: bool) -> argparse.ArgumentParser:
                    help="run the UNet eagerly on CUDA instead of replaying CUDA graphs (the default there: "
                         "faster, holds one UNet call's activations; see benchmarks/RESULTS-cuda.md)")
     p.add_argument("--no-fused-kernels", dest="fused_kernels", action="store_false",
-                   help="on CUDA, PyTorch's GroupNorm in place of sdlite's Triton kernels: no one-time build of "
-                        "those (~8 s on a new machine, ~0.5 s per process), but ~1.4x the time per 512x512 image "
-                        "on an H100 (benchmarks/RESULTS-cuda.md)")
+                   help="PyTorch's ops in place of sdlite's own kernels: on CUDA its GroupNorm instead of sdlite's "
+                        "Triton kernels (no one-time build of those, ~8 s on a new machine, ~0.5 s per process, "
+                        "but ~1.4x the time per 512x512 image on an H100: benchmarks/RESULTS-cuda.md); on a CPU "
+                        "with AVX512-BF16, bf16 attention without sdlite's C++ kernel (built once per machine, "
+                        "~1 s; without it a bf16 UNet step at 512x512 takes ~1.3x as long)")
     p.add_argument("--threads", type=int, default=None,
                    help="CPU threads for torch (default: torch's choice, one per core; 1 can be faster "
                         "when another program keeps a core busy)")
@@ -259,7 +261,7 @@ def _run(args: argparse.Namespace, img2img: bool) -> int:
         if not args.fused_kernels:
             from . import ops
 
-            ops.FUSED_GROUP_NORM = ops.FUSED_GELU = ()
+            ops.FUSED_GROUP_NORM = ops.FUSED_GELU = ops.FUSED_ATTENTION = ()
         precision = {"full": "fp32"}.get(args.precision, args.precision)
 
         t0 = time.perf_counter()

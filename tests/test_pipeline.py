@@ -612,14 +612,16 @@ def test_cli_passes_the_cuda_graphs_choice_to_load(monkeypatch, tmp_path, flag, 
     assert _load_kwargs_of_cli(monkeypatch, tmp_path, flag)["cuda_graphs"] is expected
 
 
-@pytest.mark.parametrize("flag, fused", [([], ("cuda",)), (["--no-fused-kernels"], ())])
-def test_cli_turns_sdlites_cuda_kernels_off_on_request(monkeypatch, tmp_path, flag, fused):
+@pytest.mark.parametrize("flag, off", [([], False), (["--no-fused-kernels"], True)])
+def test_cli_turns_sdlites_own_kernels_off_on_request(monkeypatch, tmp_path, flag, off):
     from sdlite import ops
 
     monkeypatch.setattr(ops, "FUSED_GROUP_NORM", ("cuda",))  # restored after the test
     monkeypatch.setattr(ops, "FUSED_GELU", ("cuda",))
+    monkeypatch.setattr(ops, "FUSED_ATTENTION", ("cpu",))
     _load_kwargs_of_cli(monkeypatch, tmp_path, flag)
-    assert ops.FUSED_GROUP_NORM == ops.FUSED_GELU == fused
+    assert ops.FUSED_GROUP_NORM == ops.FUSED_GELU == (() if off else ("cuda",))
+    assert ops.FUSED_ATTENTION == (() if off else ("cpu",))
 
 
 @pytest.mark.parametrize("quiet", [False, True])

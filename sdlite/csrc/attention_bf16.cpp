@@ -140,11 +140,18 @@ void sdlite_attention_bf16(const bf16 *q, const bf16 *k, const bf16 *v, bf16 *ou
             bf16 *kp = pack + bh * per_head, *vp = kp + kp_size;
             const bf16 *kk = k + b * k_strides[0] + h * k_strides[1];
             const bf16 *vv = v + b * v_strides[0] + h * v_strides[1];
-            memset(kp, 0, per_head * sizeof(bf16));
-            for (int64_t n = 0; n < N; n++)
-                for (int64_t c = 0; c < d; c++) kp[((c / 2) * n_pad + n) * 2 + c % 2] = kk[n * k_strides[2] + c];
-            for (int64_t n = 0; n < N; n++)
-                for (int64_t c = 0; c < d; c++) vp[((n / 2) * d_pad + c) * 2 + n % 2] = vv[n * v_strides[2] + c];
+            memset(kp, 0, per_head * sizeof(bf16));  // the pads
+            for (int64_t j = 0; j < d2; j++) {  // kp row j: the pair (2j, 2j + 1) of every key's channels
+                const int64_t pair = 2 * j + 1 < d ? 2 : 1;
+                for (int64_t n = 0; n < N; n++) memcpy(kp + (j * n_pad + n) * 2, kk + n * k_strides[2] + 2 * j, pair * sizeof(bf16));
+            }
+            for (int64_t j = 0; j < n2; j++) {  // vp row j: keys 2j and 2j + 1, interleaved channel by channel
+                const bf16 *even = vv + 2 * j * v_strides[2], *odd = even + v_strides[2];
+                bf16 *row = vp + j * d_pad * 2;
+                for (int64_t c = 0; c < d; c++) row[2 * c] = even[c];
+                if (2 * j + 1 < N)
+                    for (int64_t c = 0; c < d; c++) row[2 * c + 1] = odd[c];
+            }
         }
 
         // 2. One block of MB queries of one head per task; its buffers are this thread's.
