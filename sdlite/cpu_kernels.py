@@ -55,6 +55,11 @@ FLAGS = ("-O3", "-std=c++17", "-fPIC", "-shared", "-fopenmp", "-mavx512f", "-mav
 # Queries per task: their scores (fp32) and probabilities stay in a core's L2 cache for N keys up to
 # ~4096. 16 to 128 took the same time at 4096 tokens (session 19 micro-benchmark).
 QUERY_BLOCK = 32
+# Every task reads its head's packed keys and values whole, from the shared L3 cache while they fit
+# there. The VAE's single 512-wide head (4 bytes per key and channel packed) outgrows it on large
+# images: against the GEMM path, 1.7x as fast at 6400 tokens (12.5 MB), 1.06x at 9216 (18 MB),
+# 0.65x at 12544 (24.5 MB) on this project's 32 MB L3 (session 19). Larger heads take the GEMM path.
+MAX_PACKED_HEAD_BYTES = 16 * 2**20
 
 
 class KernelUnavailable(RuntimeError):
@@ -143,7 +148,8 @@ def load() -> _Kernel | None:
 
 def supports(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:
     """Whether :func:`attention` takes these: bf16 CPU tensors ``[B, H, L, d]``, ``[B, H, N, d]``
-    twice, one ``d``, each with its last dimension contiguous, at least one key."""
+    twice, one ``d``, each with its last dimension contiguous, at least one key. (Whether it is
+    faster there than the GEMM path is :func:`pays`.)"""
     return (
         q.device.type == "cpu" and q.dim() == 4
         and all(t.dtype == torch.bfloat16 and t.device == q.device and t.dim() == 4 and t.stride(-1) == 1
@@ -151,6 +157,12 @@ def supports(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:
         and q.shape[:2] == k.shape[:2] == v.shape[:2] and k.shape[2] == v.shape[2] > 0
         and q.shape[3] == k.shape[3] == v.shape[3] > 0
     )
+
+
+def pays(kernel: _Kernel, keys: int, d: int) -> bool:
+    """Whether the kernel is the faster path for heads of ``keys`` keys of width ``d``: while one
+    head's packed keys and values fit in ``MAX_PACKED_HEAD_BYTES``."""
+    return kernel.pack_elements(keys, d) * 2 <= MAX_PACKED_HEAD_BYTES
 
 
 def attention(kernel: _Kernel, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:

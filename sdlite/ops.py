@@ -92,7 +92,7 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, query_chunk: in
     """``[B, heads, L, d] x [B, heads, N, d] -> [B, heads, L, d]``; ``query_chunk`` queries at a time if set.
 
     bf16 on a CPU with AVX512-BF16 (``FUSED_ATTENTION``), without autograd and outside
-    ``torch.compile``: sdlite's C++ kernel (:mod:`sdlite.cpu_kernels`), both products at bf16 speed
+    ``torch.compile``, heads small enough (:func:`sdlite.cpu_kernels.pays`): sdlite's C++ kernel (:mod:`sdlite.cpu_kernels`), both products at bf16 speed
     with fp32 sums and the softmax in between while its block of scores is in the cache; the same
     arithmetic as the GEMM path below, 2.3-3x faster per call, the bf16 UNet 1.3x faster at 64x64
     latents (session 19). It never holds more than 32 rows of scores per thread, so
@@ -129,7 +129,8 @@ def _cpu_kernel_takes(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool
     takes, and the kernel built on this machine."""
     return (q.device.type in FUSED_ATTENTION and q.dtype == torch.bfloat16 and not torch.compiler.is_compiling()
             and not (torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad))
-            and cpu_kernels.supports(q, k, v) and cpu_kernels.load() is not None)
+            and cpu_kernels.supports(q, k, v) and cpu_kernels.load() is not None
+            and cpu_kernels.pays(cpu_kernels.load(), k.shape[-2], k.shape[-1]))
 
 
 # Self-attention with at least this many keys runs as chunked GEMMs on the CPU (see below).

@@ -128,6 +128,26 @@ def test_ops_attention_takes_the_kernel_for_bf16_cpu_inference_only(kernel, monk
     assert calls == [torch.bfloat16]
 
 
+@needs_kernel
+def test_heads_too_large_for_the_cache_take_the_gemm_path(kernel, monkeypatch):
+    # The VAE's 512-wide head at 4096 tokens (a 512x512 image) packs into 8.4 MB: the kernel; at
+    # 16384 tokens (1024x1024) into 34 MB, past MAX_PACKED_HEAD_BYTES: the GEMM path, faster there.
+    assert cpu_kernels.pays(kernel, 4096, 512) and not cpu_kernels.pays(kernel, 16384, 512)
+    assert cpu_kernels.pays(kernel, 16384, 40)  # the UNet's 1024x1024 self-attention: 1.3 MB a head
+    monkeypatch.setattr(cpu_kernels, "MAX_PACKED_HEAD_BYTES", kernel.pack_elements(100, 8) * 2)
+    calls = []
+    real = cpu_kernels.attention
+    monkeypatch.setattr(cpu_kernels, "attention", lambda *a: calls.append(a[2].shape[2]) or real(*a))
+    q = torch.randn(1, 1, 10, 8).bfloat16()
+    with torch.no_grad():
+        for keys in (100, 101, 150):
+            kv = torch.randn(1, 1, keys, 8).bfloat16()
+            out = ops.attention(q, kv, kv)
+            torch.testing.assert_close(out.float(), F.scaled_dot_product_attention(q.float(), kv.float(), kv.float()),
+                                       rtol=2**-7, atol=2e-2)
+    assert calls == [100]
+
+
 def test_supports_only_bf16_with_a_contiguous_head_dimension():
     q = torch.zeros(1, 2, 3, 8, dtype=torch.bfloat16)
     assert cpu_kernels.supports(q, q, q)
