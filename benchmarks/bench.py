@@ -1248,8 +1248,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--profile", action="store_true", help="add a torch.profiler table of one 32x32 UNet call per side")
     p.add_argument("--compile", action="store_true",
                    help="time torch.compile of the UNet at 32x32, fp32 and bf16 (levers-table lines)")
-    p.add_argument("--levers", action="store_true", help="add micro-benchmarks of backend choices (bf16: the CPU attention kernel on and off; fp32: "
-                   "(oneDNN vs im2col convs, channels_last, attention layout, 1x1 conv vs linear)")
+    p.add_argument("--levers", action="store_true", help="add micro-benchmarks of backend choices (fp32: oneDNN vs im2col convs, "
+                   "channels_last, attention layout, 1x1 conv vs linear; bf16: the CPU attention kernel on and off)")
     p.add_argument("--workdir", default=None, help="where the checkpoint and config folder go (default: a temp dir)")
     p.add_argument("--note", default="", help="a line printed in bold at the top of the report")
     p.add_argument("--out", default=str(ROOT / "benchmarks" / "RESULTS.md"), help="report path")
