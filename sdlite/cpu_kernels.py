@@ -1,6 +1,7 @@
-"""sdlite's own CPU kernel: bf16 attention on x86 CPUs with AVX512-BF16, in C++
-(``sdlite/csrc/attention_bf16.cpp``), built with the machine's C++ compiler the first time it is
-needed and loaded with :mod:`ctypes`. :func:`sdlite.ops.attention` calls :func:`attention`.
+"""sdlite's own CPU kernel: attention on x86 CPUs with AVX-512, in fp32, and in bf16 where the CPU
+has AVX512-BF16, in C++ (``sdlite/csrc/attention.cpp``), built with the machine's C++ compiler the
+first time it is needed and loaded with :mod:`ctypes`. :func:`sdlite.ops.attention` calls
+:func:`attention`.
 
 Why a kernel of our own. With bf16 weights, attention is the one part of the UNet that PyTorch
 cannot run at bf16 speed on a CPU. Its scores ``q kᵀ`` must stay in fp32 (rounded to bf16 they
@@ -15,20 +16,26 @@ softmax in the same pass, while one block of scores is in the cache. One self-at
 path, the cross-attention 3.0 against 9.3 ms, the VAE's 512-wide head 45 against 70 ms (session 19
 micro-benchmark; benchmarks/RESULTS.md has the whole UNet).
 
-The arithmetic is the same as the GEMM path's and PyTorch's own bf16 kernels: products of bf16
-numbers (exact in fp32) summed in fp32, softmax in fp32, the probabilities rounded to bf16 for
-their product with ``v``, and the output rounded once. Its error against an fp64 reference is
-slightly lower than the GEMM path's (the division by the row sum comes after the product, in
-fp32); the tests hold it to the GEMM path's error. Each output row is computed by one thread in a
-fixed order: results do not depend on the thread count.
+In fp32 the same fusion pays less but still pays: the GEMM path wrote each block of scores out and
+read it back for the softmax and for the second product. With the kernel's FMA loops in their place
+one self-attention of a 64x64 latent took 122 against 208-214 ms, the cross-attention 3.5 against
+8.6 ms (SDPA), 1024 tokens of 80 channels 13.4 against 19.7 ms (session 19).
+
+The arithmetic is the same as the GEMM path's and PyTorch's own kernels: sums in fp32 (for bf16,
+of exact products of bf16 numbers), softmax in fp32, for bf16 the probabilities rounded to bf16
+for their product with ``v``, and the output rounded once. In bf16 its error against an fp64
+reference is slightly lower than the GEMM path's (the division by the row sum comes after the
+product, in fp32), in fp32 about the same (the order of the sums differs); the tests hold it to
+the GEMM path's error. Each output row is computed by one thread in a fixed order: results do
+not depend on the thread count.
 
 Building. The first call on a machine compiles the kernel (under a second) into
 ``$SDLITE_CACHE_DIR`` (default ``$XDG_CACHE_HOME/sdlite``, else ``~/.cache/sdlite``), named by a
 hash of the source, the flags and the compiler, so a changed source or compiler builds anew and
 nothing stale is loaded. It needs a C++ compiler (``$CXX``, else ``c++``) with OpenMP: the
-``g++`` of any Linux distribution. Without one, or on a CPU without AVX512-BF16, or where the
-build fails, :func:`load` returns None, says why once (a warning), and attention runs through
-PyTorch's ops as before. The kernel runs on PyTorch's own OpenMP threads (``torch.get_num_threads()``).
+``g++`` of any Linux distribution. Without one, or where the build fails, :func:`load` returns
+None, says why once (a warning), and attention runs through PyTorch's ops as before; on a CPU
+without AVX-512 it is never built. The kernel runs on PyTorch's own OpenMP threads (``torch.get_num_threads()``).
 """
 
 from __future__ import annotations
@@ -49,16 +56,17 @@ import torch
 
 log = logging.getLogger("sdlite")
 
-SOURCE = Path(__file__).parent / "csrc" / "attention_bf16.cpp"
+SOURCE = Path(__file__).parent / "csrc" / "attention.cpp"
 FLAGS = ("-O3", "-std=c++17", "-fPIC", "-shared", "-fopenmp", "-mavx512f", "-mavx512bw", "-mavx512vl",
          "-mavx512dq", "-mavx512bf16", "-mfma")
 # Queries per task: their scores (fp32) and probabilities stay in a core's L2 cache for N keys up to
 # ~4096. 16 to 128 took the same time at 4096 tokens (session 19 micro-benchmark).
 QUERY_BLOCK = 32
 # Every task reads its head's packed keys and values whole, from the shared L3 cache while they fit
-# there. The VAE's single 512-wide head (4 bytes per key and channel packed) outgrows it on large
-# images: against the GEMM path, 1.7x as fast at 6400 tokens (12.5 MB), 1.06x at 9216 (18 MB),
-# 0.65x at 12544 (24.5 MB) on this project's 32 MB L3 (session 19). Larger heads take the GEMM path.
+# there. The VAE's single 512-wide head (4 bytes per key and channel packed in bf16, 8 in fp32)
+# outgrows it on large images: in bf16, against the GEMM path, 1.7x as fast at 6400 tokens
+# (12.5 MB), 1.06x at 9216 (18 MB), 0.65x at 12544 (24.5 MB) on this project's 32 MB L3; in fp32
+# 0.6-0.8x at 4096 tokens (16.8 MB) (session 19). Larger heads take the GEMM path.
 MAX_PACKED_HEAD_BYTES = 16 * 2**20
 
 
@@ -74,12 +82,17 @@ def cache_dir() -> Path:
     return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "sdlite"
 
 
-def cpu_supported() -> bool:
-    """Whether this CPU runs the kernel: x86-64 with AVX512-BF16 (PyTorch's own probe)."""
-    if platform.machine().lower() not in ("x86_64", "amd64"):
+def cpu_supported(dtype: torch.dtype = torch.float32) -> bool:
+    """Whether this CPU runs the kernel for ``dtype``: x86-64 with AVX-512 (F, BW, VL, DQ: PyTorch's
+    "AVX512" capability) for fp32, and AVX512-BF16 too for bf16 (PyTorch's own probes)."""
+    if platform.machine().lower() not in ("x86_64", "amd64") or dtype not in (torch.float32, torch.bfloat16):
         return False
-    probe = getattr(torch.cpu, "_is_avx512_bf16_supported", None)
-    return bool(probe and probe())
+    if torch.backends.cpu.get_cpu_capability() != "AVX512":
+        return False
+    if dtype == torch.bfloat16:
+        probe = getattr(torch.cpu, "_is_avx512_bf16_supported", None)
+        return bool(probe and probe())
+    return True
 
 
 def build(directory: Path | None = None) -> Path:
@@ -117,52 +130,56 @@ def build(directory: Path | None = None) -> Path:
 
 
 class _Kernel:
-    """The loaded library's three functions, with their C signatures."""
+    """The loaded library's functions, with their C signatures: the two sizes, and the kernel for
+    each dtype (``run[dtype]``)."""
 
     def __init__(self, library: Path):
         lib = ctypes.CDLL(str(library))
-        i64, ptr = ctypes.c_int64, ctypes.c_void_p
-        self.pack_elements = lib.sdlite_attention_bf16_pack_elements
-        self.pack_elements.argtypes, self.pack_elements.restype = [i64, i64], i64
-        self.scratch_bytes = lib.sdlite_attention_bf16_scratch_bytes
-        self.scratch_bytes.argtypes, self.scratch_bytes.restype = [i64, i64, i64], i64
-        self.run = lib.sdlite_attention_bf16
+        i64, ptr, c_int = ctypes.c_int64, ctypes.c_void_p, ctypes.c_int
+        self.pack_elements = lib.sdlite_attention_pack_elements  # (N, d, element bytes)
+        self.pack_elements.argtypes, self.pack_elements.restype = [i64, i64, c_int], i64
+        self.scratch_bytes = lib.sdlite_attention_scratch_bytes  # (N, d, queries per task, element bytes)
+        self.scratch_bytes.argtypes, self.scratch_bytes.restype = [i64, i64, i64, c_int], i64
+        self.run = {torch.bfloat16: lib.sdlite_attention_bf16, torch.float32: lib.sdlite_attention_fp32}
         strides = ctypes.POINTER(i64)
-        self.run.argtypes = [ptr] * 4 + [i64] * 5 + [strides] * 4 + [ctypes.c_float, i64, ctypes.c_int, ptr, ptr]
-        self.run.restype = None
+        for fn in self.run.values():
+            fn.argtypes = [ptr] * 4 + [i64] * 5 + [strides] * 4 + [ctypes.c_float, i64, c_int, ptr, ptr]
+            fn.restype = None
 
 
 @functools.cache
 def load() -> _Kernel | None:
     """The kernel, built if needed (see the module's text), or None where it cannot run here (said
     once, as a warning; PyTorch's ops run instead)."""
-    if not cpu_supported():
-        return None  # nothing to say: this CPU has no bf16 dot products, the fallback is the normal path
+    if not cpu_supported(torch.float32):
+        return None  # nothing to say: without AVX-512 the fallback is the normal path
     try:
         return _Kernel(build())
     except (KernelUnavailable, OSError) as e:
-        warnings.warn(f"sdlite's CPU attention kernel is not available ({e}); bf16 attention runs "
-                      f"through PyTorch's ops, ~2x slower", RuntimeWarning, stacklevel=2)
+        warnings.warn(f"sdlite's CPU attention kernel is not available ({e}); attention runs through "
+                      f"PyTorch's ops, 1.5-2.5x slower", RuntimeWarning, stacklevel=2)
         return None
 
 
 def supports(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:
-    """Whether :func:`attention` takes these: bf16 CPU tensors ``[B, H, L, d]``, ``[B, H, N, d]``
-    twice, one ``d``, each with its last dimension contiguous, at least one key. (Whether it is
-    faster there than the GEMM path is :func:`pays`.)"""
+    """Whether :func:`attention` takes these: CPU tensors ``[B, H, L, d]``, ``[B, H, N, d]`` twice,
+    all fp32 or all bf16 (:func:`cpu_supported` by this CPU), one ``d``, each with its last
+    dimension contiguous, at least one key. (Whether it is faster there than PyTorch's ops is
+    :func:`pays`.)"""
     return (
-        q.device.type == "cpu" and q.dim() == 4
-        and all(t.dtype == torch.bfloat16 and t.device == q.device and t.dim() == 4 and t.stride(-1) == 1
+        q.device.type == "cpu" and q.dim() == 4 and cpu_supported(q.dtype)
+        and all(t.dtype == q.dtype and t.device == q.device and t.dim() == 4 and t.stride(-1) == 1
                 for t in (q, k, v))
         and q.shape[:2] == k.shape[:2] == v.shape[:2] and k.shape[2] == v.shape[2] > 0
         and q.shape[3] == k.shape[3] == v.shape[3] > 0
     )
 
 
-def pays(kernel: _Kernel, keys: int, d: int) -> bool:
-    """Whether the kernel is the faster path for heads of ``keys`` keys of width ``d``: while one
-    head's packed keys and values fit in ``MAX_PACKED_HEAD_BYTES``."""
-    return kernel.pack_elements(keys, d) * 2 <= MAX_PACKED_HEAD_BYTES
+def pays(kernel: _Kernel, keys: int, d: int, dtype: torch.dtype) -> bool:
+    """Whether the kernel is the faster path for heads of ``keys`` keys of width ``d`` in ``dtype``:
+    while one head's packed keys and values fit in ``MAX_PACKED_HEAD_BYTES``."""
+    size = dtype.itemsize
+    return kernel.pack_elements(keys, d, size) * size <= MAX_PACKED_HEAD_BYTES
 
 
 def attention(kernel: _Kernel, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
@@ -174,11 +191,12 @@ def attention(kernel: _Kernel, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
     """
     b, h, length, d = q.shape
     n = k.shape[2]
+    size = q.element_size()
     out = torch.empty(b, length, h, d, dtype=q.dtype).transpose(1, 2)
     threads = torch.get_num_threads()
-    pack = torch.empty(b * h * kernel.pack_elements(n, d), dtype=torch.bfloat16)
-    scratch = torch.empty(threads * kernel.scratch_bytes(n, d, QUERY_BLOCK), dtype=torch.uint8)
+    pack = torch.empty(b * h * kernel.pack_elements(n, d, size), dtype=q.dtype)
+    scratch = torch.empty(threads * kernel.scratch_bytes(n, d, QUERY_BLOCK, size), dtype=torch.uint8)
     strides = [(ctypes.c_int64 * 3)(*t.stride()[:3]) for t in (q, k, v, out)]
-    kernel.run(q.data_ptr(), k.data_ptr(), v.data_ptr(), out.data_ptr(), b, h, length, n, d, *strides,
-               d**-0.5, QUERY_BLOCK, threads, pack.data_ptr(), scratch.data_ptr())
+    kernel.run[q.dtype](q.data_ptr(), k.data_ptr(), v.data_ptr(), out.data_ptr(), b, h, length, n, d, *strides,
+                        d**-0.5, QUERY_BLOCK, threads, pack.data_ptr(), scratch.data_ptr())
     return out

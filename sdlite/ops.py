@@ -1,9 +1,9 @@
 """The compute kernels the UNet and the VAE share, each with one performance or memory choice.
 
 :func:`attention` — scaled dot-product attention, optionally a slice of queries at a time (the
-low-memory option); on an x86 CPU, bf16 attention through sdlite's own C++ kernel
-(:mod:`sdlite.cpu_kernels`) where the CPU has AVX512-BF16, and the self-attention of large maps
-otherwise as chunked GEMMs (faster there than PyTorch's fused kernel). ``softmax(q kᵀ / √d) v`` is independent for every query row, so computing it for ``chunk``
+low-memory option); on an x86 CPU with AVX-512, fp32 and bf16 attention through sdlite's own C++
+kernel (:mod:`sdlite.cpu_kernels`), and elsewhere the self-attention of large maps as chunked
+GEMMs (faster there than PyTorch's fused kernel). ``softmax(q kᵀ / √d) v`` is independent for every query row, so computing it for ``chunk``
 queries at a time gives the same numbers while the ``[L, N]`` score matrix only ever exists for
 ``chunk`` rows. On a GPU whose SDPA falls back to the plain ("math") kernel — large
 head sizes such as the VAE's single 512-wide head, or older cards — this bounds the peak memory of
@@ -91,12 +91,12 @@ log = logging.getLogger("sdlite")
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, query_chunk: int | None = None) -> torch.Tensor:
     """``[B, heads, L, d] x [B, heads, N, d] -> [B, heads, L, d]``; ``query_chunk`` queries at a time if set.
 
-    bf16 on a CPU with AVX512-BF16 (``FUSED_ATTENTION``), without autograd and outside
-    ``torch.compile``, heads small enough (:func:`sdlite.cpu_kernels.pays`): sdlite's C++ kernel (:mod:`sdlite.cpu_kernels`), both products at bf16 speed
-    with fp32 sums and the softmax in between while its block of scores is in the cache; the same
-    arithmetic as the GEMM path below, 2.3-3x faster per call, the bf16 UNet 1.3x faster at 64x64
-    latents (session 19). It never holds more than 32 rows of scores per thread, so
-    ``query_chunk`` does not apply.
+    On an x86 CPU with AVX-512 (``FUSED_ATTENTION``), fp32 or bf16 (bf16 with AVX512-BF16), without
+    autograd, outside ``torch.compile`` and for heads small enough (:func:`sdlite.cpu_kernels.pays`):
+    sdlite's C++ kernel (:mod:`sdlite.cpu_kernels`), both products with fp32 sums and the softmax
+    in between while its block of scores is in the cache; the same arithmetic as the GEMM path
+    below. Per call 1.5-2.4x as fast in fp32 and 2.0-3.1x in bf16 (session 19). It never holds
+    more than 32 rows of scores per thread, so ``query_chunk`` does not apply.
 
     Otherwise, on the CPU, attention over at least ``GEMM_ATTENTION_MIN_KEYS`` keys (the self-attention of
     large maps) runs as :func:`_attention_by_gemm`: scores and softmax in fp32, half inputs
@@ -118,8 +118,9 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, query_chunk: in
     return torch.cat([F.scaled_dot_product_attention(qc, k, v) for qc in q.split(query_chunk, dim=-2)], dim=-2)
 
 
-# The device types on which bf16 attention runs through sdlite's own C++ kernel (sdlite.cpu_kernels),
-# where the CPU has AVX512-BF16 and a C++ compiler built it. ``()``: nowhere, the benchmarks' comparison.
+# The device types on which attention runs through sdlite's own C++ kernel (sdlite.cpu_kernels), where
+# the CPU has AVX-512 (and AVX512-BF16 for bf16) and a C++ compiler built it. ``()``: nowhere, the
+# benchmarks' comparison.
 FUSED_ATTENTION: tuple[str, ...] = ("cpu",)
 
 
@@ -127,10 +128,10 @@ def _cpu_kernel_takes(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool
     """Whether :func:`attention` runs on :mod:`sdlite.cpu_kernels`: the device type in
     ``FUSED_ATTENTION``, no gradient to record, not inside ``torch.compile``, tensors the kernel
     takes, and the kernel built on this machine."""
-    return (q.device.type in FUSED_ATTENTION and q.dtype == torch.bfloat16 and not torch.compiler.is_compiling()
+    return (q.device.type in FUSED_ATTENTION and not torch.compiler.is_compiling()
             and not (torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad))
             and cpu_kernels.supports(q, k, v) and cpu_kernels.load() is not None
-            and cpu_kernels.pays(cpu_kernels.load(), k.shape[-2], k.shape[-1]))
+            and cpu_kernels.pays(cpu_kernels.load(), k.shape[-2], k.shape[-1], q.dtype))
 
 
 # Self-attention with at least this many keys runs as chunked GEMMs on the CPU (see below).

@@ -1,4 +1,4 @@
-"""sdlite's C++ bf16 attention kernel (sdlite/cpu_kernels.py, sdlite/csrc/attention_bf16.cpp):
+"""sdlite's C++ attention kernel, fp32 and bf16 (sdlite/cpu_kernels.py, sdlite/csrc/attention.cpp):
 accuracy against an fp64 reference and against the GEMM path it replaces, the edge cases of its
 padding and blocking, independence from the thread count, when ops.attention takes it, and how it
 is built, cached and given up on."""
@@ -12,21 +12,25 @@ import torch.nn.functional as F
 
 from sdlite import cpu_kernels, ops
 
-needs_kernel = pytest.mark.skipif(not cpu_kernels.cpu_supported(), reason="the CPU has no AVX512-BF16")
+needs_kernel = pytest.mark.skipif(not cpu_kernels.cpu_supported(torch.float32), reason="the CPU has no AVX-512")
+# The dtypes this CPU runs it for: fp32 with AVX-512, bf16 with AVX512-BF16 too.
+DTYPES = [pytest.param(torch.float32, id="fp32"),
+          pytest.param(torch.bfloat16, id="bf16", marks=pytest.mark.skipif(
+              not cpu_kernels.cpu_supported(torch.bfloat16), reason="the CPU has no AVX512-BF16"))]
 
 
 @pytest.fixture(scope="module")
 def kernel():
     k = cpu_kernels.load()
-    assert k is not None, "this CPU has AVX512-BF16, so the kernel must build (is a C++ compiler installed?)"
+    assert k is not None, "this CPU has AVX-512, so the kernel must build (is a C++ compiler installed?)"
     return k
 
 
-def _qkv(b, heads, length, keys, d, seed, scale=1.0):
+def _qkv(b, heads, length, keys, d, seed, scale=1.0, dtype=torch.bfloat16):
     g = torch.Generator().manual_seed(seed)
-    q = (scale * torch.randn(b, length, heads, d, generator=g)).bfloat16().transpose(1, 2)  # the UNet's strided heads
-    k = (scale * torch.randn(b, keys, heads, d, generator=g)).bfloat16().transpose(1, 2)
-    v = torch.randn(b, heads, keys, d, generator=g).bfloat16()
+    q = (scale * torch.randn(b, length, heads, d, generator=g)).to(dtype).transpose(1, 2)  # the UNet's strided heads
+    k = (scale * torch.randn(b, keys, heads, d, generator=g)).to(dtype).transpose(1, 2)
+    v = torch.randn(b, heads, keys, d, generator=g).to(dtype)
     return q, k, v
 
 
@@ -44,27 +48,36 @@ def _errors(x, exact):
     (2, 8, 64, 77, 160),    # the UNet's cross-attention at 8x8, widest heads (SD1.5)
     (1, 1, 200, 200, 512),  # the VAE's single 512-wide head
 ])
-def test_kernel_is_as_accurate_as_the_gemm_path_against_fp64(kernel, b, heads, length, keys, d, monkeypatch):
-    # Same arithmetic as the GEMM path (fp32 scores and softmax, probabilities rounded to bf16): the
-    # mean error against fp64 must be no larger (it is ~0.8x: the division by the row sum comes
-    # last, in fp32), and no single element further off than the GEMM path's worst plus one bf16
-    # step of the output.
-    q, k, v = _qkv(b, heads, length, keys, d, seed=length + keys + d)
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_kernel_is_as_accurate_as_the_gemm_path_against_fp64(kernel, b, heads, length, keys, d, dtype):
+    # Same arithmetic as the GEMM path (fp32 sums, scores and softmax; for bf16 the probabilities
+    # rounded to bf16). In bf16 the mean error against fp64 must be no larger (it is ~0.8-0.95x: the
+    # division by the row sum comes last, in fp32) and no single element further off than the GEMM
+    # path's worst plus one bf16 step of the output; in fp32, where the two differ by the order of
+    # their sums, within 1.5x (measured 0.6-1.25x; 1.7x on the 5x7 case, 45 numbers) plus one fp32
+    # step, and a few fp32 steps.
+    q, k, v = _qkv(b, heads, length, keys, d, seed=length + keys + d, dtype=dtype)
     exact = F.scaled_dot_product_attention(q.double(), k.double(), v.double())
     ours = cpu_kernels.attention(kernel, q, k, v)
-    gemm = ops._attention_by_gemm(q.float(), k.float(), v, None).bfloat16()
-    assert ours.shape == exact.shape and ours.dtype == torch.bfloat16
+    gemm = ops._attention_by_gemm(q.float(), k.float(), v, None).to(dtype)
+    assert ours.shape == exact.shape and ours.dtype == dtype
     (mean, worst), (gemm_mean, gemm_worst) = _errors(ours, exact), _errors(gemm, exact)
-    assert mean <= 1.05 * gemm_mean + 1e-6, (mean, gemm_mean)
-    assert worst <= gemm_worst + 2**-8 * exact.abs().max().item(), (worst, gemm_worst)
+    scale = exact.abs().max().item()
+    if dtype == torch.bfloat16:
+        assert mean <= 1.05 * gemm_mean + 1e-6, (mean, gemm_mean)
+        assert worst <= gemm_worst + 2**-8 * scale, (worst, gemm_worst)
+    else:
+        assert mean <= 1.5 * gemm_mean + 2**-24 * scale, (mean, gemm_mean)
+        assert worst <= 2 * gemm_worst + 4 * 2**-24 * scale, (worst, gemm_worst)
 
 
 @needs_kernel
-def test_one_key_gives_its_value_and_peaked_scores_stay_finite(kernel):
-    q, k, v = _qkv(1, 2, 9, 1, 40, seed=1)
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_one_key_gives_its_value_and_peaked_scores_stay_finite(kernel, dtype):
+    q, k, v = _qkv(1, 2, 9, 1, 40, seed=1, dtype=dtype)
     assert torch.equal(cpu_kernels.attention(kernel, q, k, v), v.expand(1, 2, 9, 40))
     # Scores of +-1000s: the softmax is one-hot up to rounding; nothing overflows.
-    q, k, v = _qkv(1, 2, 40, 100, 40, seed=2, scale=30.0)
+    q, k, v = _qkv(1, 2, 40, 100, 40, seed=2, scale=30.0, dtype=dtype)
     exact = F.scaled_dot_product_attention(q.double(), k.double(), v.double())
     ours = cpu_kernels.attention(kernel, q, k, v)
     assert torch.isfinite(ours).all()
@@ -72,34 +85,37 @@ def test_one_key_gives_its_value_and_peaked_scores_stay_finite(kernel):
 
 
 @needs_kernel
+@pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("keys", [1, 47, 48, 50, 95])
-def test_padded_keys_never_take_weight(kernel, keys):
+def test_padded_keys_never_take_weight(kernel, keys, dtype):
     # Every real score very negative and equal: the softmax is uniform, the output is the mean of v.
     # A padded key (zeros: score 0) let into the softmax would take all the weight instead.
     d = 40
-    q = torch.full((1, 1, 3, d), -4.0).bfloat16()
-    k = torch.full((1, 1, keys, d), 4.0).bfloat16()
-    v = torch.randn(1, 1, keys, d, generator=torch.Generator().manual_seed(keys)).bfloat16()
+    q = torch.full((1, 1, 3, d), -4.0, dtype=dtype)
+    k = torch.full((1, 1, keys, d), 4.0, dtype=dtype)
+    v = torch.randn(1, 1, keys, d, generator=torch.Generator().manual_seed(keys)).to(dtype)
     ours = cpu_kernels.attention(kernel, q, k, v)
     torch.testing.assert_close(ours.float(), v.float().mean(2, keepdim=True).expand_as(ours), rtol=2**-7, atol=2e-2)
 
 
 @needs_kernel
-def test_a_nan_reaches_the_rows_it_touches(kernel):
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_a_nan_reaches_the_rows_it_touches(kernel, dtype):
     # A NaN must not be hidden (sdlite reports NaN latents): in a query, that query's row is NaN;
     # in a key, every row is.
-    q, k, v = _qkv(1, 1, 40, 60, 16, seed=3)
+    q, k, v = _qkv(1, 1, 40, 60, 16, seed=3, dtype=dtype)
     q[0, 0, 5, 3] = float("nan")
     out = cpu_kernels.attention(kernel, q, k, v)
     assert out[0, 0, 5].isnan().all() and not out[0, 0, torch.arange(40) != 5].isnan().any()
-    q, k, v = _qkv(1, 1, 40, 60, 16, seed=3)
+    q, k, v = _qkv(1, 1, 40, 60, 16, seed=3, dtype=dtype)
     k[0, 0, 17, 0] = float("nan")
     assert cpu_kernels.attention(kernel, q, k, v).isnan().all()
 
 
 @needs_kernel
-def test_the_result_does_not_depend_on_the_thread_count(kernel):
-    q, k, v = _qkv(2, 3, 150, 300, 40, seed=4)
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_the_result_does_not_depend_on_the_thread_count(kernel, dtype):
+    q, k, v = _qkv(2, 3, 150, 300, 40, seed=4, dtype=dtype)
     threads = torch.get_num_threads()
     try:
         outs = []
@@ -112,46 +128,54 @@ def test_the_result_does_not_depend_on_the_thread_count(kernel):
 
 
 @needs_kernel
-def test_ops_attention_takes_the_kernel_for_bf16_cpu_inference_only(kernel, monkeypatch):
+def test_ops_attention_takes_the_kernel_for_cpu_inference_only(kernel, monkeypatch):
     calls = []
     real = cpu_kernels.attention
     monkeypatch.setattr(cpu_kernels, "attention", lambda *a: calls.append(a[1].dtype) or real(*a))
-    q, k, v = _qkv(1, 2, 20, 30, 8, seed=5)
+    q, k, v = _qkv(1, 2, 20, 30, 8, seed=5, dtype=torch.float32)
     with torch.no_grad():
-        ops.attention(q, k, v)                                     # bf16: the kernel
-        ops.attention(q.float(), k.float(), v.float())             # fp32: not
+        ops.attention(q, k, v)                                     # fp32: the kernel
+        ops.attention(q.double(), k.double(), v.double())          # fp64: not
         ops.attention(q.transpose(-1, -2).contiguous().transpose(-1, -2), k, v)  # head dim strided: not
+        if cpu_kernels.cpu_supported(torch.bfloat16):
+            ops.attention(q.bfloat16(), k.bfloat16(), v.bfloat16())  # bf16: the kernel
         monkeypatch.setattr(ops, "FUSED_ATTENTION", ())
         ops.attention(q, k, v)                                     # switched off: not
     monkeypatch.setattr(ops, "FUSED_ATTENTION", ("cpu",))
     ops.attention(q.clone().requires_grad_(), k, v)                # gradients recorded: not
-    assert calls == [torch.bfloat16]
+    assert calls == [torch.float32] + [torch.bfloat16] * cpu_kernels.cpu_supported(torch.bfloat16)
 
 
 @needs_kernel
 def test_heads_too_large_for_the_cache_take_the_gemm_path(kernel, monkeypatch):
     # The VAE's 512-wide head at 4096 tokens (a 512x512 image) packs into 8.4 MB: the kernel; at
     # 16384 tokens (1024x1024) into 34 MB, past MAX_PACKED_HEAD_BYTES: the GEMM path, faster there.
-    assert cpu_kernels.pays(kernel, 4096, 512) and not cpu_kernels.pays(kernel, 16384, 512)
-    assert cpu_kernels.pays(kernel, 16384, 40)  # the UNet's 1024x1024 self-attention: 1.3 MB a head
-    monkeypatch.setattr(cpu_kernels, "MAX_PACKED_HEAD_BYTES", kernel.pack_elements(100, 8) * 2)
+    # In fp32 it packs twice as large: 16.8 MB at 4096 tokens, the GEMM path.
+    bf16, fp32 = torch.bfloat16, torch.float32
+    assert cpu_kernels.pays(kernel, 4096, 512, bf16) and not cpu_kernels.pays(kernel, 16384, 512, bf16)
+    assert cpu_kernels.pays(kernel, 2304, 512, fp32) and not cpu_kernels.pays(kernel, 4096, 512, fp32)
+    assert cpu_kernels.pays(kernel, 16384, 40, fp32)  # the UNet's 1024x1024 self-attention: 5.8 MB a head
+    monkeypatch.setattr(cpu_kernels, "MAX_PACKED_HEAD_BYTES", kernel.pack_elements(100, 8, 4) * 4)
     calls = []
     real = cpu_kernels.attention
     monkeypatch.setattr(cpu_kernels, "attention", lambda *a: calls.append(a[2].shape[2]) or real(*a))
-    q = torch.randn(1, 1, 10, 8).bfloat16()
+    q = torch.randn(1, 1, 10, 8)
     with torch.no_grad():
         for keys in (100, 101, 150):
-            kv = torch.randn(1, 1, keys, 8).bfloat16()
+            kv = torch.randn(1, 1, keys, 8)
             out = ops.attention(q, kv, kv)
             torch.testing.assert_close(out.float(), F.scaled_dot_product_attention(q.float(), kv.float(), kv.float()),
                                        rtol=2**-7, atol=2e-2)
     assert calls == [100]
 
 
-def test_supports_only_bf16_with_a_contiguous_head_dimension():
+@needs_kernel
+def test_supports_fp32_and_bf16_with_a_contiguous_head_dimension():
     q = torch.zeros(1, 2, 3, 8, dtype=torch.bfloat16)
-    assert cpu_kernels.supports(q, q, q)
-    assert not cpu_kernels.supports(q.float(), q.float(), q.float())
+    assert cpu_kernels.supports(q, q, q) == cpu_kernels.cpu_supported(torch.bfloat16)
+    assert cpu_kernels.supports(q.float(), q.float(), q.float())
+    assert not cpu_kernels.supports(q.double(), q.double(), q.double())
+    assert not cpu_kernels.supports(q.half(), q.half(), q.half())
     assert not cpu_kernels.supports(q, q[:, :, :0], q[:, :, :0])  # no keys
     assert not cpu_kernels.supports(q, q[..., :4], q)              # head sizes differ
     wide = torch.zeros(1, 2, 3, 16, dtype=torch.bfloat16)[..., ::2]
@@ -163,7 +187,7 @@ def test_a_build_is_reused_and_a_changed_source_builds_anew(tmp_path, monkeypatc
     first = cpu_kernels.build(tmp_path)
     stamp = first.stat().st_mtime_ns
     assert cpu_kernels.build(tmp_path) == first and first.stat().st_mtime_ns == stamp
-    changed = tmp_path / "attention_bf16.cpp"
+    changed = tmp_path / "attention.cpp"
     changed.write_text(cpu_kernels.SOURCE.read_text() + "\n// changed\n")
     monkeypatch.setattr(cpu_kernels, "SOURCE", changed)
     second = cpu_kernels.build(tmp_path)
@@ -175,14 +199,14 @@ def test_without_a_compiler_the_build_says_so_and_attention_falls_back(tmp_path,
     monkeypatch.setenv("CXX", str(tmp_path / "no-such-compiler"))
     with pytest.raises(cpu_kernels.KernelUnavailable, match="no C\\+\\+ compiler"):
         cpu_kernels.build(tmp_path)
-    monkeypatch.setattr(cpu_kernels, "cpu_supported", lambda: True)
+    monkeypatch.setattr(cpu_kernels, "cpu_supported", lambda dtype=torch.float32: True)
     cpu_kernels.load.cache_clear()
     try:
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
             assert cpu_kernels.load() is None
         assert any("runs through PyTorch's ops" in str(w.message) for w in caught)
-        q = torch.randn(1, 2, 20, 8).bfloat16()
+        q = torch.randn(1, 2, 20, 8)
         with torch.no_grad():
             out = ops.attention(q, q, q)  # the fallback path
         torch.testing.assert_close(out.float(), F.scaled_dot_product_attention(q.float(), q.float(), q.float()),

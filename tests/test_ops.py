@@ -94,6 +94,7 @@ def test_bf16_linear_and_conv_through_onednn_match_pytorchs_native_bf16_kernels(
                                                ((1, 1, 300, 4), 9000, None)])  # default chunks: 128, 128, 44
 def test_attention_over_many_keys_by_gemm_equals_sdpa(shape, keys, chunk, monkeypatch):
     monkeypatch.setattr(ops, "GEMM_ATTENTION_MIN_KEYS", 32)  # small tensors through the GEMM path
+    monkeypatch.setattr(ops, "FUSED_ATTENTION", ())  # not the C++ kernel (tests/test_cpu_kernels.py)
     g = torch.Generator().manual_seed(6)
     b, heads, length, d = shape
     q = torch.randn(b, length, heads, d, generator=g).transpose(1, 2)  # the UNet's strided heads
