@@ -64,10 +64,12 @@ FLAGS = ("-O3", "-std=c++17", "-fPIC", "-shared", "-fopenmp", "-mavx512f", "-mav
 QUERY_BLOCK = 32
 # Every task reads its head's packed keys and values whole, from the shared L3 cache while they fit
 # there. The VAE's single 512-wide head (4 bytes per key and channel packed in bf16, 8 in fp32)
-# outgrows it on large images: in bf16, against the GEMM path, 1.7x as fast at 6400 tokens
-# (12.5 MB), 1.06x at 9216 (18 MB), 0.65x at 12544 (24.5 MB) on this project's 32 MB L3; in fp32
-# 0.6-0.8x at 4096 tokens (16.8 MB) (session 19). Larger heads take the GEMM path.
-MAX_PACKED_HEAD_BYTES = 16 * 2**20
+# outgrows it on large images. Against the GEMM path, on this project's 32 MB L3 (session 19): in
+# bf16 1.5x as fast at 4096 tokens (8 MB), 1.7x at 6400 (12.5 MB), 1.06x at 9216 (18 MB), 0.65x at
+# 12544 (24.5 MB); in fp32, which does half the arithmetic per byte read, 1.26x at 1024 tokens
+# (4.1 MB), 1.02x at 2304 (9.0 MB), 0.94x at 3136 (12.3 MB), 0.58x at 4096 (16.1 MB). Larger heads
+# take the GEMM path.
+MAX_PACKED_HEAD_BYTES: dict[torch.dtype, int] = {torch.bfloat16: 16 * 2**20, torch.float32: 8 * 2**20}
 
 
 class KernelUnavailable(RuntimeError):
@@ -179,7 +181,7 @@ def pays(kernel: _Kernel, keys: int, d: int, dtype: torch.dtype) -> bool:
     """Whether the kernel is the faster path for heads of ``keys`` keys of width ``d`` in ``dtype``:
     while one head's packed keys and values fit in ``MAX_PACKED_HEAD_BYTES``."""
     size = dtype.itemsize
-    return kernel.pack_elements(keys, d, size) * size <= MAX_PACKED_HEAD_BYTES
+    return kernel.pack_elements(keys, d, size) * size <= MAX_PACKED_HEAD_BYTES[dtype]
 
 
 def attention(kernel: _Kernel, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:

@@ -150,12 +150,13 @@ def test_ops_attention_takes_the_kernel_for_cpu_inference_only(kernel, monkeypat
 def test_heads_too_large_for_the_cache_take_the_gemm_path(kernel, monkeypatch):
     # The VAE's 512-wide head at 4096 tokens (a 512x512 image) packs into 8.4 MB: the kernel; at
     # 16384 tokens (1024x1024) into 34 MB, past MAX_PACKED_HEAD_BYTES: the GEMM path, faster there.
-    # In fp32 it packs twice as large: 16.8 MB at 4096 tokens, the GEMM path.
+    # In fp32 it packs twice as large and the limit is 8 MB: 256x256 images (1024 tokens, 4.1 MB) take
+    # the kernel, 384x384 (2304 tokens, 9.0 MB) the GEMM path.
     bf16, fp32 = torch.bfloat16, torch.float32
     assert cpu_kernels.pays(kernel, 4096, 512, bf16) and not cpu_kernels.pays(kernel, 16384, 512, bf16)
-    assert cpu_kernels.pays(kernel, 2304, 512, fp32) and not cpu_kernels.pays(kernel, 4096, 512, fp32)
-    assert cpu_kernels.pays(kernel, 16384, 40, fp32)  # the UNet's 1024x1024 self-attention: 5.8 MB a head
-    monkeypatch.setattr(cpu_kernels, "MAX_PACKED_HEAD_BYTES", kernel.pack_elements(100, 8, 4) * 4)
+    assert cpu_kernels.pays(kernel, 1024, 512, fp32) and not cpu_kernels.pays(kernel, 2304, 512, fp32)
+    assert cpu_kernels.pays(kernel, 16384, 40, fp32)  # the UNet's 1024x1024 self-attention: 5.5 MB a head
+    monkeypatch.setitem(cpu_kernels.MAX_PACKED_HEAD_BYTES, fp32, kernel.pack_elements(100, 8, 4) * 4)
     calls = []
     real = cpu_kernels.attention
     monkeypatch.setattr(cpu_kernels, "attention", lambda *a: calls.append(a[2].shape[2]) or real(*a))

@@ -176,8 +176,10 @@ def test_spatial_transformer_returns_the_memory_layout_it_was_given(layout: torc
 def test_unet_inference_sums_in_place_without_changing_the_result(monkeypatch) -> None:
     # Without autograd the ResBlocks and transformer blocks write SiLU and their residual sums into
     # tensors they have just made; with autograd they keep the originals for the backward pass.
-    # PyTorch's kernels on both sides (oneDNN's GEMM is only taken without autograd): same numbers.
+    # PyTorch's kernels on both sides (oneDNN's GEMM and sdlite's CPU attention kernel are only
+    # taken without autograd): same numbers.
     monkeypatch.setattr(ops, "ONEDNN_GEMM", frozenset())
+    monkeypatch.setattr(ops, "FUSED_ATTENTION", ())
     model = tiny()
     x, t, context = torch.randn(2, 4, 8, 8), torch.tensor([10, 500]), torch.randn(2, 77, 32)
     with torch.no_grad():
