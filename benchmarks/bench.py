@@ -1034,22 +1034,24 @@ def network_levers(cfg: ModelConfig, nets: dict, repeats: int) -> str:
     return "\n".join(lines)
 
 
-def attention_kernel_levers(cfg: ModelConfig, nets: dict, repeats: int) -> str:
-    """Levers-table lines, bf16 weights: the UNet (batch 2, 64x64 and 32x32) and the VAE decoder with
-    attention through sdlite's C++ kernel (sdlite.cpu_kernels, the default where it builds) vs the
-    chunked-GEMM path it replaced."""
+def attention_kernel_levers(cfg: ModelConfig, nets: dict, precision: str, repeats: int) -> str:
+    """Levers-table lines, fp32 or bf16 weights: the UNet (batch 2, 64x64 and 32x32) and the VAE
+    decoder with attention through sdlite's C++ kernel (sdlite.cpu_kernels, the default where it
+    builds) vs the chunked-GEMM path and SDPA it replaced."""
     from sdlite import cpu_kernels
 
-    if cpu_kernels.load() is None:
-        return "| bf16 attention | sdlite's C++ kernel: not available on this machine (see the warning) | | | |"
+    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[precision]
+    if cpu_kernels.load() is None or not cpu_kernels.cpu_supported(dtype):
+        return f"| {precision} attention | sdlite's C++ kernel: not available on this machine | | | |"
     gen = torch.Generator().manual_seed(3)
     unet, vae = nets["unet"], nets["vae"]
-    ctx = torch.randn(2, cfg.text.max_length, cfg.unet.context_dim, generator=gen).bfloat16()
+    ctx = torch.randn(2, cfg.text.max_length, cfg.unet.context_dim, generator=gen).to(dtype)
     t = torch.tensor([500.0, 500.0])
-    calls = {f"UNet {hw}x{hw}, batch 2, bf16": (lambda x=torch.randn(2, cfg.unet.in_channels, hw, hw, generator=gen)
-                                                .bfloat16(): unet(x, t, ctx)) for hw in (64, 32)}
-    z = torch.randn(1, cfg.vae.embed_dim, 64, 64, generator=gen).bfloat16()
-    calls["VAE decode 64x64 -> 512x512, bf16"] = lambda: vae.decode(z)
+    calls = {f"UNet {hw}x{hw}, batch 2, {precision}": (lambda x=torch.randn(2, cfg.unet.in_channels, hw, hw, generator=gen)
+                                                       .to(dtype): unet(x, t, ctx)) for hw in (64, 32)}
+    z = torch.randn(1, cfg.vae.embed_dim, 64, 64, generator=gen).to(dtype)
+    calls[f"VAE decode 64x64 -> 512x512, {precision}"] = lambda: vae.decode(z)
+    what = "fp32 scores, softmax, bf16 p·v" if precision == "bf16" else "fp32"
     lines = []
     for name, call in calls.items():
         def under(devices: tuple[str, ...], call: Callable[[], Any] = call) -> Callable[[], Any]:
@@ -1060,8 +1062,8 @@ def attention_kernel_levers(cfg: ModelConfig, nets: dict, repeats: int) -> str:
         with torch.no_grad():
             times, last = alternate({"default": under(()), "alternative": under(("cpu",))}, 1, repeats)
         a, b = statistics.median(times["default"]), statistics.median(times["alternative"])
-        lines.append(f"| {name} | attention as chunked oneDNN GEMMs (fp32 scores, softmax, bf16 p·v) vs sdlite's C++ "
-                     f"kernel (sdlite.cpu_kernels, the default); max rel. diff {rel_diff(last['alternative'], last['default']):.0e} "
+        lines.append(f"| {name} | attention as chunked oneDNN GEMMs ({what}) and SDPA vs sdlite's C++ kernel "
+                     f"(sdlite.cpu_kernels, the default); max rel. diff {rel_diff(last['alternative'], last['default']):.0e} "
                      f"| {a * 1e3:.0f} | {b * 1e3:.0f} | {a / b:.2f} |")
     return "\n".join(lines)
 
@@ -1349,7 +1351,7 @@ def main(argv: list[str] | None = None) -> None:
         profile_text = network_lever_text = compile_text = ""
         for precision in run_precisions:
             inproc = [r for r in prec_rows[precision] if r not in ("load", "mem512", "vae2048", "bundled")]
-            extras = ((precision == "fp32" and (args.profile or args.levers)) or (precision == "bf16" and args.levers)
+            extras = ((precision == "fp32" and args.profile) or (precision in ("fp32", "bf16") and args.levers)
                       or (args.compile and precision in ("fp32", "bf16")))
             if not (inproc or extras or (need_config and tokenizer is None)):
                 continue
@@ -1368,9 +1370,9 @@ def main(argv: list[str] | None = None) -> None:
             if args.levers and precision == "fp32":
                 log("network levers")
                 network_lever_text += network_levers(cfg, nets, max(1, min(args.repeats, 3))) + "\n"
-            if args.levers and precision == "bf16":
-                log("bf16 attention kernel levers")
-                network_lever_text += attention_kernel_levers(cfg, nets, max(1, min(args.repeats, 3))) + "\n"
+            if args.levers and precision in ("fp32", "bf16"):
+                log(f"{precision}: attention kernel levers")
+                network_lever_text += attention_kernel_levers(cfg, nets, precision, max(1, min(args.repeats, 3))) + "\n"
             if args.compile and precision in ("fp32", "bf16"):
                 log(f"{precision}: torch.compile")
                 compile_text += compile_lever(cfg, nets, precision, max(1, min(args.repeats, 3))) + "\n"
