@@ -37,7 +37,9 @@ hash of the source, the flags and the compiler, so a changed source or compiler 
 nothing stale is loaded. It needs a C++ compiler (``$CXX``, else ``c++``) with OpenMP: the
 ``g++`` of any Linux distribution. Without one, or where the build fails, :func:`load` returns
 None, says why once (a warning), and attention runs through PyTorch's ops as before; on a CPU
-without AVX-512 it is never built. The kernel runs on PyTorch's own OpenMP threads (``torch.get_num_threads()``).
+without AVX-512 it is never built. The kernel runs on PyTorch's own OpenMP threads
+(``torch.get_num_threads()``). The cache holds code that sdlite loads into its process: like
+PyTorch's and Triton's kernel caches it must be writable by its owner only.
 """
 
 from __future__ import annotations

@@ -1,7 +1,8 @@
 """The benchmark's report arithmetic: what benchmarks/RESULTS.md says is computed from the timings.
 
 The benchmark itself is not a test (it takes ~55 minutes at SD1.5 size); these check the pure
-helpers that turn its timings into the report's notes."""
+helpers that turn its timings into the report's notes, and (on tiny networks) that the attention
+kernel's lever switches what it says it switches."""
 
 import sys
 from pathlib import Path
@@ -54,3 +55,22 @@ def test_matmul_peak_measures_each_backend_and_skips_one_this_build_lacks(monkey
     if torch.float32 in bench.ops.ONEDNN_GEMM:
         gflops, n = bench.matmul_peak(torch.float32, 512, repeats=1, backend="oneDNN")
         assert gflops > 0 and n == 512
+
+
+@pytest.mark.skipif(not __import__("sdlite.cpu_kernels").cpu_kernels.cpu_supported(torch.float32),
+                    reason="the CPU attention kernel needs AVX-512")
+def test_attention_kernel_levers_switch_the_kernel_and_report_three_rows(monkeypatch):
+    # The lever rows time each call with sdlite.ops.FUSED_ATTENTION off, then on (tiny networks, one
+    # round): the kernel must really run in the second and not in the first.
+    from sdlite import cpu_kernels, ops
+
+    seen = []
+    real = cpu_kernels.attention
+    monkeypatch.setattr(cpu_kernels, "attention", lambda *a: seen.append(ops.FUSED_ATTENTION) or real(*a))
+    cfg = bench.SIZES["tiny"]
+    nets = bench.sdlite_networks(cfg, bench.random_original_weights(cfg), torch.float32)
+    lines = bench.attention_kernel_levers(cfg, nets, "fp32", repeats=1).splitlines()
+    assert [line.split(" | ")[0] for line in lines] == [
+        "| UNet 64x64, batch 2, fp32", "| UNet 32x32, batch 2, fp32", "| VAE decode 64x64 -> 512x512, fp32"]
+    assert all(float(line.rstrip(" |").rsplit("| ", 1)[1]) > 0 for line in lines)
+    assert seen and set(seen) == {("cpu",)}
