@@ -124,8 +124,11 @@ def build(directory: Path | None = None) -> Path:
     fd, partial = tempfile.mkstemp(dir=directory, prefix=library.stem, suffix=".partial")
     os.close(fd)
     try:
-        done = subprocess.run([compiler, *FLAGS, str(SOURCE), "-o", partial], capture_output=True, text=True,
-                              timeout=600)
+        try:
+            done = subprocess.run([compiler, *FLAGS, str(SOURCE), "-o", partial], capture_output=True, text=True,
+                                  timeout=600)
+        except (OSError, subprocess.SubprocessError) as e:  # cannot start, or hangs
+            raise KernelUnavailable(f"{compiler} did not build {SOURCE.name}: {e}") from e
         if done.returncode != 0:
             raise KernelUnavailable(f"{compiler} failed to build {SOURCE.name}:\n{done.stderr.strip()[-2000:]}")
         os.replace(partial, library)

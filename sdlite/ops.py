@@ -3,8 +3,8 @@
 :func:`attention` — scaled dot-product attention, optionally a slice of queries at a time (the
 low-memory option); on an x86 CPU with AVX-512, fp32 and bf16 attention through sdlite's own C++
 kernel (:mod:`sdlite.cpu_kernels`), and elsewhere the self-attention of large maps as chunked
-GEMMs (faster there than PyTorch's fused kernel). ``softmax(q kᵀ / √d) v`` is independent for every query row, so computing it for ``chunk``
-queries at a time gives the same numbers while the ``[L, N]`` score matrix only ever exists for
+GEMMs (faster there than PyTorch's fused kernel). ``softmax(q kᵀ / √d) v`` is independent for
+every query row, so computing it for ``chunk`` queries at a time gives the same numbers while the ``[L, N]`` score matrix only ever exists for
 ``chunk`` rows. On a GPU whose SDPA falls back to the plain ("math") kernel — large
 head sizes such as the VAE's single 512-wide head, or older cards — this bounds the peak memory of
 attention over 4096+ tokens; where a fused kernel runs, chunking only costs a little speed.
@@ -98,8 +98,8 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, query_chunk: in
     below. Per call 1.5-2.4x as fast in fp32 and 2.0-3.1x in bf16 (session 19). It never holds
     more than 32 rows of scores per thread, so ``query_chunk`` does not apply.
 
-    Otherwise, on the CPU, attention over at least ``GEMM_ATTENTION_MIN_KEYS`` keys (the self-attention of
-    large maps) runs as :func:`_attention_by_gemm`: scores and softmax in fp32, half inputs
+    Otherwise, on the CPU, attention over at least ``GEMM_ATTENTION_MIN_KEYS`` keys (the
+    self-attention of large maps) runs as :func:`_attention_by_gemm`: scores and softmax in fp32, half inputs
     included, and the product of the probabilities with ``v`` in ``v``'s dtype where oneDNN has it
     natively (bf16), else in fp32. For bf16 that is the arithmetic of SDPA's own bf16 kernel (fp32
     scores, probabilities rounded to bf16, fp32 accumulation), with the same mean error against
