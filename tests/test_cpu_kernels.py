@@ -233,3 +233,19 @@ def test_the_cache_folder_follows_the_environment(monkeypatch, tmp_path):
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
     assert cpu_kernels.cache_dir() == tmp_path / "xdg" / "sdlite"
     assert os.environ.get("SDLITE_CACHE_DIR") is None
+
+
+def test_a_compiler_that_hangs_is_given_up_on(tmp_path, monkeypatch):
+    import subprocess
+
+    real = subprocess.run
+
+    def run(cmd, **kwargs):
+        if "--version" in cmd:
+            return real(["echo", "fake 1.0"], **kwargs)
+        raise subprocess.TimeoutExpired(cmd, kwargs.get("timeout"))
+
+    monkeypatch.setattr(cpu_kernels.subprocess, "run", run)
+    with pytest.raises(cpu_kernels.KernelUnavailable, match="did not build"):
+        cpu_kernels.build(tmp_path)
+    assert not list(tmp_path.iterdir())
