@@ -170,13 +170,13 @@ def load() -> _Kernel | None:
         return None
 
 
-def supports(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:
-    """Whether :func:`attention` takes these: CPU tensors ``[B, H, L, d]``, ``[B, H, N, d]`` twice,
-    all fp32 or all bf16 (:func:`cpu_supported` by this CPU), one ``d``, each with its last
-    dimension contiguous, at least one key. (Whether it is faster there than PyTorch's ops is
-    :func:`pays`.)"""
+def supports(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dtype: torch.dtype | None = None) -> bool:
+    """Whether :func:`attention` takes these, converted to ``dtype`` (default: theirs): CPU tensors
+    ``[B, H, L, d]``, ``[B, H, N, d]`` twice, of one dtype, one ``d``, each with its last dimension
+    contiguous, at least one key, and ``dtype`` fp32 or bf16 as :func:`cpu_supported` by this CPU.
+    (Whether it is faster there than PyTorch's ops is :func:`pays`.)"""
     return (
-        q.device.type == "cpu" and q.dim() == 4 and cpu_supported(q.dtype)
+        q.device.type == "cpu" and q.dim() == 4 and cpu_supported(dtype or q.dtype)
         and all(t.dtype == q.dtype and t.device == q.device and t.dim() == 4 and t.stride(-1) == 1
                 for t in (q, k, v))
         and q.shape[:2] == k.shape[:2] == v.shape[:2] and k.shape[2] == v.shape[2] > 0

@@ -95,8 +95,9 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, query_chunk: in
     autograd, outside ``torch.compile`` and for heads small enough (:func:`sdlite.cpu_kernels.pays`):
     sdlite's C++ kernel (:mod:`sdlite.cpu_kernels`), both products with fp32 sums and the softmax
     in between while its block of scores is in the cache; the same arithmetic as the GEMM path
-    below. Per call 1.5-2.4x as fast in fp32 and 2.0-3.1x in bf16 (session 19). It never holds
-    more than 32 rows of scores per thread, so ``query_chunk`` does not apply.
+    below. Per call 1.5-2.4x as fast in fp32 and 2.0-3.1x in bf16 (session 19). Half inputs without
+    native kernels here (``HALF_AS_FP32``) run through the fp32 kernel, rounded back once. It never
+    holds more than 32 rows of scores per thread, so ``query_chunk`` does not apply.
 
     Otherwise, on the CPU, attention over at least ``GEMM_ATTENTION_MIN_KEYS`` keys (the
     self-attention of large maps) runs as :func:`_attention_by_gemm`: scores and softmax in fp32, half inputs
@@ -107,8 +108,11 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, query_chunk: in
     than that kernel at 4096 tokens and 0.77-0.91x the time of the fp32 product (session 14
     micro-benchmark; the whole bf16 UNet at 64x64 latents: 0.96x). Everything else goes through
     SDPA."""
-    if _cpu_kernel_takes(q, k, v):
+    dtype = _cpu_kernel_dtype(q, k, v)
+    if dtype == q.dtype:
         return cpu_kernels.attention(cpu_kernels.load(), q, k, v)
+    if dtype is not None:  # half inputs this CPU has no native kernels for: in fp32, rounded once
+        return cpu_kernels.attention(cpu_kernels.load(), q.to(dtype), k.to(dtype), v.to(dtype)).to(q.dtype)
     if (k.shape[-2] >= GEMM_ATTENTION_MIN_KEYS and q.dtype in (torch.float32, torch.bfloat16, torch.float16)
             and _onednn_gemm(q, k, v, dtype=torch.float32)):
         pv_dtype = v.dtype if v.dtype in ONEDNN_GEMM else torch.float32
@@ -124,14 +128,22 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, query_chunk: in
 FUSED_ATTENTION: tuple[str, ...] = ("cpu",)
 
 
-def _cpu_kernel_takes(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:
-    """Whether :func:`attention` runs on :mod:`sdlite.cpu_kernels`: the device type in
-    ``FUSED_ATTENTION``, no gradient to record, not inside ``torch.compile``, tensors the kernel
-    takes, and the kernel built on this machine."""
-    return (q.device.type in FUSED_ATTENTION and not torch.compiler.is_compiling()
-            and not (torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad))
-            and cpu_kernels.supports(q, k, v) and cpu_kernels.load() is not None
-            and cpu_kernels.pays(cpu_kernels.load(), k.shape[-2], k.shape[-1], q.dtype))
+def _cpu_kernel_dtype(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.dtype | None:
+    """The dtype in which :func:`attention` runs on :mod:`sdlite.cpu_kernels`, or None where it does
+    not: the device type in ``FUSED_ATTENTION``, no gradient to record, not inside
+    ``torch.compile``, tensors the kernel takes, and the kernel built on this machine. Half inputs
+    the CPU has no native kernels for (``HALF_AS_FP32``; bf16 without AVX512-BF16) run in fp32, as
+    the convolutions and linear layers do."""
+    if (q.device.type not in FUSED_ATTENTION or torch.compiler.is_compiling()
+            or (torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad))):
+        return None
+    dtype = q.dtype
+    if dtype in (torch.float16, torch.bfloat16) and not cpu_kernels.cpu_supported(dtype) and _as_fp32(q):
+        dtype = torch.float32
+    if not cpu_kernels.supports(q, k, v, dtype):
+        return None
+    kernel = cpu_kernels.load()
+    return dtype if kernel is not None and cpu_kernels.pays(kernel, k.shape[-2], k.shape[-1], dtype) else None
 
 
 # Self-attention with at least this many keys runs as chunked GEMMs on the CPU (see below).

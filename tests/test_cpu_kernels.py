@@ -147,6 +147,28 @@ def test_ops_attention_takes_the_kernel_for_cpu_inference_only(kernel, monkeypat
 
 
 @needs_kernel
+@pytest.mark.parametrize("half", [torch.float16, torch.bfloat16])
+def test_half_inputs_without_native_kernels_run_in_fp32(kernel, half, monkeypatch):
+    # fp16 on a CPU without AVX512-FP16, bf16 on one without AVX512-BF16 (HALF_AS_FP32): the fp32
+    # kernel on upcast tensors, the result rounded once to the input's dtype, as sdlite's
+    # convolutions and linear layers do there.
+    real_supported = cpu_kernels.cpu_supported
+    monkeypatch.setattr(cpu_kernels, "cpu_supported", lambda dtype=torch.float32: dtype == torch.float32
+                        and real_supported(dtype))
+    monkeypatch.setattr(ops, "HALF_AS_FP32", frozenset({half}))
+    calls = []
+    real = cpu_kernels.attention
+    monkeypatch.setattr(cpu_kernels, "attention", lambda *a: calls.append(a[1].dtype) or real(*a))
+    q, k, v = _qkv(2, 3, 40, 60, 24, seed=8, dtype=half)
+    with torch.no_grad():
+        out = ops.attention(q, k, v)
+    assert calls == [torch.float32] and out.dtype == half and out.shape == q.shape
+    expected = F.scaled_dot_product_attention(q.float(), k.float(), v.float()).to(half)
+    # Both round an fp32 result to the half type: at most one step of it apart.
+    assert (out.float() - expected.float()).abs().max() <= torch.finfo(half).eps * expected.float().abs().max()
+
+
+@needs_kernel
 def test_heads_too_large_for_the_cache_take_the_gemm_path(kernel, monkeypatch):
     # The VAE's 512-wide head at 4096 tokens (a 512x512 image) packs into 8.4 MB: the kernel; at
     # 16384 tokens (1024x1024) into 34 MB, past MAX_PACKED_HEAD_BYTES: the GEMM path, faster there.
