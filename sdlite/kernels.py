@@ -126,6 +126,13 @@ def _normalize(x_ptr, y_ptr, stats_ptr, w_ptr, b_ptr, HW, G, TILES, eps, stride_
     tl.store(y_ptr + offsets, y.to(y_ptr.dtype.element_ty), mask=mask)
 
 
+def _on_device_of(x: torch.Tensor) -> contextlib.AbstractContextManager:
+    """Triton launches on the current CUDA device, not on the tensors' (PyTorch's own ops switch to
+    it): make ``x``'s device current for the launch (nothing to do for a CPU tensor, the
+    interpreter's)."""
+    return torch.cuda.device(x.device) if x.is_cuda else contextlib.nullcontext()
+
+
 def supports(x: torch.Tensor) -> bool:
     """Whether :func:`group_norm` takes ``x``: a non-empty 4-d float map, NCHW-contiguous or
     channels-last, small enough for 32-bit offsets."""
@@ -159,8 +166,7 @@ def group_norm(x: torch.Tensor, num_groups: int, weight: torch.Tensor, bias: tor
     tiles = triton.cdiv(HW, block_p)
     stats = torch.empty((B * num_groups, tiles, 2), device=x.device, dtype=torch.float32)
     grid = (B * num_groups, tiles)
-    # Triton launches on the current CUDA device, not on the tensors' (PyTorch's own ops switch to it).
-    with torch.cuda.device(x.device) if x.is_cuda else contextlib.nullcontext():
+    with _on_device_of(x):
         _tile_statistics[grid](x, stats, HW, num_groups, stride_b, stride_c, stride_p,
                                CPG=cpg, BLOCK_C=block_c, BLOCK_P=block_p, num_warps=NUM_WARPS)
         _normalize[grid](x, y, stats, weight, bias, HW, num_groups, tiles, eps, stride_b, stride_c, stride_p,
@@ -193,6 +199,6 @@ def gelu_product_(a: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
     >>> # h is a, now holding a * F.gelu(g)
     """
     n = a.numel()
-    with torch.cuda.device(a.device) if a.is_cuda else contextlib.nullcontext():
+    with _on_device_of(a):
         _gelu_product[(triton.cdiv(n, GELU_BLOCK),)](a, g, n, BLOCK=GELU_BLOCK, num_warps=4)
     return a
