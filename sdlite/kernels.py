@@ -191,6 +191,13 @@ def _gelu_product(a_ptr, g_ptr, N, BLOCK: tl.constexpr):
     tl.store(a_ptr + j, y.to(a_ptr.dtype.element_ty), mask=mask)
 
 
+def supports_gelu_product(a: torch.Tensor, g: torch.Tensor) -> bool:
+    """Whether :func:`gelu_product_` takes ``a`` and ``g``: one shape and dtype, both contiguous,
+    non-empty and small enough for 32-bit offsets."""
+    return (a.shape == g.shape and a.dtype == g.dtype and a.is_contiguous() and g.is_contiguous()
+            and 0 < a.numel() < 2**31)
+
+
 def gelu_product_(a: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
     """``a · gelu(g)`` (the exact GELU, ``F.gelu``'s default), written into ``a`` and returned:
     contiguous tensors of one shape and dtype, arithmetic in fp32. No autograd.

@@ -633,8 +633,7 @@ def gelu_product(a: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:
     ``torch.compile``, one kernel that reads both once and writes once, in fp32 arithmetic
     (:mod:`sdlite.kernels`); elsewhere ``F.gelu``, then the product."""
     kernels = _takes_fused("gelu_product", FUSED_GELU, a, gate)
-    if (kernels is not None and a.shape == gate.shape and a.dtype == gate.dtype and a.is_contiguous()
-            and gate.is_contiguous() and 0 < a.numel() < 2**31):
+    if kernels is not None and kernels.supports_gelu_product(a, gate):
         return kernels.gelu_product_(a, gate)
     gate = F.gelu(gate)
     return gate * a if gate.requires_grad or a.requires_grad else gate.mul_(a)

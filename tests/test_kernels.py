@@ -141,6 +141,20 @@ def test_empty_tensors_are_left_to_pytorch(fused_here, monkeypatch):
     assert y.shape == (0, 64, 4, 4) and z.shape == (0, 8) and not norm_calls and not gelu_calls
 
 
+def test_gelu_halves_the_kernel_cannot_take_are_left_to_pytorch(fused_here, monkeypatch):
+    # Its offsets assume two contiguous tensors of one shape and dtype: anything else takes PyTorch's ops.
+    gelu_calls = count_kernel_calls(monkeypatch, "gelu_product_")
+    g = torch.Generator(device=DEVICE).manual_seed(3)
+    a = torch.randn(4, 16, device=DEVICE, generator=g)
+    cases = [(a[:, ::2], a[:, 1::2]), (a, a.half()), (a[:, :8], a)]
+    assert not any(kernels.supports_gelu_product(x, y) for x, y in cases)
+    with torch.no_grad():
+        out = ops.gelu_product(a[:, ::2].clone().t().contiguous().t(), a[:, 1::2].contiguous())  # non-contiguous a
+        assert torch.equal(out, F.gelu(a[:, 1::2].contiguous()) * a[:, ::2])  # PyTorch's two passes
+        assert kernels.supports_gelu_product(a[:, 1::2].contiguous(), a[:, ::2].contiguous())
+    assert not gelu_calls
+
+
 def test_half_maps_with_fp32_weights_are_normalised_in_fp32():
     x = map_((1, 64, 8, 8), torch.float16, "channels_last", mean=1.0, std=3.0)
     w, b = affine(64, torch.float32)
