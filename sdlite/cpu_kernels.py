@@ -88,6 +88,7 @@ def cache_dir() -> Path:
     return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "sdlite"
 
 
+@functools.cache  # asked on every attention call; the CPU does not change
 def cpu_supported(dtype: torch.dtype = torch.float32) -> bool:
     """Whether this CPU runs the kernel for ``dtype``: x86-64 with AVX-512 (F, BW, VL, DQ: PyTorch's
     "AVX512" capability) for fp32, and AVX512-BF16 too for bf16 (PyTorch's own probes)."""

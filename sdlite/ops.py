@@ -4,10 +4,11 @@
 low-memory option); on an x86 CPU with AVX-512, fp32 and bf16 attention through sdlite's own C++
 kernel (:mod:`sdlite.cpu_kernels`), and elsewhere the self-attention of large maps as chunked
 GEMMs (faster there than PyTorch's fused kernel). ``softmax(q kᵀ / √d) v`` is independent for
-every query row, so computing it for ``chunk`` queries at a time gives the same numbers while the ``[L, N]`` score matrix only ever exists for
-``chunk`` rows. On a GPU whose SDPA falls back to the plain ("math") kernel — large
-head sizes such as the VAE's single 512-wide head, or older cards — this bounds the peak memory of
-attention over 4096+ tokens; where a fused kernel runs, chunking only costs a little speed.
+every query row, so computing it for ``chunk`` queries at a time gives the same numbers while the
+``[L, N]`` score matrix only ever exists for ``chunk`` rows. On a GPU whose SDPA falls back to the
+plain ("math") kernel — large head sizes such as the VAE's single 512-wide head, or older cards —
+this bounds the peak memory of attention over 4096+ tokens; where a fused kernel runs, chunking
+only costs a little speed.
 
 :func:`linear` / :class:`Linear` — fp32 matrix products on an x86 CPU through oneDNN's GEMM
 instead of PyTorch's default BLAS (MKL). On this project's AMD EPYC machines MKL's ``sgemm`` ran
@@ -100,8 +101,8 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, query_chunk: in
     holds more than 32 rows of scores per thread, so ``query_chunk`` does not apply.
 
     Otherwise, on the CPU, attention over at least ``GEMM_ATTENTION_MIN_KEYS`` keys (the
-    self-attention of large maps) runs as :func:`_attention_by_gemm`: scores and softmax in fp32, half inputs
-    included, and the product of the probabilities with ``v`` in ``v``'s dtype where oneDNN has it
+    self-attention of large maps) runs as :func:`_attention_by_gemm`: scores and softmax in fp32,
+    half inputs included, and the product of the probabilities with ``v`` in ``v``'s dtype where oneDNN has it
     natively (bf16), else in fp32. For bf16 that is the arithmetic of SDPA's own bf16 kernel (fp32
     scores, probabilities rounded to bf16, fp32 accumulation), with the same mean error against
     fp64 (within 6%; 1.6x that of an fp32 product, which rounds only the result), 1.7-2.5x faster
@@ -109,9 +110,7 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, query_chunk: in
     micro-benchmark; the whole bf16 UNet at 64x64 latents: 0.96x). Everything else goes through
     SDPA."""
     dtype = _cpu_kernel_dtype(q, k, v)
-    if dtype == q.dtype:
-        return cpu_kernels.attention(cpu_kernels.load(), q, k, v)
-    if dtype is not None:  # half inputs this CPU has no native kernels for: in fp32, rounded once
+    if dtype is not None:  # half inputs without native kernels here: in fp32, rounded once
         return cpu_kernels.attention(cpu_kernels.load(), q.to(dtype), k.to(dtype), v.to(dtype)).to(q.dtype)
     if (k.shape[-2] >= GEMM_ATTENTION_MIN_KEYS and q.dtype in (torch.float32, torch.bfloat16, torch.float16)
             and _onednn_gemm(q, k, v, dtype=torch.float32)):
@@ -130,12 +129,10 @@ FUSED_ATTENTION: tuple[str, ...] = ("cpu",)
 
 def _cpu_kernel_dtype(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.dtype | None:
     """The dtype in which :func:`attention` runs on :mod:`sdlite.cpu_kernels`, or None where it does
-    not: the device type in ``FUSED_ATTENTION``, no gradient to record, not inside
-    ``torch.compile``, tensors the kernel takes, and the kernel built on this machine. Half inputs
-    the CPU has no native kernels for (``HALF_AS_FP32``; bf16 without AVX512-BF16) run in fp32, as
-    the convolutions and linear layers do."""
-    if (q.device.type not in FUSED_ATTENTION or torch.compiler.is_compiling()
-            or (torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad))):
+    not: :func:`_may_fuse` on ``FUSED_ATTENTION``, tensors the kernel takes, and the kernel built on
+    this machine. Half inputs the CPU has no native kernels for (``HALF_AS_FP32``; bf16 without
+    AVX512-BF16) run in fp32, as the convolutions and linear layers do."""
+    if not _may_fuse(FUSED_ATTENTION, q, k, v):
         return None
     dtype = q.dtype
     if dtype in (torch.float16, torch.bfloat16) and not cpu_kernels.cpu_supported(dtype) and _as_fp32(q):
@@ -586,15 +583,18 @@ def _fused_kernels(kernel: str, device: torch.device, dtype: torch.dtype) -> Any
     return kernels
 
 
+def _may_fuse(devices: tuple[str, ...], *tensors: torch.Tensor | None) -> bool:
+    """Whether one of sdlite's own kernels may take these tensors: the first one's device type in
+    ``devices``, no gradient to record (the kernels have no backward), not inside ``torch.compile``
+    (which fuses such ops itself)."""
+    return (tensors[0].device.type in devices and not torch.compiler.is_compiling()
+            and not (torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)))
+
+
 def _takes_fused(kernel: str, devices: tuple[str, ...], *tensors: torch.Tensor | None) -> Any:
-    """:mod:`sdlite.kernels` if ``kernel`` runs on these tensors (the first one's device type in
-    ``devices``, no gradient to record, not inside ``torch.compile``, which fuses such ops itself),
-    else None."""
+    """:mod:`sdlite.kernels` if ``kernel`` runs on these tensors (:func:`_may_fuse`), else None."""
     x = tensors[0]
-    if (x.device.type not in devices or torch.compiler.is_compiling()
-            or (torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors))):
-        return None
-    return _fused_kernels(kernel, x.device, x.dtype)
+    return _fused_kernels(kernel, x.device, x.dtype) if _may_fuse(devices, *tensors) else None
 
 
 def group_norm(x: torch.Tensor, num_groups: int, weight: torch.Tensor | None, bias: torch.Tensor | None,
