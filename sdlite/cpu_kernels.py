@@ -1,6 +1,6 @@
-"""sdlite's own CPU kernel: attention on x86 CPUs with AVX-512, in fp32, and in bf16 where the CPU
-has AVX512-BF16, in C++ (``sdlite/csrc/attention.cpp``), built with the machine's C++ compiler the
-first time it is needed and loaded with :mod:`ctypes`. :func:`sdlite.ops.attention` calls
+"""sdlite's own CPU kernel: attention on x86 CPUs, in fp32 with AVX-512 or AVX2, and in bf16 where
+the CPU has AVX512-BF16, in C++ (``sdlite/csrc/attention.cpp``), built with the machine's C++
+compiler the first time it is needed and loaded with :mod:`ctypes`. :func:`sdlite.ops.attention` calls
 :func:`attention`.
 
 Why a kernel of our own. With bf16 weights, attention is the one part of the UNet that PyTorch
@@ -19,9 +19,14 @@ micro-benchmark; benchmarks/RESULTS.md has the whole UNet).
 In fp32 the same fusion pays less but still pays: the GEMM path wrote each block of scores out and
 read it back for the softmax and for the second product. With the kernel's FMA loops in their place
 one self-attention of a 64x64 latent took 122 against 208-214 ms, the cross-attention 3.5 against
-8.6 ms (SDPA), 1024 tokens of 80 channels 13.4 against 19.7 ms (session 19). All of these were
-measured on this project's AMD EPYC (Zen, 2 cores); Intel's AVX-512 CPUs run the same instructions
-but were not measured.
+8.6 ms (SDPA), 1024 tokens of 80 channels 13.4 against 19.7 ms (session 19).
+
+Most laptop and desktop CPUs have AVX2 but not AVX-512. For them the same source builds with
+256-bit vectors (fp32 only; bf16 inputs there run in fp32, as their matmuls do): on this project's
+CPU with PyTorch, oneDNN and MKL restricted to AVX2, one self-attention of a 64x64 latent took 262
+against 329 ms for the GEMM path, the cross-attention 5.4 against 7.6 ms, 1024 tokens of 80
+channels 28 against 32 ms (session 20). All of these were measured on this project's AMD EPYC
+(2 cores); Intel's CPUs run the same instructions but were not measured.
 
 The arithmetic is the same as the GEMM path's and PyTorch's own kernels: sums in fp32 (for bf16,
 of exact products of bf16 numbers), softmax in fp32, for bf16 the probabilities rounded to bf16
@@ -37,7 +42,7 @@ hash of the source, the flags and the compiler, so a changed source or compiler 
 nothing stale is loaded. It needs a C++ compiler (``$CXX``, else ``c++``) with OpenMP: the
 ``g++`` of any Linux distribution. Without one, or where the build fails, :func:`load` returns
 None, says why once (a warning), and attention runs through PyTorch's ops as before; on a CPU
-without AVX-512 it is never built. The kernel runs on PyTorch's own OpenMP threads
+without AVX2 it is never built. The kernel runs on PyTorch's own OpenMP threads
 (``torch.get_num_threads()``). The cache holds code that sdlite loads into its process: like
 PyTorch's and Triton's kernel caches it must be writable by its owner only.
 """
@@ -61,8 +66,15 @@ import torch
 log = logging.getLogger("sdlite")
 
 SOURCE = Path(__file__).parent / "csrc" / "attention.cpp"
-FLAGS = ("-O3", "-std=c++17", "-fPIC", "-shared", "-fopenmp", "-mavx512f", "-mavx512bw", "-mavx512vl",
-         "-mavx512dq", "-mavx512bf16", "-mfma")
+FLAGS = ("-O3", "-std=c++17", "-fPIC", "-shared", "-fopenmp")
+# The kernel is built once per instruction set, by PyTorch's name of the CPU's capability: the
+# 512-bit kernel (fp32 and bf16) on AVX-512 CPUs, the 256-bit one (fp32) on AVX2 CPUs (most laptops
+# and desktops: Intel's client CPUs since 2013, AMD's since 2017).
+ISA_FLAGS: dict[str, tuple[str, ...]] = {
+    "avx512": ("-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mavx512bf16", "-mfma"),
+    "avx2": ("-mavx2", "-mfma"),
+}
+_ISAS_OF_CAPABILITY = {"AVX512": ("avx512", "avx2"), "AVX2": ("avx2",)}
 # Queries per task: their scores (fp32) and probabilities stay in a core's L2 cache for N keys up to
 # ~4096. 16 to 128 took the same time at 4096 tokens (session 19 micro-benchmark).
 QUERY_BLOCK = 32
@@ -74,6 +86,12 @@ QUERY_BLOCK = 32
 # (4.1 MB), 1.02x at 2304 (9.0 MB), 0.94x at 3136 (12.3 MB), 0.58x at 4096 (16.1 MB). Larger heads
 # take the GEMM path.
 MAX_PACKED_HEAD_BYTES: dict[torch.dtype, int] = {torch.bfloat16: 16 * 2**20, torch.float32: 8 * 2**20}
+# The AVX2 build (6 query rows per register tile of 16 keys, against 8 of 48 in the AVX-512 build) reads
+# more per product, and in fp32 on this project's CPU restricted to AVX2 it paid for heads of up to
+# 160 channels (all UNet heads, SD1 and SD2: 0.80x the time at 4096 tokens of 40, 0.81x at 9216 of 64,
+# 0.87-0.93x at 256-1024 tokens of 64-160) and lost for wider ones (1.36x at 256 channels, 1.03-1.83x
+# for the VAE's 512-wide head at 64-4096 tokens; session 20). Wider heads take the GEMM path there.
+MAX_HEAD_WIDTH: dict[str, int] = {"avx2": 160}
 
 
 class KernelUnavailable(RuntimeError):
@@ -88,24 +106,39 @@ def cache_dir() -> Path:
     return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "sdlite"
 
 
+@functools.cache
+def isas() -> tuple[str, ...]:
+    """The builds of the kernel (keys of ``ISA_FLAGS``) this CPU runs, best first: by PyTorch's
+    capability of the CPU (``torch.backends.cpu.get_cpu_capability()``, which
+    ``ATEN_CPU_CAPABILITY`` lowers), on x86-64 only."""
+    if platform.machine().lower() not in ("x86_64", "amd64"):
+        return ()
+    return _ISAS_OF_CAPABILITY.get(torch.backends.cpu.get_cpu_capability(), ())
+
+
 @functools.cache  # asked on every attention call; the CPU does not change
 def cpu_supported(dtype: torch.dtype = torch.float32) -> bool:
-    """Whether this CPU runs the kernel for ``dtype``: x86-64 with AVX-512 (F, BW, VL, DQ: PyTorch's
-    "AVX512" capability) for fp32, and AVX512-BF16 too for bf16 (PyTorch's own probes)."""
-    if platform.machine().lower() not in ("x86_64", "amd64") or dtype not in (torch.float32, torch.bfloat16):
-        return False
-    if torch.backends.cpu.get_cpu_capability() != "AVX512":
-        return False
-    if dtype == torch.bfloat16:
+    """Whether this CPU runs the kernel for ``dtype``: fp32 on x86-64 with AVX2 and FMA or with
+    AVX-512 (F, BW, VL, DQ: PyTorch's "AVX2" and "AVX512" capabilities), bf16 with AVX512-BF16 too
+    (PyTorch's own probe)."""
+    if dtype == torch.float32:
+        return bool(isas())
+    if dtype == torch.bfloat16 and "avx512" in isas():
         probe = getattr(torch.cpu, "_is_avx512_bf16_supported", None)
         return bool(probe and probe())
-    return True
+    return False
 
 
-def build(directory: Path | None = None) -> Path:
-    """The kernel's shared library, compiled into ``directory`` (default :func:`cache_dir`) unless
-    a build of this source, these flags and this compiler is already there. Raises
-    :class:`KernelUnavailable` with the compiler's message when it cannot be built."""
+def build(directory: Path | None = None, isa: str | None = None) -> Path:
+    """The kernel's shared library for ``isa`` (a key of ``ISA_FLAGS``; default: the best of
+    :func:`isas`), compiled into ``directory``
+    (default :func:`cache_dir`) unless a build of this source, these flags and this compiler is
+    already there. Raises :class:`KernelUnavailable` with the compiler's message when it cannot be
+    built."""
+    isa = isa or next(iter(isas()), None)
+    if isa not in ISA_FLAGS:
+        raise KernelUnavailable(f"no build of the kernel for {isa or 'this CPU'} (there are: {', '.join(ISA_FLAGS)})")
+    flags = FLAGS + ISA_FLAGS[isa]
     compiler = os.environ.get("CXX") or "c++"
     if shutil.which(compiler) is None:
         raise KernelUnavailable(f"no C++ compiler ({compiler!r} not found; set $CXX or install g++)")
@@ -114,19 +147,19 @@ def build(directory: Path | None = None) -> Path:
     except (OSError, subprocess.SubprocessError) as e:
         raise KernelUnavailable(f"{compiler!r} --version failed: {e}") from e
     source = SOURCE.read_bytes()
-    key = hashlib.sha256(source + "\0".join(FLAGS).encode() + version.encode()).hexdigest()[:16]
+    key = hashlib.sha256(source + "\0".join(flags).encode() + version.encode()).hexdigest()[:16]
     directory = directory or cache_dir()
-    library = directory / f"attention-{key}.so"
+    library = directory / f"attention-{isa}-{key}.so"
     if library.exists():
         return library
     directory.mkdir(parents=True, exist_ok=True)
-    log.info("building sdlite's CPU attention kernel into %s (once per machine, ~1 s)", library)
+    log.info("building sdlite's CPU attention kernel (%s) into %s (once per machine, ~1 s)", isa, library)
     # Built under a temporary name and renamed: a concurrent process never loads half a file.
     fd, partial = tempfile.mkstemp(dir=directory, prefix=library.stem, suffix=".partial")
     os.close(fd)
     try:
         try:
-            done = subprocess.run([compiler, *FLAGS, str(SOURCE), "-o", partial], capture_output=True, text=True,
+            done = subprocess.run([compiler, *flags, str(SOURCE), "-o", partial], capture_output=True, text=True,
                                   timeout=600)
         except (OSError, subprocess.SubprocessError) as e:  # cannot start, or hangs
             raise KernelUnavailable(f"{compiler} did not build {SOURCE.name}: {e}") from e
@@ -141,16 +174,19 @@ def build(directory: Path | None = None) -> Path:
 
 class _Kernel:
     """The loaded library's functions, with their C signatures: the two sizes, and the kernel for
-    each dtype (``run[dtype]``)."""
+    each dtype its instruction set has (``run[dtype]``: fp32, and bf16 in the AVX-512 build)."""
 
-    def __init__(self, library: Path):
+    def __init__(self, library: Path, isa: str):
         lib = ctypes.CDLL(str(library))
+        self.isa = isa
         i64, ptr, c_int = ctypes.c_int64, ctypes.c_void_p, ctypes.c_int
         self.pack_elements = lib.sdlite_attention_pack_elements  # (N, d, element bytes)
         self.pack_elements.argtypes, self.pack_elements.restype = [i64, i64, c_int], i64
         self.scratch_bytes = lib.sdlite_attention_scratch_bytes  # (N, d, queries per task, element bytes)
         self.scratch_bytes.argtypes, self.scratch_bytes.restype = [i64, i64, i64, c_int], i64
-        self.run = {torch.bfloat16: lib.sdlite_attention_bf16, torch.float32: lib.sdlite_attention_fp32}
+        self.run = {dtype: getattr(lib, name) for dtype, name in
+                    ((torch.float32, "sdlite_attention_fp32"), (torch.bfloat16, "sdlite_attention_bf16"))
+                    if hasattr(lib, name)}
         strides = ctypes.POINTER(i64)
         for fn in self.run.values():
             fn.argtypes = [ptr] * 4 + [i64] * 5 + [strides] * 4 + [ctypes.c_float, i64, c_int, ptr, ptr]
@@ -158,13 +194,17 @@ class _Kernel:
 
 
 @functools.cache
-def load() -> _Kernel | None:
-    """The kernel, built if needed (see the module's text), or None where it cannot run here (said
-    once, as a warning; PyTorch's ops run instead)."""
-    if not cpu_supported(torch.float32):
-        return None  # nothing to say: without AVX-512 the fallback is the normal path
+def load(isa: str | None = None) -> _Kernel | None:
+    """The kernel for ``isa`` (default: the best of :func:`isas`), built if needed (see the module's
+    text), or None where it cannot run here (said once, as a warning; PyTorch's ops run instead)."""
+    if isa is None:
+        if not isas():
+            return None  # nothing to say: without AVX2 the fallback is the normal path
+        isa = isas()[0]
+    elif isa not in isas():
+        raise ValueError(f"this CPU does not run the {isa!r} kernel (it runs: {', '.join(isas()) or 'none'})")
     try:
-        return _Kernel(build())
+        return _Kernel(build(isa=isa), isa)
     except (KernelUnavailable, OSError) as e:
         warnings.warn(f"sdlite's CPU attention kernel is not available ({e}); attention runs through "
                       f"PyTorch's ops, 1.5-2.5x slower", RuntimeWarning, stacklevel=2)
@@ -187,9 +227,11 @@ def supports(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dtype: torch.dty
 
 def pays(kernel: _Kernel, keys: int, d: int, dtype: torch.dtype) -> bool:
     """Whether the kernel is the faster path for heads of ``keys`` keys of width ``d`` in ``dtype``:
-    while one head's packed keys and values fit in ``MAX_PACKED_HEAD_BYTES``."""
+    while one head's packed keys and values fit in ``MAX_PACKED_HEAD_BYTES`` and, for the AVX2
+    build, the head is at most ``MAX_HEAD_WIDTH`` wide."""
     size = dtype.itemsize
-    return kernel.pack_elements(keys, d, size) * size <= MAX_PACKED_HEAD_BYTES[dtype]
+    return (d <= MAX_HEAD_WIDTH.get(kernel.isa, d)
+            and kernel.pack_elements(keys, d, size) * size <= MAX_PACKED_HEAD_BYTES[dtype])
 
 
 def attention(kernel: _Kernel, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
@@ -199,6 +241,8 @@ def attention(kernel: _Kernel, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
     >>> kernel = load()  # doctest: +SKIP
     >>> out = attention(kernel, q, k, v)  # doctest: +SKIP
     """
+    if q.dtype not in kernel.run:
+        raise ValueError(f"the {kernel.isa} kernel has no {q.dtype} version (it has: {list(kernel.run)})")
     b, h, length, d = q.shape
     n = k.shape[2]
     size = q.element_size()

@@ -92,11 +92,12 @@ log = logging.getLogger("sdlite")
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, query_chunk: int | None = None) -> torch.Tensor:
     """``[B, heads, L, d] x [B, heads, N, d] -> [B, heads, L, d]``; ``query_chunk`` queries at a time if set.
 
-    On an x86 CPU with AVX-512 (``FUSED_ATTENTION``), fp32 or bf16 (bf16 with AVX512-BF16), without
-    autograd, outside ``torch.compile`` and for heads small enough (:func:`sdlite.cpu_kernels.pays`):
+    On an x86 CPU with AVX-512 or AVX2 (``FUSED_ATTENTION``), fp32 or bf16 (bf16 with AVX512-BF16),
+    without autograd, outside ``torch.compile`` and for heads it pays on (:func:`sdlite.cpu_kernels.pays`):
     sdlite's C++ kernel (:mod:`sdlite.cpu_kernels`), both products with fp32 sums and the softmax
     in between while its block of scores is in the cache; the same arithmetic as the GEMM path
-    below. Per call 1.5-2.4x as fast in fp32 and 2.0-3.1x in bf16 (session 19). Half inputs without
+    below. Per call 1.5-2.4x as fast in fp32 and 2.0-3.1x in bf16 with AVX-512 (session 19),
+    1.1-1.4x in fp32 with AVX2 (session 20). Half inputs without
     native kernels here (``HALF_AS_FP32``) run through the fp32 kernel, rounded back once. It never
     holds more than 32 rows of scores per thread, so ``query_chunk`` does not apply.
 
@@ -122,7 +123,7 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, query_chunk: in
 
 
 # The device types on which attention runs through sdlite's own C++ kernel (sdlite.cpu_kernels), where
-# the CPU has AVX-512 (and AVX512-BF16 for bf16) and a C++ compiler built it. ``()``: nowhere, the
+# the CPU has AVX-512 or AVX2 (and AVX512-BF16 for bf16) and a C++ compiler built it. ``()``: nowhere, the
 # benchmarks' comparison.
 FUSED_ATTENTION: tuple[str, ...] = ("cpu",)
 

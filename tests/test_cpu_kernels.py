@@ -12,17 +12,27 @@ import torch.nn.functional as F
 
 from sdlite import cpu_kernels, ops
 
-needs_kernel = pytest.mark.skipif(not cpu_kernels.cpu_supported(torch.float32), reason="the CPU has no AVX-512")
-# The dtypes this CPU runs it for: fp32 with AVX-512, bf16 with AVX512-BF16 too.
-DTYPES = [pytest.param(torch.float32, id="fp32"),
-          pytest.param(torch.bfloat16, id="bf16", marks=pytest.mark.skipif(
-              not cpu_kernels.cpu_supported(torch.bfloat16), reason="the CPU has no AVX512-BF16"))]
+needs_kernel = pytest.mark.skipif(not cpu_kernels.isas(), reason="the CPU has neither AVX-512 nor AVX2")
+# Every build this CPU runs, with each dtype it has: fp32 in the AVX-512 and the AVX2 builds, bf16 in
+# the AVX-512 build on a CPU with AVX512-BF16. An AVX-512 CPU runs the AVX2 build too, so both are
+# tested here.
+CASES = [pytest.param(isa, dtype, id=f"{isa}-{name}")
+         for isa in cpu_kernels.isas()
+         for dtype, name in ((torch.float32, "fp32"), (torch.bfloat16, "bf16"))
+         if dtype == torch.float32 or (isa == "avx512" and cpu_kernels.cpu_supported(torch.bfloat16))]
 
 
 @pytest.fixture(scope="module")
 def kernel():
+    """The build ops.attention uses: the best this CPU runs."""
     k = cpu_kernels.load()
-    assert k is not None, "this CPU has AVX-512, so the kernel must build (is a C++ compiler installed?)"
+    assert k is not None, "this CPU has AVX2 or AVX-512, so the kernel must build (is a C++ compiler installed?)"
+    return k
+
+
+def _build(isa):
+    k = cpu_kernels.load(isa)
+    assert k is not None, f"the {isa} kernel must build here (is a C++ compiler installed?)"
     return k
 
 
@@ -43,13 +53,14 @@ def _errors(x, exact):
 @pytest.mark.parametrize("b, heads, length, keys, d", [
     (1, 1, 1, 1, 1),        # one query, one key: the output is v
     (1, 1, 5, 7, 3),        # odd head size and key count: the padded pairs
-    (2, 3, 37, 50, 40),     # rows not a multiple of the register tile (8) or the query block (32)
+    (2, 3, 37, 50, 40),     # rows not a multiple of the register tile (8; 6 for AVX2) or the query block
     (1, 2, 100, 1031, 64),  # keys past the 48-key tiles
     (2, 8, 64, 77, 160),    # the UNet's cross-attention at 8x8, widest heads (SD1.5)
     (1, 1, 200, 200, 512),  # the VAE's single 512-wide head
 ])
-@pytest.mark.parametrize("dtype", DTYPES)
-def test_kernel_is_as_accurate_as_the_gemm_path_against_fp64(kernel, b, heads, length, keys, d, dtype):
+@pytest.mark.parametrize("isa, dtype", CASES)
+def test_kernel_is_as_accurate_as_the_gemm_path_against_fp64(isa, b, heads, length, keys, d, dtype):
+    kernel = _build(isa)
     # Same arithmetic as the GEMM path (fp32 sums, scores and softmax; for bf16 the probabilities
     # rounded to bf16). In bf16 the mean error against fp64 must be no larger (it is ~0.8-0.95x: the
     # division by the row sum comes last, in fp32) and no single element further off than the GEMM
@@ -72,8 +83,9 @@ def test_kernel_is_as_accurate_as_the_gemm_path_against_fp64(kernel, b, heads, l
 
 
 @needs_kernel
-@pytest.mark.parametrize("dtype", DTYPES)
-def test_one_key_gives_its_value_and_peaked_scores_stay_finite(kernel, dtype):
+@pytest.mark.parametrize("isa, dtype", CASES)
+def test_one_key_gives_its_value_and_peaked_scores_stay_finite(isa, dtype):
+    kernel = _build(isa)
     q, k, v = _qkv(1, 2, 9, 1, 40, seed=1, dtype=dtype)
     assert torch.equal(cpu_kernels.attention(kernel, q, k, v), v.expand(1, 2, 9, 40))
     # Scores of +-1000s: the softmax is one-hot up to rounding; nothing overflows.
@@ -85,9 +97,10 @@ def test_one_key_gives_its_value_and_peaked_scores_stay_finite(kernel, dtype):
 
 
 @needs_kernel
-@pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("keys", [1, 47, 48, 50, 95])
-def test_padded_keys_never_take_weight(kernel, keys, dtype):
+@pytest.mark.parametrize("isa, dtype", CASES)
+@pytest.mark.parametrize("keys", [1, 15, 16, 17, 47, 48, 50, 95])  # around the tiles: 16 keys (AVX2), 48 (AVX-512)
+def test_padded_keys_never_take_weight(isa, keys, dtype):
+    kernel = _build(isa)
     # Every real score very negative and equal: the softmax is uniform, the output is the mean of v.
     # A padded key (zeros: score 0) let into the softmax would take all the weight instead.
     d = 40
@@ -99,8 +112,9 @@ def test_padded_keys_never_take_weight(kernel, keys, dtype):
 
 
 @needs_kernel
-@pytest.mark.parametrize("dtype", DTYPES)
-def test_a_nan_reaches_the_rows_it_touches(kernel, dtype):
+@pytest.mark.parametrize("isa, dtype", CASES)
+def test_a_nan_reaches_the_rows_it_touches(isa, dtype):
+    kernel = _build(isa)
     # A NaN must not be hidden (sdlite reports NaN latents): in a query, that query's row is NaN;
     # in a key, every row is.
     q, k, v = _qkv(1, 1, 40, 60, 16, seed=3, dtype=dtype)
@@ -113,8 +127,9 @@ def test_a_nan_reaches_the_rows_it_touches(kernel, dtype):
 
 
 @needs_kernel
-@pytest.mark.parametrize("dtype", DTYPES)
-def test_the_result_does_not_depend_on_the_thread_count(kernel, dtype):
+@pytest.mark.parametrize("isa, dtype", CASES)
+def test_the_result_does_not_depend_on_the_thread_count(isa, dtype):
+    kernel = _build(isa)
     q, k, v = _qkv(2, 3, 150, 300, 40, seed=4, dtype=dtype)
     threads = torch.get_num_threads()
     try:
@@ -168,16 +183,31 @@ def test_half_inputs_without_native_kernels_run_in_fp32(kernel, half, monkeypatc
     assert (out.float() - expected.float()).abs().max() <= torch.finfo(half).eps * expected.float().abs().max()
 
 
-@needs_kernel
-def test_heads_too_large_for_the_cache_take_the_gemm_path(kernel, monkeypatch):
+@pytest.mark.skipif("avx512" not in cpu_kernels.isas(), reason="the CPU has no AVX-512")
+def test_the_avx512_build_takes_heads_that_fit_the_cache():
     # The VAE's 512-wide head at 4096 tokens (a 512x512 image) packs into 8.4 MB: the kernel; at
     # 16384 tokens (1024x1024) into 34 MB, past MAX_PACKED_HEAD_BYTES: the GEMM path, faster there.
     # In fp32 it packs twice as large and the limit is 8 MB: 256x256 images (1024 tokens, 4.1 MB) take
     # the kernel, 384x384 (2304 tokens, 9.0 MB) the GEMM path.
-    bf16, fp32 = torch.bfloat16, torch.float32
+    kernel, bf16, fp32 = _build("avx512"), torch.bfloat16, torch.float32
     assert cpu_kernels.pays(kernel, 4096, 512, bf16) and not cpu_kernels.pays(kernel, 16384, 512, bf16)
     assert cpu_kernels.pays(kernel, 1024, 512, fp32) and not cpu_kernels.pays(kernel, 2304, 512, fp32)
     assert cpu_kernels.pays(kernel, 16384, 40, fp32)  # the UNet's 1024x1024 self-attention: 5.5 MB a head
+
+
+@needs_kernel
+def test_the_avx2_build_takes_heads_up_to_160_wide():
+    # Every UNet head (40-160 channels, SD1 and SD2), at 1024x1024 images too; not the VAE's 512-wide
+    # head, at any size (measured slower there; cpu_kernels.MAX_HEAD_WIDTH).
+    kernel, fp32 = _build("avx2"), torch.float32
+    assert all(cpu_kernels.pays(kernel, 4096, d, fp32) for d in (40, 64, 80, 160))
+    assert cpu_kernels.pays(kernel, 16384, 40, fp32)
+    assert not cpu_kernels.pays(kernel, 64, 512, fp32) and not cpu_kernels.pays(kernel, 1024, 256, fp32)
+
+
+@needs_kernel
+def test_heads_too_large_for_the_cache_take_the_gemm_path(kernel, monkeypatch):
+    fp32 = torch.float32
     monkeypatch.setitem(cpu_kernels.MAX_PACKED_HEAD_BYTES, fp32, kernel.pack_elements(100, 8, 4) * 4)
     calls = []
     real = cpu_kernels.attention
@@ -218,11 +248,63 @@ def test_a_build_is_reused_and_a_changed_source_builds_anew(tmp_path, monkeypatc
     assert not list(tmp_path.glob("*.partial"))
 
 
+@needs_kernel
+def test_each_instruction_set_has_its_own_build(tmp_path):
+    builds = {isa: cpu_kernels.build(tmp_path, isa) for isa in cpu_kernels.isas()}
+    assert len(set(builds.values())) == len(builds) and all(isa in p.name for isa, p in builds.items())
+    with pytest.raises(cpu_kernels.KernelUnavailable, match="no build of the kernel for sse2"):
+        cpu_kernels.build(tmp_path, "sse2")
+
+
+@needs_kernel
+def test_the_avx2_build_has_no_bf16_and_says_so():
+    q = torch.zeros(1, 1, 4, 8, dtype=torch.bfloat16)
+    assert list(_build("avx2").run) == [torch.float32]
+    with pytest.raises(ValueError, match="avx2 kernel has no torch.bfloat16"):
+        cpu_kernels.attention(_build("avx2"), q, q, q)
+
+
+AVX2_ONLY = """
+import torch, torch.nn.functional as F
+from sdlite import cpu_kernels, ops
+assert torch.backends.cpu.get_cpu_capability() == "AVX2"
+assert cpu_kernels.isas() == ("avx2",) and not cpu_kernels.cpu_supported(torch.bfloat16)
+assert cpu_kernels.load().isa == "avx2"
+try:
+    cpu_kernels.load("avx512")
+    raise SystemExit("load('avx512') should have refused")
+except ValueError as e:
+    assert "does not run the 'avx512' kernel" in str(e)
+calls = []
+real = cpu_kernels.attention
+cpu_kernels.attention = lambda *a: calls.append(a[0].isa) or real(*a)
+g = torch.Generator().manual_seed(0)
+q, k, v = (torch.randn(2, 3, 50, 40, generator=g) for _ in range(3))
+with torch.no_grad():
+    out = ops.attention(q, k, v)
+    ops.attention(*(torch.randn(1, 1, 30, 512, generator=g) for _ in range(3)))  # the VAE's width: not
+assert calls == ["avx2"], calls
+torch.testing.assert_close(out, F.scaled_dot_product_attention(q, k, v), rtol=1e-5, atol=1e-5)
+print("ok")
+"""
+
+
+@needs_kernel
+def test_a_cpu_with_avx2_only_runs_the_avx2_build():
+    # PyTorch's ATEN_CPU_CAPABILITY lowers the capability it reports, as on a CPU without AVX-512.
+    import subprocess
+    import sys
+
+    env = {**os.environ, "ATEN_CPU_CAPABILITY": "avx2"}
+    done = subprocess.run([sys.executable, "-c", AVX2_ONLY], env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0 and done.stdout.strip().endswith("ok"), done.stderr[-3000:]
+
+
 def test_without_a_compiler_the_build_says_so_and_attention_falls_back(tmp_path, monkeypatch):
     monkeypatch.setenv("CXX", str(tmp_path / "no-such-compiler"))
     with pytest.raises(cpu_kernels.KernelUnavailable, match="no C\\+\\+ compiler"):
         cpu_kernels.build(tmp_path)
-    monkeypatch.setattr(cpu_kernels, "cpu_supported", lambda dtype=torch.float32: True)
+    monkeypatch.setattr(cpu_kernels, "isas", lambda: ("avx2",))  # so that it tries, on any CPU
     cpu_kernels.load.cache_clear()
     try:
         with warnings.catch_warnings(record=True) as caught:

@@ -1,8 +1,10 @@
-// softmax(q kᵀ · scale) v on an x86 CPU with AVX-512, in fp32, or in bf16 with AVX512-BF16: sdlite's
-// CPU attention kernel.
+// softmax(q kᵀ · scale) v on an x86 CPU: sdlite's CPU attention kernel. In fp32 with AVX-512 or
+// with AVX2 and FMA, and in bf16 with AVX512-BF16.
 //
-// Built and loaded by sdlite/cpu_kernels.py (which says why it exists); plain C++ with Intel's
-// intrinsics, no PyTorch headers. The arithmetic is that of PyTorch's own attention kernels:
+// Built and loaded by sdlite/cpu_kernels.py (which says why it exists), once per instruction set:
+// compiled with AVX-512 flags this file is the 512-bit kernel (fp32, and bf16 where the compiler
+// targets AVX512-BF16), otherwise the 256-bit AVX2 one (fp32). Plain C++ with Intel's intrinsics,
+// no PyTorch headers. The arithmetic is that of PyTorch's own attention kernels:
 //
 //   s = q kᵀ                          summed in fp32 (for bf16: exact products of bf16 numbers)
 //   e = exp(scale·(s - max_row s))    fp32; for bf16 then rounded to bf16
@@ -10,14 +12,14 @@
 //
 // One task is one sample, one head and a block of MB queries: its scores (MB x N fp32) and
 // probabilities stay in the core's L2 cache, never in memory. Both products are the same loop for
-// both types: broadcast 32 bits of one row (one fp32 number, or a pair of bf16 numbers), load 64
-// bytes of the other operand (16 fp32 lanes, or 16 pairs), multiply-add into 16 fp32 sums (FMA,
-// or `vdpbf16ps`, which adds both products of each pair). So the keys and values of each head are
-// first re-laid out ("packed") once per call, in words of W elements (W = 1 for fp32, 2 for bf16)
-// along the summed dimension:
+// both types: broadcast 32 bits of one row (one fp32 number, or a pair of bf16 numbers), load a
+// vector of the other operand (LANES fp32 numbers, or LANES pairs), multiply-add into LANES fp32
+// sums (FMA, or `vdpbf16ps`, which adds both products of each pair). So the keys and values of each
+// head are first re-laid out ("packed") once per call, in words of W elements (W = 1 for fp32, 2
+// for bf16) along the summed dimension:
 //
-//   kp[j][n][t] = k[n][W j + t]    (words of head channels; n padded to a multiple of 48 keys)
-//   vp[j][c][t] = v[W j + t][c]    (words of keys; c padded to a multiple of 16 channels)
+//   kp[j][n][t] = k[n][W j + t]    (words of head channels; n padded to a multiple of KEY_TILE keys)
+//   vp[j][c][t] = v[W j + t][c]    (words of keys; c padded to a multiple of LANES channels)
 //
 // and the queries (copied into a zero-padded block) and probabilities are read a word at a time.
 // Padding is zeros; padded keys get the score -inf, so exp gives them 0.
@@ -30,111 +32,188 @@
 
 typedef uint16_t bf16;  // the bit pattern of a bfloat16
 
-enum { MR = 8 };   // query rows per register tile
-enum { NV = 3 };   // 16-wide fp32 vectors per register tile of scores: 48 keys (8 x 3 = 24 sums)
+// ---- The vectors: the few operations the kernel needs, on 512-bit or 256-bit registers ----------
+//
+// A register tile of sums is MR query rows x NV vectors. It must fit the register file with the NV
+// vectors loaded and the one word broadcast: 8 x 3 + 3 + 1 = 28 of AVX-512's 32 registers, 6 x 2 +
+// 2 + 1 = 15 of AVX2's 16. The products with v use up to VMAX vectors of channels per tile.
+#if defined(__AVX512F__)
+typedef __m512 vec;      // LANES fp32 numbers
+typedef __m512i words;   // LANES 32-bit words
+typedef __mmask16 lanes; // a set of lanes
+enum { LANES = 16, MR = 8, NV = 3, VMAX = 3 };
+
+static inline vec vset(float x) { return _mm512_set1_ps(x); }
+static inline vec vload(const float *p) { return _mm512_loadu_ps(p); }
+static inline void vstore(float *p, vec x) { _mm512_storeu_ps(p, x); }
+static inline words wload(const void *p) { return _mm512_loadu_si512(p); }
+static inline words wset(int32_t w) { return _mm512_set1_epi32(w); }
+static inline vec as_floats(words w) { return _mm512_castsi512_ps(w); }
+static inline vec vadd(vec a, vec b) { return _mm512_add_ps(a, b); }
+static inline vec vmul(vec a, vec b) { return _mm512_mul_ps(a, b); }
+static inline vec vmax(vec a, vec b) { return _mm512_max_ps(a, b); }  // b where either is NaN
+static inline vec fmadd(vec a, vec b, vec c) { return _mm512_fmadd_ps(a, b, c); }    // a b + c
+static inline vec fmsub(vec a, vec b, vec c) { return _mm512_fmsub_ps(a, b, c); }    // a b - c
+static inline vec fnmadd(vec a, vec b, vec c) { return _mm512_fnmadd_ps(a, b, c); }  // c - a b
+static inline vec round_to_int(vec x) { return _mm512_roundscale_ps(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC); }
+static inline vec times_2_to(vec p, vec n) { return _mm512_scalef_ps(p, n); }  // p 2^n, n an integer
+static inline float reduce_max(vec x) { return _mm512_reduce_max_ps(x); }
+static inline float reduce_add(vec x) { return _mm512_reduce_add_ps(x); }
+// Lanes [0, left), left clamped to [0, LANES].
+static inline lanes first_lanes(int64_t left) {
+    return left >= 16 ? (lanes)0xFFFF : left <= 0 ? (lanes)0 : (lanes)((1u << left) - 1);
+}
+static inline vec where(lanes m, vec yes, vec no) { return _mm512_mask_blend_ps(m, no, yes); }
+static inline void store_lanes(float *p, lanes m, vec x) { _mm512_mask_storeu_ps(p, m, x); }
+#if defined(__AVX512BF16__)
+#define SDLITE_BF16 1
+// acc + a · b for LANES pairs of bf16 numbers: both products of each pair, summed in fp32.
+static inline vec madd(vec acc, words a, words b, const bf16 *) { return _mm512_dpbf16_ps(acc, (__m512bh)a, (__m512bh)b); }
+// Stores lanes m of x at p rounded to bf16 (to nearest, ties to even).
+static inline void store_lanes(bf16 *p, lanes m, vec x) { _mm256_mask_storeu_epi16(p, m, (__m256i)_mm512_cvtneps_pbh(x)); }
+#endif
+
+#elif defined(__AVX2__) && defined(__FMA__)
+typedef __m256 vec;
+typedef __m256i words;
+typedef __m256i lanes;  // all ones in the lanes of the set, zeros elsewhere
+enum { LANES = 8, MR = 6, NV = 2, VMAX = 2 };
+
+static inline vec vset(float x) { return _mm256_set1_ps(x); }
+static inline vec vload(const float *p) { return _mm256_loadu_ps(p); }
+static inline void vstore(float *p, vec x) { _mm256_storeu_ps(p, x); }
+static inline words wload(const void *p) { return _mm256_loadu_si256((const __m256i *)p); }
+static inline words wset(int32_t w) { return _mm256_set1_epi32(w); }
+static inline vec as_floats(words w) { return _mm256_castsi256_ps(w); }
+static inline vec vadd(vec a, vec b) { return _mm256_add_ps(a, b); }
+static inline vec vmul(vec a, vec b) { return _mm256_mul_ps(a, b); }
+static inline vec vmax(vec a, vec b) { return _mm256_max_ps(a, b); }  // b where either is NaN
+static inline vec fmadd(vec a, vec b, vec c) { return _mm256_fmadd_ps(a, b, c); }
+static inline vec fmsub(vec a, vec b, vec c) { return _mm256_fmsub_ps(a, b, c); }
+static inline vec fnmadd(vec a, vec b, vec c) { return _mm256_fnmadd_ps(a, b, c); }
+static inline vec round_to_int(vec x) { return _mm256_round_ps(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC); }
+// p 2^n for integers n in [-126, 0] (all exp_nonpositive asks): 2^n built from its exponent bits.
+// A NaN n gives some power of two, and p is NaN then too.
+static inline vec times_2_to(vec p, vec n) {
+    const __m256i bits = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
+    return _mm256_mul_ps(p, _mm256_castsi256_ps(bits));
+}
+static inline float reduce_max(vec x) {
+    __m128 h = _mm_max_ps(_mm256_castps256_ps128(x), _mm256_extractf128_ps(x, 1));
+    h = _mm_max_ps(h, _mm_movehl_ps(h, h));
+    return _mm_cvtss_f32(_mm_max_ss(h, _mm_movehdup_ps(h)));
+}
+static inline float reduce_add(vec x) {
+    __m128 h = _mm_add_ps(_mm256_castps256_ps128(x), _mm256_extractf128_ps(x, 1));
+    h = _mm_add_ps(h, _mm_movehl_ps(h, h));
+    return _mm_cvtss_f32(_mm_add_ss(h, _mm_movehdup_ps(h)));
+}
+static inline lanes first_lanes(int64_t left) {
+    const int32_t n = left >= 8 ? 8 : left <= 0 ? 0 : (int32_t)left;
+    return _mm256_cmpgt_epi32(_mm256_set1_epi32(n), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
+}
+static inline vec where(lanes m, vec yes, vec no) { return _mm256_blendv_ps(no, yes, _mm256_castsi256_ps(m)); }
+static inline void store_lanes(float *p, lanes m, vec x) { _mm256_maskstore_ps(p, m, x); }
+
+#else
+#error "sdlite's attention kernel is built with -mavx512f ... or -mavx2 -mfma (see sdlite/cpu_kernels.py)"
+#endif
+
+enum { KEY_TILE = LANES * NV };  // keys per register tile of scores
+
+// acc + a · b lane by lane, one product per lane (fp32).
+static inline vec madd(vec acc, words a, words b, const float *) { return fmadd(as_floats(a), as_floats(b), acc); }
+
+// ---- The kernel ---------------------------------------------------------------------------------
 
 // e^x for x <= 0, to ~1e-7 relative: x = n ln2 + r with |r| <= ln2/2, e^x = 2^n e^r, e^r by its
 // Taylor series to degree 6 (error r^7/7! <= 1.2e-7). Below -87, e^x < 2^-125 counts as 0 against
 // the row's largest term, which is 1. A NaN stays NaN (max returns its second operand then).
-static inline __m512 exp_nonpositive(__m512 x) {
-    x = _mm512_max_ps(_mm512_set1_ps(-87.0f), x);
-    const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
-                                          _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+static inline vec exp_nonpositive(vec x) {
+    x = vmax(vset(-87.0f), x);
+    const vec n = round_to_int(vmul(x, vset(1.44269504088896341f)));
     // r = x - n ln2, with ln2 split in two so that n·ln2_hi is exact (Cody and Waite)
-    __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693145751953125f), x);
-    r = _mm512_fnmadd_ps(n, _mm512_set1_ps(1.428606765330187045e-06f), r);
-    __m512 p = _mm512_set1_ps(1.0f / 720);
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 120));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 24));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 6));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(0.5f));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f));
-    return _mm512_scalef_ps(p, n);  // p · 2^n
+    vec r = fnmadd(n, vset(0.693145751953125f), x);
+    r = fnmadd(n, vset(1.428606765330187045e-06f), r);
+    vec p = vset(1.0f / 720);
+    p = fmadd(p, r, vset(1.0f / 120));
+    p = fmadd(p, r, vset(1.0f / 24));
+    p = fmadd(p, r, vset(1.0f / 6));
+    p = fmadd(p, r, vset(0.5f));
+    p = fmadd(p, r, vset(1.0f));
+    p = fmadd(p, r, vset(1.0f));
+    return times_2_to(p, n);
 }
 
-// The 32 bits at p (two bf16 numbers, or one float), repeated in all 16 lanes.
+// The 32 bits at p (two bf16 numbers, or one float), repeated in all lanes.
 template <typename T>
-static inline __m512i word_everywhere(const T *p) {
+static inline words word_everywhere(const T *p) {
     int32_t w;
     memcpy(&w, p, 4);
-    return _mm512_set1_epi32(w);
+    return wset(w);
 }
 
-// acc + a · b lane by lane: for bf16, a pair of products per lane (vdpbf16ps); for fp32, one (FMA).
-static inline __m512 madd(__m512 acc, __m512i a, __m512i b, const bf16 *) {
-    return _mm512_dpbf16_ps(acc, (__m512bh)a, (__m512bh)b);
-}
-static inline __m512 madd(__m512 acc, __m512i a, __m512i b, const float *) {
-    return _mm512_fmadd_ps(_mm512_castsi512_ps(a), _mm512_castsi512_ps(b), acc);
-}
-
-// Lanes [0, left) of a 16-lane vector, left clamped to [0, 16].
-static inline __mmask16 first_lanes(int64_t left) {
-    return left >= 16 ? (__mmask16)0xFFFF : left <= 0 ? (__mmask16)0 : (__mmask16)((1u << left) - 1);
-}
-
-// s[r][n0 + i] = q[r] · k[n0 + i] for MR rows and 16·NV keys; lanes not in `valid` get -inf.
+// s[r][n0 + i] = q[r] · k[n0 + i] for MR rows and KEY_TILE keys; lanes not in `valid` get -inf.
 // Keeps each row's running maximum in rowmax[r] (a vector; reduced later).
 template <typename T>
 static inline void score_tile(const T *q, int64_t q_stride, const T *kp, int64_t n_pad, int64_t dw,
-                              int64_t n0, float *s, int64_t s_stride, const __mmask16 *valid, __m512 *rowmax) {
-    __m512 acc[MR][NV];
+                              int64_t n0, float *s, int64_t s_stride, const lanes *valid, vec *rowmax) {
+    constexpr int W = 4 / sizeof(T);
+    vec acc[MR][NV];
     for (int r = 0; r < MR; r++)
-        for (int c = 0; c < NV; c++) acc[r][c] = _mm512_setzero_ps();
+        for (int c = 0; c < NV; c++) acc[r][c] = vset(0.0f);
     for (int64_t j = 0; j < dw; j++) {
-        constexpr int W = 4 / sizeof(T);
-        __m512i kv[NV];
-        for (int c = 0; c < NV; c++) kv[c] = _mm512_loadu_si512(kp + (j * n_pad + n0 + 16 * c) * W);
+        words kv[NV];
+        for (int c = 0; c < NV; c++) kv[c] = wload(kp + (j * n_pad + n0 + LANES * c) * W);
         for (int r = 0; r < MR; r++) {
-            const __m512i qv = word_everywhere(q + r * q_stride + W * j);
+            const words qv = word_everywhere(q + r * q_stride + W * j);
             for (int c = 0; c < NV; c++) acc[r][c] = madd(acc[r][c], qv, kv[c], q);
         }
     }
-    const __m512 minus_inf = _mm512_set1_ps(-INFINITY);
+    const vec minus_inf = vset(-INFINITY);
     for (int r = 0; r < MR; r++)
         for (int c = 0; c < NV; c++) {
-            const __m512 v = _mm512_mask_blend_ps(valid[c], minus_inf, acc[r][c]);
-            _mm512_storeu_ps(s + r * s_stride + n0 + 16 * c, v);
-            rowmax[r] = _mm512_max_ps(rowmax[r], v);
+            const vec v = where(valid[c], acc[r][c], minus_inf);
+            vstore(s + r * s_stride + n0 + LANES * c, v);
+            rowmax[r] = vmax(rowmax[r], v);
         }
 }
 
-// o[r][c0 + i] = Σ_n e[r][n] v[n][c0 + i] for MR rows and 16·V channels (n over the words j < nw).
+// o[r][c0 + i] = Σ_n e[r][n] v[n][c0 + i] for MR rows and LANES·V channels (n over the words j < nw).
 template <int V, typename T>
 static inline void value_tile(const T *e, int64_t e_stride, const T *vp, int64_t d_pad, int64_t nw,
                               int64_t c0, float *o, int64_t o_stride) {
     constexpr int W = 4 / sizeof(T);
-    __m512 acc[MR][V];
+    vec acc[MR][V];
     for (int r = 0; r < MR; r++)
-        for (int c = 0; c < V; c++) acc[r][c] = _mm512_setzero_ps();
+        for (int c = 0; c < V; c++) acc[r][c] = vset(0.0f);
     for (int64_t j = 0; j < nw; j++) {
-        __m512i vv[V];
-        for (int c = 0; c < V; c++) vv[c] = _mm512_loadu_si512(vp + (j * d_pad + c0 + 16 * c) * W);
+        words vv[V];
+        for (int c = 0; c < V; c++) vv[c] = wload(vp + (j * d_pad + c0 + LANES * c) * W);
         for (int r = 0; r < MR; r++) {
-            const __m512i ev = word_everywhere(e + r * e_stride + W * j);
+            const words ev = word_everywhere(e + r * e_stride + W * j);
             for (int c = 0; c < V; c++) acc[r][c] = madd(acc[r][c], ev, vv[c], e);
         }
     }
     for (int r = 0; r < MR; r++)
-        for (int c = 0; c < V; c++) _mm512_storeu_ps(o + r * o_stride + c0 + 16 * c, acc[r][c]);
+        for (int c = 0; c < V; c++) vstore(o + r * o_stride + c0 + LANES * c, acc[r][c]);
 }
 
-// Stores lanes `m` of x at p, rounded to bf16 (round to nearest even) or as they are.
-static inline void store16(bf16 *p, __mmask16 m, __m512 x) {
-    _mm256_mask_storeu_epi16(p, m, (__m256i)_mm512_cvtneps_pbh(x));
-}
-static inline void store16(float *p, __mmask16 m, __m512 x) { _mm512_mask_storeu_ps(p, m, x); }
+// Queries per task, rounded up to whole register tiles.
+static inline int64_t block_rows(int64_t MB) { return (MB + MR - 1) / MR * MR; }
 
 // The sizes of the packed and padded layouts for one element type T (W = 2 bf16, 1 float per word).
 template <typename T>
 struct Layout {
     static constexpr int W = 4 / sizeof(T);
-    int64_t dw, n_pad, nw, d_pad;  // words per q/k row; keys padded to 48; words per e row; channels padded to 16
-    Layout(int64_t N, int64_t d) : dw((d + W - 1) / W), n_pad((N + 47) / 48 * 48), nw((N + W - 1) / W), d_pad((d + 15) / 16 * 16) {}
+    int64_t dw, n_pad, nw, d_pad;  // words per q/k row; keys padded to KEY_TILE; words per e row; channels padded to LANES
+    Layout(int64_t N, int64_t d)
+        : dw((d + W - 1) / W), n_pad((N + KEY_TILE - 1) / KEY_TILE * KEY_TILE), nw((N + W - 1) / W),
+          d_pad((d + LANES - 1) / LANES * LANES) {}
     int64_t kp_elements() const { return dw * n_pad * W; }
     int64_t pack_elements() const { return kp_elements() + nw * d_pad * W; }
     int64_t scratch_bytes(int64_t MB) const {
+        MB = block_rows(MB);
         const int64_t bytes = MB * n_pad * 4 + MB * nw * 4 + MB * d_pad * 4 + MB * dw * 4 + MB * 4;
         return (bytes + 63) / 64 * 64;
     }
@@ -148,6 +227,7 @@ static void attention(const T *q, const T *k, const T *v, T *out, int64_t B, int
     constexpr int W = Layout<T>::W;
     const int64_t n_pad = lay.n_pad, d_pad = lay.d_pad, dw = lay.dw, nw = lay.nw;
     const int64_t kp_size = lay.kp_elements(), per_head = lay.pack_elements();
+    MB = block_rows(MB);
     const int64_t blocks = (L + MB - 1) / MB, scratch_bytes = lay.scratch_bytes(MB);
     const int64_t q_row = W * dw, e_row = W * nw;  // padded row lengths of the q and e blocks
 
@@ -191,40 +271,43 @@ static void attention(const T *q, const T *k, const T *v, T *out, int64_t B, int
 
             for (int64_t r0 = 0; r0 < tiled; r0 += MR) {
                 // scores and their row maxima
-                __m512 rowmax[MR];
-                for (int r = 0; r < MR; r++) rowmax[r] = _mm512_set1_ps(-INFINITY);
-                for (int64_t n0 = 0; n0 < n_pad; n0 += 16 * NV) {
-                    __mmask16 valid[NV];
-                    for (int c = 0; c < NV; c++) valid[c] = first_lanes(N - n0 - 16 * c);
+                vec rowmax[MR];
+                for (int r = 0; r < MR; r++) rowmax[r] = vset(-INFINITY);
+                for (int64_t n0 = 0; n0 < n_pad; n0 += KEY_TILE) {
+                    lanes valid[NV];
+                    for (int c = 0; c < NV; c++) valid[c] = first_lanes(N - n0 - LANES * c);
                     score_tile(qb + r0 * q_row, q_row, kp, n_pad, dw, n0, s + r0 * n_pad, n_pad, valid, rowmax);
                 }
                 // e = exp(scale s - scale max) (rounded to bf16 for bf16), and 1 / Σ e (of the fp32 e)
                 for (int r = 0; r < MR; r++) {
                     const float *sr = s + (r0 + r) * n_pad;
                     T *er = e + (r0 + r) * e_row;
-                    const __m512 sc = _mm512_set1_ps(scale);
-                    const __m512 shift = _mm512_set1_ps(_mm512_reduce_max_ps(rowmax[r]) * scale);
-                    __m512 sum = _mm512_setzero_ps();
-                    for (int64_t n = 0; n < N; n += 16) {
-                        const __mmask16 m = first_lanes(N - n);
-                        const __m512 x = _mm512_maskz_mov_ps(m, exp_nonpositive(_mm512_fmsub_ps(_mm512_loadu_ps(sr + n), sc, shift)));
-                        sum = _mm512_add_ps(sum, x);
-                        store16(er + n, m, x);
+                    const vec sc = vset(scale), shift = vset(reduce_max(rowmax[r]) * scale), zero = vset(0.0f);
+                    vec sum = zero;
+                    for (int64_t n = 0; n < N; n += LANES) {
+                        const lanes m = first_lanes(N - n);
+                        const vec x = where(m, exp_nonpositive(fmsub(vload(sr + n), sc, shift)), zero);
+                        sum = vadd(sum, x);
+                        store_lanes(er + n, m, x);
                     }
                     for (int64_t n = N; n < e_row; n++) er[n] = 0;  // the pad of the last word
-                    inv_sum[r0 + r] = 1.0f / _mm512_reduce_add_ps(sum);
+                    inv_sum[r0 + r] = 1.0f / reduce_add(sum);
                 }
-                // o = e v, 48 channels at a time, then 32 or 16
+                // o = e v, LANES·VMAX channels at a time, then the rest
+                const T *et = e + r0 * e_row;
+                float *ot = o + r0 * d_pad;
                 int64_t c0 = 0;
-                for (; c0 + 48 <= d_pad; c0 += 48) value_tile<3>(e + r0 * e_row, e_row, vp, d_pad, nw, c0, o + r0 * d_pad, d_pad);
-                if (d_pad - c0 == 32) value_tile<2>(e + r0 * e_row, e_row, vp, d_pad, nw, c0, o + r0 * d_pad, d_pad);
-                if (d_pad - c0 == 16) value_tile<1>(e + r0 * e_row, e_row, vp, d_pad, nw, c0, o + r0 * d_pad, d_pad);
+                for (; c0 + LANES * VMAX <= d_pad; c0 += LANES * VMAX) value_tile<VMAX>(et, e_row, vp, d_pad, nw, c0, ot, d_pad);
+                switch ((d_pad - c0) / LANES) {
+                    case 2: value_tile<2>(et, e_row, vp, d_pad, nw, c0, ot, d_pad); break;
+                    case 1: value_tile<1>(et, e_row, vp, d_pad, nw, c0, ot, d_pad); break;
+                }
             }
             // out = o / Σ e (rounded to bf16 for bf16)
             for (int64_t r = 0; r < rows; r++) {
                 T *orow = out + b * out_strides[0] + h * out_strides[1] + (l0 + r) * out_strides[2];
-                const __m512 inv = _mm512_set1_ps(inv_sum[r]);
-                for (int64_t c = 0; c < d; c += 16) store16(orow + c, first_lanes(d - c), _mm512_mul_ps(_mm512_loadu_ps(o + r * d_pad + c), inv));
+                const vec inv = vset(inv_sum[r]);
+                for (int64_t c = 0; c < d; c += LANES) store_lanes(orow + c, first_lanes(d - c), vmul(vload(o + r * d_pad + c), inv));
             }
         }
     }
@@ -242,21 +325,23 @@ int64_t sdlite_attention_scratch_bytes(int64_t N, int64_t d, int64_t MB, int ele
     return element_bytes == 2 ? Layout<bf16>(N, d).scratch_bytes(MB) : Layout<float>(N, d).scratch_bytes(MB);
 }
 
-// q [B, H, L, d], k and v [B, H, N, d], out [B, H, L, d], all bf16 or all fp32: any strides (in
-// elements) with the last dimension contiguous. MB (a multiple of MR): queries per task. `pack`:
-// B·H·pack_elements elements; `scratch`: threads · scratch_bytes.
-void sdlite_attention_bf16(const bf16 *q, const bf16 *k, const bf16 *v, bf16 *out, int64_t B, int64_t H, int64_t L,
-                           int64_t N, int64_t d, const int64_t *q_strides, const int64_t *k_strides,
-                           const int64_t *v_strides, const int64_t *out_strides, float scale, int64_t MB,
-                           int threads, bf16 *pack, char *scratch) {
-    attention(q, k, v, out, B, H, L, N, d, q_strides, k_strides, v_strides, out_strides, scale, MB, threads, pack, scratch);
-}
-
+// q [B, H, L, d], k and v [B, H, N, d], out [B, H, L, d], all fp32 or all bf16: any strides (in
+// elements) with the last dimension contiguous. MB: queries per task (rounded up to a multiple of
+// MR). `pack`: B·H·pack_elements elements; `scratch`: threads · scratch_bytes.
 void sdlite_attention_fp32(const float *q, const float *k, const float *v, float *out, int64_t B, int64_t H, int64_t L,
                            int64_t N, int64_t d, const int64_t *q_strides, const int64_t *k_strides,
                            const int64_t *v_strides, const int64_t *out_strides, float scale, int64_t MB,
                            int threads, float *pack, char *scratch) {
     attention(q, k, v, out, B, H, L, N, d, q_strides, k_strides, v_strides, out_strides, scale, MB, threads, pack, scratch);
 }
+
+#if defined(SDLITE_BF16)
+void sdlite_attention_bf16(const bf16 *q, const bf16 *k, const bf16 *v, bf16 *out, int64_t B, int64_t H, int64_t L,
+                           int64_t N, int64_t d, const int64_t *q_strides, const int64_t *k_strides,
+                           const int64_t *v_strides, const int64_t *out_strides, float scale, int64_t MB,
+                           int threads, bf16 *pack, char *scratch) {
+    attention(q, k, v, out, B, H, L, N, d, q_strides, k_strides, v_strides, out_strides, scale, MB, threads, pack, scratch);
+}
+#endif
 
 }  // extern "C"
