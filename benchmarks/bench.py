@@ -1172,6 +1172,12 @@ def versions_line(commit: str) -> str:
             f"(commit {commit})")
 
 
+# Environment variables that restrict PyTorch, oneDNN and MKL to fewer instructions than the CPU has
+# (a run as on an AVX2 CPU: ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2 MKL_ENABLE_INSTRUCTIONS=AVX2);
+# the report's machine line names those set.
+ISA_LIMITS = ("ATEN_CPU_CAPABILITY", "ONEDNN_MAX_CPU_ISA", "MKL_ENABLE_INSTRUCTIONS")
+
+
 def write_report(path: Path, ctx: dict[str, Any], sections: dict[str, list[Row]], skipped: dict[str, str],
                  notes: list[str], profile_text: str, levers_text: str = "") -> None:
     cpu = ctx["cpu"]
@@ -1182,7 +1188,8 @@ def write_report(path: Path, ctx: dict[str, Any], sections: dict[str, list[Row]]
         f"- Machine: {cpu['model']}, {cpu['logical_cpus']} logical CPUs"
         + (f" ({cpu['cores_per_socket']} cores per socket)" if "cores_per_socket" in cpu else "")
         + f", {cpu.get('mem_gib', '?')} GiB RAM; ISA: {', '.join(cpu['flags']) or 'n/a'}; "
-          f"mkldnn bf16: {ctx['mkldnn_bf16']}",
+          f"mkldnn bf16: {ctx['mkldnn_bf16']}; PyTorch's CPU capability: {torch.backends.cpu.get_cpu_capability()}"
+        + "".join(f"; {k}={os.environ[k]}" for k in ISA_LIMITS if os.environ.get(k)),
         f"- Threads: torch.get_num_threads() = {torch.get_num_threads()}; load average at start {ctx['load_start']},"
         f" at end {load_average()}",
         versions_line(ctx["commit"]),
