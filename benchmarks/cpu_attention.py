@@ -27,6 +27,7 @@ import argparse
 import datetime as _dt
 import json
 import os
+import platform
 import statistics
 import subprocess
 import sys
@@ -121,7 +122,11 @@ def main() -> None:
 
     commit = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"], capture_output=True,
                             text=True).stdout.strip()
+    model = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                  if line.startswith("model name")), platform.processor()) if Path("/proc/cpuinfo").exists() \
+        else platform.processor()
     out = ["# sdlite's CPU attention kernel, per call", "",
+           f"- Machine: {model}, {os.cpu_count()} logical CPUs; builds run: {', '.join(cpu_kernels.isas())}",
            f"- Date: {_dt.datetime.now(_dt.timezone.utc):%Y-%m-%d %H:%M} UTC; commit {commit or '?'}; "
            f"torch {torch.__version__}; {torch.get_num_threads()} threads",
            f"- Command: `python benchmarks/cpu_attention.py {' '.join(sys.argv[1:])}`",
