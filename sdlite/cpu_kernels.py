@@ -40,9 +40,11 @@ Building. The first call on a machine compiles the kernel (under a second) into
 ``$SDLITE_CACHE_DIR`` (default ``$XDG_CACHE_HOME/sdlite``, else ``~/.cache/sdlite``), named by a
 hash of the source, the flags and the compiler, so a changed source or compiler builds anew and
 nothing stale is loaded. It needs a C++ compiler (``$CXX``, else ``c++``) with OpenMP: the
-``g++`` of any Linux distribution. Without one, or where the build fails, :func:`load` returns
-None, says why once (a warning), and attention runs through PyTorch's ops as before; on a CPU
-without AVX2 it is never built. The kernel runs on PyTorch's own OpenMP threads
+``g++`` of any Linux distribution. A compiler too old for AVX512-BF16 (GCC < 10) builds the AVX-512
+kernel without bf16 (bf16 attention then takes PyTorch's ops); where the AVX-512 build fails, the
+AVX2 one is tried, with a warning. Without a compiler, or where no build succeeds, :func:`load`
+returns None, says why once (a warning), and attention runs through PyTorch's ops as before; on a
+CPU without AVX2 it is never built. The kernel runs on PyTorch's own OpenMP threads
 (``torch.get_num_threads()``). The cache holds code that sdlite loads into its process: like
 PyTorch's and Triton's kernel caches it must be writable by its owner only.
 """
@@ -75,6 +77,9 @@ ISA_FLAGS: dict[str, tuple[str, ...]] = {
     "avx2": ("-mavx2", "-mfma"),
 }
 _ISAS_OF_CAPABILITY = {"AVX512": ("avx512", "avx2"), "AVX2": ("avx2",)}
+# Flags left out where the compiler does not know them (GCC < 10, clang < 9: Ubuntu 20.04's g++ 9):
+# the AVX-512 build then has fp32 only, and bf16 attention takes the GEMM path.
+OPTIONAL_FLAGS = ("-mavx512bf16",)
 # Queries per task: their scores (fp32) and probabilities stay in a core's L2 cache for N keys up to
 # ~4096. 16 to 128 took the same time at 4096 tokens (session 19 micro-benchmark).
 QUERY_BLOCK = 32
@@ -138,7 +143,6 @@ def build(directory: Path | None = None, isa: str | None = None) -> Path:
     isa = isa or next(iter(isas()), None)
     if isa not in ISA_FLAGS:
         raise KernelUnavailable(f"no build of the kernel for {isa or 'this CPU'} (there are: {', '.join(ISA_FLAGS)})")
-    flags = FLAGS + ISA_FLAGS[isa]
     compiler = os.environ.get("CXX") or "c++"
     if shutil.which(compiler) is None:
         raise KernelUnavailable(f"no C++ compiler ({compiler!r} not found; set $CXX or install g++)")
@@ -146,6 +150,7 @@ def build(directory: Path | None = None, isa: str | None = None) -> Path:
         version = subprocess.run([compiler, "--version"], capture_output=True, text=True, timeout=60).stdout
     except (OSError, subprocess.SubprocessError) as e:
         raise KernelUnavailable(f"{compiler!r} --version failed: {e}") from e
+    flags = FLAGS + tuple(f for f in ISA_FLAGS[isa] if f not in OPTIONAL_FLAGS or _accepts(compiler, version, f))
     source = SOURCE.read_bytes()
     key = hashlib.sha256(source + "\0".join(flags).encode() + version.encode()).hexdigest()[:16]
     directory = directory or cache_dir()
@@ -172,6 +177,16 @@ def build(directory: Path | None = None, isa: str | None = None) -> Path:
     return library
 
 
+@functools.cache
+def _accepts(compiler: str, version: str, flag: str) -> bool:
+    """Whether ``compiler`` (of this ``--version`` text) takes ``flag``: preprocessing nothing with it."""
+    try:
+        return subprocess.run([compiler, flag, "-x", "c++", "-E", "-o", os.devnull, os.devnull],
+                              capture_output=True, timeout=60).returncode == 0
+    except (OSError, subprocess.SubprocessError):
+        return False
+
+
 class _Kernel:
     """The loaded library's functions, with their C signatures: the two sizes, and the kernel for
     each dtype its instruction set has (``run[dtype]``: fp32, and bf16 in the AVX-512 build)."""
@@ -195,20 +210,26 @@ class _Kernel:
 
 @functools.cache
 def load(isa: str | None = None) -> _Kernel | None:
-    """The kernel for ``isa`` (default: the best of :func:`isas`), built if needed (see the module's
-    text), or None where it cannot run here (said once, as a warning; PyTorch's ops run instead)."""
-    if isa is None:
-        if not isas():
-            return None  # nothing to say: without AVX2 the fallback is the normal path
-        isa = isas()[0]
-    elif isa not in isas():
+    """The kernel for ``isa``, built if needed (see the module's text); by default the best of
+    :func:`isas` that builds (a failed better one is said, as a warning). None where none can run
+    here (said once, as a warning; PyTorch's ops run instead)."""
+    if isa is not None and isa not in isas():
         raise ValueError(f"this CPU does not run the {isa!r} kernel (it runs: {', '.join(isas()) or 'none'})")
-    try:
-        return _Kernel(build(isa=isa), isa)
-    except (KernelUnavailable, OSError) as e:
-        warnings.warn(f"sdlite's CPU attention kernel is not available ({e}); attention runs through "
-                      f"PyTorch's ops, 1.5-2.5x slower", RuntimeWarning, stacklevel=2)
-        return None
+    failures = []
+    for candidate in (isa,) if isa else isas():  # without AVX2 nothing to try, and nothing to say
+        try:
+            kernel = _Kernel(build(isa=candidate), candidate)
+        except (KernelUnavailable, OSError) as e:
+            failures.append(f"the {candidate} build: {e}")
+            continue
+        if failures:
+            warnings.warn(f"sdlite's CPU attention kernel runs its {candidate} build, slower: "
+                          f"{'; '.join(failures)}", RuntimeWarning, stacklevel=2)
+        return kernel
+    if failures:
+        warnings.warn(f"sdlite's CPU attention kernel is not available ({'; '.join(failures)}); attention "
+                      f"runs through PyTorch's ops, 1.5-2.5x slower", RuntimeWarning, stacklevel=2)
+    return None
 
 
 def supports(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dtype: torch.dtype | None = None) -> bool:

@@ -141,7 +141,8 @@ def _cpu_kernel_dtype(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torc
     if not cpu_kernels.supports(q, k, v, dtype):
         return None
     kernel = cpu_kernels.load()
-    return dtype if kernel is not None and cpu_kernels.pays(kernel, k.shape[-2], k.shape[-1], dtype) else None
+    return (dtype if kernel is not None and dtype in kernel.run and cpu_kernels.pays(kernel, k.shape[-2], k.shape[-1], dtype)
+            else None)
 
 
 # Self-attention with at least this many keys runs as chunked GEMMs on the CPU (see below).

@@ -300,6 +300,57 @@ def test_a_cpu_with_avx2_only_runs_the_avx2_build():
     assert done.returncode == 0 and done.stdout.strip().endswith("ok"), done.stderr[-3000:]
 
 
+def _wrapped_compiler(tmp_path, refuse: str):
+    """A $CXX that fails as an old or broken compiler does whenever its arguments include ``refuse``,
+    and is the real c++ otherwise."""
+    import shutil
+
+    fake = tmp_path / "old-cxx"
+    fake.write_text(f"""#!/bin/sh
+for a in "$@"; do
+  if [ "$a" = "{refuse}" ]; then echo "c++: error: unrecognized command-line option '{refuse}'" >&2; exit 1; fi
+done
+exec {shutil.which(os.environ.get("CXX") or "c++")} "$@"
+""")
+    fake.chmod(0o755)
+    return fake
+
+
+@pytest.mark.skipif("avx512" not in cpu_kernels.isas(), reason="the CPU has no AVX-512")
+def test_a_compiler_without_avx512_bf16_builds_the_fp32_kernel(tmp_path, monkeypatch):
+    # g++ 9 (Ubuntu 20.04) has AVX-512 but not -mavx512bf16: the AVX-512 build without bf16, whose
+    # bf16 attention then takes the GEMM path.
+    monkeypatch.setenv("CXX", str(_wrapped_compiler(tmp_path, "-mavx512bf16")))
+    kernel = cpu_kernels._Kernel(cpu_kernels.build(tmp_path / "cache", "avx512"), "avx512")
+    assert list(kernel.run) == [torch.float32]
+    monkeypatch.setattr(cpu_kernels, "load", lambda isa=None: kernel)
+    calls = []
+    real = cpu_kernels.attention
+    monkeypatch.setattr(cpu_kernels, "attention", lambda *a: calls.append(a[1].dtype) or real(*a))
+    q, k, v = _qkv(1, 2, 20, 30, 8, seed=9, dtype=torch.float32)
+    with torch.no_grad():
+        ops.attention(q, k, v)
+        out = ops.attention(q.bfloat16(), k.bfloat16(), v.bfloat16())
+    assert calls == [torch.float32] and out.dtype == torch.bfloat16
+    torch.testing.assert_close(out.float(), F.scaled_dot_product_attention(q, k, v), rtol=2**-7, atol=2e-2)
+
+
+@pytest.mark.skipif(len(cpu_kernels.isas()) < 2, reason="the CPU runs one build only")
+def test_a_build_that_fails_gives_way_to_the_next_with_a_warning(tmp_path, monkeypatch):
+    monkeypatch.setenv("CXX", str(_wrapped_compiler(tmp_path, "-mavx512f")))
+    monkeypatch.setenv("SDLITE_CACHE_DIR", str(tmp_path / "cache"))
+    cpu_kernels.load.cache_clear()
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            kernel = cpu_kernels.load()
+        assert kernel is not None and kernel.isa == cpu_kernels.isas()[1]
+        assert [str(w.message) for w in caught if "runs its avx2 build, slower" in str(w.message)
+                and "-mavx512f" in str(w.message)]
+    finally:
+        cpu_kernels.load.cache_clear()
+
+
 def test_without_a_compiler_the_build_says_so_and_attention_falls_back(tmp_path, monkeypatch):
     monkeypatch.setenv("CXX", str(tmp_path / "no-such-compiler"))
     with pytest.raises(cpu_kernels.KernelUnavailable, match="no C\\+\\+ compiler"):
