@@ -244,6 +244,19 @@ def test_upsample_conv_equals_upsampling_then_the_3x3_conv(shape, out_channels):
     torch.testing.assert_close(ours, reference, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("batch", [1, 2])
+def test_upsample_conv_keeps_the_input_layout_with_the_strides_pytorch_expects(batch):
+    # A batch of one once came back channels-last with a batch stride that PyTorch's GroupNorm and
+    # conv do not take for channels-last: each copied the map to NCHW (15% of a 512x512 VAE decode).
+    conv = ops.Conv2d(8, 6, 3, padding=1)
+    for layout in (torch.channels_last, torch.contiguous_format):
+        x = torch.randn(batch, 8, 5, 7).contiguous(memory_format=layout)
+        with torch.no_grad():
+            out = ops.upsample_conv(x, conv)
+        assert out.stride() == torch.empty(out.shape, memory_format=layout).stride(), (layout, out.stride())
+        torch.testing.assert_close(out, _upsample_then_conv(x, conv), rtol=1e-5, atol=1e-5)
+
+
 def test_upsample_conv_follows_a_change_of_weights():
     """The summed kernels are cached for inference: loading new weights must not reuse stale ones."""
     conv = ops.Conv2d(4, 4, 3, padding=1)
