@@ -94,7 +94,7 @@ MAX_PACKED_HEAD_BYTES: dict[torch.dtype, int] = {torch.bfloat16: 16 * 2**20, tor
 # The AVX2 build (6 query rows per register tile of 16 keys, against 8 of 48 in the AVX-512 build) reads
 # more per product, and in fp32 on this project's CPU restricted to AVX2 it paid for heads of up to
 # 160 channels (all UNet heads, SD1 and SD2: 0.80x the time at 4096 tokens of 40, 0.81x at 9216 of 64,
-# 0.87-0.93x at 256-1024 tokens of 64-160) and lost for wider ones (1.36x at 256 channels, 1.03-1.83x
+# 0.87-0.96x at 256-1024 tokens of 64-160) and lost for wider ones (1.36x at 256 channels, 1.03-4.6x
 # for the VAE's 512-wide head at 64-4096 tokens; session 20). Wider heads take the GEMM path there.
 MAX_HEAD_WIDTH: dict[str, int] = {"avx2": 160}
 
@@ -136,10 +136,9 @@ def cpu_supported(dtype: torch.dtype = torch.float32) -> bool:
 
 def build(directory: Path | None = None, isa: str | None = None) -> Path:
     """The kernel's shared library for ``isa`` (a key of ``ISA_FLAGS``; default: the best of
-    :func:`isas`), compiled into ``directory``
-    (default :func:`cache_dir`) unless a build of this source, these flags and this compiler is
-    already there. Raises :class:`KernelUnavailable` with the compiler's message when it cannot be
-    built."""
+    :func:`isas`), compiled into ``directory`` (default :func:`cache_dir`) unless a build of this
+    source, these flags and this compiler is already there. Raises :class:`KernelUnavailable` with
+    the compiler's message when it cannot be built."""
     isa = isa or next(iter(isas()), None)
     if isa not in ISA_FLAGS:
         raise KernelUnavailable(f"no build of the kernel for {isa or 'this CPU'} (there are: {', '.join(ISA_FLAGS)})")

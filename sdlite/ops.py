@@ -97,9 +97,9 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, query_chunk: in
     sdlite's C++ kernel (:mod:`sdlite.cpu_kernels`), both products with fp32 sums and the softmax
     in between while its block of scores is in the cache; the same arithmetic as the GEMM path
     below. Per call 1.5-2.4x as fast in fp32 and 2.0-3.1x in bf16 with AVX-512 (session 19),
-    1.1-1.4x in fp32 with AVX2 (session 20). Half inputs without
-    native kernels here (``HALF_AS_FP32``) run through the fp32 kernel, rounded back once. It never
-    holds more than 32 rows of scores per thread, so ``query_chunk`` does not apply.
+    1.04-1.4x in fp32 with AVX2 (session 20). Half inputs without native kernels here
+    (``HALF_AS_FP32``) run through the fp32 kernel, rounded back once. It never holds more than 32
+    rows of scores per thread, so ``query_chunk`` does not apply.
 
     Otherwise, on the CPU, attention over at least ``GEMM_ATTENTION_MIN_KEYS`` keys (the
     self-attention of large maps) runs as :func:`_attention_by_gemm`: scores and softmax in fp32,
@@ -141,8 +141,8 @@ def _cpu_kernel_dtype(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torc
     if not cpu_kernels.supports(q, k, v, dtype):
         return None
     kernel = cpu_kernels.load()
-    return (dtype if kernel is not None and dtype in kernel.run and cpu_kernels.pays(kernel, k.shape[-2], k.shape[-1], dtype)
-            else None)
+    takes = kernel is not None and dtype in kernel.run and cpu_kernels.pays(kernel, k.shape[-2], k.shape[-1], dtype)
+    return dtype if takes else None
 
 
 # Self-attention with at least this many keys runs as chunked GEMMs on the CPU (see below).
