@@ -44,7 +44,7 @@ nothing stale is loaded. It needs a C++ compiler (``$CXX``, else ``c++``) with O
 kernel without bf16 (bf16 attention then takes PyTorch's ops); where the AVX-512 build fails, the
 AVX2 one is tried, with a warning. Without a compiler, or where no build succeeds, :func:`load`
 returns None, says why once (a warning), and attention runs through PyTorch's ops as before; on a
-CPU without AVX2 it is never built. The kernel runs on PyTorch's own OpenMP threads
+CPU without AVX2, and outside Linux, it is never built. The kernel runs on PyTorch's own OpenMP threads
 (``torch.get_num_threads()``). The cache holds code that sdlite loads into its process: like
 PyTorch's and Triton's kernel caches it must be writable by its owner only.
 """
@@ -59,6 +59,7 @@ import os
 import platform
 import shutil
 import subprocess
+import sys
 import tempfile
 import warnings
 from pathlib import Path
@@ -115,8 +116,10 @@ def cache_dir() -> Path:
 def isas() -> tuple[str, ...]:
     """The builds of the kernel (keys of ``ISA_FLAGS``) this CPU runs, best first: by PyTorch's
     capability of the CPU (``torch.backends.cpu.get_cpu_capability()``, which
-    ``ATEN_CPU_CAPABILITY`` lowers), on x86-64 only."""
-    if platform.machine().lower() not in ("x86_64", "amd64"):
+    ``ATEN_CPU_CAPABILITY`` lowers), on x86-64 Linux only. Elsewhere none: the build is a GCC/clang
+    shared library with OpenMP, which Windows' compilers and Apple's clang do not make, so trying
+    would only warn on every run."""
+    if not sys.platform.startswith("linux") or platform.machine().lower() not in ("x86_64", "amd64"):
         return ()
     return _ISAS_OF_CAPABILITY.get(torch.backends.cpu.get_cpu_capability(), ())
 

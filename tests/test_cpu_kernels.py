@@ -248,6 +248,16 @@ def test_a_build_is_reused_and_a_changed_source_builds_anew(tmp_path, monkeypatc
     assert not list(tmp_path.glob("*.partial"))
 
 
+def test_outside_linux_no_build_is_tried(monkeypatch):
+    # Windows' compilers and Apple's clang make no OpenMP shared library: no build, and no warning.
+    monkeypatch.setattr(cpu_kernels.sys, "platform", "win32")
+    cpu_kernels.isas.cache_clear()
+    try:
+        assert cpu_kernels.isas() == ()
+    finally:
+        cpu_kernels.isas.cache_clear()
+
+
 @needs_kernel
 def test_each_instruction_set_has_its_own_build(tmp_path):
     builds = {isa: cpu_kernels.build(tmp_path, isa) for isa in cpu_kernels.isas()}
