@@ -95,7 +95,7 @@ def _parser(img2img: bool) -> argparse.ArgumentParser:
                    help="PyTorch's ops in place of sdlite's own kernels: on CUDA its GroupNorm instead of sdlite's "
                         "Triton kernels (no one-time build of those, ~8 s on a new machine, ~0.5 s per process, "
                         "but ~1.4x the time per 512x512 image on an H100: benchmarks/RESULTS-cuda.md); on an "
-                        "x86 CPU, attention without sdlite's C++ kernel (built once per machine, ~1 s; "
+                        "x86 Linux CPU, attention without sdlite's C++ kernel (built once per machine, ~1 s; "
                         "without it a UNet step at 512x512 takes ~1.14x (fp32) to ~1.35x (bf16) as long)")
     p.add_argument("--threads", type=int, default=None,
                    help="CPU threads for torch (default: torch's choice, one per core; 1 can be faster "
