@@ -152,11 +152,16 @@ def build(directory: Path | None = None, isa: str | None = None) -> Path:
         version = subprocess.run([compiler, "--version"], capture_output=True, text=True, timeout=60).stdout
     except (OSError, subprocess.SubprocessError) as e:
         raise KernelUnavailable(f"{compiler!r} --version failed: {e}") from e
-    flags = FLAGS + tuple(f for f in ISA_FLAGS[isa] if f not in OPTIONAL_FLAGS or _accepts(compiler, version, f))
     source = SOURCE.read_bytes()
-    key = hashlib.sha256(source + "\0".join(flags).encode() + version.encode()).hexdigest()[:16]
     directory = directory or cache_dir()
-    library = directory / f"attention-{isa}-{key}.so"
+
+    def named(flags: tuple[str, ...]) -> tuple[tuple[str, ...], Path]:
+        key = hashlib.sha256(source + "\0".join(flags).encode() + version.encode()).hexdigest()[:16]
+        return flags, directory / f"attention-{isa}-{key}.so"
+
+    flags, library = named(FLAGS + ISA_FLAGS[isa])
+    if not library.exists():  # probing the optional flags runs the compiler: only before a build
+        flags, library = named(tuple(f for f in flags if f not in OPTIONAL_FLAGS or _accepts(compiler, version, f)))
     if library.exists():
         return library
     directory.mkdir(parents=True, exist_ok=True)

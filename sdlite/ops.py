@@ -1,8 +1,8 @@
 """The compute kernels the UNet and the VAE share, each with one performance or memory choice.
 
 :func:`attention` — scaled dot-product attention, optionally a slice of queries at a time (the
-low-memory option); on an x86 CPU with AVX-512, fp32 and bf16 attention through sdlite's own C++
-kernel (:mod:`sdlite.cpu_kernels`), and elsewhere the self-attention of large maps as chunked
+low-memory option); on an x86 Linux CPU with AVX-512 or AVX2, fp32 (and bf16) attention through
+sdlite's own C++ kernel (:mod:`sdlite.cpu_kernels`), and elsewhere the self-attention of large maps as chunked
 GEMMs (faster there than PyTorch's fused kernel). ``softmax(q kᵀ / √d) v`` is independent for
 every query row, so computing it for ``chunk`` queries at a time gives the same numbers while the
 ``[L, N]`` score matrix only ever exists for ``chunk`` rows. On a GPU whose SDPA falls back to the
