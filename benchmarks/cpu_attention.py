@@ -9,8 +9,8 @@ build of the kernel this CPU runs:
   (``ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2 MKL_ENABLE_INSTRUCTIONS=AVX2``): what a CPU
   without AVX-512 runs, both sides limited alike.
 
-Each shape alternates the two paths (ABAB, ``--rounds`` rounds of ``--repeats`` calls after a
-warm-up) and reports the medians and their ratio; the "pays" column is what
+Each shape alternates the two paths (``bench.alternate``: ABBA, a warm-up round, then
+``--repeats`` timed calls each) and reports the medians and their ratio; the "pays" column is what
 ``cpu_kernels.pays`` decides (whether ``ops.attention`` takes the kernel for that shape).
 
 Usage::
@@ -27,21 +27,15 @@ import argparse
 import datetime as _dt
 import json
 import os
-import platform
 import statistics
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import torch
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
-
+import bench  # benchmarks/bench.py (it puts the repository root on sys.path): the alternating timer, machine facts
 from sdlite import cpu_kernels, ops  # noqa: E402
-
-AVX2_ENV = {"ATEN_CPU_CAPABILITY": "avx2", "ONEDNN_MAX_CPU_ISA": "AVX2", "MKL_ENABLE_INSTRUCTIONS": "AVX2"}
 
 # name, batch, heads, queries, keys, head width: batch 2 is CFG's; SD1.5 has 8 heads of 40-160 channels.
 SHAPES = [
@@ -55,56 +49,40 @@ SHAPES = [
 ]
 
 
-def _time(fn, repeats: int) -> list[float]:
-    out = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        out.append(time.perf_counter() - t0)
-    return out
-
-
-def measure(isa: str, dtype: torch.dtype, rounds: int, repeats: int) -> list[dict]:
+def measure(isa: str, dtype: torch.dtype, repeats: int) -> list[dict]:
     kernel = cpu_kernels.load(isa)
     rows = []
     for name, b, h, length, keys, d in SHAPES:
         g = torch.Generator().manual_seed(0)
         # the layout the UNet hands over: [B, L, heads, d] viewed as [B, heads, L, d]
         q, k, v = (torch.randn(b, n, h, d, generator=g).to(dtype).transpose(1, 2) for n in (length, keys, keys))
-        paths = {"kernel": lambda: cpu_kernels.attention(kernel, q, k, v)}
-        ops.FUSED_ATTENTION = ()
-        paths["without"] = lambda: ops.attention(q, k, v)
-        times: dict[str, list[float]] = {p: [] for p in paths}
+        ops.FUSED_ATTENTION = ()  # ops.attention without the kernel; the kernel is called directly
+        paths = {"kernel": lambda: cpu_kernels.attention(kernel, q, k, v), "without": lambda: ops.attention(q, k, v)}
         with torch.no_grad():
-            for fn in paths.values():
-                fn()  # warm-up
-            for _ in range(rounds):
-                for p, fn in paths.items():
-                    times[p] += _time(fn, repeats)
+            times, _ = bench.alternate(paths, 1, repeats)
         a, w = (statistics.median(times[p]) for p in ("kernel", "without"))
         rows.append({"name": name, "shape": f"{b}x{h}x{length}x{keys}x{d}", "kernel_ms": a * 1e3,
                      "without_ms": w * 1e3, "pays": cpu_kernels.pays(kernel, keys, d, dtype)})
     return rows
 
 
-def child(isa: str, dtypes: list[str], rounds: int, repeats: int) -> None:
+def child(isa: str, dtypes: list[str], repeats: int) -> None:
     result = {"isa": isa, "capability": torch.backends.cpu.get_cpu_capability(), "tables": {}}
     for name in dtypes:
         dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[name]
-        result["tables"][name] = measure(isa, dtype, rounds, repeats)
+        result["tables"][name] = measure(isa, dtype, repeats)
     print("RESULT " + json.dumps(result))
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--rounds", type=int, default=3)
-    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--repeats", type=int, default=9, help="timed calls per path and shape (default 9)")
     p.add_argument("--out", default=None, help="markdown report (default: print it)")
     p.add_argument("--child", default=None, help=argparse.SUPPRESS)
     p.add_argument("--dtypes", default="fp32", help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.child:
-        return child(args.child, args.dtypes.split(","), args.rounds, args.repeats)
+        return child(args.child, args.dtypes.split(","), args.repeats)
 
     runs = []
     for isa in cpu_kernels.isas():
@@ -113,28 +91,24 @@ def main() -> None:
         if isa == "avx512" and cpu_kernels.cpu_supported(torch.bfloat16):
             dtypes.append("bf16")
         if isa != cpu_kernels.isas()[0]:
-            env.update(AVX2_ENV)
+            env.update(bench.AVX2_LIMITS)
         print(f"{isa}: {', '.join(dtypes)}", file=sys.stderr, flush=True)
         done = subprocess.run([sys.executable, __file__, "--child", isa, "--dtypes", ",".join(dtypes),
-                               "--rounds", str(args.rounds), "--repeats", str(args.repeats)],
+                               "--repeats", str(args.repeats)],
                               env=env, capture_output=True, text=True, check=True)
         runs.append((isa, env, json.loads(done.stdout.split("RESULT ", 1)[1])))
 
-    commit = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"], capture_output=True,
-                            text=True).stdout.strip()
-    model = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                  if line.startswith("model name")), platform.processor()) if Path("/proc/cpuinfo").exists() \
-        else platform.processor()
+    cpu = bench.cpu_facts()
     out = ["# sdlite's CPU attention kernel, per call", "",
-           f"- Machine: {model}, {os.cpu_count()} logical CPUs; builds run: {', '.join(cpu_kernels.isas())}",
-           f"- Date: {_dt.datetime.now(_dt.timezone.utc):%Y-%m-%d %H:%M} UTC; commit {commit or '?'}; "
+           f"- Machine: {cpu['model']}, {cpu['logical_cpus']} logical CPUs; builds run: {', '.join(cpu_kernels.isas())}",
+           f"- Date: {_dt.datetime.now(_dt.timezone.utc):%Y-%m-%d %H:%M} UTC; commit {bench.git_commit()}; "
            f"torch {torch.__version__}; {torch.get_num_threads()} threads",
            f"- Command: `python benchmarks/cpu_attention.py {' '.join(sys.argv[1:])}`",
-           f"- Method: the kernel and the path without it alternate, {args.rounds} rounds of {args.repeats} calls "
-           "after a warm-up; medians. *kernel / without* below 1: the kernel is faster. *pays*: whether "
+           f"- Method: the kernel and the path without it alternate (ABBA), a warm-up round, then {args.repeats} "
+           "timed calls each; medians. *kernel / without* below 1: the kernel is faster. *pays*: whether "
            "`ops.attention` takes the kernel for this shape (`cpu_kernels.pays`).", ""]
     for isa, env, result in runs:
-        limits = " ".join(f"{k}={env[k]}" for k in AVX2_ENV if env.get(k))
+        limits = " ".join(f"{k}={env[k]}" for k in bench.ISA_LIMITS if env.get(k))
         for dtype, rows in result["tables"].items():
             out += [f"## {isa} build, {dtype} (PyTorch's CPU capability {result['capability']}"
                     + (f"; {limits}" if limits else "") + ")", "",
