@@ -44,9 +44,20 @@ nothing stale is loaded. It needs a C++ compiler (``$CXX``, else ``c++``) with O
 kernel without bf16 (bf16 attention then takes PyTorch's ops); where the AVX-512 build fails, the
 AVX2 one is tried, with a warning. Without a compiler, or where no build succeeds, :func:`load`
 returns None, says why once (a warning), and attention runs through PyTorch's ops as before; on a
-CPU without AVX2, and outside Linux, it is never built. The kernel runs on PyTorch's own OpenMP threads
-(``torch.get_num_threads()``). The cache holds code that sdlite loads into its process: like
-PyTorch's and Triton's kernel caches it must be writable by its owner only.
+CPU without AVX2, and outside Linux, it is never built. The cache holds code that sdlite loads into
+its process: like PyTorch's and Triton's kernel caches it must be writable by its owner only.
+
+Threads. The kernel runs on PyTorch's own OpenMP threads (``torch.get_num_threads()`` of them), so it
+is linked against the OpenMP runtime PyTorch has loaded, found among the libraries mapped into the
+process (:func:`openmp_runtime`): GNU's libgomp in PyTorch's pip wheels (under ``torch/lib``, with a
+hashed name in some versions), Intel's libiomp5 in conda's MKL builds, LLVM's libomp in others. A
+kernel linked against the compiler's default runtime instead would bring a second one into such a
+process, with a thread pool of its own: the two pools spin-wait on the same cores after each
+parallel region, and a whole fp32 UNet step at 32x32 latents took 1.40-1.49 s against 0.84-0.87 s
+(this project's 2 cores, PyTorch on libgomp, the kernel on Intel's libiomp5; session 21). g++'s
+OpenMP code calls libgomp's entry points, which the other two runtimes also provide; clang's calls
+LLVM's, which libgomp lacks, so a clang-built kernel fails to link in a process on libgomp and
+attention takes PyTorch's ops (a warning says why; ``CXX=g++`` builds it).
 """
 
 from __future__ import annotations
@@ -57,11 +68,13 @@ import hashlib
 import logging
 import os
 import platform
+import re
 import shutil
 import subprocess
 import sys
 import tempfile
 import warnings
+from collections.abc import Iterable
 from pathlib import Path
 
 import torch
@@ -69,7 +82,7 @@ import torch
 log = logging.getLogger("sdlite")
 
 SOURCE = Path(__file__).parent / "csrc" / "attention.cpp"
-FLAGS = ("-O3", "-std=c++17", "-fPIC", "-shared", "-fopenmp")
+FLAGS = ("-O3", "-std=c++17", "-fPIC", "-fopenmp")  # compiling; linking is ``build``'s
 # The kernel is built once per instruction set, by PyTorch's name of the CPU's capability: the
 # 512-bit kernel (fp32 and bf16) on AVX-512 CPUs, the 256-bit one (fp32) on AVX2 CPUs (most laptops
 # and desktops: Intel's client CPUs since 2013, AMD's since 2017).
@@ -102,6 +115,40 @@ MAX_HEAD_WIDTH: dict[str, int] = {"avx2": 160}
 
 class KernelUnavailable(RuntimeError):
     """The kernel cannot run here; the message says why (the caller falls back, with a warning)."""
+
+
+# The OpenMP runtimes PyTorch is built with, by the start of their file names: GNU's (libgomp.so.1,
+# libgomp-a34b3233.so.1), Intel's (libiomp5.so) and LLVM's (libomp.so, libomp.so.5); not their
+# helpers (libomptarget.so, libiompstubs5.so).
+_OPENMP_RUNTIME = re.compile(r"lib(gomp|iomp5|omp)[-.]")
+
+
+def openmp_runtimes(maps: Iterable[str] | None = None) -> list[Path]:
+    """The OpenMP runtime libraries loaded in this process, in the order ``/proc/self/maps`` (or
+    ``maps``, its lines) lists them; none where it cannot be read."""
+    if maps is None:
+        try:
+            with open("/proc/self/maps") as f:
+                maps = f.read().splitlines()
+        except OSError:  # no /proc
+            return []
+    found: list[Path] = []
+    for line in maps:
+        fields = line.split(maxsplit=5)  # address range, permissions, offset, device, inode, path
+        if len(fields) == 6 and fields[5].startswith("/"):
+            path = Path(fields[5].strip())
+            if _OPENMP_RUNTIME.match(path.name) and path not in found:
+                found.append(path)
+    return found
+
+
+def openmp_runtime(maps: Iterable[str] | None = None) -> Path | None:
+    """The OpenMP runtime PyTorch's threads run on: the one loaded in this process
+    (:func:`openmp_runtimes`), preferring one shipped in PyTorch's own folder where there are
+    several; None where none is loaded (the kernel then takes the compiler's default)."""
+    found = openmp_runtimes(maps)
+    torch_dir = Path(torch.__file__).resolve().parent
+    return next((p for p in found if torch_dir in p.parents), found[0] if found else None)
 
 
 def cache_dir() -> Path:
@@ -139,9 +186,10 @@ def cpu_supported(dtype: torch.dtype = torch.float32) -> bool:
 
 def build(directory: Path | None = None, isa: str | None = None) -> Path:
     """The kernel's shared library for ``isa`` (a key of ``ISA_FLAGS``; default: the best of
-    :func:`isas`), compiled into ``directory`` (default :func:`cache_dir`) unless a build of this
-    source, these flags and this compiler is already there. Raises :class:`KernelUnavailable` with
-    the compiler's message when it cannot be built."""
+    :func:`isas`), compiled into ``directory`` (default :func:`cache_dir`) and linked against
+    PyTorch's OpenMP runtime (:func:`openmp_runtime`), unless a build of this source, these flags,
+    this compiler and this runtime is already there. Raises :class:`KernelUnavailable` with the
+    compiler's message when it cannot be built."""
     isa = isa or next(iter(isas()), None)
     if isa not in ISA_FLAGS:
         raise KernelUnavailable(f"no build of the kernel for {isa or 'this CPU'} (there are: {', '.join(ISA_FLAGS)})")
@@ -152,11 +200,16 @@ def build(directory: Path | None = None, isa: str | None = None) -> Path:
         version = subprocess.run([compiler, "--version"], capture_output=True, text=True, timeout=60).stdout
     except (OSError, subprocess.SubprocessError) as e:
         raise KernelUnavailable(f"{compiler!r} --version failed: {e}") from e
+    runtime = openmp_runtime()
+    # Linked against the runtime's file itself: the library then needs it by its own name (soname),
+    # which the loader finds already loaded. Without one loaded, the compiler's default runtime.
+    # --no-undefined: a runtime that lacks what the compiler's OpenMP code calls fails here, not at load.
+    link = ((str(runtime), f"-Wl,-rpath,{runtime.parent}") if runtime else ("-fopenmp",)) + ("-Wl,--no-undefined",)
     source = SOURCE.read_bytes()
     directory = directory or cache_dir()
 
     def named(flags: tuple[str, ...]) -> tuple[tuple[str, ...], Path]:
-        key = hashlib.sha256(source + "\0".join(flags).encode() + version.encode()).hexdigest()[:16]
+        key = hashlib.sha256(source + "\0".join(flags + link).encode() + version.encode()).hexdigest()[:16]
         return flags, directory / f"attention-{isa}-{key}.so"
 
     flags, library = named(FLAGS + ISA_FLAGS[isa])
@@ -165,22 +218,22 @@ def build(directory: Path | None = None, isa: str | None = None) -> Path:
     if library.exists():
         return library
     directory.mkdir(parents=True, exist_ok=True)
-    log.info("building sdlite's CPU attention kernel (%s) into %s (once per machine, ~1 s)", isa, library)
-    # Built under a temporary name and renamed: a concurrent process never loads half a file.
-    fd, partial = tempfile.mkstemp(dir=directory, prefix=library.stem, suffix=".partial")
-    os.close(fd)
-    try:
-        try:
-            done = subprocess.run([compiler, *flags, str(SOURCE), "-o", partial], capture_output=True, text=True,
-                                  timeout=600)
-        except (OSError, subprocess.SubprocessError) as e:  # cannot start, or hangs
-            raise KernelUnavailable(f"{compiler} did not build {SOURCE.name}: {e}") from e
-        if done.returncode != 0:
-            raise KernelUnavailable(f"{compiler} failed to build {SOURCE.name}:\n{done.stderr.strip()[-2000:]}")
+    log.info("building sdlite's CPU attention kernel (%s, OpenMP runtime %s) into %s (once per machine, ~1 s)",
+             isa, runtime or "the compiler's", library)
+    # Built in a temporary folder and renamed into place: a concurrent process never loads half a file.
+    with tempfile.TemporaryDirectory(dir=directory, prefix=f".{library.stem}-") as work:
+        obj, partial = Path(work) / "attention.o", Path(work) / library.name
+        for step, command in (("compile", [compiler, *flags, "-c", str(SOURCE), "-o", str(obj)]),
+                              ("link", [compiler, "-shared", str(obj), *link, "-o", str(partial)])):
+            try:
+                done = subprocess.run(command, capture_output=True, text=True, timeout=600)
+            except (OSError, subprocess.SubprocessError) as e:  # cannot start, or hangs
+                raise KernelUnavailable(f"{compiler} did not {step} {SOURCE.name}: {e}") from e
+            if done.returncode != 0:
+                against = f" against the OpenMP runtime {runtime}" if step == "link" and runtime else ""
+                raise KernelUnavailable(f"{compiler} failed to {step} {SOURCE.name}{against}:\n"
+                                        f"{done.stderr.strip()[-2000:]}")
         os.replace(partial, library)
-    finally:
-        if os.path.exists(partial):
-            os.remove(partial)
     return library
 
 

@@ -411,6 +411,117 @@ def test_a_compiler_that_hangs_is_given_up_on(tmp_path, monkeypatch):
         raise subprocess.TimeoutExpired(cmd, kwargs.get("timeout"))
 
     monkeypatch.setattr(cpu_kernels.subprocess, "run", run)
-    with pytest.raises(cpu_kernels.KernelUnavailable, match="did not build"):
+    with pytest.raises(cpu_kernels.KernelUnavailable, match="did not compile attention.cpp: .* timed out"):
         cpu_kernels.build(tmp_path)
     assert not list(tmp_path.iterdir())
+
+
+# Lines of /proc/self/maps as PyTorch's builds leave them: address range, permissions, offset,
+# device, inode, path (the helpers of a runtime, and a path with a space, must not be taken for it).
+_MAPS = {
+    "pip wheel": ["/venv/lib/python3.11/site-packages/torch/lib/libtorch_cpu.so",
+                  "/venv/lib/python3.11/site-packages/torch/lib/libgomp.so.1"],
+    "pip wheel, hashed name": ["/usr/lib/x86_64-linux-gnu/libomptarget.so",
+                               "/venv/lib/python3.11/site-packages/torch/lib/libgomp-a34b3233.so.1"],
+    "conda, MKL": ["/opt/conda/lib/libiompstubs5.so", "/opt/conda/lib/libiomp5.so"],
+    "LLVM": ["/my dir/lib/libomp.so.5"],
+    "none": ["/usr/lib/x86_64-linux-gnu/libc.so.6", "[heap]"],
+}
+_RUNTIME_OF = {"pip wheel": "libgomp.so.1", "pip wheel, hashed name": "libgomp-a34b3233.so.1",
+               "conda, MKL": "libiomp5.so", "LLVM": "libomp.so.5", "none": None}
+
+
+def _maps_lines(paths, torch_dir=None):
+    lines = []
+    for i, path in enumerate(paths):
+        if torch_dir and "site-packages/torch/" in path:
+            path = str(torch_dir / path.split("site-packages/torch/")[1])
+        for perms in ("r--p", "r-xp"):  # each file is mapped several times
+            lines.append(f"7f{i:02x}00000000-7f{i:02x}00001000 {perms} 00000000 08:01 {1000 + i}   {path}")
+    return lines
+
+
+@pytest.mark.parametrize("build", list(_MAPS))
+def test_the_openmp_runtime_is_the_one_mapped_into_the_process(build):
+    from pathlib import Path
+
+    torch_dir = Path(torch.__file__).resolve().parent
+    found = cpu_kernels.openmp_runtime(_maps_lines(_MAPS[build], torch_dir))
+    assert (found.name if found else None) == _RUNTIME_OF[build]
+
+
+def test_every_runtime_mapped_is_listed_once_in_order():
+    maps = _maps_lines(["/a/libiomp5.so", "/b/libgomp.so.1", "/a/libomptarget.so", "/a/libiomp5.so"])
+    assert [str(p) for p in cpu_kernels.openmp_runtimes(maps)] == ["/a/libiomp5.so", "/b/libgomp.so.1"]
+    assert cpu_kernels.openmp_runtimes([]) == [] and cpu_kernels.openmp_runtime([]) is None
+
+
+def test_pytorchs_own_runtime_is_preferred_where_two_are_loaded():
+    from pathlib import Path
+
+    torch_dir = Path(torch.__file__).resolve().parent
+    maps = _maps_lines(["/usr/lib/x86_64-linux-gnu/libgomp.so.1", "/venv/site-packages/torch/lib/libgomp.so.1"],
+                       torch_dir)
+    assert cpu_kernels.openmp_runtime(maps) == torch_dir / "lib" / "libgomp.so.1"
+    assert cpu_kernels.openmp_runtime(maps[:2]) == Path("/usr/lib/x86_64-linux-gnu/libgomp.so.1")
+
+
+@needs_kernel
+def test_the_kernel_adds_no_second_openmp_runtime_to_the_process(kernel):
+    # Two runtimes keep two thread pools spinning on the same cores (1.7x slower UNet steps).
+    assert cpu_kernels.openmp_runtimes() == [cpu_kernels.openmp_runtime()]
+    with open("/proc/self/maps") as f:
+        assert "/attention-" in f.read()  # with the kernel loaded
+
+
+def _recording_compiler(tmp_path):
+    """A $CXX that is the real c++, and writes each command line it is given to ``calls.txt``."""
+    import shutil
+
+    fake, log = tmp_path / "recording-cxx", tmp_path / "calls.txt"
+    fake.write_text(f"""#!/bin/sh
+echo "$@" >> {log}
+exec {shutil.which(os.environ.get("CXX") or "c++")} "$@"
+""")
+    fake.chmod(0o755)
+    return fake, log
+
+
+@needs_kernel
+def test_the_kernel_is_linked_against_pytorchs_runtime_and_no_other(tmp_path, monkeypatch):
+    import subprocess
+
+    fake, log = _recording_compiler(tmp_path)
+    monkeypatch.setenv("CXX", str(fake))
+    runtime = cpu_kernels.openmp_runtime()
+    library = cpu_kernels.build(tmp_path / "cache")
+    link = [line.split() for line in log.read_text().splitlines() if "-shared" in line.split()]
+    assert len(link) == 1 and str(runtime) in link[0] and "-fopenmp" not in link[0]
+    needed = subprocess.run(["readelf", "-d", str(library)], capture_output=True, text=True).stdout
+    assert f"[{runtime.name}]" in needed  # its soname: the loader finds the one already loaded
+    assert sum(cpu_kernels._OPENMP_RUNTIME.search(line) is not None for line in needed.splitlines()
+               if "(NEEDED)" in line) == 1
+    assert list((tmp_path / "cache").iterdir()) == [library]  # no object file or folder left behind
+
+
+@needs_kernel
+def test_another_runtime_builds_another_kernel_and_without_one_the_compilers(tmp_path, monkeypatch):
+    fake, log = _recording_compiler(tmp_path)
+    monkeypatch.setenv("CXX", str(fake))
+    ours = cpu_kernels.build(tmp_path / "cache")
+    monkeypatch.setattr(cpu_kernels, "openmp_runtime", lambda: None)  # PyTorch without OpenMP
+    default = cpu_kernels.build(tmp_path / "cache")
+    assert default != ours
+    assert "-fopenmp" in log.read_text().splitlines()[-1].split()  # linked with the compiler's own runtime
+    cpu_kernels._Kernel(default, default.name.split("-")[1])  # and it loads
+
+
+def test_a_runtime_that_cannot_be_linked_says_which(tmp_path, monkeypatch):
+    from pathlib import Path
+
+    monkeypatch.setattr(cpu_kernels, "openmp_runtime", lambda: Path("/nowhere/libiomp5.so"))
+    monkeypatch.setattr(cpu_kernels, "isas", lambda: ("avx2",))  # so that it builds, on any x86 CPU
+    with pytest.raises(cpu_kernels.KernelUnavailable, match="failed to link attention.cpp against the OpenMP "
+                                                             "runtime /nowhere/libiomp5.so"):
+        cpu_kernels.build(tmp_path / "cache")
+    assert not list((tmp_path / "cache").iterdir())
