@@ -102,6 +102,10 @@ def _parser(img2img: bool) -> argparse.ArgumentParser:
                         "when another program keeps a core busy)")
     p.add_argument("--quiet", action="store_true",
                    help="no progress bar, no notes (such as the one-time kernel build on CUDA)")
+    if not img2img:
+        p.add_argument("--system-info", dest="system_info", action="store_true",
+                       help="print what sdlite runs on here (device, CPU instruction set, native bf16, threads, "
+                            "its CPU attention kernel, GPU) and the fastest precision, then exit")
     if img2img:
         p.add_argument("--init-img", "--init_img", dest="init_img", type=Path, required=True, help="the image to redraw")
         p.add_argument("--strength", type=float, default=0.75,
@@ -225,6 +229,10 @@ def _run(args: argparse.Namespace, img2img: bool) -> int:
         import sdlite
         from .schedulers import parse_sampler_and_schedule
 
+        if getattr(args, "system_info", False):
+            _apply_cpu_settings(args)
+            print("\n".join(devices.system_report(args.device)))
+            return 0
         prompts = _prompts(args)
         sampler = "plms" if args.plms else args.sampler
         parse_sampler_and_schedule(sampler, args.schedule)  # fail on a bad name before loading anything
@@ -252,16 +260,7 @@ def _run(args: argparse.Namespace, img2img: bool) -> int:
         seed = _first_seed(args, args.n_samples * args.n_iter * len(prompts))
         _check_outdir(args.outdir)
         devices.parse_device(args.device)  # a known device name, and one this machine has
-        if args.threads is not None:
-            if args.threads < 1:
-                raise ArgumentError(f"--threads must be ≥ 1, got {args.threads}")
-            import torch
-
-            torch.set_num_threads(args.threads)
-        if not args.fused_kernels:
-            from . import ops
-
-            ops.FUSED_GROUP_NORM = ops.FUSED_GELU = ops.FUSED_ATTENTION = ()
+        _apply_cpu_settings(args)
         precision = {"full": "fp32"}.get(args.precision, args.precision)
 
         t0 = time.perf_counter()
@@ -293,6 +292,20 @@ def _run(args: argparse.Namespace, img2img: bool) -> int:
         # The saved paths are already on stdout, one per line; 130 = 128 + SIGINT, as shells report Ctrl-C.
         print(f"interrupted: {len(written)} image(s) saved → {args.outdir}", file=sys.stderr)
         return 130
+
+
+def _apply_cpu_settings(args: argparse.Namespace) -> None:
+    """--threads and --no-fused-kernels, which hold for the whole process."""
+    if args.threads is not None:
+        if args.threads < 1:
+            raise ArgumentError(f"--threads must be ≥ 1, got {args.threads}")
+        import torch
+
+        torch.set_num_threads(args.threads)
+    if not args.fused_kernels:
+        from . import ops
+
+        ops.FUSED_GROUP_NORM = ops.FUSED_GELU = ops.FUSED_ATTENTION = ()
 
 
 def txt2img_main(argv: Sequence[str] | None = None) -> int:

@@ -254,7 +254,7 @@ class _Kernel:
 
     def __init__(self, library: Path, isa: str):
         lib = ctypes.CDLL(str(library))
-        self.isa = isa
+        self.isa, self.library = isa, library
         i64, ptr, c_int = ctypes.c_int64, ctypes.c_void_p, ctypes.c_int
         self.pack_elements = lib.sdlite_attention_pack_elements  # (N, d, element bytes)
         self.pack_elements.argtypes, self.pack_elements.restype = [i64, i64, c_int], i64

@@ -158,3 +158,63 @@ def to_device(t: torch.Tensor, device: torch.device, dtype: torch.dtype | None =
 def unet_memory_format(device: torch.device) -> torch.memory_format:
     """The UNet weights' memory format on ``device`` (the policy above): channels-last on CUDA."""
     return torch.channels_last if device.type == "cuda" else torch.contiguous_format
+
+
+def system_report(device: str | torch.device | None = None) -> list[str]:
+    """What sdlite will run on here, as ``name: value`` lines (``--system-info`` prints them): the
+    versions, the device, on the CPU its instruction set, native half kernels, threads and load, and
+    the state of sdlite's CPU attention kernel (built on the spot if needed, as the first generation
+    would), on CUDA the GPU and Triton; then which precision is the fast one here. Nothing is loaded
+    but the kernel."""
+    import os
+
+    from . import __version__
+
+    dev = parse_device(device)
+    cuda = torch.version.cuda and f", CUDA {torch.version.cuda}" or ""
+    lines = [f"sdlite: {__version__}; torch {torch.__version__}{cuda}; Python {platform.python_version()}",
+             f"device: {dev}" + ("" if device is not None else " (the default)")]
+    if dev.type == "cpu":
+        bf16 = cpu_has_fast(torch.bfloat16)
+        lines += [f"CPU: {platform.machine()}, {os.cpu_count()} logical CPUs, PyTorch's capability "
+                  f"{torch.backends.cpu.get_cpu_capability()}",
+                  f"native half kernels: bf16 {'yes' if bf16 else 'no'}, fp16 "
+                  f"{'yes' if cpu_has_fast(torch.float16) else 'no'}"]
+        # With other programs holding cores, fewer threads can be faster (--threads): the load shows it.
+        load = f"; load average over the last minute {os.getloadavg()[0]:.1f}" if hasattr(os, "getloadavg") else ""
+        lines.append(f"threads: {torch.get_num_threads()}{load}")
+        lines.append(f"attention kernel: {_cpu_kernel_state()}")
+        lines.append("fastest precision here: " + (
+            "bf16 (--precision bf16): native bf16 kernels, about 2x as fast as fp32 for half the memory" if bf16 else
+            "fp32 (the default); bf16 weights (--precision bf16) halve the memory at about fp32 speed"))
+    elif dev.type == "cuda":
+        props = torch.cuda.get_device_properties(dev)
+        lines.append(f"GPU: {props.name}, {props.total_memory / 2**30:.1f} GiB, compute capability "
+                     f"{props.major}.{props.minor}")
+        try:
+            import triton
+
+            lines.append(f"Triton: {triton.__version__} (sdlite's GroupNorm kernels)")
+        except ImportError:
+            lines.append("Triton: not installed (GroupNorm runs through PyTorch's kernels, slower)")
+        lines.append("fastest precision here: fp16 (the default on CUDA); bf16 on request")
+    return lines
+
+
+def _cpu_kernel_state() -> str:
+    """Which build of sdlite's CPU attention kernel runs here, and on which OpenMP runtime; or why none."""
+    from . import cpu_kernels, ops
+
+    if "cpu" not in ops.FUSED_ATTENTION:
+        return "off (--no-fused-kernels)"
+    if not cpu_kernels.isas():
+        return "none for this CPU or system (x86-64 Linux with AVX2 or AVX-512 only); PyTorch's attention runs"
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        kernel = cpu_kernels.load()
+    if kernel is None:
+        why = "; ".join(str(w.message) for w in caught) or "it did not build"
+        return f"unavailable: {why}"
+    dtypes = ", ".join({torch.float32: "fp32", torch.bfloat16: "bf16"}[d] for d in kernel.run)
+    return (f"the {kernel.isa} build ({dtypes}), {kernel.library}, on the OpenMP runtime "
+            f"{cpu_kernels.openmp_runtime() or 'of the compiler'}")

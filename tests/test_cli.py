@@ -304,3 +304,30 @@ def test_img2img_passes_the_resize_mode_as_its_a1111_number(in_tmp, monkeypatch,
     _png(in_tmp / "in.png", (16, 16))
     (_, _, kw), = _calls(monkeypatch, ["--prompt", "a cat", "--init-img", "in.png", *argv], img2img=True)
     assert kw["resize_mode"] == mode
+
+
+def test_system_info_prints_the_machine_and_exits_without_a_prompt_or_a_model(in_tmp, monkeypatch, capsys):
+    from sdlite import ops
+
+    monkeypatch.setattr(sdlite, "load", _never_load)
+    monkeypatch.setattr(ops, "FUSED_ATTENTION", ops.FUSED_ATTENTION)  # --no-fused-kernels sets it for the process
+    monkeypatch.setattr(ops, "FUSED_GROUP_NORM", ops.FUSED_GROUP_NORM)
+    monkeypatch.setattr(ops, "FUSED_GELU", ops.FUSED_GELU)
+    threads = torch.get_num_threads()
+    try:
+        assert cli.txt2img_main(["--system-info", "--no-fused-kernels", "--threads", "1"]) == 0
+    finally:
+        torch.set_num_threads(threads)
+    out = capsys.readouterr().out.splitlines()
+    assert out[0].startswith(f"sdlite: {sdlite.__version__}; torch {torch.__version__}")
+    assert "device: cpu (the default)" in out
+    assert "threads: 1" in [line.split(";")[0] for line in out]  # --threads applies before the report
+    assert "attention kernel: off (--no-fused-kernels)" in out
+    assert [line for line in out if line.startswith("fastest precision here: ")]
+    assert not list(in_tmp.iterdir())  # no outputs folder
+
+
+def test_system_info_checks_the_device_it_is_given(in_tmp, monkeypatch, capsys):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert cli.txt2img_main(["--system-info", "--device", "cuda"]) == 2
+    assert "torch.cuda.is_available() is False" in capsys.readouterr().err

@@ -123,3 +123,53 @@ def test_group_norm_with_fp32_weights_and_a_half_input_upcasts():
     assert out.dtype == torch.bfloat16
     torch.testing.assert_close(out.float(), F.group_norm(x.float(), 32, norm.weight, norm.bias, norm.eps),
                                rtol=0, atol=2 ** -7 * 4)
+
+
+def _report_line(lines, name):
+    found = [line[len(name) + 2:] for line in lines if line.startswith(name + ": ")]
+    assert len(found) == 1, lines
+    return found[0]
+
+
+def test_the_system_report_states_the_cpus_capability_and_native_half_kernels():
+    lines = devices.system_report("cpu")
+    assert torch.backends.cpu.get_cpu_capability() in _report_line(lines, "CPU")
+    half = _report_line(lines, "native half kernels")
+    assert half == (f"bf16 {'yes' if devices.cpu_has_fast(torch.bfloat16) else 'no'}, "
+                    f"fp16 {'yes' if devices.cpu_has_fast(torch.float16) else 'no'}")
+    assert _report_line(lines, "threads").split(";")[0] == str(torch.get_num_threads())
+
+
+@pytest.mark.parametrize("native_bf16, advice", [(True, "bf16 (--precision bf16)"), (False, "fp32 (the default)")])
+def test_the_system_report_names_bf16_as_fastest_only_with_native_bf16(monkeypatch, native_bf16, advice):
+    monkeypatch.setattr(devices, "cpu_has_fast", lambda dtype: dtype == torch.float32 or native_bf16)
+    assert _report_line(devices.system_report("cpu"), "fastest precision here").startswith(advice)
+
+
+def test_the_system_report_names_the_attention_kernel_build_and_its_openmp_runtime():
+    from sdlite import cpu_kernels
+
+    state = _report_line(devices.system_report("cpu"), "attention kernel")
+    kernel = cpu_kernels.load() if cpu_kernels.isas() else None
+    if not cpu_kernels.isas():
+        assert state.startswith("none for this CPU or system")
+    else:
+        assert kernel is not None, "this CPU has AVX2 or AVX-512, so the kernel must build"
+        assert state.startswith(f"the {kernel.isa} build (fp32") and str(kernel.library) in state
+        assert state.endswith(f"on the OpenMP runtime {cpu_kernels.openmp_runtime()}")
+
+
+def test_the_system_report_says_why_the_attention_kernel_is_unavailable(monkeypatch):
+    import warnings
+
+    from sdlite import cpu_kernels
+
+    def fails(isa=None):
+        warnings.warn("sdlite's CPU attention kernel is not available (no C++ compiler)", RuntimeWarning)
+
+    monkeypatch.setattr(cpu_kernels, "isas", lambda: ("avx2",))
+    monkeypatch.setattr(cpu_kernels, "load", fails)
+    state = _report_line(devices.system_report("cpu"), "attention kernel")
+    assert state == "unavailable: sdlite's CPU attention kernel is not available (no C++ compiler)"
+    monkeypatch.setattr(cpu_kernels, "isas", lambda: ())
+    assert _report_line(devices.system_report("cpu"), "attention kernel").startswith("none for this CPU or system")
