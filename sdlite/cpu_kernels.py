@@ -45,7 +45,9 @@ kernel without bf16 (bf16 attention then takes PyTorch's ops); where the AVX-512
 AVX2 one is tried, with a warning. Without a compiler, or where no build succeeds, :func:`load`
 returns None, says why once (a warning), and attention runs through PyTorch's ops as before; on a
 CPU without AVX2, and outside Linux, it is never built. The cache holds code that sdlite loads into
-its process: like PyTorch's and Triton's kernel caches it must be writable by its owner only.
+its process, so it must be the user's own: sdlite creates it writable by its owner only, and refuses
+(with a warning, falling back to PyTorch's ops) a folder or library owned by another user or
+writable by every user, where anyone could have put a library of that name.
 
 Threads. The kernel runs on PyTorch's own OpenMP threads (``torch.get_num_threads()`` of them), so it
 is linked against the OpenMP runtime PyTorch has loaded, found among the libraries mapped into the
@@ -71,6 +73,7 @@ import os
 import platform
 import re
 import shutil
+import stat
 import subprocess
 import sys
 import tempfile
@@ -208,6 +211,8 @@ def build(directory: Path | None = None, isa: str | None = None) -> Path:
     link = ((str(runtime), f"-Wl,-rpath,{runtime.parent}") if runtime else ("-fopenmp",)) + ("-Wl,--no-undefined",)
     source = SOURCE.read_bytes()
     directory = directory or cache_dir()
+    directory.mkdir(mode=0o700, parents=True, exist_ok=True)  # the mode is the new folder's, not its parents'
+    _check_private(directory)
 
     def named(flags: tuple[str, ...]) -> tuple[tuple[str, ...], Path]:
         key = hashlib.sha256(source + "\0".join(flags + link).encode() + version.encode()).hexdigest()[:16]
@@ -217,8 +222,8 @@ def build(directory: Path | None = None, isa: str | None = None) -> Path:
     if not library.exists():  # probing the optional flags runs the compiler: only before a build
         flags, library = named(tuple(f for f in flags if f not in OPTIONAL_FLAGS or _accepts(compiler, version, f)))
     if library.exists():
+        _check_private(library)
         return library
-    directory.mkdir(parents=True, exist_ok=True)
     log.info("building sdlite's CPU attention kernel (%s, OpenMP runtime %s) into %s (once per machine, ~1 s)",
              isa, runtime or "the compiler's", library)
     # Built in a temporary folder and renamed into place: a concurrent process never loads half a file.
@@ -236,6 +241,20 @@ def build(directory: Path | None = None, isa: str | None = None) -> Path:
                                         f"{done.stderr.strip()[-2000:]}")
         os.replace(partial, library)
     return library
+
+
+def _check_private(path: Path) -> None:
+    """Raise :class:`KernelUnavailable` for a cache folder or library another user could have written:
+    owned by someone else, or writable by every user."""
+    st = path.stat()
+    if st.st_uid != os.getuid():
+        why = f"is owned by another user (uid {st.st_uid})"
+    elif st.st_mode & stat.S_IWOTH:
+        why = "is writable by every user"
+    else:
+        return
+    raise KernelUnavailable(f"{path} {why}, and sdlite would load code from it: set SDLITE_CACHE_DIR to a folder "
+                            f"of your own (or remove that one)")
 
 
 @functools.cache

@@ -525,3 +525,47 @@ def test_a_runtime_that_cannot_be_linked_says_which(tmp_path, monkeypatch):
                                                              "runtime /nowhere/libiomp5.so"):
         cpu_kernels.build(tmp_path / "cache")
     assert not list((tmp_path / "cache").iterdir())
+
+
+@needs_kernel
+def test_a_new_cache_folder_is_private(tmp_path):
+    cpu_kernels.build(tmp_path / "a" / "cache")
+    assert (tmp_path / "a" / "cache").stat().st_mode & 0o777 == 0o700
+
+
+@needs_kernel
+def test_a_cache_folder_or_library_others_could_write_is_refused(tmp_path, monkeypatch):
+    shared = tmp_path / "shared"
+    shared.mkdir(mode=0o777)
+    shared.chmod(0o1777)  # as /tmp: anyone may add files
+    with pytest.raises(cpu_kernels.KernelUnavailable, match="shared is writable by every user.*SDLITE_CACHE_DIR"):
+        cpu_kernels.build(shared)
+    assert not list(shared.iterdir())  # nothing built there
+    mine = tmp_path / "mine"
+    library = cpu_kernels.build(mine)
+    library.chmod(0o666)
+    with pytest.raises(cpu_kernels.KernelUnavailable, match="so is writable by every user"):
+        cpu_kernels.build(mine)
+    library.chmod(0o755)
+    assert cpu_kernels.build(mine) == library
+    someone_else = os.getuid() + 1
+    monkeypatch.setattr(cpu_kernels.os, "getuid", lambda: someone_else)
+    with pytest.raises(cpu_kernels.KernelUnavailable, match="mine is owned by another user"):
+        cpu_kernels.build(mine)
+
+
+def test_a_refused_cache_folder_leaves_attention_on_pytorchs_ops_with_a_warning(tmp_path, monkeypatch):
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    shared.chmod(0o777)
+    monkeypatch.setenv("SDLITE_CACHE_DIR", str(shared))
+    monkeypatch.setattr(cpu_kernels, "isas", lambda: ("avx2",))  # so that it tries, on any CPU
+    cpu_kernels.load.cache_clear()
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            assert cpu_kernels.load() is None
+        assert any("is writable by every user" in str(w.message) and "PyTorch's ops" in str(w.message)
+                   for w in caught)
+    finally:
+        cpu_kernels.load.cache_clear()
