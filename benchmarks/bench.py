@@ -15,6 +15,7 @@ Rows (``--rows``):
 - ``unet64``   one UNet call at batch 2 (cond + uncond of classifier-free guidance), 64x64 latents;
 - ``unet32``   the same at 32x32 latents;
 - ``vae64``    VAE decode of one 64x64 latent (a 512x512 image);
+- ``vaeenc``   VAE encode of one 512x512 image into a 64x64 latent (the first step of img2img);
 - ``txt2img``  a whole 256x256 generation, 10 Euler steps, CFG 7.5: sdlite ``Pipeline.txt2img`` vs
                diffusers ``StableDiffusionPipeline`` + ``EulerDiscreteScheduler``, same prompt and
                same starting latents;
@@ -77,7 +78,7 @@ import sdlite.ops as ops  # noqa: E402
 from factory import random_state_dict  # noqa: E402
 import winograd  # noqa: E402  (benchmarks/winograd.py: a measured experiment, not part of sdlite)
 
-ROWS = ("text", "unet64", "unet32", "tome64", "vae64", "txt2img", "load", "mem512", "vae2048", "bundled")
+ROWS = ("text", "unet64", "unet32", "tome64", "vae64", "vaeenc", "txt2img", "load", "mem512", "vae2048", "bundled")
 QUICK_ROWS = ("text", "unet32", "txt2img", "load")
 PRECISIONS = ("fp32", "bf16", "autocast")
 PROMPT = "a photograph of an astronaut riding a horse"
@@ -441,6 +442,7 @@ def network_flops(cfg: ModelConfig) -> dict[str, float]:
             out[name] = count_flops(lambda: nets["unet"](x, torch.tensor([500.0, 500.0]), ctx))
         out["vae64"] = count_flops(lambda: nets["vae"].decode(torch.zeros(1, cfg.vae.embed_dim, 64, 64)))
         out["vae32"] = count_flops(lambda: nets["vae"].decode(torch.zeros(1, cfg.vae.embed_dim, 32, 32)))
+        out["vaeenc"] = count_flops(lambda: nets["vae"].encode(torch.zeros(1, 3, 512, 512)).mean)
     out["txt2img"] = 10 * out["unet32"] + out["vae32"] + out["text"]
     return out
 
@@ -529,6 +531,24 @@ def run_inprocess_rows(cfg: ModelConfig, precision: str, nets: dict, dnets: dict
         row = Row("VAE decode, 64x64 latent -> 512x512", "s", times)
         row.notes.append(f"max |Δ| / max |ref| = {rel_diff(last['sdlite'], last['diffusers']):.1e}")
         with_flops(row, "vae64")
+        out.append(row)
+
+    if "vaeenc" in rows:
+        image = (torch.rand(1, 3, 512, 512, generator=gen) * 2 - 1).to(wdtype)  # pixels in [-1, 1]
+        vae, dvae = nets["vae"], dnets["vae"]
+
+        def ours() -> torch.Tensor:
+            with torch.no_grad(), autocast_ctx(precision):
+                return vae.encode(image).mean
+
+        def theirs() -> torch.Tensor:
+            with torch.no_grad(), autocast_ctx(precision):
+                return dvae.encode(image).latent_dist.mean
+
+        times, last = alternate({"sdlite": ours, "diffusers": theirs}, w, r)
+        row = Row("VAE encode, 512x512 -> 64x64 latent (posterior mean)", "s", times)
+        row.notes.append(f"max |Δ| / max |ref| = {rel_diff(last['sdlite'], last['diffusers']):.1e}")
+        with_flops(row, "vaeenc")
         out.append(row)
 
     if "txt2img" in rows:
