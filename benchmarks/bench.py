@@ -130,6 +130,15 @@ def load_average() -> str:
         return "n/a"
 
 
+def print_or_write(text: str, out: str | None) -> None:
+    """A small script's markdown report: written to ``out`` (and said on stderr), else printed."""
+    if out:
+        Path(out).write_text(text.rstrip() + "\n")
+        print(f"wrote {out}", file=sys.stderr)
+    else:
+        print(text)
+
+
 def git_commit() -> str:
     try:
         head = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"], capture_output=True,

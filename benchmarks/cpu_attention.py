@@ -30,7 +30,6 @@ import os
 import statistics
 import subprocess
 import sys
-from pathlib import Path
 
 import torch
 
@@ -118,11 +117,7 @@ def main() -> None:
                     f"{r['kernel_ms'] / r['without_ms']:.2f} | {'yes' if r['pays'] else 'no'} |" for r in rows]
             out.append("")
     text = "\n".join(out)
-    if args.out:
-        Path(args.out).write_text(text)
-        print(f"wrote {args.out}", file=sys.stderr)
-    else:
-        print(text)
+    bench.print_or_write(text, args.out)
 
 
 if __name__ == "__main__":

@@ -120,11 +120,7 @@ def main() -> None:
         out.append(f"| {name} | {loaded} | {statistics.median(times):.3f} | {per} | "
                    f"{statistics.median(times) / ours:.2f} |")
     text = "\n".join(out) + "\n"
-    if args.out:
-        Path(args.out).write_text(text)
-        print(f"wrote {args.out}", file=sys.stderr)
-    else:
-        print(text)
+    bench.print_or_write(text, args.out)
 
 
 if __name__ == "__main__":

@@ -36,6 +36,18 @@ def _build(isa):
     return k
 
 
+def _fresh_load():
+    """``cpu_kernels.load()`` from scratch (its cache cleared before and after), and the warnings it gave."""
+    cpu_kernels.load.cache_clear()
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            kernel = cpu_kernels.load()
+    finally:
+        cpu_kernels.load.cache_clear()
+    return kernel, [str(w.message) for w in caught]
+
+
 def _qkv(b, heads, length, keys, d, seed, scale=1.0, dtype=torch.bfloat16):
     g = torch.Generator().manual_seed(seed)
     q = (scale * torch.randn(b, length, heads, d, generator=g)).to(dtype).transpose(1, 2)  # the UNet's strided heads
@@ -349,16 +361,9 @@ def test_a_compiler_without_avx512_bf16_builds_the_fp32_kernel(tmp_path, monkeyp
 def test_a_build_that_fails_gives_way_to_the_next_with_a_warning(tmp_path, monkeypatch):
     monkeypatch.setenv("CXX", str(_wrapped_compiler(tmp_path, "-mavx512f")))
     monkeypatch.setenv("SDLITE_CACHE_DIR", str(tmp_path / "cache"))
-    cpu_kernels.load.cache_clear()
-    try:
-        with warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("always")
-            kernel = cpu_kernels.load()
-        assert kernel is not None and kernel.isa == cpu_kernels.isas()[1]
-        assert [str(w.message) for w in caught if "runs its avx2 build, slower" in str(w.message)
-                and "-mavx512f" in str(w.message)]
-    finally:
-        cpu_kernels.load.cache_clear()
+    kernel, said = _fresh_load()
+    assert kernel is not None and kernel.isa == cpu_kernels.isas()[1]
+    assert [m for m in said if "runs its avx2 build, slower" in m and "-mavx512f" in m]
 
 
 def test_without_a_compiler_the_build_says_so_and_attention_falls_back(tmp_path, monkeypatch):
@@ -366,19 +371,17 @@ def test_without_a_compiler_the_build_says_so_and_attention_falls_back(tmp_path,
     with pytest.raises(cpu_kernels.KernelUnavailable, match="no C\\+\\+ compiler"):
         cpu_kernels.build(tmp_path)
     monkeypatch.setattr(cpu_kernels, "isas", lambda: ("avx2",))  # so that it tries, on any CPU
-    cpu_kernels.load.cache_clear()
+    kernel, said = _fresh_load()
+    assert kernel is None and any("runs through PyTorch's ops" in m for m in said)
+    q = torch.randn(1, 2, 20, 8)
     try:
-        with warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("always")
-            assert cpu_kernels.load() is None
-        assert any("runs through PyTorch's ops" in str(w.message) for w in caught)
-        q = torch.randn(1, 2, 20, 8)
-        with torch.no_grad():
+        with torch.no_grad(), warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # the same warning again
             out = ops.attention(q, q, q)  # the fallback path
-        torch.testing.assert_close(out.float(), F.scaled_dot_product_attention(q.float(), q.float(), q.float()),
-                                   rtol=2**-7, atol=2e-2)
     finally:
         cpu_kernels.load.cache_clear()
+    torch.testing.assert_close(out.float(), F.scaled_dot_product_attention(q.float(), q.float(), q.float()),
+                               rtol=2**-7, atol=2e-2)
 
 
 def test_a_failing_compiler_leaves_no_partial_file(tmp_path, monkeypatch):
@@ -560,12 +563,5 @@ def test_a_refused_cache_folder_leaves_attention_on_pytorchs_ops_with_a_warning(
     shared.chmod(0o777)
     monkeypatch.setenv("SDLITE_CACHE_DIR", str(shared))
     monkeypatch.setattr(cpu_kernels, "isas", lambda: ("avx2",))  # so that it tries, on any CPU
-    cpu_kernels.load.cache_clear()
-    try:
-        with warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("always")
-            assert cpu_kernels.load() is None
-        assert any("is writable by every user" in str(w.message) and "PyTorch's ops" in str(w.message)
-                   for w in caught)
-    finally:
-        cpu_kernels.load.cache_clear()
+    kernel, said = _fresh_load()
+    assert kernel is None and any("is writable by every user" in m and "PyTorch's ops" in m for m in said)
