@@ -19,6 +19,7 @@ import argparse
 import datetime as _dt
 import statistics
 import sys
+from unittest import mock
 
 import torch
 
@@ -40,7 +41,8 @@ def main() -> None:
     cfg = SD2_V.unet
     peaks = {name: max(bench.matmul_peaks(dtype, 4096).values())[0] for name, dtype in PRECISIONS.items()}
     weights = {k: v.clone() for k, v in bench.random_state_dict(UNetModel(cfg), 0).items()}
-    with torch.device("meta"):
+    # FLOPs as in bench.network_flops: the Upsample convs counted as written, the same for both libraries.
+    with torch.device("meta"), mock.patch.object(ops, "UPSAMPLE_BY_PHASES", ()):
         meta = UNetModel(cfg)
         flops = {hw: bench.count_flops(lambda: meta(torch.zeros(2, cfg.in_channels, hw, hw), torch.zeros(2),
                                                     torch.zeros(2, 77, cfg.context_dim))) for hw in sizes}
@@ -67,7 +69,6 @@ def main() -> None:
             rows.append(f"| {name} | {hw}x{hw} ({hw * 8}²) | {m['sdlite']:.2f} | {m['diffusers']:.2f} | "
                         f"{m['sdlite'] / m['diffusers']:.2f} | {share['sdlite']:.0%} / {share['diffusers']:.0%} | "
                         f"{bench.rel_diff(last['sdlite'], last['diffusers']):.1e} |")
-        del ours, theirs
 
     cpu = bench.cpu_facts()
     out = ["# The SD2 768-v UNet: sdlite vs diffusers, one step at batch 2", "",
