@@ -14,6 +14,7 @@ Rows (``--rows``):
 - ``text``     text encoder, batch 2 x 77 tokens;
 - ``unet64``   one UNet call at batch 2 (cond + uncond of classifier-free guidance), 64x64 latents;
 - ``unet32``   the same at 32x32 latents;
+- ``unet32b8`` the same at batch 8 (four images with classifier-free guidance: ``--n_samples 4``);
 - ``vae64``    VAE decode of one 64x64 latent (a 512x512 image);
 - ``vaeenc``   VAE encode of one 512x512 image into a 64x64 latent (the first step of img2img);
 - ``txt2img``  a whole 256x256 generation, 10 Euler steps, CFG 7.5: sdlite ``Pipeline.txt2img`` vs
@@ -78,7 +79,9 @@ import sdlite.ops as ops  # noqa: E402
 from factory import random_state_dict  # noqa: E402
 import winograd  # noqa: E402  (benchmarks/winograd.py: a measured experiment, not part of sdlite)
 
-ROWS = ("text", "unet64", "unet32", "tome64", "vae64", "vaeenc", "txt2img", "load", "mem512", "vae2048", "bundled")
+ROWS = ("text", "unet64", "unet32", "unet32b8", "tome64", "vae64", "vaeenc", "txt2img", "load", "mem512", "vae2048", "bundled")
+# The UNet rows: name, latent side, batch (2: one image with classifier-free guidance).
+UNET_ROWS = (("unet64", 64, 2), ("unet32", 32, 2), ("unet32b8", 32, 8))
 QUICK_ROWS = ("text", "unet32", "txt2img", "load")
 PRECISIONS = ("fp32", "bf16", "autocast")
 PROMPT = "a photograph of an astronaut riding a horse"
@@ -446,9 +449,9 @@ def network_flops(cfg: ModelConfig) -> dict[str, float]:
     with torch.device("meta"), patch.object(ops, "UPSAMPLE_BY_PHASES", ()):
         ids = torch.zeros(2, cfg.text.max_length, dtype=torch.long)
         out = {"text": count_flops(lambda: nets["text_encoder"](ids))}
-        for name, hw in (("unet64", 64), ("unet32", 32)):
-            x, ctx = torch.zeros(2, cfg.unet.in_channels, hw, hw), torch.zeros(2, cfg.text.max_length, c)
-            out[name] = count_flops(lambda: nets["unet"](x, torch.tensor([500.0, 500.0]), ctx))
+        for name, hw, b in UNET_ROWS:
+            x, ctx = torch.zeros(b, cfg.unet.in_channels, hw, hw), torch.zeros(b, cfg.text.max_length, c)
+            out[name] = count_flops(lambda: nets["unet"](x, torch.full((b,), 500.0), ctx))
         out["vae64"] = count_flops(lambda: nets["vae"].decode(torch.zeros(1, cfg.vae.embed_dim, 64, 64)))
         out["vae32"] = count_flops(lambda: nets["vae"].decode(torch.zeros(1, cfg.vae.embed_dim, 32, 32)))
         out["vaeenc"] = count_flops(lambda: nets["vae"].encode(torch.zeros(1, 3, 512, 512)).mean)
@@ -499,12 +502,12 @@ def run_inprocess_rows(cfg: ModelConfig, precision: str, nets: dict, dnets: dict
         with_flops(row, "text")
         out.append(row)
 
-    for key, hw in (("unet64", 64), ("unet32", 32)):
+    for key, hw, b in UNET_ROWS:
         if key not in rows:
             continue
-        x = torch.randn(2, cfg.unet.in_channels, hw, hw, generator=gen).to(wdtype)
-        ctx = torch.randn(2, cfg.text.max_length, cfg.unet.context_dim, generator=gen).to(wdtype)
-        t = torch.tensor([500.0, 500.0])
+        x = torch.randn(b, cfg.unet.in_channels, hw, hw, generator=gen).to(wdtype)
+        ctx = torch.randn(b, cfg.text.max_length, cfg.unet.context_dim, generator=gen).to(wdtype)
+        t = torch.full((b,), 500.0)
         unet, dunet = nets["unet"], dnets["unet"]
 
         def ours() -> torch.Tensor:
@@ -516,7 +519,7 @@ def run_inprocess_rows(cfg: ModelConfig, precision: str, nets: dict, dnets: dict
                 return dunet(x, t, encoder_hidden_states=ctx).sample
 
         times, last = alternate({"sdlite": ours, "diffusers": theirs}, w, r)
-        row = Row(f"UNet step, batch 2, {hw}x{hw} latent", "s", times)
+        row = Row(f"UNet step, batch {b}, {hw}x{hw} latent", "s", times)
         row.notes.append(f"max |Δ| / max |ref| = {rel_diff(last['sdlite'], last['diffusers']):.1e}")
         with_flops(row, key)
         out.append(row)
