@@ -565,3 +565,10 @@ def test_a_refused_cache_folder_leaves_attention_on_pytorchs_ops_with_a_warning(
     monkeypatch.setattr(cpu_kernels, "isas", lambda: ("avx2",))  # so that it tries, on any CPU
     kernel, said = _fresh_load()
     assert kernel is None and any("is writable by every user" in m and "PyTorch's ops" in m for m in said)
+
+
+@needs_kernel
+def test_a_cache_folder_that_cannot_be_made_says_how_to_choose_another(tmp_path):
+    (tmp_path / "file").write_text("in the way")
+    with pytest.raises(cpu_kernels.KernelUnavailable, match="cannot create the kernel cache .*SDLITE_CACHE_DIR"):
+        cpu_kernels.build(tmp_path / "file" / "cache")
