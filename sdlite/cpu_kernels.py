@@ -208,7 +208,7 @@ def build(directory: Path | None = None, isa: str | None = None) -> Path:
     # Linked against the runtime's file itself: the library then needs it by its own name (soname),
     # which the loader finds already loaded. Without one loaded, the compiler's default runtime.
     # --no-undefined: a runtime that lacks what the compiler's OpenMP code calls fails here, not at load.
-    link = ((str(runtime), f"-Wl,-rpath,{runtime.parent}") if runtime else ("-fopenmp",)) + ("-Wl,--no-undefined",)
+    link = ((str(runtime),) if runtime else ("-fopenmp",)) + ("-Wl,--no-undefined",)
     source = SOURCE.read_bytes()
     directory = directory or cache_dir()
     try:
@@ -312,7 +312,8 @@ def load(isa: str | None = None) -> _Kernel | None:
         return kernel
     if failures:
         warnings.warn(f"sdlite's CPU attention kernel is not available ({'; '.join(failures)}); attention "
-                      f"runs through PyTorch's ops, 1.5-2.5x slower (a whole UNet step up to 1.4x)", RuntimeWarning, stacklevel=2)
+                      f"runs through PyTorch's ops, 1.5-2.5x slower (a whole UNet step up to 1.4x)",
+                      RuntimeWarning, stacklevel=2)
     return None
 
 

@@ -175,6 +175,7 @@ def system_report(device: str | torch.device | None = None) -> list[str]:
     lines = [f"sdlite: {__version__}; torch {torch.__version__}{cuda}; Python {platform.python_version()}",
              f"device: {dev}" + ("" if device is not None else " (the default)")]
     if dev.type == "cpu":
+        x86 = platform.machine().lower() in ("x86_64", "amd64", "i386", "i686")
         bf16 = cpu_has_fast(torch.bfloat16)
         lines += [f"CPU: {platform.machine()}, {os.cpu_count()} logical CPUs, PyTorch's capability "
                   f"{torch.backends.cpu.get_cpu_capability()}",
@@ -184,9 +185,13 @@ def system_report(device: str | torch.device | None = None) -> list[str]:
         load = f"; load average over the last minute {os.getloadavg()[0]:.1f}" if hasattr(os, "getloadavg") else ""
         lines.append(f"threads: {torch.get_num_threads()}{load}")
         lines.append(f"attention kernel: {_cpu_kernel_state()}")
-        lines.append("fastest precision here: " + (
-            "bf16 (--precision bf16): native bf16 kernels, about 2x as fast as fp32 for half the memory" if bf16 else
-            "fp32 (the default); bf16 weights (--precision bf16) halve the memory at about fp32 speed"))
+        if not x86:  # cpu_has_fast cannot tell there, and nothing was measured
+            fastest = "not measured on this kind of CPU; fp32 is the default"
+        elif bf16:
+            fastest = "bf16 (--precision bf16): native bf16 kernels, about 2x as fast as fp32 for half the memory"
+        else:
+            fastest = "fp32 (the default); bf16 weights (--precision bf16) halve the memory at about fp32 speed"
+        lines.append(f"fastest precision here: {fastest}")
     elif dev.type == "cuda":
         props = torch.cuda.get_device_properties(dev)
         lines.append(f"GPU: {props.name}, {props.total_memory / 2**30:.1f} GiB, compute capability "

@@ -142,8 +142,16 @@ def test_the_system_report_states_the_cpus_capability_and_native_half_kernels():
 
 @pytest.mark.parametrize("native_bf16, advice", [(True, "bf16 (--precision bf16)"), (False, "fp32 (the default)")])
 def test_the_system_report_names_bf16_as_fastest_only_with_native_bf16(monkeypatch, native_bf16, advice):
+    monkeypatch.setattr(devices.platform, "machine", lambda: "x86_64")
+    monkeypatch.setattr(devices, "_cpu_kernel_state", lambda: "not asked")  # cpu_kernels caches what the CPU is
     monkeypatch.setattr(devices, "cpu_has_fast", lambda dtype: dtype == torch.float32 or native_bf16)
     assert _report_line(devices.system_report("cpu"), "fastest precision here").startswith(advice)
+
+
+def test_the_system_report_claims_no_fastest_precision_on_cpus_never_measured(monkeypatch):
+    monkeypatch.setattr(devices.platform, "machine", lambda: "aarch64")
+    monkeypatch.setattr(devices, "_cpu_kernel_state", lambda: "not asked")  # cpu_kernels caches what the CPU is
+    assert _report_line(devices.system_report("cpu"), "fastest precision here").startswith("not measured")
 
 
 def test_the_system_report_names_the_attention_kernel_build_and_its_openmp_runtime():
