@@ -25,6 +25,7 @@ against PyTorch's runtime and adds no other.
 from __future__ import annotations
 
 import argparse
+import ctypes
 import datetime as _dt
 import json
 import statistics
@@ -47,7 +48,9 @@ CONFIGS = {
 }
 
 
-def child(library: str, hw: int, repeats: int) -> None:
+def child(library: str, second_runtime: str | None, hw: int, repeats: int) -> None:
+    if second_runtime:  # loaded as PyTorch's own runtime is, for the kernel linked against it to find
+        ctypes.CDLL(second_runtime, mode=ctypes.RTLD_GLOBAL)
     if library == "none":
         ops.FUSED_ATTENTION = ()
     else:
@@ -76,9 +79,10 @@ def main() -> None:
     p.add_argument("--repeats", type=int, default=5, help="timed calls per process (default 5)")
     p.add_argument("--out", default=None, help="markdown report (default: print it)")
     p.add_argument("--child", default=None, help=argparse.SUPPRESS)
+    p.add_argument("--load-second", action="store_true", help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.child:
-        return child(args.child, args.size, args.repeats)
+        return child(args.child, args.second_runtime if args.load_second else None, args.size, args.repeats)
     if not cpu_kernels.isas():
         sys.exit("this CPU runs no build of the kernel")
 
@@ -93,8 +97,10 @@ def main() -> None:
     for r in range(args.rounds):
         for name in names[r % len(names):] + names[:r % len(names)]:  # rotated each round
             print(f"round {r + 1}: {name}", file=sys.stderr, flush=True)
+            extra = ["--load-second"] if CONFIGS[name] == "second" else []
             done = subprocess.run([sys.executable, __file__, "--second-runtime", str(second), "--child",
-                                   libraries[CONFIGS[name]], "--size", str(args.size), "--repeats", str(args.repeats)],
+                                   libraries[CONFIGS[name]], "--size", str(args.size), "--repeats", str(args.repeats),
+                                   *extra],
                                   capture_output=True, text=True, check=True)
             results[name].append(json.loads(done.stdout.split("RESULT ", 1)[1]))
 

@@ -55,9 +55,9 @@ process (:func:`openmp_runtime`): GNU's libgomp in PyTorch's pip wheels (under `
 hashed name in some versions), Intel's libiomp5 in conda's MKL builds, LLVM's libomp in others. A
 kernel linked against the compiler's default runtime instead would bring a second one into such a
 process, with a thread pool of its own: the two pools spin-wait on the same cores after each
-parallel region, and a whole fp32 UNet step at 32x32 latents took 1.48 s against 0.87 s, slower
-than without the kernel (0.89 s; this project's 2 cores, PyTorch on libgomp, the kernel on Intel's
-libiomp5: benchmarks/RESULTS-openmp-runtime.md, session 21). g++'s
+parallel region, and a whole fp32 UNet step at 32x32 latents took 1.44 s against 0.88 s (1.6-1.7x in
+two runs), slower than without the kernel (0.93 s; this project's 2 cores, PyTorch on libgomp, the
+kernel on Intel's libiomp5: benchmarks/RESULTS-openmp-runtime.md, session 21). g++'s
 OpenMP code calls libgomp's entry points, which the other two runtimes also provide; clang's calls
 LLVM's, which libgomp lacks, so a clang-built kernel fails to link in a process on libgomp and
 attention takes PyTorch's ops (a warning says why; ``CXX=g++`` builds it).
