@@ -130,29 +130,54 @@ _OPENMP_RUNTIME = re.compile(r"lib(gomp|iomp5|omp)[-.]")
 def openmp_runtimes(maps: Iterable[str] | None = None) -> list[Path]:
     """The OpenMP runtime libraries loaded in this process, in the order ``/proc/self/maps`` (or
     ``maps``, its lines) lists them; none where it cannot be read."""
+    return [path for path in _mapped_files(maps) if _OPENMP_RUNTIME.match(path.name)]
+
+
+def openmp_runtime(maps: Iterable[str] | None = None) -> Path | None:
+    """The OpenMP runtime PyTorch's threads run on, among those loaded in this process
+    (:func:`openmp_runtimes`): the one PyTorch's CPU library (``libtorch_cpu.so``) needs by name;
+    where that cannot be read (no ``readelf``), one shipped in PyTorch's own folder, else the first;
+    None where none is loaded (the kernel then takes the compiler's default). Other libraries may
+    bring runtimes of their own (scikit-learn's wheels ship a libgomp under a hashed name), so the
+    first one mapped is not always PyTorch's."""
+    files = _mapped_files(maps)
+    needed = {_stem(n) for p in files if p.name.startswith("libtorch_cpu.") for n in _needed(p)}
+    torch_dir = Path(torch.__file__).resolve().parent
+    found = sorted((p for p in files if _OPENMP_RUNTIME.match(p.name)),  # stable: in map order otherwise
+                   key=lambda p: (_stem(p.name) not in needed, torch_dir not in p.parents))
+    return found[0] if found else None
+
+
+def _mapped_files(maps: Iterable[str] | None) -> list[Path]:
+    """The files mapped into this process, each once, in the order of ``/proc/self/maps`` (or
+    ``maps``, its lines: address range, permissions, offset, device, inode, path)."""
     if maps is None:
         try:
             with open("/proc/self/maps") as f:
                 maps = f.read().splitlines()
         except OSError:  # no /proc
             return []
-    found: list[Path] = []
+    files: dict[Path, None] = {}
     for line in maps:
-        fields = line.split(maxsplit=5)  # address range, permissions, offset, device, inode, path
+        fields = line.split(maxsplit=5)
         if len(fields) == 6 and fields[5].startswith("/"):
-            path = Path(fields[5].strip())
-            if _OPENMP_RUNTIME.match(path.name) and path not in found:
-                found.append(path)
-    return found
+            files.setdefault(Path(fields[5].strip()))
+    return list(files)
 
 
-def openmp_runtime(maps: Iterable[str] | None = None) -> Path | None:
-    """The OpenMP runtime PyTorch's threads run on: the one loaded in this process
-    (:func:`openmp_runtimes`), preferring one shipped in PyTorch's own folder where there are
-    several; None where none is loaded (the kernel then takes the compiler's default)."""
-    found = openmp_runtimes(maps)
-    torch_dir = Path(torch.__file__).resolve().parent
-    return next((p for p in found if torch_dir in p.parents), found[0] if found else None)
+def _needed(library: Path) -> set[str]:
+    """The libraries ``library`` needs by name (its ELF ``NEEDED`` entries, read by binutils'
+    ``readelf``, which the compiler needs anyway); empty where they cannot be read."""
+    try:
+        out = subprocess.run(["readelf", "-d", str(library)], capture_output=True, text=True, timeout=60).stdout
+    except (OSError, subprocess.SubprocessError):
+        return set()
+    return set(re.findall(r"\(NEEDED\)\s+Shared library: \[(.+?)\]", out))
+
+
+def _stem(name: str) -> str:
+    """A library's name without its version: ``libgomp.so.1`` and ``libgomp.so.1.0.0`` -> ``libgomp``."""
+    return name.split(".so", 1)[0]
 
 
 def cache_dir() -> Path:

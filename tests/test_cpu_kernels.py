@@ -572,3 +572,23 @@ def test_a_cache_folder_that_cannot_be_made_says_how_to_choose_another(tmp_path)
     (tmp_path / "file").write_text("in the way")
     with pytest.raises(cpu_kernels.KernelUnavailable, match="cannot create the kernel cache .*SDLITE_CACHE_DIR"):
         cpu_kernels.build(tmp_path / "file" / "cache")
+
+
+@needs_kernel
+def test_the_runtime_pytorchs_library_needs_wins_over_others_mapped_first(tmp_path):
+    # As conda's PyTorch on Intel's runtime, with scikit-learn's wheel bringing a hashed libgomp:
+    # a stand-in libtorch_cpu.so that needs "libgomp-1234abcd.so.1", mapped after a libiomp5.so.
+    import subprocess
+
+    (tmp_path / "empty.c").write_text("int sdlite_test_symbol(void) { return 0; }\n")
+    runtime = tmp_path / "other" / "libgomp-1234abcd.so.1"
+    runtime.parent.mkdir()
+    compiler = os.environ.get("CXX") or "c++"
+    for command in ([compiler, "-x", "c", "-shared", "-fPIC", str(tmp_path / "empty.c"), "-o", str(runtime),
+                     f"-Wl,-soname,{runtime.name}"],
+                    [compiler, "-x", "c", "-shared", "-fPIC", str(tmp_path / "empty.c"), "-o",
+                     str(tmp_path / "libtorch_cpu.so"), "-Wl,--no-as-needed", "-x", "none", str(runtime)]):
+        subprocess.run(command, check=True, capture_output=True)
+    maps = _maps_lines(["/opt/conda/lib/libiomp5.so", str(runtime), str(tmp_path / "libtorch_cpu.so")])
+    assert cpu_kernels.openmp_runtime(maps) == runtime
+    assert cpu_kernels.openmp_runtimes(maps)[0].name == "libiomp5.so"  # which is mapped first
