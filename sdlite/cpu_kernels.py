@@ -83,6 +83,8 @@ from pathlib import Path
 
 import torch
 
+from .devices import cpu_has_native_bf16
+
 log = logging.getLogger("sdlite")
 
 SOURCE = Path(__file__).parent / "csrc" / "attention.cpp"
@@ -204,12 +206,12 @@ def isas() -> tuple[str, ...]:
 def cpu_supported(dtype: torch.dtype = torch.float32) -> bool:
     """Whether this CPU runs the kernel for ``dtype``: fp32 on x86-64 with AVX2 and FMA or with
     AVX-512 (F, BW, VL, DQ: PyTorch's "AVX2" and "AVX512" capabilities), bf16 with AVX512-BF16 too
-    (PyTorch's own probe)."""
+    (PyTorch's own probe), as :func:`sdlite.devices.cpu_has_native_bf16` judges the CPU (which a
+    ``ONEDNN_MAX_CPU_ISA`` below bf16 lowers, as it lowers PyTorch's bf16 kernels)."""
     if dtype == torch.float32:
         return bool(isas())
     if dtype == torch.bfloat16 and "avx512" in isas():
-        probe = getattr(torch.cpu, "_is_avx512_bf16_supported", None)
-        return bool(probe and probe())
+        return bool(getattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False)()) and cpu_has_native_bf16()
     return False
 
 

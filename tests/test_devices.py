@@ -64,7 +64,8 @@ def test_no_warning_for_weights_in_any_precision_or_where_the_cpu_has_the_kernel
 def test_the_probe_follows_pytorch_on_x86_and_judges_no_other_cpu(monkeypatch):
     monkeypatch.setattr(devices.platform, "machine", lambda: "x86_64")
     assert devices.cpu_has_fast(torch.float32)
-    assert devices.cpu_has_fast(torch.bfloat16) == torch.ops.mkldnn._is_mkldnn_bf16_supported()
+    assert devices.cpu_has_fast(torch.bfloat16) == (torch.ops.mkldnn._is_mkldnn_bf16_supported()
+                                                    and devices.cpu_has_native_bf16())
     monkeypatch.setattr(devices.platform, "machine", lambda: "arm64")
     assert devices.cpu_has_fast(torch.bfloat16) and devices.cpu_has_fast(torch.float16)
 
@@ -181,3 +182,51 @@ def test_the_system_report_says_why_the_attention_kernel_is_unavailable(monkeypa
     assert state == "unavailable: sdlite's CPU attention kernel is not available (no C++ compiler)"
     monkeypatch.setattr(cpu_kernels, "isas", lambda: ())
     assert _report_line(devices.system_report("cpu"), "attention kernel").startswith("none for this CPU or system")
+
+
+
+@pytest.mark.parametrize("avx512_bf16, amx, limit, native", [
+    (False, False, None, False),              # Skylake to Ice Lake Xeons, Tiger Lake: AVX-512 without bf16
+    (True, False, None, True),                # AMD Zen 4, Cooper Lake
+    (True, True, None, True),                 # Sapphire Rapids
+    (True, False, "AVX512_CORE", False),      # oneDNN held below bf16 (how such a CPU is measured here)
+    (True, False, "avx512_core_vnni", False),
+    (True, False, "AVX512_CORE_BF16", True),
+    (True, True, "AVX512_CORE_AMX", True),
+])
+def test_native_bf16_takes_bf16_instructions_and_heeds_onednns_limit(monkeypatch, avx512_bf16, amx, limit, native):
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: avx512_bf16)
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: amx)
+    monkeypatch.delenv("DNNL_MAX_CPU_ISA", raising=False)
+    if limit is None:
+        monkeypatch.delenv("ONEDNN_MAX_CPU_ISA", raising=False)
+    else:
+        monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", limit)
+    assert devices.cpu_has_native_bf16() is native
+    monkeypatch.setattr(devices.platform, "machine", lambda: "x86_64")
+    monkeypatch.setattr(devices, "_onednn_has", lambda dtype: True)  # oneDNN has bf16 kernels, emulated or not
+    assert devices.cpu_has_fast(torch.bfloat16) is native
+
+
+@pytest.mark.parametrize("emulated, says", [(True, "emulates them with fp32 instructions"),
+                                            (False, "slow reference loops")])
+def test_the_autocast_warning_says_how_slow_bf16_is_on_this_kind_of_cpu(monkeypatch, emulated, says):
+    monkeypatch.setattr(devices, "cpu_has_fast", lambda dtype: dtype == torch.float32)
+    monkeypatch.setattr(devices, "_onednn_has", lambda dtype: emulated)
+    with pytest.warns(RuntimeWarning, match=says):
+        devices.choose("cpu", "autocast")
+
+
+def test_with_onednn_held_below_bf16_bf16_weights_are_computed_in_fp32():
+    # What an AVX-512 CPU without AVX512-BF16 gets, measured on this one: ops computes bf16 in fp32,
+    # and sdlite's attention kernel has no bf16 there.
+    import os
+    import subprocess
+    import sys
+
+    code = ("import torch; from sdlite import ops, cpu_kernels; "
+            "print(torch.bfloat16 in ops.HALF_AS_FP32, cpu_kernels.cpu_supported(torch.bfloat16))")
+    env = {**os.environ, "ONEDNN_MAX_CPU_ISA": "AVX512_CORE"}
+    done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.split() == ["True", "False"]
