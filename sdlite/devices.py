@@ -17,7 +17,10 @@ Policy (measured, see benchmarks/RESULTS.md and benchmarks/RESULTS-cuda.md):
   against 140-180 for fp32 matmuls (a 512x512 image would take hours). There sdlite's own
   convolutions and linear layers (:mod:`sdlite.ops`) compute half inputs in fp32 and round the
   result back, which is the arithmetic of a native half kernel: bf16 weights then cost 0.92-1.15x
-  the fp32 time for half the weight memory (benchmarks/RESULTS-bf16-cpu.md). ``"autocast"`` casts inside PyTorch's own kernels,
+  the fp32 time for half the weight memory (benchmarks/RESULTS-bf16-cpu.md). An AVX-512 CPU
+  without AVX512-BF16 counts as without native bf16 (:func:`cpu_has_native_bf16`): oneDNN emulates
+  bf16 there, and its kernels took 2.4-2.7x the fp32 time against 1.18-1.28x computed in fp32
+  (benchmarks/RESULTS-bf16-emulated.md). ``"autocast"`` casts inside PyTorch's own kernels,
   out of sdlite's reach, so on such a CPU it stays slow and warns.
 - Memory format: on CUDA the UNet's weights are channels-last (NHWC), the layout tensor-core
   convolutions use natively, so cuDNN skips its NCHW<->NHWC transposes around each conv. On an
