@@ -253,6 +253,7 @@ def _cpu_kernel_state() -> str:
     if kernel is None:
         why = "; ".join(str(w.message) for w in caught) or "it did not build"
         return f"unavailable: {why}"
-    dtypes = ", ".join({torch.float32: "fp32", torch.bfloat16: "bf16"}[d] for d in kernel.run)
+    dtypes = ", ".join({torch.float32: "fp32", torch.bfloat16: "bf16"}[d] for d in kernel.run
+                       if cpu_kernels.cpu_supported(d))  # the dtypes ops.attention gives it here
     return (f"the {kernel.isa} build ({dtypes}), {kernel.library}, on the OpenMP runtime "
             f"{cpu_kernels.openmp_runtime() or 'of the compiler'}")
