@@ -647,3 +647,10 @@ def test_ctrl_c_interrupts_the_running_generation_and_drops_the_queued_ones(ckpt
     assert gate.steps == [1]  # stopped at the step where it was held, not run to step 20
     assert results["running"].status_code == 200 and len(results["running"].json()["images"]) == 1
     assert results["queued"].status_code == 503 and "shutting down" in results["queued"].json()["detail"]
+
+
+def test_main_refuses_threads_below_one_before_starting(tmp_path, capsys):
+    threads = torch.get_num_threads()
+    assert main(["--ckpt-dir", str(tmp_path), "--threads", "0"]) == 2
+    assert "--threads must be ≥ 1" in capsys.readouterr().out
+    assert torch.get_num_threads() == threads

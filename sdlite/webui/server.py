@@ -53,7 +53,7 @@ from typing import Any, Sequence
 import torch
 from PIL import Image, UnidentifiedImageError
 
-from .. import infotext
+from .. import devices, infotext
 from ..errors import ArgumentError, CheckpointError, SdliteError
 from ..pipeline import BUNDLED_MODEL, VERSION, Pipeline, check_seed, load
 from ..resize import parse_resize_mode
@@ -954,11 +954,20 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--ckpt", type=Path, default=None, help="a checkpoint to list first and start with")
     p.add_argument("--device", default=None, help="cuda, cpu, ... (default: cuda when available)")
     p.add_argument("--precision", dest="dtype", default=None, help="fp32, fp16, bf16, or autocast (fp32 weights under autocast; default: per device)")
+    p.add_argument("--threads", type=int, default=None,
+                   help="CPU threads for torch (default: one per core; fewer can be faster when another program "
+                        "keeps a core busy)")
     args = p.parse_args(argv)
 
     logging.basicConfig(level=logging.INFO, format="%(name)s: %(message)s")
     try:
+        if args.threads is not None:
+            if args.threads < 1:
+                raise ArgumentError(f"--threads must be ≥ 1, got {args.threads}")
+            torch.set_num_threads(args.threads)
         app = create_app(args.ckpt_dir, args.ckpt, args.api_auth, args.device, args.dtype)
+        for line in devices.system_report(args.device):  # what generations will run on, as --system-info says
+            log.info("%s", line)
     except SdliteError as e:
         print(f"error: {e}")
         return 2
