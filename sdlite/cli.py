@@ -72,7 +72,8 @@ def _parser(img2img: bool) -> argparse.ArgumentParser:
     p.add_argument("--n_samples", type=int, default=1, help="batch size")
     p.add_argument("--n_iter", type=int, default=1, help="number of batches")
     p.add_argument("--precision", default=None, help="fp32 (= full), fp16, bf16, or autocast (fp32 weights under autocast; default: fp16 on CUDA, fp32 on the CPU; "
-                   "bf16/fp16 on a CPU only pay off with AVX512-BF16/AMX: elsewhere they are 50-100x slower, and sdlite warns)")
+                   "on a CPU, bf16 weights take ~0.5x the fp32 time with AVX512-BF16/AMX, and elsewhere halve the "
+                   "memory at 1.0-1.3x it; autocast without those is slow, and sdlite warns; --system-info says which)")
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1, mps, ... (default: cuda when available)")
     p.add_argument("--prediction", choices=["eps", "v"], default=None, help="override eps/v detection")
     p.add_argument("--clip-skip", dest="clip_skip", type=int, default=1,

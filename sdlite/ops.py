@@ -38,7 +38,9 @@ native half-precision kernels (x86 without AVX512-BF16/AMX for bf16, without AVX
 for fp16: ``HALF_AS_FP32``), a bf16 or fp16 input is computed in fp32 and the result rounded back.
 PyTorch runs half matmuls and convolutions there in reference loops, tens of times slower than
 fp32 (on this project's AVX2 machine a 640x640 matmul took 26x, a 320-channel 3x3 conv 37x the fp32
-time; benchmarks/RESULTS-bf16-cpu.md has whole networks). It is the same
+time; benchmarks/RESULTS-bf16-cpu.md has whole networks), or, on AVX-512 CPUs without AVX512-BF16,
+through oneDNN's emulation of bf16 at a third of the fp32 speed (a UNet step 2.4-2.7x the fp32 time
+against 1.18-1.28x computed in fp32; benchmarks/RESULTS-bf16-emulated.md). It is the same
 arithmetic a native kernel does: the product of two bf16 (or fp16) numbers is exact in fp32, the
 sums accumulate in fp32, and the output is rounded once to the half type. So bf16 weights keep
 their purpose — half the memory — at close to fp32 speed.
