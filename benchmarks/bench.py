@@ -133,6 +133,17 @@ def load_average() -> str:
         return "n/a"
 
 
+def script_head(title: str, machine: str = "", versions: str = "") -> list[str]:
+    """The first lines of a small script's markdown report: its title, then the machine (with
+    ``machine`` appended), date, commit and torch (with ``versions``), and the command that ran it."""
+    cpu = cpu_facts()
+    return [f"# {title}", "",
+            f"- Machine: {cpu['model']}, {cpu['logical_cpus']} logical CPUs, {torch.get_num_threads()} threads{machine}",
+            f"- Date: {_dt.datetime.now(_dt.timezone.utc):%Y-%m-%d %H:%M} UTC; commit {git_commit()}; "
+            f"torch {torch.__version__}{versions}",
+            f"- Command: `python benchmarks/{Path(sys.argv[0]).name} {' '.join(sys.argv[1:])}`"]
+
+
 def print_or_write(text: str, out: str | None) -> None:
     """A small script's markdown report: written to ``out`` (and said on stderr), else printed."""
     if out:

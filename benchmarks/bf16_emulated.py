@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import datetime as _dt
 import os
 import statistics
 import subprocess
@@ -99,14 +98,9 @@ def main() -> None:
             rows.append(f"| {hw}x{hw} | {name} | {m:.2f} | {m / base:.2f} | "
                         f"{bench.rel_diff(last[name].float(), last['sdlite fp32']):.1e} |")
 
-    cpu = bench.cpu_facts()
-    out = [f"# bf16 weights on an AVX-512 CPU without AVX512-BF16 (oneDNN held to {LIMIT}): one UNet step",
-           "",
-           f"- Machine: {cpu['model']}, {cpu['logical_cpus']} logical CPUs, {torch.get_num_threads()} threads; "
-           f"`ONEDNN_MAX_CPU_ISA={LIMIT}`: native bf16 per sdlite: {devices.cpu_has_native_bf16()}",
-           f"- Date: {_dt.datetime.now(_dt.timezone.utc):%Y-%m-%d %H:%M} UTC; commit {bench.git_commit()}; "
-           f"torch {torch.__version__}",
-           f"- Command: `python benchmarks/bf16_emulated.py {' '.join(sys.argv[1:])}`",
+    out = [*bench.script_head(f"bf16 weights on an AVX-512 CPU without AVX512-BF16 (oneDNN held to {LIMIT}): one "
+                              "UNet step", machine=f"; `ONEDNN_MAX_CPU_ISA={LIMIT}`: native bf16 per sdlite: "
+                                                   f"{devices.cpu_has_native_bf16()}"),
            f"- Matmul peak under that limit: {peaks['fp32']:.0f} GFLOP/s fp32, {peaks['bf16']:.0f} bf16 (oneDNN's "
            "emulated bf16).",
            f"- Method: SD1.5-size UNet, seeded random weights, batch 2; the five calls alternate, a warm-up round, "

@@ -24,7 +24,6 @@ Not a test: nothing here asserts. The whole networks with the kernel on and off 
 from __future__ import annotations
 
 import argparse
-import datetime as _dt
 import json
 import os
 import statistics
@@ -97,12 +96,8 @@ def main() -> None:
                               env=env, capture_output=True, text=True, check=True)
         runs.append((isa, env, json.loads(done.stdout.split("RESULT ", 1)[1])))
 
-    cpu = bench.cpu_facts()
-    out = ["# sdlite's CPU attention kernel, per call", "",
-           f"- Machine: {cpu['model']}, {cpu['logical_cpus']} logical CPUs; builds run: {', '.join(cpu_kernels.isas())}",
-           f"- Date: {_dt.datetime.now(_dt.timezone.utc):%Y-%m-%d %H:%M} UTC; commit {bench.git_commit()}; "
-           f"torch {torch.__version__}; {torch.get_num_threads()} threads",
-           f"- Command: `python benchmarks/cpu_attention.py {' '.join(sys.argv[1:])}`",
+    out = [*bench.script_head("sdlite's CPU attention kernel, per call",
+                              machine=f"; builds run: {', '.join(cpu_kernels.isas())}"),
            f"- Method: the kernel and the path without it alternate (ABBA), a warm-up round, then {args.repeats} "
            "timed calls each; medians. *kernel / without* below 1: the kernel is faster. *pays*: whether "
            "`ops.attention` takes the kernel for this shape (`cpu_kernels.pays`).", ""]

@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import argparse
 import ctypes
-import datetime as _dt
 import json
 import statistics
 import subprocess
@@ -104,15 +103,10 @@ def main() -> None:
                                   capture_output=True, text=True, check=True)
             results[name].append(json.loads(done.stdout.split("RESULT ", 1)[1]))
 
-    cpu = bench.cpu_facts()
     ours = statistics.median(t for res in results["kernel, PyTorch's runtime"] for t in res["times"])
-    out = [f"# The attention kernel's OpenMP runtime: a whole fp32 UNet step, {args.size}x{args.size} latent, batch 2",
-           "",
-           f"- Machine: {cpu['model']}, {cpu['logical_cpus']} logical CPUs; {torch.get_num_threads()} threads; "
-           f"build {cpu_kernels.isas()[0]}",
-           f"- Date: {_dt.datetime.now(_dt.timezone.utc):%Y-%m-%d %H:%M} UTC; commit {bench.git_commit()}; "
-           f"torch {torch.__version__}; PyTorch's OpenMP runtime: `{cpu_kernels.openmp_runtime()}`",
-           f"- Command: `python benchmarks/openmp_runtime.py {' '.join(sys.argv[1:])}`",
+    out = [*bench.script_head(f"The attention kernel's OpenMP runtime: a whole fp32 UNet step, {args.size}x{args.size} "
+                              "latent, batch 2", machine=f"; build {cpu_kernels.isas()[0]}",
+                              versions=f"; PyTorch's OpenMP runtime: `{cpu_kernels.openmp_runtime()}`"),
            f"- Method: one process per configuration and round ({args.rounds} rounds, rotated order), SD1.5-size "
            f"UNet with seeded random weights, a warm-up call, then {args.repeats} timed calls each; median over "
            "all of a configuration's calls, and each process's median.",

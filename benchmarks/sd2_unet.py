@@ -16,7 +16,6 @@ Not a test: nothing here asserts. ``tests/test_unet.py`` checks SD2's numerics a
 from __future__ import annotations
 
 import argparse
-import datetime as _dt
 import statistics
 import sys
 from unittest import mock
@@ -70,12 +69,7 @@ def main() -> None:
                         f"{m['sdlite'] / m['diffusers']:.2f} | {share['sdlite']:.0%} / {share['diffusers']:.0%} | "
                         f"{bench.rel_diff(last['sdlite'], last['diffusers']):.1e} |")
 
-    cpu = bench.cpu_facts()
-    out = ["# The SD2 768-v UNet: sdlite vs diffusers, one step at batch 2", "",
-           f"- Machine: {cpu['model']}, {cpu['logical_cpus']} logical CPUs; {torch.get_num_threads()} threads",
-           f"- Date: {_dt.datetime.now(_dt.timezone.utc):%Y-%m-%d %H:%M} UTC; commit {bench.git_commit()}; "
-           f"torch {torch.__version__}",
-           f"- Command: `python benchmarks/sd2_unet.py {' '.join(sys.argv[1:])}`",
+    out = [*bench.script_head("The SD2 768-v UNet: sdlite vs diffusers, one step at batch 2"),
            f"- Method: seeded random weights in the original layout, the same tensors in both libraries; "
            f"ABBA, a warm-up round, then {args.repeats} timed calls each; medians. Matmul peak measured at the "
            f"start of the run: {peaks['fp32']:.0f} GFLOP/s fp32, {peaks['bf16']:.0f} bf16. "
