@@ -487,31 +487,33 @@ def run_inprocess_rows(cfg: ModelConfig, precision: str, nets: dict, dnets: dict
         row.flops = flops.get(key, 0.0)
         row.peak_dtype = "fp32" if precision == "fp32" else "bf16"
 
+    def compare(label: str, key: str, ours: Callable[[], Any], theirs: Callable[[], Any], repeats: int = r) -> Row:
+        """One network row: the two calls alternating, each without autograd and under the precision's
+        autocast, their outputs' difference and the row's FLOPs."""
+        def run(fn: Callable[[], Any]) -> Callable[[], Any]:
+            def call() -> Any:
+                with torch.no_grad(), autocast_ctx(precision):
+                    return fn()
+            return call
+
+        times, last = alternate({"sdlite": run(ours), "diffusers": run(theirs)}, w, repeats)
+        row = Row(label, "s", times)
+        row.notes.append(f"max |Δ| / max |ref| = {rel_diff(last['sdlite'], last['diffusers']):.1e}")
+        with_flops(row, key)
+        out.append(row)
+        return row
+
     if "text" in rows:
         from sdlite.clip import tokenizer_for
 
         ids = tokenizer_for(cfg.text)([PROMPT, ""])
+        te, dte = nets["text_encoder"], dnets["text_encoder"]
+        row = compare("text encoder, batch 2 x 77", "text", lambda: te(ids),
+                      lambda: dte(input_ids=ids).last_hidden_state, repeats=max(r, 3 * r))
         if tokenizer is not None:
             hf_ids = tokenizer([PROMPT, ""], padding="max_length", max_length=77, truncation=True,
                                return_tensors="pt").input_ids
-            same = torch.equal(hf_ids, ids)
-        te, dte = nets["text_encoder"], dnets["text_encoder"]
-
-        def ours() -> torch.Tensor:
-            with torch.no_grad(), autocast_ctx(precision):
-                return te(ids)
-
-        def theirs() -> torch.Tensor:
-            with torch.no_grad(), autocast_ctx(precision):
-                return dte(input_ids=ids).last_hidden_state
-
-        times, last = alternate({"sdlite": ours, "diffusers": theirs}, w, max(r, 3 * r))
-        row = Row("text encoder, batch 2 x 77", "s", times)
-        row.notes.append(f"max |Δ| / max |ref| = {rel_diff(last['sdlite'], last['diffusers']):.1e}")
-        if tokenizer is not None:
-            row.notes.append("token ids equal" if same else "TOKEN IDS DIFFER")
-        with_flops(row, "text")
-        out.append(row)
+            row.notes.append("token ids equal" if torch.equal(hf_ids, ids) else "TOKEN IDS DIFFER")
 
     for key, hw, b in UNET_ROWS:
         if key not in rows:
@@ -520,59 +522,21 @@ def run_inprocess_rows(cfg: ModelConfig, precision: str, nets: dict, dnets: dict
         ctx = torch.randn(b, cfg.text.max_length, cfg.unet.context_dim, generator=gen).to(wdtype)
         t = torch.full((b,), 500.0)
         unet, dunet = nets["unet"], dnets["unet"]
-
-        def ours() -> torch.Tensor:
-            with torch.no_grad(), autocast_ctx(precision):
-                return unet(x, t, ctx)
-
-        def theirs() -> torch.Tensor:
-            with torch.no_grad(), autocast_ctx(precision):
-                return dunet(x, t, encoder_hidden_states=ctx).sample
-
-        times, last = alternate({"sdlite": ours, "diffusers": theirs}, w, r)
-        row = Row(f"UNet step, batch {b}, {hw}x{hw} latent", "s", times)
-        row.notes.append(f"max |Δ| / max |ref| = {rel_diff(last['sdlite'], last['diffusers']):.1e}")
-        with_flops(row, key)
-        out.append(row)
+        compare(f"UNet step, batch {b}, {hw}x{hw} latent", key, lambda: unet(x, t, ctx),
+                lambda: dunet(x, t, encoder_hidden_states=ctx).sample)
 
     if "tome64" in rows:
         out.append(token_merging_row(nets["unet"], dnets["unet"], cfg, precision, wdtype, w, r))
 
+    vae, dvae = nets["vae"], dnets["vae"]
     if "vae64" in rows:
         z = torch.randn(1, cfg.vae.embed_dim, 64, 64, generator=gen).to(wdtype)
-        vae, dvae = nets["vae"], dnets["vae"]
-
-        def ours() -> torch.Tensor:
-            with torch.no_grad(), autocast_ctx(precision):
-                return vae.decode(z)
-
-        def theirs() -> torch.Tensor:
-            with torch.no_grad(), autocast_ctx(precision):
-                return dvae.decode(z).sample
-
-        times, last = alternate({"sdlite": ours, "diffusers": theirs}, w, r)
-        row = Row("VAE decode, 64x64 latent -> 512x512", "s", times)
-        row.notes.append(f"max |Δ| / max |ref| = {rel_diff(last['sdlite'], last['diffusers']):.1e}")
-        with_flops(row, "vae64")
-        out.append(row)
+        compare("VAE decode, 64x64 latent -> 512x512", "vae64", lambda: vae.decode(z), lambda: dvae.decode(z).sample)
 
     if "vaeenc" in rows:
         image = (torch.rand(1, 3, 512, 512, generator=gen) * 2 - 1).to(wdtype)  # pixels in [-1, 1]
-        vae, dvae = nets["vae"], dnets["vae"]
-
-        def ours() -> torch.Tensor:
-            with torch.no_grad(), autocast_ctx(precision):
-                return vae.encode(image).mean
-
-        def theirs() -> torch.Tensor:
-            with torch.no_grad(), autocast_ctx(precision):
-                return dvae.encode(image).latent_dist.mean
-
-        times, last = alternate({"sdlite": ours, "diffusers": theirs}, w, r)
-        row = Row("VAE encode, 512x512 -> 64x64 latent (posterior mean)", "s", times)
-        row.notes.append(f"max |Δ| / max |ref| = {rel_diff(last['sdlite'], last['diffusers']):.1e}")
-        with_flops(row, "vaeenc")
-        out.append(row)
+        compare("VAE encode, 512x512 -> 64x64 latent (posterior mean)", "vaeenc", lambda: vae.encode(image).mean,
+                lambda: dvae.encode(image).latent_dist.mean)
 
     if "txt2img" in rows:
         pipe = sdlite_pipeline(cfg, nets, precision)
