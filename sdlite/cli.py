@@ -297,12 +297,7 @@ def _run(args: argparse.Namespace, img2img: bool) -> int:
 
 def _apply_cpu_settings(args: argparse.Namespace) -> None:
     """--threads and --no-fused-kernels, which hold for the whole process."""
-    if args.threads is not None:
-        if args.threads < 1:
-            raise ArgumentError(f"--threads must be ≥ 1, got {args.threads}")
-        import torch
-
-        torch.set_num_threads(args.threads)
+    devices.set_threads(args.threads)
     if not args.fused_kernels:
         from . import ops
 

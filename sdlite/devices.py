@@ -120,9 +120,13 @@ def cpu_has_fast(dtype: torch.dtype) -> bool:
     slowly: on this project's CPU with oneDNN held to ``AVX512_CORE`` a bf16 matmul reached 170
     GFLOP/s against 447 in fp32, and a UNet step at 32x32 latents with bf16 weights took 2.57x its fp32
     time, against 1.35x with the bf16 weights computed in fp32 as sdlite then does (session 21)."""
-    if dtype == torch.float32 or platform.machine().lower() not in ("x86_64", "amd64", "i386", "i686"):
+    if dtype == torch.float32 or not _is_x86():
         return True
     return _onednn_has(dtype) and (dtype != torch.bfloat16 or cpu_has_native_bf16())
+
+
+def _is_x86() -> bool:
+    return platform.machine().lower() in ("x86_64", "amd64", "i386", "i686")
 
 
 def _onednn_has(dtype: torch.dtype) -> bool:
@@ -162,6 +166,16 @@ def _warn_if_slow_on_this_cpu(dtype: torch.dtype) -> None:
             f"and convolutions are slow: oneDNN {slow}. Use fp32 (the CPU default), or {name} weights "
             f"(--precision {name}, dtype='{name}'), which sdlite computes in fp32 on such a CPU.",
             RuntimeWarning, stacklevel=3)
+
+
+def set_threads(threads: int | None) -> None:
+    """torch's CPU thread count for the whole process (``--threads``); None keeps torch's choice (one
+    per core). Fewer threads than cores can be faster when another program keeps a core busy."""
+    if threads is None:
+        return
+    if threads < 1:
+        raise ArgumentError(f"--threads must be ≥ 1, got {threads}")
+    torch.set_num_threads(threads)
 
 
 # Whether to_device stages host tensors in pinned memory and copies them without blocking (the
@@ -207,7 +221,6 @@ def system_report(device: str | torch.device | None = None) -> list[str]:
     lines = [f"sdlite: {__version__}; torch {torch.__version__}{cuda}; Python {platform.python_version()}",
              f"device: {dev}" + ("" if device is not None else " (the default)")]
     if dev.type == "cpu":
-        x86 = platform.machine().lower() in ("x86_64", "amd64", "i386", "i686")
         bf16 = cpu_has_fast(torch.bfloat16)
         lines += [f"CPU: {platform.machine()}, {os.cpu_count()} logical CPUs, PyTorch's capability "
                   f"{torch.backends.cpu.get_cpu_capability()}",
@@ -217,7 +230,7 @@ def system_report(device: str | torch.device | None = None) -> list[str]:
         load = f"; load average over the last minute {os.getloadavg()[0]:.1f}" if hasattr(os, "getloadavg") else ""
         lines.append(f"threads: {torch.get_num_threads()}{load}")
         lines.append(f"attention kernel: {_cpu_kernel_state()}")
-        if not x86:  # cpu_has_fast cannot tell there, and nothing was measured
+        if not _is_x86():  # cpu_has_fast cannot tell there, and nothing was measured
             fastest = "not measured on this kind of CPU; fp32 is the default"
         elif bf16:
             fastest = "bf16 (--precision bf16): native bf16 kernels, about 2x as fast as fp32 for half the memory"

@@ -91,7 +91,7 @@ def test_from_file_that_is_a_directory_says_it_is_not_a_file(in_tmp, monkeypatch
 
 # -- counts, clip skip, seed ---------------------------------------------------------------------
 
-@pytest.mark.parametrize("flag", ["--n_samples", "--n_iter", "--clip-skip"])
+@pytest.mark.parametrize("flag", ["--n_samples", "--n_iter", "--clip-skip", "--threads"])
 @pytest.mark.parametrize("value", ["0", "-1"])
 def test_counts_below_one_are_rejected_before_loading(in_tmp, monkeypatch, capsys, flag, value):
     err = _rejected(monkeypatch, capsys, ["--prompt", "a cat", flag, value])

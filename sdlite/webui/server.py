@@ -961,10 +961,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     logging.basicConfig(level=logging.INFO, format="%(name)s: %(message)s")
     try:
-        if args.threads is not None:
-            if args.threads < 1:
-                raise ArgumentError(f"--threads must be ≥ 1, got {args.threads}")
-            torch.set_num_threads(args.threads)
+        devices.set_threads(args.threads)
         app = create_app(args.ckpt_dir, args.ckpt, args.api_auth, args.device, args.dtype)
         for line in devices.system_report(args.device):  # what generations will run on, as --system-info says
             log.info("%s", line)
