@@ -322,20 +322,21 @@ def test_a_cpu_with_avx2_only_runs_the_avx2_build():
     assert done.returncode == 0 and done.stdout.strip().endswith("ok"), done.stderr[-3000:]
 
 
+def _compiler_script(path, before: str):
+    """A $CXX at ``path``: a shell script that runs ``before``, then is the real c++."""
+    import shutil
+
+    path.write_text(f"#!/bin/sh\n{before}\nexec {shutil.which(os.environ.get('CXX') or 'c++')} \"$@\"\n")
+    path.chmod(0o755)
+    return path
+
+
 def _wrapped_compiler(tmp_path, refuse: str):
     """A $CXX that fails as an old or broken compiler does whenever its arguments include ``refuse``,
     and is the real c++ otherwise."""
-    import shutil
-
-    fake = tmp_path / "old-cxx"
-    fake.write_text(f"""#!/bin/sh
-for a in "$@"; do
+    return _compiler_script(tmp_path / "old-cxx", f"""for a in "$@"; do
   if [ "$a" = "{refuse}" ]; then echo "c++: error: unrecognized command-line option '{refuse}'" >&2; exit 1; fi
-done
-exec {shutil.which(os.environ.get("CXX") or "c++")} "$@"
-""")
-    fake.chmod(0o755)
-    return fake
+done""")
 
 
 @pytest.mark.skipif("avx512" not in cpu_kernels.isas(), reason="the CPU has no AVX-512")
@@ -479,15 +480,8 @@ def test_the_kernel_adds_no_second_openmp_runtime_to_the_process(kernel):
 
 def _recording_compiler(tmp_path):
     """A $CXX that is the real c++, and writes each command line it is given to ``calls.txt``."""
-    import shutil
-
-    fake, log = tmp_path / "recording-cxx", tmp_path / "calls.txt"
-    fake.write_text(f"""#!/bin/sh
-echo "$@" >> {log}
-exec {shutil.which(os.environ.get("CXX") or "c++")} "$@"
-""")
-    fake.chmod(0o755)
-    return fake, log
+    log = tmp_path / "calls.txt"
+    return _compiler_script(tmp_path / "recording-cxx", f'echo "$@" >> {log}'), log
 
 
 @needs_kernel
