@@ -268,10 +268,22 @@ def build(directory: Path | None = None, isa: str | None = None) -> Path:
                 raise KernelUnavailable(f"{compiler} did not {step} {SOURCE.name}: {e}") from e
             if done.returncode != 0:
                 against = f" against the OpenMP runtime {runtime}" if step == "link" and runtime else ""
-                raise KernelUnavailable(f"{compiler} failed to {step} {SOURCE.name}{against}:\n"
-                                        f"{done.stderr.strip()[-2000:]}")
+                raise KernelUnavailable(f"{compiler} failed to {step} {SOURCE.name}{against}"
+                                        f"{_hint(done.stderr, runtime)}:\n{done.stderr.strip()[-2000:]}")
         os.replace(partial, library)
     return library
+
+
+def _hint(stderr: str, runtime: Path | None) -> str:
+    """What to do about the two failures a compiler other than g++ meets on Linux (clang's, seen with
+    clang 14): no OpenMP headers, or OpenMP code written for another runtime than PyTorch's."""
+    if "omp.h" in stderr and ("not found" in stderr or "No such file" in stderr):
+        return (" (this compiler has no OpenMP headers: install its OpenMP package, for clang libomp-dev, "
+                "or set CXX=g++)")
+    if "__kmpc_" in stderr and runtime is not None and "gomp" in runtime.name:
+        return (" (its OpenMP code calls LLVM's OpenMP runtime, and PyTorch runs on GCC's libgomp; a second "
+                "runtime would keep a second thread pool on the same cores: set CXX=g++)")
+    return ""
 
 
 def _check_private(path: Path) -> None:

@@ -4,6 +4,7 @@ padding and blocking, independence from the thread count, when ops.attention tak
 is built, cached and given up on."""
 
 import os
+import shutil
 import warnings
 
 import pytest
@@ -522,6 +523,55 @@ def test_a_runtime_that_cannot_be_linked_says_which(tmp_path, monkeypatch):
                                                              "runtime /nowhere/libiomp5.so"):
         cpu_kernels.build(tmp_path / "cache")
     assert not list((tmp_path / "cache").iterdir())
+
+
+def _failing_compiler(tmp_path, step_flag: str, message: str):
+    """A $CXX that prints ``message`` and fails when its arguments include ``step_flag`` (``-c``:
+    compiling, ``-shared``: linking), and is the real c++ otherwise."""
+    said = tmp_path / "message.txt"
+    said.write_text(message + "\n")  # read back by cat: no shell quoting of the compiler's quotes
+    return _compiler_script(tmp_path / "failing-cxx", f"""for a in "$@"; do
+  if [ "$a" = "{step_flag}" ]; then cat '{said}' >&2; exit 1; fi
+done""")
+
+
+def test_a_compiler_without_openmp_headers_says_what_to_install(tmp_path, monkeypatch):
+    # clang without libomp-dev (clang 14's words).
+    monkeypatch.setenv("CXX", str(_failing_compiler(
+        tmp_path, "-c", "attention.cpp:29:10: fatal error: 'omp.h' file not found")))
+    monkeypatch.setattr(cpu_kernels, "isas", lambda: ("avx2",))
+    with pytest.raises(cpu_kernels.KernelUnavailable,
+                       match=r"failed to compile attention.cpp \(this compiler has no OpenMP headers: install "
+                             r"its OpenMP package, for clang libomp-dev, or set CXX=g\+\+\)"):
+        cpu_kernels.build(tmp_path / "cache")
+
+
+@pytest.mark.parametrize("runtime, advised", [("torch/lib/libgomp.so.1", True), ("lib/libiomp5.so", False)])
+def test_openmp_code_for_llvms_runtime_in_a_process_on_libgomp_says_to_use_gxx(tmp_path, monkeypatch, runtime, advised):
+    # clang's OpenMP code calls __kmpc_* (LLVM's runtime), which libgomp lacks; Intel's runtime has them.
+    from pathlib import Path
+
+    monkeypatch.setenv("CXX", str(_failing_compiler(
+        tmp_path, "-shared", "attention.cpp:(.text+0x517): undefined reference to `__kmpc_fork_call'")))
+    monkeypatch.setattr(cpu_kernels, "openmp_runtime", lambda: Path("/env") / runtime)
+    monkeypatch.setattr(cpu_kernels, "isas", lambda: ("avx2",))
+    with pytest.raises(cpu_kernels.KernelUnavailable, match="failed to link") as failed:
+        cpu_kernels.build(tmp_path / "cache")
+    assert ("calls LLVM's OpenMP runtime, and PyTorch runs on GCC's libgomp" in str(failed.value)) == advised
+    assert ("set CXX=g++" in str(failed.value)) == advised
+    assert "__kmpc_fork_call" in str(failed.value)  # the linker's own words follow
+
+
+@pytest.mark.skipif(shutil.which("clang++") is None, reason="no clang++ here")
+def test_clang_fails_with_advice_where_pytorch_runs_on_libgomp(tmp_path, monkeypatch):
+    # The real compiler: without libomp-dev it lacks omp.h; with it, its code needs LLVM's runtime.
+    runtime = cpu_kernels.openmp_runtime()
+    if runtime is None or "gomp" not in runtime.name:
+        pytest.skip(f"PyTorch does not run on libgomp here ({runtime})")
+    monkeypatch.setenv("CXX", "clang++")
+    monkeypatch.setattr(cpu_kernels, "isas", lambda: ("avx2",))
+    with pytest.raises(cpu_kernels.KernelUnavailable, match=r"set CXX=g\+\+"):
+        cpu_kernels.build(tmp_path / "cache")
 
 
 @needs_kernel
