@@ -133,6 +133,8 @@ def main() -> None:
               if d in ops.ONEDNN_GEMM]
     gen = torch.Generator().manual_seed(0)
     rand = lambda *shape, dtype, scale=1.0: (torch.randn(*shape, generator=gen) * scale).to(dtype)  # noqa: E731
+    # Maps channels-last, as sdlite's CPU UNet runs them (an NCHW map would add a reorder to each conv).
+    rand_map = lambda *shape, dtype: rand(*shape, dtype=dtype).contiguous(memory_format=torch.channels_last)  # noqa: E731
     sections, totals = [], []
     for dtype in dtypes:
         name = str(dtype).removeprefix("torch.")
@@ -150,7 +152,7 @@ def main() -> None:
                 rows.append(f"| q, k, v as one product | x [2, {tokens}, {c}] @ 3 x [{c}, {c}] | {n} | {old:.2f} | "
                             f"{new:.2f} | {new / old:.2f} | {diff:.0e} |")
             for (c_h, c_skip, c_out, side), n in sorted(shapes["split"].items()):
-                h, s = rand(2, c_h, side, side, dtype=dtype), rand(2, c_skip, side, side, dtype=dtype)
+                h, s = rand_map(2, c_h, side, side, dtype=dtype), rand_map(2, c_skip, side, side, dtype=dtype)
                 w, b = rand(c_out, c_h + c_skip, 3, 3, dtype=dtype, scale=0.02), rand(c_out, dtype=dtype)
                 whole = ops._reorder_conv(w, (1, 1))
                 part_h, part_s = (ops._reorder_conv(w[:, sl].contiguous(), (1, 1))
@@ -161,7 +163,7 @@ def main() -> None:
                 rows.append(f"| skip concatenation split | conv3x3 ({c_h} + {c_skip}) -> {c_out} @ {side}x{side} | {n} | "
                             f"{old:.2f} | {new:.2f} | {new / old:.2f} | {diff:.0e} |")
             for (c_in, c_out), n in sorted(shapes["small"].items()):
-                x = rand(2, c_in, 4, 4, dtype=dtype)
+                x = rand_map(2, c_in, 4, 4, dtype=dtype)
                 w, b = rand(c_out, c_in, 3, 3, dtype=dtype, scale=0.02), rand(c_out, dtype=dtype)
                 as_conv, as_linear = ops._reorder_conv(w, (1, 1)), packed_linear(w.reshape(c_out, -1))
                 old, new, diff = time_pair(lambda: conv(x, as_conv, b),
@@ -177,7 +179,7 @@ def main() -> None:
     out = [*bench.script_head("CPU leads not shipped: per-call timings on the shapes of one SD1.5 UNet step"),
            f"- Method: each shape the old and the new way alternating (ABBA), a warm-up round, then "
            f"{args.repeats} timed calls each; medians. Packed weights (oneDNN's layout), as `sdlite.load` gives "
-           f"them; random inputs. *Calls per step*: how often one UNet step at batch 2 runs that shape.", "",
+           f"them; random inputs, maps channels-last as in sdlite's CPU UNet. *Calls per step*: how often one UNet step at batch 2 runs that shape.", "",
            "## Saved per UNet step, ms (positive: the lead is faster)", "",
            "| precision | latent | q, k, v as one product | skip concatenation split | 4x4-map convs as im2col + GEMM |",
            "|---|---|---:|---:|---:|", *totals, "", *sections]
