@@ -121,6 +121,20 @@ def time_pair(old, new, repeats: int) -> tuple[float, float, float]:
     return statistics.median(times["old"]) * 1e3, statistics.median(times["new"]) * 1e3, diff
 
 
+def read_bandwidth(threads: int, mib: int = 512) -> float:
+    """GB/s of a bf16 sum over ``mib`` MiB on ``threads`` threads (best of 5): how fast this machine
+    streams memory, against which a weight-bound layer's read rate is compared."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        x = torch.ones(mib * 2 ** 20 // 2, dtype=torch.bfloat16)
+        x.sum()
+        best = min(bench.alternate({"sum": x.sum}, 0, 5)[0]["sum"])
+        return x.numel() * 2 / best / 1e9
+    finally:
+        torch.set_num_threads(before)
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--sizes", default="32,64", help="latent sides (default 32,64)")
@@ -176,7 +190,11 @@ def main() -> None:
                          "|---|---|---:|---:|---:|---:|---:|", *rows, ""]
             totals.append(f"| {name} | {hw}x{hw} | " + " | ".join(
                 f"{saved[k]:.1f}" if shapes[k] else "—" for k in ("qkv", "split", "small")) + " |")
+    bandwidth = {n: read_bandwidth(n) for n in sorted({1, torch.get_num_threads()})}
     out = [*bench.script_head("CPU leads not shipped: per-call timings on the shapes of one SD1.5 UNet step"),
+           "- Memory read bandwidth (a bf16 sum over 512 MiB, best of 5): " + ", ".join(
+               f"{gbs:.1f} GB/s on {n} thread{'s' if n > 1 else ''}" for n, gbs in bandwidth.items())
+           + ". A 3x3 conv on a 4x4 map reads its bf16 weights (29.5 MB for 1280 -> 1280) once per call.",
            f"- Method: each shape the old and the new way alternating (ABBA), a warm-up round, then "
            f"{args.repeats} timed calls each; medians. Packed weights (oneDNN's layout), as `sdlite.load` gives "
            f"them; random inputs, maps channels-last as in sdlite's CPU UNet. *Calls per step*: how often one UNet step at batch 2 runs that shape.", "",
