@@ -120,7 +120,13 @@ MAX_HEAD_WIDTH: dict[str, int] = {"avx2": 160}
 
 
 class KernelUnavailable(RuntimeError):
-    """The kernel cannot run here; the message says why (the caller falls back, with a warning)."""
+    """The kernel cannot run here; the message says why (the caller falls back, with a warning).
+    ``every_build``: the cause is the compiler, its OpenMP or the cache folder, not the instruction
+    set, so a build for another one would fail the same way."""
+
+    def __init__(self, message: str, every_build: bool = False) -> None:
+        super().__init__(message)
+        self.every_build = every_build
 
 
 # The OpenMP runtimes PyTorch is built with, by the start of their file names: GNU's (libgomp.so.1,
@@ -226,11 +232,11 @@ def build(directory: Path | None = None, isa: str | None = None) -> Path:
         raise KernelUnavailable(f"no build of the kernel for {isa or 'this CPU'} (there are: {', '.join(ISA_FLAGS)})")
     compiler = os.environ.get("CXX") or "c++"
     if shutil.which(compiler) is None:
-        raise KernelUnavailable(f"no C++ compiler ({compiler!r} not found; set $CXX or install g++)")
+        raise KernelUnavailable(f"no C++ compiler ({compiler!r} not found; set $CXX or install g++)", every_build=True)
     try:
         version = subprocess.run([compiler, "--version"], capture_output=True, text=True, timeout=60).stdout
     except (OSError, subprocess.SubprocessError) as e:
-        raise KernelUnavailable(f"{compiler!r} --version failed: {e}") from e
+        raise KernelUnavailable(f"{compiler!r} --version failed: {e}", every_build=True) from e
     runtime = openmp_runtime()
     # Linked against the runtime's file itself: the library then needs it by its own name (soname),
     # which the loader finds already loaded. Without one loaded, the compiler's default runtime.
@@ -242,7 +248,7 @@ def build(directory: Path | None = None, isa: str | None = None) -> Path:
         directory.mkdir(mode=0o700, parents=True, exist_ok=True)  # the mode is the new folder's, not its parents'
     except OSError as e:  # a read-only home, a file in the way
         raise KernelUnavailable(f"cannot create the kernel cache {directory} ({e.strerror or e}): set "
-                                f"SDLITE_CACHE_DIR to a writable folder of your own") from e
+                                f"SDLITE_CACHE_DIR to a writable folder of your own", every_build=True) from e
     _check_private(directory)
 
     def named(flags: tuple[str, ...]) -> tuple[tuple[str, ...], Path]:
@@ -268,8 +274,9 @@ def build(directory: Path | None = None, isa: str | None = None) -> Path:
                 raise KernelUnavailable(f"{compiler} did not {step} {SOURCE.name}: {e}") from e
             if done.returncode != 0:
                 against = f" against the OpenMP runtime {runtime}" if step == "link" and runtime else ""
-                raise KernelUnavailable(f"{compiler} failed to {step} {SOURCE.name}{against}"
-                                        f"{_hint(done.stderr, runtime)}:\n{done.stderr.strip()[-2000:]}")
+                hint = _hint(done.stderr, runtime)  # a known cause: its last lines are enough
+                raise KernelUnavailable(f"{compiler} failed to {step} {SOURCE.name}{against}{hint}:\n"
+                                        f"{done.stderr.strip()[-(400 if hint else 2000):]}", every_build=bool(hint))
         os.replace(partial, library)
     return library
 
@@ -297,7 +304,7 @@ def _check_private(path: Path) -> None:
     else:
         return
     raise KernelUnavailable(f"{path} {why}, and sdlite would load code from it: set SDLITE_CACHE_DIR to a folder "
-                            f"of your own (or remove that one)")
+                            f"of your own (or remove that one)", every_build=path.is_dir())
 
 
 @functools.cache
@@ -344,6 +351,8 @@ def load(isa: str | None = None) -> _Kernel | None:
             kernel = _Kernel(build(isa=candidate), candidate)
         except (KernelUnavailable, OSError) as e:
             failures.append(f"the {candidate} build: {e}")
+            if getattr(e, "every_build", False):  # another instruction set would fail the same way
+                break
             continue
         if failures:
             warnings.warn(f"sdlite's CPU attention kernel runs its {candidate} build, slower: "

@@ -546,6 +546,18 @@ def test_a_compiler_without_openmp_headers_says_what_to_install(tmp_path, monkey
         cpu_kernels.build(tmp_path / "cache")
 
 
+def test_a_compiler_level_failure_is_said_once_not_per_build(tmp_path, monkeypatch):
+    # Without OpenMP headers every instruction set's build fails alike: one short reason, no retry.
+    monkeypatch.setenv("CXX", str(_failing_compiler(
+        tmp_path, "-c", "attention.cpp:29:10: fatal error: 'omp.h' file not found")))
+    monkeypatch.setenv("SDLITE_CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.setattr(cpu_kernels, "isas", lambda: ("avx512", "avx2"))
+    kernel, said = _fresh_load()
+    assert kernel is None and len(said) == 1
+    assert "the avx512 build" in said[0] and "the avx2 build" not in said[0]
+    assert "install its OpenMP package" in said[0] and len(said[0]) < 800
+
+
 @pytest.mark.parametrize("runtime, advised", [("torch/lib/libgomp.so.1", True), ("lib/libiomp5.so", False)])
 def test_openmp_code_for_llvms_runtime_in_a_process_on_libgomp_says_to_use_gxx(tmp_path, monkeypatch, runtime, advised):
     # clang's OpenMP code calls __kmpc_* (LLVM's runtime), which libgomp lacks; Intel's runtime has them.
