@@ -271,7 +271,7 @@ def build(directory: Path | None = None, isa: str | None = None) -> Path:
             try:
                 done = subprocess.run(command, capture_output=True, text=True, timeout=600)
             except (OSError, subprocess.SubprocessError) as e:  # cannot start, or hangs
-                raise KernelUnavailable(f"{compiler} did not {step} {SOURCE.name}: {e}") from e
+                raise KernelUnavailable(f"{compiler} did not {step} {SOURCE.name}: {e}", every_build=True) from e
             if done.returncode != 0:
                 against = f" against the OpenMP runtime {runtime}" if step == "link" and runtime else ""
                 hint = _hint(done.stderr, runtime)  # a known cause: its last lines are enough
