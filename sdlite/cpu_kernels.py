@@ -42,7 +42,8 @@ hash of the source, the flags and the compiler, so a changed source or compiler 
 nothing stale is loaded. It needs a C++ compiler (``$CXX``, else ``c++``) with OpenMP: the
 ``g++`` of any Linux distribution. A compiler too old for AVX512-BF16 (GCC < 10) builds the AVX-512
 kernel without bf16 (bf16 attention then takes PyTorch's ops); where the AVX-512 build fails, the
-AVX2 one is tried, with a warning. Without a compiler, or where no build succeeds, :func:`load`
+AVX2 one is tried, with a warning, unless the cause is one every build meets (no compiler, its
+OpenMP headers or runtime, the cache folder: ``KernelUnavailable.every_build``). Without a compiler, or where no build succeeds, :func:`load`
 returns None, says why once (a warning), and attention runs through PyTorch's ops as before; on a
 CPU without AVX2, and outside Linux, it is never built. The cache holds code that sdlite loads into
 its process, so it must be the user's own: sdlite creates it writable by its owner only, and refuses
