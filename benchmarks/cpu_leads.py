@@ -49,7 +49,10 @@ def step_shapes(hw: int) -> dict[str, collections.Counter]:
     found: dict[str, collections.Counter] = {k: collections.Counter() for k in ("qkv", "split", "small")}
     with torch.device("meta"):
         unet = UNetModel(cfg)
-    skip_channels = {}  # a decoder ResBlock's input is cat([h, skip]): the skip's channels, from the encoder
+    skips = []  # the encoder blocks' output channels: the decoder takes them last-first, one per ResBlock
+
+    def on_encoder_block(module, args, out):
+        skips.append(out.shape[1])
 
     def on_attention(module, args, kwargs):
         x, context = args[0], (args[1] if len(args) > 1 else kwargs.get("context"))
@@ -61,28 +64,16 @@ def step_shapes(hw: int) -> dict[str, collections.Counter]:
         if module.kernel_size == (3, 3) and x.shape[-1] <= 4:
             found["small"][(module.in_channels, module.out_channels)] += 1
 
-    def on_resblock(module, args):
-        x = args[0]
-        if module in skip_channels:
-            c_skip = skip_channels[module]
-            found["split"][(x.shape[1] - c_skip, c_skip, module.in_layers[2].out_channels, x.shape[-1])] += 1
+    def on_decoder_resblock(module, args):  # its input is cat([h, skip])
+        x, c_skip = args[0], skips.pop()
+        found["split"][(x.shape[1] - c_skip, c_skip, module.in_layers[2].out_channels, x.shape[-1])] += 1
 
-    # The encoder's outputs, in order, are the skips the decoder takes last-first.
-    encoder_out = [cfg.model_channels]
-    channels = cfg.model_channels
-    for level, mult in enumerate(cfg.channel_mult):
-        for _ in range(cfg.num_res_blocks):
-            channels = cfg.model_channels * mult
-            encoder_out.append(channels)
-        if level != len(cfg.channel_mult) - 1:
-            encoder_out.append(channels)
-    decoder_resblocks = [m for block in unet.output_blocks for m in block if isinstance(m, ResBlock)]
-    for block, c_skip in zip(decoder_resblocks, reversed(encoder_out)):
-        skip_channels[block] = c_skip
-    handles = [m.register_forward_pre_hook(on_attention, with_kwargs=True) for m in unet.modules()
-               if isinstance(m, CrossAttention)]
+    handles = [b.register_forward_hook(on_encoder_block) for b in unet.input_blocks]
+    handles += [m.register_forward_pre_hook(on_attention, with_kwargs=True) for m in unet.modules()
+                if isinstance(m, CrossAttention)]
     handles += [m.register_forward_pre_hook(on_conv) for m in unet.modules() if isinstance(m, torch.nn.Conv2d)]
-    handles += [m.register_forward_pre_hook(on_resblock) for m in decoder_resblocks]
+    handles += [m.register_forward_pre_hook(on_decoder_resblock) for block in unet.output_blocks for m in block
+                if isinstance(m, ResBlock)]
     with torch.device("meta"), torch.no_grad():
         unet(torch.zeros(2, cfg.in_channels, hw, hw), torch.zeros(2), torch.zeros(2, 77, cfg.context_dim))
     for h in handles:
