@@ -153,6 +153,23 @@ def print_or_write(text: str, out: str | None) -> None:
         print(text)
 
 
+# A small script that measures in a fresh process (another OpenMP runtime, or PyTorch held to an
+# instruction set) runs itself again with child arguments; the child prints one marked JSON line.
+_CHILD_RESULT = "RESULT "
+
+
+def report_to_parent(result: Any) -> None:
+    """In a child of :func:`run_again`: hand ``result`` (JSON-able) back to the parent."""
+    print(_CHILD_RESULT + json.dumps(result), flush=True)
+
+
+def run_again(script: str, args: Sequence[str], env: dict[str, str] | None = None) -> Any:
+    """Run ``script`` in a fresh Python with ``args`` (and ``env``); what it passed to
+    :func:`report_to_parent`. A failing child raises ``CalledProcessError``."""
+    done = subprocess.run([sys.executable, script, *args], env=env, capture_output=True, text=True, check=True)
+    return json.loads(done.stdout.split(_CHILD_RESULT, 1)[1])
+
+
 def git_commit() -> str:
     try:
         head = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"], capture_output=True,

@@ -24,10 +24,8 @@ Not a test: nothing here asserts. The whole networks with the kernel on and off 
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
-import subprocess
 import sys
 
 import torch
@@ -69,7 +67,7 @@ def child(isa: str, dtypes: list[str], repeats: int) -> None:
     for name in dtypes:
         dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[name]
         result["tables"][name] = measure(isa, dtype, repeats)
-    print("RESULT " + json.dumps(result))
+    bench.report_to_parent(result)
 
 
 def main() -> None:
@@ -91,10 +89,8 @@ def main() -> None:
         if isa != cpu_kernels.isas()[0]:
             env.update(bench.AVX2_LIMITS)
         print(f"{isa}: {', '.join(dtypes)}", file=sys.stderr, flush=True)
-        done = subprocess.run([sys.executable, __file__, "--child", isa, "--dtypes", ",".join(dtypes),
-                               "--repeats", str(args.repeats)],
-                              env=env, capture_output=True, text=True, check=True)
-        runs.append((isa, env, json.loads(done.stdout.split("RESULT ", 1)[1])))
+        runs.append((isa, env, bench.run_again(__file__, ["--child", isa, "--dtypes", ",".join(dtypes),
+                                                          "--repeats", str(args.repeats)], env)))
 
     out = [*bench.script_head("sdlite's CPU attention kernel, per call",
                               machine=f"; builds run: {', '.join(cpu_kernels.isas())}"),

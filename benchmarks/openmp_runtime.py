@@ -26,9 +26,7 @@ from __future__ import annotations
 
 import argparse
 import ctypes
-import json
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -67,7 +65,7 @@ def child(library: str, second_runtime: str | None, hw: int, repeats: int) -> No
             unet(x, t, ctx)
             if i:
                 times.append(time.perf_counter() - start)
-    print("RESULT " + json.dumps({"times": times, "runtimes": [str(p) for p in cpu_kernels.openmp_runtimes()]}))
+    bench.report_to_parent({"times": times, "runtimes": [str(p) for p in cpu_kernels.openmp_runtimes()]})
 
 
 def main() -> None:
@@ -97,11 +95,9 @@ def main() -> None:
         for name in names[r % len(names):] + names[:r % len(names)]:  # rotated each round
             print(f"round {r + 1}: {name}", file=sys.stderr, flush=True)
             extra = ["--load-second"] if CONFIGS[name] == "second" else []
-            done = subprocess.run([sys.executable, __file__, "--second-runtime", str(second), "--child",
-                                   libraries[CONFIGS[name]], "--size", str(args.size), "--repeats", str(args.repeats),
-                                   *extra],
-                                  capture_output=True, text=True, check=True)
-            results[name].append(json.loads(done.stdout.split("RESULT ", 1)[1]))
+            results[name].append(bench.run_again(__file__, [
+                "--second-runtime", str(second), "--child", libraries[CONFIGS[name]], "--size", str(args.size),
+                "--repeats", str(args.repeats), *extra]))
 
     ours = statistics.median(t for res in results["kernel, PyTorch's runtime"] for t in res["times"])
     out = [*bench.script_head(f"The attention kernel's OpenMP runtime: a whole fp32 UNet step, {args.size}x{args.size} "
