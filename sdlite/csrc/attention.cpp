@@ -199,6 +199,55 @@ static inline void value_tile(const T *e, int64_t e_stride, const T *vp, int64_t
         for (int c = 0; c < V; c++) vstore(o + r * o_stride + c0 + LANES * c, acc[r][c]);
 }
 
+// kp[j][n] = word j of key n (channels W j .. W j + W - 1), for n < n_pad (keys past N are zeros):
+// a transpose of the keys' words, 16 keys at a time, so that each row of kp is written a cache line
+// at a time from keys that stay in L1 (rows of kp are n_pad words apart: writing a key's words one
+// after the other would touch as many lines, which at 1024 keys all fall in one set of the cache).
+// The odd channel of an odd d gets a zero partner.
+template <typename T>
+static void pack_keys(const T *k, int64_t key_stride, int64_t N, int64_t d, int64_t n_pad, T *kp) {
+    constexpr int W = 4 / sizeof(T);
+    const int64_t whole = d / W, dw = (d + W - 1) / W;  // words of W channels; words with the odd one
+    uint32_t *out = (uint32_t *)kp;
+    for (int64_t n0 = 0; n0 < N; n0 += 16) {
+        const int64_t n1 = n0 + 16 < N ? n0 + 16 : N;
+        for (int64_t j = 0; j < whole; j++)
+            for (int64_t n = n0; n < n1; n++) memcpy(out + j * n_pad + n, k + n * key_stride + W * j, 4);
+        if (whole < dw)  // bf16 with d odd: channel d - 1, then a zero
+            for (int64_t n = n0; n < n1; n++) {
+                const T last[2] = {k[n * key_stride + d - 1], 0};
+                memcpy(out + whole * n_pad + n, last, 4);
+            }
+    }
+    for (int64_t j = 0; j < dw; j++) memset(out + j * n_pad + N, 0, (n_pad - N) * 4);
+}
+
+// vp[j][c][t] = v[W j + t][c] for c < d_pad (channels past d and keys past N are zeros): for bf16,
+// two keys' channels interleaved into words; for fp32 a copy of each key, padded.
+static void pack_values(const float *v, int64_t key_stride, int64_t N, int64_t d, int64_t d_pad, float *vp) {
+    for (int64_t n = 0; n < N; n++) {
+        memcpy(vp + n * d_pad, v + n * key_stride, d * sizeof(float));
+        memset(vp + n * d_pad + d, 0, (d_pad - d) * sizeof(float));
+    }
+}
+
+#if defined(SDLITE_BF16)
+static void pack_values(const bf16 *v, int64_t key_stride, int64_t N, int64_t d, int64_t d_pad, bf16 *vp) {
+    const __m256i zeros = _mm256_setzero_si256();
+    for (int64_t j = 0; j < (N + 1) / 2; j++) {
+        const bf16 *first = v + 2 * j * key_stride, *second = first + key_stride;
+        const bool pair = 2 * j + 1 < N;
+        for (int64_t c = 0; c < d_pad; c += LANES) {  // LANES channels of both keys -> LANES words
+            const lanes m = first_lanes(d - c);
+            const __m256i a = _mm256_maskz_loadu_epi16(m, first + c);
+            const __m256i e = pair ? _mm256_maskz_loadu_epi16(m, second + c) : zeros;
+            const __m512i w = _mm512_or_si512(_mm512_cvtepu16_epi32(a), _mm512_slli_epi32(_mm512_cvtepu16_epi32(e), 16));
+            _mm512_storeu_si512(vp + 2 * (j * d_pad + c), w);
+        }
+    }
+}
+#endif
+
 // Queries per task, rounded up to whole register tiles.
 static inline int64_t block_rows(int64_t MB) { return (MB + MR - 1) / MR * MR; }
 
@@ -233,24 +282,15 @@ static void attention(const T *q, const T *k, const T *v, T *out, int64_t B, int
 
 #pragma omp parallel num_threads(threads)
     {
-        // 1. Pack each head's keys and values (see the top of this file).
+        // 1. Pack each head's keys and values (see the top of this file), writing every element of
+        //    the packed layout once, pads included, in vector-friendly loops: this pass is as long
+        //    as the arithmetic at a few dozen queries (the UNet's 8x8 maps).
 #pragma omp for schedule(static)
         for (int64_t bh = 0; bh < B * H; bh++) {
             const int64_t b = bh / H, h = bh % H;
             T *kp = pack + bh * per_head, *vp = kp + kp_size;
-            const T *kk = k + b * k_strides[0] + h * k_strides[1];
-            const T *vv = v + b * v_strides[0] + h * v_strides[1];
-            memset(kp, 0, per_head * sizeof(T));  // the pads
-            for (int64_t j = 0; j < dw; j++) {  // kp row j: channels W j .. W j + W - 1 of every key
-                const int64_t width = W * j + W <= d ? W : d - W * j;
-                for (int64_t n = 0; n < N; n++) memcpy(kp + (j * n_pad + n) * W, kk + n * k_strides[2] + W * j, width * sizeof(T));
-            }
-            for (int64_t j = 0; j < nw; j++)  // vp row j: keys W j .. W j + W - 1, interleaved channel by channel
-                for (int t = 0; t < W && W * j + t < N; t++) {
-                    const T *key = vv + (W * j + t) * v_strides[2];
-                    T *row = vp + j * d_pad * W + t;
-                    for (int64_t c = 0; c < d; c++) row[W * c] = key[c];
-                }
+            pack_keys(k + b * k_strides[0] + h * k_strides[1], k_strides[2], N, d, n_pad, kp);
+            pack_values(v + b * v_strides[0] + h * v_strides[1], v_strides[2], N, d, d_pad, vp);
         }
 
         // 2. One block of MB queries of one head per task; its buffers are this thread's.
