@@ -95,6 +95,39 @@ def test_kernel_is_as_accurate_as_the_gemm_path_against_fp64(isa, b, heads, leng
         assert worst <= 2 * gemm_worst + 4 * 2**-24 * scale, (worst, gemm_worst)
 
 
+def _pow2_polynomials():
+    """The coefficients of the kernel's two polynomials for 2^f (fp32, bf16), highest degree first,
+    read from its source."""
+    import re
+
+    source = cpu_kernels.SOURCE.read_text()
+    polys = {}
+    for name in ("float", "bf16"):
+        body = re.search(r"pow2_nonpositive\(vec t, const %s \*\) \{(.*?)\n\}" % name, source, re.S).group(1)
+        polys[name] = [float.fromhex(c.rstrip("f")) if c.startswith("0x") else float(c.rstrip("f"))
+                       for c in re.findall(r"vset\(([-0-9.a-fx+p]+f)\)", body) if c != "-125.5f"]
+    return polys
+
+
+@pytest.mark.parametrize("name, degree, bound", [("float", 5, 2.5e-7), ("bf16", 4, 3.0e-6)])
+def test_the_softmax_powers_of_two_are_as_accurate_as_the_source_says(name, degree, bound):
+    # e = 2^t = 2^n p(f), |f| <= 1/2: p evaluated as the kernel does (Horner, each step one FMA:
+    # the product of two fp32 numbers is exact in fp64, then one rounding to fp32). Its relative
+    # error bounds the probabilities': fp32's near its precision (2^-23 = 1.2e-7), bf16's far below
+    # the rounding to bf16 that follows (2^-9 = 2e-3). p(0) = 1 exactly: the row's largest term is 1.
+    import numpy as np
+
+    coefficients = _pow2_polynomials()[name]
+    assert len(coefficients) == degree + 1 and coefficients[-1] == 1.0
+    f = np.linspace(-0.5, 0.5, 200_001).astype(np.float32)
+    p = np.full_like(f, coefficients[0])
+    for c in coefficients[1:]:
+        p = (p.astype(np.float64) * f + np.float32(c)).astype(np.float32)
+    error = np.abs(p.astype(np.float64) / np.exp2(f.astype(np.float64)) - 1)
+    assert error.max() <= bound, error.max()
+    assert p[f == 0][0] == 1.0
+
+
 @needs_kernel
 @pytest.mark.parametrize("isa, dtype", CASES)
 def test_one_key_gives_its_value_and_peaked_scores_stay_finite(isa, dtype):
