@@ -68,6 +68,7 @@ def _errors(x, exact):
     (1, 1, 5, 7, 3),        # odd head size and key count: the padded pairs
     (2, 3, 37, 50, 40),     # rows not a multiple of the register tile (8; 6 for AVX2) or the query block
     (1, 2, 100, 1031, 64),  # keys past the 48-key tiles
+    (1, 2, 20, 33, 72),     # a whole tile of channels, then one half-used vector shared by two rows (AVX-512)
     (2, 8, 64, 77, 160),    # the UNet's cross-attention at 8x8, widest heads (SD1.5)
     (1, 1, 200, 200, 512),  # the VAE's single 512-wide head
 ])

@@ -256,6 +256,43 @@ static void pack_values(const bf16 *v, int64_t key_stride, int64_t N, int64_t d,
 }
 #endif
 
+#if defined(__AVX512F__)
+// value_tile for the last channels of a head whose last vector of channels is at most half used
+// (d mod LANES in 1 .. LANES/2: SD1's 40-wide heads at the UNet's largest maps, which a full vector
+// would compute 48 wide): V whole vectors of channels per row, then the next LANES/2 channels of two
+// rows at once, row r in the lower half of a vector and row r + 1 in the upper. The same sums in the
+// same order as value_tile's.
+template <int V, typename T>
+static inline void value_tile_halves(const T *e, int64_t e_stride, const T *vp, int64_t d_pad, int64_t nw,
+                                     int64_t c0, float *o, int64_t o_stride) {
+    constexpr int W = 4 / sizeof(T), HALF = LANES / 2;
+    vec acc[MR][V > 0 ? V : 1], pair[MR / 2];
+    for (int r = 0; r < MR; r++)
+        for (int c = 0; c < V; c++) acc[r][c] = vset(0.0f);
+    for (int r = 0; r < MR / 2; r++) pair[r] = vset(0.0f);
+    for (int64_t j = 0; j < nw; j++) {
+        words vv[V > 0 ? V : 1];
+        for (int c = 0; c < V; c++) vv[c] = wload(vp + (j * d_pad + c0 + LANES * c) * W);
+        // the next HALF channels' words, in both halves of a vector
+        const words vh = _mm512_broadcast_i64x4(_mm256_loadu_si256((const __m256i *)(vp + (j * d_pad + c0 + LANES * V) * W)));
+        for (int r = 0; r < MR; r += 2) {
+            const words e0 = word_everywhere(e + r * e_stride + W * j), e1 = word_everywhere(e + (r + 1) * e_stride + W * j);
+            for (int c = 0; c < V; c++) {
+                acc[r][c] = madd(acc[r][c], e0, vv[c], e);
+                acc[r + 1][c] = madd(acc[r + 1][c], e1, vv[c], e);
+            }
+            pair[r / 2] = madd(pair[r / 2], _mm512_mask_blend_epi32(0xFF00, e0, e1), vh, e);
+        }
+    }
+    for (int r = 0; r < MR; r++)
+        for (int c = 0; c < V; c++) vstore(o + r * o_stride + c0 + LANES * c, acc[r][c]);
+    for (int r = 0; r < MR; r += 2) {  // lanes HALF.. go to row r + 1's channels from c0 + LANES V on
+        _mm512_mask_storeu_ps(o + r * o_stride + c0 + LANES * V, 0x00FF, pair[r / 2]);
+        _mm512_mask_storeu_ps(o + (r + 1) * o_stride + c0 + LANES * V - HALF, 0xFF00, pair[r / 2]);
+    }
+}
+#endif
+
 // Queries per task, rounded up to whole register tiles.
 static inline int64_t block_rows(int64_t MB) { return (MB + MR - 1) / MR * MR; }
 
@@ -346,10 +383,23 @@ static void attention(const T *q, const T *k, const T *v, T *out, int64_t B, int
                 const T *et = e + r0 * e_row;
                 float *ot = o + r0 * d_pad;
                 int64_t c0 = 0;
-                for (; c0 + LANES * VMAX <= d_pad; c0 += LANES * VMAX) value_tile<VMAX>(et, e_row, vp, d_pad, nw, c0, ot, d_pad);
-                switch ((d_pad - c0) / LANES) {
-                    case 2: value_tile<2>(et, e_row, vp, d_pad, nw, c0, ot, d_pad); break;
-                    case 1: value_tile<1>(et, e_row, vp, d_pad, nw, c0, ot, d_pad); break;
+#if defined(__AVX512F__)
+                if (d % LANES != 0 && d % LANES <= LANES / 2) {  // the last vector at most half used
+                    int64_t whole = d_pad / LANES - 1;
+                    for (; whole > 2; whole -= VMAX, c0 += LANES * VMAX) value_tile<VMAX>(et, e_row, vp, d_pad, nw, c0, ot, d_pad);
+                    switch (whole) {
+                        case 2: value_tile_halves<2>(et, e_row, vp, d_pad, nw, c0, ot, d_pad); break;
+                        case 1: value_tile_halves<1>(et, e_row, vp, d_pad, nw, c0, ot, d_pad); break;
+                        default: value_tile_halves<0>(et, e_row, vp, d_pad, nw, c0, ot, d_pad);
+                    }
+                } else
+#endif
+                {
+                    for (; c0 + LANES * VMAX <= d_pad; c0 += LANES * VMAX) value_tile<VMAX>(et, e_row, vp, d_pad, nw, c0, ot, d_pad);
+                    switch ((d_pad - c0) / LANES) {
+                        case 2: value_tile<2>(et, e_row, vp, d_pad, nw, c0, ot, d_pad); break;
+                        case 1: value_tile<1>(et, e_row, vp, d_pad, nw, c0, ot, d_pad); break;
+                    }
                 }
             }
             // out = o / Σ e (rounded to bf16 for bf16)
