@@ -385,8 +385,8 @@ static void attention(const T *q, const T *k, const T *v, T *out, int64_t B, int
                 int64_t c0 = 0;
 #if defined(__AVX512F__)
                 if (d % LANES != 0 && d % LANES <= LANES / 2) {  // the last vector at most half used
-                    int64_t whole = d_pad / LANES - 1;
-                    for (; whole > 2; whole -= VMAX, c0 += LANES * VMAX) value_tile<VMAX>(et, e_row, vp, d_pad, nw, c0, ot, d_pad);
+                    int64_t whole = d_pad / LANES - 1;  // vectors before it; the last tile takes up to VMAX - 1 of them
+                    for (; whole > VMAX - 1; whole -= VMAX, c0 += LANES * VMAX) value_tile<VMAX>(et, e_row, vp, d_pad, nw, c0, ot, d_pad);
                     switch (whole) {
                         case 2: value_tile_halves<2>(et, e_row, vp, d_pad, nw, c0, ot, d_pad); break;
                         case 1: value_tile_halves<1>(et, e_row, vp, d_pad, nw, c0, ot, d_pad); break;
