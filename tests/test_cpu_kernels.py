@@ -4,9 +4,11 @@ padding and blocking, independence from the thread count, when ops.attention tak
 is built, cached and given up on."""
 
 import os
+import re
 import shutil
 import warnings
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -99,8 +101,6 @@ def test_kernel_is_as_accurate_as_the_gemm_path_against_fp64(isa, b, heads, leng
 def _pow2_polynomials():
     """The coefficients of the kernel's two polynomials for 2^f (fp32, bf16), highest degree first,
     read from its source."""
-    import re
-
     source = cpu_kernels.SOURCE.read_text()
     polys = {}
     for name in ("float", "bf16"):
@@ -116,8 +116,6 @@ def test_the_softmax_powers_of_two_are_as_accurate_as_the_source_says(name, degr
     # the product of two fp32 numbers is exact in fp64, then one rounding to fp32). Its relative
     # error bounds the probabilities': fp32's near its precision (2^-23 = 1.2e-7), bf16's far below
     # the rounding to bf16 that follows (2^-9 = 2e-3). p(0) = 1 exactly: the row's largest term is 1.
-    import numpy as np
-
     coefficients = _pow2_polynomials()[name]
     assert len(coefficients) == degree + 1 and coefficients[-1] == 1.0
     f = np.linspace(-0.5, 0.5, 200_001).astype(np.float32)
