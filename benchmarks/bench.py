@@ -153,8 +153,10 @@ def print_or_write(text: str, out: str | None) -> None:
         print(text)
 
 
-# A small script that measures in a fresh process (another OpenMP runtime, or PyTorch held to an
-# instruction set) runs itself again with child arguments; the child prints one marked JSON line.
+# A script that measures in a fresh process (this one's load and memory rows, bench_cuda.py's, or a
+# script on another OpenMP runtime or with PyTorch held to an instruction set) runs itself again with
+# child arguments; the child prints one marked JSON line (report_to_parent), the parent reads it
+# (reported; run_again).
 _CHILD_RESULT = "RESULT "
 
 
@@ -163,11 +165,19 @@ def report_to_parent(result: Any) -> None:
     print(_CHILD_RESULT + json.dumps(result), flush=True)
 
 
+def reported(stdout: str) -> Any:
+    """What a child passed to :func:`report_to_parent`, from its standard output; None if nothing."""
+    for line in stdout.splitlines():
+        if line.startswith(_CHILD_RESULT):
+            return json.loads(line[len(_CHILD_RESULT):])
+    return None
+
+
 def run_again(script: str, args: Sequence[str], env: dict[str, str] | None = None) -> Any:
     """Run ``script`` in a fresh Python with ``args`` (and ``env``); what it passed to
     :func:`report_to_parent`. A failing child raises ``CalledProcessError``."""
     done = subprocess.run([sys.executable, script, *args], env=env, capture_output=True, text=True, check=True)
-    return json.loads(done.stdout.split(_CHILD_RESULT, 1)[1])
+    return reported(done.stdout)
 
 
 def git_commit() -> str:
@@ -717,7 +727,7 @@ def child_main(spec: dict[str, Any]) -> None:
         res["decode_s"] = time.perf_counter() - t0
         res["decode_shape"] = list(img.shape)
     res["peak"] = _peak_mib()
-    print("BENCH_RESULT " + json.dumps(res), flush=True)
+    report_to_parent(res)
 
 
 def _diffusers_manual_load(spec: dict[str, Any], dtype: torch.dtype) -> Any:
@@ -755,9 +765,9 @@ def run_child(spec: dict[str, Any], timeout: float = 3600) -> dict[str, Any]:
                HF_HUB_DISABLE_TELEMETRY="1", PYTHONWARNINGS="ignore")
     proc = subprocess.run([sys.executable, str(Path(__file__).resolve()), "--child", json.dumps(spec)],
                           capture_output=True, text=True, env=env, timeout=timeout, cwd=str(ROOT))
-    for line in proc.stdout.splitlines():
-        if line.startswith("BENCH_RESULT "):
-            return json.loads(line[len("BENCH_RESULT "):])
+    result = reported(proc.stdout)
+    if result is not None:
+        return result
     tail = (proc.stderr or proc.stdout).strip().splitlines()[-3:]
     return {"error": " | ".join(tail)[-400:] or f"exit code {proc.returncode}"}
 

@@ -862,17 +862,17 @@ def child_main(spec: dict[str, Any]) -> None:
     res = {"load_s": time.perf_counter() - t0, "peak_rss": bench._peak_mib(), "how": how,
            "gpu_mib": torch.cuda.memory_allocated(device) / 2**20 if device.type == "cuda" else 0.0}
     del pipe
-    print("BENCH_RESULT " + json.dumps(res), flush=True)
+    bench.report_to_parent(res)
 
 
 def run_child(spec: dict[str, Any]) -> dict[str, Any]:
     env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", PYTHONWARNINGS="ignore")
     proc = subprocess.run([sys.executable, str(Path(__file__).resolve()), "--child", json.dumps(spec)],
                           capture_output=True, text=True, env=env, timeout=600)
-    for line in proc.stdout.splitlines():
-        if line.startswith("BENCH_RESULT "):
-            return json.loads(line[len("BENCH_RESULT "):])
-    return {"error": " | ".join((proc.stderr or proc.stdout).strip().splitlines()[-3:])[-400:]}
+    result = bench.reported(proc.stdout)
+    if result is not None:
+        return result
+    return {"error": " | ".join((proc.stderr or proc.stdout).strip().splitlines()[-3:])[-400:] or f"exit code {proc.returncode}"}
 
 
 def load_rows(cfg: Any, weights: dict, device: torch.device, size: str, workdir: Path, repeats: int) -> list[Row]:

@@ -74,3 +74,12 @@ def test_attention_kernel_levers_switch_the_kernel_and_report_three_rows(monkeyp
         "| UNet 64x64, batch 2, fp32", "| UNet 32x32, batch 2, fp32", "| VAE decode 64x64 -> 512x512, fp32"]
     assert all(float(line.rstrip(" |").rsplit("| ", 1)[1]) > 0 for line in lines)
     assert seen and set(seen) == {("cpu",)}
+
+
+def test_a_childs_report_is_found_among_its_other_output_and_round_trips(capsys):
+    # Fresh-process rows and scripts hand their result back as one marked JSON line on stdout,
+    # among whatever else the child printed (warnings, progress).
+    bench.report_to_parent({"load_s": 1.5, "how": "sdlite.load", "peak": [1, 2]})
+    out = "a warning\n" + capsys.readouterr().out + "progress 3/3\n"
+    assert bench.reported(out) == {"load_s": 1.5, "how": "sdlite.load", "peak": [1, 2]}
+    assert bench.reported("Traceback (most recent call last):\n  ...\nMemoryError\n") is None
