@@ -173,6 +173,20 @@ def reported(stdout: str) -> Any:
     return None
 
 
+def run_spec(script: str, spec: dict[str, Any], env: dict[str, str], timeout: float, cwd: Path | None = None
+             ) -> dict[str, Any]:
+    """Run ``script --child <spec as JSON>`` in a fresh Python (the fresh-process rows of bench.py and
+    bench_cuda.py): what it passed to :func:`report_to_parent`, or ``{"error": its last lines}``, so
+    that a failed row is reported in the table instead of stopping the run."""
+    proc = subprocess.run([sys.executable, script, "--child", json.dumps(spec)], capture_output=True, text=True,
+                          env=env, timeout=timeout, cwd=cwd)
+    result = reported(proc.stdout)
+    if result is not None:
+        return result
+    tail = (proc.stderr or proc.stdout).strip().splitlines()[-3:]
+    return {"error": " | ".join(tail)[-400:] or f"exit code {proc.returncode}"}
+
+
 def run_again(script: str, args: Sequence[str], env: dict[str, str] | None = None) -> Any:
     """Run ``script`` in a fresh Python with ``args`` (and ``env``); what it passed to
     :func:`report_to_parent`. A failing child raises ``CalledProcessError``."""
@@ -763,13 +777,7 @@ def _diffusers_manual_load(spec: dict[str, Any], dtype: torch.dtype) -> Any:
 def run_child(spec: dict[str, Any], timeout: float = 3600) -> dict[str, Any]:
     env = dict(os.environ, OMP_NUM_THREADS=str(spec["threads"]), HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1",
                HF_HUB_DISABLE_TELEMETRY="1", PYTHONWARNINGS="ignore")
-    proc = subprocess.run([sys.executable, str(Path(__file__).resolve()), "--child", json.dumps(spec)],
-                          capture_output=True, text=True, env=env, timeout=timeout, cwd=str(ROOT))
-    result = reported(proc.stdout)
-    if result is not None:
-        return result
-    tail = (proc.stderr or proc.stdout).strip().splitlines()[-3:]
-    return {"error": " | ".join(tail)[-400:] or f"exit code {proc.returncode}"}
+    return run_spec(str(Path(__file__).resolve()), spec, env, timeout, cwd=ROOT)
 
 
 def run_process_rows(cfg: ModelConfig, size: str, precisions: list[str], rows: list[str], ckpt: Path,

@@ -45,7 +45,6 @@ import os
 import platform
 import shlex
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -867,12 +866,7 @@ def child_main(spec: dict[str, Any]) -> None:
 
 def run_child(spec: dict[str, Any]) -> dict[str, Any]:
     env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", PYTHONWARNINGS="ignore")
-    proc = subprocess.run([sys.executable, str(Path(__file__).resolve()), "--child", json.dumps(spec)],
-                          capture_output=True, text=True, env=env, timeout=600)
-    result = bench.reported(proc.stdout)
-    if result is not None:
-        return result
-    return {"error": " | ".join((proc.stderr or proc.stdout).strip().splitlines()[-3:])[-400:] or f"exit code {proc.returncode}"}
+    return bench.run_spec(str(Path(__file__).resolve()), spec, env, timeout=600)
 
 
 def load_rows(cfg: Any, weights: dict, device: torch.device, size: str, workdir: Path, repeats: int) -> list[Row]:

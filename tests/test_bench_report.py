@@ -83,3 +83,9 @@ def test_a_childs_report_is_found_among_its_other_output_and_round_trips(capsys)
     out = "a warning\n" + capsys.readouterr().out + "progress 3/3\n"
     assert bench.reported(out) == {"load_s": 1.5, "how": "sdlite.load", "peak": [1, 2]}
     assert bench.reported("Traceback (most recent call last):\n  ...\nMemoryError\n") is None
+
+
+def test_a_fresh_process_row_that_fails_gives_its_last_lines_not_an_exception(tmp_path):
+    script = tmp_path / "child.py"
+    script.write_text("import sys\nprint('loading', flush=True)\nsys.exit('out of memory at step 2')\n")
+    assert bench.run_spec(str(script), {"side": "sdlite"}, env={}, timeout=60) == {"error": "out of memory at step 2"}
