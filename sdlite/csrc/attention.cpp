@@ -130,28 +130,21 @@ static inline vec madd(vec acc, words a, words b, const float *) { return fmadd(
 // error 2.3e-7 in fp32 arithmetic; degree 4 for bf16, 2.9e-6, 1/700 of the rounding to bf16 that
 // follows. Below -125.5, 2^t < 2^-125 counts as 0 against the row's largest term, which is 1 (and
 // the result is never subnormal). A NaN stays NaN (max returns its second operand then).
-static inline vec pow2_nonpositive(vec t, const float *) {
+static const float POW2_FP32[] = {0x1.5a1bb6p-10f, 0x1.3d0762p-7f, 0x1.c6bde6p-5f, 0x1.ebf956p-3f, 0x1.62e41cp-1f, 1.0f};
+static const float POW2_BF16[] = {0x1.3a007ap-7f, 0x1.c9fd1ep-5f, 0x1.ec0382p-3f, 0x1.62e12ap-1f, 1.0f};  // highest degree first
+
+template <int K>
+static inline vec power_of_2(vec t, const float (&coefficients)[K]) {
     t = vmax(vset(-125.5f), t);
     const vec n = round_to_int(t), f = vsub(t, n);  // exact
-    vec p = vset(0x1.5a1bb6p-10f);
-    p = fmadd(p, f, vset(0x1.3d0762p-7f));
-    p = fmadd(p, f, vset(0x1.c6bde6p-5f));
-    p = fmadd(p, f, vset(0x1.ebf956p-3f));
-    p = fmadd(p, f, vset(0x1.62e41cp-1f));
-    p = fmadd(p, f, vset(1.0f));
+    vec p = vset(coefficients[0]);
+    for (int i = 1; i < K; i++) p = fmadd(p, f, vset(coefficients[i]));
     return times_2_to(p, n);
 }
 
-static inline vec pow2_nonpositive(vec t, const bf16 *) {
-    t = vmax(vset(-125.5f), t);
-    const vec n = round_to_int(t), f = vsub(t, n);
-    vec p = vset(0x1.3a007ap-7f);
-    p = fmadd(p, f, vset(0x1.c9fd1ep-5f));
-    p = fmadd(p, f, vset(0x1.ec0382p-3f));
-    p = fmadd(p, f, vset(0x1.62e12ap-1f));
-    p = fmadd(p, f, vset(1.0f));
-    return times_2_to(p, n);
-}
+// power_of_2 with the polynomial of the probabilities' type (that of the pointer: where they go).
+static inline vec pow2_nonpositive(vec t, const float *) { return power_of_2(t, POW2_FP32); }
+static inline vec pow2_nonpositive(vec t, const bf16 *) { return power_of_2(t, POW2_BF16); }
 
 // The 32 bits at p (two bf16 numbers, or one float), repeated in all lanes.
 template <typename T>
