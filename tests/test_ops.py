@@ -189,8 +189,10 @@ def test_rowwise_leaves_other_devices_and_torch_compile_to_one_call(monkeypatch)
 
 
 def test_conv2d_takes_the_gemm_only_for_small_maps_with_many_channels(monkeypatch):
+    # The policy on an x86 CPU with native bf16 kernels, whatever this one has:
+    monkeypatch.setattr(ops, "HALF_AS_FP32", frozenset({torch.float16}))
     monkeypatch.setattr(ops, "ONEDNN_GEMM", frozenset({torch.float32, torch.bfloat16}))
-    monkeypatch.setattr(ops, "GEMM_CONV_MAX_ROWS", {torch.float32: 256, torch.bfloat16: 256})  # the x86 policy
+    monkeypatch.setattr(ops, "GEMM_CONV_MAX_ROWS", {torch.float32: 256, torch.bfloat16: 256})
     monkeypatch.setattr(ops, "GEMM_CONV_LARGE_K", {torch.float32: (512, 11520), torch.bfloat16: (512, 17280)})
     monkeypatch.setattr(ops, "GEMM_CONV_MIN_OUT", 1280)
     seen = []
