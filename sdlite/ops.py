@@ -405,16 +405,21 @@ def _conv_as_gemm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
     return y.view(b, h, w, c_out).permute(0, 3, 1, 2).contiguous()
 
 
+# The input shape, (batch, height, width), a conv weight is packed for until its first call.
+PACK_SHAPE = (1, 8, 8)
+
+
 def _reorder_conv(weight: torch.Tensor, padding: Sequence[int], stride: Sequence[int] = (1, 1),
-                  dilation: Sequence[int] = (1, 1), groups: int = 1) -> torch.Tensor:
-    """A conv weight in the blocked layout oneDNN picks for it, which depends on the input's map
-    size through a hint. For 3x3 and 2x2 kernels an 8x8 hint served every map size from 4x4 to
-    64x64 within a few percent of the exact one; 1x1 convs are packed as linear layers instead
-    (their layout changes between 4x4 and 8x8 maps, and the wrong one costs a reorder on every
-    call: 1280 channels, 40-80 ms instead of 0.3-0.9)."""
-    hint = [1, weight.shape[1] * groups, 8, 8]
+                  dilation: Sequence[int] = (1, 1), groups: int = 1,
+                  shape: tuple[int, int, int] = PACK_SHAPE) -> torch.Tensor:
+    """A conv weight in the blocked layout oneDNN picks for an input of ``shape`` = (batch,
+    height, width). The layout depends on that shape, and a call with an input it was not picked
+    for reorders the whole weight first, on every call: :class:`Conv2d` re-packs its weight when
+    the input's shape changes (see ``Conv2d._laid_out_for``). 1x1 convs are packed as linear
+    layers instead, whose layout does not depend on the input."""
+    n, h, w = shape
     return torch.ops.mkldnn._reorder_convolution_weight(
-        weight, list(padding), list(stride), list(dilation), groups, hint)
+        weight, list(padding), list(stride), list(dilation), groups, [n, weight.shape[1] * groups, h, w])
 
 
 class Conv2d(_Packable, nn.Conv2d):
@@ -427,21 +432,44 @@ class Conv2d(_Packable, nn.Conv2d):
         return (self.kernel_size == (1, 1) and self.stride == (1, 1) and self.padding == (0, 0)
                 and self.groups == 1)
 
-    def _reorder(self, weight: torch.Tensor) -> torch.Tensor:
+    def _reorder(self, weight: torch.Tensor, shape: tuple[int, int, int] = PACK_SHAPE) -> torch.Tensor:
         if self._pointwise():  # packed as the linear layer it is (see _reorder_conv)
             return torch.ops.mkldnn._reorder_linear_weight(weight.flatten(1), None)
-        return _reorder_conv(weight, self.padding, self.stride, self.dilation, self.groups)
+        return _reorder_conv(weight, self.padding, self.stride, self.dilation, self.groups, shape)
 
     def pack(self) -> int:
         if self.padding_mode == "zeros" and not isinstance(self.padding, str):
+            self._packed_for = PACK_SHAPE
             return super().pack()
         return 0
+
+    def _laid_out_for(self, input: torch.Tensor) -> torch.Tensor:
+        """The packed weight, re-packed first if it was packed for another input shape.
+
+        oneDNN picks a conv's weight layout by the input's batch and map size as well as the
+        channels, and with a weight in another layout it reorders the whole weight before every
+        call. Where that happens depends on the CPU: on an AVX2 EPYC (Zen 3, session 24) a
+        1280-channel 3x3 conv on a 2x2 map took 650-800 ms instead of ~10, and SD1.5's UNet step
+        at batch 2 spent 12.4 of its 13.7 s reordering at 16x16 latents, 0.9 of 15.5 s at 64x64.
+        The layout oneDNN wants is not predictable from outside (16-, 24- or 32-channel blocks by
+        shape, no rule) and a packed tensor does not say which it has, so the weight is re-packed
+        for each new input shape: once per image size and batch, ~0.1 s for the largest conv.
+        A network at one size keeps each conv at one shape (tiled VAE decodes use equal tiles)."""
+        shape = (input.shape[0], input.shape[-2], input.shape[-1])
+        if self._packed_for != shape:
+            with torch.inference_mode(False), torch.no_grad():
+                self.weight = nn.Parameter(self._reorder(self._plain_weight(), shape), requires_grad=False)
+            self._packed_for = shape
+            _RELEASER.replaced(self.weight.numel() * self.weight.element_size())
+        return self.weight
 
     def _conv_forward(self, input: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         if weight.is_mkldnn:  # self.weight, or upsample_conv's phase kernels packed with it
             if self._packed_path(input, weight, bias) and input.dim() == 4:
                 if weight.dim() == 2:  # a packed 1x1 conv: [B, H, W, C_in] @ weightᵀ, channels-last out
                     return _gemm(input.permute(0, 2, 3, 1).contiguous(), weight, bias).permute(0, 3, 1, 2)
+                if weight is self.weight:  # (upsample_conv's phase kernels are packed for the shape)
+                    weight = self._laid_out_for(input)
                 return torch.ops.mkldnn._convolution_pointwise(
                     input, weight, bias, list(self.padding), list(self.stride), list(self.dilation), self.groups,
                     "none", [], "")
@@ -505,18 +533,26 @@ class Packer:
     reuse the memory just freed, where packing after the whole load touched fresh pages for both."""
 
     def __init__(self) -> None:
-        self.replaced = 0  # bytes of plain weights replaced since the last release
+        self.since_release = 0  # bytes of weights replaced since the last release
 
     def __call__(self, layer: nn.Module) -> None:
         if isinstance(layer, _Packable):
-            self.replaced += layer.pack()
-            if self.replaced >= RELEASE_EVERY:
-                self.close()
+            self.replaced(layer.pack())
+
+    def replaced(self, nbytes: int) -> None:
+        """``nbytes`` of weights were replaced by new allocations."""
+        self.since_release += nbytes
+        if self.since_release >= RELEASE_EVERY:
+            self.close()
 
     def close(self) -> None:
-        if self.replaced:
+        if self.since_release:
             release_free_memory()
-            self.replaced = 0
+            self.since_release = 0
+
+
+# Conv2d's re-packing for a new input shape (_laid_out_for) frees memory the same way.
+_RELEASER = Packer()
 
 
 # :class:`Packer` gives freed memory back to the system after replacing this many bytes of weights.
@@ -732,7 +768,7 @@ def upsample_conv(x: torch.Tensor, conv: nn.Conv2d, cache: bool = True) -> torch
     assert (conv.kernel_size == (3, 3) and conv.stride == (1, 1) and conv.padding == (1, 1)
             and conv.padding_mode == "zeros" and conv.groups == 1 and conv.dilation == (1, 1)), conv
     b, _, h, w = x.shape
-    weight, bias = _phase_kernels(conv, cache)
+    weight, bias = _phase_kernels(conv, cache, (b, h, w))
     y = conv._conv_forward(x, weight, bias)  # [B, 4 * C_out, H + 1, W + 1], parities (a, b) in row-major order
     c = y.shape[1] // 4
     # [B, C, H, a, W, b] is [B, C, 2H, 2W] with row 2i + a, column 2j + b; in y's memory layout
@@ -754,8 +790,10 @@ def upsample_conv(x: torch.Tensor, conv: nn.Conv2d, cache: bool = True) -> torch
     return out
 
 
-def _phase_kernels(conv: nn.Conv2d, cache: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """The four 2x2 kernels of :func:`upsample_conv`, stacked: ``[4 * C_out, C_in, 2, 2]``, and the bias x4."""
+def _phase_kernels(conv: nn.Conv2d, cache: bool,
+                   shape: tuple[int, int, int]) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The four 2x2 kernels of :func:`upsample_conv`, stacked: ``[4 * C_out, C_in, 2, 2]``, and the
+    bias x4; packed for an input of ``shape`` = (batch, height, width) where ``conv`` is packed."""
     weight, bias = conv.weight, conv.bias
     packed = weight.is_mkldnn
     if not cache:
@@ -765,15 +803,15 @@ def _phase_kernels(conv: nn.Conv2d, cache: bool) -> tuple[torch.Tensor, torch.Te
         return _sum_taps(conv._plain_weight() if packed else weight), None if bias is None else bias.repeat(4)
     # A packed weight has no data pointer; it is replaced, never changed in place, and packing or
     # unpacking the conv drops this cache, so its identity stands in.
-    key = ((id(weight),) if packed else (weight.data_ptr(), weight._version), weight.dtype, weight.device,
+    key = ((id(weight), shape) if packed else (weight.data_ptr(), weight._version), weight.dtype, weight.device,
            None if bias is None else (bias.data_ptr(), bias._version))
     cached = getattr(conv, "_phase_cache", None)
     if cached is None or cached[0] != key:
         # Ordinary tensors even under torch.inference_mode, so a later call with autograd on can use them.
         with torch.inference_mode(False), torch.no_grad():
             kernels = _sum_taps(conv._plain_weight() if packed else weight)
-            if packed:  # packed like the conv (same padding and stride): its four 2x2 convs run the same way
-                kernels = conv._reorder(kernels)
+            if packed:  # packed like the conv (same padding and stride), for this input shape
+                kernels = conv._reorder(kernels, shape)
             cached = (key, kernels, None if bias is None else bias.repeat(4))
         conv._phase_cache = cached
     return cached[1], cached[2]

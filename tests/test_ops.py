@@ -568,6 +568,32 @@ def test_pack_leaves_weights_that_need_gradients_or_have_no_onednn_kernel():
 
 
 @needs_onednn
+def test_a_packed_conv_is_packed_again_for_each_new_input_shape_and_computes_the_same(monkeypatch):
+    # oneDNN picks a conv weight's layout by the input's batch and map size; with a weight packed
+    # for another shape it reorders the whole weight on every call (seconds per UNet step on an
+    # AVX2 CPU). So a packed conv re-packs its weight when the input's shape changes, and only then;
+    # upsample_conv's phase kernels are packed for the shape of the map they run on.
+    laid_out = []
+    reorder = ops._reorder_conv
+    monkeypatch.setattr(ops, "_reorder_conv", lambda *a: laid_out.append(a[-1]) or reorder(*a))
+    g = torch.Generator().manual_seed(0)
+    conv = ops.Conv2d(8, 16, 3, padding=1).requires_grad_(False)
+    up = ops.Conv2d(8, 16, 3, padding=1).requires_grad_(False)
+    inputs = [torch.randn(shape, generator=g) for shape in ((2, 8, 5, 5), (2, 8, 5, 5), (1, 8, 3, 7), (2, 8, 5, 5))]
+    with torch.no_grad():
+        plain = [conv(x) for x in inputs]
+        plain_up = [ops.upsample_conv(x, up) for x in inputs]
+        ops.pack(conv), ops.pack(up)
+        assert laid_out == [ops.PACK_SHAPE] * 2
+        packed = [conv(x) for x in inputs]
+        packed_up = [ops.upsample_conv(x, up) for x in inputs]
+    assert conv.weight.is_mkldnn and up.weight.is_mkldnn
+    assert laid_out[2:] == [(2, 5, 5), (1, 3, 7), (2, 5, 5)] * 2  # once per change of shape, for each conv
+    for a, b in zip(packed + packed_up, plain + plain_up):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-5)  # the same sums in another order
+
+
+@needs_onednn
 def test_pack_gives_the_freed_plain_weights_back_every_release_every_bytes(monkeypatch):
     # 4 linear layers of 4096 bytes each (32x32 fp32), a release after every 8192 bytes replaced:
     # after the 2nd and the 4th; a 5th layer already packed replaces nothing; a 6th leaves a
