@@ -499,7 +499,10 @@ def pack(module: nn.Module) -> nn.Module:
     oneDNN computes in a blocked weight layout of its own. Given a plain weight it reorders it into
     that layout on every call: a full read and write of the weight before any arithmetic, which on
     the low-resolution levels of the UNet (1280 channels, small maps) costs as much as the product.
-    A packed weight is reordered once, in place of the plain one (no extra memory). Per layer:
+    A packed weight is reordered once, in place of the plain one (no extra memory); a conv's
+    again when its input's shape changes, since its layout depends on that shape too
+    (``Conv2d._laid_out_for``: once per image size and batch, ~4 s for SD1.5's fp32 UNet on a
+    2-core AVX2 CPU, where the reorders had cost 0.1-11 s per step, by latent size). Per layer:
     linear layers 0.74-0.97x the time, the 3x3 convs of 16x16 and smaller maps 0.28-0.85x (also
     faster than the im2col GEMM of :class:`Conv2d`, which they replace, on AVX-512 and AVX2); the whole
     SD1.5 UNet (batch 2) 0.83x (32x32 latent) and 0.89x (64x64) in fp32, 0.86x and 0.91x in bf16,
