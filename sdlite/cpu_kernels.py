@@ -112,12 +112,14 @@ QUERY_BLOCK = 32
 # (4.1 MB), 1.02x at 2304 (9.0 MB), 0.94x at 3136 (12.3 MB), 0.58x at 4096 (16.1 MB). Larger heads
 # take the GEMM path.
 MAX_PACKED_HEAD_BYTES: dict[torch.dtype, int] = {torch.bfloat16: 16 * 2**20, torch.float32: 8 * 2**20}
-# The AVX2 build (6 query rows per register tile of 16 keys, against 8 of 48 in the AVX-512 build) reads
-# more per product, and in fp32 on this project's CPU restricted to AVX2 it paid for heads of up to
-# 160 channels (all UNet heads, SD1 and SD2: 0.80x the time at 4096 tokens of 40, 0.81x at 9216 of 64,
-# 0.87-0.96x at 256-1024 tokens of 64-160) and lost for wider ones (1.36x at 256 channels, 1.03-4.6x
-# for the VAE's 512-wide head at 64-4096 tokens; session 20). Wider heads take the GEMM path there.
-MAX_HEAD_WIDTH: dict[str, int] = {"avx2": 160}
+# The widest head a build pays for, where there is a limit. The AVX2 build (6 query rows per register
+# tile of 16 keys, against 8 of 48 in the AVX-512 build) reads more per product. On the AVX-512 CPU
+# restricted to AVX2 it paid for heads of up to 160 channels (0.80x the time of the GEMM path at 4096
+# tokens of 40, 0.87-0.96x SDPA's at 256-1024 tokens; session 20), but on a real AVX2 CPU (a Zen 3
+# EPYC, session 24) PyTorch's SDPA beat it on every UNet head, in fp32: 1.13-1.40x its time (4096
+# tokens of 40: 626 against 448 ms; 1024 of 80: 88 against 70; 256 of 160: 11.1 against 9.2). So
+# the AVX2 build pays for no head; it stays built and tested, for the benchmarks' levers.
+MAX_HEAD_WIDTH: dict[str, int] = {"avx2": 0}
 
 
 class KernelUnavailable(RuntimeError):
@@ -382,8 +384,8 @@ def supports(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dtype: torch.dty
 
 def pays(kernel: _Kernel, keys: int, d: int, dtype: torch.dtype) -> bool:
     """Whether the kernel is the faster path for heads of ``keys`` keys of width ``d`` in ``dtype``:
-    while one head's packed keys and values fit in ``MAX_PACKED_HEAD_BYTES`` and, for the AVX2
-    build, the head is at most ``MAX_HEAD_WIDTH`` wide."""
+    while one head's packed keys and values fit in ``MAX_PACKED_HEAD_BYTES`` and the head is at
+    most ``MAX_HEAD_WIDTH`` wide (the AVX2 build: never)."""
     size = dtype.itemsize
     return (d <= MAX_HEAD_WIDTH.get(kernel.isa, d)
             and kernel.pack_elements(keys, d, size) * size <= MAX_PACKED_HEAD_BYTES[dtype])

@@ -266,6 +266,8 @@ def _cpu_kernel_state() -> str:
     if kernel is None:
         why = "; ".join(str(w.message) for w in caught) or "it did not build"
         return f"unavailable: {why}"
+    if cpu_kernels.MAX_HEAD_WIDTH.get(kernel.isa) == 0:
+        return f"the {kernel.isa} build, not used: PyTorch's attention is faster with {kernel.isa} alone"
     dtypes = ", ".join({torch.float32: "fp32", torch.bfloat16: "bf16"}[d] for d in kernel.run
                        if cpu_kernels.cpu_supported(d))  # the dtypes ops.attention gives it here
     return (f"the {kernel.isa} build ({dtypes}), {kernel.library}, on the OpenMP runtime "

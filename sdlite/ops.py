@@ -98,12 +98,12 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, query_chunk: in
     without autograd, outside ``torch.compile`` and for heads it pays on (:func:`sdlite.cpu_kernels.pays`):
     sdlite's C++ kernel (:mod:`sdlite.cpu_kernels`), both products with fp32 sums and the softmax
     in between while its block of scores is in the cache; the same arithmetic as the GEMM path
-    below. Per call 1.5-2.4x as fast in fp32 and 2.0-3.1x in bf16 with AVX-512 (session 19),
-    1.04-1.4x in fp32 with AVX2 (session 20). Half inputs without native kernels here
-    (``HALF_AS_FP32``) run through the fp32 kernel, rounded back once. It never holds more than 32
-    rows of scores per thread, so ``query_chunk`` does not apply.
+    below. Per call 1.5-2.4x as fast in fp32 and 2.0-3.1x in bf16 with AVX-512 (session 19); its
+    AVX2 build lost to SDPA on a real AVX2 CPU (session 24) and is not used. Half inputs without
+    native kernels here (``HALF_AS_FP32``) run through the fp32 kernel, rounded back once. It never
+    holds more than 32 rows of scores per thread, so ``query_chunk`` does not apply.
 
-    Otherwise, on the CPU, attention over at least ``GEMM_ATTENTION_MIN_KEYS`` keys (the
+    Otherwise, on a CPU with AVX-512, attention over at least ``GEMM_ATTENTION_MIN_KEYS`` keys (the
     self-attention of large maps) runs as :func:`_attention_by_gemm`: scores and softmax in fp32,
     half inputs included, and the product of the probabilities with ``v`` in ``v``'s dtype where oneDNN has it
     natively (bf16), else in fp32. For bf16 that is the arithmetic of SDPA's own bf16 kernel (fp32
@@ -111,14 +111,16 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, query_chunk: in
     fp64 (within 6%; 1.6x that of an fp32 product, which rounds only the result), 1.7-2.5x faster
     than that kernel at 4096 tokens and 0.77-0.91x the time of the fp32 product (session 14
     micro-benchmark; the whole bf16 UNet at 64x64 latents: 0.96x). Everything else goes through
-    SDPA."""
+    SDPA, half inputs without native kernels in fp32 (rounded back once)."""
     dtype = _cpu_kernel_dtype(q, k, v)
     if dtype is not None:  # half inputs without native kernels here: in fp32, rounded once
         return cpu_kernels.attention(cpu_kernels.load(), q.to(dtype), k.to(dtype), v.to(dtype)).to(q.dtype)
-    if (k.shape[-2] >= GEMM_ATTENTION_MIN_KEYS and q.dtype in (torch.float32, torch.bfloat16, torch.float16)
-            and _onednn_gemm(q, k, v, dtype=torch.float32)):
+    if (GEMM_ATTENTION_MIN_KEYS is not None and k.shape[-2] >= GEMM_ATTENTION_MIN_KEYS
+            and q.dtype in (torch.float32, torch.bfloat16, torch.float16) and _onednn_gemm(q, k, v, dtype=torch.float32)):
         pv_dtype = v.dtype if v.dtype in ONEDNN_GEMM else torch.float32
         return _attention_by_gemm(q.float(), k.float(), v.to(pv_dtype), query_chunk).to(q.dtype)
+    if _as_fp32(q):
+        return attention(q.float(), k.float(), v.float(), query_chunk).to(q.dtype)
     if not query_chunk or q.shape[-2] <= query_chunk:
         return F.scaled_dot_product_attention(q, k, v)
     return torch.cat([F.scaled_dot_product_attention(qc, k, v) for qc in q.split(query_chunk, dim=-2)], dim=-2)
@@ -147,8 +149,10 @@ def _cpu_kernel_dtype(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torc
     return dtype if takes else None
 
 
-# Self-attention with at least this many keys runs as chunked GEMMs on the CPU (see below).
-GEMM_ATTENTION_MIN_KEYS = 1024
+# Self-attention with at least this many keys runs as chunked GEMMs on a CPU with AVX-512 (see
+# below; measured there). None: never. On a real AVX2 CPU (Zen 3, session 24) SDPA was faster: 448
+# against 688 ms at 4096 keys of 40 in fp32, and as fast in bf16 (computed in fp32 there).
+GEMM_ATTENTION_MIN_KEYS: int | None = 1024 if torch.backends.cpu.get_cpu_capability() == "AVX512" else None
 
 
 def _attention_by_gemm(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, query_chunk: int | None) -> torch.Tensor:

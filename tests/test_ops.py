@@ -106,6 +106,26 @@ def test_attention_over_many_keys_by_gemm_equals_sdpa(shape, keys, chunk, monkey
     torch.testing.assert_close(ours, reference, rtol=1e-5, atol=1e-6)
 
 
+def test_half_attention_without_native_kernels_runs_sdpa_in_fp32_and_rounds_once(monkeypatch):
+    # Where neither the C++ kernel nor the GEMM path takes it (an AVX2 CPU), half attention on a CPU
+    # without native half kernels computes in fp32, as the convolutions and linear layers do there.
+    monkeypatch.setattr(ops, "HALF_AS_FP32", frozenset({torch.bfloat16, torch.float16}))
+    monkeypatch.setattr(ops, "FUSED_ATTENTION", ())
+    monkeypatch.setattr(ops, "GEMM_ATTENTION_MIN_KEYS", None)
+    seen = []
+    sdpa = F.scaled_dot_product_attention
+    monkeypatch.setattr(F, "scaled_dot_product_attention", lambda q, k, v: seen.append(q.dtype) or sdpa(q, k, v))
+    g = torch.Generator().manual_seed(8)
+    q, k, v = (torch.randn(1, 2, 40, 8, generator=g) for _ in range(3))
+    with torch.no_grad():
+        for half in (torch.bfloat16, torch.float16):
+            out = ops.attention(q.to(half), k.to(half), v.to(half), query_chunk=16)
+            ref = sdpa(*(t.to(half).float() for t in (q, k, v)))
+            assert out.dtype == half and torch.equal(out, ref.to(half))  # fp32 arithmetic, one rounding
+        ops.attention(q, k, v)
+    assert seen == [torch.float32] * 3 * 2 + [torch.float32]  # three query chunks of 16, twice; fp32 as is
+
+
 @needs_onednn
 @pytest.mark.skipif(torch.bfloat16 not in ops.ONEDNN_GEMM, reason="needs native bf16 GEMM kernels")
 @pytest.mark.parametrize("heads, d", [(4, 40), (1, 128)])
