@@ -118,7 +118,8 @@ MAX_PACKED_HEAD_BYTES: dict[torch.dtype, int] = {torch.bfloat16: 16 * 2**20, tor
 # tokens of 40, 0.87-0.96x SDPA's at 256-1024 tokens; session 20), but on a real AVX2 CPU (a Zen 3
 # EPYC, session 24) PyTorch's SDPA beat it on every UNet head, in fp32: 1.13-1.40x its time (4096
 # tokens of 40: 626 against 448 ms; 1024 of 80: 88 against 70; 256 of 160: 11.1 against 9.2). So
-# the AVX2 build pays for no head; it stays built and tested, for the benchmarks' levers.
+# the AVX2 build pays for no head, and an AVX2 CPU does not build it (may_pay); it stays tested, for
+# the benchmarks' levers.
 MAX_HEAD_WIDTH: dict[str, int] = {"avx2": 0}
 
 
@@ -380,6 +381,13 @@ def supports(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dtype: torch.dty
         and q.shape[:2] == k.shape[:2] == v.shape[:2] and k.shape[2] == v.shape[2] > 0
         and q.shape[3] == k.shape[3] == v.shape[3] > 0
     )
+
+
+def may_pay() -> bool:
+    """Whether the best build this CPU runs pays for any head at all (not the AVX2 one): where it
+    does not, it is not even built."""
+    best = isas()[:1]
+    return bool(best) and MAX_HEAD_WIDTH.get(best[0]) != 0
 
 
 def pays(kernel: _Kernel, keys: int, d: int, dtype: torch.dtype) -> bool:

@@ -260,14 +260,14 @@ def _cpu_kernel_state() -> str:
         return "off (--no-fused-kernels)"
     if not cpu_kernels.isas():
         return "none for this CPU or system (x86-64 Linux with AVX2 or AVX-512 only); PyTorch's attention runs"
+    if not cpu_kernels.may_pay():
+        return f"not used: PyTorch's attention is faster with {cpu_kernels.isas()[0]} alone"
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         kernel = cpu_kernels.load()
     if kernel is None:
         why = "; ".join(str(w.message) for w in caught) or "it did not build"
         return f"unavailable: {why}"
-    if cpu_kernels.MAX_HEAD_WIDTH.get(kernel.isa) == 0:
-        return f"the {kernel.isa} build, not used: PyTorch's attention is faster with {kernel.isa} alone"
     dtypes = ", ".join({torch.float32: "fp32", torch.bfloat16: "bf16"}[d] for d in kernel.run
                        if cpu_kernels.cpu_supported(d))  # the dtypes ops.attention gives it here
     return (f"the {kernel.isa} build ({dtypes}), {kernel.library}, on the OpenMP runtime "

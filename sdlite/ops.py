@@ -137,7 +137,7 @@ def _cpu_kernel_dtype(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torc
     not: :func:`_may_fuse` on ``FUSED_ATTENTION``, tensors the kernel takes, and the kernel built on
     this machine. Half inputs the CPU has no native kernels for (``HALF_AS_FP32``; bf16 without
     AVX512-BF16) run in fp32, as the convolutions and linear layers do."""
-    if not _may_fuse(FUSED_ATTENTION, q, k, v):
+    if not _may_fuse(FUSED_ATTENTION, q, k, v) or not cpu_kernels.may_pay():
         return None
     dtype = q.dtype
     if dtype in (torch.float16, torch.bfloat16) and not cpu_kernels.cpu_supported(dtype) and _as_fp32(q):

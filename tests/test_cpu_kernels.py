@@ -257,6 +257,21 @@ def test_the_avx2_build_takes_no_head():
                    for d in (8, 40, 64, 80, 160, 512) for dtype in (torch.float32, torch.bfloat16))
 
 
+def test_a_cpu_whose_best_build_pays_for_nothing_does_not_build_it(monkeypatch):
+    # On an AVX2 CPU (its best build the AVX2 one) attention never asks for the kernel, so it is not
+    # compiled there; a CPU with AVX-512 builds its own.
+    monkeypatch.setattr(cpu_kernels, "isas", lambda: ("avx2",))
+    monkeypatch.setattr(cpu_kernels, "load", lambda *a: pytest.fail("the kernel was built"))
+    q = torch.randn(1, 2, 20, 8)
+    with torch.no_grad():
+        torch.testing.assert_close(ops.attention(q, q, q), F.scaled_dot_product_attention(q, q, q))
+    assert not cpu_kernels.may_pay()
+    monkeypatch.setattr(cpu_kernels, "isas", lambda: ("avx512", "avx2"))
+    assert cpu_kernels.may_pay()
+    monkeypatch.setattr(cpu_kernels, "isas", lambda: ())
+    assert not cpu_kernels.may_pay()
+
+
 @needs_kernel
 def test_heads_too_large_for_the_cache_take_another_path(paying, monkeypatch):
     fp32 = torch.float32

@@ -155,7 +155,7 @@ def test_the_system_report_claims_no_fastest_precision_on_cpus_never_measured(mo
     assert _report_line(devices.system_report("cpu"), "fastest precision here").startswith("not measured")
 
 
-def test_the_system_report_names_the_attention_kernel_build_and_its_openmp_runtime():
+def test_the_system_report_names_the_attention_kernel_build_and_its_openmp_runtime(monkeypatch):
     from sdlite import cpu_kernels
 
     state = _report_line(devices.system_report("cpu"), "attention kernel")
@@ -163,6 +163,10 @@ def test_the_system_report_names_the_attention_kernel_build_and_its_openmp_runti
     if not cpu_kernels.isas():
         assert state.startswith("none for this CPU or system")
     else:
+        if not cpu_kernels.may_pay():  # an AVX2 CPU: SDPA is faster, the kernel is not used
+            assert state == f"not used: PyTorch's attention is faster with {cpu_kernels.isas()[0]} alone"
+            monkeypatch.setattr(cpu_kernels, "MAX_HEAD_WIDTH", {})  # as if it paid: the build's line
+            state = _report_line(devices.system_report("cpu"), "attention kernel")
         assert kernel is not None, "this CPU has AVX2 or AVX-512, so the kernel must build"
         assert state.startswith(f"the {kernel.isa} build (fp32") and str(kernel.library) in state
         assert state.endswith(f"on the OpenMP runtime {cpu_kernels.openmp_runtime()}")
@@ -176,10 +180,13 @@ def test_the_system_report_says_why_the_attention_kernel_is_unavailable(monkeypa
     def fails(isa=None):
         warnings.warn("sdlite's CPU attention kernel is not available (no C++ compiler)", RuntimeWarning)
 
-    monkeypatch.setattr(cpu_kernels, "isas", lambda: ("avx2",))
+    monkeypatch.setattr(cpu_kernels, "isas", lambda: ("avx512", "avx2"))
     monkeypatch.setattr(cpu_kernels, "load", fails)
     state = _report_line(devices.system_report("cpu"), "attention kernel")
     assert state == "unavailable: sdlite's CPU attention kernel is not available (no C++ compiler)"
+    monkeypatch.setattr(cpu_kernels, "isas", lambda: ("avx2",))  # not built there, so nothing to fail
+    assert _report_line(devices.system_report("cpu"), "attention kernel") == \
+        "not used: PyTorch's attention is faster with avx2 alone"
     monkeypatch.setattr(cpu_kernels, "isas", lambda: ())
     assert _report_line(devices.system_report("cpu"), "attention kernel").startswith("none for this CPU or system")
 
