@@ -119,11 +119,13 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, query_chunk: in
             and q.dtype in (torch.float32, torch.bfloat16, torch.float16) and _onednn_gemm(q, k, v, dtype=torch.float32)):
         pv_dtype = v.dtype if v.dtype in ONEDNN_GEMM else torch.float32
         return _attention_by_gemm(q.float(), k.float(), v.to(pv_dtype), query_chunk).to(q.dtype)
-    if _as_fp32(q):
-        return attention(q.float(), k.float(), v.float(), query_chunk).to(q.dtype)
+    out_dtype = q.dtype
+    if _as_fp32(q):  # half inputs without native kernels here: in fp32, rounded once
+        q, k, v = q.float(), k.float(), v.float()
     if not query_chunk or q.shape[-2] <= query_chunk:
-        return F.scaled_dot_product_attention(q, k, v)
-    return torch.cat([F.scaled_dot_product_attention(qc, k, v) for qc in q.split(query_chunk, dim=-2)], dim=-2)
+        return F.scaled_dot_product_attention(q, k, v).to(out_dtype)
+    return torch.cat([F.scaled_dot_product_attention(qc, k, v) for qc in q.split(query_chunk, dim=-2)],
+                     dim=-2).to(out_dtype)
 
 
 # The device types on which attention runs through sdlite's own C++ kernel (sdlite.cpu_kernels), where
