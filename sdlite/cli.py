@@ -301,7 +301,7 @@ def _apply_cpu_settings(args: argparse.Namespace) -> None:
     if not args.fused_kernels:
         from . import ops
 
-        ops.FUSED_GROUP_NORM = ops.FUSED_GELU = ops.FUSED_ATTENTION = ()
+        ops.FUSED_GROUP_NORM = ops.FUSED_GELU = ops.FUSED_ATTENTION = ops.WINOGRAD_CONV = ()
 
 
 def txt2img_main(argv: Sequence[str] | None = None) -> int:

@@ -89,6 +89,9 @@ from .devices import cpu_has_native_bf16
 log = logging.getLogger("sdlite")
 
 SOURCE = Path(__file__).parent / "csrc" / "attention.cpp"
+# sdlite's other CPU kernel, the transforms of Winograd's 3x3 convolution (sdlite.ops.winograd_conv3x3),
+# built and loaded the same way (:func:`load_winograd`).
+WINOGRAD_SOURCE = Path(__file__).parent / "csrc" / "winograd.cpp"
 FLAGS = ("-O3", "-std=c++17", "-fPIC", "-fopenmp")  # compiling; linking is ``build``'s
 # The kernel is built once per instruction set, by PyTorch's name of the CPU's capability: the
 # 512-bit kernel (fp32 and bf16) on AVX-512 CPUs, the 256-bit one (fp32) on AVX2 CPUs (most laptops
@@ -225,12 +228,12 @@ def cpu_supported(dtype: torch.dtype = torch.float32) -> bool:
     return False
 
 
-def build(directory: Path | None = None, isa: str | None = None) -> Path:
+def build(directory: Path | None = None, isa: str | None = None, source: Path | None = None) -> Path:
     """The kernel's shared library for ``isa`` (a key of ``ISA_FLAGS``; default: the best of
-    :func:`isas`), compiled into ``directory`` (default :func:`cache_dir`) and linked against
-    PyTorch's OpenMP runtime (:func:`openmp_runtime`), unless a build of this source, these flags,
-    this compiler and this runtime is already there. Raises :class:`KernelUnavailable` with the
-    compiler's message when it cannot be built."""
+    :func:`isas`), compiled from ``source`` (default: the attention kernel's) into ``directory``
+    (default :func:`cache_dir`) and linked against PyTorch's OpenMP runtime (:func:`openmp_runtime`),
+    unless a build of this source, these flags, this compiler and this runtime is already there.
+    Raises :class:`KernelUnavailable` with the compiler's message when it cannot be built."""
     isa = isa or next(iter(isas()), None)
     if isa not in ISA_FLAGS:
         raise KernelUnavailable(f"no build of the kernel for {isa or 'this CPU'} (there are: {', '.join(ISA_FLAGS)})")
@@ -246,7 +249,8 @@ def build(directory: Path | None = None, isa: str | None = None) -> Path:
     # which the loader finds already loaded. Without one loaded, the compiler's default runtime.
     # --no-undefined: a runtime that lacks what the compiler's OpenMP code calls fails here, not at load.
     link = ((str(runtime),) if runtime else ("-fopenmp",)) + ("-Wl,--no-undefined",)
-    source = SOURCE.read_bytes()
+    source = source or SOURCE
+    text = source.read_bytes()
     directory = directory or cache_dir()
     try:
         directory.mkdir(mode=0o700, parents=True, exist_ok=True)  # the mode is the new folder's, not its parents'
@@ -256,8 +260,8 @@ def build(directory: Path | None = None, isa: str | None = None) -> Path:
     _check_private(directory)
 
     def named(flags: tuple[str, ...]) -> tuple[tuple[str, ...], Path]:
-        key = hashlib.sha256(source + "\0".join(flags + link).encode() + version.encode()).hexdigest()[:16]
-        return flags, directory / f"attention-{isa}-{key}.so"
+        key = hashlib.sha256(text + "\0".join(flags + link).encode() + version.encode()).hexdigest()[:16]
+        return flags, directory / f"{source.stem}-{isa}-{key}.so"
 
     flags, library = named(FLAGS + ISA_FLAGS[isa])
     if not library.exists():  # probing the optional flags runs the compiler: only before a build
@@ -265,21 +269,21 @@ def build(directory: Path | None = None, isa: str | None = None) -> Path:
     if library.exists():
         _check_private(library)
         return library
-    log.info("building sdlite's CPU attention kernel (%s, OpenMP runtime %s) into %s (once per machine, ~1 s)",
-             isa, runtime or "the compiler's", library)
+    log.info("building sdlite's CPU kernel %s (%s, OpenMP runtime %s) into %s (once per machine, ~1 s)",
+             source.name, isa, runtime or "the compiler's", library)
     # Built in a temporary folder and renamed into place: a concurrent process never loads half a file.
     with tempfile.TemporaryDirectory(dir=directory, prefix=f".{library.stem}-") as work:
-        obj, partial = Path(work) / "attention.o", Path(work) / library.name
-        for step, command in (("compile", [compiler, *flags, "-c", str(SOURCE), "-o", str(obj)]),
+        obj, partial = Path(work) / f"{source.stem}.o", Path(work) / library.name
+        for step, command in (("compile", [compiler, *flags, "-c", str(source), "-o", str(obj)]),
                               ("link", [compiler, "-shared", str(obj), *link, "-o", str(partial)])):
             try:
                 done = subprocess.run(command, capture_output=True, text=True, timeout=600)
             except (OSError, subprocess.SubprocessError) as e:  # cannot start, or hangs
-                raise KernelUnavailable(f"{compiler} did not {step} {SOURCE.name}: {e}", every_build=True) from e
+                raise KernelUnavailable(f"{compiler} did not {step} {source.name}: {e}", every_build=True) from e
             if done.returncode != 0:
                 against = f" against the OpenMP runtime {runtime}" if step == "link" and runtime else ""
                 hint = _hint(done.stderr, runtime)  # a known cause: its last lines are enough
-                raise KernelUnavailable(f"{compiler} failed to {step} {SOURCE.name}{against}{hint}:\n"
+                raise KernelUnavailable(f"{compiler} failed to {step} {source.name}{against}{hint}:\n"
                                         f"{done.stderr.strip()[-(400 if hint else 2000):]}", every_build=bool(hint))
         os.replace(partial, library)
     return library
@@ -419,3 +423,71 @@ def attention(kernel: _Kernel, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
     kernel.run[q.dtype](q.data_ptr(), k.data_ptr(), v.data_ptr(), out.data_ptr(), b, h, length, n, d, *strides,
                         d**-0.5, QUERY_BLOCK, threads, pack.data_ptr(), scratch.data_ptr())
     return out
+
+
+class Winograd:
+    """The loaded transforms of ``sdlite/csrc/winograd.cpp`` (see there for the layouts), called by
+    :func:`sdlite.ops.winograd_conv3x3`. Each takes contiguous fp32 tensors and runs on
+    ``torch.get_num_threads()`` OpenMP threads."""
+
+    def __init__(self, library: Path, isa: str):
+        lib = ctypes.CDLL(str(library))
+        self.isa, self.library = isa, library
+        i64, ptr, c_int = ctypes.c_int64, ctypes.c_void_p, ctypes.c_int
+        self._weights = lib.sdlite_winograd_weights_fp32  # (g, u, K, C, threads)
+        self._weights.argtypes, self._weights.restype = [ptr, ptr, i64, i64, c_int], None
+        self._input = lib.sdlite_winograd_input_fp32  # (x, v, B, C, H, W, t0, count, threads)
+        self._input.argtypes, self._input.restype = [ptr, ptr] + [i64] * 6 + [c_int], None
+        self._output = lib.sdlite_winograd_output_fp32  # (m, bias, y, B, K, H, W, LDY, t0, count, threads)
+        self._output.argtypes, self._output.restype = [ptr, ptr, ptr] + [i64] * 7 + [c_int], None
+
+    def weights(self, g: torch.Tensor, u: torch.Tensor) -> None:
+        """``u[p, k, c] = (G g[k, c] Gᵀ)_p``: ``g`` ``[K, C, 3, 3]`` into ``u`` ``[16, K, C]``."""
+        k, c = g.shape[:2]
+        _check_layout((g, (k, c, 3, 3)), (u, (16, k, c)))
+        self._weights(g.data_ptr(), u.data_ptr(), k, c, torch.get_num_threads())
+
+    def input(self, x: torch.Tensor, v: torch.Tensor, t0: int) -> None:
+        """``v[p, t - t0] = (Bᵀ d_t B)_p`` for the ``v.shape[1]`` tiles from ``t0`` of ``x`` ``[B, C, H, W]``
+        (channels-last); ``v``: ``[16, count, C]``."""
+        b, c, h, w = x.shape
+        _check_layout((x.permute(0, 2, 3, 1), (b, h, w, c)), (v, (16, v.shape[1], c)))
+        self._input(x.data_ptr(), v.data_ptr(), b, c, h, w, t0, v.shape[1], torch.get_num_threads())
+
+    def output(self, m: torch.Tensor, bias: torch.Tensor | None, y: torch.Tensor, t0: int, k0: int = 0) -> None:
+        """The ``m.shape[1]`` output tiles from ``t0`` of ``y`` ``[B, C_out, H, W]`` (channels-last), its
+        channels ``k0 .. k0 + K - 1``, from ``m`` ``[16, count, K]``, plus ``bias`` (``[K]`` or None)."""
+        b, ldy, h, w = y.shape
+        k = m.shape[2]
+        if not 0 <= k0 <= ldy - k:
+            raise ValueError(f"channels {k0}..{k0 + k - 1} are not in the output's {ldy}")
+        _check_layout((y.permute(0, 2, 3, 1), (b, h, w, ldy)), (m, (16, m.shape[1], k)),
+                      *(((bias, (k,)),) if bias is not None else ()))
+        self._output(m.data_ptr(), None if bias is None else bias.data_ptr(), y.data_ptr() + 4 * k0, b, k, h, w, ldy,
+                     t0, m.shape[1], torch.get_num_threads())
+
+
+def _check_layout(*tensors: tuple[torch.Tensor, tuple[int, ...]]) -> None:
+    """Raise ValueError unless each tensor is a contiguous fp32 CPU tensor of its shape: the C code
+    reads raw memory, so a wrong layout would be wrong numbers, not an error."""
+    for t, shape in tensors:
+        if not (t.dtype == torch.float32 and t.device.type == "cpu" and t.is_contiguous() and tuple(t.shape) == shape):
+            raise ValueError(f"the Winograd kernel takes contiguous fp32 CPU tensors of shape {shape}, got "
+                             f"{t.dtype} {t.device.type} {tuple(t.shape)} (contiguous: {t.is_contiguous()})")
+
+
+@functools.cache
+def load_winograd() -> Winograd | None:
+    """The Winograd transforms for this CPU's best instruction set (:func:`isas`), built if needed (as
+    the attention kernel is); None where they cannot run here, said once as a warning (3x3
+    convolutions then run through oneDNN's direct convolution, as without them)."""
+    isa = next(iter(isas()), None)
+    if isa is None:
+        return None
+    try:
+        return Winograd(build(isa=isa, source=WINOGRAD_SOURCE), isa)
+    except (KernelUnavailable, OSError) as e:
+        warnings.warn(f"sdlite's Winograd convolution kernel is not available ({e}); 3x3 convolutions of "
+                      f"large maps run through oneDNN's direct convolution, 1.3-2x slower per convolution "
+                      f"(a 512x512 UNet step ~1.1x)", RuntimeWarning, stacklevel=2)
+        return None

@@ -412,6 +412,83 @@ def _conv_as_gemm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
 
 
 # The input shape, (batch, height, width), a conv weight is packed for until its first call.
+# The device types whose 3x3 convolutions of large maps run by Winograd's F(2x2, 3x3) (see
+# :func:`winograd_conv3x3`): the CPU where PyTorch's capability is AVX2, where it was measured (a
+# Zen 3 EPYC, session 25); elsewhere (AVX-512, not measured with this kernel) oneDNN's direct
+# convolution. ``()``: nowhere, the benchmarks' comparison and ``--no-fused-kernels``.
+WINOGRAD_CONV: tuple[str, ...] = ("cpu",) if torch.backends.cpu.get_cpu_capability() == "AVX2" else ()
+# Which convolutions: fp32, 3x3, stride 1, padding 1, at least this many input and output channels
+# and output tiles (2x2 pixels each, over the batch). Per conv on that CPU, against oneDNN with its
+# weight packed for the shape: 1.5-2.0x as fast for the UNet's 320- and 640-channel convs at batch 2
+# on 64x64 and 32x32 maps (512-2048 tiles), 1.2-1.7x for the VAE decoder's (128-512 channels,
+# 64x64 to 512x512 maps), 1.1-1.15x for 1280 channels on 16x16 maps at batch 8 (512 tiles); slower
+# below: 0.7x at 128 tiles (batch 2, 16x16), 0.5x for 4 input channels.
+WINOGRAD_MIN_TILES = 512
+WINOGRAD_MIN_CHANNELS = 64
+# Tiles per chunk: enough for the GEMMs to run near full speed, few enough that the chunk's input and
+# product in the Winograd domain (16 x tiles x channels each) stay near 16 MB, out of fresh memory.
+WINOGRAD_CHUNK_BYTES = 16 * 2**20
+WINOGRAD_MIN_CHUNK = 256
+WINOGRAD_WEIGHT_BYTES = 32 * 2**20
+
+
+def _winograd_scratch(n: int) -> torch.Tensor:
+    """A reused fp32 buffer of at least ``n`` elements per thread (as :func:`_fp32_weight`'s: a
+    fresh one would be a fresh memory mapping, whose page faults cost more than its use)."""
+    buf = getattr(_scratch, "winograd", None)
+    if buf is None or buf.numel() < n:
+        _scratch.winograd = None  # the old one freed before the new one is made
+        with torch.inference_mode(False):
+            buf = _scratch.winograd = torch.empty(n, dtype=torch.float32)
+    return buf
+
+
+def winograd_conv3x3(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """``F.conv2d(x, weight, bias, padding=1)`` for a 3x3 kernel, in fp32 on the CPU, by Winograd's
+    minimal filtering F(2x2, 3x3) (Lavin & Gray, "Fast Algorithms for Convolutional Neural
+    Networks", 2016); the output is channels-last, as a packed conv's.
+
+    Each 2x2 block ("tile") of the output depends on a 4x4 patch ``d`` of the padded input. Taken into
+    a 4x4 "Winograd domain", the convolution of the patch with a 3x3 kernel ``g`` becomes an
+    element-wise product, ``Y = Aᵀ [(G g Gᵀ) ⊙ (Bᵀ d B)] A`` (matrices in ``sdlite/csrc/winograd.cpp``),
+    and summed over input channels each of the 16 positions of the domain is one matrix product,
+    ``[tiles, C_in] @ [C_in, C_out]``. That is 16 multiply-adds per tile and channel pair where the
+    direct convolution does 36: 2.25x fewer. The transforms are additions (and halvings, for the
+    kernel), in C++ (:mod:`sdlite.cpu_kernels`); the 16 products are one batched GEMM (PyTorch's
+    BLAS), a chunk of tiles at a time. The kernel's transform is redone on every call (1-25 ms for
+    the UNet's convs, against keeping 16/9 of their weights' memory). Rounding: the transforms add
+    no more than a few ulps; against an fp64 reference the result is as accurate as the direct
+    convolution (3-5e-7 of the output's scale, against 2-6e-6 for oneDNN's, measured in fp32).
+    """
+    kernel = cpu_kernels.load_winograd()
+    assert kernel is not None and weight.shape[2:] == (3, 3), "see Conv2d._takes_winograd"
+    b, c, h, w = x.shape
+    k = weight.shape[0]
+    x = x.contiguous(memory_format=torch.channels_last)
+    weight = weight.contiguous()
+    tiles = b * ((h + 1) // 2) * ((w + 1) // 2)
+    chunk = min(tiles, max(WINOGRAD_MIN_CHUNK, WINOGRAD_CHUNK_BYTES // (64 * max(c, k))))
+    # Output channels a block at a time, so that the kernel's transform (16 x C_in per output channel)
+    # stays near WINOGRAD_WEIGHT_BYTES; each block transforms the input again (a few ms).
+    block = min(k, max(WINOGRAD_MIN_CHANNELS, WINOGRAD_WEIGHT_BYTES // (64 * c) // 16 * 16))
+    buf = _winograd_scratch(16 * (block * c + chunk * (c + block)))
+    y = torch.empty(b, k, h, w, memory_format=torch.channels_last)
+    for k0 in range(0, k, block):
+        kb = min(block, k - k0)
+        u = buf[:16 * kb * c].view(16, kb, c)
+        kernel.weights(weight[k0:k0 + kb], u)
+        u = u.transpose(1, 2)  # [16, C, kb], a view: the GEMMs read it transposed
+        bias_block = None if bias is None else bias[k0:k0 + kb].contiguous()
+        for t0 in range(0, tiles, chunk):
+            n = min(chunk, tiles - t0)
+            v = buf[16 * block * c:][:16 * n * c].view(16, n, c)
+            m = buf[16 * (block * c + chunk * c):][:16 * n * kb].view(16, n, kb)
+            kernel.input(x, v, t0)
+            torch.bmm(v, u, out=m)
+            kernel.output(m, bias_block, y, t0, k0)
+    return y
+
+
 PACK_SHAPE = (1, 8, 8)
 
 
@@ -443,14 +520,24 @@ class Conv2d(_Packable, nn.Conv2d):
             return torch.ops.mkldnn._reorder_linear_weight(weight.flatten(1), None)
         return _reorder_conv(weight, self.padding, self.stride, self.dilation, self.groups, shape)
 
+    # The input shape (batch, height, width) the weight is laid out for, while the conv is packed
+    # (None: not packed). See _laid_out_for.
+    _packed_for: tuple[int, int, int] | None = None
+
     def pack(self) -> int:
-        if self.padding_mode == "zeros" and not isinstance(self.padding, str):
+        if self.padding_mode != "zeros" or isinstance(self.padding, str):
+            return 0
+        nbytes = super().pack()
+        if nbytes:
             self._packed_for = PACK_SHAPE
-            return super().pack()
-        return 0
+        return nbytes
+
+    def unpack(self) -> None:
+        super().unpack()
+        self._packed_for = None
 
     def _laid_out_for(self, input: torch.Tensor) -> torch.Tensor:
-        """The packed weight, re-packed first if it was packed for another input shape.
+        """The packed conv's weight, laid out again first if it was laid out for another input shape.
 
         oneDNN picks a conv's weight layout by the input's batch and map size as well as the
         channels, and with a weight in another layout it reorders the whole weight before every
@@ -460,32 +547,50 @@ class Conv2d(_Packable, nn.Conv2d):
         The layout oneDNN wants is not predictable from outside (16-, 24- or 32-channel blocks by
         shape, no rule) and a packed tensor does not say which it has, so the weight is re-packed
         for each new input shape: once per image size and batch, ~0.1 s for the largest conv.
-        A network at one size keeps each conv at one shape (tiled VAE decodes use equal tiles)."""
+        A network at one size keeps each conv at one shape (tiled VAE decodes use equal tiles).
+        For a shape that :func:`winograd_conv3x3` takes, the layout is the plain weight it reads."""
         shape = (input.shape[0], input.shape[-2], input.shape[-1])
         if self._packed_for != shape:
             with torch.inference_mode(False), torch.no_grad():
-                self.weight = nn.Parameter(self._reorder(self._plain_weight(), shape), requires_grad=False)
+                plain = self._plain_weight() if self.weight.is_mkldnn else self.weight.detach()
+                laid = plain if self._takes_winograd(input, plain) else self._reorder(plain, shape)
+                if laid is not self.weight:
+                    self.weight = nn.Parameter(laid, requires_grad=False)
+                    _RELEASER.replaced(laid.numel() * laid.element_size())
             self._packed_for = shape
-            _RELEASER.replaced(self.weight.numel() * self.weight.element_size())
         return self.weight
 
+    def _takes_winograd(self, input: torch.Tensor, weight: torch.Tensor) -> bool:
+        """Whether this call runs as :func:`winograd_conv3x3`: see ``WINOGRAD_CONV`` and the rule
+        below it; a plain fp32 weight, no gradient to record, no autocast, and the kernel built."""
+        h, w = input.shape[-2:]
+        return (_may_fuse(WINOGRAD_CONV, input, weight, self.bias) and input.dim() == 4 and not weight.is_mkldnn
+                and input.dtype == weight.dtype == torch.float32 and not torch.is_autocast_enabled("cpu")
+                and weight.shape[2:] == (3, 3) and self.stride == (1, 1) and self.padding == (1, 1)
+                and self.dilation == (1, 1) and self.groups == 1 and self.padding_mode == "zeros"
+                and min(input.shape[1], weight.shape[0]) >= WINOGRAD_MIN_CHANNELS
+                and input.shape[0] * ((h + 1) // 2) * ((w + 1) // 2) >= WINOGRAD_MIN_TILES
+                and cpu_kernels.load_winograd() is not None)
+
     def _conv_forward(self, input: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        if weight is self.weight and self._packed_for is not None:  # packed: laid out for this input
+            if not (self._packed_path(input, weight, bias) and input.dim() == 4):
+                self.unpack()  # for good (gradients, autocast, torch.compile, another dtype)
+            elif not self._pointwise():  # (a 1x1 conv's layout, a linear layer's, fits every shape)
+                self._laid_out_for(input)
+            weight = self.weight
         if weight.is_mkldnn:  # self.weight, or upsample_conv's phase kernels packed with it
             if self._packed_path(input, weight, bias) and input.dim() == 4:
                 if weight.dim() == 2:  # a packed 1x1 conv: [B, H, W, C_in] @ weightᵀ, channels-last out
                     return _gemm(input.permute(0, 2, 3, 1).contiguous(), weight, bias).permute(0, 3, 1, 2)
-                if weight is self.weight:  # (upsample_conv's phase kernels are packed for the shape)
-                    weight = self._laid_out_for(input)
                 return torch.ops.mkldnn._convolution_pointwise(
                     input, weight, bias, list(self.padding), list(self.stride), list(self.dilation), self.groups,
                     "none", [], "")
-            if weight is self.weight:
-                self.unpack()
-                weight = self.weight
-            else:
-                weight = weight.to_dense()
+            weight = weight.to_dense()
         if _as_fp32(input):
             return self._conv_forward(input.float(), _fp32_weight(weight), _fp32(bias)).to(input.dtype)
+        if self._takes_winograd(input, weight):
+            return winograd_conv3x3(input, weight, bias)
         # ``weight`` may differ from self.weight (upsample_conv passes its 2x2 phase kernels).
         c_out, c_in, kh, kw = weight.shape
         if (input.dim() == 4 and self.stride == (1, 1) and self.dilation == (1, 1) and self.groups == 1
