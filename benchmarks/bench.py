@@ -75,9 +75,9 @@ sys.path.insert(0, str(ROOT / "tests"))  # factory.py: the seeded random weights
 from sdlite.checkpoint import DDPM_BUFFERS, SD1_POSITION_IDS, build_networks, state_dict_of  # noqa: E402
 from sdlite.config import SD1, ModelConfig, TextConfig, UNetConfig, VAEConfig  # noqa: E402
 import sdlite.ops as ops  # noqa: E402
+from sdlite import cpu_kernels  # noqa: E402
 
 from factory import random_state_dict  # noqa: E402
-import winograd  # noqa: E402  (benchmarks/winograd.py: a measured experiment, not part of sdlite)
 
 ROWS = ("text", "unet64", "unet32", "unet32b8", "tome64", "vae64", "vaeenc", "txt2img", "load", "mem512", "vae2048", "bundled")
 # The UNet rows: name, latent side, batch (2: one image with classifier-free guidance).
@@ -938,10 +938,15 @@ def levers_table(repeats: int) -> str:
             cases.append((f"conv3x3 {cin}->{cout} @{hw}x{hw}, batch {b}", conv,
                           lambda x=x, w=w, bias=bias: ops._conv_as_gemm(x, w, bias, (1, 1)),
                           "oneDNN conv (default) vs im2col + oneDNN GEMM (sdlite.ops._conv_as_gemm)"))
-        if b == 2:  # the UNet's shapes
-            cases.append((f"conv3x3 {cin}->{cout} @{hw}x{hw}, batch {b}", conv,
-                          lambda x=x, w=w, bias=bias: winograd.winograd_conv3x3(x, w, bias),
-                          "oneDNN vs Winograd F(2x2,3x3) in PyTorch ops (benchmarks/winograd.py; not in sdlite)"))
+        if torch.float32 in ops.ONEDNN_GEMM and cpu_kernels.isas() and cpu_kernels.load_winograd() is not None:
+            xl = x.contiguous(memory_format=torch.channels_last)  # as the packed networks run
+            packed = ops._reorder_conv(w, (1, 1), shape=(b, hw, hw))
+            cases.append((f"conv3x3 {cin}->{cout} @{hw}x{hw}, batch {b}",
+                          lambda xl=xl, p=packed, bias=bias: torch.ops.mkldnn._convolution_pointwise(
+                              xl, p, bias, [1, 1], [1, 1], [1, 1], 1, "none", [], ""),
+                          lambda xl=xl, w=w, bias=bias: ops.winograd_conv3x3(xl, w, bias),
+                          "oneDNN, weight packed for the shape (sdlite's packed conv) vs Winograd F(2x2,3x3) "
+                          f"(sdlite.ops.winograd_conv3x3; the default on AVX2 from {ops.WINOGRAD_MIN_TILES} tiles)"))
         xl, wl = x.contiguous(memory_format=torch.channels_last), w.contiguous(memory_format=torch.channels_last)
         cases.append((f"conv3x3 {cin}->{cout} @{hw}x{hw}, batch {b}", conv,
                       lambda xl=xl, wl=wl, bias=bias: F.conv2d(xl, wl, bias, padding=1), "NCHW vs channels_last"))
@@ -1007,7 +1012,8 @@ def levers_table(repeats: int) -> str:
 
 def network_levers(cfg: ModelConfig, nets: dict, repeats: int) -> str:
     """sdlite's own switches, measured on the whole fp32 UNet (batch 2) and VAE decoder: packed weights,
-    the conv backend choice and the upsampling formulation of :mod:`sdlite.ops`, and the Winograd experiment."""
+    the conv backend choice and the upsampling formulation of :mod:`sdlite.ops` (Winograd's:
+    :func:`winograd_levers`)."""
     gen = torch.Generator().manual_seed(1)
     packed = nets["unet"]
     # The kernel levers below switch sdlite.ops' choices for plain weights; they run on plain copies
@@ -1059,9 +1065,6 @@ def network_levers(cfg: ModelConfig, nets: dict, repeats: int) -> str:
         switched(name, call, lambda: patch.object(ops, "ROW_CHUNK", 10**9), contextlib.nullcontext,
                  "the feed-forward layers over all tokens at once vs 512 tokens at a time (sdlite.ops.rowwise, "
                  "the default)")
-        switched(name, call, contextlib.nullcontext, winograd.winograd_unet_convs,
-                 "sdlite's default vs 3x3 convs with >= 512 rows, >= 320 channels and in*out <= 640*1280 by "
-                 "Winograd F(2x2,3x3) (benchmarks/winograd.py; not in sdlite)")
         switched(name, call, *upsample_cases)
     z = torch.randn(1, cfg.vae.embed_dim, 32, 32, generator=gen)
     cases.append(("VAE decode 32x32 -> 256x256", lambda: nets["vae"].decode(z), lambda: vae.decode(z), pack_what))
@@ -1076,12 +1079,47 @@ def network_levers(cfg: ModelConfig, nets: dict, repeats: int) -> str:
     return "\n".join(lines)
 
 
+def winograd_levers(cfg: ModelConfig, nets: dict, repeats: int) -> str:
+    """Levers-table lines, fp32: the packed UNet (batch 2, 64x64 and 32x32) and VAE decoder with their
+    large maps' 3x3 convs by Winograd F(2x2,3x3) (sdlite.ops.winograd_conv3x3, the default on AVX2)
+    vs a second packed copy of the same weights whose convs all run oneDNN's direct convolution. Two
+    copies, because switching one network back and forth would re-lay its weights on every call."""
+    if not ops.WINOGRAD_CONV or not cpu_kernels.isas() or cpu_kernels.load_winograd() is None:
+        why = "off on this CPU (ops.WINOGRAD_CONV)" if not ops.WINOGRAD_CONV else "its kernel cannot be built here"
+        return f"| fp32 Winograd convolutions | sdlite.ops.winograd_conv3x3: {why} | | | |"
+    direct = plain_copies(cfg, nets, ("unet", "vae"))
+    for module in direct.values():
+        ops.pack(module)
+        for m in module.modules():
+            if isinstance(m, ops.Conv2d):
+                m._takes_winograd = lambda *a: False  # this copy's convs never take Winograd
+    gen = torch.Generator().manual_seed(4)
+    ctx = torch.randn(2, cfg.text.max_length, cfg.unet.context_dim, generator=gen)
+    t = torch.tensor([500.0, 500.0])
+    calls = {}
+    for hw in (64, 32):
+        x = torch.randn(2, cfg.unet.in_channels, hw, hw, generator=gen)
+        calls[f"UNet {hw}x{hw}, batch 2"] = {side: (lambda x=x, u=nets_["unet"]: u(x, t, ctx))
+                                             for side, nets_ in (("default", nets), ("alternative", direct))}
+    z = torch.randn(1, cfg.vae.embed_dim, 64, 64, generator=gen)
+    calls["VAE decode 64x64 -> 512x512"] = {side: (lambda v=nets_["vae"]: v.decode(z))
+                                            for side, nets_ in (("default", nets), ("alternative", direct))}
+    lines = []
+    for name, fns in calls.items():
+        with torch.no_grad():
+            times, last = alternate(fns, 1, repeats)
+        a, b = statistics.median(times["alternative"]), statistics.median(times["default"])
+        lines.append(f"| {name} | every conv by oneDNN's direct convolution (packed) vs 3x3 convs of >= "
+                     f"{ops.WINOGRAD_MIN_TILES} tiles by Winograd F(2x2,3x3) (sdlite.ops.winograd_conv3x3, the "
+                     f"default here); max rel. diff {rel_diff(last['default'], last['alternative']):.0e} "
+                     f"| {a * 1e3:.0f} | {b * 1e3:.0f} | {a / b:.2f} |")
+    return "\n".join(lines)
+
+
 def attention_kernel_levers(cfg: ModelConfig, nets: dict, precision: str, repeats: int) -> str:
     """Levers-table lines, fp32 or bf16 weights: the UNet (batch 2, 64x64 and 32x32) and the VAE
     decoder with attention through sdlite's C++ kernel (sdlite.cpu_kernels, the default where it
     builds) vs the chunked-GEMM path and SDPA it replaced."""
-    from sdlite import cpu_kernels
-
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[precision]
     if cpu_kernels.load() is None or not cpu_kernels.cpu_supported(dtype):
         return f"| {precision} attention | sdlite's C++ kernel: not available on this machine | | | |"
@@ -1424,6 +1462,8 @@ def main(argv: list[str] | None = None) -> None:
             if args.levers and precision == "fp32":
                 log("network levers")
                 network_lever_text += network_levers(cfg, nets, max(1, min(args.repeats, 3))) + "\n"
+                log("fp32: Winograd levers")
+                network_lever_text += winograd_levers(cfg, nets, max(1, min(args.repeats, 3))) + "\n"
             if args.levers and precision in ("fp32", "bf16"):
                 log(f"{precision}: attention kernel levers")
                 network_lever_text += attention_kernel_levers(cfg, nets, precision, max(1, min(args.repeats, 3))) + "\n"
