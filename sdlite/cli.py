@@ -97,7 +97,9 @@ def _parser(img2img: bool) -> argparse.ArgumentParser:
                         "Triton kernels (no one-time build of those, ~8 s on a new machine, ~0.5 s per process, "
                         "but ~1.4x the time per 512x512 image on an H100: benchmarks/RESULTS-cuda.md); on an "
                         "x86 Linux CPU, attention without sdlite's C++ kernel (built once per machine, ~1 s; "
-                        "without it a UNet step at 512x512 takes ~1.14x (fp32) to ~1.35x (bf16) as long)")
+                        "without it a UNet step at 512x512 takes ~1.14x (fp32) to ~1.35x (bf16) as long on "
+                        "AVX-512 CPUs) and, on AVX2 CPUs, 3x3 convolutions without its Winograd transforms "
+                        "(~1.1x a 512x512 UNet step, ~1.5x a VAE decode)")
     p.add_argument("--threads", type=int, default=None,
                    help="CPU threads for torch (default: torch's choice, one per core; 1 can be faster "
                         "when another program keeps a core busy)")

@@ -211,9 +211,9 @@ def unet_memory_format(device: torch.device) -> torch.memory_format:
 def system_report(device: str | torch.device | None = None) -> list[str]:
     """What sdlite will run on here, as ``name: value`` lines (``--system-info`` prints them): the
     versions, the device, on the CPU its instruction set, native half kernels, threads and load, and
-    the state of sdlite's CPU attention kernel (built on the spot if needed, as the first generation
-    would), on CUDA the GPU and Triton; then which precision is the fast one here. Nothing is loaded
-    but the kernel."""
+    the state of sdlite's CPU kernels (attention and Winograd convolutions; built on the spot if
+    needed, as the first generation would), on CUDA the GPU and Triton; then which precision is the
+    fast one here. Nothing is loaded but the kernels."""
     from . import __version__
 
     dev = parse_device(device)
@@ -230,6 +230,7 @@ def system_report(device: str | torch.device | None = None) -> list[str]:
         load = f"; load average over the last minute {os.getloadavg()[0]:.1f}" if hasattr(os, "getloadavg") else ""
         lines.append(f"threads: {torch.get_num_threads()}{load}")
         lines.append(f"attention kernel: {_cpu_kernel_state()}")
+        lines.append(f"Winograd convolutions: {_winograd_state()}")
         if not _is_x86():  # cpu_has_fast cannot tell there, and nothing was measured
             fastest = "not measured on this kind of CPU; fp32 is the default"
         elif bf16:
@@ -272,3 +273,24 @@ def _cpu_kernel_state() -> str:
                        if cpu_kernels.cpu_supported(d))  # the dtypes ops.attention gives it here
     return (f"the {kernel.isa} build ({dtypes}), {kernel.library}, on the OpenMP runtime "
             f"{cpu_kernels.openmp_runtime() or 'of the compiler'}")
+
+
+def _winograd_state() -> str:
+    """Whether the 3x3 convolutions of large maps run by Winograd's F(2x2, 3x3) here
+    (:func:`sdlite.ops.winograd_conv3x3`), and from which library; or why not."""
+    from . import cpu_kernels, ops
+
+    if "cpu" not in ops.WINOGRAD_CONV:
+        if "cpu" not in ops.FUSED_ATTENTION:  # --no-fused-kernels turns both off
+            return "off (--no-fused-kernels)"
+        return (f"not used with {torch.backends.cpu.get_cpu_capability()} (measured on AVX2 only); "
+                f"oneDNN's direct convolution runs")
+    if not cpu_kernels.isas():
+        return "none for this CPU or system (x86-64 Linux only); oneDNN's direct convolution runs"
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        kernel = cpu_kernels.load_winograd()
+    if kernel is None:
+        return f"unavailable: {'; '.join(str(w.message) for w in caught) or 'it did not build'}"
+    return (f"fp32 3x3 convs of >= {ops.WINOGRAD_MIN_TILES} output tiles, the {kernel.isa} build, "
+            f"{kernel.library}")

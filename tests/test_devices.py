@@ -145,6 +145,7 @@ def test_the_system_report_states_the_cpus_capability_and_native_half_kernels():
 def test_the_system_report_names_bf16_as_fastest_only_with_native_bf16(monkeypatch, native_bf16, advice):
     monkeypatch.setattr(devices.platform, "machine", lambda: "x86_64")
     monkeypatch.setattr(devices, "_cpu_kernel_state", lambda: "not asked")  # cpu_kernels caches what the CPU is
+    monkeypatch.setattr(devices, "_winograd_state", lambda: "not asked")
     monkeypatch.setattr(devices, "cpu_has_fast", lambda dtype: dtype == torch.float32 or native_bf16)
     assert _report_line(devices.system_report("cpu"), "fastest precision here").startswith(advice)
 
@@ -152,6 +153,7 @@ def test_the_system_report_names_bf16_as_fastest_only_with_native_bf16(monkeypat
 def test_the_system_report_claims_no_fastest_precision_on_cpus_never_measured(monkeypatch):
     monkeypatch.setattr(devices.platform, "machine", lambda: "aarch64")
     monkeypatch.setattr(devices, "_cpu_kernel_state", lambda: "not asked")  # cpu_kernels caches what the CPU is
+    monkeypatch.setattr(devices, "_winograd_state", lambda: "not asked")
     assert _report_line(devices.system_report("cpu"), "fastest precision here").startswith("not measured")
 
 
@@ -190,6 +192,33 @@ def test_the_system_report_says_why_the_attention_kernel_is_unavailable(monkeypa
     monkeypatch.setattr(cpu_kernels, "isas", lambda: ())
     assert _report_line(devices.system_report("cpu"), "attention kernel").startswith("none for this CPU or system")
 
+
+
+def test_the_system_report_says_whether_convolutions_run_by_winograd_and_why_not(monkeypatch):
+    import warnings
+
+    from sdlite import cpu_kernels, ops
+
+    line = lambda: _report_line(devices.system_report("cpu"), "Winograd convolutions")  # noqa: E731
+    monkeypatch.setattr(ops, "WINOGRAD_CONV", ("cpu",))
+    if cpu_kernels.isas():
+        kernel = cpu_kernels.load_winograd()
+        assert kernel is not None, "an x86-64 Linux CPU with a compiler: the kernel must build"
+        assert line() == (f"fp32 3x3 convs of >= {ops.WINOGRAD_MIN_TILES} output tiles, the {kernel.isa} build, "
+                          f"{kernel.library}")
+
+    def fails():
+        warnings.warn("sdlite's Winograd convolution kernel is not available (no C++ compiler)", RuntimeWarning)
+
+    monkeypatch.setattr(cpu_kernels, "isas", lambda: ("avx2",))
+    monkeypatch.setattr(cpu_kernels, "load_winograd", fails)
+    assert line() == "unavailable: sdlite's Winograd convolution kernel is not available (no C++ compiler)"
+    monkeypatch.setattr(cpu_kernels, "isas", lambda: ())
+    assert line().startswith("none for this CPU or system")
+    monkeypatch.setattr(ops, "WINOGRAD_CONV", ())
+    assert line().startswith("not used with ")
+    monkeypatch.setattr(ops, "FUSED_ATTENTION", ())
+    assert line() == "off (--no-fused-kernels)"
 
 
 @pytest.mark.parametrize("avx512_bf16, amx, limit, native", [
