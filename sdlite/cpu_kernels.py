@@ -1,7 +1,10 @@
 """sdlite's own CPU kernel: attention on x86 CPUs, in fp32 with AVX-512 or AVX2, and in bf16 where
 the CPU has AVX512-BF16, in C++ (``sdlite/csrc/attention.cpp``), built with the machine's C++
 compiler the first time it is needed and loaded with :mod:`ctypes`. :func:`sdlite.ops.attention` calls
-:func:`attention`.
+:func:`attention`. The same machinery builds and loads sdlite's other CPU kernel, the transforms of
+Winograd's 3x3 convolution (``sdlite/csrc/winograd.cpp``, :func:`load_winograd`, :class:`Winograd`),
+which :func:`sdlite.ops.winograd_conv3x3` uses on AVX2 CPUs; what follows is about attention, and
+holds for both where it is about building (the cache, the compiler, OpenMP).
 
 Why a kernel of our own. With bf16 weights, attention is the one part of the UNet that PyTorch
 cannot run at bf16 speed on a CPU. Its scores ``q kᵀ`` must stay in fp32 (rounded to bf16 they

@@ -411,7 +411,6 @@ def _conv_as_gemm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
     return y.view(b, h, w, c_out).permute(0, 3, 1, 2).contiguous()
 
 
-# The input shape, (batch, height, width), a conv weight is packed for until its first call.
 # The device types whose 3x3 convolutions of large maps run by Winograd's F(2x2, 3x3) (see
 # :func:`winograd_conv3x3`): the CPU where PyTorch's capability is AVX2, where it was measured (a
 # Zen 3 EPYC, session 25); elsewhere (AVX-512, not measured with this kernel) oneDNN's direct
@@ -419,10 +418,10 @@ def _conv_as_gemm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
 WINOGRAD_CONV: tuple[str, ...] = ("cpu",) if torch.backends.cpu.get_cpu_capability() == "AVX2" else ()
 # Which convolutions: fp32, 3x3, stride 1, padding 1, at least this many input and output channels
 # and output tiles (2x2 pixels each, over the batch). Per conv on that CPU, against oneDNN with its
-# weight packed for the shape: 1.5-2.0x as fast for the UNet's 320- and 640-channel convs at batch 2
-# on 64x64 and 32x32 maps (512-2048 tiles), 1.2-1.7x for the VAE decoder's (128-512 channels,
+# weight packed for the shape: 1.4-2.0x as fast for the UNet's 320- and 640-channel convs at batch 2
+# on 64x64 and 32x32 maps (512-2048 tiles), 1.2-1.9x for the VAE decoder's (128-512 channels,
 # 64x64 to 512x512 maps), 1.1-1.15x for 1280 channels on 16x16 maps at batch 8 (512 tiles); slower
-# below: 0.7x at 128 tiles (batch 2, 16x16), 0.5x for 4 input channels.
+# below: 0.7-1.0x at 128 tiles (batch 2, 16x16), 0.5x for 4 input channels.
 WINOGRAD_MIN_TILES = 512
 WINOGRAD_MIN_CHANNELS = 64
 # Tiles per chunk: enough for the GEMMs to run near full speed, few enough that the chunk's input and
@@ -458,7 +457,7 @@ def winograd_conv3x3(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor |
     BLAS), a chunk of tiles at a time. The kernel's transform is redone on every call (1-25 ms for
     the UNet's convs, against keeping 16/9 of their weights' memory). Rounding: the transforms add
     no more than a few ulps; against an fp64 reference the result is as accurate as the direct
-    convolution (3-5e-7 of the output's scale, against 2-6e-6 for oneDNN's, measured in fp32).
+    convolution (3e-7 to 1e-6 of the output's scale, against 2-6e-6 for oneDNN's, measured in fp32).
     """
     kernel = cpu_kernels.load_winograd()
     assert kernel is not None and weight.shape[2:] == (3, 3), "see Conv2d._takes_winograd"
@@ -467,10 +466,10 @@ def winograd_conv3x3(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor |
     x = x.contiguous(memory_format=torch.channels_last)
     weight = weight.contiguous()
     tiles = b * ((h + 1) // 2) * ((w + 1) // 2)
-    chunk = min(tiles, max(WINOGRAD_MIN_CHUNK, WINOGRAD_CHUNK_BYTES // (64 * max(c, k))))
+    chunk = max(1, min(tiles, max(WINOGRAD_MIN_CHUNK, WINOGRAD_CHUNK_BYTES // (64 * max(c, k)))))
     # Output channels a block at a time, so that the kernel's transform (16 x C_in per output channel)
     # stays near WINOGRAD_WEIGHT_BYTES; each block transforms the input again (a few ms).
-    block = min(k, max(WINOGRAD_MIN_CHANNELS, WINOGRAD_WEIGHT_BYTES // (64 * c) // 16 * 16))
+    block = max(1, min(k, max(WINOGRAD_MIN_CHANNELS, WINOGRAD_WEIGHT_BYTES // (64 * c) // 16 * 16)))
     buf = _winograd_scratch(16 * (block * c + chunk * (c + block)))
     y = torch.empty(b, k, h, w, memory_format=torch.channels_last)
     for k0 in range(0, k, block):
@@ -489,6 +488,7 @@ def winograd_conv3x3(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor |
     return y
 
 
+# The input shape, (batch, height, width), a conv weight is packed for until its first call.
 PACK_SHAPE = (1, 8, 8)
 
 

@@ -2,8 +2,8 @@
 // F(2x2, 3x3) (Lavin & Gray, "Fast Algorithms for Convolutional Neural Networks", 2016), in fp32.
 //
 // Built and loaded by sdlite/cpu_kernels.py, used by sdlite/ops.py (``winograd_conv3x3``, which says
-// when and why). Plain C++ that the compiler vectorizes (every inner loop runs over neighbouring
-// tiles, unit stride), no PyTorch headers, OpenMP threads.
+// when and why). Plain C++ that the compiler vectorizes (every inner loop runs over channels, unit
+// stride: maps are channels-last), no PyTorch headers, OpenMP threads over tiles.
 //
 // Each 2x2 block of the output ("tile" i, j: rows 2i, 2i+1, columns 2j, 2j+1) depends on a 4x4
 // patch d of the zero-padded input (rows 2i-1 .. 2i+2, columns 2j-1 .. 2j+2). With
@@ -16,12 +16,12 @@
 // the output tile is  Y = Aᵀ [ Σ_c (G g_kc Gᵀ) ⊙ (Bᵀ d_c B) ] A : for each of the 16 positions p of
 // the 4x4 "Winograd domain", the sum over input channels c is one matrix product
 //
-//   M[p] (K x T) = U[p] (K x C) @ V[p] (C x T),   U[p][k][c] = (G g_kc Gᵀ)_p,  V[p][c][t] = (Bᵀ d_ct B)_p
+//   M[p] (T x K) = V[p] (T x C) @ U[p]ᵀ (C x K),   U[p][k][c] = (G g_kc Gᵀ)_p,  V[p][t][c] = (Bᵀ d_tc B)_p
 //
 // which the caller computes (BLAS). This file makes U (weights), V (input) and Y (output, from M,
 // plus the bias). Tiles t are numbered t = (b·TH + i)·TW + j over the batch, TH = ⌈H/2⌉ tile rows
 // of TW = ⌈W/2⌉; a call transforms the tiles t0 .. t0+count-1 (the caller works in chunks of tiles
-// so that V and M stay small), V and M holding only those, at column t - t0.
+// so that V and M stay small), V and M holding only those, at row t - t0.
 //
 // The transforms are additions and subtractions only (and halvings, for the weights).
 
