@@ -1010,6 +1010,17 @@ def levers_table(repeats: int) -> str:
     return "\n".join(lines)
 
 
+def lever_line(name: str, what: str, first: Callable[[], Any], second: Callable[[], Any], repeats: int) -> str:
+    """One line of a levers table: ``first`` and ``second`` alternating (1 warm-up round, then
+    ``repeats``), their medians in ms, the speed-up of ``second`` (above 1: faster) and the largest
+    difference of their results."""
+    with torch.no_grad():
+        times, last = alternate({"default": first, "alternative": second}, 1, repeats)
+    a, b = statistics.median(times["default"]), statistics.median(times["alternative"])
+    d = rel_diff(last["alternative"], last["default"])
+    return f"| {name} | {what}; max rel. diff {d:.0e} | {a * 1e3:.0f} | {b * 1e3:.0f} | {a / b:.2f} |"
+
+
 def network_levers(cfg: ModelConfig, nets: dict, repeats: int) -> str:
     """sdlite's own switches, measured on the whole fp32 UNet (batch 2) and VAE decoder: packed weights,
     the conv backend choice and the upsampling formulation of :mod:`sdlite.ops` (Winograd's:
@@ -1069,13 +1080,7 @@ def network_levers(cfg: ModelConfig, nets: dict, repeats: int) -> str:
     z = torch.randn(1, cfg.vae.embed_dim, 32, 32, generator=gen)
     cases.append(("VAE decode 32x32 -> 256x256", lambda: nets["vae"].decode(z), lambda: vae.decode(z), pack_what))
     switched("VAE decode 32x32 -> 256x256", lambda: vae.decode(z), *upsample_cases)
-    lines = []
-    for name, default, alternative, what in cases:
-        with torch.no_grad():
-            times, last = alternate({"default": default, "alternative": alternative}, 1, repeats)
-        a, b = statistics.median(times["default"]), statistics.median(times["alternative"])
-        d = rel_diff(last["alternative"], last["default"])
-        lines.append(f"| {name} | {what}; max rel. diff {d:.0e} | {a * 1e3:.0f} | {b * 1e3:.0f} | {a / b:.2f} |")
+    lines = [lever_line(name, what, default, alternative, repeats) for name, default, alternative, what in cases]
     return "\n".join(lines)
 
 
@@ -1104,16 +1109,9 @@ def winograd_levers(cfg: ModelConfig, nets: dict, repeats: int) -> str:
     z = torch.randn(1, cfg.vae.embed_dim, 64, 64, generator=gen)
     calls["VAE decode 64x64 -> 512x512"] = {side: (lambda v=nets_["vae"]: v.decode(z))
                                             for side, nets_ in (("default", nets), ("alternative", direct))}
-    lines = []
-    for name, fns in calls.items():
-        with torch.no_grad():
-            times, last = alternate(fns, 1, repeats)
-        a, b = statistics.median(times["alternative"]), statistics.median(times["default"])
-        lines.append(f"| {name} | every conv by oneDNN's direct convolution (packed) vs 3x3 convs of >= "
-                     f"{ops.WINOGRAD_MIN_TILES} tiles by Winograd F(2x2,3x3) (sdlite.ops.winograd_conv3x3, the "
-                     f"default here); max rel. diff {rel_diff(last['default'], last['alternative']):.0e} "
-                     f"| {a * 1e3:.0f} | {b * 1e3:.0f} | {a / b:.2f} |")
-    return "\n".join(lines)
+    what = (f"every conv by oneDNN's direct convolution (packed) vs 3x3 convs of >= {ops.WINOGRAD_MIN_TILES} tiles "
+            f"by Winograd F(2x2,3x3) (sdlite.ops.winograd_conv3x3, the default here)")
+    return "\n".join(lever_line(name, what, fns["alternative"], fns["default"], repeats) for name, fns in calls.items())
 
 
 def attention_kernel_levers(cfg: ModelConfig, nets: dict, precision: str, repeats: int) -> str:
@@ -1143,13 +1141,8 @@ def attention_kernel_levers(cfg: ModelConfig, nets: dict, precision: str, repeat
                         patch.object(cpu_kernels, "MAX_HEAD_WIDTH", cpu_kernels.MAX_HEAD_WIDTH if not devices else {}):
                     return call()
             return run
-        with torch.no_grad():
-            times, last = alternate({"default": under(()), "alternative": under(("cpu",))}, 1, repeats)
-        a, b = statistics.median(times["default"]), statistics.median(times["alternative"])
-        lines.append(f"| {name} | attention as {without} vs sdlite's C++ kernel "
-                     f"(sdlite.cpu_kernels; the default where it pays); max rel. diff "
-                     f"{rel_diff(last['alternative'], last['default']):.0e} "
-                     f"| {a * 1e3:.0f} | {b * 1e3:.0f} | {a / b:.2f} |")
+        lines.append(lever_line(name, f"attention as {without} vs sdlite's C++ kernel (sdlite.cpu_kernels; the "
+                                      f"default where it pays)", under(()), under(("cpu",)), repeats))
     return "\n".join(lines)
 
 
