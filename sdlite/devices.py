@@ -35,7 +35,9 @@ import contextlib
 import os
 import platform
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -253,6 +255,15 @@ def system_report(device: str | torch.device | None = None) -> list[str]:
     return lines
 
 
+def _loaded(load: Callable[[], Any]) -> tuple[Any, str]:
+    """``load()`` of one of sdlite's CPU kernels (built on the spot if needed), and why it gave None:
+    the warnings it would have printed, caught for the report instead."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        kernel = load()
+    return kernel, "; ".join(str(w.message) for w in caught) or "it did not build"
+
+
 def _cpu_kernel_state() -> str:
     """Which build of sdlite's CPU attention kernel runs here, and on which OpenMP runtime; or why none."""
     from . import cpu_kernels, ops
@@ -263,11 +274,8 @@ def _cpu_kernel_state() -> str:
         return "none for this CPU or system (x86-64 Linux with AVX2 or AVX-512 only); PyTorch's attention runs"
     if not cpu_kernels.may_pay():
         return f"not used: PyTorch's attention is faster with {cpu_kernels.isas()[0]} alone"
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        kernel = cpu_kernels.load()
+    kernel, why = _loaded(cpu_kernels.load)
     if kernel is None:
-        why = "; ".join(str(w.message) for w in caught) or "it did not build"
         return f"unavailable: {why}"
     dtypes = ", ".join({torch.float32: "fp32", torch.bfloat16: "bf16"}[d] for d in kernel.run
                        if cpu_kernels.cpu_supported(d))  # the dtypes ops.attention gives it here
@@ -287,10 +295,8 @@ def _winograd_state() -> str:
                 f"oneDNN's direct convolution runs")
     if not cpu_kernels.isas():
         return "none for this CPU or system (x86-64 Linux only); oneDNN's direct convolution runs"
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        kernel = cpu_kernels.load_winograd()
+    kernel, why = _loaded(cpu_kernels.load_winograd)
     if kernel is None:
-        return f"unavailable: {'; '.join(str(w.message) for w in caught) or 'it did not build'}"
+        return f"unavailable: {why}"
     return (f"fp32 3x3 convs of >= {ops.WINOGRAD_MIN_TILES} output tiles, the {kernel.isa} build, "
             f"{kernel.library}")
