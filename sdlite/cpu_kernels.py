@@ -466,8 +466,9 @@ class Winograd:
             raise ValueError(f"channels {k0}..{k0 + k - 1} are not in the output's {ldy}")
         _check_layout((y.permute(0, 2, 3, 1), (b, h, w, ldy)), (m, (16, m.shape[1], k)),
                       *(((bias, (k,)),) if bias is not None else ()))
-        self._output(m.data_ptr(), None if bias is None else bias.data_ptr(), y.data_ptr() + y.element_size() * k0, b, k, h, w, ldy,
-                     t0, m.shape[1], torch.get_num_threads())
+        first = y.data_ptr() + y.element_size() * k0  # channel k0 of the first pixel
+        self._output(m.data_ptr(), None if bias is None else bias.data_ptr(), first, b, k, h, w, ldy, t0, m.shape[1],
+                     torch.get_num_threads())
 
 
 def _check_layout(*tensors: tuple[torch.Tensor, tuple[int, ...]]) -> None:
