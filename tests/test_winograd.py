@@ -23,6 +23,15 @@ def small_rule(monkeypatch):
     monkeypatch.setattr(ops, "WINOGRAD_MIN_CHANNELS", 4)
 
 
+@pytest.fixture
+def taken(monkeypatch):
+    """The input shapes ``ops.winograd_conv3x3`` is called with, in order (it still computes)."""
+    shapes = []
+    winograd = ops.winograd_conv3x3
+    monkeypatch.setattr(ops, "winograd_conv3x3", lambda x, w, b: shapes.append(tuple(x.shape)) or winograd(x, w, b))
+    return shapes
+
+
 def _reference(x, weight, bias):
     return F.conv2d(x.double(), weight.double(), None if bias is None else bias.double(), padding=1)
 
@@ -61,10 +70,7 @@ def test_winograd_conv3x3_is_the_convolution_to_fp32_rounding(monkeypatch, n, ci
 
 
 @needs_kernel
-def test_a_conv_takes_winograd_exactly_where_the_rule_says(monkeypatch, small_rule):
-    taken = []
-    winograd = ops.winograd_conv3x3
-    monkeypatch.setattr(ops, "winograd_conv3x3", lambda x, w, b: taken.append(tuple(x.shape)) or winograd(x, w, b))
+def test_a_conv_takes_winograd_exactly_where_the_rule_says(monkeypatch, small_rule, taken):
     monkeypatch.setattr(ops, "WINOGRAD_MIN_TILES", 16)
     g = torch.Generator().manual_seed(0)
     conv = ops.Conv2d(4, 8, 3, padding=1).requires_grad_(False)
@@ -105,10 +111,7 @@ def test_a_conv_takes_winograd_exactly_where_the_rule_says(monkeypatch, small_ru
 
 @needs_kernel
 @pytest.mark.skipif(torch.float32 not in ops.ONEDNN_GEMM, reason="needs PyTorch's oneDNN ops (x86)")
-def test_a_packed_conv_lays_its_weight_out_plain_for_winograd_and_packed_for_other_shapes(monkeypatch, small_rule):
-    taken = []
-    winograd = ops.winograd_conv3x3
-    monkeypatch.setattr(ops, "winograd_conv3x3", lambda x, w, b: taken.append(tuple(x.shape)) or winograd(x, w, b))
+def test_a_packed_conv_lays_its_weight_out_plain_for_winograd_and_packed_for_other_shapes(small_rule, taken):
     g = torch.Generator().manual_seed(0)
     conv = ops.Conv2d(8, 16, 3, padding=1).requires_grad_(False)
     plain_weight = conv.weight.clone()
