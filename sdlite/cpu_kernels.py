@@ -107,9 +107,15 @@ _ISAS_OF_CAPABILITY = {"AVX512": ("avx512", "avx2"), "AVX2": ("avx2",)}
 # Flags left out where the compiler does not know them (GCC < 10, clang < 9: Ubuntu 20.04's g++ 9):
 # the AVX-512 build then has fp32 only, and bf16 attention takes the GEMM path.
 OPTIONAL_FLAGS = ("-mavx512bf16",)
-# Queries per task: their scores (fp32) and probabilities stay in a core's L2 cache for N keys up to
-# ~4096. 16 to 128 took the same time at 4096 tokens (session 19 micro-benchmark).
-QUERY_BLOCK = 32
+# Queries per task, per build: the scores (fp32) and probabilities of a block of keys stay in a
+# core's L2 cache. 16 to 128 took the same time at 4096 tokens (AVX-512, session 19; AVX2, 32 or 96:
+# session 26).
+QUERY_BLOCK: dict[str, int] = {"avx512": 32, "avx2": 32}
+# Keys per block, per build (0: all N keys in one block, no rescaling). The AVX-512 build was measured
+# on a 2 MB L2, where 32 rows of 4096 scores and probabilities (1 MB) fit: one block. The Zen 3
+# EPYC's L2 is 512 KB: blocks of 512 keys (online softmax) took its AVX2 build from 588 to 404-426 ms
+# at 4096 keys of 40 (256 keys: 425; session 26 micro-benchmark, fp32).
+KEY_BLOCK: dict[str, int] = {"avx512": 0, "avx2": 512}
 # Every task reads its head's packed keys and values whole, from the shared L3 cache while they fit
 # there. The VAE's single 512-wide head (4 bytes per key and channel packed in bf16, 8 in fp32)
 # outgrows it on large images. Against the GEMM path, on this project's 32 MB L3 (session 19): in
@@ -121,12 +127,16 @@ MAX_PACKED_HEAD_BYTES: dict[torch.dtype, int] = {torch.bfloat16: 16 * 2**20, tor
 # The widest head a build pays for, where there is a limit. The AVX2 build (6 query rows per register
 # tile of 16 keys, against 8 of 48 in the AVX-512 build) reads more per product. On the AVX-512 CPU
 # restricted to AVX2 it paid for heads of up to 160 channels (0.80x the time of the GEMM path at 4096
-# tokens of 40, 0.87-0.96x SDPA's at 256-1024 tokens; session 20), but on a real AVX2 CPU (a Zen 3
-# EPYC, session 24) PyTorch's SDPA beat it on every UNet head, in fp32: 1.13-1.40x its time (4096
-# tokens of 40: 626 against 448 ms; 1024 of 80: 88 against 70; 256 of 160: 11.1 against 9.2). So
-# the AVX2 build pays for no head, and an AVX2 CPU does not build it (may_pay); it stays tested, for
-# the benchmarks' levers.
-MAX_HEAD_WIDTH: dict[str, int] = {"avx2": 0}
+# tokens of 40, 0.87-0.96x SDPA's at 256-1024 tokens; session 20). On a real AVX2 CPU (a Zen 3 EPYC)
+# PyTorch's SDPA first beat it on every UNet head (session 24: 4096 tokens of 40, 626 against 448
+# ms). Session 26 gave it blocks of keys (KEY_BLOCK) and whole-vector stores (AVX2's masked store is
+# microcoded on AMD's cores: the softmax pass took as long as either product). Per call against SDPA
+# there, fp32, batch 2: 0.92x at 4096 tokens of 40 (402 against 436 ms) and 0.68x for their
+# cross-attention (77 keys); but 1.27x at 1024 of 80, 1.06x at 256 of 160 (its cross-attention
+# 0.77-0.83x). So it takes heads of up to 40 channels: SD1's on the UNet's largest maps (320
+# channels in 8 heads; SD2's heads are 64 wide). SD1's whole UNet step at 64x64 latents took 0.98x
+# the time with it (0.93-1.0x per round; session 26).
+MAX_HEAD_WIDTH: dict[str, int] = {"avx2": 40}
 
 
 class KernelUnavailable(RuntimeError):
@@ -338,14 +348,14 @@ class _Kernel:
         i64, ptr, c_int = ctypes.c_int64, ctypes.c_void_p, ctypes.c_int
         self.pack_elements = lib.sdlite_attention_pack_elements  # (N, d, element bytes)
         self.pack_elements.argtypes, self.pack_elements.restype = [i64, i64, c_int], i64
-        self.scratch_bytes = lib.sdlite_attention_scratch_bytes  # (N, d, queries per task, element bytes)
-        self.scratch_bytes.argtypes, self.scratch_bytes.restype = [i64, i64, i64, c_int], i64
+        self.scratch_bytes = lib.sdlite_attention_scratch_bytes  # (N, d, queries per task, keys per block, element bytes)
+        self.scratch_bytes.argtypes, self.scratch_bytes.restype = [i64, i64, i64, i64, c_int], i64
         self.run = {dtype: getattr(lib, name) for dtype, name in
                     ((torch.float32, "sdlite_attention_fp32"), (torch.bfloat16, "sdlite_attention_bf16"))
                     if hasattr(lib, name)}
         strides = ctypes.POINTER(i64)
         for fn in self.run.values():
-            fn.argtypes = [ptr] * 4 + [i64] * 5 + [strides] * 4 + [ctypes.c_float, i64, c_int, ptr, ptr]
+            fn.argtypes = [ptr] * 4 + [i64] * 5 + [strides] * 4 + [ctypes.c_float, i64, i64, c_int, ptr, ptr]
             fn.restype = None
 
 
@@ -391,7 +401,7 @@ def supports(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dtype: torch.dty
 
 
 def may_pay() -> bool:
-    """Whether the best build this CPU runs pays for any head at all (not the AVX2 one): where it
+    """Whether the best build this CPU runs pays for any head at all (``MAX_HEAD_WIDTH``): where it
     does not, it is not even built."""
     best = isas()[:1]
     return bool(best) and MAX_HEAD_WIDTH.get(best[0]) != 0
@@ -400,7 +410,7 @@ def may_pay() -> bool:
 def pays(kernel: _Kernel, keys: int, d: int, dtype: torch.dtype) -> bool:
     """Whether the kernel is the faster path for heads of ``keys`` keys of width ``d`` in ``dtype``:
     while one head's packed keys and values fit in ``MAX_PACKED_HEAD_BYTES`` and the head is at
-    most ``MAX_HEAD_WIDTH`` wide (the AVX2 build: never)."""
+    most ``MAX_HEAD_WIDTH`` wide (the AVX2 build: 40 channels)."""
     size = dtype.itemsize
     return (d <= MAX_HEAD_WIDTH.get(kernel.isa, d)
             and kernel.pack_elements(keys, d, size) * size <= MAX_PACKED_HEAD_BYTES[dtype])
@@ -421,10 +431,11 @@ def attention(kernel: _Kernel, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
     out = torch.empty(b, length, h, d, dtype=q.dtype).transpose(1, 2)
     threads = torch.get_num_threads()
     pack = torch.empty(b * h * kernel.pack_elements(n, d, size), dtype=q.dtype)
-    scratch = torch.empty(threads * kernel.scratch_bytes(n, d, QUERY_BLOCK, size), dtype=torch.uint8)
+    rows, keys = QUERY_BLOCK.get(kernel.isa, 32), KEY_BLOCK.get(kernel.isa, 0)
+    scratch = torch.empty(threads * kernel.scratch_bytes(n, d, rows, keys, size), dtype=torch.uint8)
     strides = [(ctypes.c_int64 * 3)(*t.stride()[:3]) for t in (q, k, v, out)]
     kernel.run[q.dtype](q.data_ptr(), k.data_ptr(), v.data_ptr(), out.data_ptr(), b, h, length, n, d, *strides,
-                        d**-0.5, QUERY_BLOCK, threads, pack.data_ptr(), scratch.data_ptr())
+                        d**-0.5, rows, keys, threads, pack.data_ptr(), scratch.data_ptr())
     return out
 
 

@@ -279,7 +279,9 @@ def _cpu_kernel_state() -> str:
         return f"unavailable: {why}"
     dtypes = ", ".join({torch.float32: "fp32", torch.bfloat16: "bf16"}[d] for d in kernel.run
                        if cpu_kernels.cpu_supported(d))  # the dtypes ops.attention gives it here
-    return (f"the {kernel.isa} build ({dtypes}), {kernel.library}, on the OpenMP runtime "
+    widest = cpu_kernels.MAX_HEAD_WIDTH.get(kernel.isa)
+    heads = f"; heads up to {widest} channels wide, wider ones on PyTorch's" if widest else ""
+    return (f"the {kernel.isa} build ({dtypes}{heads}), {kernel.library}, on the OpenMP runtime "
             f"{cpu_kernels.openmp_runtime() or 'of the compiler'}")
 
 

@@ -181,6 +181,45 @@ def test_a_nan_reaches_the_rows_it_touches(isa, dtype):
 
 @needs_kernel
 @pytest.mark.parametrize("isa, dtype", CASES)
+@pytest.mark.parametrize("block", [1, 16, 100])  # one register tile of keys (16 AVX2, 48 AVX-512), or a few
+def test_keys_in_blocks_give_the_softmax_of_all_of_them(isa, dtype, block, monkeypatch):
+    # With KEY_BLOCK set, each task takes the keys a block at a time and rescales its sums when a
+    # block raises a row's largest score (online softmax). The scores here grow along the keys, so
+    # nearly every block rescales: the result must stay as accurate against fp64 as in one block
+    # (the fp32 sums are rescaled by at most one rounding per block, ~1e-7 each), peaked rows must
+    # stay finite, and a NaN in a late block must still reach every row.
+    kernel = _build(isa)
+    q, k, v = _qkv(2, 3, 37, 300, 40, seed=5, dtype=dtype)
+    k = (k.float() * torch.linspace(0.1, 3.0, 300)[:, None]).to(dtype)
+    exact = F.scaled_dot_product_attention(q.double(), k.double(), v.double())
+    monkeypatch.setitem(cpu_kernels.KEY_BLOCK, isa, 0)
+    whole = cpu_kernels.attention(kernel, q, k, v)
+    monkeypatch.setitem(cpu_kernels.KEY_BLOCK, isa, block)
+    blocked = cpu_kernels.attention(kernel, q, k, v)
+    (mean, worst), (whole_mean, whole_worst) = _errors(blocked, exact), _errors(whole, exact)
+    step = (2**-8 if dtype == torch.bfloat16 else 2**-23) * exact.abs().max().item()
+    assert mean <= 1.5 * whole_mean + step / 2 and worst <= 2 * whole_worst + 2 * step, (mean, whole_mean, worst, whole_worst)
+    q, k, v = _qkv(1, 2, 40, 100, 40, seed=2, scale=30.0, dtype=dtype)  # scores of +-1000s
+    assert torch.isfinite(cpu_kernels.attention(kernel, q, k, v)).all()
+    q, k, v = _qkv(1, 1, 40, 300, 16, seed=3, dtype=dtype)
+    k[0, 0, 290, 0] = float("nan")
+    assert cpu_kernels.attention(kernel, q, k, v).isnan().all()
+
+
+@needs_kernel
+@pytest.mark.parametrize("isa, dtype", CASES)
+def test_one_block_of_all_the_keys_is_the_unblocked_kernel(isa, dtype, monkeypatch):
+    # A block of at least N keys is one block: the same numbers as KEY_BLOCK = 0, bit for bit.
+    kernel = _build(isa)
+    q, k, v = _qkv(1, 2, 30, 77, 40, seed=6, dtype=dtype)
+    monkeypatch.setitem(cpu_kernels.KEY_BLOCK, isa, 0)
+    whole = cpu_kernels.attention(kernel, q, k, v)
+    monkeypatch.setitem(cpu_kernels.KEY_BLOCK, isa, 77)
+    assert torch.equal(cpu_kernels.attention(kernel, q, k, v), whole)
+
+
+@needs_kernel
+@pytest.mark.parametrize("isa, dtype", CASES)
 def test_the_result_does_not_depend_on_the_thread_count(isa, dtype):
     kernel = _build(isa)
     q, k, v = _qkv(2, 3, 150, 300, 40, seed=4, dtype=dtype)
@@ -249,18 +288,21 @@ def test_the_avx512_build_takes_heads_that_fit_the_cache():
 
 
 @needs_kernel
-def test_the_avx2_build_takes_no_head():
-    # PyTorch's SDPA was faster on every head measured on a real AVX2 CPU (cpu_kernels.MAX_HEAD_WIDTH),
-    # so attention there never takes it, whatever the head's width, length or dtype.
+def test_the_avx2_build_takes_heads_up_to_40_wide():
+    # On a real AVX2 CPU PyTorch's SDPA was faster on heads wider than 40 channels
+    # (cpu_kernels.MAX_HEAD_WIDTH): attention takes the AVX2 build for SD1's 40-wide heads (at any
+    # length that fits MAX_PACKED_HEAD_BYTES), and SDPA for the 64- to 512-wide ones.
     kernel = _build("avx2")
+    assert all(cpu_kernels.pays(kernel, n, d, torch.float32) for n in (64, 1024, 4096, 16384) for d in (8, 40))
     assert not any(cpu_kernels.pays(kernel, n, d, dtype) for n in (64, 1024, 4096, 16384)
-                   for d in (8, 40, 64, 80, 160, 512) for dtype in (torch.float32, torch.bfloat16))
+                   for d in (41, 64, 80, 160, 512) for dtype in (torch.float32, torch.bfloat16))
 
 
 def test_a_cpu_whose_best_build_pays_for_nothing_does_not_build_it(monkeypatch):
-    # On an AVX2 CPU (its best build the AVX2 one) attention never asks for the kernel, so it is not
-    # compiled there; a CPU with AVX-512 builds its own.
+    # A build that pays for no head (MAX_HEAD_WIDTH 0, as the AVX2 one was until session 26) is
+    # never asked for, so it is not compiled; a CPU whose best build pays builds it.
     monkeypatch.setattr(cpu_kernels, "isas", lambda: ("avx2",))
+    monkeypatch.setitem(cpu_kernels.MAX_HEAD_WIDTH, "avx2", 0)
     monkeypatch.setattr(cpu_kernels, "load", lambda *a: pytest.fail("the kernel was built"))
     q = torch.randn(1, 2, 20, 8)
     with torch.no_grad():
@@ -356,14 +398,15 @@ calls = []
 real = cpu_kernels.attention
 cpu_kernels.attention = lambda *a: calls.append(a[0].isa) or real(*a)
 g = torch.Generator().manual_seed(0)
-q, k, v = (torch.randn(2, 3, 50, 40, generator=g) for _ in range(3))
+q, k, v = (torch.randn(2, 3, 50, 64, generator=g) for _ in range(3))
 assert ops.GEMM_ATTENTION_MIN_KEYS is None  # measured slower than SDPA with AVX2 alone
 with torch.no_grad():
-    ops.attention(q, k, v)  # the AVX2 build pays for no head (cpu_kernels.MAX_HEAD_WIDTH): SDPA
+    ops.attention(q, k, v)  # 64-wide heads: wider than the AVX2 build pays for (cpu_kernels.MAX_HEAD_WIDTH): SDPA
     assert calls == [], calls
-    cpu_kernels.MAX_HEAD_WIDTH.clear()  # as if it paid: the AVX2 build runs, and computes SDPA's result
-    out = ops.attention(q, k, v)
+    q, k, v = (t[..., :40] for t in (q, k, v))
+    out = ops.attention(q, k, v)  # 40 wide: the AVX2 build, with SDPA's result
 assert calls == ["avx2"], calls
+torch.testing.assert_close(out, F.scaled_dot_product_attention(q, k, v), rtol=1e-5, atol=1e-6)
 print("ok")
 """
 

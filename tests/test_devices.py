@@ -165,12 +165,14 @@ def test_the_system_report_names_the_attention_kernel_build_and_its_openmp_runti
     if not cpu_kernels.isas():
         assert state.startswith("none for this CPU or system")
     else:
-        if not cpu_kernels.may_pay():  # an AVX2 CPU: SDPA is faster, the kernel is not used
+        if not cpu_kernels.may_pay():  # a build that pays for no head: SDPA is faster, the kernel is not used
             assert state == f"not used: PyTorch's attention is faster with {cpu_kernels.isas()[0]} alone"
             monkeypatch.setattr(cpu_kernels, "MAX_HEAD_WIDTH", {})  # as if it paid: the build's line
             state = _report_line(devices.system_report("cpu"), "attention kernel")
         assert kernel is not None, "this CPU has AVX2 or AVX-512, so the kernel must build"
         assert state.startswith(f"the {kernel.isa} build (fp32") and str(kernel.library) in state
+        widest = cpu_kernels.MAX_HEAD_WIDTH.get(kernel.isa)
+        assert (f"; heads up to {widest} channels wide, wider ones on PyTorch's)" in state) == bool(widest)
         assert state.endswith(f"on the OpenMP runtime {cpu_kernels.openmp_runtime()}")
 
 
@@ -186,7 +188,9 @@ def test_the_system_report_says_why_the_attention_kernel_is_unavailable(monkeypa
     monkeypatch.setattr(cpu_kernels, "load", fails)
     state = _report_line(devices.system_report("cpu"), "attention kernel")
     assert state == "unavailable: sdlite's CPU attention kernel is not available (no C++ compiler)"
-    monkeypatch.setattr(cpu_kernels, "isas", lambda: ("avx2",))  # not built there, so nothing to fail
+    monkeypatch.setattr(cpu_kernels, "isas", lambda: ("avx2",))  # the AVX2 build pays for 40-wide heads
+    assert _report_line(devices.system_report("cpu"), "attention kernel") == state
+    monkeypatch.setitem(cpu_kernels.MAX_HEAD_WIDTH, "avx2", 0)  # a build that pays for no head is not built
     assert _report_line(devices.system_report("cpu"), "attention kernel") == \
         "not used: PyTorch's attention is faster with avx2 alone"
     monkeypatch.setattr(cpu_kernels, "isas", lambda: ())

@@ -10,8 +10,9 @@
 //   e = exp(scale·(s - max_row s))    fp32 (as a power of 2); for bf16 then rounded to bf16
 //   o = (e v) / Σ_row e               e v summed in fp32, divided in fp32, rounded to bf16 once
 //
-// One task is one sample, one head and a block of MB queries: its scores (MB x N fp32) and
-// probabilities stay in the core's L2 cache, never in memory. Both products are the same loop for
+// One task is one sample, one head and a block of MB queries, against the keys a block of NB at a
+// time (all N in one block where NB is 0): the block's scores (MB x NB fp32) and probabilities stay
+// in the core's L2 cache, never in memory (see attention() for the blocks). Both products are the same loop for
 // both types: broadcast 32 bits of one row (one fp32 number, or a pair of bf16 numbers), load a
 // vector of the other operand (LANES fp32 numbers, or LANES pairs), multiply-add into LANES fp32
 // sums (FMA, or `vdpbf16ps`, which adds both products of each pair). So the keys and values of each
@@ -122,6 +123,12 @@ enum { KEY_TILE = LANES * NV };  // keys per register tile of scores
 // acc + a · b lane by lane, one product per lane (fp32).
 static inline vec madd(vec acc, words a, words b, const float *) { return fmadd(as_floats(a), as_floats(b), acc); }
 
+// All LANES numbers of x at p (for bf16 rounded to it).
+static inline void store_all(float *p, vec x) { vstore(p, x); }
+#if defined(SDLITE_BF16)
+static inline void store_all(bf16 *p, vec x) { store_lanes(p, first_lanes(LANES), x); }
+#endif
+
 // ---- The kernel ---------------------------------------------------------------------------------
 
 // 2^t for t <= 0: t = n + f with n an integer and |f| <= 1/2, 2^t = 2^n p(f), where p is the
@@ -154,11 +161,10 @@ static inline words word_everywhere(const T *p) {
     return wset(w);
 }
 
-// s[r][n0 + i] = q[r] · k[n0 + i] for MR rows and KEY_TILE keys; lanes not in `valid` get -inf.
-// Keeps each row's running maximum in rowmax[r] (a vector; reduced later).
+// s[r][i] = q[r] · k[n0 + i] for MR rows and KEY_TILE keys; lanes not in `valid` get -inf.
 template <typename T>
 static inline void score_tile(const T *q, int64_t q_stride, const T *kp, int64_t n_pad, int64_t dw,
-                              int64_t n0, float *s, int64_t s_stride, const lanes *valid, vec *rowmax) {
+                              int64_t n0, float *s, int64_t s_stride, const lanes *valid) {
     constexpr int W = 4 / sizeof(T);
     vec acc[MR][NV];
     for (int r = 0; r < MR; r++)
@@ -173,21 +179,17 @@ static inline void score_tile(const T *q, int64_t q_stride, const T *kp, int64_t
     }
     const vec minus_inf = vset(-INFINITY);
     for (int r = 0; r < MR; r++)
-        for (int c = 0; c < NV; c++) {
-            const vec v = where(valid[c], acc[r][c], minus_inf);
-            vstore(s + r * s_stride + n0 + LANES * c, v);
-            rowmax[r] = vmax(rowmax[r], v);
-        }
+        for (int c = 0; c < NV; c++) vstore(s + r * s_stride + LANES * c, where(valid[c], acc[r][c], minus_inf));
 }
 
-// o[r][c0 + i] = Σ_n e[r][n] v[n][c0 + i] for MR rows and LANES·V channels (n over the words j < nw).
+// o[r][c0 + i] += Σ_n e[r][n] v[n][c0 + i] for MR rows and LANES·V channels (n over the words j < nw).
 template <int V, typename T>
 static inline void value_tile(const T *e, int64_t e_stride, const T *vp, int64_t d_pad, int64_t nw,
                               int64_t c0, float *o, int64_t o_stride) {
     constexpr int W = 4 / sizeof(T);
     vec acc[MR][V];
     for (int r = 0; r < MR; r++)
-        for (int c = 0; c < V; c++) acc[r][c] = vset(0.0f);
+        for (int c = 0; c < V; c++) acc[r][c] = vload(o + r * o_stride + c0 + LANES * c);
     for (int64_t j = 0; j < nw; j++) {
         words vv[V];
         for (int c = 0; c < V; c++) vv[c] = wload(vp + (j * d_pad + c0 + LANES * c) * W);
@@ -261,8 +263,10 @@ static inline void value_tile_halves(const T *e, int64_t e_stride, const T *vp, 
     constexpr int W = 4 / sizeof(T), HALF = LANES / 2;
     vec acc[MR][V > 0 ? V : 1], pair[MR / 2];
     for (int r = 0; r < MR; r++)
-        for (int c = 0; c < V; c++) acc[r][c] = vset(0.0f);
-    for (int r = 0; r < MR / 2; r++) pair[r] = vset(0.0f);
+        for (int c = 0; c < V; c++) acc[r][c] = vload(o + r * o_stride + c0 + LANES * c);
+    for (int r = 0; r < MR; r += 2)  // row r's next HALF channels in the lower half, row r + 1's in the upper
+        pair[r / 2] = _mm512_insertf32x8(_mm512_castps256_ps512(_mm256_loadu_ps(o + r * o_stride + c0 + LANES * V)),
+                                         _mm256_loadu_ps(o + (r + 1) * o_stride + c0 + LANES * V), 1);
     for (int64_t j = 0; j < nw; j++) {
         words vv[V > 0 ? V : 1];
         for (int c = 0; c < V; c++) vv[c] = wload(vp + (j * d_pad + c0 + LANES * c) * W);
@@ -289,34 +293,45 @@ static inline void value_tile_halves(const T *e, int64_t e_stride, const T *vp, 
 // Queries per task, rounded up to whole register tiles.
 static inline int64_t block_rows(int64_t MB) { return (MB + MR - 1) / MR * MR; }
 
-// The sizes of the packed and padded layouts for one element type T (W = 2 bf16, 1 float per word).
+// The sizes of the packed and padded layouts for one element type T (W = 2 bf16, 1 float per word),
+// N keys of d channels, in blocks of up to NB keys.
 template <typename T>
 struct Layout {
     static constexpr int W = 4 / sizeof(T);
-    int64_t dw, n_pad, nw, d_pad;  // words per q/k row; keys padded to KEY_TILE; words per e row; channels padded to LANES
-    Layout(int64_t N, int64_t d)
-        : dw((d + W - 1) / W), n_pad((N + KEY_TILE - 1) / KEY_TILE * KEY_TILE), nw((N + W - 1) / W),
-          d_pad((d + LANES - 1) / LANES * LANES) {}
+    // words per q/k row; keys padded to KEY_TILE; channels padded to LANES; keys per block (a whole
+    // number of register tiles, so an even number: whole words of bf16 pairs); words of keys in all
+    int64_t dw, n_pad, d_pad, kb, nw;
+    Layout(int64_t N, int64_t d, int64_t NB)
+        : dw((d + W - 1) / W), n_pad((N + KEY_TILE - 1) / KEY_TILE * KEY_TILE), d_pad((d + LANES - 1) / LANES * LANES),
+          kb(NB > 0 && NB < N ? (NB + KEY_TILE - 1) / KEY_TILE * KEY_TILE : n_pad), nw((N + W - 1) / W) {}
     int64_t kp_elements() const { return dw * n_pad * W; }
     int64_t pack_elements() const { return kp_elements() + nw * d_pad * W; }
     int64_t scratch_bytes(int64_t MB) const {
         MB = block_rows(MB);
-        const int64_t bytes = MB * n_pad * 4 + MB * nw * 4 + MB * d_pad * 4 + MB * dw * 4 + MB * 4;
+        const int64_t bytes = MB * kb * 4 + MB * kb * sizeof(T) + MB * d_pad * 4 + MB * dw * 4 + 2 * MB * 4;
         return (bytes + 63) / 64 * 64;
     }
 };
 
+// One task: MB queries of one head against all its N keys, a block of kb keys at a time ("online
+// softmax", as in flash attention): each block's scores s and probabilities e stay in the core's L1
+// and L2 caches with the block's packed keys and values, which all MB queries reuse. Per row, m is
+// the largest score so far and l the sum of the e so far; when a block raises m, the earlier sums
+// l and o = Σ e v are scaled by 2^((m_old - m_new) scale log2 e) before the block adds its own.
+// With one block (kb >= N) this is the plain softmax: nothing is rescaled.
 template <typename T>
 static void attention(const T *q, const T *k, const T *v, T *out, int64_t B, int64_t H, int64_t L, int64_t N, int64_t d,
                       const int64_t *q_strides, const int64_t *k_strides, const int64_t *v_strides,
-                      const int64_t *out_strides, float scale, int64_t MB, int threads, T *pack, char *scratch) {
-    const Layout<T> lay(N, d);
+                      const int64_t *out_strides, float scale, int64_t MB, int64_t NB, int threads, T *pack,
+                      char *scratch) {
+    const Layout<T> lay(N, d, NB);
     constexpr int W = Layout<T>::W;
-    const int64_t n_pad = lay.n_pad, d_pad = lay.d_pad, dw = lay.dw, nw = lay.nw;
+    const int64_t n_pad = lay.n_pad, d_pad = lay.d_pad, dw = lay.dw, kb = lay.kb;
     const int64_t kp_size = lay.kp_elements(), per_head = lay.pack_elements();
     MB = block_rows(MB);
     const int64_t blocks = (L + MB - 1) / MB, scratch_bytes = lay.scratch_bytes(MB);
-    const int64_t q_row = W * dw, e_row = W * nw;  // padded row lengths of the q and e blocks
+    const int64_t q_row = W * dw;  // padded row length of the q block
+    const vec sc = vset(scale * 1.44269504088896341f);  // e = 2^((s - max) scale log2(e))
 
 #pragma omp parallel num_threads(threads)
     {
@@ -333,11 +348,12 @@ static void attention(const T *q, const T *k, const T *v, T *out, int64_t B, int
 
         // 2. One block of MB queries of one head per task; its buffers are this thread's.
         char *mine = scratch + omp_get_thread_num() * scratch_bytes;
-        float *s = (float *)mine;                 // [MB][n_pad] scores
-        T *e = (T *)(s + MB * n_pad);             // [MB][e_row] exp(scale (s - max)), in T
-        float *o = (float *)(e + MB * e_row);     // [MB][d_pad] e v
+        float *s = (float *)mine;                 // [MB][kb] scores of a block of keys
+        T *e = (T *)(s + MB * kb);                // [MB][kb] exp(scale (s - m)), in T
+        float *o = (float *)(e + MB * kb);        // [MB][d_pad] Σ e v
         T *qb = (T *)(o + MB * d_pad);            // [MB][q_row] the block's queries
-        float *inv_sum = (float *)(qb + MB * q_row);
+        float *m = (float *)(qb + MB * q_row);    // [MB] largest score so far
+        float *l = m + MB;                        // [MB] Σ e so far
 #pragma omp for schedule(static)
         for (int64_t task = 0; task < B * H * blocks; task++) {
             const int64_t bh = task / blocks, l0 = (task % blocks) * MB, b = bh / H, h = bh % H;
@@ -346,60 +362,84 @@ static void attention(const T *q, const T *k, const T *v, T *out, int64_t B, int
             const T *qq = q + b * q_strides[0] + h * q_strides[1] + l0 * q_strides[2];
             memset(qb, 0, tiled * q_row * sizeof(T));
             for (int64_t r = 0; r < rows; r++) memcpy(qb + r * q_row, qq + r * q_strides[2], d * sizeof(T));
+            memset(o, 0, tiled * d_pad * sizeof(float));
+            for (int64_t r = 0; r < tiled; r++) m[r] = -INFINITY, l[r] = 0.0f;
 
-            for (int64_t r0 = 0; r0 < tiled; r0 += MR) {
-                // scores and their row maxima
-                vec rowmax[MR];
-                for (int r = 0; r < MR; r++) rowmax[r] = vset(-INFINITY);
-                for (int64_t n0 = 0; n0 < n_pad; n0 += KEY_TILE) {
-                    lanes valid[NV];
-                    for (int c = 0; c < NV; c++) valid[c] = first_lanes(N - n0 - LANES * c);
-                    score_tile(qb + r0 * q_row, q_row, kp, n_pad, dw, n0, s + r0 * n_pad, n_pad, valid, rowmax);
-                }
-                // e = exp(scale s - scale max) (rounded to bf16 for bf16), and 1 / Σ e (of the fp32 e)
-                for (int r = 0; r < MR; r++) {
-                    const float *sr = s + (r0 + r) * n_pad;
-                    T *er = e + (r0 + r) * e_row;
-                    // e = 2^((s - max) scale log2(e)): exactly 1 at the maximum
-                    const vec sc = vset(scale * 1.44269504088896341f), max = vset(reduce_max(rowmax[r])), zero = vset(0.0f);
-                    vec sum = zero;
-                    for (int64_t n = 0; n < N; n += LANES) {
-                        const lanes m = first_lanes(N - n);
-                        const vec x = where(m, pow2_nonpositive(vmul(vsub(vload(sr + n), max), sc), er), zero);
-                        sum = vadd(sum, x);
-                        store_lanes(er + n, m, x);
+            for (int64_t nb0 = 0; nb0 < N; nb0 += kb) {
+                const int64_t keys = N - nb0 < kb ? N - nb0 : kb;     // in this block
+                const int64_t keys_pad = (keys + KEY_TILE - 1) / KEY_TILE * KEY_TILE, nw = (keys + W - 1) / W;
+                const T *vb = vp + (nb0 / W) * d_pad * W;           // the block's packed values
+                for (int64_t r0 = 0; r0 < tiled; r0 += MR) {
+                    // scores (the register tile's sums go straight to memory: a running maximum
+                    // there would not leave AVX2 enough registers)
+                    for (int64_t n0 = nb0; n0 < nb0 + keys_pad; n0 += KEY_TILE) {
+                        lanes valid[NV];
+                        for (int c = 0; c < NV; c++) valid[c] = first_lanes(N - n0 - LANES * c);
+                        score_tile(qb + r0 * q_row, q_row, kp, n_pad, dw, n0, s + r0 * kb + (n0 - nb0), kb, valid);
                     }
-                    for (int64_t n = N; n < e_row; n++) er[n] = 0;  // the pad of the last word
-                    inv_sum[r0 + r] = 1.0f / reduce_add(sum);
-                }
-                // o = e v, LANES·VMAX channels at a time, then the rest
-                const T *et = e + r0 * e_row;
-                float *ot = o + r0 * d_pad;
-                int64_t c0 = 0;
+                    // e = exp(scale s - scale m) (rounded to bf16 for bf16), l += Σ e (of the fp32 e)
+                    for (int r = 0; r < MR; r++) {
+                        const float *sr = s + (r0 + r) * kb;
+                        T *er = e + (r0 + r) * kb;
+                        vec rowmax = vset(-INFINITY);  // over the block's scores, -inf pads included (from L1)
+                        for (int64_t n = 0; n < keys_pad; n += LANES) rowmax = vmax(rowmax, vload(sr + n));
+                        const float block_max = reduce_max(rowmax), old = m[r0 + r];
+                        const float now = old == -INFINITY || block_max > old ? block_max : old;
+                        if (old != -INFINITY && now != old) {  // a larger score: rescale what is summed so far
+                            const float f = exp2f((old - now) * scale * 1.44269504088896341f);
+                            l[r0 + r] *= f;
+                            float *orow = o + (r0 + r) * d_pad;
+                            for (int64_t c = 0; c < d_pad; c += LANES) vstore(orow + c, vmul(vload(orow + c), vset(f)));
+                        }
+                        m[r0 + r] = now;
+                        const vec max = vset(now), zero = vset(0.0f);
+                        vec sum = zero;
+                        int64_t n = 0;
+                        for (; n + LANES <= keys; n += LANES) {  // whole vectors: AVX2's masked store is slow on AMD's cores
+                            const vec x = pow2_nonpositive(vmul(vsub(vload(sr + n), max), sc), er);
+                            sum = vadd(sum, x);
+                            store_all(er + n, x);
+                        }
+                        if (n < keys) {
+                            const lanes valid = first_lanes(keys - n);
+                            const vec x = where(valid, pow2_nonpositive(vmul(vsub(vload(sr + n), max), sc), er), zero);
+                            sum = vadd(sum, x);
+                            store_lanes(er + n, valid, x);
+                        }
+                        for (int64_t n = keys; n < W * nw; n++) er[n] = 0;  // the pad of the last word
+                        l[r0 + r] += reduce_add(sum);
+                    }
+                    // o += e v, LANES·VMAX channels at a time, then the rest
+                    const T *et = e + r0 * kb;
+                    float *ot = o + r0 * d_pad;
+                    int64_t c0 = 0;
 #if defined(__AVX512F__)
-                if (d % LANES != 0 && d % LANES <= LANES / 2) {  // the last vector at most half used
-                    int64_t whole = d_pad / LANES - 1;  // vectors before it; the last tile takes up to VMAX - 1 of them
-                    for (; whole > VMAX - 1; whole -= VMAX, c0 += LANES * VMAX) value_tile<VMAX>(et, e_row, vp, d_pad, nw, c0, ot, d_pad);
-                    switch (whole) {
-                        case 2: value_tile_halves<2>(et, e_row, vp, d_pad, nw, c0, ot, d_pad); break;
-                        case 1: value_tile_halves<1>(et, e_row, vp, d_pad, nw, c0, ot, d_pad); break;
-                        default: value_tile_halves<0>(et, e_row, vp, d_pad, nw, c0, ot, d_pad);
-                    }
-                } else
+                    if (d % LANES != 0 && d % LANES <= LANES / 2) {  // the last vector at most half used
+                        int64_t whole = d_pad / LANES - 1;  // vectors before it; the last tile takes up to VMAX - 1 of them
+                        for (; whole > VMAX - 1; whole -= VMAX, c0 += LANES * VMAX) value_tile<VMAX>(et, kb, vb, d_pad, nw, c0, ot, d_pad);
+                        switch (whole) {
+                            case 2: value_tile_halves<2>(et, kb, vb, d_pad, nw, c0, ot, d_pad); break;
+                            case 1: value_tile_halves<1>(et, kb, vb, d_pad, nw, c0, ot, d_pad); break;
+                            default: value_tile_halves<0>(et, kb, vb, d_pad, nw, c0, ot, d_pad);
+                        }
+                    } else
 #endif
-                {
-                    for (; c0 + LANES * VMAX <= d_pad; c0 += LANES * VMAX) value_tile<VMAX>(et, e_row, vp, d_pad, nw, c0, ot, d_pad);
-                    switch ((d_pad - c0) / LANES) {
-                        case 2: value_tile<2>(et, e_row, vp, d_pad, nw, c0, ot, d_pad); break;
-                        case 1: value_tile<1>(et, e_row, vp, d_pad, nw, c0, ot, d_pad); break;
+                    {
+                        for (; c0 + LANES * VMAX <= d_pad; c0 += LANES * VMAX) value_tile<VMAX>(et, kb, vb, d_pad, nw, c0, ot, d_pad);
+                        switch ((d_pad - c0) / LANES) {
+                            case 2: value_tile<2>(et, kb, vb, d_pad, nw, c0, ot, d_pad); break;
+                            case 1: value_tile<1>(et, kb, vb, d_pad, nw, c0, ot, d_pad); break;
+                        }
                     }
                 }
             }
-            // out = o / Σ e (rounded to bf16 for bf16)
+            // out = o / l (rounded to bf16 for bf16)
             for (int64_t r = 0; r < rows; r++) {
                 T *orow = out + b * out_strides[0] + h * out_strides[1] + (l0 + r) * out_strides[2];
-                const vec inv = vset(inv_sum[r]);
-                for (int64_t c = 0; c < d; c += LANES) store_lanes(orow + c, first_lanes(d - c), vmul(vload(o + r * d_pad + c), inv));
+                const vec inv = vset(1.0f / l[r]);
+                int64_t c = 0;
+                for (; c + LANES <= d; c += LANES) store_all(orow + c, vmul(vload(o + r * d_pad + c), inv));
+                if (c < d) store_lanes(orow + c, first_lanes(d - c), vmul(vload(o + r * d_pad + c), inv));
             }
         }
     }
@@ -410,29 +450,30 @@ extern "C" {
 // Elements of `pack` per sample and head, and bytes of `scratch` per thread, for these sizes and an
 // element of `element_bytes` (2: bf16, 4: fp32).
 int64_t sdlite_attention_pack_elements(int64_t N, int64_t d, int element_bytes) {
-    return element_bytes == 2 ? Layout<bf16>(N, d).pack_elements() : Layout<float>(N, d).pack_elements();
+    return element_bytes == 2 ? Layout<bf16>(N, d, 0).pack_elements() : Layout<float>(N, d, 0).pack_elements();
 }
 
-int64_t sdlite_attention_scratch_bytes(int64_t N, int64_t d, int64_t MB, int element_bytes) {
-    return element_bytes == 2 ? Layout<bf16>(N, d).scratch_bytes(MB) : Layout<float>(N, d).scratch_bytes(MB);
+int64_t sdlite_attention_scratch_bytes(int64_t N, int64_t d, int64_t MB, int64_t NB, int element_bytes) {
+    return element_bytes == 2 ? Layout<bf16>(N, d, NB).scratch_bytes(MB) : Layout<float>(N, d, NB).scratch_bytes(MB);
 }
 
 // q [B, H, L, d], k and v [B, H, N, d], out [B, H, L, d], all fp32 or all bf16: any strides (in
 // elements) with the last dimension contiguous. MB: queries per task (rounded up to a multiple of
-// MR). `pack`: B·H·pack_elements elements; `scratch`: threads · scratch_bytes.
+// MR); NB: keys per block (rounded up to a multiple of KEY_TILE; 0 or >= N: one block). `pack`:
+// B·H·pack_elements elements; `scratch`: threads · scratch_bytes.
 void sdlite_attention_fp32(const float *q, const float *k, const float *v, float *out, int64_t B, int64_t H, int64_t L,
                            int64_t N, int64_t d, const int64_t *q_strides, const int64_t *k_strides,
                            const int64_t *v_strides, const int64_t *out_strides, float scale, int64_t MB,
-                           int threads, float *pack, char *scratch) {
-    attention(q, k, v, out, B, H, L, N, d, q_strides, k_strides, v_strides, out_strides, scale, MB, threads, pack, scratch);
+                           int64_t NB, int threads, float *pack, char *scratch) {
+    attention(q, k, v, out, B, H, L, N, d, q_strides, k_strides, v_strides, out_strides, scale, MB, NB, threads, pack, scratch);
 }
 
 #if defined(SDLITE_BF16)
 void sdlite_attention_bf16(const bf16 *q, const bf16 *k, const bf16 *v, bf16 *out, int64_t B, int64_t H, int64_t L,
                            int64_t N, int64_t d, const int64_t *q_strides, const int64_t *k_strides,
                            const int64_t *v_strides, const int64_t *out_strides, float scale, int64_t MB,
-                           int threads, bf16 *pack, char *scratch) {
-    attention(q, k, v, out, B, H, L, N, d, q_strides, k_strides, v_strides, out_strides, scale, MB, threads, pack, scratch);
+                           int64_t NB, int threads, bf16 *pack, char *scratch) {
+    attention(q, k, v, out, B, H, L, N, d, q_strides, k_strides, v_strides, out_strides, scale, MB, NB, threads, pack, scratch);
 }
 #endif
 
