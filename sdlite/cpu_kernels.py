@@ -131,11 +131,11 @@ MAX_PACKED_HEAD_BYTES: dict[torch.dtype, int] = {torch.bfloat16: 16 * 2**20, tor
 # PyTorch's SDPA first beat it on every UNet head (session 24: 4096 tokens of 40, 626 against 448
 # ms). Session 26 gave it blocks of keys (KEY_BLOCK) and whole-vector stores (AVX2's masked store is
 # microcoded on AMD's cores: the softmax pass took as long as either product). Per call against SDPA
-# there, fp32, batch 2: 0.92x at 4096 tokens of 40 (402 against 436 ms) and 0.68x for their
-# cross-attention (77 keys); but 1.27x at 1024 of 80, 1.06x at 256 of 160 (its cross-attention
-# 0.77-0.83x). So it takes heads of up to 40 channels: SD1's on the UNet's largest maps (320
-# channels in 8 heads; SD2's heads are 64 wide). SD1's whole UNet step at 64x64 latents took 0.98x
-# the time with it (0.93-1.0x per round; session 26).
+# there, fp32, batch 2, four runs: 0.92-0.97x at 4096 tokens of 40 (402 against 436 ms), 0.92x at
+# 1024 of 40, 0.64-0.73x for their cross-attention (77 keys); but 0.93-1.27x at 1024 of 80 (above 1.1
+# in three runs), 1.03-1.08x at 256 of 160 (their cross-attention 0.77-0.83x). So it takes heads of
+# up to 40 channels: SD1's on the UNet's largest maps (320 channels in 8 heads; SD2's heads are 64
+# wide). SD1's whole UNet step at 64x64 latents took 0.98x the time with it (0.93-1.0x per round).
 MAX_HEAD_WIDTH: dict[str, int] = {"avx2": 40}
 
 
@@ -431,7 +431,7 @@ def attention(kernel: _Kernel, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
     out = torch.empty(b, length, h, d, dtype=q.dtype).transpose(1, 2)
     threads = torch.get_num_threads()
     pack = torch.empty(b * h * kernel.pack_elements(n, d, size), dtype=q.dtype)
-    rows, keys = QUERY_BLOCK.get(kernel.isa, 32), KEY_BLOCK.get(kernel.isa, 0)
+    rows, keys = QUERY_BLOCK[kernel.isa], KEY_BLOCK[kernel.isa]
     scratch = torch.empty(threads * kernel.scratch_bytes(n, d, rows, keys, size), dtype=torch.uint8)
     strides = [(ctypes.c_int64 * 3)(*t.stride()[:3]) for t in (q, k, v, out)]
     kernel.run[q.dtype](q.data_ptr(), k.data_ptr(), v.data_ptr(), out.data_ptr(), b, h, length, n, d, *strides,

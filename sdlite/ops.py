@@ -99,9 +99,9 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, query_chunk: in
     sdlite's C++ kernel (:mod:`sdlite.cpu_kernels`), both products with fp32 sums and the softmax
     in between while its block of scores is in the cache; the same arithmetic as the GEMM path
     below. Per call 1.5-2.4x as fast in fp32 and 2.0-3.1x in bf16 with AVX-512 (session 19); its
-    AVX2 build, on a real AVX2 CPU, only for heads up to 40 wide (0.68-0.92x SDPA's time there, and
-    slower on wider ones; session 26). Half inputs without
-    native kernels here (``HALF_AS_FP32``) run through the fp32 kernel, rounded back once. It never
+    AVX2 build, on a real AVX2 CPU, for heads up to 40 wide only (0.64-0.97x SDPA's time there, and
+    slower on most wider ones; session 26). Half inputs without native kernels here
+    (``HALF_AS_FP32``) run through the fp32 kernel, rounded back once. It never
     holds more than 32 rows of scores per thread, so ``query_chunk`` does not apply.
 
     Otherwise, on a CPU with AVX-512, attention over at least ``GEMM_ATTENTION_MIN_KEYS`` keys (the
