@@ -129,14 +129,16 @@ MAX_PACKED_HEAD_BYTES: dict[torch.dtype, int] = {torch.bfloat16: 16 * 2**20, tor
 # restricted to AVX2 it paid for heads of up to 160 channels (0.80x the time of the GEMM path at 4096
 # tokens of 40, 0.87-0.96x SDPA's at 256-1024 tokens; session 20). On a real AVX2 CPU (a Zen 3 EPYC)
 # PyTorch's SDPA first beat it on every UNet head (session 24: 4096 tokens of 40, 626 against 448
-# ms). Session 26 gave it blocks of keys (KEY_BLOCK) and whole-vector stores (AVX2's masked store is
-# microcoded on AMD's cores: the softmax pass took as long as either product). Per call against SDPA
-# there, fp32, batch 2, four runs: 0.92-0.97x at 4096 tokens of 40 (402 against 436 ms), 0.92x at
-# 1024 of 40, 0.64-0.73x for their cross-attention (77 keys); but 0.93-1.27x at 1024 of 80 (above 1.1
-# in three runs), 1.03-1.08x at 256 of 160 (their cross-attention 0.77-0.83x). So it takes heads of
-# up to 40 channels: SD1's on the UNet's largest maps (320 channels in 8 heads; SD2's heads are 64
-# wide). SD1's whole UNet step at 64x64 latents took 0.98x the time with it (0.93-1.0x per round).
-MAX_HEAD_WIDTH: dict[str, int] = {"avx2": 40}
+# ms). Session 26 gave it blocks of keys (KEY_BLOCK), whole-vector stores (AVX2's masked store is
+# microcoded on AMD's cores: the softmax pass took as long as either product) and keys packed in
+# panels (see attention.cpp). Per call against SDPA there, fp32, batch 2, over two runs: 0.82-0.83x
+# at 4096 tokens of 40, 0.86x at 1024 of 40, 0.66-0.75x for their cross-attention (77 keys),
+# 0.91-0.95x at 1024 of 80, 0.87-0.91x at 256 of 160, 0.90-0.91x for SD2's 64-wide heads at 1024
+# tokens; but 1.25-1.7x for the VAE's single 512-wide head. So it takes heads up to 160 channels
+# wide: every UNet head of SD1 and SD2. SD1's whole UNet step took 0.98x the time with it at 64x64
+# latents (0.88-1.07x per round; with the 40-wide heads alone, before the panels: 0.98x, 0.93-1.0x)
+# and the same at 32x32 (1.006x, 0.97-1.11x: attention is a small part of that step).
+MAX_HEAD_WIDTH: dict[str, int] = {"avx2": 160}
 
 
 class KernelUnavailable(RuntimeError):
@@ -410,7 +412,7 @@ def may_pay() -> bool:
 def pays(kernel: _Kernel, keys: int, d: int, dtype: torch.dtype) -> bool:
     """Whether the kernel is the faster path for heads of ``keys`` keys of width ``d`` in ``dtype``:
     while one head's packed keys and values fit in ``MAX_PACKED_HEAD_BYTES`` and the head is at
-    most ``MAX_HEAD_WIDTH`` wide (the AVX2 build: 40 channels)."""
+    most ``MAX_HEAD_WIDTH`` wide (the AVX2 build: 160 channels)."""
     size = dtype.itemsize
     return (d <= MAX_HEAD_WIDTH.get(kernel.isa, d)
             and kernel.pack_elements(keys, d, size) * size <= MAX_PACKED_HEAD_BYTES[dtype])

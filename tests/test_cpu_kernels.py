@@ -288,14 +288,14 @@ def test_the_avx512_build_takes_heads_that_fit_the_cache():
 
 
 @needs_kernel
-def test_the_avx2_build_takes_heads_up_to_40_wide():
-    # On a real AVX2 CPU PyTorch's SDPA was faster on heads wider than 40 channels
-    # (cpu_kernels.MAX_HEAD_WIDTH): attention takes the AVX2 build for SD1's 40-wide heads (at any
-    # length that fits MAX_PACKED_HEAD_BYTES), and SDPA for the 64- to 512-wide ones.
+def test_the_avx2_build_takes_the_unets_heads_and_not_the_vaes():
+    # On a real AVX2 CPU the kernel beat PyTorch's SDPA on every UNet head (40 to 160 channels, SD2's
+    # 64) and lost on the VAE's single 512-wide head (cpu_kernels.MAX_HEAD_WIDTH): attention takes
+    # the AVX2 build for the former at any length that fits MAX_PACKED_HEAD_BYTES, and SDPA for the latter.
     kernel = _build("avx2")
-    assert all(cpu_kernels.pays(kernel, n, d, torch.float32) for n in (64, 1024, 4096, 16384) for d in (8, 40))
-    assert not any(cpu_kernels.pays(kernel, n, d, dtype) for n in (64, 1024, 4096, 16384)
-                   for d in (41, 64, 80, 160, 512) for dtype in (torch.float32, torch.bfloat16))
+    assert all(cpu_kernels.pays(kernel, n, d, torch.float32) for n in (77, 1024, 4096) for d in (8, 40, 64, 80, 160))
+    assert not any(cpu_kernels.pays(kernel, n, d, dtype) for n in (77, 1024, 4096)
+                   for d in (161, 512) for dtype in (torch.float32, torch.bfloat16))
 
 
 def test_a_cpu_whose_best_build_pays_for_nothing_does_not_build_it(monkeypatch):
@@ -398,13 +398,13 @@ calls = []
 real = cpu_kernels.attention
 cpu_kernels.attention = lambda *a: calls.append(a[0].isa) or real(*a)
 g = torch.Generator().manual_seed(0)
-q, k, v = (torch.randn(2, 3, 50, 64, generator=g) for _ in range(3))
+q, k, v = (torch.randn(1, 1, 50, 512, generator=g) for _ in range(3))
 assert ops.GEMM_ATTENTION_MIN_KEYS is None  # measured slower than SDPA with AVX2 alone
 with torch.no_grad():
-    ops.attention(q, k, v)  # 64-wide heads: wider than the AVX2 build pays for (cpu_kernels.MAX_HEAD_WIDTH): SDPA
+    ops.attention(q, k, v)  # the VAE's 512-wide head: wider than the AVX2 build pays for (cpu_kernels.MAX_HEAD_WIDTH): SDPA
     assert calls == [], calls
-    q, k, v = (t[..., :40] for t in (q, k, v))
-    out = ops.attention(q, k, v)  # 40 wide: the AVX2 build, with SDPA's result
+    q, k, v = (torch.randn(2, 3, 50, 40, generator=g) for _ in range(3))
+    out = ops.attention(q, k, v)  # a UNet head, 40 wide: the AVX2 build, with SDPA's result
 assert calls == ["avx2"], calls
 torch.testing.assert_close(out, F.scaled_dot_product_attention(q, k, v), rtol=1e-5, atol=1e-6)
 print("ok")

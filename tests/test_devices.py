@@ -188,7 +188,7 @@ def test_the_system_report_says_why_the_attention_kernel_is_unavailable(monkeypa
     monkeypatch.setattr(cpu_kernels, "load", fails)
     state = _report_line(devices.system_report("cpu"), "attention kernel")
     assert state == "unavailable: sdlite's CPU attention kernel is not available (no C++ compiler)"
-    monkeypatch.setattr(cpu_kernels, "isas", lambda: ("avx2",))  # the AVX2 build pays for 40-wide heads
+    monkeypatch.setattr(cpu_kernels, "isas", lambda: ("avx2",))  # the AVX2 build pays for the UNet's heads
     assert _report_line(devices.system_report("cpu"), "attention kernel") == state
     monkeypatch.setitem(cpu_kernels.MAX_HEAD_WIDTH, "avx2", 0)  # a build that pays for no head is not built
     assert _report_line(devices.system_report("cpu"), "attention kernel") == \
