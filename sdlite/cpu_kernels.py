@@ -131,9 +131,9 @@ MAX_PACKED_HEAD_BYTES: dict[torch.dtype, int] = {torch.bfloat16: 16 * 2**20, tor
 # PyTorch's SDPA first beat it on every UNet head (session 24: 4096 tokens of 40, 626 against 448
 # ms). Session 26 gave it blocks of keys (KEY_BLOCK), whole-vector stores (AVX2's masked store is
 # microcoded on AMD's cores: the softmax pass took as long as either product) and keys packed in
-# panels (see attention.cpp). Per call against SDPA there, fp32, batch 2, over two runs: 0.82-0.83x
+# panels (see attention.cpp). Per call against SDPA there, fp32, batch 2, over three runs: 0.82-0.83x
 # at 4096 tokens of 40, 0.86x at 1024 of 40, 0.66-0.75x for their cross-attention (77 keys),
-# 0.91-0.95x at 1024 of 80, 0.87-0.91x at 256 of 160, 0.90-0.91x for SD2's 64-wide heads at 1024
+# 0.91-0.95x at 1024 of 80, 0.87-0.99x at 256 of 160, 0.90-0.95x for SD2's 64-wide heads at 1024
 # tokens; but 1.25-1.7x for the VAE's single 512-wide head. So it takes heads up to 160 channels
 # wide: every UNet head of SD1 and SD2. SD1's whole UNet step took 0.98x the time with it at 64x64
 # latents (0.88-1.07x per round; with the 40-wide heads alone, before the panels: 0.98x, 0.93-1.0x)

@@ -99,7 +99,7 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, query_chunk: in
     sdlite's C++ kernel (:mod:`sdlite.cpu_kernels`), both products with fp32 sums and the softmax
     in between while its block of scores is in the cache; the same arithmetic as the GEMM path
     below. Per call 1.5-2.4x as fast in fp32 and 2.0-3.1x in bf16 with AVX-512 (session 19); its
-    AVX2 build, on a real AVX2 CPU, for heads up to 160 wide (every UNet head: 0.66-0.95x SDPA's
+    AVX2 build, on a real AVX2 CPU, for heads up to 160 wide (every UNet head: 0.66-0.99x SDPA's
     time there; the VAE's 512-wide head 1.25-1.7x; session 26). Half inputs without native kernels here
     (``HALF_AS_FP32``) run through the fp32 kernel, rounded back once. It never
     holds more than 32 rows of scores per thread, so ``query_chunk`` does not apply.
