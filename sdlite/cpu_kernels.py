@@ -350,7 +350,8 @@ class _Kernel:
         i64, ptr, c_int = ctypes.c_int64, ctypes.c_void_p, ctypes.c_int
         self.pack_elements = lib.sdlite_attention_pack_elements  # (N, d, element bytes)
         self.pack_elements.argtypes, self.pack_elements.restype = [i64, i64, c_int], i64
-        self.scratch_bytes = lib.sdlite_attention_scratch_bytes  # (N, d, queries per task, keys per block, element bytes)
+        # (N, d, queries per task, keys per block, element bytes)
+        self.scratch_bytes = lib.sdlite_attention_scratch_bytes
         self.scratch_bytes.argtypes, self.scratch_bytes.restype = [i64, i64, i64, i64, c_int], i64
         self.run = {dtype: getattr(lib, name) for dtype, name in
                     ((torch.float32, "sdlite_attention_fp32"), (torch.bfloat16, "sdlite_attention_bf16"))

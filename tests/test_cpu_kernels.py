@@ -198,7 +198,8 @@ def test_keys_in_blocks_give_the_softmax_of_all_of_them(isa, dtype, block, monke
     blocked = cpu_kernels.attention(kernel, q, k, v)
     (mean, worst), (whole_mean, whole_worst) = _errors(blocked, exact), _errors(whole, exact)
     step = (2**-8 if dtype == torch.bfloat16 else 2**-23) * exact.abs().max().item()
-    assert mean <= 1.5 * whole_mean + step / 2 and worst <= 2 * whole_worst + 2 * step, (mean, whole_mean, worst, whole_worst)
+    assert mean <= 1.5 * whole_mean + step / 2, (mean, whole_mean)
+    assert worst <= 2 * whole_worst + 2 * step, (worst, whole_worst)
     q, k, v = _qkv(1, 2, 40, 100, 40, seed=2, scale=30.0, dtype=dtype)  # scores of +-1000s
     assert torch.isfinite(cpu_kernels.attention(kernel, q, k, v)).all()
     q, k, v = _qkv(1, 1, 40, 300, 16, seed=3, dtype=dtype)
@@ -401,7 +402,7 @@ g = torch.Generator().manual_seed(0)
 q, k, v = (torch.randn(1, 1, 50, 512, generator=g) for _ in range(3))
 assert ops.GEMM_ATTENTION_MIN_KEYS is None  # measured slower than SDPA with AVX2 alone
 with torch.no_grad():
-    ops.attention(q, k, v)  # the VAE's 512-wide head: wider than the AVX2 build pays for (cpu_kernels.MAX_HEAD_WIDTH): SDPA
+    ops.attention(q, k, v)  # the VAE's 512-wide head, past the AVX2 build's MAX_HEAD_WIDTH: SDPA
     assert calls == [], calls
     q, k, v = (torch.randn(2, 3, 50, 40, generator=g) for _ in range(3))
     out = ops.attention(q, k, v)  # a UNet head, 40 wide: the AVX2 build, with SDPA's result

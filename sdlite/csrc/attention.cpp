@@ -209,7 +209,8 @@ static inline void value_tile(const T *e, int64_t e_stride, const T *vp, int64_t
 // panel is written a cache line at a time from keys that stay in L1. Panels, rather than rows of
 // all N keys: a register tile of scores then reads its keys from consecutive memory instead of one
 // cache line per page (rows of 1024 fp32 keys are 4 KB apart), which the hardware prefetcher follows
-// (0.87-0.92x the time per call on a Zen 3's UNet heads, the same numbers). The odd channel of an odd d gets a zero partner.
+// (0.87-0.92x the time per call on a Zen 3's UNet heads, the same numbers). The odd channel of an
+// odd d gets a zero partner.
 template <typename T>
 static void pack_keys(const T *k, int64_t key_stride, int64_t N, int64_t d, T *kp) {
     constexpr int W = 4 / sizeof(T);
@@ -228,7 +229,8 @@ static void pack_keys(const T *k, int64_t key_stride, int64_t N, int64_t d, T *k
     }
     const int64_t used = N % KEY_TILE;  // keys in the last panel, if it is not full
     if (used)
-        for (int64_t j = 0; j < dw; j++) memset(out + ((N / KEY_TILE) * dw + j) * KEY_TILE + used, 0, (KEY_TILE - used) * 4);
+        for (int64_t j = 0; j < dw; j++)
+            memset(out + ((N / KEY_TILE) * dw + j) * KEY_TILE + used, 0, (KEY_TILE - used) * 4);
 }
 
 // vp[j][c][t] = v[W j + t][c] for c < d_pad (channels past d and keys past N are zeros): for bf16,
@@ -402,7 +404,8 @@ static void attention(const T *q, const T *k, const T *v, T *out, int64_t B, int
                         const vec max = vset(now), zero = vset(0.0f);
                         vec sum = zero;
                         int64_t n = 0;
-                        for (; n + LANES <= keys; n += LANES) {  // whole vectors: AVX2's masked store is slow on AMD's cores
+                        // whole vectors, then the tail (AVX2's masked store is microcoded on AMD's cores)
+                        for (; n + LANES <= keys; n += LANES) {
                             const vec x = pow2_nonpositive(vmul(vsub(vload(sr + n), max), sc), er);
                             sum = vadd(sum, x);
                             store_all(er + n, x);
