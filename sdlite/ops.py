@@ -236,6 +236,20 @@ def _fp32(t: torch.Tensor | None) -> torch.Tensor | None:
 _scratch = threading.local()
 
 
+def _scratch_buffer(name: str, n: int) -> torch.Tensor:
+    """This thread's reused fp32 buffer ``name``, of at least ``n`` elements: it grows to the largest
+    size asked and lives as long as its thread (a fresh tensor per call would be a fresh memory
+    mapping, whose page faults cost more than its use). Each name is its own buffer, so one user's
+    view is never overwritten by another's."""
+    buf = getattr(_scratch, name, None)
+    if buf is None or buf.numel() < n:
+        setattr(_scratch, name, None)  # the old one freed before the new one is made
+        with torch.inference_mode(False):  # an ordinary tensor, usable under and outside inference_mode
+            buf = torch.empty(n, dtype=torch.float32)
+        setattr(_scratch, name, buf)
+    return buf
+
+
 def _fp32_weight(weight: torch.Tensor) -> torch.Tensor:
     """``weight.float()``, written into one reused buffer per thread when no gradient is recorded.
 
@@ -247,11 +261,7 @@ def _fp32_weight(weight: torch.Tensor) -> torch.Tensor:
     if torch.is_grad_enabled() and weight.requires_grad:
         return weight.float()  # autograd keeps the fp32 copy for the backward pass
     n = weight.numel()
-    buf = getattr(_scratch, "buf", None)
-    if buf is None or buf.numel() < n:
-        with torch.inference_mode(False):  # an ordinary tensor, usable under and outside inference_mode
-            buf = _scratch.buf = torch.empty(n, dtype=torch.float32)
-    return buf[:n].view(weight.shape).copy_(weight)
+    return _scratch_buffer("fp32_weight", n)[:n].view(weight.shape).copy_(weight)
 
 
 # The dtypes whose matrix products on the CPU go through oneDNN's GEMM (see the module docstring):
@@ -432,17 +442,6 @@ WINOGRAD_MIN_CHUNK = 256
 WINOGRAD_WEIGHT_BYTES = 32 * 2**20
 
 
-def _winograd_scratch(n: int) -> torch.Tensor:
-    """A reused fp32 buffer of at least ``n`` elements per thread (as :func:`_fp32_weight`'s: a
-    fresh one would be a fresh memory mapping, whose page faults cost more than its use)."""
-    buf = getattr(_scratch, "winograd", None)
-    if buf is None or buf.numel() < n:
-        _scratch.winograd = None  # the old one freed before the new one is made
-        with torch.inference_mode(False):
-            buf = _scratch.winograd = torch.empty(n, dtype=torch.float32)
-    return buf
-
-
 def winograd_conv3x3(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
     """``F.conv2d(x, weight, bias, padding=1)`` for a 3x3 kernel, in fp32 on the CPU, by Winograd's
     minimal filtering F(2x2, 3x3) (Lavin & Gray, "Fast Algorithms for Convolutional Neural
@@ -471,7 +470,7 @@ def winograd_conv3x3(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor |
     # Output channels a block at a time, so that the kernel's transform (16 x C_in per output channel)
     # stays near WINOGRAD_WEIGHT_BYTES; each block transforms the input again (a few ms).
     block = max(1, min(k, max(WINOGRAD_MIN_CHANNELS, WINOGRAD_WEIGHT_BYTES // (64 * c) // 16 * 16)))
-    buf = _winograd_scratch(16 * (block * c + chunk * (c + block)))
+    buf = _scratch_buffer("winograd", 16 * (block * c + chunk * (c + block)))
     y = torch.empty(b, k, h, w, memory_format=torch.channels_last)
     for k0 in range(0, k, block):
         kb = min(block, k - k0)
