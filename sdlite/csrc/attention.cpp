@@ -339,7 +339,8 @@ static void attention(const T *q, const T *k, const T *v, T *out, int64_t B, int
     MB = block_rows(MB);
     const int64_t blocks = (L + MB - 1) / MB, scratch_bytes = lay.scratch_bytes(MB);
     const int64_t q_row = W * dw;  // padded row length of the q block
-    const vec sc = vset(scale * 1.44269504088896341f);  // e = 2^((s - max) scale log2(e))
+    const float scale_log2e = scale * 1.44269504088896341f;  // e = 2^((s - max) scale log2(e))
+    const vec sc = vset(scale_log2e);
 
 #pragma omp parallel num_threads(threads)
     {
@@ -395,24 +396,25 @@ static void attention(const T *q, const T *k, const T *v, T *out, int64_t B, int
                         const float block_max = reduce_max(rowmax), old = m[r0 + r];
                         const float now = old == -INFINITY || block_max > old ? block_max : old;
                         if (old != -INFINITY && now != old) {  // a larger score: rescale what is summed so far
-                            const float f = exp2f((old - now) * scale * 1.44269504088896341f);
+                            const float f = exp2f((old - now) * scale_log2e);
                             l[r0 + r] *= f;
                             float *orow = o + (r0 + r) * d_pad;
                             for (int64_t c = 0; c < d_pad; c += LANES) vstore(orow + c, vmul(vload(orow + c), vset(f)));
                         }
                         m[r0 + r] = now;
                         const vec max = vset(now), zero = vset(0.0f);
+                        const auto exp_at = [&](int64_t n) { return pow2_nonpositive(vmul(vsub(vload(sr + n), max), sc), er); };
                         vec sum = zero;
                         int64_t n = 0;
                         // whole vectors, then the tail (AVX2's masked store is microcoded on AMD's cores)
                         for (; n + LANES <= keys; n += LANES) {
-                            const vec x = pow2_nonpositive(vmul(vsub(vload(sr + n), max), sc), er);
+                            const vec x = exp_at(n);
                             sum = vadd(sum, x);
                             store_all(er + n, x);
                         }
                         if (n < keys) {
                             const lanes valid = first_lanes(keys - n);
-                            const vec x = where(valid, pow2_nonpositive(vmul(vsub(vload(sr + n), max), sc), er), zero);
+                            const vec x = where(valid, exp_at(n), zero);
                             sum = vadd(sum, x);
                             store_lanes(er + n, valid, x);
                         }
