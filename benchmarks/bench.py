@@ -938,7 +938,7 @@ def levers_table(repeats: int) -> str:
             cases.append((f"conv3x3 {cin}->{cout} @{hw}x{hw}, batch {b}", conv,
                           lambda x=x, w=w, bias=bias: ops._conv_as_gemm(x, w, bias, (1, 1)),
                           "oneDNN conv (default) vs im2col + oneDNN GEMM (sdlite.ops._conv_as_gemm)"))
-        if torch.float32 in ops.ONEDNN_GEMM and cpu_kernels.isas() and cpu_kernels.load_winograd() is not None:
+        if torch.float32 in ops.ONEDNN_GEMM and cpu_kernels.load_winograd() is not None:
             xl = x.contiguous(memory_format=torch.channels_last)  # as the packed networks run
             packed = ops._reorder_conv(w, (1, 1), shape=(b, hw, hw))
             cases.append((f"conv3x3 {cin}->{cout} @{hw}x{hw}, batch {b}",
@@ -1089,7 +1089,7 @@ def winograd_levers(cfg: ModelConfig, nets: dict, repeats: int) -> str:
     large maps' 3x3 convs by Winograd F(2x2,3x3) (sdlite.ops.winograd_conv3x3, the default on AVX2)
     vs a second packed copy of the same weights whose convs all run oneDNN's direct convolution. Two
     copies, because switching one network back and forth would re-lay its weights on every call."""
-    if not ops.WINOGRAD_CONV or not cpu_kernels.isas() or cpu_kernels.load_winograd() is None:
+    if not ops.WINOGRAD_CONV or cpu_kernels.load_winograd() is None:
         why = "off on this CPU (ops.WINOGRAD_CONV)" if not ops.WINOGRAD_CONV else "its kernel cannot be built here"
         return f"| fp32 Winograd convolutions | sdlite.ops.winograd_conv3x3: {why} | | | |"
     direct = plain_copies(cfg, nets, ("unet", "vae"))
