@@ -127,6 +127,9 @@ void sdlite_winograd_output_fp32(const float *m, const float *bias, float *y, in
                 y11[k] = s1[1] - s1[2] - s1[3] + b0[k];
             }
         } else {  // a tile on the bottom or right edge of an odd-sized map
+            // (The row sums are written out in both loops on purpose: moved into a shared inline
+            // function, GCC 12 vectorized 2 of this file's 4 loops instead of 4, and a 128-channel
+            // conv on 256x256 maps took 1.16x the time.)
             for (int64_t k = 0; k < K; ++k) {
                 float s0[4], s1[4];
                 for (int l = 0; l < 4; ++l) {
