@@ -445,44 +445,56 @@ def attention(kernel: _Kernel, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
 class Winograd:
     """The loaded transforms of ``sdlite/csrc/winograd.cpp`` (see there for the layouts), called by
     :func:`sdlite.ops.winograd_conv3x3`. Each takes contiguous fp32 tensors and runs on
-    ``torch.get_num_threads()`` OpenMP threads."""
+    ``torch.get_num_threads()`` OpenMP threads. Which algorithm, F(2x2, 3x3) or F(4x4, 3x3), is told
+    by the Winograd-domain tensor's first dimension: 16 or 36 positions (``TILES``)."""
+
+    # Positions of the Winograd domain (n², n = m + 2) -> the output tile's side m.
+    TILES = {16: 2, 36: 4}
 
     def __init__(self, library: Path, isa: str):
         lib = ctypes.CDLL(str(library))
         self.isa, self.library = isa, library
         i64, ptr, c_int = ctypes.c_int64, ctypes.c_void_p, ctypes.c_int
-        self._weights = lib.sdlite_winograd_weights_fp32  # (g, u, K, C, threads)
-        self._weights.argtypes, self._weights.restype = [ptr, ptr, i64, i64, c_int], None
-        self._input = lib.sdlite_winograd_input_fp32  # (x, v, B, C, H, W, t0, count, threads)
-        self._input.argtypes, self._input.restype = [ptr, ptr] + [i64] * 6 + [c_int], None
-        self._output = lib.sdlite_winograd_output_fp32  # (m, bias, y, B, K, H, W, LDY, t0, count, threads)
-        self._output.argtypes, self._output.restype = [ptr, ptr, ptr] + [i64] * 7 + [c_int], None
+        self._weights = lib.sdlite_winograd_weights_fp32  # (m, g, u, K, C, threads)
+        self._weights.argtypes, self._weights.restype = [c_int, ptr, ptr, i64, i64, c_int], c_int
+        self._input = lib.sdlite_winograd_input_fp32  # (m, x, v, C, H, W, t0, count, threads)
+        self._input.argtypes, self._input.restype = [c_int, ptr, ptr] + [i64] * 5 + [c_int], c_int
+        self._output = lib.sdlite_winograd_output_fp32  # (m, M, bias, y, K, H, W, LDY, t0, count, threads)
+        self._output.argtypes, self._output.restype = [c_int, ptr, ptr, ptr] + [i64] * 6 + [c_int], c_int
+
+    def _tile(self, domain: torch.Tensor) -> int:
+        if domain.dim() != 3 or domain.shape[0] not in self.TILES:
+            raise ValueError(f"a Winograd-domain tensor is [16 or 36, rows, channels], got {tuple(domain.shape)}")
+        return self.TILES[domain.shape[0]]
 
     def weights(self, g: torch.Tensor, u: torch.Tensor) -> None:
-        """``u[p, k, c] = (G g[k, c] Gᵀ)_p``: ``g`` ``[K, C, 3, 3]`` into ``u`` ``[16, K, C]``."""
+        """``u[p, k, c] = (G g[k, c] Gᵀ)_p``: ``g`` ``[K, C, 3, 3]`` into ``u`` ``[n², K, C]``."""
         k, c = g.shape[:2]
-        _check_layout((g, (k, c, 3, 3)), (u, (16, k, c)))
-        self._weights(g.data_ptr(), u.data_ptr(), k, c, torch.get_num_threads())
+        tile = self._tile(u)
+        _check_layout((g, (k, c, 3, 3)), (u, (u.shape[0], k, c)))
+        self._weights(tile, g.data_ptr(), u.data_ptr(), k, c, torch.get_num_threads())
 
     def input(self, x: torch.Tensor, v: torch.Tensor, t0: int) -> None:
         """``v[p, t - t0] = (Bᵀ d_t B)_p`` for the ``v.shape[1]`` tiles from ``t0`` of ``x`` ``[B, C, H, W]``
-        (channels-last); ``v``: ``[16, count, C]``."""
+        (channels-last); ``v``: ``[n², count, C]``."""
         b, c, h, w = x.shape
-        _check_layout((x.permute(0, 2, 3, 1), (b, h, w, c)), (v, (16, v.shape[1], c)))
-        self._input(x.data_ptr(), v.data_ptr(), b, c, h, w, t0, v.shape[1], torch.get_num_threads())
+        tile = self._tile(v)
+        _check_layout((x.permute(0, 2, 3, 1), (b, h, w, c)), (v, (v.shape[0], v.shape[1], c)))
+        self._input(tile, x.data_ptr(), v.data_ptr(), c, h, w, t0, v.shape[1], torch.get_num_threads())
 
     def output(self, m: torch.Tensor, bias: torch.Tensor | None, y: torch.Tensor, t0: int, k0: int = 0) -> None:
         """The ``m.shape[1]`` output tiles from ``t0`` of ``y`` ``[B, C_out, H, W]`` (channels-last), its
-        channels ``k0 .. k0 + K - 1``, from ``m`` ``[16, count, K]``, plus ``bias`` (``[K]`` or None)."""
+        channels ``k0 .. k0 + K - 1``, from ``m`` ``[n², count, K]``, plus ``bias`` (``[K]`` or None)."""
         b, ldy, h, w = y.shape
         k = m.shape[2]
+        tile = self._tile(m)
         if not 0 <= k0 <= ldy - k:
             raise ValueError(f"channels {k0}..{k0 + k - 1} are not in the output's {ldy}")
-        _check_layout((y.permute(0, 2, 3, 1), (b, h, w, ldy)), (m, (16, m.shape[1], k)),
+        _check_layout((y.permute(0, 2, 3, 1), (b, h, w, ldy)), (m, (m.shape[0], m.shape[1], k)),
                       *(((bias, (k,)),) if bias is not None else ()))
         first = y.data_ptr() + y.element_size() * k0  # channel k0 of the first pixel
-        self._output(m.data_ptr(), None if bias is None else bias.data_ptr(), first, b, k, h, w, ldy, t0, m.shape[1],
-                     torch.get_num_threads())
+        self._output(tile, m.data_ptr(), None if bias is None else bias.data_ptr(), first, k, h, w, ldy, t0,
+                     m.shape[1], torch.get_num_threads())
 
 
 def _check_layout(*tensors: tuple[torch.Tensor, tuple[int, ...]]) -> None:

@@ -286,8 +286,8 @@ def _cpu_kernel_state() -> str:
 
 
 def _winograd_state() -> str:
-    """Whether the 3x3 convolutions of large maps run by Winograd's F(2x2, 3x3) here
-    (:func:`sdlite.ops.winograd_conv3x3`), and from which library; or why not."""
+    """Whether the 3x3 convolutions of large maps run by Winograd's minimal filtering here
+    (:func:`sdlite.ops.winograd_conv3x3`), by which rule and from which library; or why not."""
     from . import cpu_kernels, ops
 
     if "cpu" not in ops.WINOGRAD_CONV:
@@ -300,5 +300,5 @@ def _winograd_state() -> str:
     kernel, why = _loaded(cpu_kernels.load_winograd)
     if kernel is None:
         return f"unavailable: {why}"
-    return (f"fp32 3x3 convs of >= {ops.WINOGRAD_MIN_TILES} output tiles, the {kernel.isa} build, "
-            f"{kernel.library}")
+    rule = ", ".join(f"F({m}x{m}, 3x3) from {least} output tiles of {m}x{m}" for m, least in ops.WINOGRAD_MIN_TILES.items())
+    return f"fp32 3x3 convs by {rule} (over the batch), the {kernel.isa} build, {kernel.library}"

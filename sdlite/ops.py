@@ -422,66 +422,83 @@ def _conv_as_gemm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
     return y.view(b, h, w, c_out).permute(0, 3, 1, 2).contiguous()
 
 
-# The device types whose 3x3 convolutions of large maps run by Winograd's F(2x2, 3x3) (see
+# The device types whose 3x3 convolutions of large maps run by Winograd's minimal filtering (see
 # :func:`winograd_conv3x3`): the CPU where PyTorch's capability is AVX2, where it was measured (a
-# Zen 3 EPYC, session 25); elsewhere (AVX-512, not measured with this kernel) oneDNN's direct
+# Zen 3 EPYC, sessions 25 and 27); elsewhere (AVX-512, not measured with this kernel) oneDNN's direct
 # convolution. ``()``: nowhere, the benchmarks' comparison and ``--no-fused-kernels``.
 WINOGRAD_CONV: tuple[str, ...] = ("cpu",) if torch.backends.cpu.get_cpu_capability() == "AVX2" else ()
-# Which convolutions: fp32, 3x3, stride 1, padding 1, at least this many input and output channels
-# and output tiles (2x2 pixels each, over the batch). Per conv on that CPU, against oneDNN with its
-# weight packed for the shape: 1.4-2.0x as fast for the UNet's 320- and 640-channel convs at batch 2
-# on 64x64 and 32x32 maps (512-2048 tiles), 1.2-1.9x for the VAE decoder's (128-512 channels,
-# 64x64 to 512x512 maps), 1.1-1.15x for 1280 channels on 16x16 maps at batch 8 (512 tiles); slower
-# below: 0.7-1.0x at 128 tiles (batch 2, 16x16), 0.5x for 4 input channels.
-WINOGRAD_MIN_TILES = 512
+# Which convolutions: fp32, 3x3, stride 1, padding 1, at least WINOGRAD_MIN_CHANNELS input and
+# output channels, and by which algorithm: F(m x m, 3x3) for the first m here whose output tiles
+# (m x m pixels each, over the batch) number at least its value; none, oneDNN's direct convolution.
+# Per conv on that CPU against oneDNN with its weight packed for the shape (session 27, best of 5-7):
+# - F(4x4): 0.29-0.53x the time for the UNet's 320- and 640-channel convs at batch 2 on 64x64 and
+#   32x32 maps (128-512 tiles of 4x4), 0.48x at batch 1 on 32x32 (64 tiles), 0.37-0.58x for the VAE
+#   decoder's (128-512 channels, 64x64 to 512x512 maps). That is 0.52-0.86x F(2x2)'s time.
+# - F(2x2), where F(4x4) has fewer tiles: 0.61-0.72x for the 640- to 2560-channel convs on 16x16 maps
+#   at batch 2 (128 tiles of 2x2; F(4x4), with 32 tiles: 0.69-0.80x), 0.79x at batch 1 (64 tiles;
+#   F(4x4) 1.16x). Slower below: 1.13-1.35x on 8x8 maps at batch 2 (32 tiles); 0.5x for 4 input channels.
+WINOGRAD_MIN_TILES: dict[int, int] = {4: 64, 2: 64}
 WINOGRAD_MIN_CHANNELS = 64
 # Tiles per chunk: enough for the GEMMs to run near full speed, few enough that the chunk's input and
-# product in the Winograd domain (16 x tiles x channels each) stay near 16 MB, out of fresh memory.
+# product in the Winograd domain (n² x tiles x channels each) stay near 16 MB, out of fresh memory.
 WINOGRAD_CHUNK_BYTES = 16 * 2**20
 WINOGRAD_MIN_CHUNK = 256
 WINOGRAD_WEIGHT_BYTES = 32 * 2**20
 
 
-def winograd_conv3x3(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    """``F.conv2d(x, weight, bias, padding=1)`` for a 3x3 kernel, in fp32 on the CPU, by Winograd's
-    minimal filtering F(2x2, 3x3) (Lavin & Gray, "Fast Algorithms for Convolutional Neural
-    Networks", 2016); the output is channels-last, as a packed conv's.
+def winograd_tile(batch: int, height: int, width: int) -> int | None:
+    """The side m of the output tiles by which a 3x3 conv on ``batch`` maps of ``height`` x ``width``
+    runs (the rule of ``WINOGRAD_MIN_TILES``), or None: too few tiles for either."""
+    return next((m for m, least in WINOGRAD_MIN_TILES.items()
+                 if batch * -(-height // m) * -(-width // m) >= least), None)
 
-    Each 2x2 block ("tile") of the output depends on a 4x4 patch ``d`` of the padded input. Taken into
-    a 4x4 "Winograd domain", the convolution of the patch with a 3x3 kernel ``g`` becomes an
-    element-wise product, ``Y = Aᵀ [(G g Gᵀ) ⊙ (Bᵀ d B)] A`` (matrices in ``sdlite/csrc/winograd.cpp``),
-    and summed over input channels each of the 16 positions of the domain is one matrix product,
-    ``[tiles, C_in] @ [C_in, C_out]``. That is 16 multiply-adds per tile and channel pair where the
-    direct convolution does 36: 2.25x fewer. The transforms are additions (and halvings, for the
-    kernel), in C++ (:mod:`sdlite.cpu_kernels`); the 16 products are one batched GEMM (PyTorch's
-    BLAS), a chunk of tiles at a time. The kernel's transform is redone on every call (1-25 ms for
-    the UNet's convs, against keeping 16/9 of their weights' memory). Rounding: the transforms add
-    no more than a few ulps; against an fp64 reference the result is as accurate as the direct
-    convolution (3e-7 to 1e-6 of the output's scale, against 2-6e-6 for oneDNN's, measured in fp32).
+
+def winograd_conv3x3(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, tile: int | None = None) -> torch.Tensor:
+    """``F.conv2d(x, weight, bias, padding=1)`` for a 3x3 kernel, in fp32 on the CPU, by Winograd's
+    minimal filtering F(m x m, 3x3) (Lavin & Gray, "Fast Algorithms for Convolutional Neural
+    Networks", 2016), with output tiles of ``tile`` = m = 2 or 4 pixels a side (default: the rule's,
+    :func:`winograd_tile`, else 2); the output is channels-last, as a packed conv's.
+
+    Each m x m block ("tile") of the output depends on an n x n patch ``d`` of the padded input,
+    n = m + 2. Taken into an n x n "Winograd domain", the convolution of the patch with a 3x3 kernel
+    ``g`` becomes an element-wise product, ``Y = Aᵀ [(G g Gᵀ) ⊙ (Bᵀ d B)] A`` (matrices in
+    ``sdlite/csrc/winograd.cpp``), and summed over input channels each of the n² positions of the
+    domain is one matrix product, ``[tiles, C_in] @ [C_in, C_out]``. Per output pixel and channel
+    pair that is n²/m² multiply-adds where the direct convolution does 9: 4 for F(2x2, 3x3) (2.25x
+    fewer), 2.25 for F(4x4, 3x3) (4x fewer). The transforms are a few additions and multiplications
+    per value, in C++ (:mod:`sdlite.cpu_kernels`); the n² products are one batched GEMM (PyTorch's
+    BLAS), a chunk of tiles at a time. The kernel's transform is redone on every call (against
+    keeping n²/9 of the weights' memory). Rounding, against an fp64 reference: F(2x2, 3x3) is as
+    accurate as the direct convolution; F(4x4, 3x3) multiplies by larger coefficients, and its error
+    is a few times F(2x2, 3x3)'s but below the direct convolution's (oneDNN's; see the tests).
     """
     kernel = cpu_kernels.load_winograd()
     assert kernel is not None and weight.shape[2:] == (3, 3), "see Conv2d._takes_winograd"
     b, c, h, w = x.shape
+    tile = tile or winograd_tile(b, h, w) or 2
+    if tile not in (2, 4):
+        raise ValueError(f"Winograd's 3x3 convolution takes output tiles of 2 or 4 pixels a side, not {tile}")
     k = weight.shape[0]
+    p = (tile + 2) ** 2  # positions of the Winograd domain
     x = x.contiguous(memory_format=torch.channels_last)
     weight = weight.contiguous()
-    tiles = b * ((h + 1) // 2) * ((w + 1) // 2)
-    chunk = max(1, min(tiles, max(WINOGRAD_MIN_CHUNK, WINOGRAD_CHUNK_BYTES // (64 * max(c, k)))))
-    # Output channels a block at a time, so that the kernel's transform (16 x C_in per output channel)
+    tiles = b * -(-h // tile) * -(-w // tile)
+    chunk = max(1, min(tiles, max(WINOGRAD_MIN_CHUNK, WINOGRAD_CHUNK_BYTES // (4 * p * max(c, k)))))
+    # Output channels a block at a time, so that the kernel's transform (n² x C_in per output channel)
     # stays near WINOGRAD_WEIGHT_BYTES; each block transforms the input again (a few ms).
-    block = max(1, min(k, max(WINOGRAD_MIN_CHANNELS, WINOGRAD_WEIGHT_BYTES // (64 * c) // 16 * 16)))
-    buf = _scratch_buffer("winograd", 16 * (block * c + chunk * (c + block)))
+    block = max(1, min(k, max(WINOGRAD_MIN_CHANNELS, WINOGRAD_WEIGHT_BYTES // (4 * p * c) // 16 * 16)))
+    buf = _scratch_buffer("winograd", p * (block * c + chunk * (c + block)))
     y = torch.empty(b, k, h, w, memory_format=torch.channels_last)
     for k0 in range(0, k, block):
         kb = min(block, k - k0)
-        u = buf[:16 * kb * c].view(16, kb, c)
+        u = buf[:p * kb * c].view(p, kb, c)
         kernel.weights(weight[k0:k0 + kb], u)
-        u = u.transpose(1, 2)  # [16, C, kb], a view: the GEMMs read it transposed
+        u = u.transpose(1, 2)  # [n², C, kb], a view: the GEMMs read it transposed
         bias_block = None if bias is None else bias[k0:k0 + kb].contiguous()
         for t0 in range(0, tiles, chunk):
             n = min(chunk, tiles - t0)
-            v = buf[16 * block * c:][:16 * n * c].view(16, n, c)
-            m = buf[16 * (block * c + chunk * c):][:16 * n * kb].view(16, n, kb)
+            v = buf[p * block * c:][:p * n * c].view(p, n, c)
+            m = buf[p * (block * c + chunk * c):][:p * n * kb].view(p, n, kb)
             kernel.input(x, v, t0)
             torch.bmm(v, u, out=m)
             kernel.output(m, bias_block, y, t0, k0)
@@ -569,7 +586,7 @@ class Conv2d(_Packable, nn.Conv2d):
                 and weight.shape[2:] == (3, 3) and self.stride == (1, 1) and self.padding == (1, 1)
                 and self.dilation == (1, 1) and self.groups == 1 and self.padding_mode == "zeros"
                 and min(input.shape[1], weight.shape[0]) >= WINOGRAD_MIN_CHANNELS
-                and input.shape[0] * ((h + 1) // 2) * ((w + 1) // 2) >= WINOGRAD_MIN_TILES
+                and winograd_tile(input.shape[0], h, w) is not None
                 and cpu_kernels.load_winograd() is not None)
 
     def _conv_forward(self, input: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:

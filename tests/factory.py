@@ -120,15 +120,16 @@ def random_state_dict(model: torch.nn.Module, seed: int = 0) -> dict[str, torch.
     return sd
 
 
-def every_conv_by_winograd(monkeypatch) -> bool:
-    """Send every 3x3, stride-1, padding-1 fp32 convolution on the CPU through Winograd's F(2x2, 3x3)
-    (``sdlite.ops.winograd_conv3x3``; by default only large maps on AVX2 CPUs take it), so a parity
-    test covers it at any size; False (nothing changed) where its kernel cannot be built."""
+def every_conv_by_winograd(monkeypatch, tile: int = 4) -> bool:
+    """Send every 3x3, stride-1, padding-1 fp32 convolution on the CPU through Winograd's F(tile x tile,
+    3x3) (``sdlite.ops.winograd_conv3x3``; by default only large maps on AVX2 CPUs take it, 4x4 tiles
+    where there are enough, the less accurate of the two), so a parity test covers it at any size;
+    False (nothing changed) where its kernel cannot be built."""
     from sdlite import cpu_kernels, ops
 
     if cpu_kernels.load_winograd() is None:
         return False
     monkeypatch.setattr(ops, "WINOGRAD_CONV", ("cpu",))
-    monkeypatch.setattr(ops, "WINOGRAD_MIN_TILES", 1)
+    monkeypatch.setattr(ops, "WINOGRAD_MIN_TILES", {tile: 1})
     monkeypatch.setattr(ops, "WINOGRAD_MIN_CHANNELS", 1)
     return True

@@ -208,8 +208,8 @@ def test_the_system_report_says_whether_convolutions_run_by_winograd_and_why_not
     if cpu_kernels.isas():
         kernel = cpu_kernels.load_winograd()
         assert kernel is not None, "an x86-64 Linux CPU with a compiler: the kernel must build"
-        assert line() == (f"fp32 3x3 convs of >= {ops.WINOGRAD_MIN_TILES} output tiles, the {kernel.isa} build, "
-                          f"{kernel.library}")
+        assert line() == ("fp32 3x3 convs by F(4x4, 3x3) from 64 output tiles of 4x4, F(2x2, 3x3) from 64 output "
+                          f"tiles of 2x2 (over the batch), the {kernel.isa} build, {kernel.library}")
 
     def fails():
         warnings.warn("sdlite's Winograd convolution kernel is not available (no C++ compiler)", RuntimeWarning)
