@@ -945,8 +945,8 @@ def levers_table(repeats: int) -> str:
                           lambda xl=xl, p=packed, bias=bias: torch.ops.mkldnn._convolution_pointwise(
                               xl, p, bias, [1, 1], [1, 1], [1, 1], 1, "none", [], ""),
                           lambda xl=xl, w=w, bias=bias: ops.winograd_conv3x3(xl, w, bias),
-                          "oneDNN, weight packed for the shape (sdlite's packed conv) vs Winograd F(2x2,3x3) "
-                          f"(sdlite.ops.winograd_conv3x3; the default on AVX2 from {ops.WINOGRAD_MIN_TILES} tiles)"))
+                          "oneDNN, weight packed for the shape (sdlite's packed conv) vs Winograd, the tile size "
+                          f"by sdlite's rule (sdlite.ops.winograd_conv3x3: {winograd_rule()}; the default on AVX2)"))
         xl, wl = x.contiguous(memory_format=torch.channels_last), w.contiguous(memory_format=torch.channels_last)
         cases.append((f"conv3x3 {cin}->{cout} @{hw}x{hw}, batch {b}", conv,
                       lambda xl=xl, wl=wl, bias=bias: F.conv2d(xl, wl, bias, padding=1), "NCHW vs channels_last"))
@@ -1084,9 +1084,14 @@ def network_levers(cfg: ModelConfig, nets: dict, repeats: int) -> str:
     return "\n".join(lines)
 
 
+def winograd_rule() -> str:
+    """sdlite's rule for Winograd's tile sizes, in words."""
+    return " else ".join(f"F({m}x{m},3x3) from {least} tiles" for m, least in ops.WINOGRAD_MIN_TILES.items())
+
+
 def winograd_levers(cfg: ModelConfig, nets: dict, repeats: int) -> str:
     """Levers-table lines, fp32: the packed UNet (batch 2, 64x64 and 32x32) and VAE decoder with their
-    large maps' 3x3 convs by Winograd F(2x2,3x3) (sdlite.ops.winograd_conv3x3, the default on AVX2)
+    large maps' 3x3 convs by Winograd (sdlite.ops.winograd_conv3x3, the default on AVX2)
     vs a second packed copy of the same weights whose convs all run oneDNN's direct convolution. Two
     copies, because switching one network back and forth would re-lay its weights on every call."""
     if not ops.WINOGRAD_CONV or cpu_kernels.load_winograd() is None:
@@ -1109,8 +1114,8 @@ def winograd_levers(cfg: ModelConfig, nets: dict, repeats: int) -> str:
     z = torch.randn(1, cfg.vae.embed_dim, 64, 64, generator=gen)
     calls["VAE decode 64x64 -> 512x512"] = {side: (lambda v=nets_["vae"]: v.decode(z))
                                             for side, nets_ in (("default", nets), ("alternative", direct))}
-    what = (f"every conv by oneDNN's direct convolution (packed) vs 3x3 convs of >= {ops.WINOGRAD_MIN_TILES} tiles "
-            f"by Winograd F(2x2,3x3) (sdlite.ops.winograd_conv3x3, the default here)")
+    what = (f"every conv by oneDNN's direct convolution (packed) vs 3x3 convs by Winograd, {winograd_rule()} "
+            f"(sdlite.ops.winograd_conv3x3, the default here)")
     return "\n".join(lever_line(name, what, fns["alternative"], fns["default"], repeats) for name, fns in calls.items())
 
 

@@ -171,9 +171,10 @@ def test_full_size_matches_diffusers_decode_and_encode_within_1e_10_of_max_abs_i
     eps 1e-5 instead of 1e-6 gives 1.2e-5..2.2e-5, which fp32 rounding would hide (fp32: 1.6e-5..2.4e-5
     mutated). fp32 (measured 6.0e-6 decode, 3.1e-6 mean, 3.8e-6 logvar) proves our fp32 path rounds
     no worse than diffusers'. ``fp32-every-conv-by-winograd``: every 3x3 stride-1 conv of ours by
-    Winograd's F(2x2, 3x3) (by default, on AVX2 CPUs, those of maps of >= 512 2x2 tiles: here the
-    64x64 ones); measured on an AVX2 CPU (session 25): 7.2e-6 decode, 4.2e-6 mean and logvar, against
-    8.3e-6, 5.0e-6 and 5.4e-6 with the default choice there."""
+    Winograd's F(4x4, 3x3), the less accurate of its two tile sizes (by default, on AVX2 CPUs, only
+    large maps take it: ``ops.WINOGRAD_MIN_TILES``); measured on an AVX2 CPU (session 27): 9.0e-6
+    decode, 5.2e-6 mean, 5.0e-6 logvar, against 7.2e-6, 7.2e-6 and 4.8e-6 with the default choice
+    there (session 25, every conv by F(2x2, 3x3): 7.2e-6, 4.2e-6, 4.2e-6)."""
     if winograd and not every_conv_by_winograd(monkeypatch):
         pytest.skip("sdlite's Winograd kernel cannot be built here (x86-64 Linux with a C++ compiler)")
     torch.manual_seed(0)
