@@ -476,7 +476,7 @@ def winograd_conv3x3(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor |
     is a few times F(2x2, 3x3)'s but below the direct convolution's (oneDNN's; see the tests).
     """
     kernel = cpu_kernels.load_winograd()
-    assert kernel is not None and weight.shape[2:] == (3, 3), "see Conv2d._takes_winograd"
+    assert kernel is not None and weight.shape[2:] == (3, 3), "see Conv2d._winograd_tile"
     b, c, h, w = x.shape
     tile = tile or winograd_tile(b, h, w) or 2
     if tile not in (2, 4):
@@ -572,24 +572,27 @@ class Conv2d(_Packable, nn.Conv2d):
         if self._packed_for != shape:
             with torch.inference_mode(False), torch.no_grad():
                 plain = self._plain_weight() if self.weight.is_mkldnn else self.weight.detach()
-                laid = plain if self._takes_winograd(input, plain) else self._reorder(plain, shape)
+                laid = plain if self._winograd_tile(input, plain) else self._reorder(plain, shape)
                 if laid is not self.weight:
                     self.weight = nn.Parameter(laid, requires_grad=False)
                     _RELEASER.replaced(laid.numel() * laid.element_size())
             self._packed_for = shape
         return self.weight
 
-    def _takes_winograd(self, input: torch.Tensor, weight: torch.Tensor) -> bool:
-        """Whether this call runs as :func:`winograd_conv3x3`: see ``WINOGRAD_CONV`` and the rule
-        below it; a plain fp32 weight, no gradient to record, no autocast, and the kernel built."""
-        h, w = input.shape[-2:]
-        return (_may_fuse(WINOGRAD_CONV, input, weight, self.bias) and input.dim() == 4 and not weight.is_mkldnn
+    def _winograd_tile(self, input: torch.Tensor, weight: torch.Tensor, scale: int = 1) -> int | None:
+        """The side of the output tiles by which this conv runs ``input`` (its map upsampled ``scale``
+        times, for :func:`upsample_conv`) as :func:`winograd_conv3x3`, or None: it does not. See
+        ``WINOGRAD_CONV`` and the rule below it; fp32 input and weight (plain or packed: only its
+        dtype and shape count), no gradient to record, no autocast, and the kernel built."""
+        b, c, h, w = input.shape if input.dim() == 4 else (0, 0, 0, 0)
+        if not (_may_fuse(WINOGRAD_CONV, input, weight, self.bias) and input.dim() == 4
                 and input.dtype == weight.dtype == torch.float32 and not torch.is_autocast_enabled("cpu")
                 and weight.shape[2:] == (3, 3) and self.stride == (1, 1) and self.padding == (1, 1)
                 and self.dilation == (1, 1) and self.groups == 1 and self.padding_mode == "zeros"
-                and min(input.shape[1], weight.shape[0]) >= WINOGRAD_MIN_CHANNELS
-                and winograd_tile(input.shape[0], h, w) is not None
-                and cpu_kernels.load_winograd() is not None)
+                and min(c, weight.shape[0]) >= WINOGRAD_MIN_CHANNELS):
+            return None
+        tile = winograd_tile(b, scale * h, scale * w)
+        return tile if tile is not None and cpu_kernels.load_winograd() is not None else None
 
     def _conv_forward(self, input: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         if weight is self.weight and self._packed_for is not None:  # packed: laid out for this input
@@ -608,7 +611,7 @@ class Conv2d(_Packable, nn.Conv2d):
             weight = weight.to_dense()
         if _as_fp32(input):
             return self._conv_forward(input.float(), _fp32_weight(weight), _fp32(bias)).to(input.dtype)
-        if self._takes_winograd(input, weight):
+        if self._winograd_tile(input, weight):
             return winograd_conv3x3(input, weight, bias)
         # ``weight`` may differ from self.weight (upsample_conv passes its 2x2 phase kernels).
         c_out, c_in, kh, kw = weight.shape
@@ -896,7 +899,12 @@ def upsample_conv(x: torch.Tensor, conv: nn.Conv2d, cache: bool = True) -> torch
     Only on the device types in ``UPSAMPLE_BY_PHASES`` (the CPU); elsewhere, and under
     ``torch.compile``, the original formulation runs.
     """
-    if x.device.type not in UPSAMPLE_BY_PHASES or torch.compiler.is_compiling():
+    if (x.device.type not in UPSAMPLE_BY_PHASES or torch.compiler.is_compiling()
+            or isinstance(conv, Conv2d) and conv._winograd_tile(x, conv.weight, scale=2) == 4):
+        # (Where the upsampled map's conv runs by Winograd's F(4x4, 3x3), that does 9 multiply-adds
+        # per small-map pixel and channel pair where the four phases do 16: per upsample on an AVX2
+        # EPYC, 0.72-0.89x the time at the UNet's and the VAE's shapes, copy of the upsampled map
+        # included; with F(2x2, 3x3), 16 as well: 1.06x, so the phases stay.)
         return conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
     assert (conv.kernel_size == (3, 3) and conv.stride == (1, 1) and conv.padding == (1, 1)
             and conv.padding_mode == "zeros" and conv.groups == 1 and conv.dilation == (1, 1)), conv

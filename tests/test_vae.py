@@ -209,8 +209,10 @@ def test_full_size_matches_diffusers_decode_and_encode_within_1e_10_of_max_abs_i
 def test_inference_writes_swish_and_residual_sums_in_place_without_changing_the_result(tiny, monkeypatch):
     # Without autograd the ResnetBlocks write into their own fresh tensors (fewer large allocations);
     # with autograd they keep the originals, which the backward pass needs. Same numbers either way
-    # (with PyTorch's attention on both sides: sdlite's CPU attention kernel runs without autograd only).
+    # (with PyTorch's attention and convolutions on both sides: sdlite's CPU attention kernel and
+    # Winograd convolutions run without autograd only).
     monkeypatch.setattr(ops, "FUSED_ATTENTION", ())
+    monkeypatch.setattr(ops, "WINOGRAD_CONV", ())
     g = torch.Generator().manual_seed(11)
     z, x = torch.randn(1, TINY.z_channels, 8, 8, generator=g), torch.randn(1, 3, 32, 32, generator=g)
     with torch.inference_mode():
