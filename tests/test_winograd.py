@@ -216,3 +216,27 @@ def test_without_a_compiler_winograd_is_off_with_one_warning_and_convs_run_direc
         assert (out.double() - ref).abs().max() <= 1e-5 * ref.abs().max()
     finally:
         cpu_kernels.load_winograd.cache_clear()
+
+
+@needs_kernel
+def test_an_upsample_whose_conv_takes_4x4_tiles_convolves_the_upsampled_map_and_caches_nothing(
+        monkeypatch, small_rule, tiles_used):
+    """``ops.upsample_conv``: F(4x4, 3x3) on the upsampled map does 9 multiply-adds per small-map pixel
+    and channel pair, the four 2x2 phase convs 16; F(2x2, 3x3) does 16 too, so there the phases stay."""
+    monkeypatch.setattr(ops, "WINOGRAD_MIN_TILES", {4: 4, 2: 4})
+    g = torch.Generator().manual_seed(0)
+    conv = ops.Conv2d(8, 8, 3, padding=1).requires_grad_(False)
+
+    def upsample(x):
+        tiles_used.clear()
+        conv.__dict__.pop("_phase_cache", None)
+        with torch.no_grad():
+            out = ops.upsample_conv(x, conv)
+        ref = _reference(F.interpolate(x, scale_factor=2.0, mode="nearest"), conv.weight, conv.bias)
+        assert (out.double() - ref).abs().max() <= 1e-5 * ref.abs().max()
+        return tiles_used[:], hasattr(conv, "_phase_cache")
+
+    assert upsample(torch.randn(1, 8, 4, 4, generator=g)) == ([4], False)  # 8x8 upsampled: 4 tiles of 4x4
+    assert upsample(torch.randn(1, 8, 2, 2, generator=g)) == ([], True)  # 4x4: 1 of 4x4, 4 of 2x2: phases
+    monkeypatch.setattr(ops, "WINOGRAD_CONV", ())
+    assert upsample(torch.randn(1, 8, 4, 4, generator=g)) == ([], True)
