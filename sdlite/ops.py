@@ -611,8 +611,9 @@ class Conv2d(_Packable, nn.Conv2d):
             weight = weight.to_dense()
         if _as_fp32(input):
             return self._conv_forward(input.float(), _fp32_weight(weight), _fp32(bias)).to(input.dtype)
-        if self._winograd_tile(input, weight):
-            return winograd_conv3x3(input, weight, bias)
+        tile = self._winograd_tile(input, weight)
+        if tile:
+            return winograd_conv3x3(input, weight, bias, tile)
         # ``weight`` may differ from self.weight (upsample_conv passes its 2x2 phase kernels).
         c_out, c_in, kh, kw = weight.shape
         if (input.dim() == 4 and self.stride == (1, 1) and self.dilation == (1, 1) and self.groups == 1
@@ -896,8 +897,9 @@ def upsample_conv(x: torch.Tensor, conv: nn.Conv2d, cache: bool = True) -> torch
     1.8x the conv's weight in memory). They are recomputed on every call where gradients flow through
     the weight, and with ``cache=False`` (the low-memory option; any cached copy is dropped).
 
-    Only on the device types in ``UPSAMPLE_BY_PHASES`` (the CPU); elsewhere, and under
-    ``torch.compile``, the original formulation runs.
+    Only on the device types in ``UPSAMPLE_BY_PHASES`` (the CPU); elsewhere, under
+    ``torch.compile``, and where the conv on the upsampled map runs by Winograd's F(4x4, 3x3) (fewer
+    multiply-adds again: see below), the original formulation runs.
     """
     if (x.device.type not in UPSAMPLE_BY_PHASES or torch.compiler.is_compiling()
             or isinstance(conv, Conv2d) and conv._winograd_tile(x, conv.weight, scale=2) == 4):

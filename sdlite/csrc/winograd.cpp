@@ -61,9 +61,10 @@ struct F4 {
         {1, 1, 1, 1, 1, 0}, {0, 1, -1, 0.5f, -2, 0}, {0, 1, 1, 0.25f, 4, 0}, {0, 1, -1, 0.125f, -8, 1}};
 };
 
-// Y = A X (or Y = X Aᵀ, with transposed = true) for a constant matrix A, skipping its zeros and
-// multiplying by ±1 as a sign: the loops are unrolled, so every test of A's entries is decided at
-// compile time and what is left is the arithmetic of its nonzero entries.
+// y = a x for a constant matrix a, skipping its zeros and taking its ±1 as signs: the loops are
+// unrolled, so every test of a's entries is decided at compile time and what is left is the
+// arithmetic of its other entries. (Checked with -fopt-info-vec: every channel loop that calls it is
+// vectorized; without the unroll pragmas, F(4x4)'s 6x6 loops were not, and its transforms took 6-8x.)
 template <int R, int K, int C, typename T, typename S>
 inline void product(const S (&a)[R][K], const T (&x)[K][C], T (&y)[R][C]) {
 #pragma GCC unroll 8
@@ -85,7 +86,7 @@ inline void product(const S (&a)[R][K], const T (&x)[K][C], T (&y)[R][C]) {
 }
 
 template <int R, int K, int C, typename T, typename S>
-inline void product_transposed(const T (&x)[R][K], const S (&a)[C][K], T (&y)[R][C]) {  // y = x aᵀ
+inline void product_transposed(const T (&x)[R][K], const S (&a)[C][K], T (&y)[R][C]) {  // y = x aᵀ = (a xᵀ)ᵀ
     T xt[K][R], yt[C][R];
 #pragma GCC unroll 8
     for (int i = 0; i < R; ++i)
