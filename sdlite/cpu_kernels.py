@@ -457,8 +457,8 @@ class Winograd:
         i64, ptr, c_int = ctypes.c_int64, ctypes.c_void_p, ctypes.c_int
         self._weights = lib.sdlite_winograd_weights_fp32  # (m, g, u, K, C, threads)
         self._weights.argtypes, self._weights.restype = [c_int, ptr, ptr, i64, i64, c_int], c_int
-        self._input = lib.sdlite_winograd_input_fp32  # (m, x, v, C, H, W, t0, count, threads)
-        self._input.argtypes, self._input.restype = [c_int, ptr, ptr] + [i64] * 5 + [c_int], c_int
+        self._input = lib.sdlite_winograd_input_fp32  # (m, x, v, C, H, W, up, t0, count, threads)
+        self._input.argtypes, self._input.restype = [c_int, ptr, ptr, i64, i64, i64, c_int, i64, i64, c_int], c_int
         self._output = lib.sdlite_winograd_output_fp32  # (m, M, bias, y, K, H, W, LDY, t0, count, threads)
         self._output.argtypes, self._output.restype = [c_int, ptr, ptr, ptr] + [i64] * 6 + [c_int], c_int
 
@@ -474,13 +474,16 @@ class Winograd:
         _check_layout((g, (k, c, 3, 3)), (u, (u.shape[0], k, c)))
         self._weights(tile, g.data_ptr(), u.data_ptr(), k, c, torch.get_num_threads())
 
-    def input(self, x: torch.Tensor, v: torch.Tensor, t0: int) -> None:
+    def input(self, x: torch.Tensor, v: torch.Tensor, t0: int, scale: int = 1) -> None:
         """``v[p, t - t0] = (Bᵀ d_t B)_p`` for the ``v.shape[1]`` tiles from ``t0`` of ``x`` ``[B, C, H, W]``
-        (channels-last); ``v``: ``[n², count, C]``."""
+        (channels-last), upsampled ``scale`` times (1 or 2: nearest, never written out); ``v``:
+        ``[n², count, C]``."""
         b, c, h, w = x.shape
         tile = self._tile(v)
+        if scale not in (1, 2):
+            raise ValueError(f"the Winograd kernel upsamples its input 1 or 2 times, not {scale}")
         _check_layout((x.permute(0, 2, 3, 1), (b, h, w, c)), (v, (v.shape[0], v.shape[1], c)))
-        self._input(tile, x.data_ptr(), v.data_ptr(), c, h, w, t0, v.shape[1], torch.get_num_threads())
+        self._input(tile, x.data_ptr(), v.data_ptr(), c, h, w, scale, t0, v.shape[1], torch.get_num_threads())
 
     def output(self, m: torch.Tensor, bias: torch.Tensor | None, y: torch.Tensor, t0: int, k0: int = 0) -> None:
         """The ``m.shape[1]`` output tiles from ``t0`` of ``y`` ``[B, C_out, H, W]`` (channels-last), its

@@ -456,11 +456,14 @@ def winograd_tile(batch: int, height: int, width: int) -> int | None:
                  if batch * -(-height // m) * -(-width // m) >= least), None)
 
 
-def winograd_conv3x3(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, tile: int | None = None) -> torch.Tensor:
+def winograd_conv3x3(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, tile: int | None = None,
+                     scale: int = 1) -> torch.Tensor:
     """``F.conv2d(x, weight, bias, padding=1)`` for a 3x3 kernel, in fp32 on the CPU, by Winograd's
     minimal filtering F(m x m, 3x3) (Lavin & Gray, "Fast Algorithms for Convolutional Neural
     Networks", 2016), with output tiles of ``tile`` = m = 2 or 4 pixels a side (default: the rule's,
-    :func:`winograd_tile`, else 2); the output is channels-last, as a packed conv's.
+    :func:`winograd_tile`, else 2); the output is channels-last, as a packed conv's. With ``scale=2``,
+    the convolution of ``x`` upsampled (nearest x2), read from ``x`` without writing the upsampled
+    map out (:func:`upsample_conv`).
 
     Each m x m block ("tile") of the output depends on an n x n patch ``d`` of the padded input,
     n = m + 2. Taken into an n x n "Winograd domain", the convolution of the patch with a 3x3 kernel
@@ -478,6 +481,7 @@ def winograd_conv3x3(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor |
     kernel = cpu_kernels.load_winograd()
     assert kernel is not None and weight.shape[2:] == (3, 3), "see Conv2d._winograd_tile"
     b, c, h, w = x.shape
+    h, w = scale * h, scale * w  # the convolved map
     tile = tile or winograd_tile(b, h, w) or 2
     if tile not in (2, 4):
         raise ValueError(f"Winograd's 3x3 convolution takes output tiles of 2 or 4 pixels a side, not {tile}")
@@ -501,7 +505,7 @@ def winograd_conv3x3(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor |
             n = min(chunk, tiles - t0)
             v = buf[p * block * c:][:p * n * c].view(p, n, c)
             m = buf[p * (block * c + chunk * c):][:p * n * kb].view(p, n, kb)
-            kernel.input(x, v, t0)
+            kernel.input(x, v, t0, scale)
             torch.bmm(v, u, out=m)
             kernel.output(m, bias_block, y, t0, k0)
     return y
@@ -555,8 +559,9 @@ class Conv2d(_Packable, nn.Conv2d):
         super().unpack()
         self._packed_for = None
 
-    def _laid_out_for(self, input: torch.Tensor) -> torch.Tensor:
-        """The packed conv's weight, laid out again first if it was laid out for another input shape.
+    def _laid_out_for(self, input: torch.Tensor, scale: int = 1) -> torch.Tensor:
+        """The packed conv's weight, laid out again first if it was laid out for another input shape
+        (``input``'s, its map upsampled ``scale`` times for :func:`upsample_conv`).
 
         oneDNN picks a conv's weight layout by the input's batch and map size as well as the
         channels, and with a weight in another layout it reorders the whole weight before every
@@ -568,11 +573,11 @@ class Conv2d(_Packable, nn.Conv2d):
         for each new input shape: once per image size and batch, ~0.1 s for the largest conv.
         A network at one size keeps each conv at one shape (tiled VAE decodes use equal tiles).
         For a shape that :func:`winograd_conv3x3` takes, the layout is the plain weight it reads."""
-        shape = (input.shape[0], input.shape[-2], input.shape[-1])
+        shape = (input.shape[0], scale * input.shape[-2], scale * input.shape[-1])
         if self._packed_for != shape:
             with torch.inference_mode(False), torch.no_grad():
                 plain = self._plain_weight() if self.weight.is_mkldnn else self.weight.detach()
-                laid = plain if self._winograd_tile(input, plain) else self._reorder(plain, shape)
+                laid = plain if self._winograd_tile(input, plain, scale) else self._reorder(plain, shape)
                 if laid is not self.weight:
                     self.weight = nn.Parameter(laid, requires_grad=False)
                     _RELEASER.replaced(laid.numel() * laid.element_size())
@@ -901,13 +906,15 @@ def upsample_conv(x: torch.Tensor, conv: nn.Conv2d, cache: bool = True) -> torch
     ``torch.compile``, and where the conv on the upsampled map runs by Winograd's F(4x4, 3x3) (fewer
     multiply-adds again: see below), the original formulation runs.
     """
-    if (x.device.type not in UPSAMPLE_BY_PHASES or torch.compiler.is_compiling()
-            or isinstance(conv, Conv2d) and conv._winograd_tile(x, conv.weight, scale=2) == 4):
-        # (Where the upsampled map's conv runs by Winograd's F(4x4, 3x3), that does 9 multiply-adds
-        # per small-map pixel and channel pair where the four phases do 16: per upsample on an AVX2
-        # EPYC, 0.72-0.89x the time at the UNet's and the VAE's shapes, copy of the upsampled map
-        # included; with F(2x2, 3x3), 16 as well: 1.06x, so the phases stay.)
+    if x.device.type not in UPSAMPLE_BY_PHASES or torch.compiler.is_compiling():
         return conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
+    if isinstance(conv, Conv2d) and conv._winograd_tile(x, conv.weight, scale=2) == 4:
+        # Winograd's F(4x4, 3x3) on the upsampled map does 9 multiply-adds per small-map pixel and
+        # channel pair where the four phases do 16. Per upsample on an AVX2 EPYC: 0.72-0.89x the time
+        # at the UNet's and the VAE's shapes with the upsampled map written out; its transform reads
+        # x instead. (F(2x2, 3x3) does 16 as well, 1.06x the time: there the phases stay.)
+        weight = conv._laid_out_for(x, scale=2) if conv._packed_for is not None else conv.weight
+        return winograd_conv3x3(x, weight.detach(), conv.bias, 4, scale=2)
     assert (conv.kernel_size == (3, 3) and conv.stride == (1, 1) and conv.padding == (1, 1)
             and conv.padding_mode == "zeros" and conv.groups == 1 and conv.dilation == (1, 1)), conv
     b, _, h, w = x.shape
@@ -938,12 +945,14 @@ def _phase_kernels(conv: nn.Conv2d, cache: bool,
     """The four 2x2 kernels of :func:`upsample_conv`, stacked: ``[4 * C_out, C_in, 2, 2]``, and the
     bias x4; packed for an input of ``shape`` = (batch, height, width) where ``conv`` is packed."""
     weight, bias = conv.weight, conv.bias
-    packed = weight.is_mkldnn
+    # A packed conv's weight is plain while it is laid out for a shape that Winograd takes; its phase
+    # kernels are packed all the same.
+    packed = weight.is_mkldnn or getattr(conv, "_packed_for", None) is not None
     if not cache:
         conv.__dict__.pop("_phase_cache", None)
     training = torch.is_grad_enabled() and any(p.requires_grad for p in conv.parameters(recurse=False))
     if not cache or training:
-        return _sum_taps(conv._plain_weight() if packed else weight), None if bias is None else bias.repeat(4)
+        return _sum_taps(conv._plain_weight() if weight.is_mkldnn else weight), None if bias is None else bias.repeat(4)
     # A packed weight has no data pointer; it is replaced, never changed in place, and packing or
     # unpacking the conv drops this cache, so its identity stands in.
     key = ((id(weight), shape) if packed else (weight.data_ptr(), weight._version), weight.dtype, weight.device,
@@ -952,7 +961,7 @@ def _phase_kernels(conv: nn.Conv2d, cache: bool,
     if cached is None or cached[0] != key:
         # Ordinary tensors even under torch.inference_mode, so a later call with autograd on can use them.
         with torch.inference_mode(False), torch.no_grad():
-            kernels = _sum_taps(conv._plain_weight() if packed else weight)
+            kernels = _sum_taps(conv._plain_weight() if weight.is_mkldnn else weight)
             if packed:  # packed like the conv (same padding and stride), for this input shape
                 kernels = conv._reorder(kernels, shape)
             cached = (key, kernels, None if bias is None else bias.repeat(4))

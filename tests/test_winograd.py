@@ -42,7 +42,7 @@ def tiles_used(monkeypatch):
         pytest.skip("sdlite's Winograd kernel cannot be built here")
     used = []
     transform = kernel.input
-    monkeypatch.setattr(kernel, "input", lambda x, v, t0: used.append(kernel.TILES[v.shape[0]]) or transform(x, v, t0))
+    monkeypatch.setattr(kernel, "input", lambda x, v, *a: used.append(kernel.TILES[v.shape[0]]) or transform(x, v, *a))
     return used
 
 
@@ -219,24 +219,37 @@ def test_without_a_compiler_winograd_is_off_with_one_warning_and_convs_run_direc
 
 
 @needs_kernel
+@pytest.mark.parametrize("packed", [False, True])
 def test_an_upsample_whose_conv_takes_4x4_tiles_convolves_the_upsampled_map_and_caches_nothing(
-        monkeypatch, small_rule, tiles_used):
+        monkeypatch, small_rule, tiles_used, packed):
     """``ops.upsample_conv``: F(4x4, 3x3) on the upsampled map does 9 multiply-adds per small-map pixel
-    and channel pair, the four 2x2 phase convs 16; F(2x2, 3x3) does 16 too, so there the phases stay."""
+    and channel pair, the four 2x2 phase convs 16; F(2x2, 3x3) does 16 too, so there the phases stay.
+    The upsampled map is never made: the input transform reads each small pixel for its 2x2 block."""
+    if packed and torch.float32 not in ops.ONEDNN_GEMM:
+        pytest.skip("needs PyTorch's oneDNN ops (x86)")
     monkeypatch.setattr(ops, "WINOGRAD_MIN_TILES", {4: 4, 2: 4})
+    interpolations = []
+    interpolate = F.interpolate
+    monkeypatch.setattr(F, "interpolate", lambda *a, **k: interpolations.append(a[0].shape) or interpolate(*a, **k))
     g = torch.Generator().manual_seed(0)
     conv = ops.Conv2d(8, 8, 3, padding=1).requires_grad_(False)
+    plain_weight = conv.weight.clone()
+    if packed:
+        ops.pack(conv)
 
     def upsample(x):
         tiles_used.clear()
         conv.__dict__.pop("_phase_cache", None)
         with torch.no_grad():
             out = ops.upsample_conv(x, conv)
-        ref = _reference(F.interpolate(x, scale_factor=2.0, mode="nearest"), conv.weight, conv.bias)
-        assert (out.double() - ref).abs().max() <= 1e-5 * ref.abs().max()
+        ref = _reference(interpolate(x, scale_factor=2.0, mode="nearest"), plain_weight, conv.bias)
+        assert out.shape == ref.shape and (out.double() - ref).abs().max() <= 1e-5 * ref.abs().max()
         return tiles_used[:], hasattr(conv, "_phase_cache")
 
-    assert upsample(torch.randn(1, 8, 4, 4, generator=g)) == ([4], False)  # 8x8 upsampled: 4 tiles of 4x4
+    x = torch.randn(2, 8, 5, 3, generator=g)  # 10 x 6 upsampled: 2 x 3 x 2 tiles of 4x4, cut at the edges
+    assert upsample(x) == ([4], False) and not interpolations
+    assert not conv.weight.is_mkldnn  # (packed: laid out plain for Winograd, for the upsampled shape)
     assert upsample(torch.randn(1, 8, 2, 2, generator=g)) == ([], True)  # 4x4: 1 of 4x4, 4 of 2x2: phases
+    assert conv._phase_cache[1].is_mkldnn == packed  # packed for oneDNN though the conv's weight is plain now
     monkeypatch.setattr(ops, "WINOGRAD_CONV", ())
-    assert upsample(torch.randn(1, 8, 4, 4, generator=g)) == ([], True)
+    assert upsample(x) == ([], True) and not interpolations

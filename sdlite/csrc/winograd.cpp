@@ -126,10 +126,13 @@ void weights(const float *g, float *u, int64_t K, int64_t C, int threads) {
 }
 
 // V[p][t - t0][c] = (Bᵀ d_ct B)_p for the tiles t0 .. t0+count-1 of x: [B][H][W][C] (channels-last,
-// contiguous). V: [n²][count][C].
+// contiguous) upsampled `up` times (1: as it is; 2: nearest x2, each pixel read for a 2x2 block of
+// the map the conv sees, which is never written out). V: [n²][count][C].
 template <typename F>
-void input(const float *x, float *v, int64_t C, int64_t H, int64_t W, int64_t t0, int64_t count, int threads) {
+void input(const float *x, float *v, int64_t C, int64_t Hx, int64_t Wx, int up, int64_t t0, int64_t count,
+           int threads) {
     constexpr int m = F::m, n = F::n;
+    const int64_t H = up * Hx, W = up * Wx;  // the convolved map
     const int64_t TH = (H + m - 1) / m, TW = (W + m - 1) / m, plane = count * C;
     std::vector<float> zeros(C, 0.0f);  // the padding: a pixel outside the image
 #pragma omp parallel for num_threads(threads) schedule(static)
@@ -140,7 +143,8 @@ void input(const float *x, float *v, int64_t C, int64_t H, int64_t W, int64_t t0
             const int64_t y = m * i - 1 + r;
             for (int s = 0; s < n; ++s) {
                 const int64_t xc = m * j - 1 + s;
-                d[r][s] = (y >= 0 && y < H && xc >= 0 && xc < W) ? x + ((b * H + y) * W + xc) * C : zeros.data();
+                d[r][s] = (y >= 0 && y < H && xc >= 0 && xc < W) ? x + ((b * Hx + y / up) * Wx + xc / up) * C
+                                                                  : zeros.data();
             }
         }
         float *out = v + (t - t0) * C;
@@ -210,10 +214,12 @@ int sdlite_winograd_weights_fp32(int m, const float *g, float *u, int64_t K, int
     return -1;
 }
 
-int sdlite_winograd_input_fp32(int m, const float *x, float *v, int64_t C, int64_t H, int64_t W, int64_t t0,
-                               int64_t count, int threads) {
-    if (m == 2) return input<F2>(x, v, C, H, W, t0, count, threads), 0;
-    if (m == 4) return input<F4>(x, v, C, H, W, t0, count, threads), 0;
+// H, W: x's map; up: 1, or 2 for the conv of x upsampled (nearest x2), whose map is 2H x 2W.
+int sdlite_winograd_input_fp32(int m, const float *x, float *v, int64_t C, int64_t H, int64_t W, int up,
+                               int64_t t0, int64_t count, int threads) {
+    if (up != 1 && up != 2) return -1;
+    if (m == 2) return input<F2>(x, v, C, H, W, up, t0, count, threads), 0;
+    if (m == 4) return input<F4>(x, v, C, H, W, up, t0, count, threads), 0;
     return -1;
 }
 
