@@ -119,7 +119,7 @@ void weights(const float *g, float *u, int64_t K, int64_t C, int threads) {
                 product(F::G, w, gw);               // G g: the kernel's rows combined
                 product_transposed(gw, F::G, v);    // (G g) Gᵀ: then its columns
 #pragma GCC unroll 36
-                for (int p = 0; p < n * n; ++p) out[p * K * C + c] = float(v[p / n][p % n]);
+                for (int p = 0; p < n * n; ++p) out[p * K * C + c] = v[p / n][p % n];
             }
         }
     }
