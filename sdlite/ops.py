@@ -449,11 +449,16 @@ WINOGRAD_MIN_CHUNK = 256
 WINOGRAD_WEIGHT_BYTES = 64 * 2**20
 
 
+def _winograd_tiles(batch: int, height: int, width: int, m: int) -> int:
+    """How many m x m output tiles cover ``batch`` maps of ``height`` x ``width`` (cut at the edges)."""
+    return batch * -(-height // m) * -(-width // m)
+
+
 def winograd_tile(batch: int, height: int, width: int) -> int | None:
     """The side m of the output tiles by which a 3x3 conv on ``batch`` maps of ``height`` x ``width``
     runs (the rule of ``WINOGRAD_MIN_TILES``), or None: too few tiles for either."""
-    return next((m for m, least in WINOGRAD_MIN_TILES.items()
-                 if batch * -(-height // m) * -(-width // m) >= least), None)
+    return next((m for m, least in WINOGRAD_MIN_TILES.items() if _winograd_tiles(batch, height, width, m) >= least),
+                None)
 
 
 def winograd_conv3x3(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, tile: int | None = None,
@@ -489,7 +494,7 @@ def winograd_conv3x3(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor |
     p = (tile + 2) ** 2  # positions of the Winograd domain
     x = x.contiguous(memory_format=torch.channels_last)
     weight = weight.contiguous()
-    tiles = b * -(-h // tile) * -(-w // tile)
+    tiles = _winograd_tiles(b, h, w, tile)
     chunk = max(1, min(tiles, max(WINOGRAD_MIN_CHUNK, WINOGRAD_CHUNK_BYTES // (4 * p * max(c, k)))))
     # Output channels a block at a time (WINOGRAD_WEIGHT_BYTES).
     block = max(1, min(k, max(WINOGRAD_MIN_CHANNELS, WINOGRAD_WEIGHT_BYTES // (4 * p * c) // 16 * 16)))
@@ -589,13 +594,13 @@ class Conv2d(_Packable, nn.Conv2d):
         times, for :func:`upsample_conv`) as :func:`winograd_conv3x3`, or None: it does not. See
         ``WINOGRAD_CONV`` and the rule below it; fp32 input and weight (plain or packed: only its
         dtype and shape count), no gradient to record, no autocast, and the kernel built."""
-        b, c, h, w = input.shape if input.dim() == 4 else (0, 0, 0, 0)
         if not (_may_fuse(WINOGRAD_CONV, input, weight, self.bias) and input.dim() == 4
                 and input.dtype == weight.dtype == torch.float32 and not torch.is_autocast_enabled("cpu")
                 and weight.shape[2:] == (3, 3) and self.stride == (1, 1) and self.padding == (1, 1)
                 and self.dilation == (1, 1) and self.groups == 1 and self.padding_mode == "zeros"
-                and min(c, weight.shape[0]) >= WINOGRAD_MIN_CHANNELS):
+                and min(input.shape[1], weight.shape[0]) >= WINOGRAD_MIN_CHANNELS):
             return None
+        b, _, h, w = input.shape
         tile = winograd_tile(b, scale * h, scale * w)
         return tile if tile is not None and cpu_kernels.load_winograd() is not None else None
 
@@ -914,7 +919,7 @@ def upsample_conv(x: torch.Tensor, conv: nn.Conv2d, cache: bool = True) -> torch
         # at the UNet's and the VAE's shapes with the upsampled map written out; its transform reads
         # x instead. (F(2x2, 3x3) does 16 as well, 1.06x the time: there the phases stay.)
         weight = conv._laid_out_for(x, scale=2) if conv._packed_for is not None else conv.weight
-        return winograd_conv3x3(x, weight.detach(), conv.bias, 4, scale=2)
+        return winograd_conv3x3(x, weight, conv.bias, 4, scale=2)
     assert (conv.kernel_size == (3, 3) and conv.stride == (1, 1) and conv.padding == (1, 1)
             and conv.padding_mode == "zeros" and conv.groups == 1 and conv.dilation == (1, 1)), conv
     b, _, h, w = x.shape
