@@ -431,15 +431,15 @@ def test_half_weights_reuse_one_fp32_buffer_without_mixing_layers_up(monkeypatch
     xb, xs = torch.randn(3, 64, generator=g).bfloat16(), torch.randn(3, 8, generator=g).bfloat16()
 
     def fresh(layer, x):
-        # The same fp32 product from fresh fp32 copies. Not F.linear: where sdlite's fp32 products
-        # take oneDNN's GEMM, F.linear's (MKL) differs in the last bits, and ~1 input in 300 then
-        # rounds to another bf16 value.
+        # The same fp32 product from fresh fp32 copies. Not F.linear, nor a call where a gradient
+        # is recorded: where sdlite's fp32 products take oneDNN's GEMM, PyTorch's (MKL) differs in
+        # the last bits, and ~1 seed in 300 then rounds to another bf16 value.
         return ops.linear(x.float(), layer.weight.float(), layer.bias.float()).bfloat16()
 
-    with torch.inference_mode():
+    with torch.inference_mode():  # no gradient: both sides take the same GEMM
         outs = [big(xb), small(xs), big(xb), small(xs)]
-    assert all(torch.equal(o, fresh(layer, x)) for o, (layer, x) in
-               zip(outs, [(big, xb), (small, xs), (big, xb), (small, xs)]))
+        assert all(torch.equal(o, fresh(layer, x)) for o, (layer, x) in
+                   zip(outs, [(big, xb), (small, xs), (big, xb), (small, xs)]))
 
 
 def test_half_weights_with_gradients_get_their_own_fp32_copy(monkeypatch):
