@@ -940,7 +940,7 @@ def levers_table(repeats: int) -> str:
                           "oneDNN conv (default) vs im2col + oneDNN GEMM (sdlite.ops._conv_as_gemm)"))
         if torch.float32 in ops.ONEDNN_GEMM and cpu_kernels.load_winograd() is not None:
             xl = x.contiguous(memory_format=torch.channels_last)  # as the packed networks run
-            packed = ops._reorder_conv(w, (1, 1), shape=(b, hw, hw))
+            packed = ops._reorder_conv(w, (1, 1), (1, 1), (1, 1), 1, (b, hw, hw))
             cases.append((f"conv3x3 {cin}->{cout} @{hw}x{hw}, batch {b}",
                           lambda xl=xl, p=packed, bias=bias: torch.ops.mkldnn._convolution_pointwise(
                               xl, p, bias, [1, 1], [1, 1], [1, 1], 1, "none", [], ""),

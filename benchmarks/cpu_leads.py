@@ -159,9 +159,10 @@ def main() -> None:
             for (c_h, c_skip, c_out, side), n in sorted(shapes["split"].items()):
                 h, s = rand_map(2, c_h, side, side, dtype=dtype), rand_map(2, c_skip, side, side, dtype=dtype)
                 w, b = rand(c_out, c_h + c_skip, 3, 3, dtype=dtype, scale=0.02), rand(c_out, dtype=dtype)
-                whole = ops._reorder_conv(w, (1, 1))
-                part_h, part_s = (ops._reorder_conv(w[:, sl].contiguous(), (1, 1))
-                                  for sl in (slice(0, c_h), slice(c_h, None)))
+                def lay_out(w):  # packed for this input shape, as sdlite's packed convs are
+                    return ops._reorder_conv(w, (1, 1), (1, 1), (1, 1), 1, (2, side, side))
+                whole = lay_out(w)
+                part_h, part_s = (lay_out(w[:, sl].contiguous()) for sl in (slice(0, c_h), slice(c_h, None)))
                 old, new, diff = time_pair(lambda: conv(torch.cat([h, s], 1), whole, b),
                                            lambda: conv(h, part_h, b).add_(conv(s, part_s, None)), args.repeats)
                 saved["split"] += n * (old - new)
@@ -170,7 +171,7 @@ def main() -> None:
             for (c_in, c_out), n in sorted(shapes["small"].items()):
                 x = rand_map(2, c_in, 4, 4, dtype=dtype)
                 w, b = rand(c_out, c_in, 3, 3, dtype=dtype, scale=0.02), rand(c_out, dtype=dtype)
-                as_conv, as_linear = ops._reorder_conv(w, (1, 1)), packed_linear(w.reshape(c_out, -1))
+                as_conv, as_linear = ops._reorder_conv(w, (1, 1), (1, 1), (1, 1), 1, (2, 4, 4)), packed_linear(w.reshape(c_out, -1))
                 old, new, diff = time_pair(lambda: conv(x, as_conv, b),
                                            lambda: im2col_gemm(x, as_linear, b, c_out), args.repeats)
                 saved["small"] += n * (old - new)

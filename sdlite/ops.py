@@ -325,12 +325,21 @@ class _Packable(nn.Module):
     def _reorder(self, weight: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
 
+    @property
+    def packed(self) -> bool:
+        """Whether the layer is packed (see :func:`pack`)."""
+        return self.weight.is_mkldnn
+
+    def _can_pack(self) -> bool:
+        w = self.weight
+        return (self.packable and not self.packed and not w.requires_grad and w.device.type == "cpu"
+                and w.dtype in ONEDNN_GEMM)
+
     def pack(self) -> int:
         """Pack the weight if oneDNN can take it; returns the bytes of the plain weight it replaced (0: left)."""
-        w = self.weight
-        if (not self.packable or w.is_mkldnn or w.requires_grad or w.device.type != "cpu"
-                or w.dtype not in ONEDNN_GEMM):
+        if not self._can_pack():
             return 0
+        w = self.weight
         self._plain_shape = w.shape  # a 1x1 conv is packed as a 2-D linear weight
         with torch.inference_mode(False), torch.no_grad():  # an ordinary tensor, usable everywhere
             self.weight = nn.Parameter(self._reorder(w.detach()), requires_grad=False)
@@ -516,13 +525,8 @@ def winograd_conv3x3(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor |
     return y
 
 
-# The input shape, (batch, height, width), a conv weight is packed for until its first call.
-PACK_SHAPE = (1, 8, 8)
-
-
-def _reorder_conv(weight: torch.Tensor, padding: Sequence[int], stride: Sequence[int] = (1, 1),
-                  dilation: Sequence[int] = (1, 1), groups: int = 1,
-                  shape: tuple[int, int, int] = PACK_SHAPE) -> torch.Tensor:
+def _reorder_conv(weight: torch.Tensor, padding: Sequence[int], stride: Sequence[int],
+                  dilation: Sequence[int], groups: int, shape: tuple[int, int, int]) -> torch.Tensor:
     """A conv weight in the blocked layout oneDNN picks for an input of ``shape`` = (batch,
     height, width). The layout depends on that shape, and a call with an input it was not picked
     for reorders the whole weight first, on every call: :class:`Conv2d` re-packs its weight when
@@ -543,21 +547,32 @@ class Conv2d(_Packable, nn.Conv2d):
         return (self.kernel_size == (1, 1) and self.stride == (1, 1) and self.padding == (0, 0)
                 and self.groups == 1)
 
-    def _reorder(self, weight: torch.Tensor, shape: tuple[int, int, int] = PACK_SHAPE) -> torch.Tensor:
+    def _reorder(self, weight: torch.Tensor, shape: tuple[int, int, int] | None = None) -> torch.Tensor:
         if self._pointwise():  # packed as the linear layer it is (see _reorder_conv)
             return torch.ops.mkldnn._reorder_linear_weight(weight.flatten(1), None)
         return _reorder_conv(weight, self.padding, self.stride, self.dilation, self.groups, shape)
 
-    # The input shape (batch, height, width) the weight is laid out for, while the conv is packed
-    # (None: not packed). See _laid_out_for.
-    _packed_for: tuple[int, int, int] | None = None
+    # While the conv is packed, the input shape (batch, height, width) its weight is laid out for:
+    # () until its first call. None: not packed. See _laid_out_for.
+    _packed_for: tuple[int, int, int] | tuple[()] | None = None
+
+    @property
+    def packed(self) -> bool:
+        return self._packed_for is not None
 
     def pack(self) -> int:
-        if self.padding_mode != "zeros" or isinstance(self.padding, str):
+        """A 1x1 conv is packed now, as the linear layer it is: that layout fits every input shape.
+        Any other conv keeps its plain weight until its first call, which lays it out for that
+        call's input shape (see :meth:`_laid_out_for`): oneDNN's layout depends on that shape, and
+        where the conv runs by Winograd it reads the plain weight. Laying it out at load for a guessed
+        shape cost the load a reorder of every conv weight, and the first step a second one (SD1.5:
+        ~0.6 s of load time and ~1-2 s of the first step at 64x64 latents, on the AVX2 CPU of
+        sessions 24-28)."""
+        if self.padding_mode != "zeros" or isinstance(self.padding, str) or not self._can_pack():
             return 0
-        nbytes = super().pack()
-        if nbytes:
-            self._packed_for = PACK_SHAPE
+        self._plain_shape = self.weight.shape
+        nbytes = super().pack() if self._pointwise() else 0
+        self._packed_for = ()
         return nbytes
 
     def unpack(self) -> None:
@@ -574,16 +589,18 @@ class Conv2d(_Packable, nn.Conv2d):
         1280-channel 3x3 conv on a 2x2 map took 650-800 ms instead of ~10, and SD1.5's UNet step
         at batch 2 spent 12.4 of its 13.7 s reordering at 16x16 latents, 0.9 of 15.5 s at 64x64.
         The layout oneDNN wants is not predictable from outside (16-, 24- or 32-channel blocks by
-        shape, no rule) and a packed tensor does not say which it has, so the weight is re-packed
-        for each new input shape: once per image size and batch, ~0.1 s for the largest conv.
+        shape, no rule) and a packed tensor does not say which it has, so the weight is laid out at
+        the conv's first call and again for each new input shape: once per image size and batch,
+        ~0.1 s for the largest conv.
         A network at one size keeps each conv at one shape (tiled VAE decodes use equal tiles).
         For a shape that :func:`winograd_conv3x3` takes, the layout is the plain weight it reads."""
         shape = (input.shape[0], scale * input.shape[-2], scale * input.shape[-1])
         if self._packed_for != shape:
             with torch.inference_mode(False), torch.no_grad():
-                plain = self._plain_weight() if self.weight.is_mkldnn else self.weight.detach()
+                weight = self.weight
+                plain = self._plain_weight() if weight.is_mkldnn else weight.detach()
                 laid = plain if self._winograd_tile(input, plain, scale) else self._reorder(plain, shape)
-                if laid is not self.weight:
+                if laid is not plain or weight.is_mkldnn:  # a new tensor (a plain weight kept as it is)
                     self.weight = nn.Parameter(laid, requires_grad=False)
                     _RELEASER.replaced(laid.numel() * laid.element_size())
             self._packed_for = shape
@@ -643,10 +660,11 @@ def pack(module: nn.Module) -> nn.Module:
     oneDNN computes in a blocked weight layout of its own. Given a plain weight it reorders it into
     that layout on every call: a full read and write of the weight before any arithmetic, which on
     the low-resolution levels of the UNet (1280 channels, small maps) costs as much as the product.
-    A packed weight is reordered once, in place of the plain one (no extra memory); a conv's
-    again when its input's shape changes, since its layout depends on that shape too
-    (``Conv2d._laid_out_for``: once per image size and batch, ~4 s for SD1.5's fp32 UNet on a
-    2-core AVX2 CPU, where the reorders had cost 0.1-11 s per step, by latent size). Per layer:
+    A packed weight is reordered once, in place of the plain one (no extra memory). A conv's layout
+    depends on its input's shape too, so a conv (other than 1x1) is laid out at its first call, and
+    again when that shape changes (``Conv2d._laid_out_for``: once per image size and batch, ~2-4 s
+    for SD1.5's fp32 UNet on a 2-core AVX2 CPU, where the reorders had cost 0.1-11 s per step, by
+    latent size); one that runs by Winograd keeps its plain weight. Per layer:
     linear layers 0.74-0.97x the time, the 3x3 convs of 16x16 and smaller maps 0.28-0.85x (also
     faster than the im2col GEMM of :class:`Conv2d`, which they replace, on AVX-512 and AVX2); the whole
     SD1.5 UNet (batch 2) 0.83x (32x32 latent) and 0.89x (64x64) in fp32, 0.86x and 0.91x in bf16,
@@ -950,9 +968,9 @@ def _phase_kernels(conv: nn.Conv2d, cache: bool,
     """The four 2x2 kernels of :func:`upsample_conv`, stacked: ``[4 * C_out, C_in, 2, 2]``, and the
     bias x4; packed for an input of ``shape`` = (batch, height, width) where ``conv`` is packed."""
     weight, bias = conv.weight, conv.bias
-    # A packed conv's weight is plain while it is laid out for a shape that Winograd takes; its phase
-    # kernels are packed all the same.
-    packed = weight.is_mkldnn or getattr(conv, "_packed_for", None) is not None
+    # A packed conv's weight is plain until its first call, and while it is laid out for a shape
+    # that Winograd takes; its phase kernels are packed all the same.
+    packed = isinstance(conv, _Packable) and conv.packed
     if not cache:
         conv.__dict__.pop("_phase_cache", None)
     training = torch.is_grad_enabled() and any(p.requires_grad for p in conv.parameters(recurse=False))

@@ -68,7 +68,7 @@ def our_pipeline(cfg: ModelConfig, unet: torch.nn.Module, vae: torch.nn.Module |
     ops.pack(unet)
     if vae is not None:
         ops.pack(vae)
-    assert unet.out[2].weight.is_mkldnn == (torch.float32 in ops.ONEDNN_GEMM)
+    assert unet.out[2].packed == (torch.float32 in ops.ONEDNN_GEMM)
     return Pipeline(None, None, unet, vae, cfg, devices.Precision(torch.device("cpu"), torch.float32), name="parity")
 
 

@@ -183,7 +183,7 @@ def test_full_size_matches_diffusers_decode_and_encode_within_1e_10_of_max_abs_i
     ours.to(dtype)
     ref = diffusers_sd_vae(ours)
     ops.pack(ours.requires_grad_(False))  # as sdlite.load runs it on the CPU (fp32: packed; fp64: as is)
-    assert ours.decoder.conv_in.weight.is_mkldnn == (dtype in ops.ONEDNN_GEMM)
+    assert ours.decoder.conv_in.packed == (dtype in ops.ONEDNN_GEMM)
     assert next(ref.parameters()).dtype == dtype
 
     g = torch.Generator().manual_seed(0)

@@ -161,7 +161,7 @@ def test_a_packed_conv_lays_its_weight_out_plain_for_winograd_and_packed_for_oth
     large, small = torch.randn(2, 8, 6, 6, generator=g), torch.randn(1, 8, 4, 4, generator=g)  # 8 and 1 tiles of 4x4
     with torch.no_grad():
         ops.pack(conv)
-        assert conv.weight.is_mkldnn
+        assert conv.packed and not conv.weight.is_mkldnn  # plain until its first call
         outs = [conv(large)]
         assert not conv.weight.is_mkldnn and taken == [(2, 8, 6, 6)]  # laid out plain: Winograd reads it
         outs.append(conv(small))
