@@ -458,7 +458,9 @@ def load_into(module: nn.Module, weights: dict[str, torch.Tensor], *, prefix: st
     right after its own tensors are converted: :func:`sdlite.load` packs the layer's weight there
     (:class:`sdlite.ops.Packer`), so the plain copy is freed before the next layer is converted,
     which reuses its memory instead of touching fresh pages. A file tensor kept as it is and then
-    replaced by ``finish`` is released too (a packed fp32 weight read from an fp32 file)."""
+    replaced by ``finish`` is released too (a packed fp32 weight read from an fp32 file); a conv
+    weight that ``finish`` leaves plain until the conv's first call (:meth:`sdlite.ops.Conv2d.pack`)
+    is released when that call lays it out."""
     expected = module.state_dict()
     missing = [k for k in expected if k not in weights]
     unexpected = [k for k in weights if k not in expected]
@@ -493,6 +495,8 @@ def load_into(module: nn.Module, weights: dict[str, torch.Tensor], *, prefix: st
             for name, v in kept:
                 if getattr(layer, name) is not v:  # replaced by finish (packed): its file pages can go too
                     release(v)
+                elif name == "weight" and getattr(layer, "packed", False):  # laid out at its first call
+                    layer._release_file = release
     return module.eval().requires_grad_(False)
 
 

@@ -555,6 +555,9 @@ class Conv2d(_Packable, nn.Conv2d):
     # While the conv is packed, the input shape (batch, height, width) its weight is laid out for:
     # () until its first call. None: not packed. See _laid_out_for.
     _packed_for: tuple[int, int, int] | tuple[()] | None = None
+    # Set by the loader where the plain weight is the checkpoint file's memory-mapped tensor:
+    # drops that tensor's file pages once a layout replaces it (sdlite.checkpoint.load_into).
+    _release_file: Callable[[torch.Tensor], None] | None = None
 
     @property
     def packed(self) -> bool:
@@ -603,6 +606,9 @@ class Conv2d(_Packable, nn.Conv2d):
                 if laid is not plain or weight.is_mkldnn:  # a new tensor (a plain weight kept as it is)
                     self.weight = nn.Parameter(laid, requires_grad=False)
                     _RELEASER.replaced(laid.numel() * laid.element_size())
+                    release, self._release_file = self._release_file, None
+                    if release is not None:  # the file's weight, replaced for good
+                        release(weight)
             self._packed_for = shape
         return self.weight
 

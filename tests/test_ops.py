@@ -667,7 +667,7 @@ def test_sdlite_load_packs_every_layer_whether_or_not_the_file_needs_converting(
 
 
 @needs_onednn
-def test_the_loader_releases_the_file_pages_of_a_weight_it_packed_without_converting():
+def test_the_loader_releases_the_file_pages_of_a_weight_it_packed_without_converting(monkeypatch):
     # A file already in the target dtype is used as it is; once a layer's weight is packed, the file
     # tensor is no longer used, and its pages are dropped (release) like those of a converted tensor.
     from sdlite.checkpoint import networks_from_state_dict
@@ -681,6 +681,14 @@ def test_the_loader_releases_the_file_pages_of_a_weight_it_packed_without_conver
     packed = [m for net in nets.values() for m in net.modules() if isinstance(m, ops._Packable) and m.weight.is_mkldnn]
     assert packed and len(released) == len(packed)
     assert all(t.dtype == torch.float32 and t.dim() >= 2 for t in released)
+    # A 3x3 conv keeps the file's weight until its first call lays it out; then that one goes too.
+    conv = nets["vae"].decoder.conv_in
+    weight = conv.weight
+    assert conv.packed and not weight.is_mkldnn and conv._release_file is not None
+    with torch.no_grad(), monkeypatch.context() as m:
+        m.setattr(ops, "WINOGRAD_CONV", ())  # (one that runs by Winograd reads the plain weight: nothing to release)
+        conv(torch.randn(1, conv.in_channels, 4, 4))
+    assert conv.weight.is_mkldnn and released[-1] is weight and len(released) == len(packed) + 1
 
 
 @needs_onednn
