@@ -982,9 +982,12 @@ def _phase_kernels(conv: nn.Conv2d, cache: bool,
     training = torch.is_grad_enabled() and any(p.requires_grad for p in conv.parameters(recurse=False))
     if not cache or training:
         return _sum_taps(conv._plain_weight() if weight.is_mkldnn else weight), None if bias is None else bias.repeat(4)
-    # A packed weight has no data pointer; it is replaced, never changed in place, and packing or
-    # unpacking the conv drops this cache, so its identity stands in.
-    key = ((id(weight), shape) if packed else (weight.data_ptr(), weight._version), weight.dtype, weight.device,
+    # A weight in oneDNN's layout has no data pointer; it is replaced, never changed in place, and
+    # packing or unpacking the conv drops this cache, so its identity stands in. A plain weight can
+    # change in place, also in a packed conv (plain until laid out). Packed kernels are laid out
+    # for the input's shape too.
+    source = id(weight) if weight.is_mkldnn else (weight.data_ptr(), weight._version)
+    key = (source, shape if packed else None, weight.dtype, weight.device,
            None if bias is None else (bias.data_ptr(), bias._version))
     cached = getattr(conv, "_phase_cache", None)
     if cached is None or cached[0] != key:

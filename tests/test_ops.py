@@ -296,6 +296,22 @@ def test_upsample_conv_follows_a_change_of_weights():
     assert not torch.equal(before, after)
 
 
+@needs_onednn
+def test_a_packed_upsample_conv_follows_its_plain_weight_changed_in_place():
+    # A packed conv keeps its plain weight until a call lays it out (ops.Conv2d.pack), and an
+    # upsample that runs by phases never does: an in-place change must reach the phase kernels.
+    conv = ops.Conv2d(4, 4, 3, padding=1).requires_grad_(False)
+    ops.pack(conv)
+    x = torch.randn(1, 4, 6, 6, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        before = ops.upsample_conv(x, conv)
+        conv.weight.mul_(2)
+        assert conv.packed and not conv.weight.is_mkldnn
+        after = ops.upsample_conv(x, conv)
+        torch.testing.assert_close(after, _upsample_then_conv(x, conv), rtol=1e-5, atol=1e-5)
+    assert not torch.allclose(before, after)
+
+
 def test_upsample_conv_gradients_equal_the_original_formulation():
     """Training goes through the summed kernels too (uncached): the gradients are those of the original."""
     g = torch.Generator().manual_seed(1)
