@@ -59,6 +59,9 @@ def child(spec: dict) -> None:
     pipe = sdlite.load(spec["ckpt"], device="cpu", dtype="fp32")
     load_s = time.perf_counter() - t0
     load_peak = bench._peak_mib()
+    convs = [m for net in (pipe.unet, pipe.vae, pipe.text_encoder) for m in net.modules()
+             if isinstance(m, ops.Conv2d) and m.packed and not m._pointwise()]
+    laid_out = sum(m._packed_for != () for m in convs)  # 3x3 convs laid out before any call
     hw = spec["hw"]
     g = torch.Generator().manual_seed(0)
     x, c = torch.randn(2, 4, hw, hw, generator=g), torch.randn(2, 77, pipe.config.unet.context_dim, generator=g)
@@ -69,7 +72,8 @@ def child(spec: dict) -> None:
             t0 = time.perf_counter()
             pipe.unet(x, t, c)
             steps.append(time.perf_counter() - t0)
-    bench.report_to_parent({"load_s": load_s, "load_peak": load_peak, "steps": steps, "peak": bench._peak_mib()})
+    bench.report_to_parent({"load_s": load_s, "load_peak": load_peak, "steps": steps, "peak": bench._peak_mib(),
+                            "laid_out_at_load": f"{laid_out} of {len(convs)}"})
 
 
 def main() -> None:
@@ -111,15 +115,15 @@ def main() -> None:
         f"- Checkpoint: {'an SD1.5-size ' + args.file_dtype + ' file with seeded random weights' if args.ckpt is None else ckpt}"
         f", loaded into fp32; UNet steps at batch 2, {args.hw}x{args.hw} latents; {args.runs} fresh processes "
         f"per way, alternating; medians, with the range", "",
-        "| way | load s | first step s | later steps s | peak RSS after load MiB | peak RSS MiB |",
-        "|---|---:|---:|---:|---:|---:|"]
+        "| way | convs laid out at load | load s | first step s | later steps s | peak RSS after load MiB | peak RSS MiB |",
+        "|---|---:|---:|---:|---:|---:|---:|"]
 
     def cell(values: list[float], fmt: str = ".2f") -> str:
         return f"{statistics.median(values):{fmt}} ({min(values):{fmt}}–{max(values):{fmt}})"
 
     for way, runs in results.items():
         later = [s for r in runs for s in r["steps"][1:]]
-        lines.append(f"| {WAYS[way]} | {cell([r['load_s'] for r in runs])} | {cell([r['steps'][0] for r in runs])} | "
+        lines.append(f"| {WAYS[way]} | {runs[0]['laid_out_at_load']} | {cell([r['load_s'] for r in runs])} | {cell([r['steps'][0] for r in runs])} | "
                      f"{cell(later) if later else '—'} | {cell([r['load_peak'] for r in runs], '.0f')} | "
                      f"{cell([r['peak'] for r in runs], '.0f')} |")
     bench.print_or_write("\n".join(lines), args.out)

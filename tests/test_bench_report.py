@@ -2,7 +2,8 @@
 
 The benchmark itself is not a test (it takes ~55 minutes at SD1.5 size); these check the pure
 helpers that turn its timings into the report's notes, and (on tiny networks) that the attention
-kernel's lever switches what it says it switches."""
+kernel's lever switches what it says it switches and that first_step.py still replays the conv
+packing it compares against."""
 
 import sys
 from pathlib import Path
@@ -89,3 +90,26 @@ def test_a_fresh_process_row_that_fails_gives_its_last_lines_not_an_exception(tm
     script = tmp_path / "child.py"
     script.write_text("import sys\nprint('loading', flush=True)\nsys.exit('out of memory at step 2')\n")
     assert bench.run_spec(str(script), {"side": "sdlite"}, env={}, timeout=60) == {"error": "out of memory at step 2"}
+
+
+def test_first_step_script_replays_the_layout_at_load_and_reports_both_ways(tmp_path):
+    # benchmarks/first_step.py patches sdlite's conv packing to replay the way before session 28;
+    # a run on a tiny checkpoint (numbers meaningless) keeps that patch in step with sdlite.
+    import subprocess
+
+    import sdlite
+    from test_pipeline import make_pipe
+
+    if torch.float32 not in sdlite.ops.ONEDNN_GEMM:
+        pytest.skip("no oneDNN GEMM here: nothing is packed")
+    pipe = make_pipe()
+    convs = sum(isinstance(m, sdlite.ops.Conv2d) and m.kernel_size != (1, 1)
+                for net in (pipe.unet, pipe.vae) for m in net.modules())
+    ckpt = sdlite.save(pipe, tmp_path / "tiny.safetensors")
+    out = tmp_path / "first-step.md"
+    subprocess.run([sys.executable, str(Path(bench.__file__).with_name("first_step.py")), "--ckpt", str(ckpt),
+                    "--runs", "1", "--steps", "2", "--hw", "8", "--out", str(out)], check=True, capture_output=True)
+    rows = [line.split(" | ") for line in out.read_text().splitlines() if line.startswith("| ")]
+    laid_out_at_load = {cells[0].removeprefix("| "): cells[1] for cells in rows if " of " in cells[1]}
+    assert laid_out_at_load == {"every conv packed at load for (1, 8, 8) (before session 28)": f"{convs} of {convs}",
+                                "each conv laid out at its first call (sdlite now)": f"0 of {convs}"}
