@@ -581,6 +581,9 @@ class Conv2d(_Packable, nn.Conv2d):
     def unpack(self) -> None:
         super().unpack()
         self._packed_for = None
+        # Unpacked, the plain weight is the caller's to use (even to change in place, which a
+        # private file mapping keeps in memory of its own): its file pages are never dropped.
+        self._release_file = None
 
     def _laid_out_for(self, input: torch.Tensor, scale: int = 1) -> torch.Tensor:
         """The packed conv's weight, laid out again first if it was laid out for another input shape

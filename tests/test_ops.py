@@ -705,6 +705,15 @@ def test_the_loader_releases_the_file_pages_of_a_weight_it_packed_without_conver
         m.setattr(ops, "WINOGRAD_CONV", ())  # (one that runs by Winograd reads the plain weight: nothing to release)
         conv(torch.randn(1, conv.in_channels, 4, 4))
     assert conv.weight.is_mkldnn and released[-1] is weight and len(released) == len(packed) + 1
+    # Once unpacked, a plain file weight is the caller's: packed and laid out again, it is not released.
+    other = nets["vae"].decoder.conv_out
+    assert other._release_file is not None
+    other.unpack()
+    ops.pack(other)
+    with torch.no_grad(), monkeypatch.context() as m:
+        m.setattr(ops, "WINOGRAD_CONV", ())
+        other(torch.randn(1, other.in_channels, 4, 4))
+    assert other.weight.is_mkldnn and len(released) == len(packed) + 1
 
 
 @needs_onednn
