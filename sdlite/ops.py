@@ -631,7 +631,7 @@ class Conv2d(_Packable, nn.Conv2d):
         return tile if tile is not None and cpu_kernels.load_winograd() is not None else None
 
     def _conv_forward(self, input: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-        if weight is self.weight and self._packed_for is not None:  # packed: laid out for this input
+        if weight is self.weight and self.packed:  # laid out for this input
             if not (self._packed_path(input, weight, bias) and input.dim() == 4):
                 self.unpack()  # for good (gradients, autocast, torch.compile, another dtype)
             elif not self._pointwise():  # (a 1x1 conv's layout, a linear layer's, fits every shape)
@@ -945,7 +945,7 @@ def upsample_conv(x: torch.Tensor, conv: nn.Conv2d, cache: bool = True) -> torch
         # channel pair where the four phases do 16. Per upsample on an AVX2 EPYC: 0.72-0.89x the time
         # at the UNet's and the VAE's shapes with the upsampled map written out; its transform reads
         # x instead. (F(2x2, 3x3) does 16 as well, 1.06x the time: there the phases stay.)
-        weight = conv._laid_out_for(x, scale=2) if conv._packed_for is not None else conv.weight
+        weight = conv._laid_out_for(x, scale=2) if conv.packed else conv.weight
         return winograd_conv3x3(x, weight, conv.bias, 4, scale=2)
     assert (conv.kernel_size == (3, 3) and conv.stride == (1, 1) and conv.padding == (1, 1)
             and conv.padding_mode == "zeros" and conv.groups == 1 and conv.dilation == (1, 1)), conv
