@@ -495,8 +495,8 @@ def load_into(module: nn.Module, weights: dict[str, torch.Tensor], *, prefix: st
             for name, v in kept:
                 if getattr(layer, name) is not v:  # replaced by finish (packed): its file pages can go too
                     release(v)
-                elif name == "weight" and getattr(layer, "packed", False):  # laid out at its first call
-                    layer._release_file = release
+                elif name == "weight" and getattr(layer, "packed", False):  # a conv laid out at its first call
+                    layer.release_when_laid_out(release)
     return module.eval().requires_grad_(False)
 
 

@@ -555,8 +555,7 @@ class Conv2d(_Packable, nn.Conv2d):
     # While the conv is packed, the input shape (batch, height, width) its weight is laid out for:
     # () until its first call. None: not packed. See _laid_out_for.
     _packed_for: tuple[int, int, int] | tuple[()] | None = None
-    # Set by the loader where the plain weight is the checkpoint file's memory-mapped tensor:
-    # drops that tensor's file pages once a layout replaces it (sdlite.checkpoint.load_into).
+    # See release_when_laid_out.
     _release_file: Callable[[torch.Tensor], None] | None = None
 
     @property
@@ -577,6 +576,13 @@ class Conv2d(_Packable, nn.Conv2d):
         nbytes = super().pack() if self._pointwise() else 0
         self._packed_for = ()
         return nbytes
+
+    def release_when_laid_out(self, release: Callable[[torch.Tensor], None]) -> None:
+        """The packed conv's plain weight is a checkpoint file's memory-mapped tensor: once its first
+        call lays out a weight of its own, ``release(file_weight)`` drops the file's pages (the
+        loader's, :func:`sdlite.checkpoint.load_into`). Until then the weight is read from the file."""
+        assert self.packed and not self.weight.is_mkldnn, "only for a packed conv not yet laid out"
+        self._release_file = release
 
     def unpack(self) -> None:
         super().unpack()
