@@ -602,8 +602,7 @@ class Pipeline:
             raise ArgumentError("give at least one prompt")
         if len(negatives) != len(prompts):
             raise ArgumentError(f"{len(prompts)} prompts but {len(negatives)} negative prompts")
-        if eta is not None and not float(eta) >= 0.0:  # also NaN
-            raise ArgumentError(f"eta must be ≥ 0 (0: no added noise), got {eta}")
+        spec.check_eta(eta)
         token_merging_ratio = tome.check_ratio(token_merging_ratio)
         if not 1 <= int(clip_skip) <= self.max_clip_skip:
             raise ArgumentError(f"clip_skip must be in [1, {self.max_clip_skip}] for this model's text encoder "

@@ -427,6 +427,7 @@ def test_the_loop_copies_a_compiled_unets_output_that_its_next_call_would_overwr
     (dict(prompt=[]), "at least one prompt"),
     (dict(eta=-1.0), "eta must be"),
     (dict(eta=float("nan")), "eta must be"),
+    (dict(eta=1.5, sampler="DDIM"), "eta must be ≥ 0 and ≤ 1 for DDIM"),  # no DDIM step there (NaN in A1111)
     (dict(clip_skip=0), r"clip_skip must be in \[1, 2\]"),
     (dict(clip_skip=3), r"clip_skip must be in \[1, 2\]"),
     (dict(seed=-(2**63) - 1), "seed must be"),

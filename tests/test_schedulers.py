@@ -741,6 +741,48 @@ def test_callback_sees_every_step_and_false_stops_sampling(sampler):
     assert torch.equal(out, last["x"])
 
 
+
+@pytest.mark.parametrize("eta", [1.5, 3.0])
+@pytest.mark.parametrize("sampler", [s for s in SAMPLERS if s.uses_eta and s.max_eta > 1], ids=lambda s: s.id)
+def test_k_samplers_take_eta_above_1_and_stay_finite(sampler, eta):
+    """eta > 1 (A1111's API takes any eta) clips an ancestral step's sigma_up to sigma_next on large steps,
+    so sigma_down is 0 and -log sigma_down infinite: the run must still end, finite, as k-diffusion's does."""
+    den = Denoiser(gaussian_data_model(1.0), SCHED, "eps")
+    out = sampler.sample(den, start_noise(), sampler.levels(SCHED, 10), generator=torch.Generator().manual_seed(0),
+                         eta=eta)
+    assert torch.isfinite(out).all()
+
+
+@pytest.mark.parametrize("sampler, noise_std", [("euler_a", 5.0), ("dpmpp_2s_a", 5.0), ("dpmpp_sde", 5.0),
+                                                ("dpm2_a", 0.0)])
+def test_an_ancestral_step_with_sigma_down_0_lands_on_the_denoised_and_adds_all_of_sigma_next(sampler, noise_std):
+    """From sigma 10 to 5 at eta = 2, sigma_up is clipped to 5 and sigma_down is 0: with data 0 and the exact
+    denoiser, the step lands on 0 and adds noise of std 5. DPM2 a, as k-diffusion's (A1111's images), adds none
+    after its Euler branch."""
+    den = Denoiser(gaussian_data_model(0.0), SCHED, "eps")
+    after = {}
+
+    def first_step(i, level, x, denoised):
+        after["x"] = x
+        return False
+
+    noise = torch.randn(1, 1, 64, 64, generator=torch.Generator().manual_seed(0))
+    get_sampler(sampler).sample(den, noise, torch.tensor([10.0, 5.0, 0.0]), generator=torch.Generator().manual_seed(1),
+                                eta=2.0, callback=first_step)
+    assert after["x"].std().item() == pytest.approx(noise_std, rel=0.05, abs=1e-5)
+
+
+@pytest.mark.parametrize("sampler", ["ddim", "ddim_cfgpp"])
+def test_ddim_rejects_eta_above_1_where_its_noise_would_exceed_the_step(sampler):
+    """Eq. 16's sigma_t = eta x the DDPM posterior std: past eta = 1 it exceeds sqrt(1 - a_prev), the direction
+    term's square root goes negative (NaN in CompVis' and A1111's DDIM). 1 itself is the DDPM posterior."""
+    spec = get_sampler(sampler)
+    assert spec.uses_eta and sampler in {s.id for s in SAMPLERS if s.max_eta == 1.0}
+    with pytest.raises(ArgumentError, match="≤ 1"):
+        ours(sampler, "eps", spec.levels(SCHED, 5), start_noise(), eta=1.01)
+    assert torch.isfinite(ours(sampler, "eps", spec.levels(SCHED, 5), start_noise(), seed=0, eta=1.0)).all()
+
+
 def test_plms_ignores_eta_as_a1111_does():
     levels = SCHED.ddim_timesteps(5)
     assert torch.equal(ours("plms", "eps", levels, start_noise(), eta=1.0), ours("plms", "eps", levels, start_noise()))

@@ -43,8 +43,9 @@ def sigma_of(t: float) -> float:
 
 
 def t_of(sigma: float) -> float:
-    """t(sigma) = -log sigma = lambda, the half log-SNR (alpha = 1 in sigma space)."""
-    return -math.log(sigma)
+    """t(sigma) = -log sigma = lambda, the half log-SNR (alpha = 1 in sigma space); infinite at sigma = 0
+    (where an ancestral step with eta > 1 aims: its noise is then all of sigma_next)."""
+    return -math.log(sigma) if sigma > 0 else math.inf
 
 
 def _eps(denoiser: Denoiser, x: torch.Tensor, t: float) -> torch.Tensor:

@@ -196,7 +196,8 @@ def sample_dpm_2_ancestral(denoiser: Denoiser, x: torch.Tensor, sigmas: torch.Te
                            generator: torch.Generator | None = None, callback: Callback | None = None,
                            eta: float = 1.0) -> torch.Tensor:
     """"DPM2 a": a DPM-Solver-2 step down to sigma_down, then fresh noise of std sigma_up
-    (k-diffusion ``sample_dpm_2_ancestral``)."""
+    (k-diffusion ``sample_dpm_2_ancestral``). Where sigma_down is 0 (the last step, or eta > 1 on a large
+    step) it takes an Euler step and, as k-diffusion does, adds no noise: the same images as A1111's."""
     x, s = _start(x, sigmas)
     for i in range(len(s) - 1):
         denoised = denoiser(x, s[i])
@@ -426,8 +427,8 @@ def sample_dpmpp_sde(denoiser: Denoiser, x: torch.Tensor, sigmas: torch.Tensor, 
     def sigma_fn(lam: float) -> float:
         return math.exp(-lam)
 
-    def lam_fn(sigma: float) -> float:
-        return -math.log(sigma)
+    def lam_fn(sigma: float) -> float:  # infinite at sigma = 0, as k-diffusion's -log: sigma_fn(inf) = 0
+        return -math.log(sigma) if sigma > 0 else math.inf
 
     for i in range(len(s) - 1):
         denoised = denoiser(x, s[i])

@@ -94,6 +94,7 @@ class Sampler:
     default_eta: float = 1.0
     stochastic: bool = False           # draws noise from the generator while sampling
     uses_eta: bool = False             # eta scales the noise its steps add (A1111 records a non-default eta)
+    max_eta: float = math.inf          # DDIM's eq. 16 has no step for eta > 1 (see check_eta)
     second_order: bool = False         # two network calls per step
     discard_penultimate: bool = False  # A1111 "discard_next_to_last_sigma": steps + 1 sigmas, the second last dropped
     time_uniform: bool = False         # timestep family, on A1111's UniPC grid instead of DDIM's timesteps
@@ -175,6 +176,18 @@ class Sampler:
             sigmas = torch.cat([sigmas[:-2], sigmas[-1:]])
         return sigmas if strength >= 1.0 else sigmas[steps - t_enc - 1:]
 
+    def check_eta(self, eta: float | None) -> float:
+        """The eta a run uses (None = :attr:`default_eta`), or :class:`ArgumentError` if this sampler has no
+        step for it: below 0, or above 1 for DDIM, whose noise of std eta x the DDPM posterior's would then
+        exceed the noise the step may add (the square root of a negative number: NaN in CompVis' and
+        A1111's code). The ancestral k samplers take any eta: past 1 a large step's noise is all of the
+        next level's."""
+        eta = self.default_eta if eta is None else float(eta)
+        if not 0.0 <= eta <= self.max_eta:  # also NaN
+            top = "" if self.max_eta == math.inf else f" and ≤ {self.max_eta:g}"
+            raise ArgumentError(f"eta must be ≥ 0{top} for {self.label} (0: no added noise), got {eta}")
+        return eta
+
     def sample(self, denoiser: Denoiser, noise: torch.Tensor, levels: torch.Tensor, *, init: torch.Tensor | None = None,
                generator: torch.Generator | None = None, callback: k.Callback | None = None,
                eta: float | None = None, settings: Mapping[str, Any] | None = None) -> torch.Tensor:
@@ -185,7 +198,7 @@ class Sampler:
         at the timestep *above* the first visited one; here the init is noised at the level the run starts
         from, consistently with the k samplers). ``eta`` None = :attr:`default_eta`. ``settings``
         (:data:`SAMPLER_SETTINGS`): those of this sampler go to its function (UniPC's)."""
-        eta = self.default_eta if eta is None else float(eta)
+        eta = self.check_eta(eta)
         noise = noise.to(torch.promote_types(noise.dtype, torch.float32))
         if self.family == "k":
             x = noise * float(levels[0])
@@ -238,8 +251,9 @@ SAMPLERS: tuple[Sampler, ...] = (
             uses_eta=True, endpoints_only=True, a1111_options=(("uses_ensd", True),), steps_fn=lambda n: None),
     Sampler("restart", "Restart", restart.sample_restart, default_schedule="karras",
             stochastic=True, second_order=True, a1111_options=(("scheduler", "karras"), ("second_order", True))),
-    Sampler("ddim", "DDIM", ddim.sample_ddim, family="timestep", default_eta=0.0, uses_eta=True),
+    Sampler("ddim", "DDIM", ddim.sample_ddim, family="timestep", default_eta=0.0, uses_eta=True, max_eta=1.0),
     Sampler("ddim_cfgpp", "DDIM CFG++", ddim.sample_ddim_cfgpp, family="timestep", default_eta=0.0, uses_eta=True,
+            max_eta=1.0,
             cfg_pp=True),
     Sampler("plms", "PLMS", ddim.sample_plms, family="timestep", default_eta=0.0),
     Sampler("unipc", "UniPC", unipc.sample_unipc, family="timestep", default_eta=0.0, time_uniform=True),
