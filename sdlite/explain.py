@@ -458,19 +458,43 @@ def reverse_process(pipe: "Pipeline", prompt: str = DEFAULT_PROMPT, seed: int = 
 
 
 @torch.no_grad()
+def _visited_timesteps(spec: Any, schedule: Any, steps: int) -> list[float]:
+    """The timestep each step of a ``steps``-step run of sampler ``spec`` (its default schedule) starts from,
+    as its callback reports it: DPM fast takes fewer, larger steps than ``steps``, DPM adaptive picks its own,
+    Restart goes back up to a higher noise level and down again. The run is on a stand-in problem, data
+    N(0, 1) with its exact noise prediction E[eps | x_t] = sqrt(1 - alphabar_t) x_t, on an 8x8 latent: the
+    levels of every other sampler do not depend on the model, and DPM adaptive's depend on it only mildly."""
+    from .schedulers.denoiser import Denoiser
+
+    def exact_eps(x_in: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        sigma = schedule.t_to_sigma(t.double()).reshape(-1, 1, 1, 1)
+        return (x_in.double() * sigma / (1 + sigma**2).sqrt()).to(x_in.dtype)
+
+    seen: list[float] = []
+
+    def record(i: int, level: Any, x: torch.Tensor, denoised: torch.Tensor) -> None:
+        seen.append(float(schedule.sigma_to_t(torch.tensor(float(level), dtype=torch.float64)))
+                    if spec.family == "k" else float(level))
+
+    noise = torch.randn(1, 1, 8, 8, generator=torch.Generator().manual_seed(0))
+    spec.sample(Denoiser(exact_eps, schedule, "eps"), noise, spec.levels(schedule, steps),
+                generator=torch.Generator().manual_seed(1), callback=record)
+    return seen
+
+
 def schedules(pipe: "Pipeline", steps: int = DEFAULT_STEPS, outdir: PathLike = "docs/figures") -> dict[str, Any]:
     """The model's noise schedule and the levels the samplers visit.
 
-    Panels: ᾱ_t; SNR_t = ᾱ_t / (1 − ᾱ_t) (log scale); σ_t = sqrt((1 − ᾱ_t) / ᾱ_t) (log scale) — each
-    against t, with the ``steps`` Karras sigmas (rho = 7, placed at t = ``schedule.sigma_to_t(σ)``); and the
-    timesteps every sampler of :data:`sdlite.schedulers.SAMPLERS` visits with its default schedule
-    (``sampler.levels(schedule, steps)``: the level each step starts from; second-order samplers also
-    evaluate the network between them; the k-samplers' final σ = 0, the clean sample, is not a timestep and
-    is left out).
+    Panels: ᾱ_t (top left) and SNR_t = ᾱ_t / (1 − ᾱ_t) (top right, log scale), with the ``steps`` Karras
+    sigmas (rho = 7, placed at t = ``schedule.sigma_to_t(σ)``); σ_t = sqrt((1 − ᾱ_t) / ᾱ_t) (bottom left, log
+    scale) with the Karras sigmas and the default uniform-in-t ones; and the timestep each step of every
+    sampler of :data:`sdlite.schedulers.SAMPLERS` starts from with its default schedule, recorded from a run
+    (:func:`_visited_timesteps`; second-order samplers also evaluate the network between them; the
+    k-samplers' final σ = 0, the clean sample, is not a timestep and is not a step's start).
 
     Writes ``schedules.png``. Returns ``files``, ``t``, ``alphas_cumprod``, ``snr``, ``sigma`` (lists over
     t = 0 .. T − 1), ``karras_sigmas`` (``steps + 1`` values, ending in 0), ``karras_t``, ``uniform_sigmas``,
-    ``visits`` (sampler id → list of visited t, decreasing).
+    ``visits`` (sampler id → the t each step starts from, in order).
     """
     from .schedulers import SAMPLERS
 
@@ -484,16 +508,9 @@ def schedules(pipe: "Pipeline", steps: int = DEFAULT_STEPS, outdir: PathLike = "
     uniform = s.get_sigmas(int(steps), "automatic", dtype=torch.float64)
     karras_t = s.sigma_to_t(karras[:-1]).tolist()
     uniform_t = s.sigma_to_t(uniform[:-1]).tolist()
-    visits: dict[str, list[float]] = {}
-    labels: dict[str, str] = {}
-    for spec in SAMPLERS:
-        lv = spec.levels(s, int(steps))
-        if spec.family == "k":
-            visits[spec.id] = s.sigma_to_t(lv[lv > 0].double()).tolist()
-            labels[spec.id] = f"{spec.label} ({spec.default_schedule})"
-        else:
-            visits[spec.id] = [float(v) for v in lv.tolist()]
-            labels[spec.id] = f"{spec.label} (timesteps)"
+    visits = {spec.id: _visited_timesteps(spec, s, int(steps)) for spec in SAMPLERS}
+    labels = {spec.id: f"{spec.label} ({spec.default_schedule if spec.family == 'k' else 'timesteps'})"
+              for spec in SAMPLERS}
 
     blue, red, green = _PALETTE[0], _PALETTE[1], _PALETTE[2]
     pw, ph = 520, 300

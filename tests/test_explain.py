@@ -19,7 +19,7 @@ from PIL import Image
 import sdlite
 from sdlite import explain
 from sdlite.errors import ArgumentError
-from sdlite.schedulers import SAMPLERS
+from sdlite.schedulers import SAMPLERS, get_sampler
 
 from test_pipeline import make_pipe
 
@@ -97,10 +97,19 @@ def test_schedules_snr_decreases_and_karras_runs_from_sigma_max_to_sigma_min_the
     # Karras spends more steps at low noise than the model's uniform-in-t levels do
     uniform_t = pipe.schedule.sigma_to_t(torch.tensor(r["uniform_sigmas"][:-1], dtype=torch.float64)).tolist()
     assert sum(t < 200 for t in r["karras_t"]) > sum(t < 200 for t in uniform_t)
+    # The timesteps each sampler's steps start from, as its callback reports them: one per step, where the
+    # sampler takes `steps` steps; DPM fast takes floor(n / 3) + 1; DPM adaptive its own (a rejected step is
+    # retried from the same level).
     assert set(r["visits"]) == {s.id for s in SAMPLERS}
-    for sid, ts in r["visits"].items():
-        assert len(ts) == steps, sid
-        assert all(0 <= t <= 999 for t in ts) and ts == sorted(ts, reverse=True), sid
+    for spec in SAMPLERS:
+        ts = r["visits"][spec.id]
+        expected = spec.steps_fn(steps) if spec.steps_fn else steps
+        assert len(ts) == expected if expected is not None else len(ts) >= 1, spec.id
+        assert all(0 <= t <= 999.0001 for t in ts) and all(a >= b for a, b in zip(ts, ts[1:])), spec.id
+    assert len(r["visits"]["dpm_fast"]) == 4
+    # From 20 steps A1111's Restart climbs back to a higher noise level once, and descends again.
+    ts = explain._visited_timesteps(get_sampler("restart"), pipe.schedule, 20)
+    assert len(ts) == 20 and sum(b > a for a, b in zip(ts, ts[1:])) == 1
 
 
 def test_guided_predicted_x0_is_the_same_extrapolation_of_cond_and_uncond(pipe, tmp_path):

@@ -5,8 +5,10 @@ The samplers never see the network. They get a :class:`Denoiser`, which wraps
 conditioning inside ``model_fn``) together with the :class:`DiscreteSchedule` the model was trained
 with and its prediction type:
 
-- sigma space (k-samplers): ``denoiser(x, sigma) -> x0``, the preconditioning of Karras et al. 2022
-  (Table 1, VP column; k-diffusion ``CompVisDenoiser`` / ``CompVisVDenoiser``) with sigma_data = 1::
+- sigma space (k-samplers): ``denoiser(x, sigma) -> x0``, the preconditioning of Karras et al. 2022,
+  Table 1 (k-diffusion ``CompVisDenoiser`` / ``CompVisVDenoiser``): for an eps model its VP column; for
+  a v model the c_skip and c_out of its "ours" (EDM) column with sigma_data = 1, c_out negated for v's
+  sign convention::
 
       c_in = 1 / sqrt(sigma^2 + 1)          t = sigma_to_t(sigma)  (fractional, never rounded)
       eps model:  x0 = x - sigma * eps(c_in x, t)

@@ -1,4 +1,4 @@
-"""Restart sampling (Xu, Deng, Song, Liu, Tegmark & Jaakkola 2023, "Restart Sampling for Improving Generative
+"""Restart sampling (Xu, Deng, Cheng, Tian, Liu & Jaakkola 2023, "Restart Sampling for Improving Generative
 Processes", arXiv:2306.14878), as AUTOMATIC1111's "Restart" sampler runs it (modules/sd_samplers_extra.py).
 
 The probability-flow ODE dx/dsigma = (x - D(x, sigma)) / sigma is solved with Heun's method down the sigma

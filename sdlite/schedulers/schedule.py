@@ -8,7 +8,7 @@ Stable Diffusion was trained as a discrete DDPM (Ho et al. 2020) with T = 1000 s
     x_t         = sqrt(alphabar_t) x_0 + sqrt(1 - alphabar_t) eps            (DDPM eq. 4)
 
 The same process written as "data plus Gaussian noise of standard deviation sigma" (Karras et al.
-2022, "Elucidating the Design Space", Table 1, the VP row) is ``x = x_0 + sigma * eps`` with
+2022, "Elucidating the Design Space", Table 1, the VP column) is ``x = x_0 + sigma * eps`` with
 ``x = x_t / sqrt(alphabar_t)`` and ``sigma_t = sqrt((1 - alphabar_t) / alphabar_t)``. The k-samplers
 work in that sigma space; DDIM, PLMS and DDPM work in the x_t ("VP") space. Both spaces meet at
 sigma = 0, where x is the clean latent.
