@@ -100,13 +100,17 @@ _ALLOWED_GLOBALS: dict[str, set[str]] = {
 }
 
 
+class _ForbiddenGlobal(pickle.UnpicklingError):
+    """The pickle names a function or class outside the allowed ones: loading it could run code."""
+
+
 class _RestrictedUnpickler(pickle.Unpickler):
     def find_class(self, module: str, name: str) -> Any:
         if name in _ALLOWED_GLOBALS.get(module, ()):
             return super().find_class(module, name)
         if module.startswith(_INERT_MODULE_PREFIXES) or module in ("pytorch_lightning", "lightning", "omegaconf"):
             return _Inert
-        raise pickle.UnpicklingError(f"global '{module}.{name}' is forbidden (it could run code)")
+        raise _ForbiddenGlobal(f"global '{module}.{name}' is forbidden (it could run code)")
 
 
 class _RestrictedPickleModule:
@@ -131,7 +135,7 @@ def _read_pickle(path: Path) -> tuple[Any, Callable[[torch.Tensor], None]]:
         if zipfile.is_zipfile(path):  # the zip format: torch maps the file privately, like ours
             try:
                 obj = torch.load(path, mmap=True, **kwargs)
-            except pickle.UnpicklingError:
+            except _ForbiddenGlobal:
                 raise
             except Exception:  # e.g. a file system that cannot map files: read it (errors surface below)
                 return torch.load(path, **kwargs), _no_release
@@ -140,7 +144,7 @@ def _read_pickle(path: Path) -> tuple[Any, Callable[[torch.Tensor], None]]:
             ranges = _mapped_ranges(path)
             return obj, (_page_releaser(ranges, _libc_dontneed()) if ranges else _no_release)
         return torch.load(path, **kwargs), _no_release  # legacy pickle: ordinary memory
-    except pickle.UnpicklingError as e:
+    except _ForbiddenGlobal as e:  # (a damaged pickle is an UnpicklingError too, and is only corrupt: below)
         raise CheckpointError(f"{path}: refused to load: {e}. This file may try to run code; "
                               "only load checkpoints you trust, or a .safetensors version of it.") from None
     except Exception as e:  # truncated zip, bad magic number, EOF, ...
@@ -292,20 +296,30 @@ def read_checkpoint(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str
     return tensors, metadata
 
 
+def check_path(path: str | Path) -> Path:
+    """``path`` if it names a file with a checkpoint's extension, else :class:`CheckpointError` saying why
+    (nothing is read: the CLI checks this before any other work)."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"{path}: no such checkpoint file" if not path.exists()
+                              else f"{path}: is a directory, not a checkpoint file" if path.is_dir()
+                              else f"{path}: not a regular file, not a checkpoint file")
+    if path.suffix.lower() not in SUFFIXES_SAFETENSORS + SUFFIXES_PICKLE:
+        raise CheckpointError(f"{path}: unknown checkpoint extension {path.suffix!r}; "
+                              f"expected one of {', '.join(SUFFIXES_SAFETENSORS + SUFFIXES_PICKLE)}")
+    return path
+
+
 def _open_checkpoint(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str], Callable[[torch.Tensor], None]]:
     """:func:`read_checkpoint`, plus the file's ``release(tensor)`` (see :func:`_page_releaser`;
     a no-op for legacy non-zip pickles, read into ordinary memory)."""
-    if not path.is_file():
-        raise CheckpointError(f"{path}: no such checkpoint file")
+    check_path(path)
     metadata: dict[str, str] = {}
     release = _no_release
     if path.suffix.lower() in SUFFIXES_SAFETENSORS:
         obj, metadata, release = _read_safetensors(path)
-    elif path.suffix.lower() in SUFFIXES_PICKLE:
-        obj, release = _read_pickle(path)
     else:
-        raise CheckpointError(f"{path}: unknown checkpoint extension {path.suffix!r}; "
-                              f"expected one of {', '.join(SUFFIXES_SAFETENSORS + SUFFIXES_PICKLE)}")
+        obj, release = _read_pickle(path)
     while isinstance(obj, Mapping) and "state_dict" in obj and isinstance(obj["state_dict"], Mapping):
         obj = obj["state_dict"]
     if not isinstance(obj, Mapping):

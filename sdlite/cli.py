@@ -10,6 +10,8 @@ from __future__ import annotations
 import argparse
 import contextlib
 import logging
+import math
+import os
 import re
 import sys
 import time
@@ -181,13 +183,21 @@ def _first_seed(args: argparse.Namespace, n_images: int) -> int:
 
 
 def _check_outdir(outdir: Path) -> None:
-    # mkdir runs only when the first image is saved, after all the work: find a blocking file now.
+    """--outdir made now, before the model loads: a path that cannot be a directory of images fails here,
+    not when the first image is saved, after all the work."""
     for p in (outdir, *outdir.parents):
         if p.exists():
             if not p.is_dir():
                 raise ArgumentError(f"--outdir {outdir}: {p} exists and is not a directory; "
                                     "give a directory or a path that does not exist yet")
-            return
+            break
+    try:
+        outdir.mkdir(parents=True, exist_ok=True)
+        if not os.access(outdir, os.W_OK | os.X_OK):
+            raise PermissionError(13, "Permission denied")
+    except OSError as e:
+        raise ArgumentError(f"--outdir {outdir}: cannot write images there ({e.strerror or e}); "
+                            "give a directory you can write to") from None
 
 
 class _LibraryNotes(logging.Handler):
@@ -238,7 +248,10 @@ def _run(args: argparse.Namespace, img2img: bool) -> int:
             return 0
         prompts = _prompts(args)
         sampler = "plms" if args.plms else args.sampler
-        parse_sampler_and_schedule(sampler, args.schedule)  # fail on a bad name before loading anything
+        spec, _ = parse_sampler_and_schedule(sampler, args.schedule)  # fail on a bad name before loading anything
+        spec.check_eta(args.eta)
+        if not math.isfinite(args.scale):
+            raise ArgumentError(f"--scale must be a finite number, got {args.scale}")
         settings = _sampler_settings(args.sampler_settings)
         if img2img and not 0.0 < args.strength <= 1.0:
             raise ArgumentError(f"--strength must be in (0, 1], got {args.strength}")
@@ -261,9 +274,13 @@ def _run(args: argparse.Namespace, img2img: bool) -> int:
 
         tome.check_ratio(args.token_merging_ratio)  # before the model loads
         seed = _first_seed(args, args.n_samples * args.n_iter * len(prompts))
-        _check_outdir(args.outdir)
         devices.parse_device(args.device)  # a known device name, and one this machine has
+        if args.ckpt is not None:
+            from .checkpoint import check_path
+
+            check_path(args.ckpt)
         _apply_cpu_settings(args)
+        _check_outdir(args.outdir)  # the last check: it makes the folder
         precision = {"full": "fp32"}.get(args.precision, args.precision)
 
         t0 = time.perf_counter()

@@ -587,6 +587,9 @@ class Pipeline:
         _check_size(width, height, self.vae_factor)
         if int(steps) < 1:
             raise ArgumentError(f"steps must be ≥ 1, got {steps}")
+        if not math.isfinite(float(guidance_scale)):
+            raise ArgumentError(f"guidance_scale must be a finite number (7.5 is usual; 1 = no guidance), "
+                                f"got {guidance_scale}")
         if output_type not in ("pil", "np", "latent"):
             raise ArgumentError(f"output_type must be 'pil', 'np' or 'latent', not {output_type!r}")
         spec, schedule_id = parse_sampler_and_schedule(sampler, schedule)
@@ -729,18 +732,20 @@ def _check_size(width: int, height: int, factor: int) -> None:
 
 def _open_image(image: Image.Image | str | Path | np.ndarray | torch.Tensor) -> Image.Image:
     """The init image as 8-bit RGB, at least 8x8 px: a PIL image, a path, a numpy array ``[H, W]`` or
-    ``[H, W, 3|4]`` (uint8, or float in [0, 1]), or a tensor ``[(1,) 3, H, W]`` in [0, 1]."""
+    ``[H, W, 3|4]`` (uint8, uint16, or float in [0, 1]), or a tensor ``[(1,) 3, H, W]`` in [0, 1]."""
     if isinstance(image, torch.Tensor):
-        arr = image.detach().float().cpu()
-        if arr.ndim == 4:
-            arr = arr[0]
-        image = arr.permute(1, 2, 0).numpy()
+        if not (image.ndim == 3 or (image.ndim == 4 and image.shape[0] == 1)) or image.shape[-3] != 3:
+            raise ArgumentError(f"an init image tensor must be [3, H, W] or [1, 3, H, W] (channels first) in "
+                                f"[0, 1]; got {list(image.shape)}")
+        image = image.detach().float().cpu().reshape(image.shape[-3:]).permute(1, 2, 0).numpy()
     if isinstance(image, np.ndarray):
         if image.dtype.kind == "f":
             image = (np.clip(image, 0, 1) * 255).round().astype(np.uint8)
+        elif image.dtype == np.uint16:  # 16 bits a channel, as _to_rgb8 scales a 16-bit image file
+            image = (image / 257.0).round().astype(np.uint8)
         if image.dtype != np.uint8 or image.ndim not in (2, 3) or (image.ndim == 3 and image.shape[2] not in (3, 4)):
-            raise ArgumentError(f"an init image array must be [H, W] or [H, W, 3|4], uint8 or float in [0, 1]; "
-                                f"got {list(image.shape)} {image.dtype}")
+            raise ArgumentError(f"an init image array must be [H, W] or [H, W, 3|4], uint8, uint16 or float in "
+                                f"[0, 1]; got {list(image.shape)} {image.dtype}")
         image = Image.fromarray(image)
     elif isinstance(image, (str, Path)):
         path = Path(image)

@@ -314,8 +314,18 @@ def test_truncated_file_is_a_checkpoint_error(tmp_path, suffix):
     path = _save(original_state_dict(TINY_SD1), tmp_path / f"m{suffix}", wrap=1)
     data = path.read_bytes()
     path.write_bytes(data[: len(data) // 2])
-    with pytest.raises(sdlite.CheckpointError, match=str(path.name)):
+    with pytest.raises(sdlite.CheckpointError, match=str(path.name)) as e:
         sdlite.load(path, device="cpu")
+    assert "may try to run code" not in str(e.value)  # damaged, not dangerous
+
+
+def test_truncated_legacy_pickle_is_called_corrupt_not_dangerous(tmp_path):
+    path = tmp_path / "old.ckpt"
+    torch.save(original_state_dict(TINY_SD1), path, _use_new_zipfile_serialization=False)
+    path.write_bytes(path.read_bytes()[:200])
+    with pytest.raises(sdlite.CheckpointError, match="truncated or corrupt") as e:
+        sdlite.load(path, device="cpu")
+    assert "may try to run code" not in str(e.value)
 
 
 def test_file_that_is_not_stable_diffusion_says_so(tmp_path):
@@ -327,6 +337,9 @@ def test_file_that_is_not_stable_diffusion_says_so(tmp_path):
 def test_missing_file_and_unknown_extension(tmp_path):
     with pytest.raises(sdlite.CheckpointError, match="no such checkpoint"):
         sdlite.load(tmp_path / "nope.ckpt")
+    (tmp_path / "folder.ckpt").mkdir()
+    with pytest.raises(sdlite.CheckpointError, match="folder.ckpt: is a directory, not a checkpoint file"):
+        sdlite.load(tmp_path / "folder.ckpt")
     (tmp_path / "m.gguf").write_bytes(b"x")
     with pytest.raises(sdlite.CheckpointError, match="unknown checkpoint extension"):
         sdlite.load(tmp_path / "m.gguf")
@@ -346,7 +359,7 @@ def test_malicious_pickle_does_not_run(tmp_path, zip_format):
     obj = {"state_dict": original_state_dict(TINY_SD1), "payload": _Evil(marker)}
     path = tmp_path / "evil.ckpt"
     torch.save(obj, path, _use_new_zipfile_serialization=zip_format)
-    with pytest.raises(sdlite.CheckpointError, match="forbidden"):
+    with pytest.raises(sdlite.CheckpointError, match="forbidden.*may try to run code"):
         sdlite.load(path, device="cpu", config=TINY_SD1)
     assert not marker.exists()
     # and the payload really works when unpickled unsafely, so the test can fail:

@@ -127,6 +127,28 @@ def test_outdir_blocked_by_a_file_fails_before_loading(in_tmp, monkeypatch, caps
     assert "taken exists and is not a directory" in err
 
 
+def test_outdir_that_cannot_be_created_fails_before_loading(in_tmp, monkeypatch, capsys):
+    """(/proc takes no new folders, even from root; the image would have been lost at the first save.)"""
+    err = _rejected(monkeypatch, capsys, ["--prompt", "a cat", "--outdir", "/proc/sdlite-outdir"])
+    assert "--outdir /proc/sdlite-outdir: cannot write images there" in err
+
+
+def test_outdir_is_created_before_loading(in_tmp, monkeypatch):
+    _reaches_load(monkeypatch, ["--prompt", "a cat", "--outdir", "new/images"])
+    assert (in_tmp / "new" / "images").is_dir()
+
+
+@pytest.mark.parametrize("argv, match", [
+    (["--scale", "nan"], "--scale must be a finite number, got nan"),
+    (["--scale", "inf"], "--scale must be a finite number, got inf"),
+    (["--ddim_eta", "-1"], "eta must be ≥ 0"),
+    (["--sampler", "DDIM", "--ddim_eta", "1.5"], "eta must be ≥ 0 and ≤ 1 for DDIM"),
+])
+def test_guidance_scale_and_eta_without_a_step_are_rejected_before_loading(in_tmp, monkeypatch, capsys, argv,
+                                                                           match):
+    assert match in _rejected(monkeypatch, capsys, ["--prompt", "a cat", *argv])
+
+
 def test_device_that_torch_does_not_know_is_an_argument_error_naming_valid_ones(in_tmp, monkeypatch, capsys):
     err = _rejected(monkeypatch, capsys, ["--prompt", "a cat", "--device", "foo"])
     assert "unknown device 'foo'" in err and "cpu, cuda, cuda:1, mps" in err

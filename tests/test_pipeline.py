@@ -427,7 +427,9 @@ def test_the_loop_copies_a_compiled_unets_output_that_its_next_call_would_overwr
     (dict(prompt=[]), "at least one prompt"),
     (dict(eta=-1.0), "eta must be"),
     (dict(eta=float("nan")), "eta must be"),
-    (dict(eta=1.5, sampler="DDIM"), "eta must be ≥ 0 and ≤ 1 for DDIM"),  # no DDIM step there (NaN in A1111)
+    (dict(eta=1.5, sampler="DDIM"), "eta must be ≥ 0 and ≤ 1 for DDIM"),
+    (dict(guidance_scale=float("nan")), "guidance_scale must be a finite number"),
+    (dict(guidance_scale=float("inf")), "guidance_scale must be a finite number"),  # no DDIM step there (NaN in A1111)
     (dict(clip_skip=0), r"clip_skip must be in \[1, 2\]"),
     (dict(clip_skip=3), r"clip_skip must be in \[1, 2\]"),
     (dict(seed=-(2**63) - 1), "seed must be"),
@@ -507,12 +509,16 @@ def test_init_images_of_every_kind_become_8_bit_rgb_with_their_brightness(tmp_pa
     assert np.asarray(_open_image(np.zeros((8, 9, 3), dtype=np.uint8))).shape == (8, 9, 3)
     assert np.asarray(_open_image(np.ones((9, 8), dtype=np.float32))).min() == 255
     assert np.asarray(_open_image(torch.zeros(1, 3, 8, 8))).max() == 0
+    assert np.asarray(_open_image(torch.ones(3, 8, 9))).shape == (8, 9, 3)
+    assert np.asarray(_open_image(np.full((8, 8, 3), 28000, dtype=np.uint16))).max() == 109  # as the 16-bit PNG
 
 
 @pytest.mark.parametrize("image, match", [
     (Image.new("RGB", (5, 5)), "at least 8x8"),
     (np.zeros((8, 8, 2), dtype=np.uint8), r"\[H, W, 3\|4\]"),
-    (np.zeros((8, 8), dtype=np.int64), "uint8 or float"),
+    (np.zeros((8, 8), dtype=np.int64), "uint8, uint16 or float"),
+    (torch.zeros(8, 8, 3), r"must be \[3, H, W\] or \[1, 3, H, W\] \(channels first\).*got \[8, 8, 3\]"),
+    (torch.zeros(2, 3, 8, 8), r"got \[2, 3, 8, 8\]"),
     (b"not an image", "PIL image, a file path"),
 ])
 def test_unusable_init_images_are_rejected_with_what_is_wrong(image, match):

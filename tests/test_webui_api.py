@@ -367,7 +367,7 @@ def test_latent_preview_is_the_fixed_linear_map_of_the_four_channels_upscaled():
 
 def test_main_refuses_a_malformed_api_auth(tmp_path, capsys):
     assert main(["--ckpt-dir", str(tmp_path), "--api-auth", "no-colon"]) == 2
-    assert "user:password" in capsys.readouterr().out
+    assert "user:password" in capsys.readouterr().err
 
 
 def test_symlinked_checkpoints_and_folders_are_listed_by_their_link_names_and_usable(ckpt_dir, tmp_path):
@@ -404,6 +404,16 @@ def test_out_of_range_sizes_steps_and_counts_and_a_non_finite_cfg_scale_give_422
     r = requests.post(f"{api.baseurl}/txt2img", json={"prompt": "x", "steps": 1, **SIZE, field: value})
     assert r.status_code == 422 and r.json()["detail"][0]["loc"] == ["body", field]
     assert api.get_progress()["state"]["job_count"] == 0  # refused before anything ran
+
+
+@pytest.mark.parametrize("value", ["NaN", "Infinity", "-Infinity", "1e999"])
+def test_a_raw_json_non_finite_cfg_scale_gives_422_naming_the_field_not_500(api, value):
+    """Python's JSON parser reads these (a client that writes them, such as JavaScript's for 1e999, sends them);
+    the 422 echoes the input as a string, where FastAPI's own handler could not write it."""
+    body = '{"prompt": "x", "steps": 1, "width": 64, "height": 64, "cfg_scale": %s}' % value
+    r = requests.post(f"{api.baseurl}/txt2img", data=body, headers={"Content-Type": "application/json"})
+    assert r.status_code == 422 and r.json()["detail"][0]["loc"] == ["body", "cfg_scale"]
+    assert api.get_progress()["state"]["job_count"] == 0
 
 
 def test_the_largest_accepted_values_are_a1111s_ui_maxima_and_the_stated_batch_limits():
@@ -652,5 +662,11 @@ def test_ctrl_c_interrupts_the_running_generation_and_drops_the_queued_ones(ckpt
 def test_main_refuses_threads_below_one_before_starting(tmp_path, capsys):
     threads = torch.get_num_threads()
     assert main(["--ckpt-dir", str(tmp_path), "--threads", "0"]) == 2
-    assert "--threads must be ≥ 1" in capsys.readouterr().out
+    assert "--threads must be ≥ 1" in capsys.readouterr().err
     assert torch.get_num_threads() == threads
+
+
+def test_main_refuses_an_unknown_precision_before_starting(tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr("sdlite.webui.server._server", lambda *a, **k: pytest.fail("the server started"))
+    assert main(["--ckpt-dir", str(tmp_path), "--precision", "fp8"]) == 2
+    assert "unknown precision 'fp8'" in capsys.readouterr().err

@@ -44,6 +44,7 @@ import math
 import os
 import random
 import secrets
+import sys
 import threading
 import time
 from dataclasses import dataclass
@@ -69,6 +70,8 @@ from ..unet import tome
 
 try:
     from fastapi import Depends, FastAPI, HTTPException, Request
+    from fastapi.encoders import jsonable_encoder
+    from fastapi.exceptions import RequestValidationError
     from fastapi.responses import FileResponse, JSONResponse
     from fastapi.security import HTTPBasic, HTTPBasicCredentials
     from fastapi.staticfiles import StaticFiles
@@ -757,6 +760,13 @@ def create_app(ckpt_dir: str | Path | None = DEFAULT_CKPT_DIR, ckpt: str | Path 
             response.headers.update(exc.headers)
         return response
 
+    @app.exception_handler(RequestValidationError)
+    async def _invalid_request(request: Request, exc: RequestValidationError) -> JSONResponse:
+        """FastAPI's own 422, ``{"detail": [...]}`` naming each bad field, with the input echoed as JSON can
+        carry it: a raw JSON ``NaN`` or ``Infinity`` (which Python's parser takes) comes back as a string,
+        where FastAPI's handler failed to write it and answered 500."""
+        return JSONResponse(status_code=422, content={"detail": _json_safe(jsonable_encoder(exc.errors()))})
+
     @app.exception_handler(SdliteError)
     async def _sdlite_error(request: Request, exc: SdliteError) -> JSONResponse:
         return error_response(_status_of(exc), exc)
@@ -941,6 +951,17 @@ class ServerThread:
         self.stop()
 
 
+def _json_safe(value: Any) -> Any:
+    """``value`` with every non-finite float written as a string ("nan", "inf"): strict JSON has no such numbers."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return str(value)
+    if isinstance(value, dict):
+        return {k: _json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_json_safe(v) for v in value]
+    return value
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """``python -m sdlite.webui``: serve the page and the API (the flags of A1111 where they exist)."""
     p = argparse.ArgumentParser(prog="python -m sdlite.webui", description=(
@@ -962,11 +983,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(name)s: %(message)s")
     try:
         devices.set_threads(args.threads)
+        devices.choose(args.device, args.dtype)  # a device this machine has and a known precision, before serving
         app = create_app(args.ckpt_dir, args.ckpt, args.api_auth, args.device, args.dtype)
         for line in devices.system_report(args.device):  # what generations will run on, as --system-info says
             log.info("%s", line)
     except SdliteError as e:
-        print(f"error: {e}")
+        print(f"error: {e}", file=sys.stderr)
         return 2
     models = app.state.engine.checkpoints.list()
     if not models:
