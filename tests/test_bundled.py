@@ -70,7 +70,10 @@ def test_txt2img_cli_without_ckpt_draws_with_the_bundled_model(tmp_path):
     assert "Model: sdlite-shapes" in img.info["parameters"]
 
 
-def test_evaluate_script_runs_on_two_prompts(tmp_path):
+def test_evaluate_script_runs_and_the_bundled_model_draws_what_it_is_asked(tmp_path):
+    """Two prompts x two seeds per split: all 8 come out right on the machines measured (README: 97.6% of
+    624 training images, 100% of 96 held-out ones), so at least 3 of 4 per split is a loose bound that still
+    fails a model that draws the wrong thing (a decoder fed the negated latent scores 0%)."""
     out = tmp_path / "eval.json"
     res = subprocess.run([sys.executable, str(ROOT / "scripts/evaluate.py"), "--prompts", "2", "--seeds", "2",
                           "--split", "both", "--out", str(out)], cwd=tmp_path, capture_output=True, text=True,
@@ -81,4 +84,4 @@ def test_evaluate_script_runs_on_two_prompts(tmp_path):
     assert set(result) >= {"train", "heldout"}
     for split in ("train", "heldout"):
         assert result[split]["n_images"] == 4
-        assert 0.0 <= result[split]["accuracy"]["all"] <= 1.0
+        assert result[split]["accuracy"]["all"] >= 0.75, (split, result[split]["accuracy"])

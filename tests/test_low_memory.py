@@ -22,16 +22,43 @@ def pipe() -> Pipeline:
                     devices.Precision(torch.device("cpu"), torch.float32), name="tiny")
 
 
-def test_chunked_attention_equals_sdpa_for_uneven_chunks():
+@pytest.fixture
+def sdpa_queries(monkeypatch) -> list[int]:
+    """The chunked paths, not the CPU attention kernel (which holds a block of rows at a time anyway and
+    ignores ``query_chunk``): the queries of each SDPA call, recorded."""
+    monkeypatch.setattr(ops, "FUSED_ATTENTION", ())
+    monkeypatch.setattr(ops, "GEMM_ATTENTION_MIN_KEYS", None)
+    sdpa, seen = torch.nn.functional.scaled_dot_product_attention, []
+
+    def counted(q, k, v, *args, **kwargs):
+        seen.append(q.shape[-2])
+        return sdpa(q, k, v, *args, **kwargs)
+
+    monkeypatch.setattr(ops.F, "scaled_dot_product_attention", counted)
+    return seen
+
+
+@pytest.mark.parametrize("path", ["sdpa", "gemm"])
+def test_chunked_attention_equals_sdpa_for_uneven_chunks(sdpa_queries, monkeypatch, path):
+    if path == "gemm":  # the two-GEMM path of large maps (AVX-512), chunked the same way
+        monkeypatch.setattr(ops, "GEMM_ATTENTION_MIN_KEYS", 1)
     g = torch.Generator().manual_seed(0)
     q, k, v = (torch.randn(2, 3, n, 16, generator=g) for n in (50, 9, 9))
     ref = torch.nn.functional.scaled_dot_product_attention(q, k, v)
     for chunk in (1, 7, 49, 50, 1000):
+        sdpa_queries.clear()
         torch.testing.assert_close(attention(q, k, v, chunk), ref, rtol=0, atol=1e-6)
+        if path == "sdpa":  # 50 queries in ceil(50 / chunk) calls
+            assert sdpa_queries == [chunk] * (50 // chunk) + ([50 % chunk] if 50 % chunk else []), chunk
 
 
-def test_attention_chunk_reaches_every_attention_module_and_keeps_the_image(pipe):
+def test_attention_chunk_reaches_every_attention_module_and_keeps_the_image(pipe, sdpa_queries):
+    def image_attention() -> list[int]:  # (the text encoder's calls, 77 tokens, have no low-memory mode)
+        return [n for n in sdpa_queries if n != 77]
+
     ref = pipe.txt2img("a cat", seed=3, steps=2, output_type="np")
+    assert max(image_attention()) > 5  # so that chunks of 5 change how attention runs
+    sdpa_queries.clear()
     pipe.attention_chunk = 5
     try:
         chunked = [m for m in (*pipe.unet.modules(), *pipe.vae.modules()) if hasattr(m, "query_chunk")]
@@ -39,6 +66,7 @@ def test_attention_chunk_reaches_every_attention_module_and_keeps_the_image(pipe
         out = pipe.txt2img("a cat", seed=3, steps=2, output_type="np")
     finally:
         pipe.attention_chunk = None
+    assert image_attention() and max(image_attention()) <= 5
     assert abs(out - ref).max() < 1e-5
 
 

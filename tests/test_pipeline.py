@@ -116,6 +116,24 @@ def test_emphasis_changes_the_conditioning(pipe):
     assert not torch.equal(pipe.encode_prompt(["a (cat:1.5)"]), pipe.encode_prompt(["a cat"]))
 
 
+@pytest.mark.parametrize("prompt, weighted", [("a (cat:1.5)", {2: 1.5}), ("[a] ((cat))", {1: 1 / 1.1, 2: 1.21}),
+                                              ("a cat, (a dog:0.5)", {4: 0.5, 5: 0.5})])
+def test_emphasis_weights_the_right_tokens_as_a1111_does(pipe, prompt, weighted):
+    """The reference, written out here: the text encoder's output for the prompt's tokens (the syntax
+    removed), each token's vector times its weight, then the whole chunk rescaled to its original mean
+    (A1111's EmphasisOriginal). Positions count the start token: "a cat" is [start, a, cat, end, ...]."""
+    plain = prompt.replace("(", "").replace(")", "").replace("[", "").replace("]", "")
+    plain = plain.replace(":1.5", "").replace(":0.5", "")
+    with torch.no_grad():
+        z = pipe.text_encoder(pipe.tokenizer([plain]))
+    w = torch.ones(z.shape[:2])
+    for position, weight in weighted.items():
+        w[0, position] = weight
+    expected = z * w[..., None]
+    expected = expected * (z.mean() / expected.mean())
+    torch.testing.assert_close(pipe.encode_prompt([prompt]), expected, rtol=0, atol=1e-5)
+
+
 # -- seeds and determinism -----------------------------------------------------------------
 
 def test_same_seed_same_image_and_different_seed_different_image(pipe):
