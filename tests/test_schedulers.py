@@ -79,8 +79,11 @@ LDM_SIGMAS = np.sqrt((1 - LDM_ALPHAS_CUMPROD) / LDM_ALPHAS_CUMPROD)
 
 @pytest.fixture(scope="module")
 def diffusers():
-    """diffusers, the independent implementation the parity tests compare against (skips only those tests)."""
-    return pytest.importorskip("diffusers")
+    """diffusers, the independent implementation the parity tests compare against. A test extra: if it is
+    missing, these tests fail rather than skip, so a broken install cannot pass as green."""
+    import diffusers
+
+    return diffusers
 
 
 def _pattern() -> torch.Tensor:

@@ -223,6 +223,8 @@ def test_sd2_matches_open_clip_vit_h_14_penultimate_layer_within_1e_4_relative()
     with torch.device("meta"):
         ours = OpenCLIPTextModel(SD2_TEXT)
     ours.load_state_dict(sd, strict=True, assign=True)  # shares the tower's tensors
+    ops.pack(ours.requires_grad_(False))  # as sdlite.load runs it on the CPU (packed copies)
+    assert ours.transformer.resblocks[0].mlp.c_fc.weight.is_mkldnn == (torch.float32 in ops.ONEDNN_GEMM)
 
     ids = tokenizer_for(SD2_TEXT)(PROMPTS)
     assert ids[0, -1] == 0  # SD2 pads with 0

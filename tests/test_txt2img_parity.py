@@ -17,6 +17,8 @@ tests/test_vae.py).
 from __future__ import annotations
 
 import gc
+import importlib
+import warnings
 
 import pytest
 import torch
@@ -31,7 +33,7 @@ from factory import every_conv_by_winograd, random_state_dict
 from test_unet import diffusers_unet
 from test_vae import diffusers_sd_vae
 
-pytest.importorskip("diffusers")
+importlib.import_module("diffusers")  # a test extra: missing, this module fails rather than skips
 
 STEPS = 10
 GUIDANCE = 7.5
@@ -121,7 +123,8 @@ def test_sd1_ddim_txt2img_latents_and_image_equal_diffusers_pipeline_within_5e_5
     (by default only large maps on AVX2 CPUs do); the SD2 test below keeps the default choice."""
     from diffusers import DDIMScheduler
 
-    every_conv_by_winograd(monkeypatch)
+    if not every_conv_by_winograd(monkeypatch):  # the parity below still holds, for the direct convolution
+        warnings.warn("sdlite's Winograd kernel cannot be built here: txt2img parity checked without it")
     cfg = SD1.with_(image_size=SIZE)
     unet, state_dict = random_unet(cfg, seed=11)
     with torch.device("meta"):
