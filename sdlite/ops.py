@@ -250,15 +250,16 @@ def _scratch_buffer(name: str, n: int) -> torch.Tensor:
     return buf
 
 
-def _fp32_weight(weight: torch.Tensor) -> torch.Tensor:
-    """``weight.float()``, written into one reused buffer per thread when no gradient is recorded.
+def _fp32_weight(weight: torch.Tensor, input: torch.Tensor) -> torch.Tensor:
+    """``weight.float()``, written into one reused buffer per thread when no gradient is recorded
+    (``input`` is what the weight multiplies: its gradient would need the weight kept too).
 
     A fresh fp32 copy of a large weight (up to 118 MB in SD1.5's UNet) is a fresh memory mapping,
     and its page faults cost more than the conversion: 150 ms against 32 ms into a reused buffer for
     a 1280x2560x3x3 weight on this project's machine. The buffer grows to the largest weight seen
     and lives as long as its thread; the view returned is valid until the next call on that thread,
     which is enough: each convolution or matmul consumes it before the next one starts."""
-    if torch.is_grad_enabled() and weight.requires_grad:
+    if torch.is_grad_enabled() and (weight.requires_grad or input.requires_grad):
         return weight.float()  # autograd keeps the fp32 copy for the backward pass
     n = weight.numel()
     return _scratch_buffer("fp32_weight", n)[:n].view(weight.shape).copy_(weight)
@@ -304,7 +305,7 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     """``F.linear``: through oneDNN's GEMM on the CPU (``ONEDNN_GEMM``), and in fp32 for a half input
     on a CPU without native half kernels (see above)."""
     if _as_fp32(x):
-        return linear(x.float(), _fp32_weight(weight), _fp32(bias)).to(x.dtype)
+        return linear(x.float(), _fp32_weight(weight, x), _fp32(bias)).to(x.dtype)
     if _onednn_gemm(x, weight, bias):
         return _gemm(x, weight, bias)
     return F.linear(x, weight, bias)
@@ -652,7 +653,7 @@ class Conv2d(_Packable, nn.Conv2d):
                     "none", [], "")
             weight = weight.to_dense()
         if _as_fp32(input):
-            return self._conv_forward(input.float(), _fp32_weight(weight), _fp32(bias)).to(input.dtype)
+            return self._conv_forward(input.float(), _fp32_weight(weight, input), _fp32(bias)).to(input.dtype)
         tile = self._winograd_tile(input, weight)
         if tile:
             return winograd_conv3x3(input, weight, bias, tile)

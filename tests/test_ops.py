@@ -475,6 +475,25 @@ def test_half_weights_with_gradients_get_their_own_fp32_copy(monkeypatch):
     torch.testing.assert_close(a.weight.grad.float(), a32.weight.grad, rtol=2e-2, atol=2e-2)
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_frozen_half_layers_pass_gradients_to_their_input(monkeypatch, dtype):
+    """A frozen half model differentiated for its input (guidance, embedding optimisation): the fp32 weight
+    autograd keeps for the input's gradient must not be the shared buffer the next layer overwrites."""
+    monkeypatch.setattr(ops, "HALF_AS_FP32", frozenset(HALF))
+    torch.manual_seed(5)
+    a, b = (ops.Linear(16, 16).to(dtype).requires_grad_(False) for _ in range(2))
+    conv = ops.Conv2d(3, 3, 3, padding=1).to(dtype).requires_grad_(False)
+    x = torch.randn(4, 16).to(dtype).requires_grad_()
+    b(a(x)).float().sum().backward()
+    expected = (b.weight.float() @ a.weight.float()).sum(0)  # d/dx of sum(B(Ax + a) + b), per row
+    torch.testing.assert_close(x.grad.float(), expected.expand(4, -1), rtol=2e-2, atol=2e-2)
+    m = torch.randn(1, 3, 5, 5).to(dtype).requires_grad_()
+    (conv(m) + conv(2 * m)).float().sum().backward()  # the same conv twice: its first weight copy kept
+    ones = torch.ones(1, 3, 5, 5, requires_grad=True)
+    torch.nn.functional.conv2d(ones, conv.weight.float(), padding=1).sum().backward()
+    torch.testing.assert_close(m.grad.float(), 3 * ones.grad, rtol=2e-2, atol=2e-2)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 def test_groupnorm_records_statistics_and_reuses_them_on_another_input(dtype):
     # Tiled VAE decoding: statistics recorded on one input normalise another (sdlite.ops.GroupNorm).
