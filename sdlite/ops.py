@@ -992,23 +992,32 @@ def _phase_kernels(conv: nn.Conv2d, cache: bool,
     training = torch.is_grad_enabled() and any(p.requires_grad for p in conv.parameters(recurse=False))
     if not cache or training:
         return _sum_taps(conv._plain_weight() if weight.is_mkldnn else weight), None if bias is None else bias.repeat(4)
-    # A weight in oneDNN's layout has no data pointer; it is replaced, never changed in place, and
-    # packing or unpacking the conv drops this cache, so its identity stands in. A plain weight can
-    # change in place, also in a packed conv (plain until laid out). Packed kernels are laid out
-    # for the input's shape too.
-    source = id(weight) if weight.is_mkldnn else (weight.data_ptr(), weight._version)
-    key = (source, shape if packed else None, weight.dtype, weight.device,
-           None if bias is None else (bias.data_ptr(), bias._version))
+    # The kernels are computed again when the weight or bias may have changed (summing them costs ~8x a
+    # cached call). A weight in oneDNN's layout has no data pointer: its identity and version stand in
+    # (packing or unpacking the conv drops this cache; a change through .data raises on it). A plain
+    # weight, also in a packed conv (plain until laid out), can change in place, and through .data (an
+    # EMA swap, a LoRA merged in place) without moving its version counter: its per-output-channel sums,
+    # one pass over it, see that; so does a copy of the bias. Packed kernels are laid out for the input's
+    # shape too.
+    source = (id(weight), weight._version) if weight.is_mkldnn else (weight.data_ptr(), weight._version)
+    key = (source, shape if packed else None, weight.dtype, weight.device)
+    stamp = None if weight.is_mkldnn else weight.detach().reshape(weight.shape[0], -1).sum(1)
+    bias_now = None if bias is None else bias.detach()
     cached = getattr(conv, "_phase_cache", None)
-    if cached is None or cached[0] != key:
+    if not (cached is not None and cached[0] == key and _same(cached[1], stamp) and _same(cached[2], bias_now)):
         # Ordinary tensors even under torch.inference_mode, so a later call with autograd on can use them.
         with torch.inference_mode(False), torch.no_grad():
             kernels = _sum_taps(conv._plain_weight() if weight.is_mkldnn else weight)
             if packed:  # packed like the conv (same padding and stride), for this input shape
                 kernels = conv._reorder(kernels, shape)
-            cached = (key, kernels, None if bias is None else bias.repeat(4))
+            cached = (key, stamp, None if bias_now is None else bias_now.clone(), kernels,
+                      None if bias is None else bias.repeat(4))
         conv._phase_cache = cached
-    return cached[1], cached[2]
+    return cached[3], cached[4]
+
+
+def _same(a: torch.Tensor | None, b: torch.Tensor | None) -> bool:
+    return a is b or (a is not None and b is not None and a.shape == b.shape and torch.equal(a, b))
 
 
 # Which kernel taps each parity sums, per axis: parity 0 takes (w[0], w[1] + w[2]), parity 1 (w[0] + w[1], w[2]).

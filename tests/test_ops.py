@@ -312,6 +312,41 @@ def test_a_packed_upsample_conv_follows_its_plain_weight_changed_in_place():
     assert not torch.allclose(before, after)
 
 
+def test_upsample_conv_follows_weights_changed_through_data():
+    """``.data`` changes (an EMA swap, a LoRA merged in place) move no version counter; the cached
+    kernels must follow them all the same (they did not: errors of 3.5 against outputs of 2.9)."""
+    conv = ops.Conv2d(32, 32, 3, padding=1).eval().requires_grad_(False)
+    x = torch.randn(1, 32, 6, 5, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        before = ops.upsample_conv(x, conv)
+        conv.weight.data.copy_(torch.randn(32, 32, 3, 3, generator=torch.Generator().manual_seed(1)) * 0.05)
+        after = ops.upsample_conv(x, conv)
+        torch.testing.assert_close(after, _upsample_then_conv(x, conv), rtol=1e-5, atol=1e-5)
+        conv.weight.data[3, 7, 1, 2] += 0.5  # one value
+        torch.testing.assert_close(ops.upsample_conv(x, conv), _upsample_then_conv(x, conv), rtol=1e-5, atol=1e-5)
+        conv.bias.data.add_(1)
+        torch.testing.assert_close(ops.upsample_conv(x, conv), _upsample_then_conv(x, conv), rtol=1e-5, atol=1e-5)
+    assert not torch.allclose(before, after)
+
+
+@needs_onednn
+def test_a_packed_upsample_conv_follows_its_laid_out_weight_changed_in_place(monkeypatch):
+    """A conv laid out by a direct call (oneDNN's layout), then used by upsample_conv: an in-place change
+    of that weight reaches both paths."""
+    monkeypatch.setattr(ops, "WINOGRAD_CONV", ())  # (a conv that runs by Winograd is never laid out)
+    conv = ops.Conv2d(32, 32, 3, padding=1).eval().requires_grad_(False)
+    ops.pack(conv)
+    x = torch.randn(1, 32, 6, 5, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        conv(torch.randn(1, 32, 12, 10))
+        ops.upsample_conv(x, conv)
+        assert conv.weight.is_mkldnn
+        conv.weight.mul_(2)
+        plain = conv.weight.to_dense().reshape(32, 32, 3, 3)
+        ref = F.conv2d(F.interpolate(x, scale_factor=2.0), plain, conv.bias, padding=1)
+        torch.testing.assert_close(ops.upsample_conv(x, conv), ref, rtol=1e-5, atol=1e-5)
+
+
 def test_upsample_conv_gradients_equal_the_original_formulation():
     """Training goes through the summed kernels too (uncached): the gradients are those of the original."""
     g = torch.Generator().manual_seed(1)
