@@ -314,11 +314,14 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
 class _Packable(nn.Module):
     """The weight-packing half of :class:`Linear` and :class:`Conv2d` (see :func:`pack`).
 
-    A packed layer's ``weight`` is a parameter in oneDNN's opaque blocked layout (same shape and
-    dtype, no strides, no ``data_ptr``). Everything that needs the plain tensor gets it:
-    ``state_dict()`` returns plain weights; ``.to()``, ``.float()``, ``.cuda()`` (``_apply``),
-    ``load_state_dict`` and a forward pass that oneDNN cannot take (gradients recorded, autocast,
-    ``torch.compile``, another dtype) unpack the layer first, for good."""
+    A packed layer's ``weight`` is a parameter in oneDNN's opaque blocked layout (same dtype, same
+    shape except a 1x1 conv's, packed as the ``[C_out, C_in]`` linear layer it is; no strides, no
+    ``data_ptr``). Everything that needs the plain tensor gets it: ``state_dict()`` returns plain
+    weights; ``.to()``, ``.float()``, ``.cuda()`` (``_apply``), ``load_state_dict`` and a forward pass
+    that oneDNN cannot take (gradients recorded, autocast, ``torch.compile``, another dtype) unpack the
+    layer first, for good. What PyTorch cannot do with an opaque tensor fails loudly: ``copy.deepcopy``
+    and ``torch.save`` of the module, and changes through ``weight.data``; :func:`unpack` first, or
+    change weights with ``load_state_dict``."""
 
     weight: nn.Parameter
     packable = True  # False: never packed (a layer whose forward slices its weight)
