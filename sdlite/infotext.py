@@ -125,6 +125,8 @@ def generation_params(
     clip_skip: int | None = None,
     token_merging_ratio: float | None = None,
     eta: float | None = None,
+    eta_key: str = "Eta",
+    rng: str | None = None,
     extra: Mapping[str, object] | None = None,
     version: str | None = None,
 ) -> dict[str, object]:
@@ -134,14 +136,16 @@ def generation_params(
     when the sampler's automatic schedule was used (A1111 then omits "Schedule type" and its parser
     reads the missing key as "Automatic"). ``seed`` is the seed of this very image (batch image i
     uses seed + i). ``clip_skip`` is written only when > 1, ``token_merging_ratio`` only when not 0, as A1111
-    does. ``extra`` items go where
+    does. ``rng``: A1111's "Random number generator source" where it is not its default "GPU" (sdlite draws
+    its noise as A1111's "CPU" does). ``eta`` is written as ``eta_key``: A1111's k samplers record "Eta",
+    its DDIM samplers "Eta DDIM". ``extra`` items go where
     A1111 puts ``extra_generation_params``: after the fixed keys, before "Version" (an extra key
     equal to a fixed one replaces its value in place).
 
     >>> generation_params(steps=20, sampler="Euler a", cfg_scale=7.0, seed=1, width=512, height=512)
     {'Steps': 20, 'Sampler': 'Euler a', 'Schedule type': None, 'CFG scale': 7, 'Seed': 1, 'Size': '512x512', \
 'Model hash': None, 'Model': None, 'Denoising strength': None, 'Clip skip': None, 'Token merging ratio': None, \
-'Eta': None, 'Version': None}
+'RNG': None, 'Eta': None, 'Version': None}
     """
     params: dict[str, object] = {
         "Steps": steps,
@@ -155,7 +159,8 @@ def generation_params(
         "Denoising strength": _ui_number(denoising_strength),
         "Clip skip": clip_skip if clip_skip is not None and clip_skip > 1 else None,
         "Token merging ratio": token_merging_ratio or None,
-        "Eta": _ui_number(eta),
+        "RNG": rng,
+        eta_key: _ui_number(eta),
     }
     # Like A1111's dict literal ``{..., **extra_generation_params, "Version": ...}``: an extra key
     # that is already present replaces the value but keeps its place.

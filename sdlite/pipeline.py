@@ -652,6 +652,7 @@ class Pipeline:
                 model_hash=self.model_hash, model_name=self.name,
                 denoising_strength=strength if init is not None else None,
                 eta=eta if (eta is not None and spec.uses_eta and float(eta) != spec.default_eta) else None,
+                eta_key=spec.eta_key, rng="CPU",  # each image's noise drawn as A1111's "CPU" source does
                 clip_skip=clip_skip if clip_skip > 1 else None, token_merging_ratio=token_merging_ratio or None,
                 extra=_schedule_extra(label, settings),
                 version=VERSION,

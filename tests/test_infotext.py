@@ -81,17 +81,23 @@ def test_generation_params_uses_a1111_key_order():
     params = generation_params(
         steps=30, sampler="DPM++ 2M", schedule="Karras", cfg_scale=7.5, seed=1, width=768, height=512,
         model_hash="6ce0161689", model_name="v2-1_768", denoising_strength=0.75, clip_skip=2,
-        token_merging_ratio=0.5, eta=0.5, extra={"Hires upscaler": "Latent"}, version="sdlite 0.1.0",
+        token_merging_ratio=0.5, eta=0.5, rng="CPU", extra={"Hires upscaler": "Latent"}, version="sdlite 0.1.0",
     )
     assert list(params) == [
         "Steps", "Sampler", "Schedule type", "CFG scale", "Seed", "Size", "Model hash", "Model",
-        "Denoising strength", "Clip skip", "Token merging ratio", "Eta", "Hires upscaler", "Version",
+        "Denoising strength", "Clip skip", "Token merging ratio", "RNG", "Eta", "Hires upscaler", "Version",
     ]
     assert format_infotext("p", "", params) == (
         "p\nSteps: 30, Sampler: DPM++ 2M, Schedule type: Karras, CFG scale: 7.5, Seed: 1, Size: 768x512, "
         "Model hash: 6ce0161689, Model: v2-1_768, Denoising strength: 0.75, Clip skip: 2, Token merging ratio: 0.5, "
-        "Eta: 0.5, Hires upscaler: Latent, Version: sdlite 0.1.0"
+        "RNG: CPU, Eta: 0.5, Hires upscaler: Latent, Version: sdlite 0.1.0"
     )
+
+
+def test_a_ddim_eta_is_written_as_a1111s_ddim_samplers_write_it():
+    params = generation_params(steps=20, sampler="DDIM", cfg_scale=7, seed=1, width=64, height=64, eta=0.4,
+                               eta_key="Eta DDIM")
+    assert "Eta DDIM: 0.4" in format_infotext("p", "", params) and "Eta" not in params
 
 
 def test_format_infotext_drops_none_values_and_omits_empty_negative_line():

@@ -217,10 +217,25 @@ def test_eta_changes_exactly_the_samplers_that_record_it_in_the_infotext(pipe, s
     other = pipe.txt2img("a cat", seed=1, steps=3, sampler=sampler, eta=0.5)
     changed = not np.array_equal(np.asarray(default[0]), np.asarray(other[0]))
     assert changed == spec.uses_eta
-    assert "Eta:" not in default.infotexts[0]
-    assert ("Eta: 0.5" in other.infotexts[0]) == spec.uses_eta
+    # A1111's key: "Eta" for its k samplers, "Eta DDIM" for DDIM and DDIM CFG++ (eta_infotext_field)
+    key = "Eta DDIM" if spec.id in ("ddim", "ddim_cfgpp") else "Eta"
+    assert spec.eta_key == key and "Eta" not in default.infotexts[0]
+    assert (f"{key}: 0.5" in other.infotexts[0]) == spec.uses_eta
     if spec.uses_eta:
-        assert parse_infotext(other.infotexts[0])["Eta"] == "0.5"
+        assert parse_infotext(other.infotexts[0])[key] == "0.5"
+    # The noise is drawn as A1111's "CPU" source draws it, not its default "GPU" one: said so, as A1111 says it.
+    assert ", RNG: CPU," in default.infotexts[0]
+
+
+def test_starting_noise_is_a1111s_cpu_source_for_each_image_seed():
+    """A1111's "CPU" random source (modules/rng.py): torch.manual_seed(seed), then torch.randn on the CPU,
+    per image: what "RNG: CPU" in the infotext tells the web UI to use."""
+    from sdlite.pipeline import random_streams
+
+    noise, _ = random_streams([42, 43], (4, 8, 8))
+    for i, seed in enumerate((42, 43)):
+        torch.manual_seed(seed)
+        assert torch.equal(noise[i], torch.randn(4, 8, 8))
 
 
 def test_output_types(pipe):

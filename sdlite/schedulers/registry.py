@@ -95,6 +95,7 @@ class Sampler:
     stochastic: bool = False           # draws noise from the generator while sampling
     uses_eta: bool = False             # eta scales the noise its steps add (A1111 records a non-default eta)
     max_eta: float = math.inf          # DDIM's eq. 16 has no step for eta > 1 (see check_eta)
+    eta_key: str = "Eta"               # the infotext key of a non-default eta (A1111's DDIM samplers: "Eta DDIM")
     second_order: bool = False         # two network calls per step
     discard_penultimate: bool = False  # A1111 "discard_next_to_last_sigma": steps + 1 sigmas, the second last dropped
     time_uniform: bool = False         # timestep family, on A1111's UniPC grid instead of DDIM's timesteps
@@ -251,9 +252,10 @@ SAMPLERS: tuple[Sampler, ...] = (
             uses_eta=True, endpoints_only=True, a1111_options=(("uses_ensd", True),), steps_fn=lambda n: None),
     Sampler("restart", "Restart", restart.sample_restart, default_schedule="karras",
             stochastic=True, second_order=True, a1111_options=(("scheduler", "karras"), ("second_order", True))),
-    Sampler("ddim", "DDIM", ddim.sample_ddim, family="timestep", default_eta=0.0, uses_eta=True, max_eta=1.0),
+    Sampler("ddim", "DDIM", ddim.sample_ddim, family="timestep", default_eta=0.0, uses_eta=True, max_eta=1.0,
+            eta_key="Eta DDIM"),
     Sampler("ddim_cfgpp", "DDIM CFG++", ddim.sample_ddim_cfgpp, family="timestep", default_eta=0.0, uses_eta=True,
-            max_eta=1.0,
+            max_eta=1.0, eta_key="Eta DDIM",
             cfg_pp=True),
     Sampler("plms", "PLMS", ddim.sample_plms, family="timestep", default_eta=0.0),
     Sampler("unipc", "UniPC", unipc.sample_unipc, family="timestep", default_eta=0.0, time_uniform=True),

@@ -660,8 +660,9 @@ class Engine:
         # The schedule type goes where A1111 puts it, in extra_generation_params, exactly when the infotext has it.
         written = infotext.parse_infotext(infotexts[0], fill_defaults=False) if infotexts else {}
         extra: dict[str, Any] = {"Schedule type": written["Schedule type"]} if "Schedule type" in written else {}
-        if "Eta" in written:
-            extra["Eta"] = req.eta  # a number, as A1111's p.extra_generation_params["Eta"] = p.eta
+        for key in ("Eta", "Eta DDIM"):  # numbers, as A1111's p.extra_generation_params[eta_infotext_field]
+            if key in written:
+                extra[key] = float(written[key])
         for key in ("Beta schedule alpha", "Beta schedule beta"):  # numbers too: A1111's option values
             if key in written:
                 extra[key] = float(written[key])
