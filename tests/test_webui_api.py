@@ -25,7 +25,7 @@ from PIL import Image
 import sdlite
 from sdlite.infotext import parse_infotext
 from sdlite.pipeline import Pipeline
-from sdlite.webui.server import LATENT_RGB, ServerThread, State, create_app, latent_preview, main
+from sdlite.webui.server import ETA_OPTIONS, LATENT_RGB, ServerThread, State, create_app, latent_preview, main
 
 from test_pipeline import make_pipe
 
@@ -282,6 +282,23 @@ def test_a_request_queued_after_a_model_switch_runs_on_the_new_model_and_one_que
 
 
 # -- robustness ----------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("field, value", [("subseed_strength", 0.5), ("seed_resize_from_h", 512), ("tiling", True),
+                                          ("restore_faces", True)])
+def test_a1111_features_sdlite_lacks_are_refused_not_ignored(api, field, value):
+    r = requests.post(f"{api.baseurl}/txt2img", json={"prompt": "x", "steps": 1, **SIZE, field: value})
+    assert r.status_code == 400 and field in r.json()["detail"] and "not supported" in r.json()["detail"]
+    assert api.get_progress()["state"]["job_count"] == 0
+
+
+def test_subseeds_are_fixed_and_counted_per_image_as_a1111_reports_them(api):
+    """(With subseed_strength 0 they shape nothing; A1111 still fixes -1 and counts them.)"""
+    r = api.txt2img(prompt="x", seed=10, subseed=99, steps=1, batch_size=2, **SIZE)
+    assert r.info["subseed"] == 99 and r.info["all_subseeds"] == [99, 100] and r.info["all_seeds"] == [10, 11]
+    r = api.txt2img(prompt="x", seed=10, subseed=-1, steps=1, batch_size=2, **SIZE)
+    s = r.info["subseed"]
+    assert s >= 0 and r.info["all_subseeds"] == [s, s + 1]
+
 
 def test_bad_json_wrong_types_and_bad_values_give_4xx_and_the_server_keeps_serving(api):
     url = api.baseurl
@@ -623,6 +640,22 @@ def test_extra_generation_params_carry_eta_exactly_when_the_infotext_does(api):
     assert "Eta: 0.5" in r.info["infotexts"][0] and r.info["extra_generation_params"]["Eta"] == 0.5
     r = api.txt2img(prompt="x", seed=1, steps=1, sampler_name="Euler a", **SIZE)
     assert "Eta" not in r.info["infotexts"][0] and "Eta" not in r.info["extra_generation_params"]
+
+
+@pytest.mark.parametrize("sampler, option, key", [("Euler a", "eta_ancestral", "Eta"), ("DDIM", "eta_ddim", "Eta DDIM")])
+def test_a_request_without_eta_takes_a1111s_eta_option_of_its_sampler_kind(api, sampler, option, key):
+    url, body = api.baseurl, {"prompt": "x", "seed": 1, "steps": 2, "sampler_name": sampler, **SIZE}
+    explicit = requests.post(f"{url}/txt2img", json={**body, "eta": 0.3}).json()
+    try:
+        assert requests.post(f"{url}/options", json={option: 0.3}).status_code == 200
+        from_option = requests.post(f"{url}/txt2img", json=body).json()
+    finally:
+        requests.post(f"{url}/options", json=ETA_OPTIONS)
+    assert from_option["images"] == explicit["images"]
+    assert f"{key}: 0.3" in json.loads(from_option["info"])["infotexts"][0]
+    assert requests.post(f"{url}/options", json={option: -1}).status_code == 400
+    r = requests.post(f"{url}/txt2img", json={**body, "eta": 1.5})
+    assert (r.status_code == 400 and "≤ 1" in r.json()["detail"]) if sampler == "DDIM" else r.status_code == 200
 
 
 def test_an_undecodable_image_is_named_by_its_field_not_by_a_python_object(api):

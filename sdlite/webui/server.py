@@ -22,7 +22,8 @@ How it is built:
 - :func:`create_app` is the FastAPI application: the API under ``/sdapi/v1/`` and the page (``static/``).
 
 Not supported (refused with a 400 rather than silently ignored): hires fix (``enable_hr``),
-inpainting (``mask``), more than one init image, and ``samples_format`` other than png. img2img takes
+inpainting (``mask``), more than one init image, variation seeds (``subseed_strength`` other than 0,
+``seed_resize_from_h``/``_w``), ``tiling``, ``restore_faces``, and ``samples_format`` other than png. img2img takes
 A1111's four ``resize_mode`` values (0 just resize, 1 crop and resize, 2 resize and fill, 3 latent
 upscale; see :mod:`sdlite.resize`); any other value is a 400. ``save_images`` saves as A1111 does, under
 ``outputs/``. Fields this server does not know are ignored, as A1111 ignores them too.
@@ -90,6 +91,8 @@ MAX_BATCH_SIZE = 64
 MAX_N_ITER = 100
 # A1111's token merging settings (Settings → Optimizations): txt2img, img2img (0: as txt2img), the hires fix's.
 TOKEN_MERGING_OPTIONS = ("token_merging_ratio", "token_merging_ratio_img2img", "token_merging_ratio_hr")
+# A1111's "Eta for ancestral samplers" and "Eta for DDIM", with its defaults: the eta of a request without one.
+ETA_OPTIONS = {"eta_ancestral": 1.0, "eta_ddim": 0.0}
 
 
 # =============================================================================================
@@ -396,6 +399,11 @@ class Txt2ImgRequest(BaseModel):
     eta: float | None = Field(None, allow_inf_nan=False)
     denoising_strength: float | None = Field(None, allow_inf_nan=False)
     enable_hr: bool = False
+    # A1111 features sdlite does not have: their defaults are accepted, anything else is a 400.
+    seed_resize_from_h: int = -1
+    seed_resize_from_w: int = -1
+    tiling: bool | None = None
+    restore_faces: bool | None = None
     override_settings: dict[str, Any] | None = None
     override_settings_restore_afterwards: bool = True
     send_images: bool = True
@@ -485,6 +493,8 @@ class Engine:
             **{name: default for name, (_, _, default) in SAMPLER_SETTINGS.items()},
             # Token merging (sdlite.unet.tome), A1111's Optimizations settings; "_hr" is stored only (no hires fix)
             **{name: 0.0 for name in TOKEN_MERGING_OPTIONS},
+            # The eta of a request that sends none (A1111's Sampler parameters): k samplers, DDIM samplers.
+            **ETA_OPTIONS,
         }
         self._current: Checkpoint | None = default
         self.closing = False  # set by shutdown (Ctrl-C, SIGTERM)
@@ -550,11 +560,18 @@ class Engine:
         """Check a request before it queues, so a bad value is refused at once (400 with a message)."""
         if req.enable_hr:
             raise ApiError(400, "enable_hr: the hires fix is not supported by sdlite")
+        if req.subseed_strength != 0 or req.seed_resize_from_h > 0 or req.seed_resize_from_w > 0:
+            raise ApiError(400, "subseed_strength, seed_resize_from_h/_w: variation seeds are not supported by "
+                                "sdlite; send subseed_strength 0")
+        for name in ("tiling", "restore_faces"):
+            if getattr(req, name):
+                raise ApiError(400, f"{name}: not supported by sdlite; send false")
         for name in ("width", "height"):
             value = getattr(req, name)
             if value is not None and value % 8:
                 raise ApiError(400, f"{name} must be a multiple of 8, got {value}")
         sampler, schedule = parse_sampler_and_schedule(req.sampler_name or req.sampler_index, req.scheduler)
+        sampler.check_eta(req.eta)  # an ArgumentError: a 400 (DDIM has no step past eta 1)
         if req.seed != -1:
             check_seed(req.seed, req.batch_size * req.n_iter)  # all batch_size × n_iter images, before any runs
         overrides = req.override_settings or {}
@@ -611,7 +628,7 @@ class Engine:
                 kwargs = dict(negative_prompt=req.negative_prompt, steps=req.steps, guidance_scale=req.cfg_scale,
                               width=req.width, height=req.height, seed=seed + n * req.batch_size,
                               sampler=job.sampler.id, schedule=job.schedule, batch_size=req.batch_size,
-                              eta=req.eta, callback=callback, clip_skip=job.clip_skip,
+                              eta=self._eta(job), callback=callback, clip_skip=job.clip_skip,
                               sampler_settings={name: self._option(job, name) for name in SAMPLER_SETTINGS},
                               token_merging_ratio=self._token_merging_ratio(job))
                 if job.kind == "img2img":
@@ -631,6 +648,13 @@ class Engine:
     def _option(self, job: Job, key: str) -> Any:
         """The option ``key`` for this job: its ``override_settings`` value, else the server's current one."""
         return (job.request.override_settings or {}).get(key, self.options[key])
+
+    def _eta(self, job: Job) -> float:
+        """A1111's rule: the request's ``eta``, else the option of the sampler's kind, ``eta_ddim`` for its
+        timestep samplers (DDIM), ``eta_ancestral`` for the k samplers."""
+        if job.request.eta is not None:
+            return job.request.eta
+        return float(self._option(job, "eta_ddim" if job.sampler.family == "timestep" else "eta_ancestral"))
 
     def _token_merging_ratio(self, job: Job) -> float:
         """A1111's rule: txt2img takes ``token_merging_ratio``; img2img its own ``token_merging_ratio_img2img``
@@ -655,6 +679,8 @@ class Engine:
         req = job.request
         n = len(images)
         seeds = [seed + i for i in range(n)]
+        # As A1111 fixes and counts them (its subseeds shape nothing here: subseed_strength is 0).
+        subseed = req.subseed if req.subseed != -1 else random.randrange(2**32)
         width, height = images[0].size if images else (req.width, req.height)
         infotexts = [im.info.get("parameters", "") for im in images]
         # The schedule type goes where A1111 puts it, in extra_generation_params, exactly when the infotext has it.
@@ -669,7 +695,7 @@ class Engine:
         info = {  # A1111's Processed.js(), key for key
             "prompt": req.prompt, "all_prompts": [req.prompt] * n,
             "negative_prompt": req.negative_prompt, "all_negative_prompts": [req.negative_prompt] * n,
-            "seed": seed, "all_seeds": seeds, "subseed": req.subseed, "all_subseeds": [req.subseed] * n,
+            "seed": seed, "all_seeds": seeds, "subseed": subseed, "all_subseeds": [subseed + i for i in range(n)],
             "subseed_strength": req.subseed_strength, "width": width, "height": height,
             "sampler_name": job.sampler.label, "cfg_scale": req.cfg_scale, "steps": req.steps,
             "batch_size": req.batch_size, "restore_faces": False, "face_restoration_model": None,
@@ -703,6 +729,10 @@ def check_options(values: dict[str, Any]) -> None:
     for key in TOKEN_MERGING_OPTIONS:
         if key in values:
             tome.check_ratio(values[key], key)  # ArgumentError: a 400
+    for key in ETA_OPTIONS:
+        if key in values and not (isinstance(values[key], (int, float)) and not isinstance(values[key], bool)
+                                  and 0 <= values[key] < math.inf):
+            raise ApiError(400, f"{key} must be a number ≥ 0, got {values[key]!r}")
 
 
 def _clip_skip(value: Any) -> int:
