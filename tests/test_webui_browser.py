@@ -209,3 +209,31 @@ def test_sampler_parameters_go_with_the_request_and_come_back_from_the_png_info(
         assert page.input_value("#beta_dist_alpha") == "0.5"
         assert page.input_value("#token_merging_ratio") == "0.5"
         assert errors == []
+
+
+@pytest.mark.parametrize("written, sampler, schedule", [
+    ("Sampler: DPM++ 2M Karras", "DPM++ 2M", "automatic"),  # its own default schedule reads as Automatic
+    ("Sampler: Euler a Karras", "Euler a", "karras"),
+    ("Sampler: DPM++ 2M SDE Heun Exponential", "DPM++ 2M SDE Heun", "automatic"),
+    ("Sampler: k_euler_a", "Euler a", "automatic"),  # an alias
+    ("Sampler: Euler, Schedule type: SGM Uniform", "Euler", "sgm_uniform"),
+])
+def test_png_info_maps_old_sampler_names_onto_sampler_and_schedule_as_a1111s_paste_does(server, tmp_path, written,
+                                                                                        sampler, schedule):
+    """Infotexts from before A1111's "Schedule type" name the schedule in the sampler; A1111's paste splits it
+    off (get_sampler_and_scheduler). The form must come out as A1111's would."""
+    from PIL import Image, PngImagePlugin
+    from playwright.sync_api import expect
+
+    info = PngImagePlugin.PngInfo()
+    info.add_text("parameters", f"a cat\nSteps: 7, {written}, CFG scale: 7, Seed: 5, Size: 64x64")
+    png = tmp_path / "old.png"
+    Image.new("RGB", (64, 64)).save(png, pnginfo=info)
+    with ready_page(server) as (page, errors):
+        page.select_option("#scheduler", "exponential")  # something else than what the infotext asks
+        page.click("[data-tab=pnginfo]")
+        page.set_input_files("#png-file", str(png))
+        expect(page.locator("#png-params")).to_contain_text("Seed5")
+        page.click("#png-send-txt2img")
+        assert (page.input_value("#sampler"), page.input_value("#scheduler")) == (sampler, schedule)
+        assert page.input_value("#steps") == "7" and errors == []

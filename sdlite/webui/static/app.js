@@ -41,6 +41,8 @@ function showError(message) {
 
 async function loadLists() {
   const [samplers, schedulers] = await Promise.all([api("samplers"), api("schedulers")]);
+  ui.samplers = samplers;
+  ui.schedulers = schedulers;
   $("sampler").replaceChildren(...samplers.map((s) => new Option(s.name, s.name)));
   $("sampler").value = "Euler a";
   $("scheduler").replaceChildren(...schedulers.map((s) => new Option(s.label, s.name)));
@@ -281,11 +283,29 @@ function applyParameters(p, tab) {
   setSetting("beta_dist_alpha", p["Beta schedule alpha"]);
   setSetting("beta_dist_beta", p["Beta schedule beta"]);
   setSetting("token_merging_ratio", p["Token merging ratio"] ?? 0);  // written only when merging was on
-  const sampler = [...$("sampler").options].find((o) => o.value === p["Sampler"]);
-  if (sampler) $("sampler").value = sampler.value;
-  const sched = [...$("scheduler").options].find((o) => o.text === p["Schedule type"] || o.value === p["Schedule type"]);
-  $("scheduler").value = sched ? sched.value : "automatic";
+  const [sampler, sched] = samplerAndSchedule(p["Sampler"], p["Schedule type"]);
+  if (sampler) $("sampler").value = sampler.name;
+  $("scheduler").value = sched ? sched.name : "automatic";
   setTab(tab);
+}
+
+// A1111's get_sampler_and_scheduler (modules/sd_samplers.py), which its paste runs: a schedule named at the
+// end of the sampler ("DPM++ 2M Karras", infotexts from before "Schedule type") is split off and wins;
+// the sampler is found by name or alias; its own default schedule reads as Automatic. Returns the
+// sampler and schedule entries of /sdapi/v1/samplers and /schedulers (null: unknown, or Automatic).
+function samplerAndSchedule(samplerName, scheduleType) {
+  const lower = (s) => String(s ?? "").toLowerCase();
+  const names = (s) => [s.label, s.name, ...(s.aliases || [])].filter(Boolean).map(lower);
+  let name = lower(samplerName);
+  let sched = ui.schedulers.find((s) => names(s).includes(lower(scheduleType))) || null;
+  for (const s of ui.schedulers) {
+    const suffix = names(s).find((n) => name.endsWith(" " + n));
+    if (suffix) { sched = s; name = name.slice(0, -(suffix.length + 1)); break; }
+  }
+  const sampler = ui.samplers.find((s) => lower(s.name) === name || (s.aliases || []).map(lower).includes(name)) || null;
+  if (sched && sampler && sampler.options && sampler.options.scheduler === sched.name) sched = null;
+  if (sched && sched.name === "automatic") sched = null;
+  return [sampler, sched];
 }
 
 // -- wiring -------------------------------------------------------------------------------
