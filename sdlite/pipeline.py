@@ -152,13 +152,18 @@ class Pipeline:
         text-encoder call of 2 chunks, not 16 calls. Within a list, shorter prompts are padded with
         the empty prompt's chunk to the longest (A1111 does the same).
         """
-        from .prompt import apply_weights, tokenize_prompt
+        from .prompt import apply_weights, tokenize_prompt, unsupported_syntax
 
         tok = self.tokenizer
         groups = [list(g) for g in groups]
         if any(not g for g in groups):
             raise ArgumentError("encode_prompts: every list needs at least one prompt")
         distinct = list(dict.fromkeys(p for g in groups for p in g))
+        for p in distinct:
+            found = unsupported_syntax(p)
+            if found:
+                warnings.warn(f"sdlite does not run A1111's {', '.join(found)}: it reads them as plain text "
+                              f"in {p[:60]!r}", UserWarning, stacklevel=3)
         chunks = {p: tokenize_prompt(p, tok.encode, bos=tok.bos_id, eos=tok.eos_id, pad=tok.pad_id)
                   for p in distinct}
         padded = any(len({len(chunks[p]) for p in g}) > 1 for g in groups)

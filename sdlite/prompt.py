@@ -16,6 +16,10 @@ Written from A1111's documented rules (``modules/prompt_parser.py``, ``modules/s
 
 A plain prompt (no brackets, no BREAK, at most 75 tokens) gives exactly the ids of plain
 tokenization and all weights 1.0, so it conditions the model exactly as without this module.
+
+Not supported: A1111's prompt editing (``[from:to:when]``), alternation (``[a|b]``) and composable
+prompts (``a AND b``). They are read as text, as above; :func:`unsupported_syntax` finds them, and the
+pipeline warns.
 """
 
 from __future__ import annotations
@@ -31,6 +35,7 @@ from sdlite.errors import ArgumentError
 
 __all__ = [
     "parse_prompt_attention",
+    "unsupported_syntax",
     "PromptChunk",
     "tokenize_prompt",
     "count_tokens",
@@ -72,6 +77,24 @@ _RE_ATTENTION = re.compile(
     re.X,
 )
 _RE_BREAK = re.compile(r"\s*\bBREAK\b\s*", re.S)
+
+
+# A1111's per-step prompt syntax (modules/prompt_parser.py's schedule grammar, and its AND), which sdlite
+# does not run: [from:to:when], [to:when], [from::when], [a|b|...], and "AND" between words.
+_UNSUPPORTED = {
+    "prompt editing [from:to:when]": re.compile(r"(?<!\\)\[[^\[\]]*:\s*[\d.]+\s*\]"),
+    "alternation [a|b]": re.compile(r"(?<!\\)\[[^\[\]:]*\|[^\[\]]*\]"),
+    "composable prompts (AND)": re.compile(r"(?:^|\s)AND(?:\s|$)"),
+}
+
+
+def unsupported_syntax(prompt: str) -> list[str]:
+    """The A1111 syntax in ``prompt`` that sdlite reads as plain text instead of running it (see above).
+
+    >>> unsupported_syntax("a [cat:dog:0.5] AND a [red|blue] hat"), unsupported_syntax("a (cat:1.2) [dog]")
+    (['prompt editing [from:to:when]', 'alternation [a|b]', 'composable prompts (AND)'], [])
+    """
+    return [name for name, pattern in _UNSUPPORTED.items() if pattern.search(prompt)]
 
 
 def parse_prompt_attention(text: str) -> list[tuple[str, float]]:

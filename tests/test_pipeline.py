@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -110,6 +111,16 @@ def test_prompt_pairs_are_encoded_in_one_text_encoder_call_equal_to_separate_enc
         torch.testing.assert_close(cond[i:i + 1], alone, rtol=0, atol=1e-5)
     for i, n in enumerate(negatives):
         torch.testing.assert_close(uncond[i:i + 1], pipe.encode_prompt([n]), rtol=0, atol=1e-5)
+
+
+def test_a1111_syntax_sdlite_does_not_run_is_warned_about_not_silently_read_as_text(pipe):
+    with pytest.warns(UserWarning, match=r"prompt editing \[from:to:when\], composable prompts \(AND\)"):
+        pipe.encode_prompt(["a [cat:dog:0.5] AND a hat"])
+    with pytest.warns(UserWarning, match=r"alternation \[a\|b\]"):
+        pipe.encode_prompts([["a cat"], ["[red|blue]"]])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        pipe.encode_prompt(["a (cat:1.2) [dog] \\[x:0.5\\] sand and sea, ANDROID"])
 
 
 def test_emphasis_changes_the_conditioning(pipe):
