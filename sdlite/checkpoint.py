@@ -125,6 +125,20 @@ class _RestrictedPickleModule:
         return _RestrictedUnpickler(file, **kwargs).load()
 
 
+def _refuse_torchscript(path: Path) -> None:
+    """A TorchScript archive (``torch.jit.save``: a zip with ``constants.pkl`` and ``code/``) is not a
+    state dict, and ``torch.load`` would hand it to ``torch.jit.load``, which runs the archive's own
+    code (its ``__setstate__``) outside the restricted unpickler: refused before anything is read."""
+    try:
+        with zipfile.ZipFile(path) as z:
+            names = z.namelist()
+    except (zipfile.BadZipFile, OSError, ValueError):
+        return  # torch.load reports it (truncated or corrupt)
+    if any(n == "constants.pkl" or n.endswith("/constants.pkl") for n in names):
+        raise CheckpointError(f"{path}: a TorchScript archive (torch.jit.save), not a checkpoint; loading it would "
+                              "run its own code, so sdlite refuses it. Use the model's .safetensors or .ckpt.")
+
+
 def _read_pickle(path: Path) -> tuple[Any, Callable[[torch.Tensor], None]]:
     """The unpickled object, and ``release`` for its tensors (see :func:`_page_releaser`)."""
     # weights_only=False is required to pass our own pickle_module; the restricted unpickler
@@ -133,6 +147,7 @@ def _read_pickle(path: Path) -> tuple[Any, Callable[[torch.Tensor], None]]:
     kwargs: dict[str, Any] = dict(map_location="cpu", pickle_module=_RestrictedPickleModule, weights_only=False)
     try:
         if zipfile.is_zipfile(path):  # the zip format: torch maps the file privately, like ours
+            _refuse_torchscript(path)
             try:
                 obj = torch.load(path, mmap=True, **kwargs)
             except _ForbiddenGlobal:
@@ -144,6 +159,8 @@ def _read_pickle(path: Path) -> tuple[Any, Callable[[torch.Tensor], None]]:
             ranges = _mapped_ranges(path)
             return obj, (_page_releaser(ranges, _libc_dontneed()) if ranges else _no_release)
         return torch.load(path, **kwargs), _no_release  # legacy pickle: ordinary memory
+    except CheckpointError:
+        raise
     except _ForbiddenGlobal as e:  # (a damaged pickle is an UnpicklingError too, and is only corrupt: below)
         raise CheckpointError(f"{path}: refused to load: {e}. This file may try to run code; "
                               "only load checkpoints you trust, or a .safetensors version of it.") from None
@@ -191,9 +208,9 @@ def _read_safetensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, st
         if n > min(size - 8, _SAFETENSORS_MAX_HEADER):
             raise corrupt(f"the header says it is {n} bytes long, the file has {size - 8} after the length")
         try:
-            header = json.loads(f.read(n))
-        except (UnicodeDecodeError, json.JSONDecodeError) as e:
-            raise corrupt(f"header is not JSON ({e})") from None
+            header = json.loads(f.read(n).decode("utf-8"), object_pairs_hook=_no_duplicate_keys)
+        except (ValueError, RecursionError) as e:  # not UTF-8, not JSON, nested too deep, a key twice
+            raise corrupt(f"header is not a JSON object of unique keys in UTF-8 ({str(e)[:200]})") from None
         if not isinstance(header, dict):
             raise corrupt("header is not a JSON object")
         mapping: Any = None  # the whole file: an mmap, or (where mapping fails) a bytearray
@@ -205,24 +222,33 @@ def _read_safetensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, st
                 mapping = bytearray(f.read())
                 if len(mapping) != size:
                     raise corrupt(f"read {len(mapping)} of {size} bytes") from None
-    metadata = header.pop("__metadata__", None) or {}
+    metadata = header.pop("__metadata__", {})
     if not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
         raise corrupt("__metadata__ is not a map of strings")
     start, data_size = 8 + n, size - 8 - n
     whole = torch.frombuffer(mapping, dtype=torch.uint8) if mapping is not None else torch.empty(0, dtype=torch.uint8)
-    tensors: dict[str, torch.Tensor] = {}
+    # The format's rules, as the safetensors package checks them: each entry a dtype, a shape of
+    # natural numbers and two offsets; the tensors tile the data section, in order, without gaps or
+    # overlaps (overlapping tensors would alias each other's memory).
+    entries = []
     for key, info in header.items():
-        try:
-            dtype = _SAFETENSORS_DTYPES[info["dtype"]]
-            shape = [int(d) for d in info["shape"]]
-            begin, end = (int(o) for o in info["data_offsets"])
-        except (KeyError, TypeError, ValueError):
-            raise corrupt(f"tensor {key!r}: unreadable entry {info!r}") from None
-        nbytes = math.prod(shape) * dtype.itemsize
-        if not 0 <= begin <= end <= data_size:
-            raise corrupt(f"tensor {key!r} lies at bytes {begin}..{end} of a {data_size}-byte data section")
-        if end - begin != nbytes or any(d < 0 for d in shape):
-            raise corrupt(f"tensor {key!r}: {end - begin} bytes for shape {shape} of {info['dtype']}")
+        shape, offsets = (info.get("shape"), info.get("data_offsets")) if isinstance(info, dict) else (None, None)
+        if not (isinstance(info, dict) and info.get("dtype") in _SAFETENSORS_DTYPES and _naturals(shape)
+                and _naturals(offsets) and len(offsets) == 2):
+            raise corrupt(f"tensor {key!r}: unreadable entry {str(info)[:200]}")
+        entries.append((offsets[0], offsets[1], key, _SAFETENSORS_DTYPES[info["dtype"]], shape))
+    expected = 0
+    for begin, end, key, dtype, shape in sorted(entries, key=lambda e: e[:2]):
+        if begin != expected or not begin <= end <= data_size:
+            raise corrupt(f"tensor {key!r} lies at bytes {begin}..{end} of a {data_size}-byte data section, "
+                          f"where the tensors before it end at {expected}")
+        if end - begin != math.prod(shape) * dtype.itemsize:
+            raise corrupt(f"tensor {key!r}: {end - begin} bytes for shape {shape} of {dtype}")
+        expected = end
+    if expected != data_size:
+        raise corrupt(f"the tensors end at byte {expected} of a {data_size}-byte data section")
+    tensors: dict[str, torch.Tensor] = {}
+    for begin, end, key, dtype, shape in entries:
         raw = whole[start + begin:start + end]
         if (start + begin) % dtype.itemsize:  # misaligned (writers other than safetensors' own): copy
             raw = raw.clone()
@@ -234,6 +260,18 @@ def _read_safetensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, st
     release = _page_releaser([(base, base + size)],
                              lambda address, length: mapping.madvise(mmap.MADV_DONTNEED, address - base, length))
     return tensors, metadata, release
+
+
+def _no_duplicate_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    out = dict(pairs)
+    if len(out) != len(pairs):
+        raise ValueError(f"a key appears twice: {[k for k, _ in pairs if sum(1 for j, _ in pairs if j == k) > 1][0]!r}")
+    return out
+
+
+def _naturals(value: Any) -> bool:
+    """A list of natural numbers that fit 63 bits (JSON's true and 2.7 are not)."""
+    return isinstance(value, list) and all(type(v) is int and 0 <= v < 2**63 for v in value)
 
 
 def _page_releaser(ranges: list[tuple[int, int]], dontneed: Callable[[int, int], None]) -> Callable[[torch.Tensor], None]:
@@ -296,6 +334,9 @@ def read_checkpoint(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str
     return tensors, metadata
 
 
+_MAX_NESTING = 8
+
+
 def check_path(path: str | Path) -> Path:
     """``path`` if it names a file with a checkpoint's extension, else :class:`CheckpointError` saying why
     (nothing is read: the CLI checks this before any other work)."""
@@ -320,8 +361,13 @@ def _open_checkpoint(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str
         obj, metadata, release = _read_safetensors(path)
     else:
         obj, release = _read_pickle(path)
-    while isinstance(obj, Mapping) and "state_dict" in obj and isinstance(obj["state_dict"], Mapping):
+    for _ in range(_MAX_NESTING):  # Lightning wraps the weights in {"state_dict": ...}; a file may nest more
+        if not (isinstance(obj, Mapping) and "state_dict" in obj and isinstance(obj["state_dict"], Mapping)):
+            break
         obj = obj["state_dict"]
+    else:
+        raise CheckpointError(f"{path}: 'state_dict' nested more than {_MAX_NESTING} deep (or in itself): "
+                              "not a checkpoint sdlite can read")
     if not isinstance(obj, Mapping):
         raise CheckpointError(f"{path}: holds a {type(obj).__name__}, not a state dict")
     tensors = {k: v for k, v in obj.items() if isinstance(k, str) and isinstance(v, torch.Tensor)}
@@ -387,11 +433,21 @@ def detect_config(sd: Mapping[str, torch.Tensor], metadata: Mapping[str, str], p
             return ModelConfig.from_json(metadata[METADATA_KEY])
         except Exception as e:
             raise CheckpointError(f"{path}: unreadable '{METADATA_KEY}' metadata: {e}") from None
+    if any(k.startswith("conditioner.embedders.") for k in sd):
+        raise CheckpointError(f"{path}: an SDXL checkpoint (conditioner.embedders.*); sdlite loads Stable Diffusion "
+                              "1.x and 2.x models only")
+    if UNET_IN not in sd and any(k.startswith("module." + UNET_IN[:6]) for k in sd):
+        raise CheckpointError(f"{path}: its keys start with 'module.' (saved from a DataParallel wrapper); save the "
+                              "wrapped model's own state_dict, without the 'module.' prefix")
     if UNET_IN not in sd:
         some = ", ".join(list(sd)[:3])
         raise CheckpointError(f"{path}: not a Stable Diffusion checkpoint in the original layout: no '{UNET_IN}' "
                               f"(first keys: {some}). Diffusers-format folders and LoRA/embedding files are not "
                               "full checkpoints.")
+    for key, dims in ((UNET_IN, 4), (UNET_CONTEXT, 2)):
+        if key in sd and sd[key].dim() != dims:
+            raise CheckpointError(f"{path}: '{key}' has shape {list(sd[key].shape)}, not {dims} dimensions: "
+                                  "not a Stable Diffusion checkpoint sdlite can read")
     in_channels = sd[UNET_IN].shape[1]
     context = sd[UNET_CONTEXT].shape[1] if UNET_CONTEXT in sd else None
     if any(k.startswith("cond_stage_model.model.") for k in sd) or context == 1024:
@@ -498,6 +554,8 @@ def load_into(module: nn.Module, weights: dict[str, torch.Tensor], *, prefix: st
         kept = []  # file tensors the layer holds as they are (already in the wanted dtype and device)
         for name, v in [*layer.named_parameters(recurse=False), *layer.named_buffers(recurse=False)]:
             c = v.to(device=device, dtype=dtype if v.is_floating_point() else v.dtype)
+            if not c.is_contiguous():  # a pickle may hold strided views; kernels read the memory in order
+                c = c.contiguous()
             if c is not v:  # .to() returns v itself when nothing had to change
                 setattr(layer, name, nn.Parameter(c, requires_grad=False) if isinstance(v, nn.Parameter) else c)
                 release(v)
@@ -586,6 +644,8 @@ def save_checkpoint(networks: Mapping[str, nn.Module], cfg: ModelConfig, path: s
     path = Path(path)
     if path.suffix.lower() != ".safetensors":
         raise CheckpointError(f"{path}: sdlite saves .safetensors only (no pickle)")
+    if path.is_dir():
+        raise CheckpointError(f"{path}: is a directory; give a file name ending in .safetensors")
     if path.exists() and not overwrite:
         raise CheckpointError(f"{path}: exists; refusing to overwrite (pass overwrite=True)")
     tensors = {}
@@ -593,13 +653,18 @@ def save_checkpoint(networks: Mapping[str, nn.Module], cfg: ModelConfig, path: s
         if dtype is not None and v.is_floating_point():
             v = v.to(dtype)
         tensors[k] = v.detach().to("cpu").contiguous()
-    path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".partial")
-    save_file(tensors, str(tmp), metadata={METADATA_KEY: cfg.to_json(), "format": "pt"})
-    umask = os.umask(0)  # safetensors creates the file 0600; give it the permissions of any new file
-    os.umask(umask)
-    tmp.chmod(0o666 & ~umask)
-    tmp.replace(path)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        save_file(tensors, str(tmp), metadata={METADATA_KEY: cfg.to_json(), "format": "pt"})
+        umask = os.umask(0)  # safetensors creates the file 0600; give it the permissions of any new file
+        os.umask(umask)
+        tmp.chmod(0o666 & ~umask)
+        tmp.replace(path)  # the whole file or nothing: the old one stays until the new one is complete
+    except OSError as e:
+        with contextlib.suppress(OSError):  # (no .partial left behind, where there can be one at all)
+            tmp.unlink(missing_ok=True)
+        raise CheckpointError(f"{path}: cannot write it ({e.strerror or e})") from None
     return path
 
 
@@ -640,7 +705,11 @@ def networks_from_state_dict(raw: dict[str, torch.Tensor], metadata: Mapping[str
     del sd
     if consume:
         raw.clear()
-    networks = build_networks(cfg)
+    try:
+        networks = build_networks(cfg)
+    except (ArithmeticError, IndexError, KeyError, TypeError, ValueError) as e:
+        raise CheckpointError(f"{path}: its configuration cannot build the networks ({type(e).__name__}: {e}); "
+                              "pass config= with the model's ModelConfig") from None
     for part, module in networks.items():
         load_into(module, parts.pop(part), prefix=_prefix_of(part, cfg), path=path, device=device, dtype=dtype,
                   release=release, finish=finish)

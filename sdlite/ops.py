@@ -297,8 +297,13 @@ def _onednn_gemm(x: torch.Tensor, *params: torch.Tensor | None, dtype: torch.dty
 
 
 def _gemm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    """``F.linear(x, weight, bias)`` computed by oneDNN (``x``: ``[..., K]``, ``weight``: ``[N, K]``)."""
-    return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")
+    """``F.linear(x, weight, bias)`` computed by oneDNN (``x``: ``[..., K]``, ``weight``: ``[N, K]``). oneDNN
+    reads the bias as contiguous whatever its strides (a strided one gave wrong sums): made so."""
+    return torch.ops.mkldnn._linear_pointwise(x, weight, _contiguous(bias), "none", [], "")
+
+
+def _contiguous(t: torch.Tensor | None) -> torch.Tensor | None:
+    return None if t is None else t.contiguous()
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
@@ -651,9 +656,9 @@ class Conv2d(_Packable, nn.Conv2d):
             if self._packed_path(input, weight, bias) and input.dim() == 4:
                 if weight.dim() == 2:  # a packed 1x1 conv: [B, H, W, C_in] @ weightᵀ, channels-last out
                     return _gemm(input.permute(0, 2, 3, 1).contiguous(), weight, bias).permute(0, 3, 1, 2)
-                return torch.ops.mkldnn._convolution_pointwise(
-                    input, weight, bias, list(self.padding), list(self.stride), list(self.dilation), self.groups,
-                    "none", [], "")
+                return torch.ops.mkldnn._convolution_pointwise(  # (a strided bias read as contiguous: see _gemm)
+                    input, weight, _contiguous(bias), list(self.padding), list(self.stride), list(self.dilation),
+                    self.groups, "none", [], "")
             weight = weight.to_dense()
         if _as_fp32(input):
             return self._conv_forward(input.float(), _fp32_weight(weight, input), _fp32(bias)).to(input.dtype)

@@ -802,7 +802,9 @@ def load(path: str | Path | None = None, device: str | torch.device | None = Non
     - ``prediction``: ``"eps"`` or ``"v"``; default from a same-stem ``.yaml`` beside the file, else
       detected (see :func:`sdlite.checkpoint.resolve_prediction`);
     - ``use_ema``: take the ``model_ema.*`` copies of the UNet instead of the plain weights;
-    - ``config``: skip the detection and use this :class:`ModelConfig` (non-standard models);
+    - ``config``: skip the detection of the architecture and use this :class:`ModelConfig`
+      (non-standard models). Its ``prediction`` is not used: the prediction type is resolved as above
+      (give ``prediction=``), and for SD2 the native size follows it (768 for v, 512 for eps);
     - ``low_memory``: for small GPUs — attention 1024 queries at a time, and images larger than the
       native size decoded in tiles of half the native size (see :meth:`Pipeline.set_low_memory`); a
       little slower; the attention chunking changes nothing but rounding, the tiled decode is an

@@ -374,3 +374,102 @@ def test_malicious_plain_pickle_does_not_run(tmp_path):
     with pytest.raises(sdlite.CheckpointError):
         sdlite.load(path, device="cpu")
     assert not marker.exists()
+
+
+class _Scripted(torch.nn.Module):
+    """A TorchScript module whose unpickling writes a file: torch.load hands such a zip to torch.jit.load,
+    which runs __setstate__ outside any restricted unpickler."""
+
+    def __init__(self, marker: str):
+        super().__init__()
+        self.w = torch.zeros(2)
+        self.marker = marker
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x
+
+    @torch.jit.export
+    def __getstate__(self) -> tuple[torch.Tensor, str, bool]:
+        return self.w, self.marker, self.training
+
+    @torch.jit.export
+    def __setstate__(self, state: tuple[torch.Tensor, str, bool]) -> None:
+        touched = torch.from_file(state[1], True, 8, dtype=torch.uint8)
+        self.w = state[0] + 0 * touched.fill_(88).sum().float()
+        self.marker, self.training = state[1], state[2]
+
+
+def test_a_torchscript_archive_is_refused_before_its_code_runs(tmp_path):
+    marker = tmp_path / "victim.bin"
+    marker.write_bytes(bytes(8))
+    path = tmp_path / "scripted.ckpt"
+    torch.jit.save(torch.jit.script(_Scripted(str(marker))), str(path))
+    with pytest.raises(sdlite.CheckpointError, match="TorchScript archive.*would run its own code"):
+        sdlite.load(path, device="cpu")
+    assert marker.read_bytes() == bytes(8)
+    torch.jit.load(str(path))  # and the payload really runs when loaded unsafely, so the test can fail
+    assert marker.read_bytes() == b"X" * 8
+
+
+def test_a_state_dict_nested_in_itself_is_refused_not_looped_over(tmp_path):
+    d = {"x": torch.zeros(1)}
+    d["state_dict"] = d
+    path = tmp_path / "loop.ckpt"
+    torch.save(d, path)
+    with pytest.raises(sdlite.CheckpointError, match="nested more than 8 deep"):
+        sdlite.load(path, device="cpu", config=TINY_SD1)
+
+
+def test_strided_tensors_in_a_pickle_compute_as_their_values(tmp_path):
+    """A .ckpt may hold strided views (every other element of a larger storage). oneDNN reads a bias as
+    contiguous memory whatever its strides: the text encoder was off by 2.8 on values of ~2.9."""
+    sd = original_state_dict(TINY_SD1)
+    strided = {k: torch.stack([v, torch.full_like(v, 1e3)], dim=-1)[..., 0] if v.dim() == 1 and v.is_floating_point()
+               else v for k, v in sd.items()}
+    assert not strided["first_stage_model.decoder.conv_out.bias"].is_contiguous()
+    plain = sdlite.load(_save(sd, tmp_path / "plain.ckpt"), device="cpu", config=TINY_SD1)
+    odd = sdlite.load(_save(strided, tmp_path / "strided.ckpt"), device="cpu", config=TINY_SD1)
+    ids = plain.tokenizer(["a cat"])
+    torch.testing.assert_close(odd.text_encoder(ids), plain.text_encoder(ids), rtol=0, atol=1e-6)
+    z = torch.randn(1, TINY_SD1.vae.z_channels, 8, 8, generator=torch.Generator().manual_seed(0))
+    torch.testing.assert_close(odd.vae.decode(z), plain.vae.decode(z), rtol=0, atol=1e-6)
+    b = torch.stack([torch.randn(8), torch.zeros(8)], dim=-1)[..., 0]  # the layer itself, given a strided bias
+    layer = sdlite.ops.Linear(4, 8).requires_grad_(False)
+    layer.bias = torch.nn.Parameter(b, requires_grad=False)
+    x = torch.randn(3, 4)
+    torch.testing.assert_close(layer(x), torch.nn.functional.linear(x, layer.weight, b), rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("change, match", [
+    (lambda sd: {"conditioner.embedders.0.transformer.x": torch.zeros(1), **sd}, "an SDXL checkpoint"),
+    (lambda sd: {"module." + k: v for k, v in sd.items()}, "keys start with 'module.'"),
+    (lambda sd: {**sd, checkpoint.UNET_IN: torch.zeros(32)}, "has shape \\[32\\], not 4 dimensions"),
+])
+def test_files_sdlite_cannot_read_say_why(tmp_path, change, match):
+    path = _save(change(original_state_dict(TINY_SD1)), tmp_path / "m.safetensors")
+    with pytest.raises(sdlite.CheckpointError, match=match):
+        sdlite.load(path, device="cpu")
+
+
+def test_a_config_in_the_metadata_that_cannot_build_the_networks_is_a_checkpoint_error(tmp_path):
+    import json
+
+    cfg = json.loads(TINY_SD1.to_json())
+    cfg["unet"]["num_heads"] = 0  # a division by zero when the attention layers are built
+    path = tmp_path / "m.safetensors"
+    save_file({k: v.contiguous() for k, v in original_state_dict(TINY_SD1).items()}, str(path),
+              metadata={checkpoint.METADATA_KEY: json.dumps(cfg)})
+    with pytest.raises(sdlite.CheckpointError, match="cannot build the networks.*pass config="):
+        sdlite.load(path, device="cpu")
+
+
+def test_save_refuses_a_directory_and_reports_an_unwritable_place_leaving_nothing_behind(tmp_path):
+    pipe = sdlite.load(_save(original_state_dict(TINY_SD1), tmp_path / "m.safetensors"), device="cpu",
+                       config=TINY_SD1)
+    (tmp_path / "dir.safetensors").mkdir()
+    with pytest.raises(sdlite.CheckpointError, match="is a directory"):
+        sdlite.save(pipe, tmp_path / "dir.safetensors", overwrite=True)
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(sdlite.CheckpointError, match="cannot write it"):
+        sdlite.save(pipe, tmp_path / "file" / "out.safetensors")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["dir.safetensors", "file", "m.safetensors"]

@@ -64,10 +64,22 @@ def test_misaligned_tensor_is_read_correctly(tmp_path):
 @pytest.mark.parametrize("case, match", [
     ("short", "shorter than the 8-byte header length"),
     ("header_too_long", "the header says it is"),
-    ("not_json", "header is not JSON"),
+    ("not_json", "header is not a JSON object"),
     ("out_of_range", "lies at bytes"),
     ("wrong_size", "bytes for shape"),
     ("bad_dtype", "unreadable entry"),
+    # the rules the safetensors package checks too (each was read, or crashed, before)
+    ("overlap", "where the tensors before it end at 8"),  # aliased tensors
+    ("hole", "where the tensors before it end at 0"),
+    ("trailing", "the tensors end at byte 8 of a 12-byte data section"),
+    ("shape_string", "unreadable entry"),  # "12" was read as [1, 2]
+    ("shape_bool", "unreadable entry"),
+    ("offset_infinite", "unreadable entry"),  # an OverflowError
+    ("dim_2_64", "unreadable entry"),  # a TypeError
+    ("deep", "header is not a JSON object"),  # a RecursionError
+    ("duplicate", "a key appears twice: 'a'"),
+    ("utf16", "header is not a JSON object"),
+    ("metadata_list", "__metadata__ is not a map of strings"),
 ])
 def test_corrupt_files_are_checkpoint_errors(tmp_path, case, match):
     path = tmp_path / f"{case}.safetensors"
@@ -84,6 +96,27 @@ def test_corrupt_files_are_checkpoint_errors(tmp_path, case, match):
         _write_raw(path, {"a": {"dtype": "F32", "shape": [3], "data_offsets": [0, 8]}}, bytes(8))
     elif case == "bad_dtype":
         _write_raw(path, {"a": {**ok["a"], "dtype": "F7"}}, bytes(8))
+    elif case == "overlap":
+        _write_raw(path, {**ok, "b": {"dtype": "U8", "shape": [4], "data_offsets": [2, 6]}}, bytes(8))
+    elif case == "hole":
+        _write_raw(path, {"a": {**ok["a"], "data_offsets": [4, 12]}}, bytes(12))
+    elif case == "trailing":
+        _write_raw(path, ok, bytes(12))
+    elif case == "shape_string":
+        _write_raw(path, {"a": {"dtype": "U8", "shape": "12", "data_offsets": [0, 2]}}, bytes(2))
+    elif case == "shape_bool":
+        _write_raw(path, {"a": {"dtype": "U8", "shape": [True, 2], "data_offsets": [0, 2]}}, bytes(2))
+    elif case == "dim_2_64":
+        _write_raw(path, {"a": {"dtype": "U8", "shape": [2**64, 0], "data_offsets": [0, 0]}}, b"")
+    else:
+        header = {"offset_infinite": b'{"a": {"dtype": "U8", "shape": [1], "data_offsets": [0, Infinity]}}',
+                  "deep": b"[" * 100_000 + b"]" * 100_000,
+                  "duplicate": b'{"a": {"dtype": "U8", "shape": [1], "data_offsets": [0, 1]}, '
+                               b'"a": {"dtype": "U8", "shape": [1], "data_offsets": [0, 1]}}',
+                  "utf16": '{"a": {"dtype": "U8", "shape": [1], "data_offsets": [0, 1]}}'.encode("utf-16"),
+                  "metadata_list": b'{"__metadata__": [], "a": {"dtype": "U8", "shape": [1], "data_offsets": [0, 1]}}',
+                  }[case]
+        path.write_bytes(struct.pack("<Q", len(header)) + header + bytes(1))
     with pytest.raises(sdlite.CheckpointError, match=match) as e:
         read_checkpoint(path)
     assert path.name in str(e.value)
