@@ -642,7 +642,8 @@ def test_extra_generation_params_carry_eta_exactly_when_the_infotext_does(api):
     assert "Eta" not in r.info["infotexts"][0] and "Eta" not in r.info["extra_generation_params"]
 
 
-@pytest.mark.parametrize("sampler, option, key", [("Euler a", "eta_ancestral", "Eta"), ("DDIM", "eta_ddim", "Eta DDIM")])
+@pytest.mark.parametrize("sampler, option, key", [("Euler a", "eta_ancestral", "Eta"),
+                                                 ("DDIM", "eta_ddim", "Eta DDIM")])
 def test_a_request_without_eta_takes_a1111s_eta_option_of_its_sampler_kind(api, sampler, option, key):
     url, body = api.baseurl, {"prompt": "x", "seed": 1, "steps": 2, "sampler_name": sampler, **SIZE}
     explicit = requests.post(f"{url}/txt2img", json={**body, "eta": 0.3}).json()

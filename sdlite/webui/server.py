@@ -23,8 +23,8 @@ How it is built:
 
 Not supported (refused with a 400 rather than silently ignored): hires fix (``enable_hr``),
 inpainting (``mask``), more than one init image, variation seeds (``subseed_strength`` other than 0,
-``seed_resize_from_h``/``_w``), ``tiling``, ``restore_faces``, and ``samples_format`` other than png. img2img takes
-A1111's four ``resize_mode`` values (0 just resize, 1 crop and resize, 2 resize and fill, 3 latent
+``seed_resize_from_h``/``_w``), ``tiling``, ``restore_faces``, and ``samples_format`` other than png.
+img2img takes A1111's four ``resize_mode`` values (0 just resize, 1 crop and resize, 2 resize and fill, 3 latent
 upscale; see :mod:`sdlite.resize`); any other value is a 400. ``save_images`` saves as A1111 does, under
 ``outputs/``. Fields this server does not know are ignored, as A1111 ignores them too.
 """
