@@ -368,7 +368,8 @@ def test_token_merging_changes_the_image_is_seeded_recorded_and_set_for_the_run_
     assert not np.array_equal(np.asarray(plain[0]), np.asarray(merged[0]))
     assert np.array_equal(np.asarray(merged[0]), np.asarray(again[0]))
     assert "Token merging ratio" not in plain.infotexts[0]
-    assert "Clip skip" not in merged.infotexts[0] and ", Token merging ratio: 0.5, Version: " in merged.infotexts[0]
+    assert "Clip skip" not in merged.infotexts[0]
+    assert ", Token merging ratio: 0.5, RNG: CPU, Version: " in merged.infotexts[0]
     assert parse_infotext(merged.infotexts[0])["Token merging ratio"] == "0.5"
     out = pipe.img2img(plain[0], "a dog", strength=0.5, token_merging_ratio=0.25, **kw)
     assert "Token merging ratio: 0.25" in out.infotexts[0] and seen[-1] == 0.25

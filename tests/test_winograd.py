@@ -250,6 +250,6 @@ def test_an_upsample_whose_conv_takes_4x4_tiles_convolves_the_upsampled_map_and_
     assert upsample(x) == ([4], False) and not interpolations
     assert not conv.weight.is_mkldnn  # (packed: laid out plain for Winograd, for the upsampled shape)
     assert upsample(torch.randn(1, 8, 2, 2, generator=g)) == ([], True)  # 4x4: 1 of 4x4, 4 of 2x2: phases
-    assert conv._phase_cache[1].is_mkldnn == packed  # packed for oneDNN though the conv's weight is plain now
+    assert conv._phase_cache[3].is_mkldnn == packed  # packed for oneDNN though the conv's weight is plain now
     monkeypatch.setattr(ops, "WINOGRAD_CONV", ())
     assert upsample(x) == ([], True) and not interpolations
