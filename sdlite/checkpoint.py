@@ -222,7 +222,8 @@ def _read_safetensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, st
                 mapping = bytearray(f.read())
                 if len(mapping) != size:
                     raise corrupt(f"read {len(mapping)} of {size} bytes") from None
-    metadata = header.pop("__metadata__", {})
+    metadata = header.pop("__metadata__", None)
+    metadata = {} if metadata is None else metadata  # (absent, or null: both valid)
     if not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
         raise corrupt("__metadata__ is not a map of strings")
     start, data_size = 8 + n, size - 8 - n

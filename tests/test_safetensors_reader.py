@@ -259,3 +259,10 @@ def test_zip_ckpt_loads_where_the_mapping_cannot_be_found(tmp_path, monkeypatch)
     torch.save({"state_dict": {"w": torch.arange(6.0)}}, path)
     tensors, _, release = checkpoint._open_checkpoint(path)
     assert release is checkpoint._no_release and torch.equal(tensors["w"], torch.arange(6.0))
+
+
+def test_null_metadata_is_read_as_none(tmp_path):
+    """``"__metadata__": null`` is valid (the safetensors package reads it as no metadata)."""
+    header = {"__metadata__": None, "a": {"dtype": "U8", "shape": [1], "data_offsets": [0, 1]}}
+    tensors, metadata = read_checkpoint(_write_raw(tmp_path / "null.safetensors", header, b"\x05"))
+    assert metadata == {} and tensors["a"].tolist() == [5]
