@@ -34,7 +34,7 @@ import torch
 
 from ..errors import ArgumentError
 from .denoiser import Denoiser
-from .k_samplers import Callback, _stopped, get_ancestral_step, randn_like
+from .k_samplers import Callback, _stopped, get_ancestral_step, half_log_snr, randn_like
 
 
 def sigma_of(t: float) -> float:
@@ -43,9 +43,9 @@ def sigma_of(t: float) -> float:
 
 
 def t_of(sigma: float) -> float:
-    """t(sigma) = -log sigma = lambda, the half log-SNR (alpha = 1 in sigma space); infinite at sigma = 0
-    (where an ancestral step with eta > 1 aims: its noise is then all of sigma_next)."""
-    return -math.log(sigma) if sigma > 0 else math.inf
+    """t(sigma) = -log sigma = lambda, the half log-SNR (alpha = 1 in sigma space): the paper's time
+    variable, :func:`~sdlite.schedulers.k_samplers.half_log_snr` (infinite at sigma = 0)."""
+    return half_log_snr(sigma)
 
 
 def _eps(denoiser: Denoiser, x: torch.Tensor, t: float) -> torch.Tensor:

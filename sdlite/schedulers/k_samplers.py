@@ -191,6 +191,13 @@ def sample_dpm_2(denoiser: Denoiser, x: torch.Tensor, sigmas: torch.Tensor, *, g
     return x
 
 
+def half_log_snr(sigma: float) -> float:
+    """lambda = -log sigma, the half log-SNR in sigma space (alpha = 1); +inf at sigma = 0, as k-diffusion's
+    tensor -log gives it. An ancestral step with eta > 1 aims there on a large step: exp(-inf) = 0, so the
+    step lands on the denoised estimate, and its noise is all of the next level's."""
+    return -math.log(sigma) if sigma > 0 else math.inf
+
+
 @torch.no_grad()
 def sample_dpm_2_ancestral(denoiser: Denoiser, x: torch.Tensor, sigmas: torch.Tensor, *,
                            generator: torch.Generator | None = None, callback: Callback | None = None,
@@ -427,8 +434,7 @@ def sample_dpmpp_sde(denoiser: Denoiser, x: torch.Tensor, sigmas: torch.Tensor, 
     def sigma_fn(lam: float) -> float:
         return math.exp(-lam)
 
-    def lam_fn(sigma: float) -> float:  # infinite at sigma = 0, as k-diffusion's -log: sigma_fn(inf) = 0
-        return -math.log(sigma) if sigma > 0 else math.inf
+    lam_fn = half_log_snr
 
     for i in range(len(s) - 1):
         denoised = denoiser(x, s[i])

@@ -302,8 +302,7 @@ function samplerAndSchedule(samplerName, scheduleType) {
     const suffix = names(s).find((n) => name.endsWith(" " + n));
     if (suffix) { sched = s; name = name.slice(0, -(suffix.length + 1)); break; }
   }
-  const sampler = ui.samplers.find((s) => lower(s.name) === name || (s.aliases || []).map(lower).includes(name))
-    || null;
+  const sampler = ui.samplers.find((s) => names(s).includes(name)) || null;
   if (sched && sampler && sampler.options && sampler.options.scheduler === sched.name) sched = null;
   if (sched && sched.name === "automatic") sched = null;
   return [sampler, sched];
