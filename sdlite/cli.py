@@ -69,6 +69,15 @@ def _parser(img2img: bool) -> argparse.ArgumentParser:
     p.add_argument("--scale", type=float, default=7.5, help="classifier-free guidance scale (CFG)")
     p.add_argument("--ddim_eta", "--eta", dest="eta", type=float, default=None, help="eta of DDIM/ancestral samplers")
     p.add_argument("--seed", type=int, default=None, help="seed of the first image (image i uses seed+i); -1 = random")
+    p.add_argument("--variation-seed", dest="variation_seed", type=int, default=None,
+                   help="A1111's variation seed, used with --variation-strength: every image keeps --seed and "
+                        "image i moves towards the noise of variation seed + i (default or -1: random)")
+    p.add_argument("--variation-strength", dest="variation_strength", type=float, default=0.0, metavar="S",
+                   help="how far the starting noise moves towards the variation seed's: 0 (off, default) to 1; "
+                        "0.05-0.2 keep the picture and change its details")
+    p.add_argument("--seed-resize-from", dest="seed_resize_from", default=None, metavar="WxH",
+                   help="A1111's 'Resize seed from': the size at which the seed was found, e.g. 512x512; its "
+                        "noise is centred in the new size's, so the composition mostly survives")
     p.add_argument("--H", type=int, default=None, help="height in pixels (default: the model's native size)")
     p.add_argument("--W", type=int, default=None, help="width in pixels (default: the model's native size)")
     p.add_argument("--n_samples", type=int, default=1, help="batch size")
@@ -172,7 +181,7 @@ def _prompts(args: argparse.Namespace) -> list[str]:
 
 def _first_seed(args: argparse.Namespace, n_images: int) -> int:
     """The seed of the first image; image i uses ``seed + i``, so the last one must fit too."""
-    from .pipeline import check_seed
+    from .seeds import check_seed
 
     if args.seed is None or args.seed == -1:
         import random
@@ -180,6 +189,30 @@ def _first_seed(args: argparse.Namespace, n_images: int) -> int:
         return random.randrange(2**32)
     check_seed(args.seed, n_images, "--seed")
     return args.seed
+
+
+def _seed_tools(args: argparse.Namespace, n_images: int) -> tuple[int, tuple[int, int] | None]:
+    """The first image's variation seed (image i uses it + i when --variation-strength is not 0) and
+    --seed-resize-from as (width, height), checked."""
+    from .seeds import check_seed
+
+    if not math.isfinite(args.variation_strength):
+        raise ArgumentError(f"--variation-strength must be a finite number, got {args.variation_strength}")
+    variation_seed = args.variation_seed
+    if variation_seed is None or variation_seed == -1:
+        import random
+
+        variation_seed = random.randrange(2**32)
+    elif args.variation_strength:
+        check_seed(variation_seed, n_images, "--variation-seed")
+    resize_from = None
+    if args.seed_resize_from is not None:
+        w, sep, h = args.seed_resize_from.lower().partition("x")
+        if not (sep and w.strip().isdigit() and h.strip().isdigit() and int(w) >= 8 and int(h) >= 8):
+            raise ArgumentError(f"--seed-resize-from takes WIDTHxHEIGHT in pixels, each at least 8, such as "
+                                f"512x512; got {args.seed_resize_from!r}")
+        resize_from = (int(w), int(h))
+    return variation_seed, resize_from
 
 
 def _check_outdir(outdir: Path) -> None:
@@ -273,7 +306,9 @@ def _run(args: argparse.Namespace, img2img: bool) -> int:
         from .unet import tome
 
         tome.check_ratio(args.token_merging_ratio)  # before the model loads
-        seed = _first_seed(args, args.n_samples * args.n_iter * len(prompts))
+        n_images = args.n_samples * args.n_iter * len(prompts)
+        seed = _first_seed(args, 1 if args.variation_strength else n_images)
+        variation_seed, seed_resize_from = _seed_tools(args, n_images)
         devices.parse_device(args.device)  # a known device name, and one this machine has
         if args.ckpt is not None:
             from .checkpoint import check_path
@@ -293,7 +328,8 @@ def _run(args: argparse.Namespace, img2img: bool) -> int:
                               width=args.W, height=args.H, seed=seed, sampler=sampler, schedule=args.schedule,
                               batch_size=args.n_samples, eta=args.eta, progress=not args.quiet,
                               clip_skip=args.clip_skip, sampler_settings=settings,
-                              token_merging_ratio=args.token_merging_ratio)
+                              token_merging_ratio=args.token_merging_ratio, variation_seed=variation_seed,
+                              variation_strength=args.variation_strength, seed_resize_from=seed_resize_from)
                 if img2img:
                     images = pipe.img2img(args.init_img, prompt, strength=args.strength,
                                           resize_mode=args.resize_mode, **kwargs)
@@ -302,7 +338,10 @@ def _run(args: argparse.Namespace, img2img: bool) -> int:
                 for img, text in zip(images, images.infotexts):
                     written.append(save_numbered(img, args.outdir, text))
                     print(written[-1], flush=True)  # a long run shows its results as they come
-                seed += args.n_samples
+                if args.variation_strength:  # as A1111: the seed stays, the variation seed counts on
+                    variation_seed += args.n_samples
+                else:
+                    seed += args.n_samples
         print(f"{len(written)} image(s) in {time.perf_counter() - t0:.1f}s → {args.outdir}", file=sys.stderr)
         return 0
     except SdliteError as e:

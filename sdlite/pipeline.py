@@ -32,6 +32,7 @@ from . import devices, ops
 from .config import ModelConfig
 from .errors import ArgumentError, CheckpointError, GenerationError
 from .progress import ProgressBar
+from .seeds import check_seed, random_streams
 from .unet import tome
 
 if TYPE_CHECKING:  # for the annotation; the methods import the schedulers where they use them
@@ -54,6 +55,7 @@ class Images(list):
     """
 
     seeds: list[int]
+    variation_seeds: list[int] | None  # None when no variation strength was given
     infotexts: list[str]
 
 
@@ -504,10 +506,12 @@ class Pipeline:
                 batch_size: int = 1, eta: float | None = None, latents: torch.Tensor | None = None,
                 callback: StepCallback | None = None, output_type: str = "pil", progress: bool = False,
                 clip_skip: int = 1, sampler_settings: Mapping[str, Any] | None = None,
-                token_merging_ratio: float = 0.0) -> Any:
+                token_merging_ratio: float = 0.0, variation_seed: int | None = None,
+                variation_strength: float = 0.0, seed_resize_from: tuple[int, int] | None = None) -> Any:
         """Generate images from text.
 
-        ``seed=None`` or ``-1`` picks a random seed; image i of the batch uses ``seed + i``.
+        ``seed=None`` or ``-1`` picks a random seed; image i of the batch uses ``seed + i`` (with a variation
+        strength, see below: ``seed`` itself).
         ``latents`` replaces the seeded starting noise (unit variance, ``[B, 4, H/f, W/f]``, ``f = vae_factor``).
         ``callback(step, t, latents)`` runs after each step; returning ``False`` stops early, and the
         result is then the model's estimate of the clean image at that step (the infotext keeps the
@@ -522,13 +526,22 @@ class Pipeline:
         ``output_type``: ``"pil"`` (an :class:`Images` list), ``"np"`` (float array [B,H,W,3] in [0,1])
         or ``"latent"`` (the scaled latent tensor).
 
+        A1111's seed tools (:mod:`sdlite.seeds`): ``variation_strength`` other than 0 moves the starting
+        noise from the seed's towards ``variation_seed``'s (0.05–0.2: the same picture, other details;
+        1: the variation seed's starting noise); every image of the batch then keeps ``seed`` and image i uses
+        ``variation_seed + i`` (None or -1: random). ``seed_resize_from=(width, height)``: the size at
+        which the seed was found; its noise is drawn at that size and centred in this one's, so the
+        picture's composition mostly survives a new aspect ratio. Both are written in the infotext.
+
         >>> images = pipe.txt2img("a blue square at the top", seed=42, steps=20)  # doctest: +SKIP
+        >>> pipe.txt2img("a blue square", seed=42, variation_seed=7, variation_strength=0.1)  # doctest: +SKIP
         """
         return self._generate(prompt, negative_prompt, steps=steps, guidance_scale=guidance_scale, width=width,
                               height=height, seed=seed, sampler=sampler, schedule=schedule, batch_size=batch_size,
                               eta=eta, latents=latents, callback=callback, output_type=output_type,
                               progress=progress, clip_skip=clip_skip, sampler_settings=sampler_settings,
-                              token_merging_ratio=token_merging_ratio)
+                              token_merging_ratio=token_merging_ratio, variation_seed=variation_seed,
+                              variation_strength=variation_strength, seed_resize_from=seed_resize_from)
 
     def img2img(self, image: Image.Image | str | Path | torch.Tensor, prompt: str | Sequence[str],
                 strength: float = 0.75, negative_prompt: str | Sequence[str] = "", steps: int = 20,
@@ -537,7 +550,9 @@ class Pipeline:
                 batch_size: int = 1, eta: float | None = None, latents: torch.Tensor | None = None,
                 callback: StepCallback | None = None, output_type: str = "pil", progress: bool = False,
                 clip_skip: int = 1, resize_mode: int | str = 0,
-                sampler_settings: Mapping[str, Any] | None = None, token_merging_ratio: float = 0.0) -> Any:
+                sampler_settings: Mapping[str, Any] | None = None, token_merging_ratio: float = 0.0,
+                variation_seed: int | None = None, variation_strength: float = 0.0,
+                seed_resize_from: tuple[int, int] | None = None) -> Any:
         """Redraw ``image`` under ``prompt``: encode it, noise it to ``strength`` of the way, denoise.
 
         ``strength`` in (0, 1]: 1 ignores the image, small values keep it. As in A1111, with
@@ -571,7 +586,8 @@ class Pipeline:
                               eta=eta, latents=latents, callback=callback, output_type=output_type,
                               progress=progress, clip_skip=clip_skip, init_pixels=pixels, strength=float(strength),
                               init_latent_resize=mode == LATENT, sampler_settings=sampler_settings,
-                              token_merging_ratio=token_merging_ratio)
+                              token_merging_ratio=token_merging_ratio, variation_seed=variation_seed,
+                              variation_strength=variation_strength, seed_resize_from=seed_resize_from)
 
     def _generate(self, prompt: str | Sequence[str], negative_prompt: str | Sequence[str], *, steps: int,
                   guidance_scale: float, width: int | None, height: int | None, seed: int | None, sampler: str,
@@ -579,7 +595,9 @@ class Pipeline:
                   callback: StepCallback | None, output_type: str, progress: bool, clip_skip: int,
                   init_pixels: torch.Tensor | None = None, strength: float = 1.0,
                   init_latent_resize: bool = False, step_hook: Callable | None = None,
-                  sampler_settings: Mapping[str, Any] | None = None, token_merging_ratio: float = 0.0) -> Any:
+                  sampler_settings: Mapping[str, Any] | None = None, token_merging_ratio: float = 0.0,
+                  variation_seed: int | None = None, variation_strength: float = 0.0,
+                  seed_resize_from: tuple[int, int] | None = None) -> Any:
         from .infotext import format_infotext, generation_params
         from .schedulers import check_sampler_settings, parse_sampler_and_schedule
 
@@ -618,9 +636,31 @@ class Pipeline:
         if seed is None or int(seed) == -1:
             seed = random.randrange(2**32)
             log.info("seed: %d", seed)
-        check_seed(int(seed), len(prompts))
-        seeds = [int(seed) + i for i in range(len(prompts))]
-        shape = (len(prompts), *self._latent_shape(height, width))
+        n = len(prompts)
+        variation_strength = float(variation_strength)
+        if not math.isfinite(variation_strength):
+            raise ArgumentError(f"variation_strength must be a finite number (0 = off, 1 = the variation seed's "
+                                f"picture), got {variation_strength}")
+        variation_seeds = None
+        if variation_strength:  # as A1111: the batch keeps the seed, the variation seed counts up
+            if variation_seed is None or int(variation_seed) == -1:
+                variation_seed = random.randrange(2**32)
+            check_seed(int(variation_seed), n, "variation_seed")
+            check_seed(int(seed), 1)
+            seeds = [int(seed)] * n
+            variation_seeds = [int(variation_seed) + i for i in range(n)]
+        else:
+            check_seed(int(seed), n)
+            seeds = [int(seed) + i for i in range(n)]
+        seed_shape = None
+        if seed_resize_from is not None:
+            rw, rh = (int(v) for v in seed_resize_from)
+            if rw < self.vae_factor or rh < self.vae_factor:
+                raise ArgumentError(f"seed_resize_from must be (width, height) in pixels, each ≥ {self.vae_factor}, "
+                                    f"got {tuple(seed_resize_from)}")
+            seed_resize_from = (rw, rh)
+            seed_shape = self._latent_shape(rh, rw)
+        shape = (n, *self._latent_shape(height, width))
         if latents is not None and (tuple(latents.shape[-3:]) != shape[1:] or latents.numel() != math.prod(shape)):
             raise ArgumentError(f"latents must have shape {list(shape)}, got {list(latents.shape)}")
 
@@ -628,7 +668,8 @@ class Pipeline:
             cond, uncond = self.encode_prompts([prompts, negatives], clip_skip)
         else:
             cond, uncond = self.encode_prompt(prompts, clip_skip), None
-        noise, generators = random_streams(seeds, shape[1:])
+        noise, generators = random_streams(seeds, shape[1:], variation_seeds=variation_seeds,
+                                           variation_strength=variation_strength, seed_shape=seed_shape)
         if latents is not None:  # replaces the starting noise; the streams still drive the sampler's noise
             noise = latents.float().reshape(shape)
         init = None
@@ -648,13 +689,15 @@ class Pipeline:
         if output_type == "np":
             return images
         result = Images()
-        result.seeds, result.infotexts = seeds, []
+        result.seeds, result.variation_seeds, result.infotexts = seeds, variation_seeds, []
         label = _schedule_label(schedule_id, spec)
         for i, arr in enumerate(images):
             params = generation_params(
                 steps=int(steps), sampler=spec.label, schedule=label,
                 cfg_scale=guidance_scale, seed=seeds[i], width=width, height=height,
                 model_hash=self.model_hash, model_name=self.name,
+                variation_seed=None if variation_seeds is None else variation_seeds[i],
+                variation_strength=variation_strength or None, seed_resize_from=seed_resize_from,
                 denoising_strength=strength if init is not None else None,
                 eta=eta if (eta is not None and spec.uses_eta and float(eta) != spec.default_eta) else None,
                 eta_key=spec.eta_key, rng="CPU",  # each image's noise drawn as A1111's "CPU" source does
@@ -668,32 +711,6 @@ class Pipeline:
             result.append(img)
             result.infotexts.append(text)
         return result
-
-
-# The largest seed a torch.Generator takes (a 64-bit unsigned integer).
-SEED_MAX = 2**64 - 1
-SEED_MIN = -(2**63)  # a negative seed s seeds torch (and the A1111 web UI) with 2**64 + s
-
-
-def check_seed(seed: int, n_images: int = 1, name: str = "seed") -> None:
-    """:class:`ArgumentError` unless ``seed`` and the ``n_images - 1`` seeds after it (image i of a run
-    uses ``seed + i``) all fit a torch.Generator: [-2**63, 2**64 - 1], where a negative seed ``s`` is
-    the same stream as ``2**64 + s`` (torch's rule, so the A1111 web UI's too: it passes any seed but -1
-    to torch). -1 itself means "random" only as the seed asked for, which callers resolve before this
-    check. ``name``: how the caller's user spells it (``--seed``)."""
-    largest = SEED_MAX - (n_images - 1)
-    if not SEED_MIN <= seed <= largest:
-        batch = f", and image i of the {n_images} uses {name} + i: give {name} ≤ {largest}" if n_images > 1 else ""
-        raise ArgumentError(f"{name} must be -1 (random) or in [-2**63, 2**64 - 1]{batch}, got {seed}")
-
-
-def random_streams(seeds: Sequence[int], shape: Sequence[int]) -> tuple[torch.Tensor, list[torch.Generator]]:
-    """One CPU random stream per image, as the A1111 web UI keeps them: stream i is seeded with
-    ``seeds[i]``; its first draw is image i's starting noise ``[*shape]``, later draws are the sampler's
-    (ancestral/SDE) noise. Image i of a batch therefore equals the single image made with its seed, on
-    every device. Returns the starting noise ``[B, *shape]`` and the generators, advanced past it."""
-    generators = [torch.Generator("cpu").manual_seed(int(s)) for s in seeds]
-    return torch.stack([torch.randn(tuple(shape), generator=g) for g in generators]), generators
 
 
 def _schedule_label(schedule_id: str | None, spec: Any) -> str | None:

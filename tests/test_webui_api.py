@@ -283,8 +283,7 @@ def test_a_request_queued_after_a_model_switch_runs_on_the_new_model_and_one_que
 
 # -- robustness ----------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("field, value", [("subseed_strength", 0.5), ("seed_resize_from_h", 512), ("tiling", True),
-                                          ("restore_faces", True)])
+@pytest.mark.parametrize("field, value", [("tiling", True), ("restore_faces", True)])
 def test_a1111_features_sdlite_lacks_are_refused_not_ignored(api, field, value):
     r = requests.post(f"{api.baseurl}/txt2img", json={"prompt": "x", "steps": 1, **SIZE, field: value})
     assert r.status_code == 400 and field in r.json()["detail"] and "not supported" in r.json()["detail"]
@@ -298,6 +297,33 @@ def test_subseeds_are_fixed_and_counted_per_image_as_a1111_reports_them(api):
     r = api.txt2img(prompt="x", seed=10, subseed=-1, steps=1, batch_size=2, **SIZE)
     s = r.info["subseed"]
     assert s >= 0 and r.info["all_subseeds"] == [s, s + 1]
+
+
+def test_variation_seeds_keep_the_seed_and_count_the_subseed_across_batches_as_a1111(api, ckpt_dir):
+    r = api.txt2img(prompt="x", seed=10, subseed=99, subseed_strength=0.3, steps=1, batch_size=2, n_iter=2,
+                    seed_resize_from_w=48, seed_resize_from_h=40, **SIZE)
+    info = r.info
+    assert info["all_seeds"] == [10] * 4 and info["all_subseeds"] == [99, 100, 101, 102]
+    assert (info["subseed_strength"], info["seed_resize_from_w"], info["seed_resize_from_h"]) == (0.3, 48, 40)
+    p = parse_infotext(info["infotexts"][3])
+    assert (p["Seed"], p["Variation seed"], p["Variation seed strength"]) == ("10", "102", "0.3")
+    assert (p["Seed resize from-1"], p["Seed resize from-2"]) == ("48", "40")
+    # The fourth image is the pipeline's own: the second batch's (variation seeds 101, 102) second image.
+    pipe = sdlite.load(ckpt_dir / "tiny-a.safetensors")
+    own = pipe.txt2img("x", seed=10, variation_seed=101, variation_strength=0.3, seed_resize_from=(48, 40),
+                       steps=1, sampler="euler_a", guidance_scale=info["cfg_scale"], batch_size=2, **SIZE)
+    assert pixels(r.images[3]) == pixels(own[1])
+
+
+def test_seed_resize_needs_both_sides_and_a_variation_subseed_must_fit(api):
+    r = api.txt2img(prompt="x", seed=10, steps=1, seed_resize_from_w=48, seed_resize_from_h=-1, **SIZE)
+    assert "Seed resize from" not in r.info["infotexts"][0]  # one side unset: off, as in A1111
+    body = {"prompt": "x", "steps": 1, **SIZE}
+    r = requests.post(f"{api.baseurl}/txt2img", json={**body, "seed_resize_from_w": 4, "seed_resize_from_h": 4})
+    assert r.status_code == 400 and "at least 8" in r.json()["detail"]
+    r = requests.post(f"{api.baseurl}/txt2img", json={**body, "subseed": 2**64 - 1, "subseed_strength": 0.5,
+                                                        "batch_size": 2})
+    assert r.status_code == 400 and "subseed" in r.json()["detail"]
 
 
 def test_bad_json_wrong_types_and_bad_values_give_4xx_and_the_server_keeps_serving(api):
@@ -446,7 +472,7 @@ def test_a_seed_range_that_overflows_on_a_later_batch_is_refused_before_any_batc
     steps = []
     original = State.step
     monkeypatch.setattr(State, "step", lambda state, n, latent: (steps.append(n), original(state, n, latent)))
-    top = sdlite.pipeline.SEED_MAX
+    top = sdlite.seeds.SEED_MAX
     body = {"prompt": "x", "steps": 1, "n_iter": 3, **SIZE}
     r = requests.post(f"{api.baseurl}/txt2img", json={**body, "seed": top - 1})  # the 3rd image would need 2**64
     assert r.status_code == 400 and str(top - 2) in r.json()["detail"]  # the message names the largest valid seed

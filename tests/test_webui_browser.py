@@ -211,6 +211,41 @@ def test_sampler_parameters_go_with_the_request_and_come_back_from_the_png_info(
         assert errors == []
 
 
+def test_variation_seed_fields_go_with_the_request_and_come_back_from_the_png_info(server):
+    from playwright.sync_api import expect
+
+    with ready_page(server) as (page, errors):
+        page.click("#variation summary")
+        page.fill("#seed", "7")
+        page.fill("#subseed", "40")
+        page.fill("#subseed_strength", "0.25")
+        page.fill("#seed_resize_from_w", "48")
+        page.fill("#seed_resize_from_h", "40")
+        page.fill("#batch_size", "2")
+        page.fill("#steps", "2")
+        with page.expect_request("**/sdapi/v1/txt2img") as request:
+            page.click("#generate")
+        sent = request.value.post_data_json
+        assert (sent["subseed"], sent["subseed_strength"], sent["seed_resize_from_w"], sent["seed_resize_from_h"]) \
+            == (40, 0.25, 48, 40)
+        expect(page.locator("#gallery img")).to_have_count(2, timeout=HANG * 1000)
+        page.locator("#gallery img").nth(1).click()
+        expect(page.locator("#infotext")).to_contain_text("Seed: 7, ")
+        assert "Variation seed: 41, Variation seed strength: 0.25, Seed resize from: 48x40" \
+            in page.text_content("#infotext")
+        page.click("#subseed-random")
+        page.click("#subseed-reuse")
+        assert page.input_value("#subseed") == "41"  # the shown image's own
+
+        page.fill("#subseed_strength", "0")
+        page.fill("#seed_resize_from_w", "0")
+        page.click("#send-pnginfo")
+        page.click("#png-send-txt2img")
+        assert (page.input_value("#subseed"), page.input_value("#subseed_strength")) == ("41", "0.25")
+        assert (page.input_value("#seed_resize_from_w"), page.input_value("#seed_resize_from_h")) == ("48", "40")
+        assert errors == []
+
+
 @pytest.mark.parametrize("written, sampler, schedule", [
     ("Sampler: DPM++ 2M Karras", "DPM++ 2M", "automatic"),  # its own default schedule reads as Automatic
     ("Sampler: Euler a Karras", "Euler a", "karras"),

@@ -16,14 +16,16 @@ How it is built:
 - :class:`State` is A1111's ``shared.state`` for the running job: what ``GET /sdapi/v1/progress`` reports,
   and the interrupt/skip flags the pipeline callback reads (returning ``False`` stops sampling).
 - :class:`Engine` turns a request into ``Pipeline.txt2img``/``img2img`` calls (``n_iter`` batches, seeds
-  ``seed + i`` across all of them as A1111 does). Every job runs on **one worker thread**, in arrival
+  ``seed + i`` across all of them as A1111 does; with a ``subseed_strength``, ``seed`` for all and
+  variation seeds ``subseed + i``). Every job runs on **one worker thread**, in arrival
   order, which is A1111's ``queue_lock``: concurrent requests queue, none is lost, and a failing or
   interrupted job leaves the server serving.
 - :func:`create_app` is the FastAPI application: the API under ``/sdapi/v1/`` and the page (``static/``).
 
 Not supported (refused with a 400 rather than silently ignored): hires fix (``enable_hr``),
-inpainting (``mask``), more than one init image, variation seeds (``subseed_strength`` other than 0,
-``seed_resize_from_h``/``_w``), ``tiling``, ``restore_faces``, and ``samples_format`` other than png.
+inpainting (``mask``), more than one init image, ``tiling``, ``restore_faces``, and ``samples_format``
+other than png. Variation seeds (``subseed``, ``subseed_strength``) and ``seed_resize_from_w``/``_h`` work
+as in A1111 (:mod:`sdlite.seeds`).
 img2img takes A1111's four ``resize_mode`` values (0 just resize, 1 crop and resize, 2 resize and fill, 3 latent
 upscale; see :mod:`sdlite.resize`); any other value is a 400. ``save_images`` saves as A1111 does, under
 ``outputs/``. Fields this server does not know are ignored, as A1111 ignores them too.
@@ -57,7 +59,8 @@ from PIL import Image, UnidentifiedImageError
 
 from .. import devices, infotext
 from ..errors import ArgumentError, CheckpointError, SdliteError
-from ..pipeline import BUNDLED_MODEL, VERSION, Pipeline, check_seed, load
+from ..pipeline import BUNDLED_MODEL, VERSION, Pipeline, load
+from ..seeds import check_seed
 from ..resize import parse_resize_mode
 from ..schedulers import (
     SAMPLER_SETTINGS,
@@ -560,9 +563,6 @@ class Engine:
         """Check a request before it queues, so a bad value is refused at once (400 with a message)."""
         if req.enable_hr:
             raise ApiError(400, "enable_hr: the hires fix is not supported by sdlite")
-        if req.subseed_strength != 0 or req.seed_resize_from_h > 0 or req.seed_resize_from_w > 0:
-            raise ApiError(400, "subseed_strength, seed_resize_from_h/_w: variation seeds are not supported by "
-                                "sdlite; send subseed_strength 0")
         for name in ("tiling", "restore_faces"):
             if getattr(req, name):
                 raise ApiError(400, f"{name}: not supported by sdlite; send false")
@@ -572,8 +572,14 @@ class Engine:
                 raise ApiError(400, f"{name} must be a multiple of 8, got {value}")
         sampler, schedule = parse_sampler_and_schedule(req.sampler_name or req.sampler_index, req.scheduler)
         sampler.check_eta(req.eta)  # an ArgumentError: a 400 (DDIM has no step past eta 1)
-        if req.seed != -1:
-            check_seed(req.seed, req.batch_size * req.n_iter)  # all batch_size × n_iter images, before any runs
+        n_images = req.batch_size * req.n_iter
+        if req.seed != -1:  # all batch_size × n_iter images, before any runs (one seed for all with variations)
+            check_seed(req.seed, 1 if req.subseed_strength else n_images)
+        if req.subseed != -1 and req.subseed_strength:
+            check_seed(req.subseed, n_images, "subseed")
+        if _seed_resize_from(req) is not None and min(_seed_resize_from(req)) < 8:
+            raise ApiError(400, f"seed_resize_from_w/_h must be at least 8 (pixels) when both are set, got "
+                                f"{req.seed_resize_from_w}x{req.seed_resize_from_h}")
         overrides = req.override_settings or {}
         check_options(overrides)
         checkpoint = None
@@ -606,6 +612,10 @@ class Engine:
             state.textinfo = None
             state.preview_scale = pipe.vae_factor
             seed = random.randrange(4294967294) if req.seed == -1 else int(req.seed)
+            # As A1111 fixes and counts them: with a variation strength every image keeps the seed and
+            # the variation seed (subseed) counts up; without one the seed counts up.
+            subseed = random.randrange(4294967294) if req.subseed == -1 else int(req.subseed)
+            step = 0 if req.subseed_strength else 1
             strength = req.denoising_strength if job.kind == "img2img" else 1.0
             levels = job.sampler.levels(pipe.schedule, req.steps, job.schedule, strength=strength)
             n_steps = job.sampler.step_count(levels) or 0  # 0: unknown (DPM adaptive), progress counts whole jobs
@@ -626,7 +636,9 @@ class Engine:
                     break
                 state.next_job(n, n_steps)
                 kwargs = dict(negative_prompt=req.negative_prompt, steps=req.steps, guidance_scale=req.cfg_scale,
-                              width=req.width, height=req.height, seed=seed + n * req.batch_size,
+                              width=req.width, height=req.height, seed=seed + step * n * req.batch_size,
+                              variation_seed=subseed + n * req.batch_size, variation_strength=req.subseed_strength,
+                              seed_resize_from=_seed_resize_from(req),
                               sampler=job.sampler.id, schedule=job.schedule, batch_size=req.batch_size,
                               eta=self._eta(job), callback=callback, clip_skip=job.clip_skip,
                               sampler_settings={name: self._option(job, name) for name in SAMPLER_SETTINGS},
@@ -641,7 +653,7 @@ class Engine:
             overrides = req.override_settings or {}
             if overrides and not req.override_settings_restore_afterwards:
                 self.set_options(overrides)
-            return self._response(job, pipe, images, seed)
+            return self._response(job, pipe, images, seed, subseed)
         finally:
             state.end()
 
@@ -675,12 +687,11 @@ class Engine:
             path = save_numbered(image, outdir, image.info.get("parameters", "") if pnginfo else "")
             log.info("saved %s", path)
 
-    def _response(self, job: Job, pipe: Pipeline, images: list[Image.Image], seed: int) -> dict[str, Any]:
+    def _response(self, job: Job, pipe: Pipeline, images: list[Image.Image], seed: int,
+                  subseed: int) -> dict[str, Any]:
         req = job.request
         n = len(images)
-        seeds = [seed + i for i in range(n)]
-        # As A1111 fixes and counts them (its subseeds shape nothing here: subseed_strength is 0).
-        subseed = req.subseed if req.subseed != -1 else random.randrange(2**32)
+        seeds = [seed + (0 if req.subseed_strength else i) for i in range(n)]
         width, height = images[0].size if images else (req.width, req.height)
         infotexts = [im.info.get("parameters", "") for im in images]
         # The schedule type goes where A1111 puts it, in extra_generation_params, exactly when the infotext has it.
@@ -700,7 +711,7 @@ class Engine:
             "sampler_name": job.sampler.label, "cfg_scale": req.cfg_scale, "steps": req.steps,
             "batch_size": req.batch_size, "restore_faces": False, "face_restoration_model": None,
             "sd_model_name": pipe.name, "sd_model_hash": pipe.model_hash, "sd_vae_name": None, "sd_vae_hash": None,
-            "seed_resize_from_w": -1, "seed_resize_from_h": -1,
+            "seed_resize_from_w": req.seed_resize_from_w, "seed_resize_from_h": req.seed_resize_from_h,
             "denoising_strength": req.denoising_strength if job.kind == "img2img" else None,
             "extra_generation_params": extra, "index_of_first_image": 0,
             "infotexts": infotexts, "styles": req.styles or [],
@@ -713,6 +724,13 @@ class Engine:
         pnginfo = self._option(job, "enable_pnginfo")
         return {"images": [encode_png(im, pnginfo) for im in images] if req.send_images else [],
                 "parameters": parameters, "info": json.dumps(info, ensure_ascii=False)}
+
+
+def _seed_resize_from(req: Txt2ImgRequest) -> tuple[int, int] | None:
+    """A1111's "Resize seed from" as (width, height), or None: it is on only when both are above 0."""
+    if req.seed_resize_from_w > 0 and req.seed_resize_from_h > 0:
+        return req.seed_resize_from_w, req.seed_resize_from_h
+    return None
 
 
 def check_options(values: dict[str, Any]) -> None:

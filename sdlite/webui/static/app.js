@@ -6,7 +6,7 @@ const PNG = "data:image/png;base64,";
 
 const ui = {
   mode: "txt2img",       // "txt2img" | "img2img" | "pnginfo"
-  results: [],           // [{b64, infotext, seed}]
+  results: [],           // [{b64, infotext, seed, subseed}]
   selected: -1,
   initImage: null,       // data URL of the img2img init image
   parsed: null,          // parameters of the last PNG Info read
@@ -122,6 +122,10 @@ function payload() {
     steps: intOrNull("steps") ?? 20,
     cfg_scale: Number($("cfg_scale").value),
     seed: intOrNull("seed") ?? -1,
+    subseed: intOrNull("subseed") ?? -1,
+    subseed_strength: Number($("subseed_strength").value) || 0,
+    seed_resize_from_w: intOrNull("seed_resize_from_w") ?? 0,
+    seed_resize_from_h: intOrNull("seed_resize_from_h") ?? 0,
     batch_size: intOrNull("batch_size") ?? 1,
     n_iter: intOrNull("n_iter") ?? 1,
     override_settings: settingsFromForm(),
@@ -150,7 +154,8 @@ async function generate() {
   try {
     const res = await api(ui.mode, payload());
     const info = JSON.parse(res.info);
-    ui.results = res.images.map((b64, i) => ({b64, infotext: info.infotexts[i], seed: info.all_seeds[i]}));
+    ui.results = res.images.map((b64, i) => ({b64, infotext: info.infotexts[i], seed: info.all_seeds[i],
+                                              subseed: info.all_subseeds[i]}));
     renderGallery();
     select(0);
     const secs = ((performance.now() - started) / 1000).toFixed(1);
@@ -273,6 +278,11 @@ function applyParameters(p, tab) {
   set("steps", p["Steps"]);
   set("cfg_scale", p["CFG scale"]);
   set("seed", p["Seed"]);
+  // A1111 writes the seed tools only when they are used: absent means off.
+  set("subseed", p["Variation seed"] ?? -1);
+  set("subseed_strength", p["Variation seed strength"] ?? 0);
+  set("seed_resize_from_w", p["Seed resize from-1"] ?? 0);
+  set("seed_resize_from_h", p["Seed resize from-2"] ?? 0);
   set("width", p["Size-1"]);
   set("height", p["Size-2"]);
   if (p["Denoising strength"] !== undefined) {
@@ -315,11 +325,13 @@ function wire() {
   $("model").addEventListener("change", switchModel);
   $("generate").addEventListener("click", generate);
   $("interrupt").addEventListener("click", () => api("interrupt", {}).catch((e) => showError(e.message)));
-  $("seed-random").addEventListener("click", () => { $("seed").value = -1; });
-  $("seed-reuse").addEventListener("click", () => {
-    const r = ui.results[ui.selected];
-    if (r) $("seed").value = r.seed;
-  });
+  for (const key of ["seed", "subseed"]) {
+    $(`${key}-random`).addEventListener("click", () => { $(key).value = -1; });
+    $(`${key}-reuse`).addEventListener("click", () => {
+      const r = ui.results[ui.selected];
+      if (r) $(key).value = r[key];
+    });
+  }
   $("denoising_strength").addEventListener("input", (e) => { $("denoising-out").value = e.target.value; });
   $("prompt").addEventListener("keydown", (e) => { if (e.key === "Enter" && (e.ctrlKey || e.metaKey)) generate(); });
   $("send-img2img").addEventListener("click", () => {
