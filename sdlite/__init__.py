@@ -2,7 +2,9 @@
 
     >>> import sdlite
     >>> pipe = sdlite.load()                                   # the bundled model  # doctest: +SKIP
-    >>> pipe.txt2img("a red circle on the left", seed=1)[0].save("circle.png")   # doctest: +SKIP
+    >>> images = pipe.txt2img("a red circle on the left", seed=1)                    # doctest: +SKIP
+    >>> from sdlite.infotext import save_png                                     # a PNG with A1111's settings text
+    >>> save_png(images[0], "circle.png", images.infotexts[0])                   # doctest: +SKIP
     >>> pipe = sdlite.load("v1-5-pruned-emaonly.safetensors")  # any original SD1/SD2 file  # doctest: +SKIP
 """
 

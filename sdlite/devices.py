@@ -52,7 +52,12 @@ _DTYPES = {
 
 def parse_dtype(dtype: str | torch.dtype | None) -> torch.dtype | None:
     """``"fp16"``/``"bf16"``/``"fp32"`` (or the torch dtype, or None) → torch dtype or None."""
-    if dtype is None or isinstance(dtype, torch.dtype):
+    if dtype is None:
+        return None
+    if isinstance(dtype, torch.dtype):
+        if dtype not in _DTYPES.values():  # an integer, fp64 or fp8 model would fail only at its first step
+            raise ArgumentError(f"precision {dtype} is not one sdlite runs; use torch.float32, torch.float16 "
+                                "or torch.bfloat16 (or fp32, fp16, bf16, autocast)")
         return dtype
     try:
         return _DTYPES[str(dtype).lower()]
@@ -69,10 +74,13 @@ def parse_device(device: str | torch.device | None) -> torch.device:
     except (RuntimeError, TypeError):
         raise ArgumentError(f"unknown device {device!r}; use cpu, cuda, cuda:1, mps, ...") from None
     if device.type == "cuda" and not torch.cuda.is_available():
-        raise ArgumentError("device 'cuda' was requested but torch.cuda.is_available() is False; use --device cpu")
+        raise ArgumentError("device 'cuda' was requested but torch.cuda.is_available() is False; use the cpu "
+                            "(device='cpu', --device cpu)")
     if device.type == "mps" and not torch.backends.mps.is_available():
         raise ArgumentError("device 'mps' was requested but torch.backends.mps.is_available() is False; "
-                            "use --device cpu")
+                            "use the cpu (device='cpu', --device cpu)")
+    if device.type not in ("cpu", "cuda", "mps"):  # meta, xla, ...: tensors sdlite cannot sample on
+        raise ArgumentError(f"device {str(device)!r} is not one sdlite generates on; use cpu, cuda, cuda:1 or mps")
     return device
 
 

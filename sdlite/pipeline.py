@@ -3,7 +3,8 @@
     >>> import sdlite
     >>> pipe = sdlite.load()                      # the bundled model  # doctest: +SKIP
     >>> images = pipe.txt2img("a red circle on the left", seed=1)   # doctest: +SKIP
-    >>> images[0].save("out.png")                 # doctest: +SKIP
+    >>> from sdlite.infotext import save_png      # a PNG that keeps A1111's settings text
+    >>> save_png(images[0], "out.png", images.infotexts[0])  # doctest: +SKIP
 
 Data flow (see docs/how-it-works.md):
 ``tokenizer → text_encoder → context``; ``seed → noise``; ``sampler(denoiser(unet)) → latent``;
@@ -571,7 +572,8 @@ class Pipeline:
         """
         from .resize import LATENT, parse_resize_mode, resize_image
 
-        if not 0.0 < float(strength) <= 1.0:
+        strength = _number("strength", strength)
+        if not 0.0 < strength <= 1.0:
             raise ArgumentError(f"strength must be in (0, 1], got {strength}")
         mode = parse_resize_mode(resize_mode)
         pil = _open_image(image)
@@ -584,7 +586,7 @@ class Pipeline:
         return self._generate(prompt, negative_prompt, steps=steps, guidance_scale=guidance_scale, width=width,
                               height=height, seed=seed, sampler=sampler, schedule=schedule, batch_size=batch_size,
                               eta=eta, latents=latents, callback=callback, output_type=output_type,
-                              progress=progress, clip_skip=clip_skip, init_pixels=pixels, strength=float(strength),
+                              progress=progress, clip_skip=clip_skip, init_pixels=pixels, strength=strength,
                               init_latent_resize=mode == LATENT, sampler_settings=sampler_settings,
                               token_merging_ratio=token_merging_ratio, variation_seed=variation_seed,
                               variation_strength=variation_strength, seed_resize_from=seed_resize_from)
@@ -605,56 +607,74 @@ class Pipeline:
             raise ArgumentError(f"this model's UNet takes {self.config.in_channels} input channels (an inpainting, "
                                 "depth or InstructPix2Pix model); sdlite loads it but generates only with "
                                 "text-to-image models (4 channels)")
-        width = int(self.config.image_size if width is None else width)
-        height = int(self.config.image_size if height is None else height)
+        width = self.config.image_size if width is None else _integer("width", width)
+        height = self.config.image_size if height is None else _integer("height", height)
         _check_size(width, height, self.vae_factor)
-        if int(steps) < 1:
+        steps, batch_size, clip_skip = (_integer(k, v) for k, v in
+                                        (("steps", steps), ("batch_size", batch_size), ("clip_skip", clip_skip)))
+        if steps < 1:
             raise ArgumentError(f"steps must be ≥ 1, got {steps}")
-        if not math.isfinite(float(guidance_scale)):
+        guidance_scale = _number("guidance_scale", guidance_scale)
+        if not math.isfinite(guidance_scale):
             raise ArgumentError(f"guidance_scale must be a finite number (7.5 is usual; 1 = no guidance), "
                                 f"got {guidance_scale}")
         if output_type not in ("pil", "np", "latent"):
             raise ArgumentError(f"output_type must be 'pil', 'np' or 'latent', not {output_type!r}")
+        if callback is not None and not callable(callback):
+            raise ArgumentError(f"callback must be a function callback(step, t, latents) or None, got {callback!r}")
+        if sampler_settings is not None and not isinstance(sampler_settings, Mapping):
+            raise ArgumentError(f"sampler_settings must be a dict of A1111's setting names to values, such as "
+                                f"{{'uni_pc_order': 2}}; got {sampler_settings!r}")
+        if latents is not None and not isinstance(latents, torch.Tensor):
+            raise ArgumentError(f"latents must be a torch.Tensor or None, got {type(latents).__name__}")
         spec, schedule_id = parse_sampler_and_schedule(sampler, schedule)
         settings = check_sampler_settings(sampler_settings)
-        if int(batch_size) < 1:
+        if batch_size < 1:
             raise ArgumentError(f"batch_size must be ≥ 1, got {batch_size}")
-        if not isinstance(prompt, str) and batch_size not in (1, len(prompt)):
-            raise ArgumentError(f"batch_size={batch_size} but {len(prompt)} prompts were given: a list of prompts "
+        prompts = _texts("prompt", prompt)
+        if isinstance(prompt, str):
+            prompts *= batch_size
+        elif batch_size not in (1, len(prompts)):
+            raise ArgumentError(f"batch_size={batch_size} but {len(prompts)} prompts were given: a list of prompts "
                                 "makes one image per prompt (leave batch_size at 1)")
-        prompts = [prompt] * int(batch_size) if isinstance(prompt, str) else list(prompt)
-        negatives = [negative_prompt] * len(prompts) if isinstance(negative_prompt, str) else list(negative_prompt)
         if not prompts:
             raise ArgumentError("give at least one prompt")
+        negatives = _texts("negative_prompt", "" if negative_prompt is None else negative_prompt)
+        if isinstance(negative_prompt, str) or negative_prompt is None:
+            negatives *= len(prompts)
         if len(negatives) != len(prompts):
             raise ArgumentError(f"{len(prompts)} prompts but {len(negatives)} negative prompts")
         spec.check_eta(eta)
         token_merging_ratio = tome.check_ratio(token_merging_ratio)
-        if not 1 <= int(clip_skip) <= self.max_clip_skip:
+        if not 1 <= clip_skip <= self.max_clip_skip:
             raise ArgumentError(f"clip_skip must be in [1, {self.max_clip_skip}] for this model's text encoder "
                                 f"(1 = its last layer), got {clip_skip}")
-        if seed is None or int(seed) == -1:
+        seed = -1 if seed is None else _integer("seed", seed)
+        if seed == -1:
             seed = random.randrange(2**32)
             log.info("seed: %d", seed)
         n = len(prompts)
-        variation_strength = float(variation_strength)
+        variation_strength = _number("variation_strength", variation_strength)
         if not math.isfinite(variation_strength):
             raise ArgumentError(f"variation_strength must be a finite number (0 = off, 1 = the variation seed's "
-                                f"picture), got {variation_strength}")
+                                f"noise), got {variation_strength}")
         variation_seeds = None
         if variation_strength:  # as A1111: the batch keeps the seed, the variation seed counts up
-            if variation_seed is None or int(variation_seed) == -1:
+            variation_seed = -1 if variation_seed is None else _integer("variation_seed", variation_seed)
+            if variation_seed == -1:
                 variation_seed = random.randrange(2**32)
-            check_seed(int(variation_seed), n, "variation_seed")
-            check_seed(int(seed), 1)
-            seeds = [int(seed)] * n
-            variation_seeds = [int(variation_seed) + i for i in range(n)]
+            check_seed(variation_seed, n, "variation_seed")
+            check_seed(seed, 1)
+            seeds = [seed] * n
+            variation_seeds = [variation_seed + i for i in range(n)]
         else:
-            check_seed(int(seed), n)
-            seeds = [int(seed) + i for i in range(n)]
+            check_seed(seed, n)
+            seeds = [seed + i for i in range(n)]
         seed_shape = None
         if seed_resize_from is not None:
-            rw, rh = (int(v) for v in seed_resize_from)
+            if isinstance(seed_resize_from, str) or len(seed_resize_from) != 2:
+                raise ArgumentError(f"seed_resize_from must be (width, height) in pixels, got {seed_resize_from!r}")
+            rw, rh = (_integer("seed_resize_from", v) for v in seed_resize_from)
             if rw < self.vae_factor or rh < self.vae_factor:
                 raise ArgumentError(f"seed_resize_from must be (width, height) in pixels, each ≥ {self.vae_factor}, "
                                     f"got {tuple(seed_resize_from)}")
@@ -679,7 +699,7 @@ class Pipeline:
                 init = self.resize_latent(init, height, width)
             init = init.expand(len(prompts), -1, -1, -1)
 
-        out = self.sample(noise, cond, uncond, steps=int(steps), guidance_scale=float(guidance_scale),
+        out = self.sample(noise, cond, uncond, steps=steps, guidance_scale=guidance_scale,
                           sampler=spec.id, schedule=schedule_id, eta=eta, generators=generators, init=init,
                           strength=strength, callback=callback, progress=progress, step_hook=step_hook,
                           sampler_settings=settings, token_merging_ratio=token_merging_ratio)
@@ -693,7 +713,7 @@ class Pipeline:
         label = _schedule_label(schedule_id, spec)
         for i, arr in enumerate(images):
             params = generation_params(
-                steps=int(steps), sampler=spec.label, schedule=label,
+                steps=steps, sampler=spec.label, schedule=label,
                 cfg_scale=guidance_scale, seed=seeds[i], width=width, height=height,
                 model_hash=self.model_hash, model_name=self.name,
                 variation_seed=None if variation_seeds is None else variation_seeds[i],
@@ -748,6 +768,44 @@ def _ramp(n: int, width: int, *, top: bool, bottom: bool, device: torch.device) 
     return r
 
 
+def _integer(name: str, value: Any) -> int:
+    """``value`` as an int, or an :class:`ArgumentError` naming the argument: whole numbers pass as ints,
+    floats (2.0), one-element tensors and digit strings (what :func:`sdlite.infotext.parse_infotext`
+    gives); a fraction is refused rather than cut (seed 3.7 is not seed 3), and so is a bool."""
+    if isinstance(value, torch.Tensor) and value.numel() == 1:
+        value = value.item()
+    if isinstance(value, str):
+        try:
+            return int(value.strip())
+        except ValueError:
+            pass
+    elif isinstance(value, (int, np.integer)) and not isinstance(value, (bool, np.bool_)):
+        return int(value)
+    elif isinstance(value, (float, np.floating)) and float(value).is_integer():
+        return int(value)
+    raise ArgumentError(f"{name} must be a whole number, got {value!r}")
+
+
+def _number(name: str, value: Any) -> float:
+    """``value`` as a float (numbers, one-element tensors, numeric strings), or an :class:`ArgumentError`."""
+    if isinstance(value, torch.Tensor) and value.numel() == 1:
+        value = value.item()
+    if not isinstance(value, (bool, np.bool_)):
+        try:
+            return float(value)
+        except (TypeError, ValueError):
+            pass
+    raise ArgumentError(f"{name} must be a number, got {value!r}")
+
+
+def _texts(name: str, value: Any) -> list[str]:
+    """A prompt or a list of prompts as a list of str, or an :class:`ArgumentError` naming the argument."""
+    texts = [value] if isinstance(value, str) else value
+    if isinstance(texts, (list, tuple)) and all(isinstance(t, str) for t in texts):
+        return list(texts)
+    raise ArgumentError(f"{name} must be a string or a list of strings, got {value!r}")
+
+
 def _check_size(width: int, height: int, factor: int) -> None:
     if width <= 0 or height <= 0 or width % 8 or height % 8 or width % factor or height % factor:
         raise ArgumentError(f"width and height must be positive multiples of 8, got {width}x{height}")
@@ -763,6 +821,12 @@ def _open_image(image: Image.Image | str | Path | np.ndarray | torch.Tensor) -> 
         image = image.detach().float().cpu().reshape(image.shape[-3:]).permute(1, 2, 0).numpy()
     if isinstance(image, np.ndarray):
         if image.dtype.kind == "f":
+            # Clipped only for rounding: pixels in 0..255 or in [-1, 1] (diffusers' convention) would
+            # otherwise turn white or lose their darker half without a word.
+            lo, hi = (float(image.min()), float(image.max())) if image.size else (0.0, 0.0)
+            if not (lo >= -1e-3 and hi <= 1 + 1e-3):
+                raise ArgumentError(f"a float init image must hold values in [0, 1], got [{lo:.4g}, {hi:.4g}]; "
+                                    "divide 0..255 pixels by 255, map [-1, 1] ones with (x + 1) / 2")
             image = (np.clip(image, 0, 1) * 255).round().astype(np.uint8)
         elif image.dtype == np.uint16:  # 16 bits a channel, as _to_rgb8 scales a 16-bit image file
             image = (image / 257.0).round().astype(np.uint8)

@@ -93,7 +93,8 @@ def random_streams(seeds: Sequence[int], shape: Sequence[int], *,
     """One CPU random stream per image, as the A1111 web UI keeps them: stream i is seeded with
     ``seeds[i]``; its first draw is image i's starting noise ``[*shape]``, later draws are the sampler's
     (ancestral/SDE) noise. Image i of a batch therefore equals the single image made with its seed, on
-    every device. Returns the starting noise ``[B, *shape]`` and the generators, advanced past it.
+    every device (to rounding; not with DPM adaptive, whose step sizes serve the whole batch, nor for
+    prompts padded to a longer one's chunks, both as in A1111). Returns the starting noise ``[B, *shape]`` and the generators, advanced past it.
 
     ``variation_seeds``, ``variation_strength``: the noise becomes :func:`slerp` (strength) from the seed's
     noise to that of ``variation_seeds[i]``, drawn from a stream of its own (0 = off). ``seed_shape``:

@@ -489,7 +489,27 @@ def test_the_loop_copies_a_compiled_unets_output_that_its_next_call_would_overwr
     (dict(sampler_settings={"uni_pc_lower_order_final": "no"}), "true or false"),
     (dict(sampler_settings={"uni_pc_skip_type": "karras"}), "uni_pc_skip_type must be one of"),
     (dict(sampler_settings={"beta_dist_beta": float("nan")}), "positive number"),
+    # wrong types and fractions: named, never a torch traceback or a silent cut (seed 3.7 is not seed 3)
+    (dict(seed=3.7), "seed must be a whole number, got 3.7"),
+    (dict(steps=2.9), "steps must be a whole number"),
+    (dict(batch_size=2.5), "batch_size must be a whole number"),
+    (dict(width=65.5), "width must be a whole number"),
+    (dict(seed=True), "seed must be a whole number"),
+    (dict(steps=None), "steps must be a whole number"),
+    (dict(clip_skip=1.5), "clip_skip must be a whole number"),
+    (dict(seed=torch.Generator()), "seed must be a whole number"),
+    (dict(guidance_scale=None), "guidance_scale must be a number"),
+    (dict(guidance_scale="high"), "guidance_scale must be a number"),
+    (dict(prompt=None), "prompt must be a string or a list of strings"),
+    (dict(prompt=["a cat", 3]), "prompt must be a string or a list of strings"),
+    (dict(negative_prompt=5), "negative_prompt must be a string"),
+    (dict(callback=5), "callback must be a function"),
+    (dict(sampler_settings="uni_pc_order=2"), "sampler_settings must be a dict"),
+    (dict(latents=[[1.0]]), "latents must be a torch.Tensor"),
     # img2img (the rows with an image)
+    (dict(image=torch.zeros(1, 3, 40, 20), strength=None), "strength must be a number"),
+    (dict(image=np.full((32, 32, 3), 128.0), strength=0.5), r"float init image must hold values in \[0, 1\]"),
+    (dict(image=torch.full((3, 32, 32), -0.5)), r"got \[-0.5, -0.5\].*\(x \+ 1\) / 2"),
     (dict(image=torch.zeros(1, 3, 40, 20), resize_mode=4), "resize_mode must be one of: 0 ="),
     (dict(image=torch.zeros(1, 3, 40, 20), resize_mode="stretch"), "resize_mode must be one of: 0 ="),
     (dict(image=torch.zeros(1, 3, 40, 20), resize_mode="latent", width=30), "multiples of 8"),
@@ -509,6 +529,15 @@ def test_bad_arguments_raise_argument_error_before_any_network_runs(pipe, monkey
         generate(**kwargs)
 
 
+def test_whole_numbers_in_other_types_and_a_none_negative_prompt_are_taken_as_they_mean(pipe):
+    """As a parsed infotext gives them (strings), as numpy or torch give them, or as diffusers' default
+    (negative_prompt=None): each is the same run as with plain ints."""
+    plain = pipe.txt2img("a cat", seed=3, steps=2, clip_skip=2, output_type="latent")
+    for kwargs in (dict(seed="3", steps="2", clip_skip="2"), dict(seed=3.0, steps=np.int64(2), clip_skip=2.0),
+                   dict(seed=torch.tensor(3), steps=2, clip_skip=2, negative_prompt=None)):
+        assert torch.equal(pipe.txt2img("a cat", output_type="latent", **kwargs), plain), kwargs
+
+
 def test_the_largest_seed_a_generator_takes_is_accepted(pipe):
     images = pipe.txt2img("a cat", seed=2**64 - 2, batch_size=2, steps=1)
     assert images.seeds == [2**64 - 2, 2**64 - 1]
@@ -526,7 +555,8 @@ def test_a_negative_seed_is_the_seed_two_to_the_64_plus_it_as_in_torch_and_a1111
     assert smallest.seeds == [-(2**63)]
 
 
-@pytest.mark.parametrize("kwargs", [dict(device="quantum"), dict(prediction="x0")])
+@pytest.mark.parametrize("kwargs", [dict(device="quantum"), dict(prediction="x0"), dict(device="meta"),
+                                    dict(dtype=torch.int8), dict(dtype=torch.float64)])
 def test_load_rejects_a_bad_device_or_prediction_before_reading_the_file(tmp_path, kwargs):
     # The file does not exist: an ArgumentError (not a CheckpointError) shows the check came first.
     with pytest.raises(sdlite.ArgumentError):
