@@ -326,7 +326,9 @@ class _Packable(nn.Module):
     that oneDNN cannot take (gradients recorded, autocast, ``torch.compile``, another dtype) unpack the
     layer first, for good. What PyTorch cannot do with an opaque tensor fails loudly: ``copy.deepcopy``
     and ``torch.save`` of the module, and changes through ``weight.data``; :func:`unpack` first, or
-    change weights with ``load_state_dict``."""
+    change weights with ``load_state_dict``. So does training a packed weight (``requires_grad_(True)``
+    on a loaded model): an optimizer would hold the packed tensor, which unpacking replaces;
+    :func:`unpack` before making the weights trainable."""
 
     weight: nn.Parameter
     packable = True  # False: never packed (a layer whose forward slices its weight)
@@ -361,8 +363,20 @@ class _Packable(nn.Module):
     def unpack(self) -> None:
         if self.weight.is_mkldnn:
             with torch.inference_mode(False), torch.no_grad():
-                self.weight = nn.Parameter(self._plain_weight(), requires_grad=False)
-            self.__dict__.pop("_phase_cache", None)
+                self.weight = nn.Parameter(self._plain_weight(), requires_grad=self.weight.requires_grad)
+        # Also where the weight is plain: upsample_conv packs its phase kernels for a packed conv whose
+        # own weight it never lays out.
+        self.__dict__.pop("_phase_cache", None)
+
+    def _unpack_for_good(self) -> None:
+        """For a forward the packed weight cannot serve (gradients, autocast, another dtype). A packed
+        weight that requires grad is refused instead: an optimizer built on the model holds that
+        tensor, which unpacking replaces, so its steps would update nothing, without an error."""
+        if self.weight.is_mkldnn and self.weight.requires_grad:
+            raise RuntimeError(f"{type(self).__name__}: its weight is packed for inference (sdlite.load does that "
+                               "on the CPU) and cannot be trained; call sdlite.ops.unpack(model) before "
+                               "requires_grad_(True) and before building the optimizer")
+        self.unpack()
 
     def _packed_path(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> bool:
         """Whether a forward with ``weight`` packed can run as is; if not, it needs the plain weight."""
@@ -393,7 +407,7 @@ class Linear(_Packable, nn.Linear):
         if self.weight.is_mkldnn:
             if self._packed_path(input, self.weight, self.bias):
                 return _gemm(input, self.weight, self.bias)
-            self.unpack()
+            self._unpack_for_good()
         return linear(input, self.weight, self.bias)
 
 
@@ -647,8 +661,8 @@ class Conv2d(_Packable, nn.Conv2d):
 
     def _conv_forward(self, input: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         if weight is self.weight and self.packed:  # laid out for this input
-            if not (self._packed_path(input, weight, bias) and input.dim() == 4):
-                self.unpack()  # for good (gradients, autocast, torch.compile, another dtype)
+            if not (self._packed_path(input, weight, bias) and input.dim() == 4) or weight.requires_grad:
+                self._unpack_for_good()  # (gradients, autocast, torch.compile, another dtype; a trainable weight)
             elif not self._pointwise():  # (a 1x1 conv's layout, a linear layer's, fits every shape)
                 self._laid_out_for(input)
             weight = self.weight
@@ -845,6 +859,7 @@ def group_norm(x: torch.Tensor, num_groups: int, weight: torch.Tensor | None, bi
         if bias is None:
             bias = torch.zeros(x.shape[1], device=x.device)
         return kernels.group_norm(x, num_groups, weight, bias, eps, silu)
+    x = _centred_groups(x, num_groups)
     if weight is not None and weight.dtype != x.dtype:
         # Mixed dtypes: PyTorch's kernels want one; normalise in fp32 and round once.
         y = F.group_norm(x.float(), num_groups, weight.float(), None if bias is None else bias.float(), eps)
@@ -852,6 +867,33 @@ def group_norm(x: torch.Tensor, num_groups: int, weight: torch.Tensor | None, bi
     else:
         y = F.group_norm(x, num_groups, weight, bias, eps)
     return F.silu(y, inplace=not y.requires_grad) if silu else y
+
+
+# Where a group's mean is more than this many standard deviations from 0, :func:`_centred_groups` shifts it.
+GROUP_NORM_SHIFT_RATIO = 4.0
+
+
+def _centred_groups(x: torch.Tensor, num_groups: int) -> torch.Tensor:
+    """``x`` as given, or minus an estimate of each group's mean where that mean is large next to the
+    group's spread; group norm's output is the same either way (a constant per group cancels).
+
+    Why: PyTorch's CPU group norm reads a channels-last map (what oneDNN's convolutions return) in
+    one pass, as sums of x and x², and takes the variance as E[x²] − E[x]²: where the mean is large
+    next to the spread, the two nearly cancel in fp32 (a 512x512 map of mean 20 and spread 0.5: errors
+    of 1.5e-3 against 1.2e-5 for the same map in NCHW; sdlite's VAE decode 8.4e-5 against 1.5e-6 next
+    to fp64, session 30). Shifted by the mean, the sums are small and nothing cancels. The mean and
+    spread are estimated on every 8th row and column, ~1/64 of the map; the shift costs one pass over
+    the map (~the group norm's own time), so only groups that need it get it."""
+    if not (x.device.type == "cpu" and x.dim() == 4 and x.shape[1] % num_groups == 0 and x.numel()
+            and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last)):
+        return x
+    b, c, h, w = x.shape
+    step = max(1, min(h, w) // 8)
+    std, mean = torch.std_mean(x[:, :, ::step, ::step].float().reshape(b, num_groups, -1), -1, correction=0)
+    if not bool((mean.abs() > GROUP_NORM_SHIFT_RATIO * std).any()):
+        return x
+    shift = mean.repeat_interleave(c // num_groups, 1).reshape(b, c, 1, 1).to(x.dtype)
+    return x - shift
 
 
 def gelu_product(a: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:
@@ -868,32 +910,51 @@ def gelu_product(a: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:
     return gate * a if gate.requires_grad or a.requires_grad else gate.mul_(a)
 
 
-class GroupNorm(nn.GroupNorm):
-    """``nn.GroupNorm`` through :func:`group_norm` (``norm(x, silu=True)`` = ``F.silu(norm(x))``),
-    plus a ``stats`` mode for tiled decoding: ``None`` (normal), ``"record"`` (normalise as usual
-    and keep the per-sample, per-group mean and variance) or ``"reuse"`` (normalise with the kept
-    ones). Use it through :func:`shared_statistics`."""
+# Per thread, inside shared_statistics: {GroupNorm: its _TiledState}. Per thread, because a tiled
+# decode on one thread must not change how the same VAE normalises another thread's decode.
+_SHARED_STATISTICS = threading.local()
 
-    stats: str | None = None
+
+class _TiledState:
+    mode: str = "record"
     recorded: tuple[torch.Tensor, torch.Tensor] | None = None
 
+
+class GroupNorm(nn.GroupNorm):
+    """``nn.GroupNorm`` through :func:`group_norm` (``norm(x, silu=True)`` = ``F.silu(norm(x))``),
+    plus, for tiled decoding on the calling thread, the modes of :func:`shared_statistics`:
+    ``"record"`` (normalise as usual and keep the per-sample, per-group mean and variance) or
+    ``"reuse"`` (normalise with the kept ones)."""
+
+    @property
+    def stats(self) -> str | None:
+        """This thread's mode: None (normal), ``"record"`` or ``"reuse"``."""
+        state = getattr(_SHARED_STATISTICS, "norms", {}).get(self)
+        return None if state is None else state.mode
+
+    @property
+    def recorded(self) -> tuple[torch.Tensor, torch.Tensor] | None:
+        state = getattr(_SHARED_STATISTICS, "norms", {}).get(self)
+        return None if state is None else state.recorded
+
     def forward(self, x: torch.Tensor, silu: bool = False) -> torch.Tensor:
-        if self.stats is None:
+        state = getattr(_SHARED_STATISTICS, "norms", {}).get(self)
+        if state is None:
             return group_norm(x, self.num_groups, self.weight, self.bias, self.eps, silu)
-        y = self._tiled_forward(x)
+        y = self._tiled_forward(x, state)
         return F.silu(y, inplace=not torch.is_grad_enabled()) if silu else y
 
-    def _tiled_forward(self, x: torch.Tensor) -> torch.Tensor:
+    def _tiled_forward(self, x: torch.Tensor, state: _TiledState) -> torch.Tensor:
         b, c, g = x.shape[0], x.shape[1], self.num_groups
-        if self.stats == "record":
+        if state.mode == "record":
             grouped = x.float().reshape(b, g, -1)
-            self.recorded = (grouped.mean(-1), grouped.var(-1, unbiased=False))  # [B, G] each, fp32
-        assert self.recorded is not None, "record the statistics first"
+            state.recorded = (grouped.mean(-1), grouped.var(-1, unbiased=False))  # [B, G] each, fp32
+        assert state.recorded is not None, "record the statistics first"
         # Normalising with given statistics, per sample and channel, is what an eval-mode batch
         # norm does per channel: with the samples folded into the channels, one native pass over x
         # (a tile of a 2048x2048 decode has 512x512 maps: each extra elementwise pass costs more
         # than the statistics). The statistics and affine parameters stay fp32 for a half x.
-        mean, var = (t.repeat_interleave(c // g, dim=1).reshape(b * c) for t in self.recorded)
+        mean, var = (t.repeat_interleave(c // g, dim=1).reshape(b * c) for t in state.recorded)
         weight = self.weight.float().repeat(b) if self.affine else None
         bias = self.bias.float().repeat(b) if self.affine else None
         y = F.batch_norm(x.reshape(1, b * c, *x.shape[2:]), mean, var, weight, bias, False, 0.0, self.eps)
@@ -902,19 +963,25 @@ class GroupNorm(nn.GroupNorm):
 
 @contextlib.contextmanager
 def shared_statistics(module: nn.Module) -> Iterator[Callable[[str], None]]:
-    """Inside, ``set_mode("record")`` makes every :class:`GroupNorm` in ``module`` keep its statistics
-    and ``set_mode("reuse")`` normalises with them; on exit everything is back to normal."""
-    norms = [m for m in module.modules() if isinstance(m, GroupNorm)]
+    """Inside, on the calling thread, ``set_mode("record")`` makes every :class:`GroupNorm` in
+    ``module`` keep its statistics and ``set_mode("reuse")`` normalises with them; on exit everything
+    is back to normal. Other threads using the same modules meanwhile normalise as usual."""
+    norms = getattr(_SHARED_STATISTICS, "norms", None)
+    if norms is None:
+        norms = _SHARED_STATISTICS.norms = {}
+    mine = [m for m in module.modules() if isinstance(m, GroupNorm)]
+    if any(m in norms for m in mine):
+        raise RuntimeError("shared_statistics is already active for these modules on this thread")
 
     def set_mode(mode: str) -> None:
-        for m in norms:
-            m.stats = mode
+        for m in mine:
+            norms.setdefault(m, _TiledState()).mode = mode
 
     try:
         yield set_mode
     finally:
-        for m in norms:
-            m.stats, m.recorded = None, None
+        for m in mine:
+            norms.pop(m, None)
 
 
 # The device types on which the x2 upsampling + 3x3 conv of both networks runs as four 2x2 convs
@@ -1004,12 +1071,13 @@ def _phase_kernels(conv: nn.Conv2d, cache: bool,
     # cached call). A weight in oneDNN's layout has no data pointer: its identity and version stand in
     # (packing or unpacking the conv drops this cache; a change through .data raises on it). A plain
     # weight, also in a packed conv (plain until laid out), can change in place, and through .data (an
-    # EMA swap, a LoRA merged in place) without moving its version counter: its per-output-channel sums,
-    # one pass over it, see that; so does a copy of the bias. Packed kernels are laid out for the input's
+    # EMA swap, a LoRA merged in place) without moving its version counter: its sums per output channel
+    # and kernel tap, one pass over it, see that (also a flipped or transposed kernel); so does a copy of
+    # the bias. Packed kernels are laid out for the input's
     # shape too.
     source = (id(weight), weight._version) if weight.is_mkldnn else (weight.data_ptr(), weight._version)
     key = (source, shape if packed else None, weight.dtype, weight.device)
-    stamp = None if weight.is_mkldnn else weight.detach().reshape(weight.shape[0], -1).sum(1)
+    stamp = None if weight.is_mkldnn else weight.detach().sum(1)  # [C_out, 3, 3]: per output channel and tap
     bias_now = None if bias is None else bias.detach()
     cached = getattr(conv, "_phase_cache", None)
     if not (cached is not None and cached[0] == key and _same(cached[1], stamp) and _same(cached[2], bias_now)):

@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import copy
+import threading
+
 import pytest
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 import sdlite.ops as ops
 
@@ -657,6 +661,118 @@ def test_a_packed_layer_unpacks_itself_where_autograd_needs_the_plain_weight():
     assert torch.allclose(z, F.conv2d(img, conv.weight, conv.bias, padding=1), atol=1e-6)
     (y.sum() + z.sum()).backward()
     assert x.grad is not None and img.grad is not None
+
+
+@needs_onednn
+def test_a_packed_model_made_trainable_is_refused_at_its_first_step_and_trains_once_unpacked():
+    """requires_grad_(True) on a loaded model: an optimizer built then holds the packed tensors, which
+    unpacking would replace, so its steps would update nothing (98 of 133 UNet weights did not change,
+    without an error). The forward refuses, naming the remedy; after ops.unpack every weight trains."""
+    g = torch.Generator().manual_seed(0)
+    net = nn.Sequential(ops.Conv2d(3, 8, 3, padding=1), ops.Conv2d(8, 8, 1), nn.Flatten(), ops.Linear(8 * 36, 4))
+    net.requires_grad_(False)
+    ops.pack(net)
+    x = torch.randn(2, 3, 6, 6, generator=g)
+    with torch.no_grad():
+        net(x)  # the 3x3 conv laid out for x
+    assert all(m.weight.is_mkldnn for m in net if isinstance(m, ops._Packable))
+    net.requires_grad_(True)
+    with pytest.raises(RuntimeError, match=r"call sdlite.ops.unpack\(model\) before requires_grad_\(True\)"):
+        net(x).square().sum().backward()
+    ops.unpack(net)
+    assert all(p.requires_grad for p in net.parameters())  # unpacking keeps what the user asked for
+    opt = torch.optim.SGD(net.parameters(), lr=0.1)
+    before = [p.detach().clone() for p in net.parameters()]
+    net(x).square().sum().backward()
+    opt.step()
+    assert all(not torch.equal(b, p) for b, p in zip(before, net.parameters()))
+
+
+@needs_onednn
+def test_a_packed_conv_whose_weight_needs_gradients_is_not_laid_out_even_without_autograd():
+    """A no_grad forward (a validation step) must not swap a trainable weight for a laid-out copy."""
+    conv = ops.Conv2d(3, 8, 3, padding=1).requires_grad_(False)
+    ops.pack(conv)
+    conv.requires_grad_(True)
+    weight = conv.weight
+    with torch.no_grad():
+        conv(torch.randn(1, 3, 6, 6))
+    assert conv.weight is weight and not conv.packed
+
+
+@needs_onednn
+def test_unpack_drops_the_packed_phase_kernels_so_the_module_can_be_copied():
+    """upsample_conv packs its phase kernels for a packed conv whose own weight stays plain; unpack and
+    .to() must drop them too (deepcopy failed on them, and after .to("meta") they still held CPU memory)."""
+    conv = ops.Conv2d(8, 8, 3, padding=1).requires_grad_(False)
+    ops.pack(conv)
+    x = torch.randn(1, 8, 2, 2)  # 4x4 upsampled: runs by phases
+    with torch.no_grad():
+        ops.upsample_conv(x, conv)
+    assert conv._phase_cache[3].is_mkldnn and not conv.weight.is_mkldnn
+    ops.unpack(conv)
+    assert not hasattr(conv, "_phase_cache")
+    copy.deepcopy(conv)
+    with torch.no_grad():
+        ops.upsample_conv(x, conv)
+    assert hasattr(conv, "_phase_cache")
+    conv.to(torch.float64)
+    assert not hasattr(conv, "_phase_cache")
+
+
+def test_upsample_conv_follows_a_flipped_kernel_changed_through_data():
+    """A .data edit that keeps each output channel's sum (a flipped kernel) must still reach the cached
+    phase kernels (it did not: an error of 2.5 on outputs of 2)."""
+    conv = ops.Conv2d(8, 8, 3, padding=1).requires_grad_(False)
+    with torch.no_grad():
+        conv.weight.copy_(torch.randint(-8, 9, conv.weight.shape, generator=torch.Generator().manual_seed(0)) / 64)
+    x = torch.randn(1, 8, 6, 6, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        ops.upsample_conv(x, conv)
+        conv.weight.data.copy_(conv.weight.data.flip(-1))  # (flip copies)
+        torch.testing.assert_close(ops.upsample_conv(x, conv), _upsample_then_conv(x, conv), rtol=1e-5, atol=1e-5)
+        conv.weight.data.copy_(conv.weight.data.transpose(-1, -2).clone())
+        torch.testing.assert_close(ops.upsample_conv(x, conv), _upsample_then_conv(x, conv), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("mean, spread", [(20.0, 0.5), (1000.0, 10.0), (0.0, 1.0)])
+def test_group_norm_of_a_channels_last_map_is_accurate_where_its_mean_dwarfs_its_spread(mean, spread):
+    """PyTorch's CPU group norm reads a channels-last map (what packed convs return) in one pass and
+    cancels E[x²] − E[x]² in fp32; sdlite shifts such groups by their mean first. Against fp64."""
+    g = torch.Generator().manual_seed(0)
+    x = (torch.randn(1, 64, 128, 128, generator=g) * spread + mean).contiguous(memory_format=torch.channels_last)
+    w, b = torch.randn(64, generator=g), torch.randn(64, generator=g)
+    ref = F.group_norm(x.double(), 32, w.double(), b.double(), 1e-6)
+    ours = ops.group_norm(x, 32, w, b, 1e-6)
+    assert ours.is_contiguous(memory_format=torch.channels_last)
+    assert (ours.double() - ref).abs().max() < 1e-4
+    if mean:  # the reason: PyTorch's own kernel on the same map
+        assert (F.group_norm(x, 32, w, b, 1e-6).double() - ref).abs().max() > 1e-3
+
+
+def test_a_tiled_decode_on_one_thread_leaves_the_same_norms_normal_on_another():
+    norm = ops.GroupNorm(4, 8, eps=1e-6)
+    x = torch.randn(1, 8, 5, 5)
+    inside, done = threading.Event(), threading.Event()
+
+    def tiled():
+        with torch.no_grad(), ops.shared_statistics(norm) as set_mode:
+            set_mode("record")
+            norm(torch.randn(1, 8, 5, 5) * 3 + 2)
+            set_mode("reuse")
+            inside.set()
+            done.wait(30)
+
+    t = threading.Thread(target=tiled)
+    t.start()
+    try:
+        assert inside.wait(30)
+        assert norm.stats is None  # on this thread
+        with torch.no_grad():
+            torch.testing.assert_close(norm(x), F.group_norm(x, 4, norm.weight, norm.bias, 1e-6))
+    finally:
+        done.set()
+        t.join(30)
 
 
 @needs_onednn
