@@ -78,6 +78,9 @@ def _parser(img2img: bool) -> argparse.ArgumentParser:
     p.add_argument("--seed-resize-from", dest="seed_resize_from", default=None, metavar="WxH",
                    help="A1111's 'Resize seed from': the size at which the seed was found, e.g. 512x512; its "
                         "noise is centred in the new size's, so the composition mostly survives")
+    p.add_argument("--eta-noise-seed-delta", "--ensd", dest="ensd", type=int, default=0, metavar="N",
+                   help="A1111's 'Eta noise seed delta' (ENSD in its infotexts, often 31337): the ancestral "
+                        "samplers draw their noise from seed + N (default 0: off)")
     p.add_argument("--H", type=int, default=None, help="height in pixels (default: the model's native size)")
     p.add_argument("--W", type=int, default=None, help="width in pixels (default: the model's native size)")
     p.add_argument("--n_samples", type=int, default=1, help="batch size")
@@ -329,7 +332,8 @@ def _run(args: argparse.Namespace, img2img: bool) -> int:
                               batch_size=args.n_samples, eta=args.eta, progress=not args.quiet,
                               clip_skip=args.clip_skip, sampler_settings=settings,
                               token_merging_ratio=args.token_merging_ratio, variation_seed=variation_seed,
-                              variation_strength=args.variation_strength, seed_resize_from=seed_resize_from)
+                              variation_strength=args.variation_strength, seed_resize_from=seed_resize_from,
+                              eta_noise_seed_delta=args.ensd)
                 if img2img:
                     images = pipe.img2img(args.init_img, prompt, strength=args.strength,
                                           resize_mode=args.resize_mode, **kwargs)

@@ -126,6 +126,7 @@ def generation_params(
     seed_resize_from: tuple[int, int] | None = None,
     denoising_strength: float | None = None,
     clip_skip: int | None = None,
+    ensd: int | None = None,
     token_merging_ratio: float | None = None,
     eta: float | None = None,
     eta_key: str = "Eta",
@@ -139,7 +140,8 @@ def generation_params(
     when the sampler's automatic schedule was used (A1111 then omits "Schedule type" and its parser
     reads the missing key as "Automatic"). ``seed`` is the seed of this very image (batch image i
     uses seed + i). ``variation_seed`` (this image's), ``variation_strength`` and ``seed_resize_from``
-    (width, height) are A1111's seed tools (:mod:`sdlite.seeds`), written only when used. ``clip_skip`` is written only when > 1, ``token_merging_ratio`` only when not 0, as A1111
+    (width, height) are A1111's seed tools (:mod:`sdlite.seeds`), written only when used, as is ``ensd``
+    (the "Eta noise seed delta" of a sampler that used it). ``clip_skip`` is written only when > 1, ``token_merging_ratio`` only when not 0, as A1111
     does. ``rng``: A1111's "Random number generator source" where it is not its default "GPU" (sdlite draws
     its noise as A1111's "CPU" does). ``eta`` is written as ``eta_key``: A1111's k samplers record "Eta",
     its DDIM samplers "Eta DDIM". ``extra`` items go where
@@ -149,7 +151,7 @@ def generation_params(
     >>> generation_params(steps=20, sampler="Euler a", cfg_scale=7.0, seed=1, width=512, height=512)
     {'Steps': 20, 'Sampler': 'Euler a', 'Schedule type': None, 'CFG scale': 7, 'Seed': 1, 'Size': '512x512', \
 'Model hash': None, 'Model': None, 'Variation seed': None, 'Variation seed strength': None, \
-'Seed resize from': None, 'Denoising strength': None, 'Clip skip': None, 'Token merging ratio': None, \
+'Seed resize from': None, 'Denoising strength': None, 'Clip skip': None, 'ENSD': None, 'Token merging ratio': None, \
 'RNG': None, 'Eta': None, 'Version': None}
     """
     params: dict[str, object] = {
@@ -166,6 +168,7 @@ def generation_params(
         "Seed resize from": None if seed_resize_from is None else f"{seed_resize_from[0]}x{seed_resize_from[1]}",
         "Denoising strength": _ui_number(denoising_strength),
         "Clip skip": clip_skip if clip_skip is not None and clip_skip > 1 else None,
+        "ENSD": ensd or None,
         "Token merging ratio": token_merging_ratio or None,
         "RNG": rng,
         eta_key: _ui_number(eta),

@@ -508,7 +508,8 @@ class Pipeline:
                 callback: StepCallback | None = None, output_type: str = "pil", progress: bool = False,
                 clip_skip: int = 1, sampler_settings: Mapping[str, Any] | None = None,
                 token_merging_ratio: float = 0.0, variation_seed: int | None = None,
-                variation_strength: float = 0.0, seed_resize_from: tuple[int, int] | None = None) -> Any:
+                variation_strength: float = 0.0, seed_resize_from: tuple[int, int] | None = None,
+                eta_noise_seed_delta: int = 0) -> Any:
         """Generate images from text.
 
         ``seed=None`` or ``-1`` picks a random seed; image i of the batch uses ``seed + i`` (with a variation
@@ -533,6 +534,10 @@ class Pipeline:
         ``variation_seed + i`` (None or -1: random). ``seed_resize_from=(width, height)``: the size at
         which the seed was found; its noise is drawn at that size and centred in this one's, so the
         picture's composition mostly survives a new aspect ratio. Both are written in the infotext.
+        ``eta_noise_seed_delta``: A1111's setting of that name ("ENSD" in the infotext; 31337 in many shared
+        infotexts): the ancestral samplers (Euler a, DPM2 a, DPM++ 2S a, DPM fast, DPM adaptive; eta ≠ 0)
+        draw their noise from a stream seeded with seed + ENSD; other samplers ignore it, and A1111 records
+        it for those five only.
 
         >>> images = pipe.txt2img("a blue square at the top", seed=42, steps=20)  # doctest: +SKIP
         >>> pipe.txt2img("a blue square", seed=42, variation_seed=7, variation_strength=0.1)  # doctest: +SKIP
@@ -542,7 +547,8 @@ class Pipeline:
                               eta=eta, latents=latents, callback=callback, output_type=output_type,
                               progress=progress, clip_skip=clip_skip, sampler_settings=sampler_settings,
                               token_merging_ratio=token_merging_ratio, variation_seed=variation_seed,
-                              variation_strength=variation_strength, seed_resize_from=seed_resize_from)
+                              variation_strength=variation_strength, seed_resize_from=seed_resize_from,
+                              eta_noise_seed_delta=eta_noise_seed_delta)
 
     def img2img(self, image: Image.Image | str | Path | torch.Tensor, prompt: str | Sequence[str],
                 strength: float = 0.75, negative_prompt: str | Sequence[str] = "", steps: int = 20,
@@ -553,7 +559,8 @@ class Pipeline:
                 clip_skip: int = 1, resize_mode: int | str = 0,
                 sampler_settings: Mapping[str, Any] | None = None, token_merging_ratio: float = 0.0,
                 variation_seed: int | None = None, variation_strength: float = 0.0,
-                seed_resize_from: tuple[int, int] | None = None) -> Any:
+                seed_resize_from: tuple[int, int] | None = None,
+                eta_noise_seed_delta: int = 0) -> Any:
         """Redraw ``image`` under ``prompt``: encode it, noise it to ``strength`` of the way, denoise.
 
         ``strength`` in (0, 1]: 1 ignores the image, small values keep it. As in A1111, with
@@ -589,7 +596,8 @@ class Pipeline:
                               progress=progress, clip_skip=clip_skip, init_pixels=pixels, strength=strength,
                               init_latent_resize=mode == LATENT, sampler_settings=sampler_settings,
                               token_merging_ratio=token_merging_ratio, variation_seed=variation_seed,
-                              variation_strength=variation_strength, seed_resize_from=seed_resize_from)
+                              variation_strength=variation_strength, seed_resize_from=seed_resize_from,
+                              eta_noise_seed_delta=eta_noise_seed_delta)
 
     def _generate(self, prompt: str | Sequence[str], negative_prompt: str | Sequence[str], *, steps: int,
                   guidance_scale: float, width: int | None, height: int | None, seed: int | None, sampler: str,
@@ -599,7 +607,8 @@ class Pipeline:
                   init_latent_resize: bool = False, step_hook: Callable | None = None,
                   sampler_settings: Mapping[str, Any] | None = None, token_merging_ratio: float = 0.0,
                   variation_seed: int | None = None, variation_strength: float = 0.0,
-                  seed_resize_from: tuple[int, int] | None = None) -> Any:
+                  seed_resize_from: tuple[int, int] | None = None,
+                  eta_noise_seed_delta: int = 0) -> Any:
         from .infotext import format_infotext, generation_params
         from .schedulers import check_sampler_settings, parse_sampler_and_schedule
 
@@ -680,6 +689,12 @@ class Pipeline:
                                     f"got {tuple(seed_resize_from)}")
             seed_resize_from = (rw, rh)
             seed_shape = self._latent_shape(rh, rw)
+        ensd = _integer("eta_noise_seed_delta", eta_noise_seed_delta)
+        eta_used = spec.default_eta if eta is None else float(eta)
+        if not (spec.uses_ensd and eta_used != 0):
+            ensd = 0  # as A1111 records it: only the ancestral samplers with noise to add
+        if ensd:
+            check_seed(seeds[0] + ensd, n, "seed + eta_noise_seed_delta")
         shape = (n, *self._latent_shape(height, width))
         if latents is not None and (tuple(latents.shape[-3:]) != shape[1:] or latents.numel() != math.prod(shape)):
             raise ArgumentError(f"latents must have shape {list(shape)}, got {list(latents.shape)}")
@@ -689,7 +704,8 @@ class Pipeline:
         else:
             cond, uncond = self.encode_prompt(prompts, clip_skip), None
         noise, generators = random_streams(seeds, shape[1:], variation_seeds=variation_seeds,
-                                           variation_strength=variation_strength, seed_shape=seed_shape)
+                                           variation_strength=variation_strength, seed_shape=seed_shape,
+                                           noise_seed_delta=ensd)
         if latents is not None:  # replaces the starting noise; the streams still drive the sampler's noise
             noise = latents.float().reshape(shape)
         init = None
@@ -721,7 +737,7 @@ class Pipeline:
                 denoising_strength=strength if init is not None else None,
                 eta=eta if (eta is not None and spec.uses_eta and float(eta) != spec.default_eta) else None,
                 eta_key=spec.eta_key, rng="CPU",  # each image's noise drawn as A1111's "CPU" source does
-                clip_skip=clip_skip if clip_skip > 1 else None, token_merging_ratio=token_merging_ratio or None,
+                clip_skip=clip_skip if clip_skip > 1 else None, ensd=ensd or None, token_merging_ratio=token_merging_ratio or None,
                 extra=_schedule_extra(label, settings),
                 version=VERSION,
             )

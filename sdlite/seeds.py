@@ -11,6 +11,9 @@ seeded with its seed, so the same seed gives the same picture on every device an
 - **Resize seed from** (a width and height): the seed's noise is drawn at the size where the seed was
   found and centred in the new size's noise (:func:`paste_centred`), so a composition mostly survives
   a change of aspect ratio.
+- **Eta noise seed delta** (ENSD, a setting; 31337 in many shared anime-model infotexts): the noise
+  the ancestral samplers add while sampling comes from a stream seeded with seed + ENSD instead of
+  from the seed's own stream after the starting noise.
 
 Both are written to reproduce A1111's numbers, quirks included (each one is named where it happens).
 """
@@ -89,7 +92,8 @@ def paste_centred(small: torch.Tensor, big: torch.Tensor) -> torch.Tensor:
 
 def random_streams(seeds: Sequence[int], shape: Sequence[int], *,
                    variation_seeds: Sequence[int] | None = None, variation_strength: float = 0.0,
-                   seed_shape: Sequence[int] | None = None) -> tuple[torch.Tensor, list[torch.Generator]]:
+                   seed_shape: Sequence[int] | None = None,
+                   noise_seed_delta: int = 0) -> tuple[torch.Tensor, list[torch.Generator]]:
     """One CPU random stream per image, as the A1111 web UI keeps them: stream i is seeded with
     ``seeds[i]``; its first draw is image i's starting noise ``[*shape]``, later draws are the sampler's
     (ancestral/SDE) noise. Image i of a batch therefore equals the single image made with its seed, on
@@ -99,7 +103,9 @@ def random_streams(seeds: Sequence[int], shape: Sequence[int], *,
     ``variation_seeds``, ``variation_strength``: the noise becomes :func:`slerp` (strength) from the seed's
     noise to that of ``variation_seeds[i]``, drawn from a stream of its own (0 = off). ``seed_shape``:
     A1111's "Resize seed from": the seed's noise (and the variation seed's) is drawn at this shape and
-    :func:`paste_centred` on the seed's noise at ``shape``. Neither changes the sampler's later draws."""
+    :func:`paste_centred` on the seed's noise at ``shape``. Neither changes the sampler's later draws.
+    ``noise_seed_delta``: A1111's "Eta noise seed delta" (ENSD): the returned generators, the sampler's
+    noise, are fresh streams seeded with ``seeds[i] + noise_seed_delta`` instead (0 = off)."""
     shape, seed_shape = tuple(shape), tuple(shape if seed_shape is None else seed_shape)
     if variation_strength and (variation_seeds is None or len(variation_seeds) != len(seeds)):
         raise ArgumentError("variation seeds: give one variation seed per image")
@@ -114,6 +120,8 @@ def random_streams(seeds: Sequence[int], shape: Sequence[int], *,
         if seed_shape != shape:
             x = paste_centred(x, torch.randn(shape, generator=g))
         xs.append(x)
+    if noise_seed_delta:
+        generators = [_stream(int(seed) + noise_seed_delta) for seed in seeds]
     return torch.stack(xs), generators
 
 

@@ -81,18 +81,18 @@ def test_generation_params_uses_a1111_key_order():
     params = generation_params(
         steps=30, sampler="DPM++ 2M", schedule="Karras", cfg_scale=7.5, seed=1, width=768, height=512,
         model_hash="6ce0161689", model_name="v2-1_768", variation_seed=9, variation_strength=0.1,
-        seed_resize_from=(512, 512), denoising_strength=0.75, clip_skip=2,
+        seed_resize_from=(512, 512), denoising_strength=0.75, clip_skip=2, ensd=31337,
         token_merging_ratio=0.5, eta=0.5, rng="CPU", extra={"Hires upscaler": "Latent"}, version="sdlite 0.1.0",
     )
     assert list(params) == [
         "Steps", "Sampler", "Schedule type", "CFG scale", "Seed", "Size", "Model hash", "Model",
-        "Variation seed", "Variation seed strength", "Seed resize from", "Denoising strength", "Clip skip",
+        "Variation seed", "Variation seed strength", "Seed resize from", "Denoising strength", "Clip skip", "ENSD",
         "Token merging ratio", "RNG", "Eta", "Hires upscaler", "Version",
     ]
     assert format_infotext("p", "", params) == (
         "p\nSteps: 30, Sampler: DPM++ 2M, Schedule type: Karras, CFG scale: 7.5, Seed: 1, Size: 768x512, "
         "Model hash: 6ce0161689, Model: v2-1_768, Variation seed: 9, Variation seed strength: 0.1, "
-        "Seed resize from: 512x512, Denoising strength: 0.75, Clip skip: 2, Token merging ratio: 0.5, "
+        "Seed resize from: 512x512, Denoising strength: 0.75, Clip skip: 2, ENSD: 31337, Token merging ratio: 0.5, "
         "RNG: CPU, Eta: 0.5, Hires upscaler: Latent, Version: sdlite 0.1.0"
     )
 

@@ -1,6 +1,6 @@
-"""A1111's seed tools (sdlite.seeds): variation seeds (a slerp of two seeds' noise) and "Resize seed
-from" (the seed's noise drawn at another size and centred), in the noise, the pipeline, the infotext
-and the command line. (The web API's fields are tested in test_webui_api.py.)"""
+"""A1111's seed tools (sdlite.seeds): variation seeds (a slerp of two seeds' noise), "Resize seed
+from" (the seed's noise drawn at another size and centred) and the "Eta noise seed delta" (ENSD), in
+the noise, the pipeline, the infotext and the command line. (The web API's fields are tested in test_webui_api.py.)"""
 
 from __future__ import annotations
 
@@ -170,13 +170,54 @@ def test_bad_seed_tool_values_are_argument_errors(pipe, kwargs, match):
         pipe.txt2img("a cat", seed=1, steps=1, **kwargs)
 
 
+# -- Eta noise seed delta (ENSD) ---------------------------------------------------------------------
+
+def test_ensd_reseeds_only_the_samplers_noise_not_the_starting_noise():
+    plain, _ = random_streams([5, 6], (4, 8, 8))
+    same, generators = random_streams([5, 6], (4, 8, 8), noise_seed_delta=31337)
+    assert torch.equal(plain, same)
+    assert torch.equal(torch.randn(4, 8, 8, generator=generators[1]), noise(6 + 31337, (4, 8, 8)))
+
+
+def test_an_ancestral_sampler_with_ensd_draws_its_noise_from_seed_plus_ensd_and_records_it(pipe):
+    kw = dict(steps=3, sampler="euler_a", batch_size=2)
+    images = pipe.txt2img("a cat", seed=5, eta_noise_seed_delta=31337, **kw)
+    latent = pipe.txt2img("a cat", seed=5, eta_noise_seed_delta=31337, output_type="latent", **kw)
+    # The same run through the sampling loop, with the streams A1111 reseeds: seed + ENSD per image.
+    start, _ = random_streams([5, 6], (4, 16, 16))
+    cond, uncond = pipe.encode_prompts([["a cat"] * 2, [""] * 2])
+    expected = pipe.sample(start, cond, uncond, steps=3, guidance_scale=7.5, sampler="euler_a", schedule=None,
+                           eta=None, generators=[torch.Generator().manual_seed(s + 31337) for s in (5, 6)])
+    torch.testing.assert_close(latent, expected, rtol=1e-5, atol=1e-5)
+    assert not torch.allclose(latent, pipe.txt2img("a cat", seed=5, output_type="latent", **kw))
+    keys = [item.split(":")[0] for item in images.infotexts[1].splitlines()[-1].split(", ")]
+    assert "ENSD" in keys and keys.index("Model") < keys.index("ENSD") < keys.index("RNG")
+    assert parse_infotext(images.infotexts[1])["ENSD"] == "31337"
+
+
+@pytest.mark.parametrize("kwargs", [dict(sampler="euler"), dict(sampler="dpmpp_2m_sde"), dict(sampler="ddim", eta=0.5),
+                                    dict(sampler="euler_a", eta=0.0)])
+def test_ensd_changes_nothing_and_is_not_recorded_where_a1111_does_not_record_it(pipe, kwargs):
+    plain = pipe.txt2img("a cat", seed=5, steps=2, **kwargs)
+    with_ensd = pipe.txt2img("a cat", seed=5, steps=2, eta_noise_seed_delta=31337, **kwargs)
+    assert np.asarray(plain[0]).tobytes() == np.asarray(with_ensd[0]).tobytes()
+    assert plain.infotexts == with_ensd.infotexts and "ENSD" not in with_ensd.infotexts[0]
+
+
+def test_an_ensd_that_takes_a_seed_past_what_torch_takes_is_an_argument_error(pipe):
+    with pytest.raises(ArgumentError, match="seed \\+ eta_noise_seed_delta"):
+        pipe.txt2img("a cat", seed=2**64 - 5, steps=1, eta_noise_seed_delta=31337)
+    with pytest.raises(ArgumentError, match="eta_noise_seed_delta must be a whole number"):
+        pipe.txt2img("a cat", seed=1, steps=1, eta_noise_seed_delta=0.5)
+
+
 # -- the command line ------------------------------------------------------------------------------
 
 def test_cli_variation_seed_counts_on_across_batches_while_the_seed_stays(tmp_path, monkeypatch, pipe):
     monkeypatch.chdir(tmp_path)
     monkeypatch.setattr(sdlite, "load", lambda *a, **k: pipe)
     argv = ["--prompt", "a cat", "--seed", "5", "--steps", "1", "--n_samples", "2", "--n_iter", "2", "--quiet",
-            "--variation-seed", "30", "--variation-strength", "0.2", "--seed-resize-from", "48x40"]
+            "--variation-seed", "30", "--variation-strength", "0.2", "--seed-resize-from", "48x40", "--ensd", "31337"]
     assert cli.run(argv, img2img=False) == 0
     from sdlite.infotext import read_infotext
 
@@ -185,6 +226,7 @@ def test_cli_variation_seed_counts_on_across_batches_while_the_seed_stays(tmp_pa
     assert [p["Seed"] for p in params] == ["5"] * 4
     assert [p["Variation seed"] for p in params] == ["30", "31", "32", "33"]
     assert {(p["Seed resize from-1"], p["Seed resize from-2"]) for p in params} == {("48", "40")}
+    assert {p["ENSD"] for p in params} == {"31337"}  # (the default sampler, Euler a, uses it)
 
 
 @pytest.mark.parametrize("argv, match", [

@@ -315,6 +315,17 @@ def test_variation_seeds_keep_the_seed_and_count_the_subseed_across_batches_as_a
     assert pixels(r.images[3]) == pixels(own[1])
 
 
+def test_the_eta_noise_seed_delta_option_reseeds_the_ancestral_samplers_noise_as_a1111(api):
+    body = dict(prompt="x", seed=3, steps=2, sampler_name="Euler a", **SIZE)
+    r = api.txt2img(**body, override_settings={"eta_noise_seed_delta": 31337})
+    assert "ENSD: 31337" in r.info["infotexts"][0]
+    assert api.get_options()["eta_noise_seed_delta"] == 0  # an override, not kept
+    plain = api.txt2img(**body)
+    assert "ENSD" not in plain.info["infotexts"][0] and pixels(plain.image) != pixels(r.image)
+    r = requests.post(f"{api.baseurl}/options", json={"eta_noise_seed_delta": "lots"})
+    assert r.status_code == 400 and "eta_noise_seed_delta" in r.json()["detail"]
+
+
 def test_seed_resize_needs_both_sides_and_a_variation_subseed_must_fit(api):
     r = api.txt2img(prompt="x", seed=10, steps=1, seed_resize_from_w=48, seed_resize_from_h=-1, **SIZE)
     assert "Seed resize from" not in r.info["infotexts"][0]  # one side unset: off, as in A1111

@@ -194,7 +194,8 @@ def test_sampler_parameters_go_with_the_request_and_come_back_from_the_png_info(
         sent = request.value.post_data_json["override_settings"]
         assert sent == {"CLIP_stop_at_last_layers": 2, "uni_pc_order": 3, "uni_pc_variant": "bh1",
                         "uni_pc_skip_type": "logSNR", "uni_pc_lower_order_final": False,
-                        "beta_dist_alpha": 0.5, "beta_dist_beta": 0.6, "token_merging_ratio": 0.5}
+                        "beta_dist_alpha": 0.5, "beta_dist_beta": 0.6, "token_merging_ratio": 0.5,
+                        "eta_noise_seed_delta": 0}
         expect(page.locator("#infotext")).to_contain_text("Beta schedule alpha: 0.5", timeout=60_000)
         assert "Clip skip: 2" in page.text_content("#infotext")
         assert "Token merging ratio: 0.5" in page.text_content("#infotext")
@@ -211,7 +212,7 @@ def test_sampler_parameters_go_with_the_request_and_come_back_from_the_png_info(
         assert errors == []
 
 
-def test_variation_seed_fields_go_with_the_request_and_come_back_from_the_png_info(server):
+def test_variation_seed_and_ensd_fields_go_with_the_request_and_come_back_from_the_png_info(server):
     from playwright.sync_api import expect
 
     with ready_page(server) as (page, errors):
@@ -223,26 +224,33 @@ def test_variation_seed_fields_go_with_the_request_and_come_back_from_the_png_in
         page.fill("#seed_resize_from_h", "40")
         page.fill("#batch_size", "2")
         page.fill("#steps", "2")
+        page.select_option("#sampler", "Euler a")
+        page.click("#sampler-parameters summary")
+        page.fill("#eta_noise_seed_delta", "31337")
         with page.expect_request("**/sdapi/v1/txt2img") as request:
             page.click("#generate")
         sent = request.value.post_data_json
         assert (sent["subseed"], sent["subseed_strength"], sent["seed_resize_from_w"], sent["seed_resize_from_h"]) \
             == (40, 0.25, 48, 40)
+        assert sent["override_settings"]["eta_noise_seed_delta"] == 31337
         expect(page.locator("#gallery img")).to_have_count(2, timeout=HANG * 1000)
         page.locator("#gallery img").nth(1).click()
         expect(page.locator("#infotext")).to_contain_text("Seed: 7, ")
         assert "Variation seed: 41, Variation seed strength: 0.25, Seed resize from: 48x40" \
             in page.text_content("#infotext")
+        assert "ENSD: 31337" in page.text_content("#infotext")
         page.click("#subseed-random")
         page.click("#subseed-reuse")
         assert page.input_value("#subseed") == "41"  # the shown image's own
 
         page.fill("#subseed_strength", "0")
         page.fill("#seed_resize_from_w", "0")
+        page.fill("#eta_noise_seed_delta", "0")
         page.click("#send-pnginfo")
         page.click("#png-send-txt2img")
         assert (page.input_value("#subseed"), page.input_value("#subseed_strength")) == ("41", "0.25")
         assert (page.input_value("#seed_resize_from_w"), page.input_value("#seed_resize_from_h")) == ("48", "40")
+        assert page.input_value("#eta_noise_seed_delta") == "31337"
         assert errors == []
 
 

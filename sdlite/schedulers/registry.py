@@ -123,6 +123,12 @@ class Sampler:
         return n if self.steps_fn is None else self.steps_fn(n)
 
     @property
+    def uses_ensd(self) -> bool:
+        """Whether A1111 records its "Eta noise seed delta" (ENSD) for this sampler: the ancestral ones,
+        whose noise then comes from streams seeded with seed + ENSD (:func:`sdlite.seeds.random_streams`)."""
+        return bool(dict(self.a1111_options).get("uses_ensd", False))
+
+    @property
     def names(self) -> tuple[str, ...]:
         """Every name this sampler answers to: id, label, aliases."""
         return (self.id, self.label, *self.aliases)

@@ -498,6 +498,8 @@ class Engine:
             **{name: 0.0 for name in TOKEN_MERGING_OPTIONS},
             # The eta of a request that sends none (A1111's Sampler parameters): k samplers, DDIM samplers.
             **ETA_OPTIONS,
+            # A1111's "Eta noise seed delta" (ENSD): the ancestral samplers' noise from seed + it (sdlite.seeds).
+            "eta_noise_seed_delta": 0,
         }
         self._current: Checkpoint | None = default
         self.closing = False  # set by shutdown (Ctrl-C, SIGTERM)
@@ -639,6 +641,7 @@ class Engine:
                               width=req.width, height=req.height, seed=seed + step * n * req.batch_size,
                               variation_seed=subseed + n * req.batch_size, variation_strength=req.subseed_strength,
                               seed_resize_from=_seed_resize_from(req),
+                              eta_noise_seed_delta=int(self._option(job, "eta_noise_seed_delta")),
                               sampler=job.sampler.id, schedule=job.schedule, batch_size=req.batch_size,
                               eta=self._eta(job), callback=callback, clip_skip=job.clip_skip,
                               sampler_settings={name: self._option(job, name) for name in SAMPLER_SETTINGS},
@@ -751,6 +754,10 @@ def check_options(values: dict[str, Any]) -> None:
         if key in values and not (isinstance(values[key], (int, float)) and not isinstance(values[key], bool)
                                   and 0 <= values[key] < math.inf):
             raise ApiError(400, f"{key} must be a number ≥ 0, got {values[key]!r}")
+    if "eta_noise_seed_delta" in values:
+        value = values["eta_noise_seed_delta"]
+        if isinstance(value, bool) or not (isinstance(value, int) or (isinstance(value, float) and value.is_integer())):
+            raise ApiError(400, f"eta_noise_seed_delta must be a whole number (0 = off), got {value!r}")
 
 
 def _clip_skip(value: Any) -> int:

@@ -96,7 +96,7 @@ function intOrNull(id) {
 const SETTINGS = {
   CLIP_stop_at_last_layers: "number", uni_pc_order: "number", uni_pc_variant: "text", uni_pc_skip_type: "text",
   uni_pc_lower_order_final: "bool", beta_dist_alpha: "number", beta_dist_beta: "number",
-  token_merging_ratio: "number",
+  token_merging_ratio: "number", eta_noise_seed_delta: "number",
 };
 
 function settingsFromForm() {
@@ -293,6 +293,7 @@ function applyParameters(p, tab) {
   setSetting("beta_dist_alpha", p["Beta schedule alpha"]);
   setSetting("beta_dist_beta", p["Beta schedule beta"]);
   setSetting("token_merging_ratio", p["Token merging ratio"] ?? 0);  // written only when merging was on
+  setSetting("eta_noise_seed_delta", p["ENSD"]);  // written only for the samplers that use it: kept otherwise
   const [sampler, sched] = samplerAndSchedule(p["Sampler"], p["Schedule type"]);
   if (sampler) $("sampler").value = sampler.name;
   $("scheduler").value = sched ? sched.name : "automatic";
