@@ -1029,6 +1029,13 @@ def upsample_conv(x: torch.Tensor, conv: nn.Conv2d, cache: bool = True) -> torch
         # x instead. (F(2x2, 3x3) does 16 as well, 1.06x the time: there the phases stay.)
         weight = conv._laid_out_for(x, scale=2) if conv.packed else conv.weight
         return winograd_conv3x3(x, weight, conv.bias, 4, scale=2)
+    if (isinstance(conv, Conv2d) and _as_fp32(x) and conv.weight.dtype == x.dtype
+            and not (torch.is_grad_enabled() and (x.requires_grad or conv.weight.requires_grad))):
+        # Half weights on a CPU without native half kernels compute in fp32 (see _as_fp32), so the
+        # same F(4x4) choice holds for them: their convs take it through Conv2d._conv_forward.
+        x32, w32 = x.float(), _fp32_weight(conv.weight, x)
+        if conv._winograd_tile(x32, w32, scale=2) == 4:
+            return winograd_conv3x3(x32, w32, _fp32(conv.bias), 4, scale=2).to(x.dtype)
     assert (conv.kernel_size == (3, 3) and conv.stride == (1, 1) and conv.padding == (1, 1)
             and conv.padding_mode == "zeros" and conv.groups == 1 and conv.dilation == (1, 1)), conv
     b, _, h, w = x.shape

@@ -15,7 +15,7 @@ seeded with its seed, so the same seed gives the same picture on every device an
   the ancestral samplers add while sampling comes from a stream seeded with seed + ENSD instead of
   from the seed's own stream after the starting noise.
 
-Both are written to reproduce A1111's numbers, quirks included (each one is named where it happens).
+All three reproduce A1111's numbers, quirks included (each one is named where it happens).
 """
 
 from __future__ import annotations

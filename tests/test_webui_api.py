@@ -237,6 +237,19 @@ def test_progress_reports_steps_and_a_latent_preview_and_interrupt_stops_the_gen
     assert pixels(full[0]) != pixels(interrupted[0])
 
 
+def test_an_interrupted_job_reports_the_seeds_of_every_image_asked_for_as_a1111(api, monkeypatch):
+    original = State.step
+
+    def interrupt_at_once(state, n, latent):
+        original(state, n, latent)
+        state.interrupted = True
+
+    monkeypatch.setattr(State, "step", interrupt_at_once)
+    r = api.txt2img(prompt="x", seed=7, steps=3, n_iter=3, **SIZE)
+    assert len(r.images) == 1 and len(r.info["infotexts"]) == 1  # made: the first batch's estimate
+    assert r.info["all_seeds"] == [7, 8, 9] and len(r.info["all_prompts"]) == 3  # asked for: A1111's Processed
+
+
 def queued_jobs(server) -> int:
     """How many jobs wait behind the running one on the server's single worker."""
     return server.server.config.app.state.engine._worker._work_queue.qsize()

@@ -135,6 +135,11 @@ def test_page_generates_with_live_progress_and_reads_the_png_info_back(server, t
         assert page.input_value("#seed") == "-1"
         page.click("#seed-reuse")
         assert page.input_value("#seed") == "1234"
+        page.click("#variation summary")
+        page.click("#subseed-reuse")  # no variation strength: A1111's button gives the image's seed
+        assert page.input_value("#subseed") == "1234"
+        page.click("#subseed-random")
+        page.click("#variation summary")
         if SCREENSHOT:
             page.screenshot(path=str(ROOT / "docs" / "webui.png"))
 

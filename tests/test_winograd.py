@@ -219,6 +219,23 @@ def test_without_a_compiler_winograd_is_off_with_one_warning_and_convs_run_direc
 
 
 @needs_kernel
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_a_half_upsample_computed_in_fp32_takes_4x4_tiles_as_an_fp32_one_does(monkeypatch, small_rule, tiles_used,
+                                                                             dtype):
+    """Half weights on a CPU without native half kernels compute in fp32 (ops.HALF_AS_FP32): their
+    upsamples take F(4x4) on the upsampled map where fp32 ones do, not the phases (session 30)."""
+    if dtype not in ops.HALF_AS_FP32:
+        pytest.skip(f"this CPU computes {dtype} natively")
+    conv = ops.Conv2d(8, 8, 3, padding=1).requires_grad_(False).to(dtype)
+    x = torch.randn(2, 8, 5, 3, generator=torch.Generator().manual_seed(0)).to(dtype)
+    with torch.no_grad():
+        out = ops.upsample_conv(x, conv)
+    assert tiles_used == [4] and not hasattr(conv, "_phase_cache") and out.dtype == dtype
+    ref = _reference(F.interpolate(x.float(), scale_factor=2.0, mode="nearest"), conv.weight.float(), conv.bias.float())
+    assert (out.double() - ref).abs().max() <= 2.0 ** -7 * ref.abs().max()  # one bf16/fp16 rounding of the sums
+
+
+@needs_kernel
 @pytest.mark.parametrize("packed", [False, True])
 def test_an_upsample_whose_conv_takes_4x4_tiles_convolves_the_upsampled_map_and_caches_nothing(
         monkeypatch, small_rule, tiles_used, packed):

@@ -402,9 +402,9 @@ class Txt2ImgRequest(BaseModel):
     eta: float | None = Field(None, allow_inf_nan=False)
     denoising_strength: float | None = Field(None, allow_inf_nan=False)
     enable_hr: bool = False
-    # A1111 features sdlite does not have: their defaults are accepted, anything else is a 400.
-    seed_resize_from_h: int = -1
+    seed_resize_from_h: int = -1  # A1111's "Resize seed from" (sdlite.seeds): on when both are above 0
     seed_resize_from_w: int = -1
+    # A1111 features sdlite does not have: their defaults are accepted, anything else is a 400.
     tiling: bool | None = None
     restore_faces: bool | None = None
     override_settings: dict[str, Any] | None = None
@@ -693,7 +693,9 @@ class Engine:
     def _response(self, job: Job, pipe: Pipeline, images: list[Image.Image], seed: int,
                   subseed: int) -> dict[str, Any]:
         req = job.request
-        n = len(images)
+        # As A1111's Processed: the seeds and prompts of every image asked for (an interrupted job
+        # returns fewer images), the infotexts of those made.
+        n = req.batch_size * req.n_iter
         seeds = [seed + (0 if req.subseed_strength else i) for i in range(n)]
         width, height = images[0].size if images else (req.width, req.height)
         infotexts = [im.info.get("parameters", "") for im in images]

@@ -154,8 +154,9 @@ async function generate() {
   try {
     const res = await api(ui.mode, payload());
     const info = JSON.parse(res.info);
+    // The variation seed to reuse: as A1111's reuse button, the image's seed when no variation strength was set.
     ui.results = res.images.map((b64, i) => ({b64, infotext: info.infotexts[i], seed: info.all_seeds[i],
-                                              subseed: info.all_subseeds[i]}));
+                                              subseed: info.subseed_strength > 0 ? info.all_subseeds[i] : info.all_seeds[i]}));
     renderGallery();
     select(0);
     const secs = ((performance.now() - started) / 1000).toFixed(1);
