@@ -599,6 +599,49 @@ class Pipeline:
                               variation_strength=variation_strength, seed_resize_from=seed_resize_from,
                               eta_noise_seed_delta=eta_noise_seed_delta)
 
+    def _seed_tools(self, n: int, seed: Any, variation_seed: Any, variation_strength: Any, seed_resize_from: Any,
+                    eta_noise_seed_delta: Any, spec: Any, eta: float | None) -> tuple:
+        """The seeds of the ``n`` images and A1111's seed tools (:mod:`sdlite.seeds`), checked:
+        ``(seeds, variation_seeds or None, variation_strength, seed_shape or None, seed_resize_from or None,
+        ensd)``, where ENSD is 0 unless this sampler uses it (as A1111 records it)."""
+        seed = -1 if seed is None else _integer("seed", seed)
+        if seed == -1:
+            seed = random.randrange(2**32)
+            log.info("seed: %d", seed)
+        variation_strength = _number("variation_strength", variation_strength)
+        if not math.isfinite(variation_strength):
+            raise ArgumentError(f"variation_strength must be a finite number (0 = off, 1 = the variation seed's "
+                                f"noise), got {variation_strength}")
+        variation_seeds = None
+        if variation_strength:  # as A1111: the batch keeps the seed, the variation seed counts up
+            variation_seed = -1 if variation_seed is None else _integer("variation_seed", variation_seed)
+            if variation_seed == -1:
+                variation_seed = random.randrange(2**32)
+            check_seed(variation_seed, n, "variation_seed")
+            check_seed(seed, 1)
+            seeds = [seed] * n
+            variation_seeds = [variation_seed + i for i in range(n)]
+        else:
+            check_seed(seed, n)
+            seeds = [seed + i for i in range(n)]
+        seed_shape = None
+        if seed_resize_from is not None:
+            if isinstance(seed_resize_from, str) or len(seed_resize_from) != 2:
+                raise ArgumentError(f"seed_resize_from must be (width, height) in pixels, got {seed_resize_from!r}")
+            rw, rh = (_integer("seed_resize_from", v) for v in seed_resize_from)
+            if rw < self.vae_factor or rh < self.vae_factor:
+                raise ArgumentError(f"seed_resize_from must be (width, height) in pixels, each ≥ {self.vae_factor}, "
+                                    f"got {tuple(seed_resize_from)}")
+            seed_resize_from = (rw, rh)
+            seed_shape = self._latent_shape(rh, rw)
+        ensd = _integer("eta_noise_seed_delta", eta_noise_seed_delta)
+        eta_used = spec.default_eta if eta is None else float(eta)
+        if not (spec.uses_ensd and eta_used != 0):
+            ensd = 0  # as A1111 records it: only the ancestral samplers with noise to add
+        if ensd:
+            check_seed(seeds[0] + ensd, n, "seed + eta_noise_seed_delta")
+        return seeds, variation_seeds, variation_strength, seed_shape, seed_resize_from, ensd
+
     def _generate(self, prompt: str | Sequence[str], negative_prompt: str | Sequence[str], *, steps: int,
                   guidance_scale: float, width: int | None, height: int | None, seed: int | None, sampler: str,
                   schedule: str | None, batch_size: int, eta: float | None, latents: torch.Tensor | None,
@@ -658,43 +701,9 @@ class Pipeline:
         if not 1 <= clip_skip <= self.max_clip_skip:
             raise ArgumentError(f"clip_skip must be in [1, {self.max_clip_skip}] for this model's text encoder "
                                 f"(1 = its last layer), got {clip_skip}")
-        seed = -1 if seed is None else _integer("seed", seed)
-        if seed == -1:
-            seed = random.randrange(2**32)
-            log.info("seed: %d", seed)
         n = len(prompts)
-        variation_strength = _number("variation_strength", variation_strength)
-        if not math.isfinite(variation_strength):
-            raise ArgumentError(f"variation_strength must be a finite number (0 = off, 1 = the variation seed's "
-                                f"noise), got {variation_strength}")
-        variation_seeds = None
-        if variation_strength:  # as A1111: the batch keeps the seed, the variation seed counts up
-            variation_seed = -1 if variation_seed is None else _integer("variation_seed", variation_seed)
-            if variation_seed == -1:
-                variation_seed = random.randrange(2**32)
-            check_seed(variation_seed, n, "variation_seed")
-            check_seed(seed, 1)
-            seeds = [seed] * n
-            variation_seeds = [variation_seed + i for i in range(n)]
-        else:
-            check_seed(seed, n)
-            seeds = [seed + i for i in range(n)]
-        seed_shape = None
-        if seed_resize_from is not None:
-            if isinstance(seed_resize_from, str) or len(seed_resize_from) != 2:
-                raise ArgumentError(f"seed_resize_from must be (width, height) in pixels, got {seed_resize_from!r}")
-            rw, rh = (_integer("seed_resize_from", v) for v in seed_resize_from)
-            if rw < self.vae_factor or rh < self.vae_factor:
-                raise ArgumentError(f"seed_resize_from must be (width, height) in pixels, each ≥ {self.vae_factor}, "
-                                    f"got {tuple(seed_resize_from)}")
-            seed_resize_from = (rw, rh)
-            seed_shape = self._latent_shape(rh, rw)
-        ensd = _integer("eta_noise_seed_delta", eta_noise_seed_delta)
-        eta_used = spec.default_eta if eta is None else float(eta)
-        if not (spec.uses_ensd and eta_used != 0):
-            ensd = 0  # as A1111 records it: only the ancestral samplers with noise to add
-        if ensd:
-            check_seed(seeds[0] + ensd, n, "seed + eta_noise_seed_delta")
+        seeds, variation_seeds, variation_strength, seed_shape, seed_resize_from, ensd = self._seed_tools(
+            n, seed, variation_seed, variation_strength, seed_resize_from, eta_noise_seed_delta, spec, eta)
         shape = (n, *self._latent_shape(height, width))
         if latents is not None and (tuple(latents.shape[-3:]) != shape[1:] or latents.numel() != math.prod(shape)):
             raise ArgumentError(f"latents must have shape {list(shape)}, got {list(latents.shape)}")
