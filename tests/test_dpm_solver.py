@@ -275,6 +275,25 @@ def test_dpm_adaptive_calls_back_after_every_try_and_false_stops():
     assert den.calls == 3 and out.shape == (2, 3, 4, 4)
 
 
+def test_dpm_adaptive_stops_with_an_error_on_a_nan_latent_instead_of_trying_forever():
+    """A NaN error accepts no step size, and the loop never ended (an API request with cfg_scale 1e30 held
+    the web UI's one worker for good)."""
+    calls = []
+
+    def broken(x, sigma):
+        calls.append(1)
+        if len(calls) > 500:
+            raise AssertionError("still trying after 500 network calls")
+        return torch.full_like(x, float("nan"))
+
+    broken.schedule = SCHED
+    from sdlite.errors import GenerationError
+
+    with pytest.raises(GenerationError, match="NaN or infinite"):
+        dpm_solver_adaptive(broken, start() * SIGMA_MAX, SIGMA_MIN, SIGMA_MAX)
+    assert len(calls) <= 3
+
+
 # -- the registry: what A1111 passes -----------------------------------------------------------------------------
 
 @pytest.mark.parametrize("name", ["DPM fast", "DPM adaptive"])

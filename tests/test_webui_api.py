@@ -718,6 +718,41 @@ def test_an_undecodable_image_is_named_by_its_field_not_by_a_python_object(api):
     assert "object at 0x" not in r.json()["detail"]
 
 
+def _png_b64(image: Image.Image) -> str:
+    buf = io.BytesIO()
+    image.save(buf, format="PNG")
+    return base64.b64encode(buf.getvalue()).decode()
+
+
+def test_hostile_images_and_numbers_are_400s_or_422s_and_the_server_keeps_serving(api):
+    url = api.baseurl
+    bomb = _png_b64(Image.new("1", (20000, 20000)))  # 400 M pixels in a few kB
+    for path, body in (("png-info", {"image": bomb}), ("img2img", {"prompt": "x", "steps": 1, "init_images": [bomb]})):
+        r = requests.post(f"{url}/{path}", json=body)
+        assert r.status_code == 400 and "too large to decode" in r.json()["detail"], r.text
+    damaged = ("iVBORw0KGgoAAAANSUhEUgAAABAAAAAQCAIAAACQkWg2AAAAFklEQVR4nGNkYPjPQApgIkn1qIZhowEAMSQBH0s6QvAAAAAA"
+               "SUVORK5CYII=")  # a PNG whose data PIL rejects with a SyntaxError
+    r = requests.post(f"{url}/img2img", json={"prompt": "x", "steps": 1, "init_images": [damaged]})
+    assert r.status_code == 400 and "not a base64-encoded image" in r.json()["detail"], r.text
+    wide = _png_b64(Image.new("RGB", (2560, 32)))  # no width/height: the output would be 2560 wide
+    r = requests.post(f"{url}/img2img", json={"prompt": "x", "steps": 1, "init_images": [wide]})
+    assert r.status_code == 400 and "at most 2048" in r.json()["detail"]
+    r = requests.post(f"{url}/txt2img", json={"prompt": "x", "steps": 1, **SIZE, "seed_resize_from_w": 10**9,
+                                              "seed_resize_from_h": 10**9})
+    assert r.status_code == 422
+    for body in ({"eta_ddim": 10**400}, {"beta_dist_alpha": 10**400}, {"eta_noise_seed_delta": 1e300}):
+        r = requests.post(f"{url}/options", json=body)
+        assert r.status_code == 400, (body, r.status_code, r.text)
+    r = requests.post(f"{url}/txt2img", json={"prompt": "x", "steps": 1, **SIZE,
+                                              "override_settings": {"token_merging_ratio": 10**400}})
+    assert r.status_code == 400
+    for field, value in (("script_name", "x/y/z plot"), ("alwayson_scripts", {"controlnet": {"args": []}}),
+                         ("refiner_checkpoint", "tiny-b")):
+        r = requests.post(f"{url}/txt2img", json={"prompt": "x", "steps": 1, **SIZE, field: value})
+        assert r.status_code == 400 and field in r.json()["detail"]
+    assert api.txt2img(prompt="x", steps=1, **SIZE).image.size == (32, 32)  # still serving
+
+
 def test_ctrl_c_interrupts_the_running_generation_and_drops_the_queued_ones(ckpt_dir, monkeypatch):
     import signal
 

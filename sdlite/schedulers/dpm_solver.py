@@ -32,7 +32,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ..errors import ArgumentError
+from ..errors import ArgumentError, GenerationError
 from .denoiser import Denoiser
 from .k_samplers import Callback, _stopped, get_ancestral_step, half_log_snr, randn_like
 
@@ -266,6 +266,9 @@ def dpm_solver_adaptive(denoiser: Denoiser, x: torch.Tensor, sigma_min: float, s
             x_high = dpm_solver_3_step(denoiser, x, s, t_, eps, eps_r1=eps_r1)
         delta = torch.clamp(rtol * torch.maximum(x_low.abs(), x_prev.abs()), min=atol)
         error = torch.linalg.vector_norm((x_low - x_high) / delta).item() / math.sqrt(x.numel())
+        if not math.isfinite(error):  # no step size makes progress from a NaN/inf latent: it would try forever
+            raise GenerationError("DPM adaptive: the latent became NaN or infinite, so no step size can be "
+                                  "accepted (an extreme guidance scale or a broken model); stopped")
         if pid.propose_step(error):
             x_prev = x_low
             x = x_high

@@ -39,6 +39,7 @@ import base64
 import binascii
 import concurrent.futures
 import contextlib
+import dataclasses
 import gc
 import io
 import json
@@ -402,9 +403,12 @@ class Txt2ImgRequest(BaseModel):
     eta: float | None = Field(None, allow_inf_nan=False)
     denoising_strength: float | None = Field(None, allow_inf_nan=False)
     enable_hr: bool = False
-    seed_resize_from_h: int = -1  # A1111's "Resize seed from" (sdlite.seeds): on when both are above 0
-    seed_resize_from_w: int = -1
+    seed_resize_from_h: int = Field(-1, le=MAX_SIZE)  # A1111's "Resize seed from" (sdlite.seeds): on when both > 0
+    seed_resize_from_w: int = Field(-1, le=MAX_SIZE)
     # A1111 features sdlite does not have: their defaults are accepted, anything else is a 400.
+    script_name: str | None = None
+    alwayson_scripts: dict[str, Any] | None = None
+    refiner_checkpoint: str | None = None
     tiling: bool | None = None
     restore_faces: bool | None = None
     override_settings: dict[str, Any] | None = None
@@ -442,7 +446,10 @@ def decode_image(data: str, field: str = "image") -> Image.Image:
     except UnidentifiedImageError:
         raise ApiError(400, f"{field}: not a base64-encoded image (decoded, but not in an image format PIL "
                             "reads: PNG, JPEG, WebP, ...)") from None
-    except (binascii.Error, ValueError, OSError) as e:
+    except Image.DecompressionBombError:
+        raise ApiError(400, f"{field}: the image is too large to decode (over {Image.MAX_IMAGE_PIXELS} pixels, "
+                            "PIL's limit against decompression bombs)") from None
+    except (binascii.Error, ValueError, OSError, SyntaxError, EOFError) as e:  # (PIL's damaged files: the last two)
         raise ApiError(400, f"{field}: not a base64-encoded image ({e})") from None
 
 
@@ -568,6 +575,9 @@ class Engine:
         for name in ("tiling", "restore_faces"):
             if getattr(req, name):
                 raise ApiError(400, f"{name}: not supported by sdlite; send false")
+        for name in ("script_name", "alwayson_scripts", "refiner_checkpoint"):  # A1111's scripts change the image
+            if getattr(req, name):
+                raise ApiError(400, f"{name}: sdlite runs no A1111 scripts or refiners; leave it out")
         for name in ("width", "height"):
             value = getattr(req, name)
             if value is not None and value % 8:
@@ -601,6 +611,11 @@ class Engine:
                                     f"batch), got {len(req.init_images)}; send one request per image")
             parse_resize_mode(req.resize_mode)  # an ArgumentError (400) listing the four modes
             init_image = decode_image(req.init_images[0], "init_images[0]")
+            size = (req.width or init_image.width // 8 * 8, req.height or init_image.height // 8 * 8)
+            if max(size) > MAX_SIZE:  # without width/height the image's own size is the output's
+                raise ApiError(400, f"init_images[0] is {init_image.width}x{init_image.height}: without width and "
+                                    f"height that is the output's size, and sdlite makes at most {MAX_SIZE} pixels "
+                                    "a side; send a smaller image or a width and height")
         return Job(kind, req, sampler, schedule, checkpoint, clip_skip, init_image)
 
     def generate(self, job: Job) -> dict[str, Any]:
@@ -613,6 +628,9 @@ class Engine:
             pipe = self.checkpoints.pipeline(checkpoint)
             state.textinfo = None
             state.preview_scale = pipe.vae_factor
+            # The options as they are when the job runs (an options change queued before it applies to
+            # it), clip skip among them; prepare() checked the value the request arrived with.
+            job = dataclasses.replace(job, clip_skip=_clip_skip(self._option(job, "CLIP_stop_at_last_layers")))
             seed = random.randrange(4294967294) if req.seed == -1 else int(req.seed)
             # As A1111 fixes and counts them: with a variation strength every image keeps the seed and
             # the variation seed (subseed) counts up; without one the seed counts up.
@@ -741,6 +759,9 @@ def _seed_resize_from(req: Txt2ImgRequest) -> tuple[int, int] | None:
 def check_options(values: dict[str, Any]) -> None:
     """:class:`ApiError` (or, for a sampler setting, :class:`ArgumentError`): a 400 for an option value sdlite
     cannot honour, raised before anything is applied."""
+    for key, value in values.items():  # a JSON integer has no size limit; Python's float() of a huge one fails
+        if isinstance(value, int) and not isinstance(value, bool) and abs(value) >= 2**63:
+            raise ApiError(400, f"{key}: {value} is out of range")
     for key in ("live_previews_enable", "enable_pnginfo"):
         if key in values and not isinstance(values[key], bool):
             raise ApiError(400, f"{key} must be true or false, got {values[key]!r}")
@@ -758,7 +779,8 @@ def check_options(values: dict[str, Any]) -> None:
             raise ApiError(400, f"{key} must be a number ≥ 0, got {values[key]!r}")
     if "eta_noise_seed_delta" in values:
         value = values["eta_noise_seed_delta"]
-        if isinstance(value, bool) or not (isinstance(value, int) or (isinstance(value, float) and value.is_integer())):
+        if isinstance(value, bool) or not (isinstance(value, int) or (isinstance(value, float) and value.is_integer()
+                                                                      and abs(value) < 2**63)):
             raise ApiError(400, f"eta_noise_seed_delta must be a whole number (0 = off), got {value!r}")
 
 
@@ -1054,7 +1076,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     host = "0.0.0.0" if args.listen else "127.0.0.1"
     log.info("sdlite web UI on http://%s:%d (%d model(s))", "127.0.0.1" if not args.listen else host, args.port,
              len(models))
-    _server(app, host=host, port=args.port, log_level="warning").run()
+    try:
+        _server(app, host=host, port=args.port, log_level="warning").run()
+    except KeyboardInterrupt:  # a second Ctrl-C, or one before the server's own handler is in place
+        pass
     return 0
 
 

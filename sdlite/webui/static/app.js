@@ -120,7 +120,7 @@ function payload() {
     sampler_name: $("sampler").value,
     scheduler: $("scheduler").value,
     steps: intOrNull("steps") ?? 20,
-    cfg_scale: Number($("cfg_scale").value),
+    cfg_scale: intOrNull("cfg_scale") ?? 7,  // an emptied field: A1111's default, not 0
     seed: intOrNull("seed") ?? -1,
     subseed: intOrNull("subseed") ?? -1,
     subseed_strength: Number($("subseed_strength").value) || 0,
