@@ -2,7 +2,8 @@
 
 A seed picks one point of the noise space: image i's noise is the first draw of a CPU random stream
 seeded with its seed, so the same seed gives the same picture on every device and in every batch
-(:func:`random_streams`). Two of A1111's seed tools move that point:
+(:func:`random_streams`). Two of A1111's seed tools move that point, and a third reseeds what the
+sampler draws later:
 
 - **Variation seeds** ("Variation seed", "Variation strength"): the noise is a spherical interpolation
   (:func:`slerp`) from the seed's noise towards a second seed's. At strength 0.05–0.2 the picture keeps
@@ -15,7 +16,10 @@ seeded with its seed, so the same seed gives the same picture on every device an
   the ancestral samplers add while sampling comes from a stream seeded with seed + ENSD instead of
   from the seed's own stream after the starting noise.
 
-All three reproduce A1111's numbers, quirks included (each one is named where it happens).
+All three reproduce A1111's numbers, quirks included (each one is named where it happens). The one
+difference: A1111 also reseeds DDIM's, Restart's and LCM's noise with the ENSD without writing it in the
+infotext; the pipeline applies it only where A1111 writes it, so an image can be made again from its
+infotext (:meth:`sdlite.pipeline.Pipeline._seed_tools`).
 """
 
 from __future__ import annotations
