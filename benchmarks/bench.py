@@ -82,6 +82,7 @@ from factory import random_state_dict  # noqa: E402
 ROWS = ("text", "unet64", "unet32", "unet32b8", "tome64", "vae64", "vaeenc", "txt2img", "load", "mem512", "vae2048", "bundled")
 # The UNet rows: name, latent side, batch (2: one image with classifier-free guidance).
 UNET_ROWS = (("unet64", 64, 2), ("unet32", 32, 2), ("unet32b8", 32, 8))
+FIRST_STEP_LATENT = 64  # the load row's first UNet step after the load (SIZES["tiny"] runs it too)
 QUICK_ROWS = ("text", "unet32", "txt2img", "load")
 PRECISIONS = ("fp32", "bf16", "autocast")
 PROMPT = "a photograph of an astronaut riding a horse"
@@ -724,6 +725,23 @@ def child_main(spec: dict[str, Any]) -> None:
         res["unet_dtype"] = str(pipe.unet.dtype)
     res["weights_mib"] = sum(t.numel() * t.element_size() for m in (pipe.unet, pipe.vae, pipe.text_encoder)
                              for t in list(m.parameters()) + list(m.buffers())) / 2**20
+    if spec.get("first_step"):
+        # The first 64x64 UNet call after the load: work a loader can leave to it (sdlite lays out each
+        # conv's weight at its first call) is timed here, so load + first step compares like with like.
+        hw = spec["first_step"]
+        gen = torch.Generator().manual_seed(0)
+        x = torch.randn(2, 4, hw, hw, generator=gen).to(wdtype)
+        ctx_dim = pipe.unet.config.cross_attention_dim if side == "diffusers" else pipe.config.unet.context_dim
+        ctx = torch.randn(2, 77, ctx_dim, generator=gen).to(wdtype)
+        t = torch.full((2,), 500.0)
+        t0 = time.perf_counter()
+        with torch.no_grad():
+            if side == "sdlite":
+                pipe.unet(x, t, ctx)
+            else:
+                with autocast_ctx(precision):
+                    pipe.unet(x, t, encoder_hidden_states=ctx)
+        res["first_step_s"] = time.perf_counter() - t0
     if spec.get("generate"):
         size, steps = spec["generate"], spec["steps"]
         # The generation's own peak, apart from the load's (diffusers' loader can peak above anything
@@ -821,7 +839,7 @@ def run_process_rows(cfg: ModelConfig, size: str, precisions: list[str], rows: l
             n = max(1, min(args.repeats, 3))
             for r in range(n):
                 for side in (SIDES if r % 2 == 0 else SIDES[::-1]):
-                    results[side].append(one(side, precision))
+                    results[side].append(one(side, precision, first_step=FIRST_STEP_LATENT))
             errors = {s: v[-1]["error"] for s, v in results.items() if v and "error" in v[-1]}
             t_row = Row(f"load {ckpt.stat().st_size / 2**30:.2f} GiB fp16 .safetensors (fresh process)", "s")
             m_row = Row("  peak RSS of that load", "MiB")
@@ -835,9 +853,15 @@ def run_process_rows(cfg: ModelConfig, size: str, precisions: list[str], rows: l
                     m_row.notes.append(f"{side}: RSS after imports {x['rss_imports']:.0f}, after load "
                                        f"{x['rss_loaded']:.0f} MiB; peak = {x['peak_load'] / x['weights_mib']:.2f}x "
                                        f"the loaded weights ({x['weights_mib']:.0f} MiB)")
+            f_row = Row(f"  that load + the first {FIRST_STEP_LATENT}x{FIRST_STEP_LATENT} UNet step (batch 2)", "s")
+            for side in SIDES:
+                f_row.values[side] = [x["load_s"] + x["first_step_s"] for x in results[side]
+                                      if "error" not in x and "first_step_s" in x]
+            f_row.notes.append("a loader's deferred work (sdlite lays out each conv's weight at its first call) "
+                               "counted; the steady step is the unet64 row")
             for side, err in errors.items():
                 t_row.notes.append(f"{side} FAILED: {err}")
-            out[precision] += [t_row, m_row]
+            out[precision] += [t_row, m_row, f_row]
         if "mem512" in rows:
             results = {s: [] for s in SIDES}
             for side in SIDES:
