@@ -881,9 +881,9 @@ def _centred_groups(x: torch.Tensor, num_groups: int) -> torch.Tensor:
 
     Why: PyTorch's CPU group norm reads a channels-last map (what oneDNN's convolutions return) in
     one pass, as sums of x and x², and takes the variance as E[x²] − E[x]²: where the mean is large
-    next to the spread, the two nearly cancel in fp32 (a 512x512 map of mean 20 and spread 0.5: errors
-    of 1.5e-3 against 1.2e-5 for the same map in NCHW; sdlite's VAE decode 8.4e-5 against 1.5e-6 next
-    to fp64, session 30). Shifted by the mean, the sums are small and nothing cancels. The mean and
+    next to the spread, the two nearly cancel in fp32 (a 128-channel 512x512 map of mean 20 and spread
+    0.5: errors of 7-8e-2 against 7e-6 for the same map in NCHW; sdlite's VAE decode 8.4e-5 against
+    1.5e-6 next to fp64, session 30). Shifted by the mean, the sums are small and nothing cancels. The mean and
     spread are estimated on every 8th row and column, ~1/64 of the map; the shift costs one pass over
     the map (~the group norm's own time), so only groups that need it get it.
 
@@ -1045,7 +1045,8 @@ def upsample_conv(x: torch.Tensor, conv: nn.Conv2d, cache: bool = True) -> torch
     if (isinstance(conv, Conv2d) and _as_fp32(x) and conv.weight.dtype == x.dtype
             and not (torch.is_grad_enabled() and (x.requires_grad or conv.weight.requires_grad))):
         # Half weights on a CPU without native half kernels compute in fp32 (see _as_fp32), so the
-        # same F(4x4) choice holds for them: their convs take it through Conv2d._conv_forward.
+        # same F(4x4) choice holds for them: their convs take it through Conv2d._conv_forward. (Where
+        # it does not apply, the two fp32 copies are dropped: small next to the phases' own work.)
         x32, w32 = x.float(), _fp32_weight(conv.weight, x)
         if conv._winograd_tile(x32, w32, scale=2) == 4:
             return winograd_conv3x3(x32, w32, _fp32(conv.bias), 4, scale=2).to(x.dtype)
