@@ -761,7 +761,7 @@ def check_options(values: dict[str, Any]) -> None:
     cannot honour, raised before anything is applied."""
     for key, value in values.items():  # a JSON integer has no size limit; Python's float() of a huge one fails
         if isinstance(value, int) and not isinstance(value, bool) and abs(value) >= 2**63:
-            raise ApiError(400, f"{key}: {value} is out of range")
+            raise ApiError(400, f"{key}: a number of {len(str(abs(value)))} digits is out of range")
     for key in ("live_previews_enable", "enable_pnginfo"):
         if key in values and not isinstance(values[key], bool):
             raise ApiError(400, f"{key} must be true or false, got {values[key]!r}")
