@@ -939,19 +939,23 @@ class GroupNorm(nn.GroupNorm):
     ``"record"`` (normalise as usual and keep the per-sample, per-group mean and variance) or
     ``"reuse"`` (normalise with the kept ones)."""
 
+    def _tiled_state(self) -> _TiledState | None:
+        """This thread's :func:`shared_statistics` state for this norm, or None: normal."""
+        return getattr(_SHARED_STATISTICS, "norms", {}).get(self)
+
     @property
     def stats(self) -> str | None:
         """This thread's mode: None (normal), ``"record"`` or ``"reuse"``."""
-        state = getattr(_SHARED_STATISTICS, "norms", {}).get(self)
+        state = self._tiled_state()
         return None if state is None else state.mode
 
     @property
     def recorded(self) -> tuple[torch.Tensor, torch.Tensor] | None:
-        state = getattr(_SHARED_STATISTICS, "norms", {}).get(self)
+        state = self._tiled_state()
         return None if state is None else state.recorded
 
     def forward(self, x: torch.Tensor, silu: bool = False) -> torch.Tensor:
-        state = getattr(_SHARED_STATISTICS, "norms", {}).get(self)
+        state = self._tiled_state()
         if state is None:
             return group_norm(x, self.num_groups, self.weight, self.bias, self.eps, silu)
         y = self._tiled_forward(x, state)

@@ -600,10 +600,11 @@ class Pipeline:
                               eta_noise_seed_delta=eta_noise_seed_delta)
 
     def _seed_tools(self, n: int, seed: Any, variation_seed: Any, variation_strength: Any, seed_resize_from: Any,
-                    eta_noise_seed_delta: Any, spec: Any, eta: float | None) -> tuple:
+                    eta_noise_seed_delta: Any, spec: Any, eta_used: float) -> tuple:
         """The seeds of the ``n`` images and A1111's seed tools (:mod:`sdlite.seeds`), checked:
         ``(seeds, variation_seeds or None, variation_strength, seed_shape or None, seed_resize_from or None,
-        ensd)``, where ENSD is 0 unless this sampler uses it (as A1111 records it)."""
+        ensd)``, where ENSD is 0 unless this sampler uses it with ``eta_used`` (the run's eta, as
+        :meth:`Sampler.check_eta` gives it) other than 0, as A1111 records it."""
         seed = -1 if seed is None else _integer("seed", seed)
         if seed == -1:
             seed = random.randrange(2**32)
@@ -635,7 +636,6 @@ class Pipeline:
             seed_resize_from = (rw, rh)
             seed_shape = self._latent_shape(rh, rw)
         ensd = _integer("eta_noise_seed_delta", eta_noise_seed_delta)
-        eta_used = spec.default_eta if eta is None else float(eta)
         if not (spec.uses_ensd and eta_used != 0):
             ensd = 0  # as A1111 records it: only the ancestral samplers with noise to add
         if ensd:
@@ -696,14 +696,14 @@ class Pipeline:
             negatives *= len(prompts)
         if len(negatives) != len(prompts):
             raise ArgumentError(f"{len(prompts)} prompts but {len(negatives)} negative prompts")
-        spec.check_eta(eta)
+        eta_used = spec.check_eta(eta)  # (None: the sampler's default)
         token_merging_ratio = tome.check_ratio(token_merging_ratio)
         if not 1 <= clip_skip <= self.max_clip_skip:
             raise ArgumentError(f"clip_skip must be in [1, {self.max_clip_skip}] for this model's text encoder "
                                 f"(1 = its last layer), got {clip_skip}")
         n = len(prompts)
         seeds, variation_seeds, variation_strength, seed_shape, seed_resize_from, ensd = self._seed_tools(
-            n, seed, variation_seed, variation_strength, seed_resize_from, eta_noise_seed_delta, spec, eta)
+            n, seed, variation_seed, variation_strength, seed_resize_from, eta_noise_seed_delta, spec, eta_used)
         shape = (n, *self._latent_shape(height, width))
         if latents is not None and (tuple(latents.shape[-3:]) != shape[1:] or latents.numel() != math.prod(shape)):
             raise ArgumentError(f"latents must have shape {list(shape)}, got {list(latents.shape)}")

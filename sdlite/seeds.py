@@ -113,7 +113,7 @@ def random_streams(seeds: Sequence[int], shape: Sequence[int], *,
     shape, seed_shape = tuple(shape), tuple(shape if seed_shape is None else seed_shape)
     if variation_strength and (variation_seeds is None or len(variation_seeds) != len(seeds)):
         raise ArgumentError("variation seeds: give one variation seed per image")
-    generators = [torch.Generator("cpu").manual_seed(int(s)) for s in seeds]
+    generators = [_stream(s) for s in seeds]
     xs = []
     for i, (seed, g) in enumerate(zip(seeds, generators)):
         # At another shape, the seed's noise comes from a stream of its own and g's first draw is the

@@ -589,7 +589,8 @@ class Engine:
             check_seed(req.seed, 1 if req.subseed_strength else n_images)
         if req.subseed != -1 and req.subseed_strength:
             check_seed(req.subseed, n_images, "subseed")
-        if _seed_resize_from(req) is not None and min(_seed_resize_from(req)) < 8:
+        resize_from = _seed_resize_from(req)
+        if resize_from is not None and min(resize_from) < 8:
             raise ApiError(400, f"seed_resize_from_w/_h must be at least 8 (pixels) when both are set, got "
                                 f"{req.seed_resize_from_w}x{req.seed_resize_from_h}")
         overrides = req.override_settings or {}
